@@ -1,0 +1,17 @@
+"""Console entry points."""
+
+from __future__ import annotations
+
+import sys
+
+
+def gpu_check_main(argv: list[str] | None = None) -> int:
+    from samoyeds_jax.diagnostics import gpu_check
+
+    return 0 if gpu_check()["ok"] else 1
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    from samoyeds_jax.generate_cli import main
+
+    return main(sys.argv[1:] if argv is None else argv)
