@@ -6,8 +6,6 @@ backends before any real kernel is blamed.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -45,25 +43,33 @@ def smoke_triton(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def smoke_mosaic_gpu(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """The smoke op through Pallas Mosaic GPU (a real GPU only).
+    """The smoke op through Pallas Mosaic GPU (``plgpu.kernel``; a real GPU only).
 
-    Mosaic GPU is exercised on its elementwise path (a warpgroup adds the bias to
-    an XLA product); the tensor-core path is exercised by the real kernels.
+    Mosaic GPU runs the bias add: TMA copies of the XLA product and the bias into
+    shared memory, a warpgroup add, a TMA store back. The tensor-core path is
+    exercised by the real kernels.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     if backend_lib.interpret_mode():
         raise ValueError("smoke_mosaic_gpu needs a GPU")
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    bias = jnp.broadcast_to(b.astype(jnp.float32)[None, :], y.shape)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)  # [t, f]
+    bias = jnp.broadcast_to(b.astype(jnp.float32)[None, :], y.shape)  # [t, f]
 
-    @functools.partial(
-        pl.pallas_call,
-        out_shape=jax.ShapeDtypeStruct(y.shape, jnp.float32),
-        compiler_params=plgpu.CompilerParams(),
-        name="smoke_mosaic_gpu",
+    def body(y_gmem, b_gmem, o_gmem, y_smem, b_smem, o_smem, y_bar, b_bar):
+        plgpu.copy_gmem_to_smem(y_gmem, y_smem, y_bar)
+        plgpu.copy_gmem_to_smem(b_gmem, b_smem, b_bar)
+        plgpu.barrier_wait(y_bar)
+        plgpu.barrier_wait(b_bar)
+        o_smem[...] = y_smem[...] + b_smem[...]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+    add = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(y.shape, jnp.float32),
+        scratch_types=[plgpu.SMEM(y.shape, jnp.float32)] * 3
+        + [plgpu.Barrier(num_arrivals=1)] * 2,
     )
-    def add(y_ref, b_ref, o_ref):
-        o_ref[...] = y_ref[...] + b_ref[...]
-
     return add(y, bias).astype(x.dtype)
