@@ -1,0 +1,530 @@
+"""``y = x @ W`` with W in an N:M (``NMSparse``) or Samoyeds (``SamoyedsSparse``) layout.
+
+Load-as-Sparse, Compute-as-Dense: the Pallas Triton kernels read only compressed values
+and meta (2:4 bf16 moves 0.5625 of the dense bytes, Samoyeds 1:2:128 + 2:4 about 0.28),
+expand each tile in registers (``pallas_kernels.decompress``) and multiply on tensor cores
+with f32 accumulation. Skinny matmuls (decode) are bound by memory, so fewer bytes is
+the whole speed-up there. For many tokens the product is bound by arithmetic; then a
+config may pick ``method="dense"``: expand the weight once with XLA and call ``jnp.dot``.
+
+Grid: (token tiles, column tiles, K splits). Each program loops over its share of K;
+with ``split_k > 1`` the programs write f32 partial sums [split_k, t, N] that one XLA
+reduction adds (more programs in flight for the decode shapes with few column tiles).
+
+Public: ``nm_matmul``, ``samoyeds_matmul`` (and their ``*_reference``), ``SparseMatmulConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import backend as backend_lib
+from pallas_kernels import decompress
+from pallas_kernels import tuning
+
+Method = Literal["pallas", "dense"]
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Triton's dot needs every dim >= 16.
+_MIN_DOT = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseMatmulConfig:
+    """Tiling of one sparse matmul launch.
+
+    Attributes:
+      method: "pallas" runs the kernel; "dense" expands W with XLA and calls ``jnp.dot``
+        (wins only when the product is bound by arithmetic, i.e. many tokens).
+      block_t: token rows per program (power of two >= 16).
+      block_n: output columns per program; for Samoyeds, compressed columns (power of two
+        >= 16; times n_sel for Samoyeds).
+      block_k: dense K rows per loop step (power of two; block_k / m >= 16 on the GPU).
+      split_k: programs sharing one output tile along K (partials added by XLA).
+      num_warps, num_stages: Triton launch and software-pipelining depth.
+    """
+
+    method: Method = "pallas"
+    block_t: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def replace(self, **kw: Any) -> SparseMatmulConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _nm_matmul_kernel(
+    x_ref,  # [t, K]
+    values_ref,  # [K*n/m, N]
+    meta_ref,  # [K*n/m/per_word, N] int32
+    o_ref,  # [split_k * t, N]: out dtype (split_k == 1) or float32 partials
+    *,
+    t: int,
+    k: int,
+    n_cols: int,
+    n: int,
+    m: int,
+    block_t: int,
+    block_n: int,
+    block_k: int,
+    steps: int,
+    split_k: int,
+):
+    pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t0 = pid_t * block_t
+    c0 = pid_n * block_n
+    g = block_k // m
+    rows = t0 + decompress.iota(block_t, 0)  # [bt, 1]
+    cols = c0 + decompress.iota(block_n, 1)  # [1, bn]
+    row_mask = rows < t if t % block_t else None
+    col_mask = cols < n_cols if n_cols % block_n else None
+    ragged_k = k % block_k != 0
+
+    def body(step, acc):
+        k0 = (pid_s * steps + step) * block_k
+        group_mask = x_mask = row_mask
+        if ragged_k:
+            group_mask = k0 // m + decompress.iota(g, 0) < k // m  # [g, 1]
+            in_k = k0 // m + decompress.iota(g, 1) < k // m  # [1, g]
+            x_mask = in_k if row_mask is None else row_mask & in_k  # [bt, g]
+        x_tiles = decompress.load_x_positions(
+            x_ref, rows, k_start=k0, block_k=block_k, m=m, mask=x_mask)  # m x [bt, g]
+        w_tiles = decompress.load_nm_position_weights(
+            values_ref, meta_ref, cols, k_start=k0, block_k=block_k, n=n, m=m,
+            group_mask=group_mask if ragged_k else None, col_mask=col_mask)  # m x [g, bn]
+        return decompress.nm_tile_dot(x_tiles, w_tiles, acc)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_t, block_n), jnp.float32))
+    _store(o_ref, acc, rows + pid_s * t, cols, row_mask, col_mask)
+
+
+def _store(o_ref, acc, rows, cols, row_mask, col_mask):
+    # o_ref is [split_k * t, N]: split s owns rows s*t .. s*t + t - 1.
+    mask = row_mask
+    if col_mask is not None:
+        mask = col_mask if mask is None else mask & col_mask
+    val = acc.astype(o_ref.dtype)
+    if mask is None:
+        o_ref[rows, cols] = val
+    else:
+        plt.store(o_ref.at[rows, cols], val, mask=mask)
+
+
+def _samoyeds_matmul_kernel(
+    x_ref,  # [t, K]
+    values_ref,  # [K/2, Nc]
+    meta_ref,  # [K/32, Nc] int32
+    sel_ref,  # [K/V, Nc] int8
+    o_ref,  # [split_k * t, N]: out dtype (split_k == 1) or float32 partials
+    *,
+    t: int,
+    n_groups: int,
+    n_sel: int,
+    m_sel: int,
+    v: int,
+    block_t: int,
+    block_g: int,
+    block_k: int,
+    steps: int,
+    split_k: int,
+):
+    pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t0 = pid_t * block_t
+    g0 = pid_n * block_g  # first column group of the tile
+    rows = t0 + decompress.iota(block_t, 0)  # [bt, 1]
+    sub = min(block_k, v)  # rows of one slab inside a K step
+    groups = g0 + decompress.iota(block_g, 1)  # [1, bg]
+    row_mask = rows < t if t % block_t else None
+    col_mask = groups < n_groups if n_groups % block_g else None
+    # Compressed columns g*n_sel + i of the tile's groups, one strided load per slot i.
+    slot_cols = [groups * n_sel + i for i in range(n_sel)]
+
+    def body(step, accs):
+        k0 = (pid_s * steps + step) * block_k
+        accs = list(accs)
+        for u in range(block_k // sub):
+            ks = k0 + u * sub
+            x_tiles = decompress.load_x_positions(
+                x_ref, rows, k_start=ks, block_k=sub, m=4, mask=row_mask)  # 4 x [bt, sub/4]
+            for cols in slot_cols:
+                w_tiles = decompress.load_nm_position_weights(
+                    values_ref, meta_ref, cols, k_start=ks, block_k=sub, n=2, m=4,
+                    col_mask=col_mask)  # 4 x [sub/4, bg]
+                partial = decompress.nm_tile_dot(x_tiles, w_tiles)  # [bt, bg]
+                sel_row = decompress.load_sel_row(sel_ref, ks // v, cols, col_mask)  # [1, bg]
+                accs = decompress.route_partial(accs, partial, sel_row)
+        return tuple(accs)
+
+    zeros = tuple(jnp.zeros((block_t, block_g), jnp.float32) for _ in range(m_sel))
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    # Set o holds dense columns g*m_sel + o: a stride-m_sel store per set.
+    for o, acc in enumerate(accs):
+        _store(o_ref, acc, rows + pid_s * t, groups * m_sel + o, row_mask, col_mask)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def heuristic_config(t: int, k: int, n_cols: int) -> SparseMatmulConfig:
+    """A reasonable tiling when no tuned config exists (n_cols = columns the grid tiles)."""
+    if t <= 64:
+        # Memory bound: thin token tile, whole-K loop, enough programs to fill the SMs.
+        block_n = 64 if n_cols >= 64 * 264 else 32
+        block_k = 512 if k >= 4096 else 256
+        programs = -(-n_cols // block_n)
+        split_k = 1
+        while programs * split_k < 264 and k // (block_k * split_k * 2) >= 4:
+            split_k *= 2
+        return SparseMatmulConfig(block_t=max(16, _next_pow2(t)), block_n=block_n,
+                                  block_k=block_k, split_k=split_k, num_warps=4, num_stages=4)
+    if t <= 512:
+        return SparseMatmulConfig(block_t=64, block_n=128, block_k=128, num_warps=4,
+                                  num_stages=3)
+    return SparseMatmulConfig(block_t=128, block_n=128, block_k=128, num_warps=8,
+                              num_stages=3)
+
+
+def pick_config(op: str, t: int, k: int, n_out: int, n_cols: int) -> SparseMatmulConfig:
+    """Tuned config for this device (nearest token count wins), else the heuristic."""
+    tuned = tuning.lookup(op, backend_lib.device_kind(), k=k, n=n_out, tokens=t)
+    if tuned is not None:
+        return SparseMatmulConfig(**tuned)
+    return heuristic_config(t, k, n_cols)
+
+
+def _fit(cfg: SparseMatmulConfig, *, t: int, k: int, n_cols: int, min_block_k: int,
+         k_multiple: bool) -> SparseMatmulConfig:
+    """Shrink a config's blocks to the problem (a tuned config may be for another shape)."""
+    block_t = max(_MIN_DOT, min(cfg.block_t, _next_pow2(t)))
+    block_n = max(_MIN_DOT, min(cfg.block_n, _next_pow2(n_cols)))
+    block_k = max(min_block_k, min(cfg.block_k, _next_pow2(k)))
+    if k_multiple:
+        while block_k > min_block_k and k % block_k:
+            block_k //= 2
+    steps_total = -(-k // block_k)
+    split_k = max(1, min(cfg.split_k, steps_total))
+    while steps_total % split_k:
+        split_k -= 1
+    return cfg.replace(block_t=block_t, block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def _check_config(cfg: SparseMatmulConfig) -> None:
+    if cfg.method not in ("pallas", "dense"):
+        raise ValueError(f"config.method must be 'pallas' or 'dense', got {cfg.method!r}")
+    for name in ("block_t", "block_n", "block_k"):
+        val = getattr(cfg, name)
+        if not _pow2(val) or val < _MIN_DOT:
+            raise ValueError(f"config.{name}={val} must be a power of two >= {_MIN_DOT}")
+    if cfg.split_k < 1 or cfg.num_warps < 1 or cfg.num_stages < 1:
+        raise ValueError(f"split_k, num_warps, num_stages must be >= 1, got {cfg}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_x(x: jax.Array, w: Any, k: int, name: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be [t, K], got shape {x.shape}")
+    if w.values.ndim != 2:
+        raise ValueError(
+            f"{name}: w must be one matrix (values [K', N']), got values of shape "
+            f"{w.values.shape}; expert stacks go through pallas_kernels.moe_matmul")
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"{name}: x.dtype must be bfloat16 or float16, got {x.dtype}")
+    if jnp.dtype(w.values.dtype) != jnp.dtype(x.dtype):
+        raise ValueError(
+            f"{name}: w dtype {w.values.dtype} must equal x dtype {x.dtype}")
+    if x.shape[1] != k:
+        raise ValueError(f"{name}: x has K={x.shape[1]} but w has K={k}")
+
+
+def _out_dtype(x: jax.Array, out_dtype: Any) -> jnp.dtype:
+    if out_dtype is None:
+        return jnp.dtype(x.dtype)
+    dt = jnp.dtype(out_dtype)
+    if dt not in _DTYPES + (jnp.dtype(jnp.float32),):
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {dt}")
+    return dt
+
+
+def _check_nm(w: Any) -> tuple[int, int, int, int]:
+    n, m, k = int(w.n), int(w.m), int(w.k)
+    if (n, m) not in decompress.SUPPORTED_NM:
+        raise ValueError(f"unsupported N:M pattern {n}:{m}; expected one of {decompress.SUPPORTED_NM}")
+    n_cols = w.values.shape[-1]
+    per_word = decompress.meta_per_word(m)
+    if w.values.shape != (k * n // m, n_cols):
+        raise ValueError(f"values shape {w.values.shape} != expected {(k * n // m, n_cols)}")
+    if w.meta.shape != (k * n // m // per_word, n_cols) or w.meta.dtype != jnp.int32:
+        raise ValueError(
+            f"meta must be int32 {(k * n // m // per_word, n_cols)}, got {w.meta.dtype} "
+            f"{w.meta.shape}")
+    return n, m, k, n_cols
+
+
+def _check_samoyeds(w: Any) -> tuple[int, int, int, int, int, int]:
+    n_sel, m_sel, v, k, n_out = int(w.n_sel), int(w.m_sel), int(w.v), int(w.k), int(w.n_out)
+    nc = n_out * n_sel // m_sel
+    if w.values.shape != (k // 2, nc):
+        raise ValueError(f"values shape {w.values.shape} != expected {(k // 2, nc)}")
+    if w.meta.shape != (k // 32, nc) or w.meta.dtype != jnp.int32:
+        raise ValueError(f"meta must be int32 {(k // 32, nc)}, got {w.meta.dtype} {w.meta.shape}")
+    if w.sel.shape != (k // v, nc):
+        raise ValueError(f"sel shape {w.sel.shape} != expected {(k // v, nc)}")
+    return n_sel, m_sel, v, k, n_out, nc
+
+
+# --------------------------------------------------------------------------- dense expansion (XLA)
+
+
+def expand_nm(values: jax.Array, meta: jax.Array, *, n: int, m: int) -> jax.Array:
+    """Dense [K, N] from NMSparse arrays with jnp only (one XLA fusion): the "dense" method."""
+    bits = decompress.meta_bits(m)
+    per_word = 32 // bits
+    kc, n_cols = values.shape
+    groups = kc // n
+    v = values.reshape(groups, n, n_cols)
+    words = jnp.repeat(meta, per_word // n, axis=0).reshape(groups, 1, n_cols)
+    shift = ((jnp.arange(groups, dtype=jnp.int32) * n) % per_word * bits)
+    shift = shift[:, None, None] + (jnp.arange(n, dtype=jnp.int32) * bits)[None, :, None]
+    pos = (words >> shift) & ((1 << bits) - 1)  # [groups, n, N]
+    j = jnp.arange(m, dtype=jnp.int32)[None, :, None, None]
+    hit = pos[:, None, :, :] == j  # [groups, m, n, N]
+    dense = jnp.where(hit, v[:, None, :, :], jnp.zeros((), values.dtype)).sum(axis=2)
+    return dense.reshape(groups * m, n_cols)
+
+
+def expand_samoyeds(values, meta, sel, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
+    """Dense [K, N] from SamoyedsSparse arrays with jnp only."""
+    wc = expand_nm(values, meta, n=2, m=4)  # [K, Nc]
+    k, nc = wc.shape
+    groups = nc // n_sel
+    sel_k = jnp.repeat(sel.astype(jnp.int32), v, axis=0).reshape(k, groups, n_sel, 1)
+    o = jnp.arange(m_sel, dtype=jnp.int32)[None, None, None, :]
+    dense = jnp.where(sel_k == o, wc.reshape(k, groups, n_sel, 1), jnp.zeros((), wc.dtype))
+    return dense.sum(axis=2).reshape(k, groups * m_sel)
+
+
+def _dense_product(x, w_dense, out_dtype):
+    return jnp.dot(x, w_dense, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _launch(kernel, args, *, t, n_out, cfg, grid, out_dtype, name, poison):
+    split = cfg.split_k
+    shape = (split * t, n_out)
+    dtype = out_dtype if split == 1 else jnp.float32
+    aliases = {}
+    if poison:
+        # NaN-filled output aliased in: any element the kernel leaves unwritten shows.
+        args = (*args, jnp.full(shape, jnp.nan, dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_last_input(kernel)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(shape, dtype),
+        grid=grid,
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=backend_lib.interpret_mode(),
+        name=name,
+    )(*args)
+    if split > 1:
+        out = out.reshape(split, t, n_out).sum(axis=0).astype(out_dtype)
+    return out
+
+
+def _drop_last_input(kernel):
+    @functools.wraps(kernel)
+    def wrapped(*refs):
+        *ins, _, out = refs
+        return kernel(*ins, out)
+    return wrapped
+
+
+def nm_matmul(
+    x: jax.Array,
+    w: Any,
+    *,
+    config: SparseMatmulConfig | None = None,
+    backend: backend_lib.Backend | None = None,
+    out_dtype: Any = None,
+    _poison_output: bool = False,
+) -> jax.Array:
+    """``x @ W`` for an ``NMSparse`` weight.
+
+    Args:
+      x: [t, K] bfloat16 or float16.
+      w: ``formats.NMSparse`` with dense shape [K, N], same dtype as x, no leading dims.
+      config: tiling; None picks a tuned config for this device and token count, else a
+        heuristic (``pick_config``).
+      backend: "triton" (default; interpret mode on CPU) or "xla" (the reference).
+      out_dtype: output dtype (default x.dtype).
+
+    Returns:
+      [t, N] in ``out_dtype``, accumulated in float32.
+    """
+    backend = backend_lib.resolve_backend(backend)
+    n, m, k, n_cols = _check_nm(w)
+    _check_x(x, w, k, "nm_matmul")
+    out_dt = _out_dtype(x, out_dtype)
+    t = x.shape[0]
+    if backend == "xla":
+        return nm_matmul_reference(x, w, out_dtype=out_dt)
+    if backend == "mosaic_gpu":
+        raise ValueError("nm_matmul has no Mosaic GPU variant; use backend='triton' or 'xla'")
+    if t == 0:
+        return jnp.zeros((0, n_cols), out_dt)
+    op = f"nm_matmul_{n}of{m}"
+    cfg = config if config is not None else pick_config(op, t, k, n_cols, n_cols)
+    _check_config(cfg)
+    if cfg.method == "dense":
+        return _dense_product(x, expand_nm(w.values, w.meta, n=n, m=m), out_dt)
+    per_word = decompress.meta_per_word(m)
+    min_block_k = max(_MIN_DOT * m, per_word * m // n)
+    cfg = _fit(cfg, t=t, k=k, n_cols=n_cols, min_block_k=min_block_k, k_multiple=True)
+    decompress.check_block_k(cfg.block_k, n=n, m=m)
+    steps = -(-k // cfg.block_k) // cfg.split_k
+    grid = (pl.cdiv(t, cfg.block_t), pl.cdiv(n_cols, cfg.block_n), cfg.split_k)
+    kernel = functools.partial(
+        _nm_matmul_kernel, t=t, k=k, n_cols=n_cols, n=n, m=m, block_t=cfg.block_t,
+        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split_k=cfg.split_k)
+    return _launch(kernel, (x, w.values, w.meta), t=t, n_out=n_cols, cfg=cfg, grid=grid,
+                   out_dtype=out_dt, name=f"nm_matmul_{n}of{m}", poison=_poison_output)
+
+
+def samoyeds_matmul(
+    x: jax.Array,
+    w: Any,
+    *,
+    config: SparseMatmulConfig | None = None,
+    backend: backend_lib.Backend | None = None,
+    out_dtype: Any = None,
+    _poison_output: bool = False,
+) -> jax.Array:
+    """``x @ W`` for a ``SamoyedsSparse`` weight (N:M:V column selection + 2:4 along K).
+
+    Each program owns ``block_n`` compressed columns (``block_n / n_sel`` column groups).
+    Per V slab it multiplies x by the slab's expanded 2:4 tile, adds the partial product
+    to the accumulator set named by the slab's ``sel`` row, and finally stores set o to
+    dense columns ``g * m_sel + o`` (strided stores): no dense W is ever built.
+
+    Args:
+      x: [t, K] bfloat16 or float16.
+      w: ``formats.SamoyedsSparse`` with dense shape [K, N], same dtype as x; the kernel
+        needs V a power of two >= 64.
+      config, backend, out_dtype: as in ``nm_matmul``.
+
+    Returns:
+      [t, N] in ``out_dtype``.
+    """
+    backend = backend_lib.resolve_backend(backend)
+    n_sel, m_sel, v, k, n_out, nc = _check_samoyeds(w)
+    _check_x(x, w, k, "samoyeds_matmul")
+    out_dt = _out_dtype(x, out_dtype)
+    t = x.shape[0]
+    if backend == "xla":
+        return samoyeds_matmul_reference(x, w, out_dtype=out_dt)
+    if backend == "mosaic_gpu":
+        raise ValueError("samoyeds_matmul has no Mosaic GPU variant; use 'triton' or 'xla'")
+    if t == 0:
+        return jnp.zeros((0, n_out), out_dt)
+    op = f"samoyeds_matmul_{n_sel}of{m_sel}v{v}"
+    cfg = config if config is not None else pick_config(op, t, k, n_out, nc)
+    _check_config(cfg)
+    if cfg.method == "dense":
+        dense = expand_samoyeds(w.values, w.meta, w.sel, n_sel=n_sel, m_sel=m_sel, v=v)
+        return _dense_product(x, dense, out_dt)
+    if not _pow2(v) or v < 4 * _MIN_DOT:
+        raise ValueError(f"the Pallas kernel needs v a power of two >= {4 * _MIN_DOT}, got {v=}; "
+                         "use backend='xla'")
+    n_groups = nc // n_sel
+    block_g = max(_MIN_DOT, cfg.block_n // n_sel)
+    cfg = _fit(cfg.replace(block_n=block_g), t=t, k=k, n_cols=n_groups,
+               min_block_k=4 * _MIN_DOT, k_multiple=True)
+    if k % cfg.block_k or (cfg.block_k % v and v % cfg.block_k):
+        raise ValueError(f"{k=} must be a multiple of block_k={cfg.block_k}, and block_k and "
+                         f"{v=} must divide one another")
+    block_g = cfg.block_n
+    steps = k // cfg.block_k // cfg.split_k
+    grid = (pl.cdiv(t, cfg.block_t), pl.cdiv(n_groups, block_g), cfg.split_k)
+    kernel = functools.partial(
+        _samoyeds_matmul_kernel, t=t, n_groups=n_groups, n_sel=n_sel, m_sel=m_sel, v=v,
+        block_t=cfg.block_t, block_g=block_g, block_k=cfg.block_k, steps=steps,
+        split_k=cfg.split_k)
+    return _launch(kernel, (x, w.values, w.meta, w.sel), t=t, n_out=n_out, cfg=cfg, grid=grid,
+                   out_dtype=out_dt, name=f"samoyeds_matmul_{n_sel}of{m_sel}",
+                   poison=_poison_output)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def nm_matmul_reference(
+    x: jax.Array,
+    w: Any,
+    *,
+    config: SparseMatmulConfig | None = None,
+    backend: backend_lib.Backend | None = None,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype).
+
+    ``config`` and ``backend`` are accepted for signature parity and ignored.
+    """
+    del config, backend
+    dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)
+    return y.astype(dt)
+
+
+def samoyeds_matmul_reference(
+    x: jax.Array,
+    w: Any,
+    *,
+    config: SparseMatmulConfig | None = None,
+    backend: backend_lib.Backend | None = None,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype)."""
+    del config, backend
+    dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)
+    return y.astype(dt)
+
+
+__all__ = [
+    "SparseMatmulConfig",
+    "expand_nm",
+    "expand_samoyeds",
+    "heuristic_config",
+    "nm_matmul",
+    "nm_matmul_reference",
+    "pick_config",
+    "samoyeds_matmul",
+    "samoyeds_matmul_reference",
+]
