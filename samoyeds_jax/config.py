@@ -1,0 +1,169 @@
+"""Small frozen configs for the MoE layer: one dataclass per concern, validated on construction.
+
+``MoEConfig`` holds the shape of one MoE block (d, f, e, k), how router scores become
+routing weights, the optional shared experts, how expert weights are stored
+(``SparsityConfig``), which backend computes the experts, and the pre-gating mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+RouterNorm = Literal["softmax_topk", "topk_softmax"]
+"""How router logits [t, e] become top-k weights [t, k].
+
+* ``"softmax_topk"``: softmax over all e experts, keep the k largest probabilities, no
+  renormalization (weights sum to <= 1). Qwen2-MoE / Qwen1.5-MoE (``norm_topk_prob=False``),
+  DeepSeek-MoE, Switch Transformer.
+* ``"topk_softmax"``: take the k largest logits, softmax over those k (weights sum to 1).
+  Identical to softmax-then-top-k-then-renormalize: Mixtral / mistral-inference, OLMoE-style
+  renormalized routers, Qwen3-MoE (``norm_topk_prob=True``).
+"""
+
+ExpertFormat = Literal["dense", "nm", "samoyeds", "unstructured"]
+"""How the expert weight stacks are stored: dense arrays, N:M along K (``NMSparse``),
+vector-wise N:M:V + 2:4 (``SamoyedsSparse``), or tiled unstructured sparsity."""
+
+MoEBackend = Literal["xla", "pallas"]
+"""``"xla"``: dense grouped matmul (``jax.lax.ragged_dot``; sparse formats are expanded first).
+``"pallas"``: the fused routed-token kernel ``pallas_kernels.moe_matmul.moe_ffn``."""
+
+PregateMode = Literal["standard", "pregated", "speculative"]
+"""* ``"standard"``: each block's own gate routes; no pre-gate.
+* ``"pregated"``: block i's pre-gate (applied to block i's input) routes block i+1; the
+  first MoE block also has its own gate; the last has no pre-gate (Pre-gated MoE, ISCA'24).
+* ``"speculative"``: each block's own gate routes; block i's pre-gate only predicts block
+  i+1's experts (for prefetching), so any pretrained model works unchanged."""
+
+SharedGate = Literal["none", "sigmoid"]
+"""Shared-expert output scaling: ``"none"`` (DeepSeek-MoE) or ``sigmoid(x @ w_gate)`` per token
+(Qwen2-MoE's ``shared_expert_gate``)."""
+
+_NM_SUPPORTED = ((2, 4), (1, 4), (2, 8), (4, 8))
+
+
+def _check_literal(name: str, value: object, literal: object) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparsityConfig:
+    """Parameters of the sparse expert formats (ignored for ``expert_format="dense"``).
+
+    Attributes:
+      n, m: N:M along the reduction dim for the ``"nm"`` format (keep n of every m rows).
+      n_sel, m_sel, v: vector-wise selection for ``"samoyeds"``: in every v-row K slab keep
+        n_sel of every m_sel output columns, then 2:4 along K inside the kept columns.
+      density: fraction of weights kept for ``"unstructured"``.
+    """
+
+    n: int = 2
+    m: int = 4
+    n_sel: int = 1
+    m_sel: int = 2
+    v: int = 128
+    density: float = 0.3
+
+    def __post_init__(self) -> None:
+        if (self.n, self.m) not in _NM_SUPPORTED:
+            raise ValueError(f"(n, m) must be one of {_NM_SUPPORTED}, got {(self.n, self.m)}")
+        if not 0 < self.n_sel < self.m_sel:
+            raise ValueError(f"need 0 < n_sel < m_sel, got {self.n_sel=}, {self.m_sel=}")
+        if self.v <= 0 or self.v % 32:
+            raise ValueError(f"v must be a positive multiple of 32, got {self.v=}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density=}")
+
+    def check_weight(self, fmt: ExpertFormat, k: int, n: int, what: str) -> None:
+        """Raise ValueError if a [k, n] weight (y = x @ W) cannot be stored in ``fmt``."""
+        if fmt == "nm":
+            per_word = 32 // (2 if self.m == 4 else 4)
+            kept = k * self.n // self.m if k % self.m == 0 else None
+            if k % self.m or kept % per_word:
+                mult = self.m * per_word // self.n
+                raise ValueError(
+                    f"{what}: {self.n}:{self.m} sparsity needs the reduction dim to be a multiple of "
+                    f"{mult} (m={self.m}, {per_word} metadata entries per int32 word), got {k}")
+        elif fmt == "samoyeds":
+            if k % self.v:
+                raise ValueError(
+                    f"{what}: samoyeds format needs the reduction dim to be a multiple of "
+                    f"v={self.v}, got {k}")
+            if n % self.m_sel:
+                raise ValueError(
+                    f"{what}: samoyeds format needs the output dim to be a multiple of "
+                    f"m_sel={self.m_sel}, got {n}")
+            if (n * self.n_sel) % self.m_sel:
+                raise ValueError(f"{what}: n * n_sel must be divisible by m_sel, got {n=}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Shape and behaviour of one MoE block.
+
+    Attributes:
+      d_model: d, width of the token vectors.
+      d_ff: f, hidden width of each routed expert (SwiGLU: w1/w3 [e, d, f], w2 [e, f, d]).
+      num_experts: e, routed experts.
+      top_k: k, experts per token.
+      router_norm: see ``RouterNorm``.
+      num_shared_experts: always-on experts (0 = none); they are fused into one SwiGLU MLP of
+        width ``num_shared_experts * shared_d_ff`` (equal to summing the experts).
+      shared_d_ff: hidden width of each shared expert (default ``d_ff``).
+      shared_gate: see ``SharedGate``.
+      expert_format: see ``ExpertFormat``; ``sparsity`` holds its parameters.
+      backend: see ``MoEBackend``.
+      pregate: see ``PregateMode``.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    router_norm: RouterNorm = "topk_softmax"
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_gate: SharedGate = "none"
+    expert_format: ExpertFormat = "dense"
+    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
+    backend: MoEBackend = "xla"
+    pregate: PregateMode = "standard"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        _check_literal("router_norm", self.router_norm, RouterNorm)
+        _check_literal("shared_gate", self.shared_gate, SharedGate)
+        _check_literal("expert_format", self.expert_format, ExpertFormat)
+        _check_literal("backend", self.backend, MoEBackend)
+        _check_literal("pregate", self.pregate, PregateMode)
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_d_ff is not None and self.shared_d_ff <= 0:
+            raise ValueError(f"shared_d_ff must be positive, got {self.shared_d_ff}")
+        if self.num_shared_experts == 0 and self.shared_gate != "none":
+            raise ValueError(
+                f"shared_gate={self.shared_gate!r} needs num_shared_experts > 0, got 0")
+        if not isinstance(self.sparsity, SparsityConfig):
+            raise ValueError(f"sparsity must be a SparsityConfig, got {type(self.sparsity)}")
+        if self.expert_format != "dense":
+            d, f = self.d_model, self.d_ff
+            self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")
+            self.sparsity.check_weight(self.expert_format, f, d, "w2 [e, d_ff, d_model]")
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the fused shared-expert MLP (0 when there are none)."""
+        return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+
+    def replace(self, **changes) -> MoEConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)

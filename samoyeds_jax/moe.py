@@ -1,0 +1,427 @@
+"""Drop-in Flax NNX Mixture-of-Experts layer with a pre-gating router.
+
+``MoE`` replaces a dense FFN (or an existing MoE) in a transformer block::
+
+    moe = MoE(MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2), rngs=nnx.Rngs(0))
+    y, next_routing = moe(x)                        # x [..., d] -> y [..., d]
+
+Each routed expert is a SwiGLU MLP ``W2_e (silu(x W1_e) * (x W3_e))`` with weights stacked
+``w1/w3 [e, d, f]`` and ``w2 [e, f, d]`` (Mixtral names). The layer output for token t is
+``y[t] = sum_k p[t, k] * expert_{idx[t, k]}(x[t]) + shared(x[t])``.
+
+Pre-gating (``MoEConfig.pregate``): block i's pre-gate, applied to block i's input, routes
+block i+1. ``__call__`` returns that routing as ``next_routing``; pass it to block i+1:
+
+* ``"standard"``: own gate; no pre-gate; ``next_routing`` is None; ``routing`` must be None.
+* ``"pregated"``: the received ``routing`` is used; only block 0 (``block_index=0``) may be
+  called without one (it routes with its own gate). The last block has no pre-gate.
+* ``"speculative"``: own gate decides; the received ``routing`` is only compared with it
+  (``recall()``); the pre-gate predicts the next block's experts for prefetching.
+
+Every block keeps its own gate (the pretrained router) so recall of the received routing
+can be measured in every mode; ``track_recall=False`` skips that bookkeeping.
+
+The expert computation goes through one function, ``expert_ffn``, which picks the XLA
+grouped matmul (``jax.lax.ragged_dot``) or the Pallas routed-token kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm
+from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
+
+Dtype = Any
+
+# y = x @ W with W [..., in, out]: scale by fan-in, stacked experts share one init scale.
+_expert_init = nnx.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+_linear_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+# ----------------------------------------------------------------------------- expert weights
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """Stacked routed-expert weights: dense arrays or sparse format pytrees with leading e.
+
+    Attributes:
+      w1: gate projection [e, d, f].  w3: up projection [e, d, f].  w2: down projection [e, f, d].
+    The leading dim may be a number of cache slots instead of e (routing then holds slots).
+    """
+
+    w1: Any
+    w3: Any
+    w2: Any
+
+    @property
+    def num_experts(self) -> int:
+        return _dense_shape(self.w1)[0]
+
+
+def _dense_shape(w) -> tuple[int, ...]:
+    return tuple(w.shape)
+
+
+def _as_dense(w, dtype: Dtype) -> jax.Array:
+    """A dense [..., K, N] array of ``dtype`` from an array or a sparse format pytree."""
+    if hasattr(w, "to_dense"):
+        w = w.to_dense()
+    return jnp.asarray(w).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- expert math
+
+
+def expert_ffn_ragged(x: jax.Array, routing: Routing, experts: ExpertWeights,
+                      *, dtype: Dtype) -> jax.Array:
+    """Routed SwiGLU experts with ``jax.lax.ragged_dot`` (grouped matmul, XLA).
+
+    x [t, d]; routing [t, k]; experts dense or sparse (expanded here). Returns [t, d] ``dtype``.
+    Assignments (token, slot) are sorted by expert, rows gathered, three grouped matmuls run
+    with f32 accumulation, and results go back to their assignment rows and are summed over k
+    (deterministic combine, no scatter-add).
+    """
+    t, k = routing.topk_idx.shape
+    w1, w3, w2 = (_as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
+    e = w1.shape[0]
+    flat_idx = routing.topk_idx.reshape(t * k)  # [t*k]
+    order = jnp.argsort(flat_idx, stable=True)  # [t*k] assignment ids grouped by expert
+    group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)  # [e]
+    xs = x.astype(dtype)[order // k]  # [t*k, d]
+    gate = jax.lax.ragged_dot(xs, w1, group_sizes, preferred_element_type=jnp.float32)
+    up = jax.lax.ragged_dot(xs, w3, group_sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(gate) * up).astype(dtype)  # [t*k, f]
+    out = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)
+    out = out * routing.topk_weights.reshape(t * k)[order][:, None].astype(jnp.float32)
+    rows = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [t*k, d]
+    return rows.reshape(t, k, -1).sum(axis=1).astype(dtype)
+
+
+def expert_ffn_loop(x: jax.Array, routing: Routing, experts: ExpertWeights,
+                    *, dtype: Dtype) -> jax.Array:
+    """Readable reference: every expert runs on every token, weighted by its combine weight.
+
+    Same signature and result as ``expert_ffn_ragged``; O(t * e) work, for tests and tiny e.
+    """
+    w1, w3, w2 = (_as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
+    combine = routing.combine_weights(w1.shape[0])  # [t, e]
+    x = x.astype(dtype)
+    gate = jnp.einsum("td,edf->etf", x, w1, preferred_element_type=jnp.float32)
+    up = jnp.einsum("td,edf->etf", x, w3, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(gate) * up).astype(dtype)  # [e, t, f]
+    out = jnp.einsum("etf,efd->etd", h, w2, preferred_element_type=jnp.float32)
+    return jnp.einsum("etd,te->td", out, combine).astype(dtype)
+
+
+def _pallas_moe_ffn():
+    """``pallas_kernels.moe_matmul.moe_ffn`` and ``RoutingPlan``, or None when not available."""
+    try:
+        from pallas_kernels.moe_matmul import moe_ffn
+        from pallas_kernels.routing_plan import RoutingPlan
+    except ImportError:
+        return None
+    return moe_ffn, RoutingPlan
+
+
+def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
+               backend: MoEBackend, dtype: Dtype) -> jax.Array:
+    """The one switch between expert implementations. x [t, d] -> [t, d] ``dtype``.
+
+    ``"xla"``: ``expert_ffn_ragged`` (sparse formats expanded to dense first).
+    ``"pallas"``: ``pallas_kernels.moe_matmul.moe_ffn`` on a ``RoutingPlan``; weights stay in
+    their stored format.
+    """
+    if backend == "xla":
+        return expert_ffn_ragged(x, routing, experts, dtype=dtype)
+    if backend == "pallas":
+        found = _pallas_moe_ffn()
+        if found is None:
+            raise ValueError(
+                "backend='pallas' needs pallas_kernels.moe_matmul.moe_ffn, which is not "
+                "available in this installation; use backend='xla'")
+        moe_ffn, _ = found
+        return _expert_ffn_pallas(moe_ffn, x, routing, experts, dtype)
+    raise ValueError(f"backend must be 'xla' or 'pallas', got {backend!r}")
+
+
+def _expert_ffn_pallas(moe_ffn, x, routing, experts, dtype):
+    from pallas_kernels.routing_plan import RoutingPlan
+    cast = lambda w: w.astype(dtype) if isinstance(w, jax.Array) else w  # noqa: E731
+    e = experts.num_experts
+    plan = RoutingPlan.build(routing.topk_idx, routing.topk_weights, num_experts=e,
+                             block_t=_pallas_block_t(x.shape[0], routing.top_k))
+    y = moe_ffn(x.astype(dtype), plan, cast(experts.w1), cast(experts.w3), cast(experts.w2))
+    return y.astype(dtype)
+
+
+def _pallas_block_t(t: int, k: int) -> int:
+    """Row tile of the routed-token kernel: small tiles for decode, 64 for prefill."""
+    rows = t * k
+    return 16 if rows <= 64 else 64
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Router(nnx.Module):
+    """Linear gate d -> e followed by top-k: ``Routing`` of each token.
+
+    Param ``kernel [d, e]`` (y = x @ W). Logits are accumulated in float32.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, *, top_k: int,
+                 norm: RouterNorm = "topk_softmax", dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm = norm
+        self.dtype = dtype
+        self.kernel = nnx.Param(_linear_init(rngs.params(), (d_model, num_experts), param_dtype))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x [t, d] -> logits [t, e] float32."""
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, x: jax.Array) -> Routing:
+        """x [t, d] -> ``Routing`` with ``topk_idx [t, k]``, ``topk_weights [t, k]``, ``logits [t, e]``."""
+        return route_logits(self.logits(x), top_k=self.top_k, norm=self.norm)
+
+
+class PreGatedRouter(Router):
+    """Block i's pre-gate: a ``Router`` over block i+1's experts, applied to block i's input.
+
+    Same parameters as ``Router``. ``load_from(next_gate)`` copies the next block's gate, the
+    starting point for the speculative mode and for pre-gate training.
+    """
+
+    def load_from(self, gate: Router) -> None:
+        """Copy ``gate``'s kernel (shape [d, e] must match) into this pre-gate."""
+        src, dst = gate.kernel[...], self.kernel[...]
+        if src.shape != dst.shape:
+            raise ValueError(f"gate kernel shape {src.shape} != pre-gate kernel shape {dst.shape}")
+        self.kernel[...] = src.astype(dst.dtype)
+
+
+class SharedExperts(nnx.Module):
+    """Always-on SwiGLU experts fused into one MLP of width s, with an optional sigmoid gate.
+
+    Params ``w1/w3 [d, s]``, ``w2 [s, d]`` and, for ``gate="sigmoid"`` (Qwen2-MoE),
+    ``gate_kernel [d, 1]``: ``y = sigmoid(x @ gate_kernel) * mlp(x)``.
+    """
+
+    def __init__(self, d_model: int, width: int, *, gate: str = "none", dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.w1 = nnx.Param(_linear_init(rngs.params(), (d_model, width), param_dtype))
+        self.w3 = nnx.Param(_linear_init(rngs.params(), (d_model, width), param_dtype))
+        self.w2 = nnx.Param(_linear_init(rngs.params(), (width, d_model), param_dtype))
+        self.gate_kernel = (nnx.Param(_linear_init(rngs.params(), (d_model, 1), param_dtype))
+                            if gate == "sigmoid" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [t, d] -> [t, d] in the compute dtype."""
+        dtype = self.dtype or jnp.result_type(x.dtype, self.w1[...].dtype)
+        x = x.astype(dtype)
+        dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+        h = jax.nn.silu(dot(x, self.w1[...].astype(dtype))) * dot(x, self.w3[...].astype(dtype))
+        y = dot(h.astype(dtype), self.w2[...].astype(dtype))  # [t, d] f32
+        if self.gate_kernel is not None:
+            y = y * jax.nn.sigmoid(dot(x, self.gate_kernel[...].astype(dtype)))  # [t, 1]
+        return y.astype(dtype)
+
+
+class RecallStats(nnx.Variable):
+    """Running ``RecallCounts`` of the routing a block received vs its own gate."""
+
+
+class MoE(nnx.Module):
+    """Mixture-of-Experts FFN block with a router and an optional pre-gate.
+
+    Args:
+      config: ``MoEConfig``.
+      block_index: position of this block among the model's MoE blocks (0-based).
+      num_blocks: number of MoE blocks in the model. The last one has no pre-gate; in
+        ``"pregated"`` mode only block 0 routes with its own gate.
+      dtype: compute dtype (None: promote input and params). param_dtype: storage dtype.
+      track_recall: accumulate ``RecallStats`` whenever a routing is received.
+      rngs: keyword-only ``nnx.Rngs`` for initialization.
+
+    Params: ``gate.kernel [d, e]``, ``pregate.kernel [d, e]`` (if any), ``w1/w3 [e, d, f]``,
+    ``w2 [e, f, d]`` (dense arrays, or sparse format pytrees for a sparse ``expert_format``),
+    ``shared.*`` (if ``num_shared_experts > 0``).
+    """
+
+    def __init__(self, config: MoEConfig, *, block_index: int = 0, num_blocks: int = 1,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 track_recall: bool = True, rngs: nnx.Rngs):
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}")
+        if not 0 <= block_index < num_blocks:
+            raise ValueError(f"need 0 <= block_index < num_blocks, got {block_index=}, {num_blocks=}")
+        self.config = config
+        self.block_index = block_index
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.track_recall = track_recall
+        c = config
+        router = functools.partial(Router, c.d_model, c.num_experts, top_k=c.top_k,
+                                   norm=c.router_norm, dtype=dtype, param_dtype=param_dtype)
+        self.gate = router(rngs=rngs)
+        has_pregate = c.pregate != "standard" and block_index < num_blocks - 1
+        self.pregate = (PreGatedRouter(c.d_model, c.num_experts, top_k=c.top_k, norm=c.router_norm,
+                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                        if has_pregate else None)
+        e, d, f = c.num_experts, c.d_model, c.d_ff
+        self.w1 = nnx.Param(_expert_init(rngs.params(), (e, d, f), param_dtype))
+        self.w3 = nnx.Param(_expert_init(rngs.params(), (e, d, f), param_dtype))
+        self.w2 = nnx.Param(_expert_init(rngs.params(), (e, f, d), param_dtype))
+        self.shared = (SharedExperts(d, c.shared_width, gate=c.shared_gate, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+                       if c.num_shared_experts else None)
+        self.recall_stats = RecallStats(RecallCounts.zeros())
+        if c.expert_format != "dense":
+            self.sparsify()
+
+    # -- weights
+
+    def expert_weights(self) -> ExpertWeights:
+        """The stacked routed-expert weights as stored (dense or sparse format pytrees)."""
+        return ExpertWeights(self.w1.get_value(), self.w3.get_value(), self.w2.get_value())
+
+    def sparsify(self, **prune_kwargs) -> None:
+        """Prune and store the expert weights in ``config.expert_format``.
+
+        Uses ``samoyeds_jax.pruning.prune_experts`` (magnitude-based unless told otherwise);
+        ``prune_kwargs`` are passed on. Weights already in a sparse format are left as they are.
+        """
+        if self.config.expert_format == "dense":
+            return
+        if hasattr(self.w1.get_value(), "to_dense"):
+            return
+        try:
+            from samoyeds_jax import pruning
+        except ImportError as err:
+            raise ValueError(
+                f"expert_format={self.config.expert_format!r} needs samoyeds_jax.pruning, "
+                "which is not available in this installation") from err
+        pruned = pruning.prune_experts(self.expert_weights(), self.config.expert_format,
+                                       self.config.sparsity, **prune_kwargs)
+        self.w1.set_value(pruned.w1)
+        self.w3.set_value(pruned.w3)
+        self.w2.set_value(pruned.w2)
+
+    # -- routing
+
+    def route(self, x: jax.Array) -> Routing:
+        """Own gate's routing of x [..., d] (tokens flattened: ``Routing`` of [t, k])."""
+        return self.gate(x.reshape(-1, x.shape[-1]))
+
+    def predict_next(self, x: jax.Array) -> Routing | None:
+        """The pre-gate's routing of the next block from this block's input (None if none)."""
+        if self.pregate is None:
+            return None
+        return self.pregate(x.reshape(-1, x.shape[-1]))
+
+    def select_routing(self, x: jax.Array, routing: Routing | None = None) -> Routing:
+        """The routing this block computes with, given the received ``routing`` (see module doc).
+
+        Also accumulates ``recall_stats`` when a routing is received and ``track_recall``.
+        """
+        mode = self.config.pregate
+        self._check_input(x)
+        t = x.size // x.shape[-1]
+        if routing is not None:
+            routing.check_num_tokens(t)
+        if mode == "standard":
+            if routing is not None:
+                raise ValueError(
+                    "pregate='standard' routes with the block's own gate; got a routing. Use "
+                    "apply_experts(x, routing) to run the experts on a given routing")
+            return self.route(x)
+        if routing is None:
+            if mode == "pregated" and self.block_index > 0:
+                raise ValueError(
+                    f"pregate='pregated': block {self.block_index} needs the routing from block "
+                    f"{self.block_index - 1}'s pre-gate; got routing=None (only block 0 routes itself)")
+            return self.route(x)
+        if mode == "speculative" or self.track_recall:
+            own = self.route(x)
+            if self.track_recall:
+                counts = recall_counts(routing, own, self.config.num_experts)
+                self.recall_stats.set_value(self.recall_stats.get_value() + counts)
+            if mode == "speculative":
+                return own
+        return routing
+
+    def recall(self) -> dict[str, float]:
+        """Recall/precision of the routings this block received (from the previous block's
+        pre-gate) against its own gate, accumulated since the last ``reset_recall``."""
+        return self.recall_stats.get_value().ratios()
+
+    def reset_recall(self) -> None:
+        self.recall_stats.set_value(RecallCounts.zeros())
+
+    # -- compute
+
+    def _check_input(self, x: jax.Array) -> None:
+        if x.ndim < 1 or x.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"input must be [..., d_model={self.config.d_model}], got shape {x.shape}")
+
+    def apply_experts(self, x: jax.Array, routing: Routing,
+                      experts: ExpertWeights | tuple | None = None) -> jax.Array:
+        """Routed experts (+ shared experts) on a given routing: x [..., d] -> [..., d].
+
+        ``experts`` overrides the stored routed-expert weights (``ExpertWeights`` or a tuple
+        ``(w1, w3, w2)``), e.g. cache-slot stacks with ``routing`` remapped to slots.
+        """
+        if experts is None:
+            experts = self.expert_weights()
+        elif isinstance(experts, tuple):
+            experts = ExpertWeights(*experts)
+        self._check_input(x)
+        lead, d = x.shape[:-1], x.shape[-1]
+        xt = x.reshape(-1, d)  # [t, d]
+        routing.check_num_tokens(xt.shape[0])
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        y = expert_ffn(xt, routing, experts, backend=self.config.backend, dtype=dtype)
+        if self.shared is not None:
+            y = y + self.shared(xt).astype(dtype)
+        return y.reshape(*lead, d)
+
+    def __call__(self, x: jax.Array, *, routing: Routing | None = None
+                 ) -> tuple[jax.Array, Routing | None]:
+        """x [..., d] -> (y [..., d], next_routing for block i+1 or None).
+
+        ``routing``: the previous block's ``next_routing`` (see the module doc for each mode).
+        """
+        used = self.select_routing(x, routing)
+        y = self.apply_experts(x, used)
+        return y, self.predict_next(x)
+
+
+def moe_linen(config: MoEConfig, **kwargs):
+    """A Flax Linen module wrapping ``MoE`` (via ``flax.nnx.bridge.to_linen``).
+
+    ``kwargs`` go to ``MoE`` (``block_index``, ``dtype``, ...). Use as any Linen module::
+
+        layer = moe_linen(config)
+        variables = layer.init(jax.random.key(0), x)
+        y, next_routing = layer.apply(variables, x)
+    """
+    return nnx.bridge.to_linen(MoE, config, **kwargs)

@@ -1,0 +1,172 @@
+"""Routing decisions as pytrees, router normalizations, and pre-gate recall metrics.
+
+A ``Routing`` is what one MoE block needs to run its experts: for each of t tokens the k
+chosen experts and their weights. It is carried from block to block by the pre-gating API
+(``y, next_routing = moe(x, routing=prev)``) and compared against a block's own gate with
+``recall_counts`` / ``RecallCounts.ratios``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import get_args
+
+import jax
+import jax.numpy as jnp
+
+from samoyeds_jax.config import RouterNorm
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Top-k routing of t tokens.
+
+    Attributes:
+      topk_idx: [t, k] int32, chosen expert (or cache slot, after ``remap``) per token, best first.
+      topk_weights: [t, k] float32, combine weight of each choice.
+      logits: [t, e] float32 router logits, or None (e.g. after ``remap``).
+    """
+
+    topk_idx: jax.Array
+    topk_weights: jax.Array
+    logits: jax.Array | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_idx.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_idx.shape[1]
+
+    def expert_mask(self, num_experts: int) -> jax.Array:
+        """[t, e] bool: token t is routed to expert e."""
+        return topk_mask(self.topk_idx, num_experts)
+
+    def active_experts(self, num_experts: int) -> jax.Array:
+        """[e] bool: experts used by at least one token (what an offload cache must hold)."""
+        return jnp.any(self.expert_mask(num_experts), axis=0)
+
+    def expert_counts(self, num_experts: int) -> jax.Array:
+        """[e] int32: assignments per expert."""
+        return jnp.sum(self.expert_mask(num_experts), axis=0, dtype=jnp.int32)
+
+    def combine_weights(self, num_experts: int) -> jax.Array:
+        """[t, e] float32: routing weight of each (token, expert), 0 where not routed."""
+        onehot = jax.nn.one_hot(self.topk_idx, num_experts, dtype=jnp.float32)  # [t, k, e]
+        return jnp.einsum("tke,tk->te", onehot, self.topk_weights.astype(jnp.float32))
+
+    def remap(self, table: jax.Array) -> Routing:
+        """Indices mapped through ``table`` ([e] int32, e.g. expert -> cache slot); drops logits."""
+        return Routing(table[self.topk_idx].astype(jnp.int32), self.topk_weights, None)
+
+    def check_num_tokens(self, t: int) -> Routing:
+        """This routing, after checking that it covers ``t`` tokens (ValueError otherwise)."""
+        if self.topk_idx.shape[0] != t:
+            raise ValueError(
+                f"routing covers {self.topk_idx.shape[0]} tokens but the input has {t} tokens")
+        return self
+
+
+def topk_mask(topk_idx: jax.Array, num_experts: int) -> jax.Array:
+    """[t, k] indices -> [t, e] bool membership mask."""
+    return jnp.any(topk_idx[..., None] == jnp.arange(num_experts)[None, None, :], axis=-2)
+
+
+def normalize_topk(logits: jax.Array, top_k: int, norm: RouterNorm
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [t, e] -> (weights [t, k] float32, indices [t, k] int32), best first.
+
+    ``"softmax_topk"``: ``softmax(logits)`` over all e, top k kept as they are (sum <= 1).
+    ``"topk_softmax"``: top k logits, softmax over those k (sum == 1); equal to
+    softmax-then-top-k followed by renormalization (Mixtral, Qwen3 ``norm_topk_prob``).
+    """
+    if norm not in get_args(RouterNorm):
+        raise ValueError(f"norm must be one of {get_args(RouterNorm)}, got {norm!r}")
+    e = logits.shape[-1]
+    if not 0 < top_k <= e:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={e}]")
+    logits = logits.astype(jnp.float32)
+    if norm == "softmax_topk":
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, idx = jax.lax.top_k(probs, top_k)
+    else:
+        top_logits, idx = jax.lax.top_k(logits, top_k)
+        weights = jax.nn.softmax(top_logits, axis=-1)
+    return weights, idx.astype(jnp.int32)
+
+
+def route_logits(logits: jax.Array, *, top_k: int, norm: RouterNorm) -> Routing:
+    """Router logits [t, e] -> ``Routing`` (keeps the logits for distillation and metrics)."""
+    weights, idx = normalize_topk(logits, top_k, norm)
+    return Routing(idx, weights, logits.astype(jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecallCounts:
+    """Running counts comparing a predicted routing with the actual one (all float32 scalars).
+
+    Token level: a (token, expert) pair is a hit when the expert is in both the predicted and
+    the actual top-k of that token. Set level: the union of experts over the batch (what an
+    offload cache fetches). ``weight_hit`` sums the actual routing weight of hit pairs.
+    Add counts with ``+`` to average over many batches; ``ratios()`` gives the metrics.
+    """
+
+    pair_hit: jax.Array
+    pair_actual: jax.Array
+    pair_pred: jax.Array
+    set_hit: jax.Array
+    set_actual: jax.Array
+    set_pred: jax.Array
+    weight_hit: jax.Array
+    weight_actual: jax.Array
+
+    @classmethod
+    def zeros(cls) -> RecallCounts:
+        z = jnp.zeros((), jnp.float32)
+        return cls(*([z] * len(dataclasses.fields(cls))))
+
+    def __add__(self, other: RecallCounts) -> RecallCounts:
+        return jax.tree.map(jnp.add, self, other)
+
+    def ratios(self) -> dict[str, float]:
+        """Metrics as Python floats (nan where nothing was counted yet).
+
+        ``recall``: hit pairs / actual pairs; ``precision``: hit pairs / predicted pairs;
+        ``set_recall`` / ``set_precision``: the same on the per-batch unions of experts;
+        ``weight_recall``: share of the actual routing weight that was predicted.
+        """
+        def div(a, b):
+            a, b = float(a), float(b)
+            return a / b if b > 0 else float("nan")
+        return dict(
+            recall=div(self.pair_hit, self.pair_actual),
+            precision=div(self.pair_hit, self.pair_pred),
+            set_recall=div(self.set_hit, self.set_actual),
+            set_precision=div(self.set_hit, self.set_pred),
+            weight_recall=div(self.weight_hit, self.weight_actual),
+        )
+
+
+def recall_counts(predicted: Routing, actual: Routing, num_experts: int) -> RecallCounts:
+    """Compare ``predicted`` with ``actual`` routing of the same t tokens (k may differ)."""
+    if predicted.num_tokens != actual.num_tokens:
+        raise ValueError(
+            f"predicted routing has {predicted.num_tokens} tokens, actual has {actual.num_tokens}")
+    pred = predicted.expert_mask(num_experts)  # [t, e]
+    act = actual.expert_mask(num_experts)  # [t, e]
+    hit = pred & act
+    pred_set, act_set = jnp.any(pred, axis=0), jnp.any(act, axis=0)  # [e]
+    act_w = actual.combine_weights(num_experts)  # [t, e]
+    f32 = lambda a: jnp.sum(a, dtype=jnp.float32)  # noqa: E731
+    return RecallCounts(
+        pair_hit=f32(hit), pair_actual=f32(act), pair_pred=f32(pred),
+        set_hit=f32(pred_set & act_set), set_actual=f32(act_set), set_pred=f32(pred_set),
+        weight_hit=f32(jnp.where(hit, act_w, 0.0)), weight_actual=f32(act_w))
+
+
+def topk_recall(predicted: Routing, actual: Routing, num_experts: int) -> dict[str, float]:
+    """``recall_counts(...).ratios()``: recall/precision of one prediction, as floats."""
+    return recall_counts(predicted, actual, num_experts).ratios()
