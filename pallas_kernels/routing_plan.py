@@ -1,0 +1,226 @@
+"""RoutingPlan: the activation side of the sparse-sparse MoE kernel.
+
+A router picks ``k`` experts per token (``topk_idx [t, k]``). The kernel wants, per expert, the
+rows routed to it, in row tiles of ``block_t`` that each belong to a single expert. The plan
+holds no activations, only indices: kernels gather ``x`` rows by token id inside the kernel,
+so no permuted copy of the activations is ever materialised.
+
+Layout (``P`` rows, ``P // block_t`` row tiles)::
+
+    assignment a = token * k + slot          (t*k assignments, flat id)
+
+    sorted_ids  [P]      a of each row; expert 0's rows first, then expert 1, ... (stable by
+                         token within an expert); each expert's run padded up to a multiple of
+                         block_t with the sentinel t*k.
+    weights     [P]      routing weight of each row (f32), 0 on padding rows.
+    block_expert[P//bt]  expert of each row tile; tiles after the last used one hold e.
+    num_blocks  []       row tiles in use (tiles >= num_blocks are all padding; skip them).
+    group_sizes [e]      assignments per expert (unpadded).
+
+Capacity rule: ``P = round_up(t*k + e*(block_t - 1), block_t)``. Each expert wastes at most
+``block_t - 1`` padding rows, so P covers the worst case and no assignment is ever dropped;
+the shape depends only on (t, k, e, block_t), so the plan builds under ``jit`` without
+recompiling per routing decision.
+
+Out-of-range expert ids: :meth:`RoutingPlan.build` raises ``ValueError`` when ``topk_idx`` is
+concrete. Under ``jit`` the values cannot be inspected; ids outside ``[0, e)`` are then the
+caller's contract. Such assignments are left out of every expert's rows (never clamped onto a
+wrong expert) and are counted by :meth:`RoutingPlan.num_invalid`, so
+``plan.num_invalid() == 0`` is a cheap traced check a caller can assert on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoutingPlan:
+    """Per-expert row tiles of routed (token, slot) assignments; see the module docstring.
+
+    Attributes:
+      sorted_ids: [P] int32, assignment id a = token*k + slot per row, sentinel t*k on padding.
+      block_expert: [P // block_t] int32, expert of each row tile, e after the last used tile.
+      num_blocks: [] int32, number of row tiles in use.
+      group_sizes: [e] int32, assignments routed to each expert.
+      weights: [P] float32, routing weight per row, 0 on padding rows.
+      num_tokens, top_k, num_experts, block_t: static ints (t, k, e, rows per tile).
+    """
+
+    sorted_ids: jax.Array
+    block_expert: jax.Array
+    num_blocks: jax.Array
+    group_sizes: jax.Array
+    weights: jax.Array
+    num_tokens: int = dataclasses.field(metadata=dict(static=True))
+    top_k: int = dataclasses.field(metadata=dict(static=True))
+    num_experts: int = dataclasses.field(metadata=dict(static=True))
+    block_t: int = dataclasses.field(metadata=dict(static=True))
+
+    # ----------------------------------------------------------------------------- static sizes
+
+    @staticmethod
+    def capacity_for(num_tokens: int, top_k: int, num_experts: int, block_t: int) -> int:
+        """P = round_up(t*k + e*(block_t-1), block_t): rows of a plan, worst case included."""
+        return _round_up(num_tokens * top_k + num_experts * (block_t - 1), block_t)
+
+    @property
+    def capacity(self) -> int:
+        """P, the static number of rows (a multiple of ``block_t``)."""
+        return self.capacity_for(self.num_tokens, self.top_k, self.num_experts, self.block_t)
+
+    @property
+    def num_tiles(self) -> int:
+        """P // block_t, the static number of row tiles (used or not)."""
+        return self.capacity // self.block_t
+
+    @property
+    def sentinel(self) -> int:
+        """t*k, the assignment id held by padding rows."""
+        return self.num_tokens * self.top_k
+
+    # ----------------------------------------------------------------------------- row views
+
+    def token_ids(self) -> jax.Array:
+        """[P] int32: token of each row (a // k), ``t`` on padding rows (one past the last token)."""
+        valid = self.sorted_ids < self.sentinel
+        return jnp.where(valid, self.sorted_ids // self.top_k, self.num_tokens).astype(jnp.int32)
+
+    def slot_ids(self) -> jax.Array:
+        """[P] int32: top-k slot of each row (a % k), ``k`` on padding rows."""
+        valid = self.sorted_ids < self.sentinel
+        return jnp.where(valid, self.sorted_ids % self.top_k, self.top_k).astype(jnp.int32)
+
+    def row_valid(self) -> jax.Array:
+        """[P] bool: True on rows holding an assignment."""
+        return self.sorted_ids < self.sentinel
+
+    def expert_offsets(self) -> jax.Array:
+        """[e + 1] int32: first row of each expert's padded run (exclusive cumsum), then the end."""
+        padded = _round_up_array(self.group_sizes, self.block_t)
+        return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(padded).astype(jnp.int32)])
+
+    def num_invalid(self) -> jax.Array:
+        """[] int32: assignments left out because their expert id was outside [0, e) (see module doc)."""
+        return (self.num_tokens * self.top_k - jnp.sum(self.group_sizes)).astype(jnp.int32)
+
+    # ----------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
+              block_t: int) -> RoutingPlan:
+        """Plan from router outputs; traceable under ``jit`` (shapes depend only on t, k, e, block_t).
+
+        Args:
+          topk_idx: [t, k] integer expert ids in [0, num_experts) (converted to int32).
+          topk_weights: [t, k] floating routing weights (stored as float32).
+          num_experts: e >= 1.
+          block_t: rows per tile, a power of two.
+
+        Returns:
+          The plan; ``P = capacity_for(t, k, e, block_t)`` rows.
+
+        Raises:
+          ValueError: bad shapes, dtypes, ``num_experts`` or ``block_t``; and, when the inputs are
+            concrete, expert ids out of range or non-finite weights.
+        """
+        num_experts = _check_positive_int("num_experts", num_experts)
+        block_t = _check_positive_int("block_t", block_t)
+        if block_t & (block_t - 1):
+            raise ValueError(f"block_t must be a power of two, got {block_t=}")
+        idx_shape, w_shape = np.shape(topk_idx), np.shape(topk_weights)
+        if len(idx_shape) != 2:
+            raise ValueError(f"topk_idx must be [t, k], got shape {idx_shape}")
+        if w_shape != idx_shape:
+            raise ValueError(
+                f"topk_weights must have the shape of topk_idx {idx_shape}, got {w_shape}")
+        t, k = idx_shape
+        if k < 1:
+            raise ValueError(f"top-k must be >= 1, got topk_idx shape {idx_shape}")
+        idx_dtype, w_dtype = jnp.result_type(topk_idx), jnp.result_type(topk_weights)
+        if not jnp.issubdtype(idx_dtype, jnp.integer):
+            raise ValueError(f"topk_idx must have an integer dtype (int32), got {idx_dtype}")
+        if not jnp.issubdtype(w_dtype, jnp.floating):
+            raise ValueError(f"topk_weights must have a floating dtype, got {w_dtype}")
+        if _is_concrete(topk_idx) and t * k:
+            ids = np.asarray(topk_idx)
+            bad = np.argwhere((ids < 0) | (ids >= num_experts))
+            if bad.size:
+                tok, slot = (int(i) for i in bad[0])
+                raise ValueError(
+                    f"topk_idx must lie in [0, {num_experts}); got {int(ids[tok, slot])} at "
+                    f"token {tok}, slot {slot} ({len(bad)} out-of-range entries)")
+        if _is_concrete(topk_weights) and t * k:
+            w = np.asarray(topk_weights, np.float32)
+            bad = np.argwhere(~np.isfinite(w))
+            if bad.size:
+                tok, slot = (int(i) for i in bad[0])
+                raise ValueError(
+                    f"topk_weights must be finite; got {w[tok, slot]} at token {tok}, slot {slot}")
+        return _build(jnp.asarray(topk_idx).astype(jnp.int32),
+                      jnp.asarray(topk_weights).astype(jnp.float32),
+                      num_experts=num_experts, block_t=block_t)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _round_up_array(x: jax.Array, multiple: int) -> jax.Array:
+    return (x + (multiple - 1)) // multiple * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "block_t"))
+def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
+           block_t: int) -> RoutingPlan:
+    t, k = topk_idx.shape
+    e, n = num_experts, t * k
+    cap = RoutingPlan.capacity_for(t, k, e, block_t)
+
+    expert = topk_idx.reshape(n)  # [t*k]
+    valid = (expert >= 0) & (expert < e)
+    # Invalid ids sort after every expert (key e) and get no row.
+    key = jnp.where(valid, expert, e)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [t*k] assignment ids by expert
+    sorted_key = key[order]  # [t*k]
+
+    group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]  # [e]
+    padded = _round_up_array(group_sizes, block_t)  # [e]
+    padded_end = jnp.cumsum(padded).astype(jnp.int32)  # [e]
+    padded_start = padded_end - padded  # [e]
+    start = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)  # [e] unpadded starts
+
+    # Row of the i-th sorted assignment: its expert's padded start + its rank within the expert.
+    safe_key = jnp.minimum(sorted_key, e - 1)
+    rank = jnp.arange(n, dtype=jnp.int32) - start[safe_key]
+    dest = jnp.where(sorted_key < e, padded_start[safe_key] + rank, cap)  # cap: dropped by scatter
+
+    sorted_ids = jnp.full((cap,), n, jnp.int32).at[dest].set(order, mode="drop")
+    weights = jnp.zeros((cap,), jnp.float32).at[dest].set(
+        topk_weights.reshape(n)[order], mode="drop")
+
+    # Expert of tile j = number of experts whose padded run ends at or before the tile's first
+    # row (empty experts end where they start, so they are skipped); e past the last used tile.
+    tile_start = jnp.arange(cap // block_t, dtype=jnp.int32) * block_t
+    block_expert = jnp.sum(padded_end[None, :] <= tile_start[:, None], axis=1, dtype=jnp.int32)
+    num_blocks = (padded_end[e - 1] // block_t).astype(jnp.int32)
+
+    return RoutingPlan(sorted_ids=sorted_ids, block_expert=block_expert, num_blocks=num_blocks,
+                       group_sizes=group_sizes, weights=weights, num_tokens=t, top_k=k,
+                       num_experts=e, block_t=block_t)
