@@ -1,0 +1,448 @@
+"""Structured-sparse weight formats: N:M along K (``NMSparse``) and Samoyeds (``SamoyedsSparse``).
+
+Weights are stored for ``y = x @ W`` with W [K, N] (K: reduction dim, N: outputs); expert stacks
+carry leading dims, e.g. [e, K, N]. Both formats are frozen-dataclass pytrees: the arrays are
+leaves, the sizes static, so a format object passes through ``jit``, ``tree.map`` (slicing an
+expert off a stack keeps it a valid format) and ``device_put`` like an array.
+
+Common API: ``from_dense`` (host-side, checks that W already has the pattern and raises
+``ValueError`` naming the first offending group; it never prunes), ``to_dense()`` (jnp, traceable),
+``shape`` (dense shape), ``dtype``, ``nbytes``, ``density``.
+
+NMSparse, n:m along K (``n``:``m`` in (2,4), (1,4), (2,8), (4,8))::
+
+    dense W [K, N]           values [K*n/m, N]                meta [K*n/m/per_word, N] int32
+    rows g*m .. g*m+m-1  ->  rows g*n .. g*n+n-1 (slot s =    b bits per kept value: its position
+    (group g, per column)    the s-th kept position, asc.)    p in 0..m-1 inside its group
+
+Kept value r (compressed row r, any column) sits in meta word ``r // per_word``, bits
+``[b*(r % per_word), b*(r % per_word) + b)``; b = 2 for m = 4, b = 4 for m = 8 (3 bits would do;
+4 keeps per_word = 32 // b a power of two, so a tile of rows maps to whole words), per_word = 16
+or 8. Bit 31 may be set: treat words as uint32 bit fields. Groups with fewer than n nonzeros are
+padded with the (zero) entries at the lowest unused positions, so positions stay strictly
+ascending. Needs K % m == 0 and (K*n/m) % per_word == 0 (2:4 and 2:8: K % 32; 1:4: K % 64;
+4:8: K % 16).
+
+Why this layout: a kernel tile of rows [r0, r0 + bk*n/m) x columns [c0, c0 + bn) is one
+rectangular, contiguous-along-N load from ``values`` plus one from ``meta`` (bk*n/m/per_word whole
+word rows), with no per-tile offsets; the words unpack with shifts and masks in registers.
+
+SamoyedsSparse, vector-wise n_sel:m_sel:v column selection plus 2:4 along K (default 1:2:128,
+25% density): in each slab of v rows of K, the N columns form groups of m_sel consecutive
+columns and n_sel columns of each group are kept (which ones may change from slab to slab);
+the kept [K, Nc = N*n_sel/m_sel] matrix Wc is then 2:4 along K and stored like
+``NMSparse(n=2, m=4)``. ``sel`` [K/v, Nc] int8 holds the offset (0..m_sel-1, ascending within a
+group) of the kept column: dense column = (c // n_sel) * m_sel + sel[slab, c]. Needs K % v == 0,
+v % 32 == 0 (whole meta words per slab), N % m_sel == 0.
+
+Why this layout: the kernel computes the dense-looking product x @ Wc (tiles as for 2:4) and
+routes each slab's partial product to one of m_sel accumulator sets by ``sel`` (or, equivalently,
+scatters it into the dense output columns); ``sel`` costs one byte per kept column per slab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
+SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+def meta_bits(m: int) -> int:
+    """Bits of metadata per kept value: 2 for m = 4, 4 for m = 8."""
+    if m not in (4, 8):
+        raise ValueError(f"m must be 4 or 8, got {m=}")
+    return 2 if m == 4 else 4
+
+
+def values_per_word(m: int) -> int:
+    """Kept values whose positions share one int32 meta word: 32 // meta_bits(m)."""
+    return 32 // meta_bits(m)
+
+
+def nm_k_multiple(n: int, m: int) -> int:
+    """Smallest K step for n:m: K % m == 0 and (K*n/m) % per_word == 0 (32 for 2:4)."""
+    _check_nm(n, m)
+    per_word = values_per_word(m)
+    return m * per_word // math.gcd(n, per_word)
+
+
+def _check_nm(n: int, m: int) -> None:
+    if (n, m) not in NM_PATTERNS:
+        raise ValueError(f"(n, m) must be one of {NM_PATTERNS}, got {(n, m)}")
+
+
+def _size(x: Any) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+# --------------------------------------------------------------------------------- meta words
+
+
+def unpack_meta(meta: jax.Array, n: int, m: int) -> jax.Array:
+    """Positions of the kept values from packed meta words (jnp only; traceable).
+
+    Args:
+      meta: [..., R // per_word, N] int32 (uint32 bit fields), as in ``NMSparse.meta``.
+      n, m: the pattern (for validation; the bit width depends on m).
+
+    Returns:
+      [..., R, N] int32, each kept value's position 0..m-1 inside its group of m dense rows;
+      R = K*n//m.
+    """
+    _check_nm(n, m)
+    bits, per_word = meta_bits(m), values_per_word(m)
+    if meta.ndim < 2:
+        raise ValueError(f"meta must be [..., words, N], got shape {meta.shape}")
+    words = jax.lax.bitcast_convert_type(meta.astype(jnp.int32), jnp.uint32)
+    lead = meta.shape[:-2]
+    shifts = (bits * jnp.arange(per_word, dtype=jnp.uint32)).reshape(
+        (1,) * len(lead) + (1, per_word, 1))
+    pos = (words[..., :, None, :] >> shifts) & jnp.uint32((1 << bits) - 1)  # [..., W, pw, N]
+    return pos.astype(jnp.int32).reshape(lead + (meta.shape[-2] * per_word, meta.shape[-1]))
+
+
+def pack_meta(positions: jax.Array, n: int, m: int) -> jax.Array:
+    """Inverse of :func:`unpack_meta` (jnp only): [..., R, N] positions -> [..., R // per_word, N] int32."""
+    _check_nm(n, m)
+    bits, per_word = meta_bits(m), values_per_word(m)
+    r, cols = positions.shape[-2:]
+    if r % per_word:
+        raise ValueError(f"kept rows {r=} must be a multiple of {per_word=} (values per meta word)")
+    lead = positions.shape[:-2]
+    pos = positions.astype(jnp.uint32).reshape(lead + (r // per_word, per_word, cols))
+    shifts = (bits * jnp.arange(per_word, dtype=jnp.uint32)).reshape(
+        (1,) * len(lead) + (1, per_word, 1))
+    # Disjoint bit fields, so a sum is the bitwise or.
+    words = jnp.sum(pos << shifts, axis=-2, dtype=jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def _pack_meta_np(pos: np.ndarray, m: int) -> np.ndarray:
+    """Host version of pack_meta for one matrix: [R, N] -> [R // per_word, N] int32."""
+    bits, per_word = meta_bits(m), values_per_word(m)
+    r, cols = pos.shape
+    pos = pos.astype(np.uint32).reshape(r // per_word, per_word, cols)
+    words = np.zeros((r // per_word, cols), np.uint32)
+    for i in range(per_word):
+        words |= pos[:, i, :] << np.uint32(bits * i)
+    return words.view(np.int32)
+
+
+# --------------------------------------------------------------------------------- host checks
+
+
+def _host_matrix_stack(w: Any, name: str = "w") -> np.ndarray:
+    """W as a host numpy array [..., K, N] of a supported dtype, all finite; else ValueError."""
+    if isinstance(w, jax.core.Tracer):
+        raise ValueError(
+            f"from_dense checks the pattern on concrete values; {name} is a traced value "
+            "(call it outside jit)")
+    arr = np.asarray(w)
+    if arr.ndim < 2:
+        raise ValueError(f"{name} must be [..., K, N] with at least 2 dims, got shape {arr.shape}")
+    if jnp.dtype(arr.dtype).name not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {arr.dtype}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite; got {arr[where]} at index {where} ({int(bad.sum())} "
+            "non-finite entries)")
+    return arr
+
+
+def _matrix_label(lead_index: tuple[int, ...]) -> str:
+    return f"matrix w[{', '.join(map(str, lead_index))}], " if lead_index else ""
+
+
+def _choose(nz: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Positions (ascending) of n entries per group along ``axis``: every nonzero, then the
+    lowest unused positions. ``nz`` [..., m, ...] bool with at most n True per group.
+
+    Returns int array with ``axis`` of length n.
+    """
+    nz = np.moveaxis(nz, axis, -1)  # [..., m]
+    need = n - nz.sum(-1, keepdims=True)  # zeros to add per group
+    zero_rank = np.cumsum(~nz, axis=-1) - 1
+    chosen = nz | (~nz & (zero_rank < need))  # exactly n per group
+    # j-th position of each group: rank of positions by (not chosen, position).
+    order = np.argsort(~chosen, axis=-1, kind="stable")[..., :n]  # ascending among chosen
+    return np.moveaxis(order, -1, axis)
+
+
+def _nm_compress(a: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """One matrix [K, N] -> (values [K*n/m, N], positions [K*n/m, N], first_bad).
+
+    first_bad is None, or (group, column, nonzeros found, number of offending groups).
+    """
+    k, cols = a.shape
+    g = k // m
+    wg = a.reshape(g, m, cols)
+    nz = wg != 0  # [g, m, N]
+    count = nz.sum(axis=1)  # [g, N]
+    bad = count > n
+    if bad.any():
+        gi, ci = (int(i) for i in np.argwhere(bad)[0])
+        return a, a, (gi, ci, int(count[gi, ci]), int(bad.sum()))
+    pos = _choose(nz, n, axis=1)  # [g, n, N]
+    values = np.take_along_axis(wg, pos, axis=1)  # [g, n, N]
+    return values.reshape(g * n, cols), pos.reshape(g * n, cols), None
+
+
+# --------------------------------------------------------------------------------- NMSparse
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NMSparse:
+    """W [..., K, N] with at most n nonzeros in every group of m consecutive rows of K.
+
+    Attributes:
+      values: [..., K*n//m, N] weight dtype; row g*n + s is slot s of group g.
+      meta: [..., K*n//m // per_word, N] int32; packed positions (see module docstring).
+      n, m: the pattern (static). k: dense K (static).
+    """
+
+    values: jax.Array
+    meta: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+    m: int = dataclasses.field(metadata=dict(static=True))
+    k: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        _check_nm(self.n, self.m)
+
+    @classmethod
+    def from_dense(cls, w: Any, *, n: int = 2, m: int = 4) -> NMSparse:
+        """Compress W [..., K, N] that already is n:m along K (host numpy; not traceable).
+
+        Raises:
+          ValueError: unsupported (n, m) or dtype, non-finite entries, K not a multiple of
+            ``nm_k_multiple(n, m)``, or a group with more than n nonzeros (the first one is
+            named: matrix index, dense rows, column, count).
+        """
+        _check_nm(n, m)
+        a = _host_matrix_stack(w)
+        *lead, k, cols = a.shape
+        step = nm_k_multiple(n, m)
+        if k % step:
+            raise ValueError(
+                f"K={k} must be a multiple of {step} for {n}:{m} (K % {m} == 0 and K*{n}/{m} "
+                f"kept rows a multiple of {values_per_word(m)}, the values per meta word)")
+        flat = a.reshape(-1, k, cols)
+        values = np.empty((flat.shape[0], k * n // m, cols), a.dtype)
+        meta = np.empty((flat.shape[0], k * n // m // values_per_word(m), cols), np.int32)
+        for i, mat in enumerate(flat):
+            vals, pos, bad = _nm_compress(mat, n, m)
+            if bad is not None:
+                g, c, found, total = bad
+                lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
+                raise ValueError(
+                    f"w is not {n}:{m} along K: {_matrix_label(lead_index)}rows "
+                    f"{g * m}..{g * m + m - 1} (group {g}), column {c} has {found} nonzeros, "
+                    f"at most {n} allowed ({total} such groups in this matrix)")
+            values[i], meta[i] = vals, _pack_meta_np(pos, m)
+        return cls(values=jnp.asarray(values.reshape(*lead, *values.shape[1:])),
+                   meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])), n=n, m=m, k=k)
+
+    def positions(self) -> jax.Array:
+        """[..., K*n//m, N] int32: position 0..m-1 of each kept value inside its group."""
+        return unpack_meta(self.meta, self.n, self.m)
+
+    def to_dense(self) -> jax.Array:
+        """[..., K, N] dense W in the values' dtype (jnp; traceable)."""
+        return _nm_to_dense(self.values, self.meta, self.n, self.m)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dense shape (..., K, N)."""
+        return tuple(self.values.shape[:-2]) + (self.k, self.values.shape[-1])
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.values.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: values plus meta (= ``nbytes_for(shape, dtype, n, m)``)."""
+        return _size(self.values) + _size(self.meta)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense entries stored, n/m (stored entries may themselves be zero)."""
+        return self.n / self.m
+
+    @staticmethod
+    def nbytes_for(shape: tuple[int, ...], dtype: Any, n: int, m: int) -> int:
+        """Bytes of an NMSparse of dense ``shape``: K*N*(n/m)*itemsize + K*N*(n/m)*bits/8."""
+        _check_nm(n, m)
+        *lead, k, cols = shape
+        kept = math.prod(lead) * (k * n // m) * cols
+        return kept * jnp.dtype(dtype).itemsize + kept // values_per_word(m) * 4
+
+
+def _nm_to_dense(values: jax.Array, meta: jax.Array, n: int, m: int) -> jax.Array:
+    lead, (r, cols) = values.shape[:-2], values.shape[-2:]
+    g = r // n
+    pos = unpack_meta(meta, n, m).reshape(lead + (g, n, cols))
+    vals = values.reshape(lead + (g, n, cols))
+    j = jnp.arange(m, dtype=jnp.int32).reshape((1,) * len(lead) + (1, m, 1))
+    dense = jnp.zeros(lead + (g, m, cols), values.dtype)
+    for s in range(n):  # kept positions are distinct: a select per slot, no arithmetic
+        dense = jnp.where(pos[..., :, s:s + 1, :] == j, vals[..., :, s:s + 1, :], dense)
+    return dense.reshape(lead + (g * m, cols))
+
+
+# --------------------------------------------------------------------------------- Samoyeds
+
+
+def _check_samoyeds(n_sel: int, m_sel: int, v: int) -> None:
+    for name, val in (("n_sel", n_sel), ("m_sel", m_sel), ("v", v)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not n_sel <= m_sel <= 127:
+        raise ValueError(f"need 1 <= n_sel <= m_sel <= 127 (sel is int8), got {n_sel=}, {m_sel=}")
+    if v % 32:
+        raise ValueError(f"v must be a multiple of 32 (whole 2:4 meta words per slab), got {v=}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamoyedsSparse:
+    """W [..., K, N]: per K slab of v rows, n_sel of every m_sel columns kept; 2:4 along K inside.
+
+    Attributes:
+      values: [..., K//2, Nc] weight dtype; 2:4 values of Wc (Nc = N*n_sel//m_sel).
+      meta: [..., K//32, Nc] int32; 2:4 positions of Wc, packed as in ``NMSparse``.
+      sel: [..., K//v, Nc] int8; offset of the kept column inside its group, per slab.
+      n_sel, m_sel, v, k (dense K), n_out (dense N): static.
+    """
+
+    values: jax.Array
+    meta: jax.Array
+    sel: jax.Array
+    n_sel: int = dataclasses.field(metadata=dict(static=True))
+    m_sel: int = dataclasses.field(metadata=dict(static=True))
+    v: int = dataclasses.field(metadata=dict(static=True))
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n_out: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        _check_samoyeds(self.n_sel, self.m_sel, self.v)
+
+    @classmethod
+    def from_dense(cls, w: Any, *, n_sel: int = 1, m_sel: int = 2, v: int = 128) -> SamoyedsSparse:
+        """Compress W [..., K, N] that already has the pattern (host numpy; not traceable).
+
+        Where a group of a slab has fewer than n_sel nonzero columns, the lowest unused offsets
+        are kept (their entries are zero).
+
+        Raises:
+          ValueError: bad n_sel/m_sel/v, dtype, non-finite entries, K % v or N % m_sel not 0, a
+            slab's column group with more than n_sel nonzero columns, or a kept column that is
+            not 2:4 along K (the first offender is named: matrix, slab, rows, columns, count).
+        """
+        _check_samoyeds(n_sel, m_sel, v)
+        a = _host_matrix_stack(w)
+        *lead, k, n_out = a.shape
+        if k % v:
+            raise ValueError(f"K={k} must be a multiple of v={v}")
+        if n_out % m_sel:
+            raise ValueError(f"N={n_out} must be a multiple of m_sel={m_sel}")
+        slabs, groups = k // v, n_out // m_sel
+        nc = groups * n_sel
+        flat = a.reshape(-1, k, n_out)
+        values = np.empty((flat.shape[0], k // 2, nc), a.dtype)
+        meta = np.empty((flat.shape[0], k // 32, nc), np.int32)
+        sel = np.empty((flat.shape[0], slabs, nc), np.int8)
+        for i, mat in enumerate(flat):
+            lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
+            w5 = mat.reshape(slabs, v, groups, m_sel)
+            col_nz = (w5 != 0).any(axis=1)  # [slabs, groups, m_sel]
+            count = col_nz.sum(axis=-1)  # [slabs, groups]
+            bad = count > n_sel
+            if bad.any():
+                s, g = (int(j) for j in np.argwhere(bad)[0])
+                offs = np.flatnonzero(col_nz[s, g]).tolist()
+                raise ValueError(
+                    f"w is not {n_sel}:{m_sel}:{v} column-selected: {_matrix_label(lead_index)}"
+                    f"slab {s} (rows {s * v}..{s * v + v - 1}), column group {g} (columns "
+                    f"{g * m_sel}..{g * m_sel + m_sel - 1}) has {int(count[s, g])} nonzero "
+                    f"columns (offsets {offs}), at most {n_sel} allowed ({int(bad.sum())} such "
+                    "groups in this matrix)")
+            chosen = _choose(col_nz, n_sel, axis=-1)  # [slabs, groups, n_sel]
+            wc = np.take_along_axis(w5, chosen[:, None, :, :], axis=-1)  # [slabs, v, groups, n_sel]
+            vals, pos, bad24 = _nm_compress(wc.reshape(k, nc), 2, 4)
+            if bad24 is not None:
+                g4, c, found, total = bad24
+                s = g4 * 4 // v
+                col = (c // n_sel) * m_sel + int(chosen[s, c // n_sel, c % n_sel])
+                raise ValueError(
+                    f"kept columns of w are not 2:4 along K: {_matrix_label(lead_index)}slab {s}, "
+                    f"rows {g4 * 4}..{g4 * 4 + 3}, column {col} (compressed column {c}) has "
+                    f"{found} nonzeros, at most 2 allowed ({total} such groups in this matrix)")
+            values[i], meta[i] = vals, _pack_meta_np(pos, 4)
+            sel[i] = chosen.reshape(slabs, nc)
+        return cls(values=jnp.asarray(values.reshape(*lead, *values.shape[1:])),
+                   meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])),
+                   sel=jnp.asarray(sel.reshape(*lead, *sel.shape[1:])),
+                   n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
+
+    @property
+    def nm(self) -> NMSparse:
+        """The compressed matrix Wc [..., K, Nc] as an ``NMSparse(n=2, m=4)`` (shares arrays)."""
+        return NMSparse(values=self.values, meta=self.meta, n=2, m=4, k=self.k)
+
+    def dense_columns(self) -> jax.Array:
+        """[..., K//v, Nc] int32: dense column of each compressed column, per slab."""
+        nc = self.sel.shape[-1]
+        group = (jnp.arange(nc, dtype=jnp.int32) // self.n_sel) * self.m_sel
+        return group.reshape((1,) * (self.sel.ndim - 1) + (nc,)) + self.sel.astype(jnp.int32)
+
+    def to_dense(self) -> jax.Array:
+        """[..., K, N] dense W in the values' dtype (jnp; traceable)."""
+        lead = self.values.shape[:-2]
+        slabs, groups = self.k // self.v, self.n_out // self.m_sel
+        wc = _nm_to_dense(self.values, self.meta, 2, 4)  # [..., K, Nc]
+        wc = wc.reshape(lead + (slabs, self.v, groups, self.n_sel))
+        sel = self.sel.astype(jnp.int32).reshape(lead + (slabs, 1, groups, self.n_sel))
+        o = jnp.arange(self.m_sel, dtype=jnp.int32).reshape((1,) * (len(lead) + 3) + (self.m_sel,))
+        dense = jnp.zeros(lead + (slabs, self.v, groups, self.m_sel), wc.dtype)
+        for i in range(self.n_sel):  # offsets within a group are distinct: selects only
+            dense = jnp.where(sel[..., i:i + 1] == o, wc[..., i:i + 1], dense)
+        return dense.reshape(lead + (self.k, self.n_out))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dense shape (..., K, N)."""
+        return tuple(self.values.shape[:-2]) + (self.k, self.n_out)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.values.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: values + meta + sel (= ``nbytes_for(shape, dtype, n_sel, m_sel, v)``)."""
+        return _size(self.values) + _size(self.meta) + _size(self.sel)
+
+    @property
+    def density(self) -> float:
+        """Fraction of dense entries stored: n_sel/m_sel * 1/2 (0.25 for 1:2:v)."""
+        return self.n_sel / self.m_sel / 2
+
+    @staticmethod
+    def nbytes_for(shape: tuple[int, ...], dtype: Any, n_sel: int = 1, m_sel: int = 2,
+                   v: int = 128) -> int:
+        """Bytes for dense ``shape``: Wc (K x Nc) as 2:4 plus K/v*Nc int8 selections."""
+        *lead, k, n_out = shape
+        nc = n_out // m_sel * n_sel
+        return (NMSparse.nbytes_for((*lead, k, nc), dtype, 2, 4)
+                + math.prod(lead) * (k // v) * nc)
