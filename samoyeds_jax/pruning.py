@@ -1,0 +1,727 @@
+"""Pruning of (expert) weights into the sparsity patterns of ``pallas_kernels``' formats.
+
+Weights are stored for ``y = x @ W``: ``W`` is ``[..., K, N]`` (K input channels, N output
+channels) with any leading dims, e.g. an expert stack ``[e, K, N]``. The ``prune_*`` functions
+return the pruned *dense* weight (same shape and dtype, pruned entries set to zero); the
+``*_mask`` functions return the boolean keep-mask; ``convert`` turns a pruned weight into its
+compressed format, and ``prune_experts`` does all of it for every expert weight of a model.
+
+Scores (higher is kept), always computed in float32:
+
+- magnitude: ``|W[k, n]|``;
+- Wanda (Sun et al. 2023, arXiv 2306.11695): ``|W[k, n]| * ||X[:, k]||_2``, the L2 norm of input
+  channel k over calibration activations ``X [t, K]`` (the norm is per row k of W).
+
+Patterns:
+
+- N:M along K (``prune_nm``): in every group of m consecutive rows of K, each column keeps its
+  n highest-score entries. Supported (n, m): (2, 4), (1, 4), (2, 8), (4, 8).
+- Samoyeds (``prune_samoyeds``), vector-wise N_sel:M_sel:V plus 2:4: first 2:4 along K per
+  column; then, for every slab of V rows of K, the N output columns form groups of m_sel
+  consecutive columns, each scored by the sum of its kept (post-2:4) scores in the slab, and the
+  n_sel best columns of each group are kept. Default 1:2:128 keeps 25% of the entries.
+- Unstructured (``prune_unstructured``): the top ``round((1 - sparsity) * K * N)`` entries of
+  every matrix.
+
+Ties are broken deterministically: among equal scores the lower index wins (the lower row in
+an N:M group, the lower column in a Samoyeds column group, the lower row-major position in
+unstructured pruning). NaN/Inf weights, scores or activations raise ``ValueError`` (checked
+whenever the arrays are concrete, i.e. outside ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "SUPPORTED_NM",
+    "LayerReport",
+    "PruneConfig",
+    "PruneReport",
+    "channel_norms",
+    "convert",
+    "is_expert_weight",
+    "magnitude_score",
+    "nm_mask",
+    "prune_experts",
+    "prune_nm",
+    "prune_samoyeds",
+    "prune_unstructured",
+    "samoyeds_mask",
+    "unstructured_mask",
+    "wanda_score",
+]
+
+# The N:M patterns NMSparse stores (pallas_kernels.formats); 2:4 is the one sparse tensor cores run.
+SUPPORTED_NM: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
+
+Format = Literal["dense", "nm", "samoyeds", "unstructured"]
+Method = Literal["magnitude", "wanda"]
+Output = Literal["compressed", "dense"]
+
+# Expert stacks above this many elements in total show a progress bar (when stderr is a tty).
+_LARGE_MODEL_ELEMENTS = 1 << 26
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _first_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bad = jnp.logical_not(jnp.isfinite(x)).reshape(-1)
+    return jnp.any(bad), jnp.argmax(bad)
+
+
+def _check_finite(x: jax.Array, name: str) -> None:
+    """Raise ValueError naming the first non-finite entry of ``x``; no-op on tracers."""
+    any_bad, flat = _first_nonfinite(x)
+    try:
+        bad = bool(any_bad)
+    except jax.errors.ConcretizationTypeError:  # traced under jit: values unknown here
+        return
+    if bad:
+        where = tuple(int(i) for i in np.unravel_index(int(flat), x.shape))
+        value = x[where]
+        raise ValueError(f"{name} must be finite (no NaN/Inf); found {value} at index {where} "
+                         f"of {name}.shape={tuple(x.shape)}")
+
+
+def _check_weight(w: Any, name: str = "w") -> jax.Array:
+    """A weight is a floating array [..., K, N] with finite values."""
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise ValueError(f"{name} must be a matrix [..., K, N] (ndim >= 2); given "
+                         f"{name}.shape={tuple(w.shape)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{name} must have a floating dtype (float32/bfloat16/float16); given "
+                         f"{name}.dtype={w.dtype}")
+    _check_finite(w, name)
+    return w
+
+
+def _check_score(score: Any, w: jax.Array) -> jax.Array:
+    """A score has w's shape, a real dtype and finite values."""
+    score = jnp.asarray(score)
+    if score.shape != w.shape:
+        raise ValueError(f"score must have the weight's shape; expected {tuple(w.shape)}, "
+                         f"given score.shape={tuple(score.shape)}")
+    if not (jnp.issubdtype(score.dtype, jnp.floating) or jnp.issubdtype(score.dtype, jnp.integer)):
+        raise ValueError(f"score must be real-valued; given score.dtype={score.dtype}")
+    _check_finite(score, "score")
+    return score
+
+
+def _check_nm(n: int, m: int, k: int | None = None) -> None:
+    if (n, m) not in SUPPORTED_NM:
+        raise ValueError(f"(n, m)=({n}, {m}) is not a supported N:M pattern; expected one of "
+                         f"{', '.join(f'{a}:{b}' for a, b in SUPPORTED_NM)}")
+    if k is not None and k % m:
+        raise ValueError(f"K={k} (w.shape[-2]) must be a multiple of m={m}")
+
+
+def _check_samoyeds(n_sel: int, m_sel: int, v: int, k: int | None = None,
+                    n_out: int | None = None) -> None:
+    if not 1 <= m_sel <= 127:  # the format stores each kept column's group offset as int8
+        raise ValueError(f"m_sel={m_sel} must be in [1, 127]")
+    if not 1 <= n_sel <= m_sel:
+        raise ValueError(f"n_sel={n_sel} must be in [1, m_sel={m_sel}]")
+    if v <= 0 or v % 4:
+        raise ValueError(f"v={v} must be a positive multiple of 4 (2:4 groups inside a slab)")
+    if k is not None and k % v:
+        raise ValueError(f"K={k} (w.shape[-2]) must be a multiple of v={v}")
+    if n_out is not None and n_out % m_sel:
+        raise ValueError(f"N={n_out} (w.shape[-1]) must be a multiple of m_sel={m_sel}")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores.
+# ----------------------------------------------------------------------------------------------
+
+
+def magnitude_score(w: jax.Array) -> jax.Array:
+    """``|w|`` as float32, same shape as ``w`` [..., K, N]."""
+    return jnp.abs(_check_weight(w)).astype(jnp.float32)
+
+
+def channel_norms(x: jax.Array) -> jax.Array:
+    """L2 norm of every input channel over tokens: x [..., t, K] -> float32 [..., K].
+
+    Zero rows (padding of per-expert token lists) do not change the norms.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"calibration activations must be [..., t, K] (ndim >= 2); given "
+                         f"shape={tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"calibration activations must be floating; given dtype={x.dtype}")
+    _check_finite(x, "x")
+    return _channel_norms(x)
+
+
+@jax.jit
+def _channel_norms(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(x * x, axis=-2))
+
+
+def wanda_score(w: jax.Array, x: jax.Array) -> jax.Array:
+    """Wanda score ``|W[..., k, n]| * ||x[..., :, k]||_2`` as float32 [..., K, N].
+
+    Args:
+      w: weight [..., K, N].
+      x: calibration activations (the inputs of ``x @ w``): [t, K] shared by every leading
+        index of ``w``, or [*w.shape[:-2], t, K] per leading index (e.g. each expert's routed
+        tokens, zero-padded to a common t).
+    """
+    w = _check_weight(w)
+    x = jnp.asarray(x)
+    k = w.shape[-2]
+    lead = w.shape[:-2]
+    if x.ndim < 2 or x.shape[-1] != k or (x.ndim > 2 and x.shape[:-2] != lead):
+        expected = f"[t, {k}]" + (f" or {list(lead) + ['t', k]}" if lead else "")
+        raise ValueError(f"calibration activations for w.shape={tuple(w.shape)} must be "
+                         f"{expected}; given x.shape={tuple(x.shape)}")
+    _check_finite(x, "x")
+    return _wanda(w, x)
+
+
+@jax.jit
+def _wanda(w: jax.Array, x: jax.Array) -> jax.Array:
+    """|w| * channel norms of x: w [..., K, N], x [t, K] or [..., t, K] -> float32 [..., K, N]."""
+    norms = _channel_norms(x)  # [K] or [..., K]
+    if norms.ndim < w.ndim - 1:
+        norms = jnp.broadcast_to(norms, w.shape[:-1])
+    return jnp.abs(w).astype(jnp.float32) * norms[..., :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks. The jitted cores take validated float32 scores; the public functions validate.
+# ----------------------------------------------------------------------------------------------
+
+
+def _top_n_along(s: jax.Array, n: int, axis: int) -> jax.Array:
+    """Keep-mask of the n highest entries of every line of ``s`` along ``axis``.
+
+    rank(i) = #{j: s_j > s_i} + #{j < i: s_j == s_i} is a permutation of 0..m-1 per line, so
+    exactly n entries are kept and ties go to the lower index. O(m) passes, no sort.
+    """
+    axis = axis % s.ndim
+    m = s.shape[axis]
+    idx_shape = [1] * s.ndim
+    idx_shape[axis] = m
+    idx = jnp.arange(m, dtype=jnp.int32).reshape(idx_shape)
+    rank = jnp.zeros(s.shape, jnp.int32)
+    for j in range(m):
+        s_j = jax.lax.index_in_dim(s, j, axis, keepdims=True)
+        rank += ((s_j > s) | ((s_j == s) & (j < idx))).astype(jnp.int32)
+    return rank < n
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m"))
+def _nm_mask(score: jax.Array, *, n: int, m: int) -> jax.Array:
+    *lead, k, n_out = score.shape
+    groups = score.reshape(*lead, k // m, m, n_out)  # [..., K/m, m, N]
+    return _top_n_along(groups, n, axis=-2).reshape(score.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
+def _samoyeds_mask(score: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
+    *lead, k, n_out = score.shape
+    inner = _nm_mask(score, n=2, m=4)  # [..., K, N] 2:4 along K per column
+    kept = jnp.where(inner, score, 0.0)
+    slab = kept.reshape(*lead, k // v, v, n_out).sum(axis=-2)  # [..., K/V, N]
+    groups = slab.reshape(*lead, k // v, n_out // m_sel, m_sel)  # [..., K/V, N/m_sel, m_sel]
+    cols = _top_n_along(groups, n_sel, axis=-1).reshape(*lead, k // v, 1, n_out)
+    cols = jnp.broadcast_to(cols, (*lead, k // v, v, n_out)).reshape(score.shape)
+    return inner & cols
+
+
+@functools.partial(jax.jit, static_argnames=("n_keep",))
+def _unstructured_mask(score: jax.Array, *, n_keep: int) -> jax.Array:
+    *lead, k, n_out = score.shape
+    flat = score.reshape(-1, k * n_out)  # [B, K*N]
+    # Stable ascending sort of -score = descending score with the lower index first on ties;
+    # +0.0 instead of -0.0 so that zeros of either sign tie.
+    neg = jnp.where(flat == 0, 0.0, -flat)
+    order = jnp.argsort(neg, axis=-1, stable=True)[:, :n_keep]  # [B, n_keep]
+    rows = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
+    mask = jnp.zeros(flat.shape, jnp.bool_).at[rows, order].set(True)
+    return mask.reshape(score.shape)
+
+
+def nm_mask(score: jax.Array, *, n: int = 2, m: int = 4) -> jax.Array:
+    """Boolean keep-mask [..., K, N]: the n highest scores of every m consecutive rows of K."""
+    score = jnp.asarray(score)
+    if score.ndim < 2:
+        raise ValueError(f"score must be [..., K, N]; given shape={tuple(score.shape)}")
+    _check_nm(n, m, score.shape[-2])
+    return _nm_mask(_check_score(score, score).astype(jnp.float32), n=n, m=m)
+
+
+def samoyeds_mask(score: jax.Array, *, n_sel: int = 1, m_sel: int = 2, v: int = 128) -> jax.Array:
+    """Boolean keep-mask [..., K, N] of the Samoyeds pattern (see the module docstring)."""
+    score = jnp.asarray(score)
+    if score.ndim < 2:
+        raise ValueError(f"score must be [..., K, N]; given shape={tuple(score.shape)}")
+    _check_samoyeds(n_sel, m_sel, v, score.shape[-2], score.shape[-1])
+    return _samoyeds_mask(_check_score(score, score).astype(jnp.float32), n_sel=n_sel,
+                          m_sel=m_sel, v=v)
+
+
+def _n_keep(sparsity: float, size: int) -> int:
+    return size - int(round(sparsity * size))
+
+
+def unstructured_mask(score: jax.Array, *, sparsity: float) -> jax.Array:
+    """Boolean keep-mask [..., K, N] of the top ``round((1-sparsity)*K*N)`` scores per matrix."""
+    score = jnp.asarray(score)
+    if score.ndim < 2:
+        raise ValueError(f"score must be [..., K, N]; given shape={tuple(score.shape)}")
+    _check_sparsity(sparsity)
+    n_keep = _n_keep(sparsity, score.shape[-2] * score.shape[-1])
+    return _unstructured_mask(_check_score(score, score).astype(jnp.float32), n_keep=n_keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning: weight in, pruned dense weight out.
+# ----------------------------------------------------------------------------------------------
+
+
+# A pattern is a hashable tuple: ("nm", n, m), ("samoyeds", n_sel, m_sel, v),
+# ("unstructured", n_keep) or ("dense",).
+Pattern = tuple
+
+
+def _mask(score: jax.Array, pattern: Pattern) -> jax.Array:
+    kind, *args = pattern
+    score = score.astype(jnp.float32)
+    if kind == "nm":
+        return _nm_mask(score, n=args[0], m=args[1])
+    if kind == "samoyeds":
+        return _samoyeds_mask(score, n_sel=args[0], m_sel=args[1], v=args[2])
+    if kind == "unstructured":
+        return _unstructured_mask(score, n_keep=args[0])
+    return jnp.ones(score.shape, jnp.bool_)
+
+
+@functools.partial(jax.jit, static_argnames=("pattern",))
+def _prune(w: jax.Array, score: jax.Array | None, *, pattern: Pattern) -> jax.Array:
+    """One compiled program per (shape, dtype, pattern): score (|w| if None) -> mask -> where."""
+    if score is None:
+        score = jnp.abs(w).astype(jnp.float32)
+    return jnp.where(_mask(score, pattern), w, jnp.zeros((), w.dtype))
+
+
+def prune_nm(w: jax.Array, *, n: int = 2, m: int = 4, score: jax.Array | None = None) -> jax.Array:
+    """N:M pruning along K: w [..., K, N] -> pruned w (same shape and dtype).
+
+    Args:
+      w: weight [..., K, N], float32/bfloat16/float16; K % m == 0.
+      n, m: keep n of every m consecutive rows of K, per column; (n, m) in ``SUPPORTED_NM``.
+      score: [..., K, N], higher is kept; default ``|w|`` (magnitude). Pass ``wanda_score``.
+    """
+    w = _check_weight(w)
+    _check_nm(n, m, w.shape[-2])
+    score = None if score is None else _check_score(score, w)
+    return _prune(w, score, pattern=("nm", n, m))
+
+
+def prune_samoyeds(w: jax.Array, *, n_sel: int = 1, m_sel: int = 2, v: int = 128,
+                   score: jax.Array | None = None) -> jax.Array:
+    """Samoyeds pruning (vector-wise n_sel:m_sel:v column selection, then 2:4 along K).
+
+    Args:
+      w: weight [..., K, N], float32/bfloat16/float16; K % v == 0, N % m_sel == 0.
+      n_sel, m_sel, v: per slab of v rows of K, keep n_sel of every m_sel consecutive output
+        columns (the ones with the highest sum of post-2:4 scores in the slab).
+      score: [..., K, N], higher is kept; default ``|w|``.
+
+    Returns:
+      The pruned w (same shape and dtype); density n_sel/m_sel * 1/2 (25% for 1:2:v).
+    """
+    w = _check_weight(w)
+    _check_samoyeds(n_sel, m_sel, v, w.shape[-2], w.shape[-1])
+    score = None if score is None else _check_score(score, w)
+    return _prune(w, score, pattern=("samoyeds", n_sel, m_sel, v))
+
+
+def prune_unstructured(w: jax.Array, *, sparsity: float,
+                       score: jax.Array | None = None) -> jax.Array:
+    """Unstructured pruning: keep the top ``round((1 - sparsity) * K * N)`` entries per matrix.
+
+    Args:
+      w: weight [..., K, N], float32/bfloat16/float16.
+      sparsity: fraction of entries to zero, in [0, 1).
+      score: [..., K, N], higher is kept; default ``|w|``.
+    """
+    w = _check_weight(w)
+    _check_sparsity(sparsity)
+    score = None if score is None else _check_score(score, w)
+    n_keep = _n_keep(sparsity, w.shape[-2] * w.shape[-1])
+    return _prune(w, score, pattern=("unstructured", n_keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level pruning.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """What to prune to and how to score.
+
+    Attributes:
+      format: "dense" (leave weights as they are; a baseline), "nm", "samoyeds" or
+        "unstructured".
+      method: "magnitude" (|W|) or "wanda" (|W| * input-channel norm; needs calibration).
+      n, m: the N:M pattern of format "nm".
+      n_sel, m_sel, v: the vector-wise selection of format "samoyeds" (2:4 inside is fixed).
+      sparsity: fraction zeroed by format "unstructured", in [0, 1).
+      output: "compressed" returns format objects (NMSparse / SamoyedsSparse / TiledSparse),
+        "dense" the pruned dense arrays.
+    """
+
+    format: Format
+    method: Method = "magnitude"
+    n: int = 2
+    m: int = 4
+    n_sel: int = 1
+    m_sel: int = 2
+    v: int = 128
+    sparsity: float = 0.5
+    output: Output = "compressed"
+
+    def __post_init__(self):
+        if self.format not in ("dense", "nm", "samoyeds", "unstructured"):
+            raise ValueError(f"format={self.format!r} must be one of 'dense', 'nm', 'samoyeds', "
+                             "'unstructured'")
+        if self.method not in ("magnitude", "wanda"):
+            raise ValueError(f"method={self.method!r} must be 'magnitude' or 'wanda'")
+        if self.output not in ("compressed", "dense"):
+            raise ValueError(f"output={self.output!r} must be 'compressed' or 'dense'")
+        _check_nm(self.n, self.m)
+        _check_samoyeds(self.n_sel, self.m_sel, self.v)
+        _check_sparsity(self.sparsity)
+
+    def pattern(self, k: int, n_out: int) -> Pattern:
+        """The hashable pattern of one [K, N] matrix (validates K and N against it)."""
+        if self.format == "nm":
+            _check_nm(self.n, self.m, k)
+            return ("nm", self.n, self.m)
+        if self.format == "samoyeds":
+            _check_samoyeds(self.n_sel, self.m_sel, self.v, k, n_out)
+            return ("samoyeds", self.n_sel, self.m_sel, self.v)
+        if self.format == "unstructured":
+            return ("unstructured", _n_keep(self.sparsity, k * n_out))
+        return ("dense",)
+
+    def prune(self, w: jax.Array, score: jax.Array | None = None) -> jax.Array:
+        """Prune one weight [..., K, N] to this config's pattern (dense out, same dtype)."""
+        w = _check_weight(w)
+        score = None if score is None else _check_score(score, w)
+        return _prune(w, score, pattern=self.pattern(*w.shape[-2:]))
+
+
+def convert(w: jax.Array, config: PruneConfig) -> Any:
+    """Pruned dense weight [..., K, N] -> the compressed format of ``config.format``.
+
+    "dense" returns ``w`` unchanged. Raises ValueError (from the format) if ``w`` does not
+    satisfy the pattern.
+    """
+    if config.format == "dense":
+        return w
+    from pallas_kernels import formats  # imported here: only conversion needs the kernels' package
+
+    if config.format == "nm":
+        return formats.NMSparse.from_dense(w, n=config.n, m=config.m)
+    if config.format == "samoyeds":
+        return formats.SamoyedsSparse.from_dense(w, n_sel=config.n_sel, m_sel=config.m_sel,
+                                                 v=config.v)
+    from pallas_kernels import tiled_format
+
+    return tiled_format.TiledSparse.from_dense(w)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerReport:
+    """Result of pruning one weight (a matrix or an expert stack).
+
+    Attributes:
+      path: the weight's path in the pytree, "/"-joined (e.g. "layers/0/w1").
+      shape, dtype: of the dense weight.
+      density: fraction of nonzero entries after pruning.
+      weight_rel_error: ||W - W_pruned||_F / ||W||_F over the whole stack, in [0, 1].
+      output_rel_error: ||X W - X W_pruned||_F / ||X W||_F on the calibration activations, or
+        None without calibration for this weight.
+      dense_bytes: bytes of the dense weight; stored_bytes: bytes of what is returned.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    format: str
+    density: float
+    weight_rel_error: float
+    output_rel_error: float | None
+    dense_bytes: int
+    stored_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneReport:
+    """Per-weight results of ``prune_experts`` plus totals."""
+
+    config: PruneConfig
+    layers: dict[str, LayerReport]
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.layers.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self.layers.values())
+
+    @property
+    def max_weight_rel_error(self) -> float:
+        return max((r.weight_rel_error for r in self.layers.values()), default=0.0)
+
+    @property
+    def mean_weight_rel_error(self) -> float:
+        errs = [r.weight_rel_error for r in self.layers.values()]
+        return float(np.mean(errs)) if errs else 0.0
+
+    @property
+    def mean_output_rel_error(self) -> float | None:
+        errs = [r.output_rel_error for r in self.layers.values() if r.output_rel_error is not None]
+        return float(np.mean(errs)) if errs else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"config", "layers": {path: {...}}, "summary": {...}}."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "layers": {p: dataclasses.asdict(r) for p, r in self.layers.items()},
+            "summary": {
+                "num_weights": len(self.layers),
+                "dense_bytes": self.dense_bytes,
+                "stored_bytes": self.stored_bytes,
+                "mean_weight_rel_error": self.mean_weight_rel_error,
+                "max_weight_rel_error": self.max_weight_rel_error,
+                "mean_output_rel_error": self.mean_output_rel_error,
+            },
+        }
+
+    def table(self) -> str:
+        """A fixed-width text table, one line per weight, then totals."""
+        lines = [f"{'weight':<28} {'shape':<20} {'density':>7} {'w_err':>7} {'y_err':>7} "
+                 f"{'MiB':>9} {'of dense':>8}"]
+        for r in self.layers.values():
+            y = "-" if r.output_rel_error is None else f"{r.output_rel_error:.4f}"
+            lines.append(f"{r.path:<28} {str(list(r.shape)):<20} {r.density:>7.4f} "
+                         f"{r.weight_rel_error:>7.4f} {y:>7} {r.stored_bytes / 2**20:>9.2f} "
+                         f"{r.stored_bytes / max(r.dense_bytes, 1):>8.4f}")
+        lines.append(f"{'total':<28} {'':<20} {'':>7} {self.mean_weight_rel_error:>7.4f} "
+                     f"{'':>7} {self.stored_bytes / 2**20:>9.2f} "
+                     f"{self.stored_bytes / max(self.dense_bytes, 1):>8.4f}")
+        return "\n".join(lines)
+
+
+_EXPERT_NAMES = frozenset({"w1", "w2", "w3"})
+
+
+def is_expert_weight(path: str, leaf: Any) -> bool:
+    """Default selection: a leaf named w1/w2/w3 (Mixtral gate/down/up) with ndim >= 3."""
+    return path.rsplit("/", 1)[-1] in _EXPERT_NAMES and getattr(leaf, "ndim", 0) >= 3
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    if len(parts) > 1 and parts[-1] == "value":  # nnx.State leaves: .../w1/value
+        parts.pop()
+    return "/".join(parts)
+
+
+def _activation(path: str, leaves: Mapping[str, jax.Array],
+                calibration: Mapping[str, Any] | None) -> jax.Array | None:
+    """The calibration input of weight ``path``, or None.
+
+    ``calibration[path]`` wins; otherwise ``calibration[parent]`` is the input of an expert FFN
+    ({w1, w3, w2} under one parent): w1/w3 see it directly, and w2 sees the dense model's
+    ``silu(x @ w1) * (x @ w3)``.
+    """
+    if not calibration:
+        return None
+    if path in calibration:
+        return jnp.asarray(calibration[path])
+    parent, _, name = path.rpartition("/")
+    if parent not in calibration or name not in _EXPERT_NAMES:
+        return None
+    x = jnp.asarray(calibration[parent])
+    if name in ("w1", "w3"):
+        return x
+    w1, w3 = leaves.get(f"{parent}/w1"), leaves.get(f"{parent}/w3")
+    if w1 is None or w3 is None:
+        return None
+    _check_finite(x, f"calibration[{parent!r}]")
+    return _ffn_hidden(x, w1, w3)
+
+
+@jax.jit
+def _ffn_hidden(x: jax.Array, w1: jax.Array, w3: jax.Array) -> jax.Array:
+    """silu(x @ w1) * (x @ w3) in float32: x [t, d] or [e, t, d], w1/w3 [e, d, f] -> [e, t, f]."""
+    x = x.astype(jnp.float32)
+    if x.ndim == 2:
+        x = jnp.broadcast_to(x[None], (w1.shape[0],) + x.shape)
+    hi = jax.lax.Precision.HIGHEST
+    g = jnp.einsum("etd,edf->etf", x, w1.astype(jnp.float32), precision=hi)
+    u = jnp.einsum("etd,edf->etf", x, w3.astype(jnp.float32), precision=hi)
+    return jax.nn.silu(g) * u
+
+
+@functools.partial(jax.jit, static_argnames=("pattern", "wanda"))
+def _prune_matrix(w: jax.Array, x: jax.Array | None, *, pattern: Pattern,
+                  wanda: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prune one matrix w [K, N] (x [t, K] or None) in one program.
+
+    Returns (pruned [K, N] in w's dtype, float32 [4] = (||w - p||^2, ||w||^2, ||x(w - p)||^2,
+    ||x w||^2) (zeros for the x terms without x), nonzero count of p).
+    """
+    score = _wanda(w, x) if wanda else None
+    p = _prune(w, score, pattern=pattern)
+    w32 = w.astype(jnp.float32)
+    diff = w32 - p.astype(jnp.float32)
+    sums = [jnp.sum(diff * diff), jnp.sum(w32 * w32)]
+    if x is None:
+        sums += [jnp.zeros((), jnp.float32)] * 2
+    else:
+        hi = jax.lax.Precision.HIGHEST
+        x = x.astype(jnp.float32)
+        dy = jnp.matmul(x, diff, precision=hi)
+        y = jnp.matmul(x, w32, precision=hi)
+        sums += [jnp.sum(dy * dy), jnp.sum(y * y)]
+    return p, jnp.stack(sums), jnp.count_nonzero(p)
+
+
+def _ratio(num: float, den: float) -> float:
+    return 0.0 if den == 0.0 else math.sqrt(num / den)
+
+
+def _prune_one(path: str, w: jax.Array, x: jax.Array | None,
+               config: PruneConfig) -> tuple[jax.Array, LayerReport]:
+    """Prune one weight [..., K, N] matrix by matrix (bounded temporary memory)."""
+    w = _check_weight(w, path)
+    *lead, k, n_out = w.shape
+    if x is not None:
+        x = jnp.asarray(x)
+        if x.ndim < 2 or x.shape[-1] != k or (x.ndim > 2 and tuple(x.shape[:-2]) != tuple(lead)):
+            raise ValueError(f"calibration for {path!r} (w.shape={tuple(w.shape)}) must be "
+                             f"[t, {k}] or {lead + ['t', k]}; given shape={tuple(x.shape)}")
+        _check_finite(x, f"calibration for {path!r}")
+    if config.method == "wanda" and x is None:
+        raise ValueError(f"method='wanda' needs calibration activations for {path!r}; pass "
+                         f"calibration={{{path!r}: x [t, {k}]}} or its FFN's input under the "
+                         "parent path")
+    pattern = config.pattern(k, n_out)
+    batch = math.prod(lead)
+    w_flat = w.reshape(batch, k, n_out)
+    x_flat = None if x is None or x.ndim == 2 else x.reshape(batch, *x.shape[-2:])
+    pieces, kept, sums = [], 0, np.zeros(4)
+    for i in range(batch):  # matrix by matrix: temporaries stay the size of one matrix
+        x_i = x if x_flat is None else x_flat[i]
+        p, sq, nnz = _prune_matrix(w_flat[i], x_i, pattern=pattern,
+                                   wanda=config.method == "wanda")
+        sums += np.asarray(sq, np.float64)
+        kept += int(nnz)
+        pieces.append(p)
+    pruned = jnp.stack(pieces).reshape(w.shape)
+    stored = pruned if config.output == "dense" else convert(pruned, config)
+    stored_bytes = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(stored))
+    report = LayerReport(
+        path=path, shape=tuple(w.shape), dtype=str(w.dtype), format=config.format,
+        density=kept / w.size, weight_rel_error=_ratio(sums[0], sums[1]),
+        output_rel_error=None if x is None else _ratio(sums[2], sums[3]),
+        dense_bytes=int(w.nbytes), stored_bytes=stored_bytes)
+    return stored, report
+
+
+def prune_experts(
+    params: Any,
+    config: PruneConfig,
+    calibration: Mapping[str, Any] | None = None,
+    *,
+    select: Callable[[str, Any], bool] = is_expert_weight,
+    progress: bool | None = None,
+) -> tuple[Any, PruneReport]:
+    """Prune and convert every selected weight of a model.
+
+    Args:
+      params: a pytree of arrays (nested dicts such as
+        ``{"layers": {0: {"w1": [e, d, f], "w3": [e, d, f], "w2": [e, f, d]}}}``, or an
+        ``nnx.State``). Weights are [..., K, N] for ``y = x @ W``.
+      config: the target format and scoring method.
+      calibration: activations keyed by path ("/"-joined keys). ``calibration["layers/0/w1"]``
+        is the input of that weight: [t, K], or [e, t, K] per expert (zero-padded token lists).
+        ``calibration["layers/0"]`` is the input [t, d] / [e, t, d] of that layer's expert FFN:
+        w1/w3 use it, w2 uses the dense ``silu(x @ w1) * (x @ w3)``. Needed for
+        method="wanda"; when given, the report also has output errors.
+      select: ``select(path, leaf) -> bool`` picks the weights to prune; default
+        ``is_expert_weight`` (w1/w2/w3 stacks). To include attention/dense projections:
+        ``select=lambda p, a: is_expert_weight(p, a) or p.endswith(("wq", "wo"))``.
+      progress: show a tqdm bar; None shows it when stderr is a tty and the selected weights
+        hold more than 2**26 elements.
+
+    Returns:
+      (converted, report): ``params`` with every selected leaf replaced by its compressed
+      format (or pruned dense array, ``config.output == "dense"``), and a ``PruneReport``.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [_path_str(p) for p, _ in flat]
+    leaves = dict(zip(paths, (leaf for _, leaf in flat)))
+    if len(leaves) != len(paths):
+        raise ValueError("params has two leaves with the same '/'-joined path")
+    chosen = [i for i, p in enumerate(paths) if select(p, leaves[p])]
+    if calibration:
+        unknown = sorted(set(calibration) - set(paths) - {p.rpartition("/")[0] for p in paths})
+        if unknown:
+            raise ValueError(f"calibration keys {unknown} match no weight path or parent path "
+                             f"of params (e.g. {paths[:3]})")
+    if progress is None:
+        total = sum(int(np.prod(np.shape(leaves[paths[i]]))) for i in chosen)
+        progress = sys.stderr.isatty() and total > _LARGE_MODEL_ELEMENTS
+    out = [leaf for _, leaf in flat]
+    layers: dict[str, LayerReport] = {}
+    bar = tqdm(chosen, desc=f"pruning ({config.format})", unit="weight", disable=not progress)
+    for i in bar:
+        path = paths[i]
+        bar.set_postfix_str(path, refresh=False)
+        x = _activation(path, leaves, calibration)
+        out[i], layers[path] = _prune_one(path, leaves[path], x, config)
+    return jax.tree_util.tree_unflatten(treedef, out), PruneReport(config=config, layers=layers)

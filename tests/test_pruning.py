@@ -1,0 +1,396 @@
+"""Pruning: patterns checked with numpy group counts; scores, ties, bad input, prune_experts."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samoyeds_jax import pruning
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _np(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+def _nm_counts(p: np.ndarray, m: int) -> np.ndarray:
+    """Nonzeros per (group of m rows along K, column): [..., K/m, N]."""
+    *lead, k, n = p.shape
+    return np.count_nonzero(p.reshape(*lead, k // m, m, n), axis=-2)
+
+
+def _samoyeds_cols(p: np.ndarray, v: int, m_sel: int) -> np.ndarray:
+    """Columns with any nonzero per (slab, column group): [..., K/V, N/m_sel]."""
+    *lead, k, n = p.shape
+    used = np.any(p.reshape(*lead, k // v, v, n) != 0, axis=-2)  # [..., K/V, N]
+    return used.reshape(*lead, k // v, n // m_sel, m_sel).sum(-1)
+
+
+def _random_weight(rng, shape, dtype=jnp.float32):
+    # Nonzero, distinct magnitudes: every pattern count is then exact, not just an upper bound.
+    w = rng.standard_normal(shape).astype(np.float32)
+    w = np.where(np.abs(w) < 1e-3, 1e-3, w)
+    return jnp.asarray(w, dtype)
+
+
+# ---------------------------------------------------------------------------- N:M
+
+
+@pytest.mark.parametrize("n,m,dtype", [(n, m, jnp.float32) for n, m in pruning.SUPPORTED_NM]
+                         + [(2, 4, jnp.bfloat16), (2, 4, jnp.float16)])
+def test_nm_pattern_and_values(rng, n, m, dtype):
+    w = _random_weight(rng, (2, 8 * m, 24), dtype)
+    p = pruning.prune_nm(w, n=n, m=m)
+    assert p.dtype == w.dtype and p.shape == w.shape
+    pn, wn = _np(p), _np(w)
+    np.testing.assert_array_equal(_nm_counts(pn, m), n)
+    kept = pn != 0
+    np.testing.assert_array_equal(pn[kept], wn[kept])  # kept entries are untouched
+
+
+def test_nm_keeps_the_highest_scores(rng):
+    w = _random_weight(rng, (32, 16))
+    p = _np(pruning.prune_nm(w, n=2, m=4))
+    a = np.abs(_np(w)).reshape(8, 4, 16)
+    kept = (p != 0).reshape(8, 4, 16)
+    min_kept = np.where(kept, a, np.inf).min(axis=1)
+    max_dropped = np.where(kept, -np.inf, a).max(axis=1)
+    assert np.all(min_kept > max_dropped)
+
+
+def test_nm_ties_keep_lower_rows_deterministically():
+    w = jnp.ones((8, 3), jnp.float32)
+    p = _np(pruning.prune_nm(w, n=2, m=4))
+    expected = np.tile(np.array([1, 1, 0, 0], np.float32)[:, None], (2, 3))
+    np.testing.assert_array_equal(p, expected)
+    np.testing.assert_array_equal(_np(pruning.prune_nm(w, n=2, m=4)), p)
+
+
+def test_nm_custom_score_overrides_magnitude():
+    w = jnp.asarray([[4.0], [3.0], [2.0], [1.0]])
+    score = jnp.asarray([[0.0], [0.0], [1.0], [2.0]])
+    p = _np(pruning.prune_nm(w, n=2, m=4, score=score))
+    np.testing.assert_array_equal(p[:, 0], [0, 0, 2, 1])
+
+
+def test_nm_is_idempotent(rng):
+    w = _random_weight(rng, (16, 8), jnp.bfloat16)
+    p = pruning.prune_nm(w, n=1, m=4)
+    chex.assert_trees_all_equal(pruning.prune_nm(p, n=1, m=4), p)
+
+
+# ---------------------------------------------------------------------------- Samoyeds
+
+
+def _samoyeds_numpy(score: np.ndarray, n_sel: int, m_sel: int, v: int) -> np.ndarray:
+    """Independent reference (argsort-based) of the Samoyeds keep-mask for one matrix [K, N]."""
+    k, n = score.shape
+    g = score.reshape(k // 4, 4, n)
+    order = np.argsort(-g, axis=1, kind="stable")[:, :2, :]
+    inner = np.zeros_like(g, bool)
+    np.put_along_axis(inner, order, True, axis=1)
+    inner = inner.reshape(k, n)
+    slab = np.where(inner, score, 0).reshape(k // v, v, n).sum(1)  # [S, N]
+    grp = slab.reshape(k // v, n // m_sel, m_sel)
+    top = np.argsort(-grp, axis=-1, kind="stable")[..., :n_sel]
+    cols = np.zeros_like(grp, bool)
+    np.put_along_axis(cols, top, True, axis=-1)
+    cols = np.repeat(cols.reshape(k // v, n), v, axis=0)
+    return inner & cols
+
+
+@pytest.mark.parametrize("n_sel,m_sel,v,dtype", [
+    (1, 2, 128, jnp.float32), (2, 4, 64, jnp.float32), (1, 4, 32, jnp.float32),
+    (1, 2, 32, jnp.bfloat16), (1, 2, 32, jnp.float16)])
+def test_samoyeds_pattern(rng, dtype, n_sel, m_sel, v):
+    w = _random_weight(rng, (3, 2 * v, 4 * m_sel), dtype)
+    p = pruning.prune_samoyeds(w, n_sel=n_sel, m_sel=m_sel, v=v)
+    assert p.dtype == w.dtype and p.shape == w.shape
+    pn = _np(p)
+    np.testing.assert_array_equal(_samoyeds_cols(pn, v, m_sel), n_sel)
+    # Inside a kept column: 2:4 along K, exactly (weights have no zeros); dropped columns empty.
+    counts = _nm_counts(pn, 4)  # [e, K/4, N]
+    assert set(np.unique(counts)) <= {0, 2}
+    *_, k, n = pn.shape
+    assert np.count_nonzero(pn) == 3 * k * n * n_sel // (2 * m_sel)
+    kept = pn != 0
+    np.testing.assert_array_equal(pn[kept], _np(w)[kept])
+
+
+def test_samoyeds_default_density_is_a_quarter(rng):
+    w = _random_weight(rng, (256, 64))
+    p = _np(pruning.prune_samoyeds(w))
+    assert np.count_nonzero(p) == 256 * 64 // 4
+
+
+def test_samoyeds_matches_numpy_reference_with_wanda(rng):
+    w = _random_weight(rng, (2, 64, 16))
+    x = rng.standard_normal((5, 64)).astype(np.float32) * rng.uniform(0.1, 10, 64)[None, :]
+    score = pruning.wanda_score(w, jnp.asarray(x))
+    p = _np(pruning.prune_samoyeds(w, v=32, score=score))
+    for e in range(2):
+        ref = _samoyeds_numpy(_np(score)[e], 1, 2, 32)
+        np.testing.assert_array_equal(p[e] != 0, ref)
+
+
+def test_samoyeds_selects_the_heavier_column_per_slab():
+    # Slab 0: column 1 is heavier; slab 1: column 0 is heavier.
+    w = np.ones((8, 2), np.float32)
+    w[:4, 1] = 5.0
+    w[4:, 0] = 5.0
+    p = _np(pruning.prune_samoyeds(jnp.asarray(w), v=4))
+    np.testing.assert_array_equal(p[:4, 0], 0)
+    np.testing.assert_array_equal(p[4:, 1], 0)
+    np.testing.assert_array_equal(p[:4, 1], [5, 5, 0, 0])  # 2:4 tie: lower rows
+    np.testing.assert_array_equal(p[4:, 0], [5, 5, 0, 0])
+
+
+def test_samoyeds_ties_keep_lower_columns():
+    p = _np(pruning.prune_samoyeds(jnp.ones((32, 4)), v=32))
+    assert np.all(p[:, 1] == 0) and np.all(p[:, 3] == 0)
+    np.testing.assert_array_equal(p[:, 0], np.tile([1, 1, 0, 0], 8))
+
+
+# ---------------------------------------------------------------------------- unstructured
+
+
+@pytest.mark.parametrize("sparsity,dtype", [(0.0, jnp.float32), (0.7, jnp.float32),
+                                            (0.95, jnp.float32), (0.5, jnp.bfloat16),
+                                            (0.5, jnp.float16)])
+def test_unstructured_counts_and_order(rng, sparsity, dtype):
+    w = _random_weight(rng, (2, 24, 20), dtype)
+    p = _np(pruning.prune_unstructured(w, sparsity=sparsity))
+    n_keep = 24 * 20 - round(sparsity * 24 * 20)
+    a = np.abs(_np(w))
+    for e in range(2):
+        kept = p[e] != 0
+        assert kept.sum() == n_keep  # per matrix, not per stack
+        if 0 < n_keep < kept.size:
+            assert a[e][kept].min() >= a[e][~kept].max()
+
+
+def test_unstructured_ties_keep_lower_flat_positions():
+    p = _np(pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=0.75))
+    np.testing.assert_array_equal(p.reshape(-1), [1] * 4 + [0] * 12)
+
+
+def test_unstructured_zero_sign_ties():
+    score = jnp.asarray([[-0.0, 0.0], [0.0, 1.0]])
+    p = _np(pruning.prune_unstructured(jnp.ones((2, 2)), sparsity=0.5, score=score))
+    np.testing.assert_array_equal(p, [[1, 0], [0, 1]])
+
+
+# ---------------------------------------------------------------------------- leading dims
+
+
+@pytest.mark.parametrize("fn", [
+    lambda w: pruning.prune_nm(w, n=2, m=8),
+    lambda w: pruning.prune_samoyeds(w, v=32),
+    lambda w: pruning.prune_unstructured(w, sparsity=0.6),
+])
+def test_leading_dims_prune_each_matrix(rng, fn):
+    w = _random_weight(rng, (2, 3, 64, 8))
+    p = fn(w)
+    for i in range(2):
+        for j in range(3):
+            chex.assert_trees_all_equal(p[i, j], fn(w[i, j]))
+
+
+# ---------------------------------------------------------------------------- Wanda
+
+
+def test_wanda_hand_checked():
+    w = jnp.asarray([[4.0, -1.0], [3.0, 1.0], [2.0, -2.0], [1.0, 3.0]])  # [K=4, N=2]
+    x = jnp.asarray([[0.1, 0.1, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])  # [t=2, K=4]
+    score = pruning.wanda_score(w, x)
+    np.testing.assert_allclose(_np(score), [[0.4, 0.1], [0.3, 0.1], [20.0, 20.0], [10.0, 30.0]],
+                               rtol=1e-6)
+    p_mag = _np(pruning.prune_nm(w, n=2, m=4))
+    p_wanda = _np(pruning.prune_nm(w, n=2, m=4, score=score))
+    np.testing.assert_array_equal(p_mag, [[4, 0], [3, 0], [0, -2], [0, 3]])
+    np.testing.assert_array_equal(p_wanda, [[0, 0], [0, 0], [2, -2], [1, 3]])
+
+
+def test_wanda_differs_from_magnitude_on_skewed_norms(rng):
+    w = _random_weight(rng, (64, 32))
+    x = rng.standard_normal((16, 64)).astype(np.float32) * np.geomspace(1e-2, 1e2, 64)[None, :]
+    score = pruning.wanda_score(w, jnp.asarray(x))
+    for prune in (lambda s: pruning.prune_nm(w, score=s),
+                  lambda s: pruning.prune_samoyeds(w, v=32, score=s),
+                  lambda s: pruning.prune_unstructured(w, sparsity=0.5, score=s)):
+        assert np.any((_np(prune(None)) != 0) != (_np(prune(score)) != 0))
+    # Wanda keeps the high-norm channels: the output error on x is lower than magnitude's.
+    def out_err(p):
+        return np.linalg.norm(x @ (_np(w) - _np(p))) / np.linalg.norm(x @ _np(w))
+    assert out_err(pruning.prune_nm(w, score=score)) < out_err(pruning.prune_nm(w))
+
+
+def test_wanda_per_expert_activations(rng):
+    w = _random_weight(rng, (2, 8, 4))
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    score = pruning.wanda_score(w, x)
+    for e in range(2):
+        chex.assert_trees_all_close(score[e], pruning.wanda_score(w[e], x[e]), rtol=1e-6)
+    shared = pruning.wanda_score(w, x[0])
+    chex.assert_trees_all_close(shared[1], pruning.wanda_score(w[1], x[0]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _nan_at(shape, where, value=np.nan):
+    w = np.ones(shape, np.float32)
+    w[where] = value
+    return jnp.asarray(w)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: pruning.prune_nm(jnp.ones((6, 4)), n=2, m=4), r"K=6 .* multiple of m=4"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=3, m=4), r"\(n, m\)=\(3, 4\).*2:4"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=2, m=16), r"not a supported N:M"),
+    (lambda: pruning.prune_nm(jnp.ones((8,))), r"ndim >= 2.*\(8,\)"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4), jnp.int32)), r"floating dtype.*int32"),
+    (lambda: pruning.prune_nm(_nan_at((8, 4), (5, 2))), r"finite.*nan at index \(5, 2\)"),
+    (lambda: pruning.prune_nm(_nan_at((2, 8, 4), (1, 0, 3), np.inf)),
+     r"finite.*inf at index \(1, 0, 3\)"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4)), score=jnp.ones((4, 8))),
+     r"expected \(8, 4\), given score.shape=\(4, 8\)"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4)), score=_nan_at((8, 4), (0, 0))),
+     r"score must be finite"),
+    (lambda: pruning.prune_samoyeds(jnp.ones((96, 4)), v=64), r"K=96 .* multiple of v=64"),
+    (lambda: pruning.prune_samoyeds(jnp.ones((128, 3))), r"N=3 .* multiple of m_sel=2"),
+    (lambda: pruning.prune_samoyeds(jnp.ones((128, 4)), v=30), r"v=30 must be a positive"),
+    (lambda: pruning.prune_samoyeds(jnp.ones((128, 4)), n_sel=3, m_sel=2), r"n_sel=3"),
+    (lambda: pruning.prune_samoyeds(_nan_at((128, 4), (100, 1), -np.inf)),
+     r"-inf at index \(100, 1\)"),
+    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=1.0), r"sparsity=1.0.*\[0, 1\)"),
+    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=-0.1), r"sparsity=-0.1"),
+    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=float("nan")), r"sparsity=nan"),
+    (lambda: pruning.wanda_score(jnp.ones((8, 4)), jnp.ones((3, 5))),
+     r"must be \[t, 8\].*given x.shape=\(3, 5\)"),
+    (lambda: pruning.wanda_score(jnp.ones((2, 8, 4)), jnp.ones((3, 3, 8))),
+     r"\[t, 8\] or \[2, 't', 8\]"),
+    (lambda: pruning.wanda_score(jnp.ones((8, 4)), _nan_at((3, 8), (2, 7))),
+     r"x must be finite.*\(2, 7\)"),
+    (lambda: pruning.PruneConfig(format="2:4"), r"format='2:4' must be one of"),
+    (lambda: pruning.PruneConfig(format="nm", method="sparsegpt"), r"method='sparsegpt'"),
+    (lambda: pruning.PruneConfig(format="nm", n=1, m=2), r"\(n, m\)=\(1, 2\)"),
+    (lambda: pruning.PruneConfig(format="unstructured", sparsity=1.5), r"sparsity=1.5"),
+])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------- prune_experts
+
+
+def _model(rng, *, layers=2, e=2, d=64, f=96, dtype=jnp.float32):
+    return {
+        "embed": jnp.asarray(rng.standard_normal((16, d)), dtype),
+        "layers": {i: {
+            "attn": {"wq": _random_weight(rng, (d, d), dtype)},
+            "router": _random_weight(rng, (d, e), dtype),
+            "w1": _random_weight(rng, (e, d, f), dtype),
+            "w3": _random_weight(rng, (e, d, f), dtype),
+            "w2": _random_weight(rng, (e, f, d), dtype),
+        } for i in range(layers)},
+    }
+
+
+REPORT_KEYS = {"path", "shape", "dtype", "format", "density", "weight_rel_error",
+               "output_rel_error", "dense_bytes", "stored_bytes"}
+
+
+@pytest.mark.parametrize("fmt,density", [("nm", 0.5), ("samoyeds", 0.25), ("unstructured", 0.3),
+                                         ("dense", 1.0)])
+def test_prune_experts_report(rng, fmt, density):
+    params = _model(rng)
+    config = pruning.PruneConfig(format=fmt, v=32, sparsity=0.7, output="dense")
+    out, report = pruning.prune_experts(params, config, progress=False)
+    expected_paths = {f"layers/{i}/{n}" for i in range(2) for n in ("w1", "w2", "w3")}
+    assert set(report.layers) == expected_paths
+    d = report.as_dict()
+    assert set(d) == {"config", "layers", "summary"}
+    for path, r in d["layers"].items():
+        assert set(r) == REPORT_KEYS
+        assert 0.0 <= r["weight_rel_error"] <= 1.0
+        assert r["output_rel_error"] is None
+        assert r["density"] == pytest.approx(density, abs=1e-3)
+        assert (r["weight_rel_error"] == 0.0) == (fmt == "dense")
+    assert set(d["summary"]) >= {"dense_bytes", "stored_bytes", "mean_weight_rel_error"}
+    # Untouched leaves stay; pruned ones are what the single-matrix functions give.
+    chex.assert_trees_all_equal(out["embed"], params["embed"])
+    chex.assert_trees_all_equal(out["layers"][1]["attn"]["wq"], params["layers"][1]["attn"]["wq"])
+    chex.assert_trees_all_equal(out["layers"][0]["w2"], config.prune(params["layers"][0]["w2"]))
+    assert "layers/0/w1" in report.table()
+
+
+def test_prune_experts_wanda_with_calibration(rng):
+    params = _model(rng, layers=1)
+    x = rng.standard_normal((7, 64)).astype(np.float32) * rng.uniform(0.05, 20, 64)[None, :]
+    calibration = {"layers/0": jnp.asarray(x)}
+    cfg_w = pruning.PruneConfig(format="nm", method="wanda", output="dense")
+    cfg_m = pruning.PruneConfig(format="nm", method="magnitude", output="dense")
+    out_w, rep_w = pruning.prune_experts(params, cfg_w, calibration, progress=False)
+    _, rep_m = pruning.prune_experts(params, cfg_m, calibration, progress=False)
+    for path in ("layers/0/w1", "layers/0/w3", "layers/0/w2"):
+        for rep in (rep_w, rep_m):
+            r = rep.layers[path]
+            assert 0.0 <= r.weight_rel_error <= 1.0
+            assert r.output_rel_error is not None and 0.0 <= r.output_rel_error <= 1.0
+    # w1 sees x directly: Wanda gives the lower output error there.
+    err_w = rep_w.layers["layers/0/w1"].output_rel_error
+    assert err_w < rep_m.layers["layers/0/w1"].output_rel_error
+    expected_w1 = pruning.prune_nm(params["layers"][0]["w1"],
+                                   score=pruning.wanda_score(params["layers"][0]["w1"], x))
+    chex.assert_trees_all_equal(out_w["layers"][0]["w1"], expected_w1)
+    assert rep_w.mean_output_rel_error is not None
+
+
+def test_prune_experts_select_and_per_weight_calibration(rng):
+    params = _model(rng, layers=1)
+    xq = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    select = lambda p, a: pruning.is_expert_weight(p, a) or p.endswith("/wq")  # noqa: E731
+    config = pruning.PruneConfig(format="unstructured", sparsity=0.5, method="magnitude",
+                                 output="dense")
+    out, report = pruning.prune_experts(params, config, {"layers/0/attn/wq": xq}, select=select,
+                                        progress=True)
+    assert "layers/0/attn/wq" in report.layers
+    assert report.layers["layers/0/attn/wq"].output_rel_error is not None
+    assert np.count_nonzero(_np(out["layers"][0]["attn"]["wq"])) == 64 * 64 // 2
+
+
+def test_prune_experts_bad_calibration(rng):
+    params = _model(rng, layers=1)
+    wanda = pruning.PruneConfig(format="nm", method="wanda", output="dense")
+    with pytest.raises(ValueError, match=r"method='wanda' needs calibration.*layers/0/w1"):
+        pruning.prune_experts(params, wanda, progress=False)
+    with pytest.raises(ValueError, match=r"calibration keys \['layers/9'\] match no weight"):
+        pruning.prune_experts(params, wanda, {"layers/9": jnp.ones((3, 64))}, progress=False)
+    with pytest.raises(ValueError, match=r"calibration for 'layers/0/w1'.*given shape=\(3, 32\)"):
+        pruning.prune_experts(params, wanda, {"layers/0": jnp.ones((3, 32))}, progress=False)
+    bad = _model(rng, layers=1)
+    bad["layers"][0]["w3"] = bad["layers"][0]["w3"].at[1, 2, 3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"layers/0/w3 must be finite.*\(1, 2, 3\)"):
+        pruning.prune_experts(bad, pruning.PruneConfig(format="nm", output="dense"),
+                              progress=False)
+
+
+def test_prune_experts_nnx_state(rng):
+    from flax import nnx
+
+    class Experts(nnx.Module):
+        def __init__(self):
+            self.w1 = nnx.Param(_random_weight(rng, (2, 32, 8)))
+
+    state = nnx.state(Experts())
+    out, report = pruning.prune_experts(state, pruning.PruneConfig(format="nm", output="dense"),
+                                        progress=False)
+    assert list(report.layers) == ["w1"]
+    assert math.isclose(report.layers["w1"].density, 0.5)
