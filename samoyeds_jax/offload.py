@@ -495,6 +495,12 @@ def overlap_fraction(step_s: float, compute_s: float, transfer_s: float) -> floa
     return float(np.clip((compute_s + transfer_s - step_s) / shorter, 0.0, 1.0))
 
 
+@functools.cache
+def _jit(fn: Callable) -> Callable:
+    """One jitted wrapper per function, so decoders sharing block functions share compilations."""
+    return jax.jit(fn)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _back_with_table(back, params, h, x, routing: Routing, table, buffers):
     slot_idx = table[routing.topk_idx]   # [t, k] expert id -> cache slot
@@ -541,7 +547,7 @@ class OffloadDecoder:
                                  poison_evicted=config.poison_evicted)
         if config.policy == "gpu_only":
             self.cache.preload_all()
-        self._front = jax.jit(fns.front)   # jax caches the compilation per function
+        self._front = _jit(fns.front)
         self._back = functools.partial(_back_with_table, fns.back)
         self.last_stats = StepStats()
 
