@@ -43,6 +43,7 @@ scatters it into the dense output columns); ``sel`` costs one byte per kept colu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -85,6 +86,7 @@ def _size(x: Any) -> int:
 # --------------------------------------------------------------------------------- meta words
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def unpack_meta(meta: jax.Array, n: int, m: int) -> jax.Array:
     """Positions of the kept values from packed meta words (jnp only; traceable).
 
@@ -108,6 +110,7 @@ def unpack_meta(meta: jax.Array, n: int, m: int) -> jax.Array:
     return pos.astype(jnp.int32).reshape(lead + (meta.shape[-2] * per_word, meta.shape[-1]))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def pack_meta(positions: jax.Array, n: int, m: int) -> jax.Array:
     """Inverse of :func:`unpack_meta` (jnp only): [..., R, N] positions -> [..., R // per_word, N] int32."""
     _check_nm(n, m)
@@ -288,6 +291,7 @@ class NMSparse:
         return kept * jnp.dtype(dtype).itemsize + kept // values_per_word(m) * 4
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def _nm_to_dense(values: jax.Array, meta: jax.Array, n: int, m: int) -> jax.Array:
     lead, (r, cols) = values.shape[:-2], values.shape[-2:]
     g = r // n
@@ -408,16 +412,7 @@ class SamoyedsSparse:
 
     def to_dense(self) -> jax.Array:
         """[..., K, N] dense W in the values' dtype (jnp; traceable)."""
-        lead = self.values.shape[:-2]
-        slabs, groups = self.k // self.v, self.n_out // self.m_sel
-        wc = _nm_to_dense(self.values, self.meta, 2, 4)  # [..., K, Nc]
-        wc = wc.reshape(lead + (slabs, self.v, groups, self.n_sel))
-        sel = self.sel.astype(jnp.int32).reshape(lead + (slabs, 1, groups, self.n_sel))
-        o = jnp.arange(self.m_sel, dtype=jnp.int32).reshape((1,) * (len(lead) + 3) + (self.m_sel,))
-        dense = jnp.zeros(lead + (slabs, self.v, groups, self.m_sel), wc.dtype)
-        for i in range(self.n_sel):  # offsets within a group are distinct: selects only
-            dense = jnp.where(sel[..., i:i + 1] == o, wc[..., i:i + 1], dense)
-        return dense.reshape(lead + (self.k, self.n_out))
+        return _samoyeds_to_dense(self)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -446,3 +441,17 @@ class SamoyedsSparse:
         nc = n_out // m_sel * n_sel
         return (NMSparse.nbytes_for((*lead, k, nc), dtype, 2, 4)
                 + math.prod(lead) * (k // v) * nc)
+
+
+@jax.jit
+def _samoyeds_to_dense(w: SamoyedsSparse) -> jax.Array:
+    lead = w.values.shape[:-2]
+    slabs, groups = w.k // w.v, w.n_out // w.m_sel
+    wc = _nm_to_dense(w.values, w.meta, 2, 4)  # [..., K, Nc]
+    wc = wc.reshape(lead + (slabs, w.v, groups, w.n_sel))
+    sel = w.sel.astype(jnp.int32).reshape(lead + (slabs, 1, groups, w.n_sel))
+    o = jnp.arange(w.m_sel, dtype=jnp.int32).reshape((1,) * (len(lead) + 3) + (w.m_sel,))
+    dense = jnp.zeros(lead + (slabs, w.v, groups, w.m_sel), wc.dtype)
+    for i in range(w.n_sel):  # offsets within a group are distinct: selects only
+        dense = jnp.where(sel[..., i:i + 1] == o, wc[..., i:i + 1], dense)
+    return dense.reshape(lead + (w.k, w.n_out))
