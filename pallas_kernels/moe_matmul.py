@@ -1,0 +1,537 @@
+"""Fused MoE expert FFN: routed tokens times (dense, 2:4 or Samoyeds) expert weights.
+
+One MoE layer's expert computation, for every token t and its top-k experts e:
+
+    y[t] = sum_k p[t, k] * W2_e (silu(x[t] W1_e) * (x[t] W3_e))
+
+with the activation side given by a :class:`RoutingPlan` (row tiles of assignments, one
+expert per tile) and expert weights stacked [e, K, N] as dense arrays, ``NMSparse`` or
+``SamoyedsSparse`` (the "sparse-sparse" case: sparse routing times sparse weights).
+
+Two Pallas Triton kernels, each over the grid (row tiles of the plan, N tiles):
+
+1. ``gate_up``: a program reads its tile's expert from ``block_expert``, returns at once for
+   tiles ``>= num_blocks`` (experts with no tokens own no tile and cost nothing), gathers its
+   tokens' rows of ``x`` by index from the unpermuted hidden states (a ref load with an index
+   vector; padding rows read a clamped, valid row and are never stored), runs the gate and
+   up products over K and writes ``h = silu(gate) * up`` [P, f] in plan row order.
+2. ``down``: ``h @ W2_e`` times the routing weight of each row, written to the row's
+   assignment id ``a = token * k + slot`` of an output [t*k + 1, d] (row t*k collects the
+   padding rows and is dropped). ``moe_ffn`` then sums the k rows of each token in XLA.
+
+Why a deterministic combine and not an atomic scatter-add into [t, d]: every output row has
+exactly one writer, so the result is bit-reproducible run to run (float atomics add in
+arrival order), needs no zero-filled accumulator, keeps bf16 outputs without a float32
+atomic buffer, and runs in Pallas interpret mode (which has no masked atomics). The price is
+a [t*k, d] buffer and one fused XLA reduction over k, small next to the weight traffic.
+
+Sparse weights are expanded on chip by :mod:`pallas_kernels.decompress` (Load-as-Sparse,
+Compute-as-Dense): an N:M tile becomes m position tiles (one dot each against the strided
+x columns k0+j::m); a Samoyeds tile is the same 2:4 expansion over its compressed columns,
+and each K slab's partial product is routed into one of ``m_sel`` accumulator sets by the
+slab's column selection; the sets are stored interleaved with a stride-``m_sel`` column
+store. Only compressed bytes cross HBM.
+
+References with the same signature: :func:`moe_ffn_reference` (a readable per-expert loop,
+f32) and :func:`moe_ffn_ragged_dot` (dense ``jax.lax.ragged_dot`` over a sorted copy of the
+routed rows, the XLA baseline; ``backend="xla"`` of :func:`moe_ffn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import backend as backend_lib
+from pallas_kernels import decompress
+from pallas_kernels.formats import NMSparse, SamoyedsSparse
+from pallas_kernels.routing_plan import RoutingPlan
+
+ExpertWeights = jax.Array | NMSparse | SamoyedsSparse
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeTiles:
+    """Tile sizes of one of the two expert kernels (row tiles come from ``plan.block_t``).
+
+    block_n: dense output columns per program (f for gate/up, d for down); a power of two
+      dividing N. Samoyeds weights cover them with ``block_n // m_sel`` compressed columns.
+    block_k: reduction rows per step; a power of two dividing K. Sparse weights need
+      ``block_k // m >= 16`` on the GPU (one dot per position), Samoyeds ``v % block_k == 0``.
+    """
+
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeFfnConfig:
+    """Tiles of the gate/up kernel and of the down kernel."""
+
+    gate_up: MoeTiles = MoeTiles()
+    down: MoeTiles = MoeTiles()
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def default_config(num_rows: int, d: int, f: int, *, sparse: bool = False) -> MoeFfnConfig:
+    """A heuristic config for ``num_rows = t * k`` routed rows and model sizes d, f.
+
+    Few rows (decode) are weight-bandwidth bound: narrower N tiles give more programs to
+    stream the weights. Sparse weights use ``block_k = 64`` (2:4 position dots of K = 16).
+    """
+    block_n = 64 if num_rows <= 256 else 128
+    block_k = 64
+    return MoeFfnConfig(
+        gate_up=MoeTiles(block_n=_largest_pow2_divisor(f, block_n),
+                         block_k=_largest_pow2_divisor(d, block_k)),
+        down=MoeTiles(block_n=_largest_pow2_divisor(d, block_n),
+                      block_k=_largest_pow2_divisor(f, block_k)))
+
+
+# ----------------------------------------------------------------------------- weight layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Static description of one expert weight stack as the kernels see it.
+
+    The arrays of a stack [e, K, N] are passed flattened over (e, K) so a kernel reads
+    expert ``e``'s rows with one indexer (Pallas Triton allows one per ref): dense W as
+    [e*K, N]; N:M ``values`` [e*K*n/m, N] and ``meta`` [e*K*n/m/per_word, N] (K*n/m is a
+    multiple of per_word, so expert e starts on a word); Samoyeds adds ``sel`` [e*K/v, Nc].
+    """
+
+    kind: Literal["dense", "nm", "samoyeds"]
+    k: int  # dense K of one expert
+    n_out: int  # dense N of one expert
+    n: int = 1  # N:M along K (nm; 2:4 inside samoyeds)
+    m: int = 1
+    m_sel: int = 1  # samoyeds column groups (1 kept per group); 1 otherwise
+    v: int = 1  # samoyeds slab height
+
+    @property
+    def num_arrays(self) -> int:
+        return {"dense": 1, "nm": 2, "samoyeds": 3}[self.kind]
+
+    def cols(self, block_n: int) -> int:
+        """Stored columns a program covers for ``block_n`` dense output columns."""
+        return block_n // self.m_sel
+
+    def accumulate(self, refs, e, k0, c0, lhs_ref, rows, accs, *, block_k, cols):
+        """accs += lhs[rows, k0:k0+block_k] @ W_e[k0:k0+block_k, tile]; returns new accs.
+
+        ``rows`` [bt, 1] int32 row indices of ``lhs_ref`` (gathered tokens or a contiguous
+        range); ``c0`` the first stored column of the tile (a multiple of ``cols``).
+        """
+        if self.kind == "dense":
+            (w_ref,) = refs
+            x = lhs_ref[rows[:, 0], pl.ds(k0, block_k)]  # [bt, bk]
+            w = w_ref[pl.ds(e * self.k + k0, block_k), pl.ds(c0, cols)]  # [bk, cols]
+            return [accs[0] + jnp.dot(x, w, preferred_element_type=jnp.float32)]
+        values_ref, meta_ref = refs[0], refs[1]
+        col_idx = c0 + decompress.iota(cols, 1)  # [1, cols]
+        xs = decompress.load_x_positions(lhs_ref, rows, k_start=k0, block_k=block_k, m=self.m)
+        ws = decompress.load_nm_position_weights(
+            values_ref, meta_ref, col_idx, k_start=e * self.k + k0, block_k=block_k,
+            n=self.n, m=self.m)  # m x [bk/m, cols]
+        if self.kind == "nm":
+            return [decompress.nm_tile_dot(xs, ws, accs[0])]
+        sel_ref = refs[2]
+        partial = decompress.nm_tile_dot(xs, ws)  # [bt, cols] f32, compressed columns
+        slab = e * (self.k // self.v) + k0 // self.v
+        sel_row = decompress.load_sel_row(sel_ref, slab, col_idx)  # [1, cols]
+        return decompress.route_partial(accs, partial, sel_row)
+
+    def store(self, out_ref, rows, n0, accs, scale=None) -> None:
+        """Write the accumulator sets to dense columns n0.. of ``out_ref`` rows [bt, 1].
+
+        Set o holds dense columns n0 + m_sel*c + o (Samoyeds); dense and N:M have one set.
+        """
+        for o, acc in enumerate(accs):
+            if scale is not None:
+                acc = acc * scale
+            cols = acc.shape[1]
+            if self.m_sel == 1:
+                out_ref[rows[:, 0], pl.ds(n0, cols)] = acc.astype(out_ref.dtype)
+            else:
+                col_idx = n0 + o + self.m_sel * decompress.iota(cols, 1)  # [1, cols]
+                out_ref[rows, col_idx] = acc.astype(out_ref.dtype)
+
+
+def _layout_of(name: str, w: ExpertWeights, num_experts: int) -> tuple[_Layout, tuple]:
+    """The layout of ``w`` and its arrays flattened over (e, K); ValueError on bad stacks."""
+    if isinstance(w, SamoyedsSparse):
+        shape = w.shape
+        if len(shape) != 3 or shape[0] != num_experts:
+            raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {shape}")
+        if w.n_sel != 1:
+            raise ValueError(f"{name}: only n_sel=1 Samoyeds weights are supported, got {w.n_sel=}")
+        e, k, n_out = shape
+        layout = _Layout("samoyeds", k, n_out, n=2, m=4, m_sel=w.m_sel, v=w.v)
+        arrays = (w.values.reshape(e * w.values.shape[1], w.values.shape[2]),
+                  w.meta.reshape(e * w.meta.shape[1], w.meta.shape[2]),
+                  w.sel.reshape(e * w.sel.shape[1], w.sel.shape[2]))
+        return layout, arrays
+    if isinstance(w, NMSparse):
+        shape = w.shape
+        if len(shape) != 3 or shape[0] != num_experts:
+            raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {shape}")
+        e, k, n_out = shape
+        layout = _Layout("nm", k, n_out, n=w.n, m=w.m)
+        arrays = (w.values.reshape(e * w.values.shape[1], w.values.shape[2]),
+                  w.meta.reshape(e * w.meta.shape[1], w.meta.shape[2]))
+        return layout, arrays
+    if not isinstance(w, jax.Array | jax.ShapeDtypeStruct) and not hasattr(w, "shape"):
+        raise ValueError(f"{name} must be an array, NMSparse or SamoyedsSparse, got {type(w)}")
+    if w.ndim != 3 or w.shape[0] != num_experts:
+        raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {w.shape}")
+    e, k, n_out = w.shape
+    return _Layout("dense", k, n_out), (jnp.reshape(w, (e * k, n_out)),)
+
+
+def _check_tiles(name: str, layout: _Layout, tiles: MoeTiles, block_t: int) -> None:
+    """ValueError unless ``tiles`` fits this weight layout."""
+    bn, bk = tiles.block_n, tiles.block_k
+    for label, b in (("block_n", bn), ("block_k", bk)):
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"{name}: {label}={b} must be a power of two")
+    if layout.k % bk:
+        raise ValueError(f"{name}: K={layout.k} must be a multiple of {bk=}".replace("bk", "block_k"))
+    if layout.n_out % bn:
+        raise ValueError(f"{name}: N={layout.n_out} must be a multiple of block_n={bn}")
+    if layout.kind != "dense":
+        decompress.check_block_k(bk, n=layout.n, m=layout.m)
+    if layout.kind == "samoyeds":
+        if layout.v % bk:
+            raise ValueError(f"{name}: Samoyeds v={layout.v} must be a multiple of block_k={bk}")
+        if bn % layout.m_sel:
+            raise ValueError(f"{name}: block_n={bn} must be a multiple of m_sel={layout.m_sel}")
+    if not backend_lib.interpret_mode():
+        # Triton dots need every dimension >= 16.
+        dot_k = bk // layout.m
+        if min(block_t, layout.cols(bn), dot_k) < 16:
+            raise ValueError(
+                f"{name}: on the GPU every dot dim must be >= 16; got rows {block_t=}, "
+                f"columns {layout.cols(bn)}, K per dot {dot_k}")
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+
+def _gate_up_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, x_ref, *refs,
+                    layout: _Layout, num_tokens: int, top_k: int, block_t: int,
+                    block_k: int, block_n: int):
+    # sorted_ids_ref: [P] int32, block_expert_ref: [P // bt] int32, num_blocks_ref: [1] int32
+    # x_ref: [t, d]; refs = w1 arrays, w3 arrays (flattened over (e, d)), h_ref [P, f]
+    na = layout.num_arrays
+    w1_refs, w3_refs, h_ref = refs[:na], refs[na:2 * na], refs[2 * na]
+    i, j = pl.program_id(0), pl.program_id(1)
+    cols = layout.cols(block_n)
+
+    @pl.when(i < num_blocks_ref[0])
+    def _():
+        e = block_expert_ref[i]
+        ids = sorted_ids_ref[pl.ds(i * block_t, block_t)]  # [bt]
+        # Padding rows (id t*k) read the last token: finite values, never stored downstream.
+        tokens = jnp.minimum(ids // top_k, num_tokens - 1)[:, None]  # [bt, 1]
+        zero = jnp.zeros((block_t, cols), jnp.float32)
+
+        def body(step, carry):
+            gates, ups = carry
+            k0 = step * block_k
+            gates = layout.accumulate(w1_refs, e, k0, j * cols, x_ref, tokens, gates,
+                                      block_k=block_k, cols=cols)
+            ups = layout.accumulate(w3_refs, e, k0, j * cols, x_ref, tokens, ups,
+                                    block_k=block_k, cols=cols)
+            return gates, ups
+
+        init = ([zero] * layout.m_sel, [zero] * layout.m_sel)
+        gates, ups = jax.lax.fori_loop(0, layout.k // block_k, body, init)
+        rows = i * block_t + decompress.iota(block_t, 0)  # [bt, 1]
+        layout.store(h_ref, rows, j * block_n,
+                     [jax.nn.silu(g) * u for g, u in zip(gates, ups, strict=True)])
+
+
+def _down_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, weights_ref, h_ref, *refs,
+                 layout: _Layout, block_t: int, block_k: int, block_n: int):
+    # weights_ref: [P] f32, h_ref: [P, f]; refs = w2 arrays (flattened over (e, f)), out_ref
+    # out_ref: [t*k + 1, d], row t*k takes the padding rows.
+    na = layout.num_arrays
+    w2_refs, out_ref = refs[:na], refs[na]
+    i, j = pl.program_id(0), pl.program_id(1)
+    cols = layout.cols(block_n)
+
+    @pl.when(i < num_blocks_ref[0])
+    def _():
+        e = block_expert_ref[i]
+        rows = i * block_t + decompress.iota(block_t, 0)  # [bt, 1]
+        zero = jnp.zeros((block_t, cols), jnp.float32)
+
+        def body(step, accs):
+            return layout.accumulate(w2_refs, e, step * block_k, j * cols, h_ref, rows, accs,
+                                     block_k=block_k, cols=cols)
+
+        accs = jax.lax.fori_loop(0, layout.k // block_k, body, [zero] * layout.m_sel)
+        tile = pl.ds(i * block_t, block_t)
+        ids = sorted_ids_ref[tile][:, None]  # [bt, 1] assignment ids; padding rows hold t*k
+        p = weights_ref[tile][:, None]  # [bt, 1] routing weights (0 on padding)
+        layout.store(out_ref, ids, j * block_n, accs, scale=p)  # row scatter
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _compiler_params(tiles: MoeTiles):
+    return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def gate_up(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights, *,
+            tiles: MoeTiles | None = None, h_init: jax.Array | None = None) -> jax.Array:
+    """``h = silu(x[tok] W1_e) * (x[tok] W3_e)`` per plan row -> [P, f] in x.dtype.
+
+    Rows of unused tiles (>= num_blocks) are left as they were (uninitialized, or
+    ``h_init`` [P, f] when given, which is aliased to the output; tests poison it).
+    Padding rows inside used tiles hold finite values of no meaning.
+    """
+    t, d = x.shape
+    l1, a1 = _layout_of("w1", w1, plan.num_experts)
+    l3, a3 = _layout_of("w3", w3, plan.num_experts)
+    if l1 != l3:
+        raise ValueError(f"w1 and w3 must share one format and shape, got {l1} and {l3}")
+    if l1.k != d:
+        raise ValueError(f"w1 must be [e, d={d}, f], got K={l1.k}")
+    f = l1.n_out
+    tiles = tiles or default_config(t * plan.top_k, d, f, sparse=l1.kind != "dense").gate_up
+    _check_tiles("w1/w3", l1, tiles, plan.block_t)
+    p_rows = plan.capacity
+    out_shape = jax.ShapeDtypeStruct((p_rows, f), x.dtype)
+    kernel = functools.partial(
+        _gate_up_kernel, layout=l1, num_tokens=t, top_k=plan.top_k, block_t=plan.block_t,
+        block_k=tiles.block_k, block_n=tiles.block_n)
+    args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), x, *a1, *a3]
+    aliases = {}
+    if h_init is not None:
+        if h_init.shape != out_shape.shape or h_init.dtype != x.dtype:
+            raise ValueError(f"h_init must be {out_shape.shape} {x.dtype}, got "
+                             f"{h_init.shape} {h_init.dtype}")
+        aliases = {len(args): 0}
+        args.append(h_init)
+        kernel = _drop_last_input(kernel, len(args))
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(plan.num_tiles, f // tiles.block_n),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(tiles),
+        interpret=backend_lib.interpret_mode(),
+        name=f"moe_gate_up_{l1.kind}",
+    )(*args)
+
+
+def down(h: jax.Array, plan: RoutingPlan, w2: ExpertWeights, *, tiles: MoeTiles | None = None,
+         out_init: jax.Array | None = None) -> jax.Array:
+    """``p * (h W2_e)`` per plan row, written to its assignment row -> [t*k + 1, d] in h.dtype.
+
+    Row ``a = token*k + slot`` holds assignment a's weighted expert output; the last row
+    collects padding rows. Rows of assignments that have no plan row (expert ids out of
+    range under jit) are not written: ``out_init`` (aliased, e.g. poison) shows through.
+    """
+    p_rows, f = h.shape
+    l2, a2 = _layout_of("w2", w2, plan.num_experts)
+    if l2.k != f:
+        raise ValueError(f"w2 must be [e, f={f}, d], got K={l2.k}")
+    if p_rows != plan.capacity:
+        raise ValueError(f"h must have the plan's {plan.capacity} rows, got {p_rows}")
+    d = l2.n_out
+    tiles = tiles or default_config(plan.num_tokens * plan.top_k, d, f,
+                                    sparse=l2.kind != "dense").down
+    _check_tiles("w2", l2, tiles, plan.block_t)
+    out_shape = jax.ShapeDtypeStruct((plan.sentinel + 1, d), h.dtype)
+    kernel = functools.partial(_down_kernel, layout=l2, block_t=plan.block_t,
+                               block_k=tiles.block_k, block_n=tiles.block_n)
+    args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), plan.weights, h, *a2]
+    aliases = {}
+    if out_init is not None:
+        if out_init.shape != out_shape.shape or out_init.dtype != h.dtype:
+            raise ValueError(f"out_init must be {out_shape.shape} {h.dtype}, got "
+                             f"{out_init.shape} {out_init.dtype}")
+        aliases = {len(args): 0}
+        args.append(out_init)
+        kernel = _drop_last_input(kernel, len(args))
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(plan.num_tiles, d // tiles.block_n),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(tiles),
+        interpret=backend_lib.interpret_mode(),
+        name=f"moe_down_{l2.kind}",
+    )(*args)
+
+
+def _drop_last_input(kernel, num_inputs: int):
+    """Wrap a kernel so the aliased initial-output input ref (the last input) is ignored."""
+    def wrapped(*refs):
+        return kernel(*refs[:num_inputs - 1], *refs[num_inputs:])
+    return wrapped
+
+
+def combine(out_rows: jax.Array, plan: RoutingPlan) -> jax.Array:
+    """Sum the k assignment rows of each token: [t*k + 1, d] -> [t, d] (f32 sum, out dtype).
+
+    Assignments without a plan row (out-of-range expert ids under jit) contribute 0, never
+    unwritten memory.
+    """
+    t, k = plan.num_tokens, plan.top_k
+    d = out_rows.shape[-1]
+    written = jnp.zeros((t * k + 1,), jnp.bool_).at[plan.sorted_ids].set(True)[:t * k]
+    rows = jnp.where(written[:, None], out_rows[:t * k].astype(jnp.float32), 0.0)
+    return rows.reshape(t, k, d).sum(axis=1).astype(out_rows.dtype)
+
+
+def _check_inputs(x: jax.Array, plan: RoutingPlan, w1, w3, w2) -> None:
+    if not isinstance(plan, RoutingPlan):
+        raise ValueError(f"plan must be a RoutingPlan, got {type(plan)}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [t, d], got shape {x.shape}")
+    if x.shape[0] != plan.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for "
+                         f"{plan.num_tokens}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating, got {x.dtype}")
+    d = x.shape[1]
+    e = plan.num_experts
+    s1, s3, s2 = _shape(w1), _shape(w3), _shape(w2)
+    if len(s1) != 3 or s1[0] != e or s1[1] != d:
+        raise ValueError(f"w1 must be [e={e}, d={d}, f], got {s1}")
+    f = s1[2]
+    if s3 != s1:
+        raise ValueError(f"w3 must be [e={e}, d={d}, f={f}] like w1, got {s3}")
+    if s2 != (e, f, d):
+        raise ValueError(f"w2 must be [e={e}, f={f}, d={d}], got {s2}")
+
+
+def _shape(w) -> tuple[int, ...]:
+    if not hasattr(w, "shape"):
+        raise ValueError(f"expert weights must be arrays, NMSparse or SamoyedsSparse, got {type(w)}")
+    return tuple(w.shape)
+
+
+def _dense(w: ExpertWeights) -> jax.Array:
+    return w.to_dense() if isinstance(w, NMSparse | SamoyedsSparse) else w
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
+            w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
+            config: MoeFfnConfig | None = None) -> jax.Array:
+    """One MoE layer's experts: ``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))``.
+
+    Args:
+      x: [t, d] hidden states (f32, bf16 or f16), unpermuted.
+      plan: routing plan of the t tokens (``RoutingPlan.build``); ``block_t`` is the row tile.
+      w1, w3: gate and up stacks [e, d, f], both dense arrays, both ``NMSparse`` or both
+        ``SamoyedsSparse`` (same format), in x's dtype.
+      w2: down stack [e, f, d], any of the three formats, in x's dtype.
+      backend: ``"triton"`` (Pallas kernels; interpret mode on CPU; the default) or
+        ``"xla"`` (:func:`moe_ffn_ragged_dot`, sparse weights expanded to dense first).
+      config: kernel tiles; ``None`` picks :func:`default_config`.
+
+    Returns:
+      [t, d] in x.dtype.
+
+    Raises:
+      ValueError: shapes, formats, dtypes or tiles that do not fit.
+    """
+    backend = backend_lib.resolve_backend(backend)
+    _check_inputs(x, plan, w1, w3, w2)
+    if backend == "xla":
+        return moe_ffn_ragged_dot(x, plan, w1, w3, w2)
+    if backend != "triton":
+        raise ValueError(f"moe_ffn supports backend 'triton' or 'xla', got {backend!r}")
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
+    t, d = x.shape
+    f = w1.shape[2]
+    if config is None:
+        config = default_config(t * plan.top_k, d, f)
+    h = gate_up(x, plan, w1, w3, tiles=config.gate_up)
+    return combine(down(h, plan, w2, tiles=config.down), plan)
+
+
+def moe_ffn_reference(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
+                      w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
+                      config: MoeFfnConfig | None = None) -> jax.Array:
+    """Readable per-expert loop in float32 (every expert runs on every token, then masked).
+
+    Same signature as :func:`moe_ffn`; ``backend`` and ``config`` are ignored.
+    Returns [t, d] in x.dtype.
+    """
+    del backend, config
+    _check_inputs(x, plan, w1, w3, w2)
+    t, _ = x.shape
+    e = plan.num_experts
+    # coef[t, e]: routing weight of token t for expert e (0 where not chosen); padding rows
+    # carry token t and weight 0 and land in the dropped row t.
+    row_expert = jnp.repeat(plan.block_expert, plan.block_t)  # [P]
+    coef = jnp.zeros((t + 1, e + 1), jnp.float32).at[plan.token_ids(), row_expert].add(
+        plan.weights)[:t, :e]
+    xf = x.astype(jnp.float32)
+    w1f, w3f, w2f = (_dense(w).astype(jnp.float32) for w in (w1, w3, w2))
+    hp = jax.lax.Precision.HIGHEST
+
+    def expert(i, y):  # y += coef[:, i] * W2_i(silu(x W1_i) * (x W3_i))
+        h = jax.nn.silu(jnp.dot(xf, w1f[i], precision=hp)) * jnp.dot(xf, w3f[i], precision=hp)
+        c = jax.lax.dynamic_slice_in_dim(coef, i, 1, axis=1)  # [t, 1]
+        return y + c * jnp.dot(h, w2f[i], precision=hp)
+
+    y = jax.lax.fori_loop(0, e, expert, jnp.zeros(x.shape, jnp.float32))
+    return y.astype(x.dtype)
+
+
+def moe_ffn_ragged_dot(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
+                       w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
+                       config: MoeFfnConfig | None = None) -> jax.Array:
+    """Dense XLA baseline: sorted copy of the routed rows, three ``jax.lax.ragged_dot``.
+
+    Same signature as :func:`moe_ffn`; ``backend`` and ``config`` are ignored. Rows are the
+    plan's assignments without its padding (t*k rows, grouped by expert), as MaxText does
+    with argsort + take. Sparse weights are expanded to dense. Returns [t, d] in x.dtype.
+    """
+    del backend, config
+    _check_inputs(x, plan, w1, w3, w2)
+    t, _ = x.shape
+    n = plan.sentinel  # t*k
+    valid = plan.row_valid()  # [P]
+    # Compact the plan rows (drop padding): row r of the compact order is valid row number r.
+    dest = jnp.where(valid, jnp.cumsum(valid) - 1, n)
+    ids = jnp.full((n,), n, jnp.int32).at[dest].set(plan.sorted_ids, mode="drop")  # [t*k]
+    p = jnp.zeros((n,), jnp.float32).at[dest].set(plan.weights, mode="drop")  # [t*k]
+    xs = x[jnp.minimum(ids // plan.top_k, t - 1)]  # [t*k, d] permuted copy
+    sizes = plan.group_sizes
+    w1d, w3d, w2d = (_dense(w).astype(x.dtype) for w in (w1, w3, w2))
+    g = jax.lax.ragged_dot(xs, w1d, sizes, preferred_element_type=jnp.float32)
+    u = jax.lax.ragged_dot(xs, w3d, sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    y = jax.lax.ragged_dot(h, w2d, sizes, preferred_element_type=jnp.float32) * p[:, None]
+    out = jnp.zeros((n, x.shape[1]), jnp.float32).at[ids].set(y, mode="drop")
+    return out.reshape(t, plan.top_k, x.shape[1]).sum(axis=1).astype(x.dtype)
