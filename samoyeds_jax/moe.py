@@ -278,6 +278,7 @@ class MoE(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.track_recall = track_recall
+        self.capture_inputs = False  # set by pregate.collect_moe_inputs
         c = config
         router = functools.partial(Router, c.d_model, c.num_experts, top_k=c.top_k,
                                    norm=c.router_norm, dtype=dtype, param_dtype=param_dtype)
@@ -410,6 +411,8 @@ class MoE(nnx.Module):
 
         ``routing``: the previous block's ``next_routing`` (see the module doc for each mode).
         """
+        if self.capture_inputs:  # hidden states for pre-gate training
+            self.sow(nnx.Intermediate, "inputs", x.reshape(-1, x.shape[-1]))
         used = self.select_routing(x, routing)
         y = self.apply_experts(x, used)
         return y, self.predict_next(x)
