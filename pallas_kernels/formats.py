@@ -141,8 +141,19 @@ def _pack_meta_np(pos: np.ndarray, m: int) -> np.ndarray:
 # --------------------------------------------------------------------------------- host checks
 
 
-def _host_matrix_stack(w: Any, name: str = "w") -> np.ndarray:
-    """W as a host numpy array [..., K, N] of a supported dtype, all finite; else ValueError."""
+# Bit masks of the supported dtypes, applied to the weights' integer view: nonzero test
+# (all bits but the sign, so -0.0 counts as zero) and the exponent (all ones: Inf or NaN).
+# Integer views keep from_dense fast on full-size matrices (ml_dtypes' bf16 ufuncs are slow).
+_BIT_MASKS = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+              "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+              "float16": (np.uint16, 0x7FFF, 0x7C00)}
+
+
+def _host_matrix_stack(w: Any, name: str = "w") -> tuple[np.ndarray, np.ndarray, int]:
+    """W as host numpy [..., K, N] of a supported dtype, all finite; else ValueError.
+
+    Returns (array, its unsigned-integer bit view, the magnitude mask for nonzero tests).
+    """
     if isinstance(w, jax.core.Tracer):
         raise ValueError(
             f"from_dense checks the pattern on concrete values; {name} is a traced value "
@@ -150,53 +161,80 @@ def _host_matrix_stack(w: Any, name: str = "w") -> np.ndarray:
     arr = np.asarray(w)
     if arr.ndim < 2:
         raise ValueError(f"{name} must be [..., K, N] with at least 2 dims, got shape {arr.shape}")
-    if jnp.dtype(arr.dtype).name not in SUPPORTED_DTYPES:
+    dtype_name = jnp.dtype(arr.dtype).name
+    if dtype_name not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {arr.dtype}")
-    bad = ~np.isfinite(arr)
+    uint, abs_mask, exp_mask = _BIT_MASKS[dtype_name]
+    bits = arr.view(uint)
+    bad = (bits & uint(exp_mask)) == uint(exp_mask)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name} must be finite; got {arr[where]} at index {where} ({int(bad.sum())} "
             "non-finite entries)")
-    return arr
+    return arr, bits, abs_mask
 
 
 def _matrix_label(lead_index: tuple[int, ...]) -> str:
     return f"matrix w[{', '.join(map(str, lead_index))}], " if lead_index else ""
 
 
-def _choose(nz: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Positions (ascending) of n entries per group along ``axis``: every nonzero, then the
-    lowest unused positions. ``nz`` [..., m, ...] bool with at most n True per group.
+def _select(nz: list[np.ndarray], count: np.ndarray, n: int) -> list[np.ndarray]:
+    """Ascending positions of n entries per group: every nonzero, then the lowest unused ones.
 
-    Returns int array with ``axis`` of length n.
+    Args:
+      nz: m bool arrays (one per position in the group), each of the group grid's shape.
+      count: nonzeros per group (<= n), the grid's shape.
+
+    Returns:
+      n uint8 arrays of the grid's shape: the s-th chosen position of each group.
     """
-    nz = np.moveaxis(nz, axis, -1)  # [..., m]
-    need = n - nz.sum(-1, keepdims=True)  # zeros to add per group
-    zero_rank = np.cumsum(~nz, axis=-1) - 1
-    chosen = nz | (~nz & (zero_rank < need))  # exactly n per group
-    # j-th position of each group: rank of positions by (not chosen, position).
-    order = np.argsort(~chosen, axis=-1, kind="stable")[..., :n]  # ascending among chosen
-    return np.moveaxis(order, -1, axis)
+    need = (n - count).astype(np.uint8)  # zero entries to take per group
+    zeros_seen = np.zeros(count.shape, np.uint8)
+    taken = np.zeros(count.shape, np.uint8)
+    pos = [np.zeros(count.shape, np.uint8) for _ in range(n)]
+    for j, z in enumerate(nz):
+        take = z | (zeros_seen < need)
+        for s in range(n):
+            np.copyto(pos[s], np.uint8(j), where=take & (taken == s))
+        taken += take
+        zeros_seen += ~z
+    return pos
 
 
-def _nm_compress(a: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-    """One matrix [K, N] -> (values [K*n/m, N], positions [K*n/m, N], first_bad).
+def _gather_slots(groups: np.ndarray, pos: list[np.ndarray], axis: int) -> np.ndarray:
+    """out[..., s, ...] = groups[..., pos[s], ...] along ``axis``; pos[s] broadcasts to a slice."""
+    axis %= groups.ndim
+    m, n = groups.shape[axis], len(pos)
+    out = np.zeros(groups.shape[:axis] + (n,) + groups.shape[axis + 1:], groups.dtype)
+    lead = (slice(None),) * axis
+    for s, p in enumerate(pos):
+        dst = out[lead + (s,)]  # a view
+        for j in range(s, m - n + s + 1):  # ascending distinct positions: slot s in s..m-n+s
+            np.copyto(dst, groups[lead + (j,)], where=np.broadcast_to(p == j, dst.shape))
+    return out
+
+
+def _nm_compress(bits: np.ndarray, abs_mask: int, n: int,
+                 m: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """One matrix's bit view [K, N] -> (values bits [K*n/m, N], positions [K*n/m, N], first_bad).
 
     first_bad is None, or (group, column, nonzeros found, number of offending groups).
     """
-    k, cols = a.shape
+    k, cols = bits.shape
     g = k // m
-    wg = a.reshape(g, m, cols)
-    nz = wg != 0  # [g, m, N]
-    count = nz.sum(axis=1)  # [g, N]
+    wg = bits.reshape(g, m, cols)
+    nz = [(wg[:, j, :] & bits.dtype.type(abs_mask)) != 0 for j in range(m)]  # m x [g, N]
+    count = np.zeros((g, cols), np.uint8)
+    for z in nz:
+        count += z
     bad = count > n
     if bad.any():
         gi, ci = (int(i) for i in np.argwhere(bad)[0])
-        return a, a, (gi, ci, int(count[gi, ci]), int(bad.sum()))
-    pos = _choose(nz, n, axis=1)  # [g, n, N]
-    values = np.take_along_axis(wg, pos, axis=1)  # [g, n, N]
-    return values.reshape(g * n, cols), pos.reshape(g * n, cols), None
+        return bits, bits, (gi, ci, int(count[gi, ci]), int(bad.sum()))
+    pos = _select(nz, count, n)  # n x [g, N]
+    values = _gather_slots(wg, pos, axis=1)  # [g, n, N]
+    return values.reshape(g * n, cols), np.stack(pos, axis=1).reshape(g * n, cols), None
 
 
 # --------------------------------------------------------------------------------- NMSparse
@@ -232,18 +270,18 @@ class NMSparse:
             named: matrix index, dense rows, column, count).
         """
         _check_nm(n, m)
-        a = _host_matrix_stack(w)
+        a, bits, abs_mask = _host_matrix_stack(w)
         *lead, k, cols = a.shape
         step = nm_k_multiple(n, m)
         if k % step:
             raise ValueError(
                 f"K={k} must be a multiple of {step} for {n}:{m} (K % {m} == 0 and K*{n}/{m} "
                 f"kept rows a multiple of {values_per_word(m)}, the values per meta word)")
-        flat = a.reshape(-1, k, cols)
-        values = np.empty((flat.shape[0], k * n // m, cols), a.dtype)
+        flat = bits.reshape(-1, k, cols)
+        values = np.empty((flat.shape[0], k * n // m, cols), bits.dtype)
         meta = np.empty((flat.shape[0], k * n // m // values_per_word(m), cols), np.int32)
         for i, mat in enumerate(flat):
-            vals, pos, bad = _nm_compress(mat, n, m)
+            vals, pos, bad = _nm_compress(mat, abs_mask, n, m)
             if bad is not None:
                 g, c, found, total = bad
                 lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
@@ -252,7 +290,8 @@ class NMSparse:
                     f"{g * m}..{g * m + m - 1} (group {g}), column {c} has {found} nonzeros, "
                     f"at most {n} allowed ({total} such groups in this matrix)")
             values[i], meta[i] = vals, _pack_meta_np(pos, m)
-        return cls(values=jnp.asarray(values.reshape(*lead, *values.shape[1:])),
+        values = values.view(a.dtype).reshape(*lead, *values.shape[1:])
+        return cls(values=jnp.asarray(values),
                    meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])), n=n, m=m, k=k)
 
     def positions(self) -> jax.Array:
@@ -354,7 +393,7 @@ class SamoyedsSparse:
             not 2:4 along K (the first offender is named: matrix, slab, rows, columns, count).
         """
         _check_samoyeds(n_sel, m_sel, v)
-        a = _host_matrix_stack(w)
+        a, bits, abs_mask = _host_matrix_stack(w)
         *lead, k, n_out = a.shape
         if k % v:
             raise ValueError(f"K={k} must be a multiple of v={v}")
@@ -362,15 +401,15 @@ class SamoyedsSparse:
             raise ValueError(f"N={n_out} must be a multiple of m_sel={m_sel}")
         slabs, groups = k // v, n_out // m_sel
         nc = groups * n_sel
-        flat = a.reshape(-1, k, n_out)
-        values = np.empty((flat.shape[0], k // 2, nc), a.dtype)
+        flat = bits.reshape(-1, k, n_out)
+        values = np.empty((flat.shape[0], k // 2, nc), bits.dtype)
         meta = np.empty((flat.shape[0], k // 32, nc), np.int32)
         sel = np.empty((flat.shape[0], slabs, nc), np.int8)
         for i, mat in enumerate(flat):
             lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
-            w5 = mat.reshape(slabs, v, groups, m_sel)
-            col_nz = (w5 != 0).any(axis=1)  # [slabs, groups, m_sel]
-            count = col_nz.sum(axis=-1)  # [slabs, groups]
+            w4 = mat.reshape(slabs, v, groups, m_sel)
+            col_nz = ((w4 & bits.dtype.type(abs_mask)) != 0).any(axis=1)  # [slabs, groups, m_sel]
+            count = col_nz.sum(axis=-1, dtype=np.uint8)  # [slabs, groups]
             bad = count > n_sel
             if bad.any():
                 s, g = (int(j) for j in np.argwhere(bad)[0])
@@ -381,20 +420,22 @@ class SamoyedsSparse:
                     f"{g * m_sel}..{g * m_sel + m_sel - 1}) has {int(count[s, g])} nonzero "
                     f"columns (offsets {offs}), at most {n_sel} allowed ({int(bad.sum())} such "
                     "groups in this matrix)")
-            chosen = _choose(col_nz, n_sel, axis=-1)  # [slabs, groups, n_sel]
-            wc = np.take_along_axis(w5, chosen[:, None, :, :], axis=-1)  # [slabs, v, groups, n_sel]
-            vals, pos, bad24 = _nm_compress(wc.reshape(k, nc), 2, 4)
+            chosen = _select([col_nz[..., j] for j in range(m_sel)], count, n_sel)  # [slabs, groups]
+            chosen = [c[:, None, :] for c in chosen]  # broadcast over the slab's rows
+            wc = _gather_slots(w4, chosen, axis=-1)  # [slabs, v, groups, n_sel]
+            vals, pos, bad24 = _nm_compress(wc.reshape(k, nc), abs_mask, 2, 4)
             if bad24 is not None:
                 g4, c, found, total = bad24
                 s = g4 * 4 // v
-                col = (c // n_sel) * m_sel + int(chosen[s, c // n_sel, c % n_sel])
+                col = (c // n_sel) * m_sel + int(chosen[c % n_sel][s, 0, c // n_sel])
                 raise ValueError(
                     f"kept columns of w are not 2:4 along K: {_matrix_label(lead_index)}slab {s}, "
                     f"rows {g4 * 4}..{g4 * 4 + 3}, column {col} (compressed column {c}) has "
                     f"{found} nonzeros, at most 2 allowed ({total} such groups in this matrix)")
             values[i], meta[i] = vals, _pack_meta_np(pos, 4)
-            sel[i] = chosen.reshape(slabs, nc)
-        return cls(values=jnp.asarray(values.reshape(*lead, *values.shape[1:])),
+            sel[i] = np.stack([c[:, 0, :] for c in chosen], axis=-1).reshape(slabs, nc)
+        values = values.view(a.dtype).reshape(*lead, *values.shape[1:])
+        return cls(values=jnp.asarray(values),
                    meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])),
                    sel=jnp.asarray(sel.reshape(*lead, *sel.shape[1:])),
                    n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)

@@ -322,3 +322,11 @@ def _samoyeds_not_24() -> np.ndarray:
 def test_samoyeds_bad_input_raises(w, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamoyedsSparse.from_dense(w, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_negative_zero_counts_as_zero(dtype):
+    w = np.tile(np.asarray([-0.0, 1.0, -0.0, 2.0], np.float32), 8)[:, None].astype(DTYPES[dtype])
+    sp = NMSparse.from_dense(w)
+    np.testing.assert_array_equal(np.asarray(sp.positions())[:2, 0], [1, 3])
+    np.testing.assert_array_equal(_as_f32(sp.to_dense()), _as_f32(w))
