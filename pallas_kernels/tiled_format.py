@@ -1,0 +1,302 @@
+"""Unstructured tiled sparsity (Flash-LLM style, 50-95% sparse): per-tile column-ELL.
+
+Layout
+------
+A weight W [..., K, N] (``y = x @ W``) is cut into tiles of ``tile_k`` rows by ``tile_n``
+columns; tile (kt, nt) covers rows ``kt*tile_k ..`` and columns ``nt*tile_n ..``.
+Inside a tile every column keeps its nonzeros as a list of *slots*; the tile stores
+``cap`` slot rows, where ``cap`` is the largest nonzero count of any of its columns
+(rounded up to ``slot_align``). Slot row j of a tile holds, for each of its tile_n
+columns, the j-th nonzero of that column (ascending K) or padding:
+
+* ``values`` [..., S, tile_n], weight dtype: the nonzero, or 0 for padding.
+* ``rows``   [..., S, tile_n], uint8 (tile_k <= 256) or uint16: the K row of that
+  nonzero inside its tile (0 for padding; padding is recognised by its value 0).
+* ``offsets`` [..., N//tile_n, K//tile_k + 1] int32: tile (kt, nt) owns slot rows
+  ``offsets[nt, kt] : offsets[nt, kt + 1]``. Tiles are stored column-tile major
+  (all K tiles of column tile 0, then column tile 1, ...), so ``offsets[nt, -1] ==
+  offsets[nt + 1, 0]`` and one column tile's slots over any K range are one
+  contiguous stream.
+
+``S`` (static) is the total slot count; with leading batch dims every matrix is padded
+with zero slots to the largest S of the stack. Every nonzero is stored: nothing is dropped.
+
+Bytes: ``nbytes = S*tile_n*(itemsize + rows.itemsize) + offsets`` (times the batch),
+padding slots included. Per nonzero that is 3 bytes (bf16 value + uint8 row) times
+the padding factor ``slots / nnz``; measured on random 80%-sparse 4096 x 14336 with
+256 x 32 tiles the factor is ~1.27, i.e. 0.38 of the dense bf16 bytes
+(``bytes_per_format`` in the benchmark notes).
+
+Why column-ELL (and not a bitmap or a flat (value, position) list)
+-------------------------------------------------------------------
+Pallas Triton has no value-level gather or scatter and no shared-memory scatter, so
+Flash-LLM's "scatter each nonzero into a shared-memory tile" cannot be written. What
+it does have is gathering *ref* loads (``x_ref[idx, :]``) and cheap elementwise math.
+At decode sizes (t <= ~32 tokens) the matmul is bound by weight bytes, and any work
+done per *dense* element of W (a bitmap needs, per dense element, a word load, a
+shift/mask, a popcount for the value index and a gathering value load: ~10
+instructions, ~25 us of issue time for one 4096 x 14336 matrix on an H100 against
+~43 us for the whole dense product) eats most of the gain. Column-ELL needs work per
+*stored* nonzero only: a contiguous, vectorised load of a [chunk, tile_n] block of
+values and rows, one gathering load of the matching activations ``x^T[k0 + row, :]``
+(which stays in L1: a tile spans only tile_k rows of x), and one FMA per token. The
+per-column reduction is free (slot rows sum elementwise), so no scatter is needed.
+The price is the per-tile padding to the longest column, counted in ``nbytes``;
+``tile_k = 256`` keeps the row index in one byte while keeping the padding modest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MAX_TILE_K = 65536
+DEFAULT_TILE_K = 256
+DEFAULT_TILE_N = 32
+
+
+def _default_tile_k(k: int) -> int:
+    """The largest divisor of ``k`` that is <= 256 (one-byte row indices)."""
+    return max(d for d in range(1, min(k, DEFAULT_TILE_K) + 1) if k % d == 0)
+
+
+def _default_tile_n(n: int) -> int:
+    """The largest power of two <= 32 that divides ``n``."""
+    t = DEFAULT_TILE_N
+    while n % t:
+        t //= 2
+    return t
+
+
+def _rows_dtype(tile_k: int) -> np.dtype:
+    return np.dtype(np.uint8) if tile_k <= 256 else np.dtype(np.uint16)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TiledSparse:
+    """Unstructured sparse W [..., K, N] in per-tile column-ELL (see the module docstring).
+
+    Attributes:
+      values: [..., S, tile_n] weight dtype (f32, bf16, f16); 0 in padding slots.
+      rows: [..., S, tile_n] uint8 (tile_k <= 256) else uint16, K row inside the tile.
+      offsets: [..., K//tile_k + 1 ... ] int32, shape [..., N//tile_n, K//tile_k + 1]:
+        tile (kt, nt) owns slot rows ``offsets[nt, kt] : offsets[nt, kt + 1]``.
+      k, n: dense K and N. tile_k, tile_n: tile size. slot_align: each tile's slot
+        count is a multiple of this.
+    """
+
+    values: jax.Array
+    rows: jax.Array
+    offsets: jax.Array
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+    tile_k: int = dataclasses.field(metadata=dict(static=True))
+    tile_n: int = dataclasses.field(metadata=dict(static=True))
+    slot_align: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-2])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape [..., K, N]."""
+        return self.batch_shape + (self.k, self.n)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.values.dtype
+
+    @property
+    def num_slots(self) -> int:
+        """S: slot rows per matrix (padding included)."""
+        return int(self.values.shape[-2])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(K // tile_k, N // tile_n): tiles along K and along N."""
+        return self.k // self.tile_k, self.n // self.tile_n
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: values + rows + offsets, padding slots included."""
+        return int(self.values.nbytes + self.rows.nbytes + self.offsets.nbytes)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same weight stored dense in its dtype."""
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros (needs concrete values, not a tracer)."""
+        return int(np.count_nonzero(np.asarray(self.values)))
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense entries that are nonzero (needs concrete values)."""
+        return self.nnz / math.prod(self.shape)
+
+    @property
+    def slot_fill(self) -> float:
+        """nnz / stored slots: 1.0 means no padding."""
+        total = math.prod(self.batch_shape) * self.num_slots * self.tile_n
+        return self.nnz / max(total, 1)
+
+    # ---------------------------------------------------------------- conversion
+    @classmethod
+    def from_dense(cls, w: Any, *, tile_k: int | None = None, tile_n: int | None = None,
+                   slot_align: int = 1) -> TiledSparse:
+        """Compress a (pruned) dense weight W [..., K, N] into per-tile column-ELL.
+
+        Args:
+          w: concrete array [..., K, N], f32 / bf16 / f16, finite. Zeros are dropped,
+            every nonzero is kept.
+          tile_k: rows per tile, must divide K, <= 65536 (<= 256 gives uint8 rows).
+            Default: the largest divisor of K that is <= 256.
+          tile_n: columns per tile, a power of two dividing N. Default: the largest
+            power of two <= 32 dividing N.
+          slot_align: each tile's slot count is rounded up to a multiple of this.
+
+        Returns:
+          TiledSparse with ``to_dense() == w`` exactly.
+
+        Raises:
+          ValueError: traced input, rank < 2, unsupported dtype, NaN/Inf (naming the
+            first offending entry and its tile), or tile sizes that do not divide.
+        """
+        if isinstance(w, jax.core.Tracer):
+            raise ValueError("TiledSparse.from_dense needs a concrete array (its slot count "
+                             "depends on the nonzero pattern); call it outside jit")
+        dtype = jnp.dtype(getattr(w, "dtype", np.asarray(w).dtype))
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
+        arr = np.asarray(w)
+        if arr.ndim < 2:
+            raise ValueError(f"w must be [..., K, N] (rank >= 2), got shape {arr.shape}")
+        *batch, k, n = arr.shape
+        if k == 0 or n == 0:
+            raise ValueError(f"K and N must be positive, got shape {arr.shape}")
+        tile_k = _default_tile_k(k) if tile_k is None else int(tile_k)
+        tile_n = _default_tile_n(n) if tile_n is None else int(tile_n)
+        if not 1 <= tile_k <= MAX_TILE_K:
+            raise ValueError(f"{tile_k=} must be in [1, {MAX_TILE_K}]")
+        if k % tile_k:
+            raise ValueError(f"K={k} must be a multiple of {tile_k=}")
+        if tile_n < 1 or tile_n & (tile_n - 1):
+            raise ValueError(f"{tile_n=} must be a power of two")
+        if n % tile_n:
+            raise ValueError(f"N={n} must be a multiple of {tile_n=}")
+        if slot_align < 1:
+            raise ValueError(f"{slot_align=} must be >= 1")
+        bad = ~_finite_mask(arr)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            r, c = idx[-2], idx[-1]
+            raise ValueError(
+                f"w has a non-finite value {arr[idx]} at index {idx} (batch {idx[:-2]}, "
+                f"tile (kt={r // tile_k}, nt={c // tile_n})); NaN/Inf weights cannot be stored")
+
+        flat = arr.reshape((-1, k, n))
+        parts = [_compress_one(m, tile_k, tile_n, slot_align) for m in flat]
+        s_max = max(1, max(p[0].shape[0] for p in parts))  # >= 1 slot: no zero-size arrays
+        rdt = _rows_dtype(tile_k)
+        values = np.zeros((len(parts), s_max, tile_n), arr.dtype)
+        rows = np.zeros((len(parts), s_max, tile_n), rdt)
+        offsets = np.stack([p[2] for p in parts])
+        for i, (v, r, _) in enumerate(parts):
+            values[i, :v.shape[0]] = v
+            rows[i, :r.shape[0]] = r
+        bshape = tuple(batch)
+        return cls(
+            values=jnp.asarray(values.reshape(bshape + values.shape[1:]), dtype),
+            rows=jnp.asarray(rows.reshape(bshape + rows.shape[1:])),
+            offsets=jnp.asarray(offsets.reshape(bshape + offsets.shape[1:]), jnp.int32),
+            k=k, n=n, tile_k=tile_k, tile_n=tile_n, slot_align=slot_align)
+
+    def to_dense(self) -> jax.Array:
+        """The dense weight [..., K, N] in ``self.dtype`` (traceable)."""
+        fn = _to_dense_one
+        for _ in self.batch_shape:
+            fn = jax.vmap(fn, in_axes=(0, 0, 0, None))
+        return fn(self.values, self.rows, self.offsets, self._static())
+
+    def _static(self) -> tuple[int, int, int, int]:
+        return (self.k, self.n, self.tile_k, self.tile_n)
+
+
+def _finite_mask(w: np.ndarray) -> np.ndarray:
+    """Elementwise isfinite; 16-bit floats are tested on their exponent bits (fast)."""
+    if w.dtype.itemsize == 2:
+        bits = w.view(np.uint16)
+        exp = np.uint16(0x7F80 if w.dtype == jnp.bfloat16 else 0x7C00)
+        return (bits & exp) != exp
+    return np.isfinite(w)
+
+
+def _nonzero_mask(w: np.ndarray) -> np.ndarray:
+    """w != 0 (-0.0 counts as zero); 16-bit floats are tested on their bits (fast)."""
+    if w.dtype.itemsize == 2:
+        return (w.view(np.uint16) & np.uint16(0x7FFF)) != 0
+    return w != 0
+
+
+def _compress_one(w: np.ndarray, tile_k: int, tile_n: int, slot_align: int):
+    """One matrix [K, N] -> (values [S, tile_n], rows [S, tile_n], offsets [NT, KT+1])."""
+    k, n = w.shape
+    kt_count, nt_count = k // tile_k, n // tile_n
+    nz = _nonzero_mask(w)
+    # Nonzero count per (K tile, column), then per-tile capacity = longest column.
+    col_counts = nz.reshape(kt_count, tile_k, n).sum(axis=1)                    # [KT, N]
+    cap = col_counts.reshape(kt_count, nt_count, tile_n).max(axis=2)            # [KT, NT]
+    cap = -(-cap // slot_align) * slot_align
+    caps = cap.T.reshape(-1).astype(np.int64)                                   # nt-major
+    starts = np.concatenate([[0], np.cumsum(caps)])
+    total = int(starts[-1])
+    offsets = np.empty((nt_count, kt_count + 1), np.int64)
+    offsets[:, :kt_count] = starts[:-1].reshape(nt_count, kt_count)
+    offsets[:, kt_count] = starts[kt_count::kt_count]
+    if total >= 2**31:
+        raise ValueError(f"{total} slot rows do not fit int32 offsets; use larger tiles")
+    # Rank of each nonzero inside its (K tile, column): a running count down the tile.
+    run = nz.astype(np.uint16 if tile_k < 2**16 else np.int32)
+    np.cumsum(run.reshape(kt_count, tile_k, n), axis=1, out=run.reshape(kt_count, tile_k, n))
+    flat = np.flatnonzero(nz)
+    rank = run.reshape(-1)[flat].astype(np.int64) - 1
+    rws, cols = np.divmod(flat, n)
+    kt = rws // tile_k
+    slot = offsets[cols // tile_n, kt] + rank
+    values = np.zeros((total, tile_n), w.dtype)
+    rows = np.zeros((total, tile_n), _rows_dtype(tile_k))
+    values[slot, cols % tile_n] = w.reshape(-1)[flat]
+    rows[slot, cols % tile_n] = rws % tile_k
+    return values, rows, offsets.astype(np.int32)
+
+
+def _to_dense_one(values: jax.Array, rows: jax.Array, offsets: jax.Array,
+                  static: tuple[int, int, int, int]) -> jax.Array:
+    """values/rows [S, tile_n], offsets [NT, KT+1] -> dense [K, N]."""
+    k, n, tile_k, tile_n = static
+    kt_count, nt_count = k // tile_k, n // tile_n
+    s = values.shape[0]
+    starts = offsets[:, :kt_count].reshape(-1)                                   # [NT*KT]
+    slot = jnp.arange(s, dtype=jnp.int32)
+    # The tile of each slot row: the last tile whose start is <= slot (empty tiles share
+    # their start with the next tile and sort first, so they are never picked).
+    tile = jnp.searchsorted(starts, slot, side="right").astype(jnp.int32) - 1   # [S]
+    tile = jnp.clip(tile, 0, nt_count * kt_count - 1)
+    nt, kt = tile // kt_count, tile % kt_count
+    r = kt[:, None] * tile_k + rows.astype(jnp.int32)                            # [S, tile_n]
+    c = nt[:, None] * tile_n + jnp.arange(tile_n, dtype=jnp.int32)[None, :]      # [S, tile_n]
+    # Padding slots hold 0 at their tile's row 0: adding (not setting) keeps a real
+    # nonzero that shares that position. Each position receives one nonzero at most.
+    dense = jnp.zeros((k, n), values.dtype)
+    return dense.at[r.reshape(-1), c.reshape(-1)].add(values.reshape(-1), mode="drop")
