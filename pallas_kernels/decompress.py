@@ -75,6 +75,7 @@ def load_x_positions(
     block_k: int,
     m: int,
     mask: jax.Array | None = None,
+    split: bool = False,
 ) -> list[jax.Array]:
     """The m strided column tiles of x for one K tile.
 
@@ -86,11 +87,17 @@ def load_x_positions(
       m: group size of the N:M pattern.
       mask: optional bool mask broadcastable to [bt, block_k // m] (rows/columns in
         bounds); masked elements read as 0.
+      split: load one contiguous [bt, block_k] tile and split it in registers (reshape
+        + ``jnp.split``) instead of m strided loads; then ``mask`` must be [bt, 1] or None.
 
     Returns:
       m arrays [bt, block_k // m]; entry j holds x[rows, k_start + j :: m].
     """
     g = block_k // m
+    if split:
+        tile = _load(x_ref, rows, k_start + iota(block_k, 1), mask)  # [bt, bk]
+        parts = jnp.split(tile.reshape(tile.shape[0], g, m), m, axis=2)
+        return [part.reshape(tile.shape[0], g) for part in parts]
     base = k_start + m * iota(g, 1)  # [1, g]
     return [_load(x_ref, rows, base + j, mask) for j in range(m)]
 
@@ -106,6 +113,7 @@ def load_nm_position_weights(
     m: int,
     group_mask: jax.Array | None = None,
     col_mask: jax.Array | None = None,
+    split: bool = False,
 ) -> list[jax.Array]:
     """Expand one compressed K tile of an N:M weight into its m position tiles.
 
@@ -118,6 +126,9 @@ def load_nm_position_weights(
       n, m: the N:M pattern.
       group_mask: optional bool [block_k // m, 1]: groups inside K (a ragged last tile).
       col_mask: optional bool [1, bn]: columns inside N'.
+      split: load the tile's meta words once ([words, bn]) and repeat each word to its
+        groups in registers (broadcast + reshape) instead of a gathering load per group;
+        then ``group_mask`` must be None.
 
     Returns:
       m arrays [block_k // m, bn] in the values dtype: entry j is W_j with
@@ -140,8 +151,15 @@ def load_nm_position_weights(
              for s in range(n)]  # n x [g, bn]
     # All n slots of a group share one meta word (per_word is a multiple of n): the
     # word of each group is gathered (each word serves per_word / n groups).
-    word_idx = row_start // per_word + (group * n) // per_word  # [g, 1]
-    words = _load(meta_ref, word_idx, cols, mask)  # [g, bn] int32
+    if split:
+        n_words = g * n // per_word
+        words = _load(meta_ref, row_start // per_word + iota(n_words, 0), cols, col_mask)
+        words = jnp.broadcast_to(words.reshape(n_words, 1, words.shape[-1]),
+                                 (n_words, per_word // n, words.shape[-1]))
+        words = words.reshape(g, words.shape[-1])  # [g, bn]
+    else:
+        word_idx = row_start // per_word + (group * n) // per_word  # [g, 1]
+        words = _load(meta_ref, word_idx, cols, mask)  # [g, bn] int32
     base_shift = ((group * n) % per_word) * bits  # [g, 1]
     field = (1 << bits) - 1
     # Arithmetic shift then mask: bit 31 of a word may be set, the field stays exact.

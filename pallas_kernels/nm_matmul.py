@@ -30,6 +30,10 @@ from pallas_kernels import decompress
 from pallas_kernels import tuning
 
 Method = Literal["pallas", "dense"]
+# How a kernel fetches the strided x columns and the per-group meta words of a tile:
+# "gather" = index-vector loads (strided x columns, one meta word load per group);
+# "split" = contiguous loads, then reshape/split/broadcast in registers.
+TileLoad = Literal["gather", "split"]
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Triton's dot needs every dim >= 16.
 _MIN_DOT = 16
@@ -48,6 +52,7 @@ class SparseMatmulConfig:
       block_k: dense K rows per loop step (power of two; block_k / m >= 16 on the GPU).
       split_k: programs sharing one output tile along K (partials added by XLA).
       num_warps, num_stages: Triton launch and software-pipelining depth.
+      load: "gather" or "split" (see ``TileLoad``); same result, different instructions.
     """
 
     method: Method = "pallas"
@@ -57,6 +62,7 @@ class SparseMatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    load: TileLoad = "gather"
 
     def replace(self, **kw: Any) -> SparseMatmulConfig:
         return dataclasses.replace(self, **kw)
@@ -89,6 +95,7 @@ def _nm_matmul_kernel(
     block_k: int,
     steps: int,
     split_k: int,
+    split: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
@@ -108,10 +115,12 @@ def _nm_matmul_kernel(
             in_k = k0 // m + decompress.iota(g, 1) < k // m  # [1, g]
             x_mask = in_k if row_mask is None else row_mask & in_k  # [bt, g]
         x_tiles = decompress.load_x_positions(
-            x_ref, rows, k_start=k0, block_k=block_k, m=m, mask=x_mask)  # m x [bt, g]
+            x_ref, rows, k_start=k0, block_k=block_k, m=m, mask=x_mask,
+            split=split and not ragged_k)  # m x [bt, g]
         w_tiles = decompress.load_nm_position_weights(
             values_ref, meta_ref, cols, k_start=k0, block_k=block_k, n=n, m=m,
-            group_mask=group_mask if ragged_k else None, col_mask=col_mask)  # m x [g, bn]
+            group_mask=group_mask if ragged_k else None, col_mask=col_mask,
+            split=split and not ragged_k)  # m x [g, bn]
         return decompress.nm_tile_dot(x_tiles, w_tiles, acc)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_t, block_n), jnp.float32))
@@ -147,6 +156,7 @@ def _samoyeds_matmul_kernel(
     block_k: int,
     steps: int,
     split_k: int,
+    split: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
@@ -165,11 +175,12 @@ def _samoyeds_matmul_kernel(
         for u in range(block_k // sub):
             ks = k0 + u * sub
             x_tiles = decompress.load_x_positions(
-                x_ref, rows, k_start=ks, block_k=sub, m=4, mask=row_mask)  # 4 x [bt, sub/4]
+                x_ref, rows, k_start=ks, block_k=sub, m=4, mask=row_mask,
+                split=split)  # 4 x [bt, sub/4]
             for cols in slot_cols:
                 w_tiles = decompress.load_nm_position_weights(
                     values_ref, meta_ref, cols, k_start=ks, block_k=sub, n=2, m=4,
-                    col_mask=col_mask)  # 4 x [sub/4, bg]
+                    col_mask=col_mask, split=split)  # 4 x [sub/4, bg]
                 partial = decompress.nm_tile_dot(x_tiles, w_tiles)  # [bt, bg]
                 sel_row = decompress.load_sel_row(sel_ref, ks // v, cols, col_mask)  # [1, bg]
                 accs = decompress.route_partial(accs, partial, sel_row)
@@ -235,6 +246,8 @@ def _check_config(cfg: SparseMatmulConfig) -> None:
         val = getattr(cfg, name)
         if not _pow2(val) or val < _MIN_DOT:
             raise ValueError(f"config.{name}={val} must be a power of two >= {_MIN_DOT}")
+    if cfg.load not in ("gather", "split"):
+        raise ValueError(f"config.load must be 'gather' or 'split', got {cfg.load!r}")
     if cfg.split_k < 1 or cfg.num_warps < 1 or cfg.num_stages < 1:
         raise ValueError(f"split_k, num_warps, num_stages must be >= 1, got {cfg}")
 
@@ -410,7 +423,8 @@ def nm_matmul(
     grid = (pl.cdiv(t, cfg.block_t), pl.cdiv(n_cols, cfg.block_n), cfg.split_k)
     kernel = functools.partial(
         _nm_matmul_kernel, t=t, k=k, n_cols=n_cols, n=n, m=m, block_t=cfg.block_t,
-        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split_k=cfg.split_k)
+        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split_k=cfg.split_k,
+        split=cfg.load == "split")
     return _launch(kernel, (x, w.values, w.meta), t=t, n_out=n_cols, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"nm_matmul_{n}of{m}", poison=_poison_output)
 
@@ -473,7 +487,7 @@ def samoyeds_matmul(
     kernel = functools.partial(
         _samoyeds_matmul_kernel, t=t, n_groups=n_groups, n_sel=n_sel, m_sel=m_sel, v=v,
         block_t=cfg.block_t, block_g=block_g, block_k=cfg.block_k, steps=steps,
-        split_k=cfg.split_k)
+        split_k=cfg.split_k, split=cfg.load == "split")
     return _launch(kernel, (x, w.values, w.meta, w.sel), t=t, n_out=n_out, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"samoyeds_matmul_{n_sel}of{m_sel}",
                    poison=_poison_output)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import chex
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decompress, nm_matmul as nmm, tuning
+from pallas_kernels import decompress, formats, nm_matmul as nmm, tuning
 
 # --------------------------------------------------------------------------- test weights
 
@@ -29,74 +28,24 @@ def _prune_nm(w: np.ndarray, n: int, m: int):
     return dense.reshape(k, cols), vals.reshape(k // m * n, cols), pos
 
 
-def _pack_meta(pos: np.ndarray, m: int) -> np.ndarray:
-    g, n, cols = pos.shape
-    bits = decompress.meta_bits(m)
-    per_word = 32 // bits
-    flat = pos.reshape(g * n, cols).astype(np.uint64)
-    r = np.arange(g * n)
-    meta = np.zeros(((g * n) // per_word, cols), np.uint64)
-    np.add.at(meta, r // per_word, flat << (bits * (r % per_word))[:, None].astype(np.uint64))
-    return meta.astype(np.uint32).view(np.int32)
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["values", "meta", "dense"], meta_fields=["n", "m", "k"])
-@dataclasses.dataclass(frozen=True)
-class _NM:
-    values: jax.Array
-    meta: jax.Array
-    n: int
-    m: int
-    k: int
-    dense: jax.Array
-
-    def to_dense(self):
-        return self.dense
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["values", "meta", "sel", "dense"],
-                   meta_fields=["n_sel", "m_sel", "v", "k", "n_out"])
-@dataclasses.dataclass(frozen=True)
-class _Samoyeds:
-    values: jax.Array
-    meta: jax.Array
-    sel: jax.Array
-    n_sel: int
-    m_sel: int
-    v: int
-    k: int
-    n_out: int
-    dense: jax.Array
-
-    def to_dense(self):
-        return self.dense
-
-
-def make_nm(rng, k, n_cols, *, n=2, m=4, dtype=jnp.bfloat16):
+def make_nm(rng, k, n_cols, *, n=2, m=4, dtype=jnp.bfloat16) -> formats.NMSparse:
     w = rng.standard_normal((k, n_cols)).astype(np.float32)
-    dense, vals, pos = _prune_nm(w, n, m)
-    return _NM(jnp.asarray(vals, dtype), jnp.asarray(_pack_meta(pos, m)), n, m, k,
-               jnp.asarray(dense, dtype))
+    dense, _, _ = _prune_nm(w, n, m)
+    return formats.NMSparse.from_dense(np.asarray(jnp.asarray(dense, dtype)), n=n, m=m)
 
 
 def make_samoyeds(rng, k, n_out, *, n_sel=1, m_sel=2, v=128, dtype=jnp.bfloat16):
     w = rng.standard_normal((k, n_out)).astype(np.float32)
     groups = n_out // m_sel
-    # Keep the n_sel columns of each group with the largest slab norm, ascending.
+    # Keep the n_sel columns of each group with the largest slab norm, then 2:4 inside.
     norms = np.sqrt((w.reshape(k // v, v, groups, m_sel) ** 2).sum(1))  # [S, G, m_sel]
-    sel = np.sort(np.argsort(-norms, axis=-1, kind="stable")[..., :n_sel], axis=-1)  # [S, G, n_sel]
-    sel = sel.reshape(k // v, groups * n_sel)
-    dense_col = (np.arange(groups * n_sel) // n_sel)[None, :] * m_sel + sel  # [S, Nc]
-    wc = np.take_along_axis(w.reshape(k // v, v, n_out), dense_col[:, None, :], axis=2)
-    wc_pruned, vals, pos = _prune_nm(wc.reshape(k, -1), 2, 4)
-    dense = np.zeros((k // v, v, n_out), np.float32)
-    np.put_along_axis(dense, dense_col[:, None, :].repeat(v, 1),
-                      wc_pruned.reshape(k // v, v, -1), axis=2)
-    return _Samoyeds(jnp.asarray(vals, dtype), jnp.asarray(_pack_meta(pos, 4)),
-                     jnp.asarray(sel, jnp.int8), n_sel, m_sel, v, k, n_out,
-                     jnp.asarray(dense.reshape(k, n_out), dtype))
+    drop = np.argsort(norms, axis=-1, kind="stable")[..., : m_sel - n_sel]  # [S, G, m-n]
+    keep = np.ones_like(norms, bool)
+    np.put_along_axis(keep, drop, False, axis=-1)
+    w = w * np.repeat(keep.reshape(k // v, 1, n_out), v, axis=1).reshape(k, n_out)
+    dense, _, _ = _prune_nm(w, 2, 4)
+    return formats.SamoyedsSparse.from_dense(np.asarray(jnp.asarray(dense, dtype)),
+                                             n_sel=n_sel, m_sel=m_sel, v=v)
 
 
 def _check_close(y, y_ref_f32, dtype):
@@ -122,6 +71,7 @@ NM_CASES = [
     (33, 256, 64, dict(block_k=64, split_k=2)),
     (128, 128, 32, dict(block_t=64, block_k=64)),
     (3, 96, 32, dict(block_k=64)),
+    (3, 256, 32, dict(block_k=128, load="split")),
 ]
 
 
@@ -155,11 +105,17 @@ def test_nm_matmul_f16_out_f32(rng):
 
 
 def test_meta_bit31_and_dense_method(rng):
-    # All-ones positions at the top field set bit 31: arithmetic shifts must not leak.
-    w = make_nm(rng, 64, 16)
-    assert (np.asarray(w.meta) < 0).any() or True
-    chex.assert_trees_all_equal(nmm.expand_nm(w.values, w.meta, n=2, m=4), w.dense)
+    # Kept positions {2, 3} everywhere: the top field of every word is 3, so bit 31 is set
+    # and an arithmetic shift would smear it into the fields below.
+    dense = rng.standard_normal((64, 16)).astype(np.float32)
+    dense[0::4] = 0
+    dense[1::4] = 0
+    w = formats.NMSparse.from_dense(np.asarray(jnp.asarray(dense, jnp.bfloat16)))
+    assert (np.asarray(w.meta) < 0).all()
+    chex.assert_trees_all_equal(nmm.expand_nm(w.values, w.meta, n=2, m=4), w.to_dense())
     x = _x(rng, 3, 64, jnp.bfloat16)
+    y = nmm.nm_matmul(x, w, _poison_output=True)
+    _check_close(y, nmm.nm_matmul_reference(x, w, out_dtype=jnp.float32), jnp.bfloat16)
     y = nmm.nm_matmul(x, w, config=nmm.SparseMatmulConfig(method="dense"))
     _check_close(y, nmm.nm_matmul_reference(x, w, out_dtype=jnp.float32), jnp.bfloat16)
 
@@ -176,7 +132,7 @@ def test_xla_backend_is_reference(rng):
 SAM_CASES = [
     (1, 128, 32, dict(), {}),
     (33, 256, 64, dict(), dict(block_k=256, split_k=1)),
-    (3, 256, 96, dict(), dict(block_k=128, split_k=2, block_n=32)),
+    (3, 256, 96, dict(), dict(block_k=128, split_k=2, block_n=32, load="split")),
     (128, 128, 64, dict(n_sel=2, m_sel=4, v=64), dict(block_t=64, block_k=128, block_n=32)),
 ]
 
@@ -194,7 +150,7 @@ def test_samoyeds_matmul(rng, t, k, n_out, fmt, over):
 def test_samoyeds_dense_expansion(rng):
     w = make_samoyeds(rng, 256, 64, n_sel=2, m_sel=4, v=64)
     dense = nmm.expand_samoyeds(w.values, w.meta, w.sel, n_sel=2, m_sel=4, v=64)
-    chex.assert_trees_all_equal(dense, w.dense)
+    chex.assert_trees_all_equal(dense, w.to_dense())
 
 
 # --------------------------------------------------------------------------- errors
@@ -220,8 +176,8 @@ def test_errors(rng):
     bad = dataclasses.replace(w, meta=w.meta[:1])
     with pytest.raises(ValueError, match="meta must be int32"):
         nmm.nm_matmul(x, bad)
-    with pytest.raises(ValueError, match="unsupported N:M"):
-        nmm.nm_matmul(x, dataclasses.replace(w, n=3))
+    with pytest.raises(ValueError, match="K=64 but w has K=128"):
+        nmm.nm_matmul(x, make_nm(rng, 128, 16))
     with pytest.raises(ValueError, match="block_k=32 must hold whole meta words"):
         decompress.check_block_k(32, n=1, m=4)
     s = make_samoyeds(rng, 64, 32, v=32)
