@@ -1,0 +1,269 @@
+"""Unstructured sparse matmul ``y = x @ W`` with W in per-tile column-ELL (``TiledSparse``).
+
+Load-as-Sparse: the kernel streams only the stored slots of W (values + one-byte rows)
+from HBM. Compute: each program owns one column tile (tile_n output columns), one
+range of K tiles and one block of tokens; per step it loads a contiguous
+[chunk, tile_n] block of slot values and rows, gathers the activations those rows
+point at from x^T (``x_ref[k_row, tokens]``, a gathering ref load that hits L1: a K
+tile spans only tile_k rows of x), and accumulates ``x * w`` elementwise in f32
+registers; the slot axis is summed once at the end. No scatter and no per-dense-element
+work: see ``tiled_format`` for why this variant suits Pallas Triton.
+
+Skinny products (decode: a few tokens) are bound by weight bytes, which this kernel
+cuts to ``nbytes / dense bytes`` (~0.38 at 80% sparsity with 256 x 32 tiles). The
+arithmetic is one FMA per stored slot per token on CUDA cores, so its cost grows
+with the token count; past a crossover (``config.method="densify"``, picked by
+``default_config``) the wrapper expands W to dense with XLA and runs one tensor-core
+``jnp.dot`` instead.
+
+Partial sums over K ranges (``k_splits > 1``, to give the GPU enough programs) go to
+an f32 [k_splits, t, N] buffer summed by XLA afterwards: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend as backend_lib
+from pallas_kernels.tiled_format import SUPPORTED_DTYPES, TiledSparse
+
+Method = Literal["gather", "densify"]
+TUNED_CONFIGS = pathlib.Path(__file__).parent / "tuning" / "configs" / "unstructured.json"
+# Programs to aim for when choosing k_splits: a few per SM of an H100 (132 SMs).
+_TARGET_PROGRAMS = 512
+# Above this many tokens the gather kernel's CUDA-core FMAs cost more than a dense
+# tensor-core product over an expanded W (overridden by tuned configs).
+_DENSIFY_ABOVE_TOKENS = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnstructuredConfig:
+    """How ``unstructured_matmul`` runs.
+
+    Attributes:
+      method: "gather" (the Pallas kernel) or "densify" (expand W with XLA, one dense dot).
+      block_t: tokens per program, a power of two (clipped to the padded token count).
+      chunk: slot rows per loop step, a power of two.
+      k_splits: programs along K per column tile; must divide K // tile_k. None: enough
+        splits for ~512 programs.
+      evict_first: load W with the evict-first cache policy, keeping L1/L2 for the
+        gathered x (W is read once). (Pallas Triton in jax 0.11 cannot emit ``.cg``.)
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    method: Method = "gather"
+    block_t: int = 16
+    chunk: int = 16
+    k_splits: int | None = None
+    evict_first: bool = True
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        if self.method not in ("gather", "densify"):
+            raise ValueError(f"method={self.method!r} must be 'gather' or 'densify'")
+        for name in ("block_t", "chunk"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two")
+        if self.k_splits is not None and self.k_splits < 1:
+            raise ValueError(f"k_splits={self.k_splits} must be >= 1")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of two")
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _heuristic_config(tokens: int) -> UnstructuredConfig:
+    if tokens > _DENSIFY_ABOVE_TOKENS:
+        return UnstructuredConfig(method="densify")
+    block_t = min(_next_pow2(tokens), 16)
+    # Keep the f32 accumulator near 4096-8192 values per program (tile_n = 32).
+    chunk = max(8, 128 // block_t)
+    return UnstructuredConfig(block_t=block_t, chunk=chunk, num_warps=4)
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    if not TUNED_CONFIGS.exists():
+        return {}
+    return json.loads(TUNED_CONFIGS.read_text())
+
+
+def default_config(tokens: int, w: TiledSparse | None = None) -> UnstructuredConfig:
+    """Tuned config for this device kind (nearest token key wins), else a heuristic."""
+    del w  # one table for all shapes for now
+    table = _tuned_table().get(backend_lib.device_kind(), {})
+    if table:
+        key = min(table, key=lambda s: (abs(math.log2(int(s)) - math.log2(max(tokens, 1))),
+                                         int(s)))
+        return UnstructuredConfig(**table[key])
+    return _heuristic_config(tokens)
+
+
+# ---------------------------------------------------------------------------- kernel
+def _gather_kernel(x_ref, val_ref, row_ref, off_ref, *rest, tile_k: int,
+                   k_per_split: int, chunk: int, block_t: int, evict_first: bool):
+    # x_ref: [K, Tp] (x transposed, tokens padded); val_ref, row_ref: [S, tile_n];
+    # off_ref: [NT, KT + 1] int32; o_ref: [k_splits, Tp, N]. An aliased poison buffer
+    # may sit before o_ref (tests); it is never read.
+    from jax.experimental.pallas import triton as plt
+
+    o_ref = rest[-1]
+    tile_n = val_ref.shape[1]
+    nt, split, tb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kt0 = split * k_per_split
+    # Slot rows of K tile kt0 + j are bounds[j] : bounds[j + 1], one contiguous stream.
+    bounds = [off_ref[nt, kt0 + j] for j in range(k_per_split + 1)]
+    start, end = bounds[0], bounds[-1]
+    steps = (end - start + chunk - 1) // chunk
+    tokens = pl.ds(tb * block_t, block_t)
+
+    def load(i):
+        first = start + i * chunk
+        slot = first + lax.broadcasted_iota(jnp.int32, (chunk, tile_n), 0)      # [chunk, tn]
+        live = slot < end
+        blk = pl.ds(first, chunk)
+        policy = "evict_first" if evict_first else None
+        vals = plt.load(val_ref.at[blk, :], mask=live, other=0,
+                        eviction_policy=policy)                                 # [chunk, tn]
+        rows = plt.load(row_ref.at[blk, :], mask=live, other=0,
+                        eviction_policy=policy)                                 # [chunk, tn]
+        kt = jnp.full((chunk, tile_n), kt0, jnp.int32)
+        for b in bounds[1:-1]:  # which K tile of this split each slot row belongs to
+            kt = kt + (slot >= b).astype(jnp.int32)
+        return vals, kt * tile_k + rows.astype(jnp.int32)
+
+    def body(i, carry):
+        acc, (vals, krow) = carry
+        nxt = load(i + 1)  # issued before this step's math: hides the HBM latency
+        xg = x_ref[krow, tokens]                                                # [chunk, tn, bt]
+        acc = acc + xg.astype(jnp.float32) * vals.astype(jnp.float32)[:, :, None]
+        return acc, nxt
+
+    acc = jnp.zeros((chunk, tile_n, block_t), jnp.float32)
+    acc, _ = lax.fori_loop(0, steps, body, (acc, load(0)))
+    y = jnp.sum(acc, axis=0)                                                    # [tn, bt]
+    o_ref[split, tokens, pl.ds(nt * tile_n, tile_n)] = y.T.astype(o_ref.dtype)
+
+
+def _gather_matmul(x: jax.Array, w: TiledSparse, config: UnstructuredConfig,
+                   out_dtype: jnp.dtype, out_init: jax.Array | None = None) -> jax.Array:
+    """x [t, K] -> [t, N] through the Pallas gather kernel."""
+    from jax.experimental.pallas import triton as plt
+
+    t, k = x.shape
+    kt_count, nt_count = w.grid
+    block_t = min(config.block_t, _next_pow2(t))
+    t_pad = -(-t // block_t) * block_t
+    t_blocks = t_pad // block_t
+    k_splits = config.k_splits
+    if k_splits is None:
+        k_splits = next(d for d in range(1, kt_count + 1)
+                        if kt_count % d == 0 and nt_count * d * t_blocks >= _TARGET_PROGRAMS
+                        or d == kt_count)
+    if kt_count % k_splits:
+        raise ValueError(f"{k_splits=} must divide the {kt_count} K tiles (K={k}, "
+                         f"tile_k={w.tile_k})")
+    acc_dtype = out_dtype if k_splits == 1 else jnp.float32
+    out_shape = jax.ShapeDtypeStruct((k_splits, t_pad, w.n), acc_dtype)
+    x_t = jnp.pad(x, ((0, t_pad - t), (0, 0))).T                                 # [K, Tp]
+    args = [x_t, w.values, w.rows, w.offsets]
+    aliases = {}
+    if out_init is not None:
+        if out_init.shape != out_shape.shape or out_init.dtype != out_shape.dtype:
+            raise ValueError(f"out_init must be {out_shape}, got {out_init.shape} "
+                             f"{out_init.dtype}")
+        aliases = {len(args): 0}
+        args.append(out_init)
+    kernel = functools.partial(_gather_kernel, tile_k=w.tile_k,
+                               k_per_split=kt_count // k_splits, chunk=config.chunk,
+                               block_t=block_t, evict_first=config.evict_first)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(nt_count, k_splits, t_blocks),
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+        interpret=backend_lib.interpret_mode(),
+        name="unstructured_gather_matmul",
+    )(*args)
+    y = out[0] if k_splits == 1 else jnp.sum(out, axis=0)
+    return y[:t].astype(out_dtype)
+
+
+def _validate(x: jax.Array, w: TiledSparse) -> None:
+    if not isinstance(w, TiledSparse):
+        raise ValueError(f"w must be a TiledSparse, got {type(w).__name__}")
+    if w.batch_shape:
+        raise ValueError(f"w must be one matrix [K, N], got a stack of shape {w.shape}; "
+                         "map over the leading dims with jax.vmap")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must share a dtype, got x {x.dtype} and w {w.dtype}")
+    if x.ndim < 1 or x.shape[-1] != w.k:
+        raise ValueError(f"x must be [..., K={w.k}], got shape {x.shape}")
+
+
+def unstructured_matmul(x: jax.Array, w: TiledSparse, *,
+                        config: UnstructuredConfig | None = None,
+                        backend: backend_lib.Backend | None = None,
+                        out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """``y = x @ W`` with W unstructured-sparse in ``TiledSparse`` layout.
+
+    Args:
+      x: [..., K] activations, same dtype as W (f32, bf16, f16).
+      w: TiledSparse of dense shape [K, N] (no leading batch dims).
+      config: kernel config; None picks ``default_config(tokens)``.
+      backend: "triton" (default; interpret mode on CPU) or "xla" (the reference).
+      out_dtype: output dtype; default x.dtype. Accumulation is f32 either way.
+
+    Returns:
+      [..., N] in ``out_dtype``.
+    """
+    _validate(x, w)
+    backend = backend_lib.resolve_backend(backend)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if backend == "xla":
+        return unstructured_matmul_reference(x, w, out_dtype=out_dtype)
+    if backend == "mosaic_gpu":
+        raise ValueError("unstructured_matmul has no Mosaic GPU kernel; use backend='triton' "
+                         "or 'xla'")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    t = x2.shape[0]
+    if t == 0:
+        return jnp.zeros(lead + (w.n,), out_dtype)
+    config = default_config(t, w) if config is None else config
+    if config.method == "densify":
+        y = jnp.dot(x2, w.to_dense(), preferred_element_type=jnp.float32).astype(out_dtype)
+    else:
+        y = _gather_matmul(x2, w, config, out_dtype)
+    return y.reshape(lead + (w.n,))
+
+
+def unstructured_matmul_reference(x: jax.Array, w: TiledSparse, *,
+                                  config: UnstructuredConfig | None = None,
+                                  backend: backend_lib.Backend | None = None,
+                                  out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """Pure-jnp ``x @ W``: densify W, f32 accumulate. Same signature as the kernel."""
+    del config, backend
+    _validate(x, w)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
+                precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
