@@ -89,19 +89,21 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def default_config(num_rows: int, d: int, f: int, *, sparse: bool = False) -> MoeFfnConfig:
-    """A heuristic config for ``num_rows = t * k`` routed rows and model sizes d, f.
+def default_config(num_rows: int, d: int, f: int, *, block_t: int = 16) -> MoeFfnConfig:
+    """A heuristic config for ``num_rows = t * k`` routed rows, model sizes d, f, row tile.
 
     Few rows (decode) are weight-bandwidth bound: narrower N tiles give more programs to
-    stream the weights. Sparse weights use ``block_k = 64`` (2:4 position dots of K = 16).
+    stream the weights. ``block_k <= 128`` fits Samoyeds' v = 128 slabs (2:4 position dots
+    of K = block_k / 4). Large tiles get 8 warps (gate and up accumulators live at once).
     """
     block_n = 64 if num_rows <= 256 else 128
-    block_k = 64
+    block_k = 128 if block_n <= 64 else 64  # 3 pipeline stages of x and two W tiles in SMEM
+    warps = 8 if block_t * block_n >= 64 * 128 else 4
     return MoeFfnConfig(
         gate_up=MoeTiles(block_n=_largest_pow2_divisor(f, block_n),
-                         block_k=_largest_pow2_divisor(d, block_k)),
+                         block_k=_largest_pow2_divisor(d, block_k), num_warps=warps),
         down=MoeTiles(block_n=_largest_pow2_divisor(d, block_n),
-                      block_k=_largest_pow2_divisor(f, block_k)))
+                      block_k=_largest_pow2_divisor(f, block_k), num_warps=warps))
 
 
 # ----------------------------------------------------------------------------- weight layouts
@@ -317,7 +319,7 @@ def gate_up(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
     if l1.k != d:
         raise ValueError(f"w1 must be [e, d={d}, f], got K={l1.k}")
     f = l1.n_out
-    tiles = tiles or default_config(t * plan.top_k, d, f, sparse=l1.kind != "dense").gate_up
+    tiles = tiles or default_config(t * plan.top_k, d, f, block_t=plan.block_t).gate_up
     _check_tiles("w1/w3", l1, tiles, plan.block_t)
     p_rows = plan.capacity
     out_shape = jax.ShapeDtypeStruct((p_rows, f), x.dtype)
@@ -360,7 +362,7 @@ def down(h: jax.Array, plan: RoutingPlan, w2: ExpertWeights, *, tiles: MoeTiles 
         raise ValueError(f"h must have the plan's {plan.capacity} rows, got {p_rows}")
     d = l2.n_out
     tiles = tiles or default_config(plan.num_tokens * plan.top_k, d, f,
-                                    sparse=l2.kind != "dense").down
+                                    block_t=plan.block_t).down
     _check_tiles("w2", l2, tiles, plan.block_t)
     out_shape = jax.ShapeDtypeStruct((plan.sentinel + 1, d), h.dtype)
     kernel = functools.partial(_down_kernel, layout=l2, block_t=plan.block_t,
@@ -473,7 +475,7 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
     t, d = x.shape
     f = w1.shape[2]
     if config is None:
-        config = default_config(t * plan.top_k, d, f)
+        config = default_config(t * plan.top_k, d, f, block_t=plan.block_t)
     h = gate_up(x, plan, w1, w3, tiles=config.gate_up)
     return combine(down(h, plan, w2, tiles=config.down), plan)
 
