@@ -190,7 +190,7 @@ def sweep_configs(t: int) -> dict[str, mm.MoeFfnConfig]:
     else:
         specs = {"g64k64w4_d128k64w4": ((64, 64, 4, 3), (128, 64, 4, 3)),
                  "g128k64w4s2_d128k64w4s2": ((128, 64, 4, 2), (128, 64, 4, 2)),
-                 "g128k32w8s4_d128k32w8s4": ((128, 32, 8, 4), (128, 32, 8, 4))}
+                 "g128k64w8s4_d64k64w4s4": ((128, 64, 8, 4), (64, 64, 4, 4))}
     return {name: mm.MoeFfnConfig(
         gate_up=T(block_n=g[0], block_k=g[1], num_warps=g[2], num_stages=g[3]),
         down=T(block_n=dn[0], block_k=dn[1], num_warps=dn[2], num_stages=dn[3]))
