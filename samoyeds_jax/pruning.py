@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pallas_kernels import formats, tiled_format
+
 __all__ = [
     "SUPPORTED_NM",
     "LayerReport",
@@ -62,8 +64,8 @@ __all__ = [
     "wanda_score",
 ]
 
-# The N:M patterns NMSparse stores (pallas_kernels.formats); 2:4 is the one sparse tensor cores run.
-SUPPORTED_NM: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
+# The N:M patterns NMSparse stores; 2:4 is the one sparse tensor cores run.
+SUPPORTED_NM: tuple[tuple[int, int], ...] = formats.NM_PATTERNS
 
 Format = Literal["dense", "nm", "samoyeds", "unstructured"]
 Method = Literal["magnitude", "wanda"]
@@ -396,6 +398,7 @@ class PruneConfig:
       sparsity: fraction zeroed by format "unstructured", in [0, 1).
       output: "compressed" returns format objects (NMSparse / SamoyedsSparse / TiledSparse),
         "dense" the pruned dense arrays.
+      tile_k, tile_n: TiledSparse tile size of format "unstructured" (None: its defaults).
     """
 
     format: Format
@@ -407,6 +410,8 @@ class PruneConfig:
     v: int = 128
     sparsity: float = 0.5
     output: Output = "compressed"
+    tile_k: int | None = None
+    tile_n: int | None = None
 
     def __post_init__(self):
         if self.format not in ("dense", "nm", "samoyeds", "unstructured"):
@@ -419,11 +424,19 @@ class PruneConfig:
         _check_nm(self.n, self.m)
         _check_samoyeds(self.n_sel, self.m_sel, self.v)
         _check_sparsity(self.sparsity)
+        if self.output == "compressed" and self.format == "samoyeds" and self.v % 32:
+            raise ValueError(f"v={self.v} must be a multiple of 32 for SamoyedsSparse (whole 2:4 "
+                             "meta words per slab); use output='dense' for other v")
 
     def pattern(self, k: int, n_out: int) -> Pattern:
-        """The hashable pattern of one [K, N] matrix (validates K and N against it)."""
+        """The hashable pattern of one [K, N] matrix (validates K and N against it, and
+        against the compressed format's layout when ``output == "compressed"``)."""
         if self.format == "nm":
             _check_nm(self.n, self.m, k)
+            step = formats.nm_k_multiple(self.n, self.m)
+            if self.output == "compressed" and k % step:
+                raise ValueError(f"K={k} must be a multiple of {step} to store {self.n}:{self.m} "
+                                 "as NMSparse (whole meta words); use output='dense'")
             return ("nm", self.n, self.m)
         if self.format == "samoyeds":
             _check_samoyeds(self.n_sel, self.m_sel, self.v, k, n_out)
@@ -442,21 +455,19 @@ class PruneConfig:
 def convert(w: jax.Array, config: PruneConfig) -> Any:
     """Pruned dense weight [..., K, N] -> the compressed format of ``config.format``.
 
-    "dense" returns ``w`` unchanged. Raises ValueError (from the format) if ``w`` does not
+    "nm" -> ``formats.NMSparse``, "samoyeds" -> ``formats.SamoyedsSparse``, "unstructured" ->
+    ``tiled_format.TiledSparse``; "dense" returns ``w`` unchanged. Exact:
+    ``convert(w, c).to_dense() == w``. Raises ValueError (from the format) if ``w`` does not
     satisfy the pattern.
     """
-    if config.format == "dense":
-        return w
-    from pallas_kernels import formats  # imported here: only conversion needs the kernels' package
-
     if config.format == "nm":
         return formats.NMSparse.from_dense(w, n=config.n, m=config.m)
     if config.format == "samoyeds":
         return formats.SamoyedsSparse.from_dense(w, n_sel=config.n_sel, m_sel=config.m_sel,
                                                  v=config.v)
-    from pallas_kernels import tiled_format
-
-    return tiled_format.TiledSparse.from_dense(w)
+    if config.format == "unstructured":
+        return tiled_format.TiledSparse.from_dense(w, tile_k=config.tile_k, tile_n=config.tile_n)
+    return w
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -713,6 +724,12 @@ def prune_experts(
         if unknown:
             raise ValueError(f"calibration keys {unknown} match no weight path or parent path "
                              f"of params (e.g. {paths[:3]})")
+    for i in chosen:  # shapes first: fail before any work, not after hours of it
+        shape = np.shape(leaves[paths[i]])
+        if len(shape) < 2:
+            raise ValueError(f"selected weight {paths[i]!r} must be [..., K, N]; given "
+                             f"shape={shape}")
+        config.pattern(*shape[-2:])
     if progress is None:
         total = sum(int(np.prod(np.shape(leaves[paths[i]]))) for i in chosen)
         progress = sys.stderr.isatty() and total > _LARGE_MODEL_ELEMENTS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -281,10 +282,63 @@ def _nan_at(shape, where, value=np.nan):
     (lambda: pruning.PruneConfig(format="nm", method="sparsegpt"), r"method='sparsegpt'"),
     (lambda: pruning.PruneConfig(format="nm", n=1, m=2), r"\(n, m\)=\(1, 2\)"),
     (lambda: pruning.PruneConfig(format="unstructured", sparsity=1.5), r"sparsity=1.5"),
+    (lambda: pruning.PruneConfig(format="samoyeds", v=16), r"v=16 must be a multiple of 32"),
 ])
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------- round trips
+
+
+def _round_trip_weight(rng, shape, dtype, zero_fraction):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < zero_fraction] = 0.0  # exact zeros: groups with fewer than n nonzeros
+    return jnp.asarray(w, dtype)
+
+
+def _random_lead(rng):
+    return [(), (2,), (2, 3)][rng.integers(3)]
+
+
+_F32, _BF16, _F16 = jnp.float32, jnp.bfloat16, jnp.float16
+
+
+@pytest.mark.parametrize("config,dtype", [
+    (pruning.PruneConfig(format="nm", n=2, m=4), _F32),
+    (pruning.PruneConfig(format="nm", n=2, m=4), _BF16),
+    (pruning.PruneConfig(format="nm", n=2, m=4), _F16),
+    (pruning.PruneConfig(format="nm", n=1, m=4), _F32),
+    (pruning.PruneConfig(format="nm", n=2, m=8), _BF16),
+    (pruning.PruneConfig(format="nm", n=4, m=8), _F16),
+    (pruning.PruneConfig(format="samoyeds", v=32), _F32),
+    (pruning.PruneConfig(format="samoyeds", v=32), _BF16),
+    (pruning.PruneConfig(format="samoyeds", v=64), _F16),
+    (pruning.PruneConfig(format="samoyeds", n_sel=1, m_sel=4, v=64), _BF16),
+    (pruning.PruneConfig(format="unstructured", sparsity=0.8), _F32),
+    (pruning.PruneConfig(format="unstructured", sparsity=0.5, tile_k=32, tile_n=4), _BF16),
+    (pruning.PruneConfig(format="unstructured", sparsity=0.9), _F16),
+], ids=lambda c: (f"{c.format}-{c.n}:{c.m}-{c.n_sel}:{c.m_sel}:{c.v}-{c.sparsity}"
+                  if isinstance(c, pruning.PruneConfig) else jnp.dtype(c).name))
+def test_round_trip_exact(rng, dtype, config):
+    m_sel = config.m_sel if config.format == "samoyeds" else 4
+    k = 64 * int(rng.integers(1, 4))
+    n = m_sel * int(rng.integers(1, 7))
+    shape = _random_lead(rng) + (k, n)
+    w = _round_trip_weight(rng, shape, dtype, zero_fraction=rng.choice([0.0, 0.6]))
+    p = config.prune(w)
+    c = pruning.convert(p, config)
+    assert c.shape == p.shape and c.dtype == p.dtype
+    chex.assert_trees_all_equal(c.to_dense(), p)
+
+
+def test_convert_rejects_unpruned_weights(rng):
+    w = _random_weight(rng, (64, 8))
+    with pytest.raises(ValueError, match=r"not 2:4"):
+        pruning.convert(w, pruning.PruneConfig(format="nm"))
+    with pytest.raises(ValueError, match=r"column"):
+        pruning.convert(w, pruning.PruneConfig(format="samoyeds", v=32))
 
 
 # ---------------------------------------------------------------------------- prune_experts
@@ -364,6 +418,33 @@ def test_prune_experts_select_and_per_weight_calibration(rng):
     assert "layers/0/attn/wq" in report.layers
     assert report.layers["layers/0/attn/wq"].output_rel_error is not None
     assert np.count_nonzero(_np(out["layers"][0]["attn"]["wq"])) == 64 * 64 // 2
+
+
+@pytest.mark.parametrize("fmt", ["nm", "samoyeds", "unstructured"])
+def test_prune_experts_compressed(rng, fmt):
+    params = _model(rng, layers=1, dtype=jnp.bfloat16)
+    dense_cfg = pruning.PruneConfig(format=fmt, v=32, output="dense")
+    comp_cfg = pruning.PruneConfig(format=fmt, v=32, output="compressed")
+    dense, _ = pruning.prune_experts(params, dense_cfg, progress=False)
+    comp, report = pruning.prune_experts(params, comp_cfg, progress=False)
+    for name in ("w1", "w2", "w3"):
+        obj = comp["layers"][0][name]
+        assert not isinstance(obj, jax.Array)
+        if fmt != "unstructured" or name != "w2":  # (TiledSparse.to_dense compiles slowly)
+            chex.assert_trees_all_equal(obj.to_dense(), dense["layers"][0][name])
+        r = report.layers[f"layers/0/{name}"]
+        assert r.stored_bytes == obj.nbytes and r.dense_bytes == params["layers"][0][name].nbytes
+    if fmt != "unstructured":  # TiledSparse pads slots: its bytes depend on the draw
+        assert report.stored_bytes < report.dense_bytes
+
+
+def test_prune_experts_checks_every_shape_before_pruning(rng):
+    params = _model(rng, layers=2, f=80)  # f=80: w2 has K=80, not a multiple of 32
+    with pytest.raises(ValueError, match=r"K=80 must be a multiple of 32 to store 2:4"):
+        pruning.prune_experts(params, pruning.PruneConfig(format="nm"), progress=False)
+    with pytest.raises(ValueError, match=r"K=80 .* multiple of v=32"):
+        pruning.prune_experts(params, pruning.PruneConfig(format="samoyeds", v=32),
+                              progress=False)
 
 
 def test_prune_experts_bad_calibration(rng):
