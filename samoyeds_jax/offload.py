@@ -210,12 +210,14 @@ class ExpertStore:
 # Device slot cache
 # ---------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(buffers: PyTree, expert: PyTree, slot: jax.Array) -> PyTree:
-    """buffers[slot] = expert, in place (donated)."""
-    return jax.tree_util.tree_map(
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _write_slot(buffers: PyTree, table: jax.Array, expert: PyTree, slot: jax.Array,
+                layer: jax.Array, index: jax.Array) -> tuple[PyTree, jax.Array]:
+    """buffers[slot] = expert and table[layer, index] = slot, in place (donated)."""
+    buffers = jax.tree_util.tree_map(
         lambda b, w: jax.lax.dynamic_update_index_in_dim(b, w.astype(b.dtype), slot, 0),
         buffers, expert)
+    return buffers, table.at[layer, index].set(slot)
 
 
 def _poison_value(dtype: np.dtype) -> Any:
@@ -262,6 +264,10 @@ class ExpertCache:
     ``buffers``: the store's expert pytree with every leaf stacked [slots, ...] on the
     device. ``slot_of[(layer, expert)]`` is the slot holding that expert. Fetched experts
     wait as fresh device buffers until ``commit`` writes them into their slots.
+    ``device_table``: [layers, experts] int32 on the device, the slot of each committed
+    expert (entries of evicted experts go stale; only resident experts are ever looked up).
+    Index arguments of the device-side updates are device-resident constants, so no small
+    host->device copy queues behind a large expert transfer.
     """
 
     def __init__(self, store: ExpertStore, *, slots: int, top_k: int,
@@ -285,6 +291,10 @@ class ExpertCache:
         dev = device_sharding(self.device)
         self.buffers = jax.tree_util.tree_unflatten(store.treedef, [
             jnp.zeros((slots, *spec.shape), spec.dtype, device=dev) for spec in store.leaf_specs])
+        self.device_table = jnp.full((store.num_layers, store.num_experts), -1, jnp.int32,
+                                     device=dev)
+        n = max(slots, store.num_layers, store.num_experts)
+        self._ints = [jax.device_put(np.int32(i), dev) for i in range(n)]
         self.slot_of: dict[tuple[int, int], int] = {}
         self.owner: list[tuple[int, int] | None] = [None] * slots
         self._pending: dict[int, PyTree] = {}          # slot -> fetched device pytree
@@ -346,7 +356,7 @@ class ExpertCache:
                 self._prefetched_unused.discard(old)
                 self.stats.evictions += 1
                 if self.poison_evicted:
-                    self.buffers = _poison_slot(self.buffers, jnp.int32(slot))
+                    self.buffers = _poison_slot(self.buffers, self._ints[slot])
             self.owner[slot] = key
             self.slot_of[key] = slot
             self._pending[slot] = jax.device_put(self.store.expert(*key), dev)
@@ -362,14 +372,17 @@ class ExpertCache:
         for slot in sorted(self._pending):
             if layer is not None and self.owner[slot][0] != layer:
                 continue
-            self.buffers = _write_slot(self.buffers, self._pending.pop(slot), jnp.int32(slot))
+            l, e = self.owner[slot]
+            ints = self._ints
+            self.buffers, self.device_table = _write_slot(
+                self.buffers, self.device_table, self._pending.pop(slot), ints[slot], ints[l],
+                ints[e])
 
-    def use(self, layer: int, experts: Sequence[int]) -> np.ndarray:
-        """Mark ``experts`` of ``layer`` as read by the next computation; return the slot table.
+    def use(self, layer: int, experts: Sequence[int]) -> None:
+        """Mark ``experts`` of ``layer`` as read by the next computation.
 
         Every expert must be resident and written (``fetch`` + ``commit``): a read of a
         non-resident expert raises instead of returning stale weights.
-        Returns: [e] int32 slot of each expert of ``layer`` (-1 where not resident).
         """
         for e in experts:
             key = (layer, int(e))
@@ -384,11 +397,14 @@ class ExpertCache:
             if key in self._prefetched_unused:
                 self._prefetched_unused.discard(key)
                 self.stats.prefetch_used += 1
-        return self.table(layer)
 
     def count_hits(self, layer: int, experts: Sequence[int]) -> None:
         """Count the resident ``experts`` of ``layer`` as hits (call before a demand fetch)."""
         self.stats.hits += sum((layer, int(e)) in self.slot_of for e in experts)
+
+    def layer_index(self, layer: int) -> jax.Array:
+        """``layer`` as a device-resident int32 scalar."""
+        return self._ints[layer]
 
     def table(self, layer: int) -> np.ndarray:
         """[e] int32: slot of each expert of ``layer``, -1 where not resident."""
@@ -502,8 +518,8 @@ def _jit(fn: Callable) -> Callable:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _back_with_table(back, params, h, x, routing: Routing, table, buffers):
-    slot_idx = table[routing.topk_idx]   # [t, k] expert id -> cache slot
+def _back_with_table(back, params, h, x, routing: Routing, table, layer, buffers):
+    slot_idx = table[layer][routing.topk_idx]   # [t, k] expert id -> cache slot
     return back(params, h, x, routing, slot_idx, buffers)
 
 
@@ -599,8 +615,9 @@ class OffloadDecoder:
                 experts = _unique(self._read(routing.topk_idx, stats))
                 self._demand(l, experts)
             cache.commit(l)
-            table = cache.use(l, experts)
-            h = self._back(params, h, x, routing, jnp.asarray(table), cache.buffers)
+            cache.use(l, experts)
+            h = self._back(params, h, x, routing, cache.device_table, cache.layer_index(l),
+                           cache.buffers)
 
             # --- start block l+1's transfers while block l computes ------------------
             if cfg.policy == "prefetch_all":

@@ -159,7 +159,11 @@ def test_cache_size_errors(rng):
 def _fill(cache, layer, experts):
     cache.fetch(layer, experts, demand=True)
     cache.commit(layer)
-    return cache.use(layer, experts)
+    cache.use(layer, experts)
+    table = cache.table(layer)
+    device_table = np.asarray(cache.device_table[layer])
+    np.testing.assert_array_equal(device_table[table >= 0], table[table >= 0])
+    return table
 
 
 def test_lru_evicts_least_recently_used(rng):
@@ -198,7 +202,9 @@ def test_evicted_expert_is_poisoned_and_never_served(rng):
     with pytest.raises(RuntimeError, match="not committed"):
         cache.use(1, [2])
     cache.commit(1)
-    assert cache.use(1, [2])[2] == slot and cache.table(0).tolist() == [-1, -1, -1]
+    cache.use(1, [2])
+    assert cache.table(1)[2] == slot and cache.table(0).tolist() == [-1, -1, -1]
+    assert int(cache.device_table[1, 2]) == slot
     np.testing.assert_array_equal(np.asarray(cache.buffers["w2"][slot]), layers[1]["w2"][2])
 
 
