@@ -1,0 +1,307 @@
+"""Jit-compiled generation: batched prefill, then decode under ``jax.jit``.
+
+- Prompts of different lengths are left-padded to a common length (rounded up to a bucket so
+  nearby lengths share one compiled prefill) with an attention mask; each row gets the rotary
+  positions and logits it would get alone.
+- ``prefill`` and ``decode_step`` are pure functions of ``(graphdef, state, ...)``, jitted once
+  per shape; ``decode_step`` traces once and is reused for every token.
+- Without a streaming callback the whole decode loop runs inside one jitted ``lax.while_loop``
+  that stops when every row has produced EOS or after ``max_new_tokens``; with a callback, a host
+  loop calls the jitted ``decode_step`` and hands each new token to the callback.
+- Sampling: greedy (temperature 0), or temperature with optional top-k and top-p, from an explicit
+  PRNG key.
+- Executables are compiled ahead of time (``jit(...).lower(...).compile()``), so the reported
+  prefill/decode seconds exclude compilation (reported separately) and end at ``block_until_ready``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from samoyeds_jax.model import KVCache, MoETransformer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is picked from the logits.
+
+    Attributes:
+      temperature: 0 means greedy (argmax); otherwise logits are divided by it and sampled.
+      top_k: keep only the k most likely tokens (0 = off).
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 = off).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Pick one token per row.
+
+    Args:
+      logits: ``[b, v]`` float.
+      key: PRNG key (unused when greedy).
+      config: static sampling settings.
+    Returns:
+      ``[b]`` int32 token ids.
+    """
+    logits = logits.astype(jnp.float32)
+    if config.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / config.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if config.top_k > 0:
+        k = min(config.top_k, logits.shape[-1])
+        kth = jax.lax.top_k(logits, k)[0][:, k - 1:k]  # [b, 1]
+        logits = jnp.where(logits < kth, neg, logits)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [b, v] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep a token while the mass of strictly more likely tokens is below top_p; the top
+        # token is always kept.
+        keep = mass_before < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: int = 16
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts to one length, rounded up to a multiple of ``bucket``.
+
+    Returns:
+      ``(tokens [b, T] int32, mask [b, T] bool)``, padding on the left, mask False there.
+    """
+    if not prompts:
+        raise ValueError("need at least one prompt, got none")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
+    width = -(-max(lengths) // bucket) * bucket
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = np.asarray(p, np.int32)
+        mask[i, width - len(p):] = True
+    return tokens, mask
+
+
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
+            cache: KVCache, key: jax.Array, *, sampling: SamplingConfig
+            ) -> tuple[jax.Array, KVCache]:
+    """Feed the prompts ``tokens [b, T]`` and sample the first new token ``[b]``."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, mask=mask, cache=cache, logits_for="last")
+    return sample(logits, key, sampling), cache
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, cache: KVCache,
+                key: jax.Array, *, sampling: SamplingConfig) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row ``[b]`` and sample the next ``[b]``."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(token[:, None], cache=cache, logits_for="last")
+    return sample(logits, key, sampling), cache
+
+
+def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cache: KVCache,
+                key: jax.Array, eos_id: jax.Array, pad_id: jax.Array, *,
+                sampling: SamplingConfig, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Generate up to ``max_new_tokens`` tokens per row inside one ``lax.while_loop``.
+
+    Args:
+      first: ``[b]`` the token sampled by prefill (output position 0).
+      eos_id, pad_id: ``[]`` int32 (traced, so changing them does not recompile); eos_id -1
+        means no stop token.
+    Returns:
+      ``(tokens [b, max_new_tokens] int32, steps [] int32)``: positions after a row's EOS hold
+      ``pad_id``; ``steps`` counts the positions written (decode steps run = steps - 1).
+    """
+    b = first.shape[0]
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = first == eos_id
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, done, key, out = carry
+        key, sub = jax.random.split(key)
+        nxt, cache = decode_step(graphdef, state, token, cache, sub, sampling=sampling)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), i))
+        done = done | (nxt == eos_id)
+        return i + 1, nxt, cache, done, key, out
+
+    steps, _, _, _, _, out = jax.lax.while_loop(
+        cond, body, (jnp.ones((), jnp.int32), first, cache, done, key, out))
+    return out, steps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    """Output of ``Generator.generate``.
+
+    Attributes:
+      tokens: ``[b, max_new_tokens]`` int32, new tokens; after a row's EOS (kept) comes ``pad_id``.
+      lengths: ``[b]`` new tokens per row, EOS included.
+      prompt_tokens: real (unpadded) prompt tokens in the batch.
+      prefill_seconds, decode_seconds: wall time of the compiled prefill / decode, compile excluded.
+      decode_steps: decode steps run (each produces one token per row).
+      compile_seconds: time spent compiling for this call (0 when cached).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    compile_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-12)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced by decode steps (batch rows x steps) per second."""
+        return self.tokens.shape[0] * self.decode_steps / max(self.decode_seconds, 1e-12)
+
+
+class Generator:
+    """Compiles and runs prefill + decode for one model and one sampling config.
+
+    Compiled executables are cached per (batch, prompt width, max_new_tokens), so repeated calls
+    with the same shapes never recompile.
+    """
+
+    def __init__(self, model: MoETransformer, *, sampling: SamplingConfig = SamplingConfig(),
+                 eos_id: int | None = None, pad_id: int = 0, bucket: int = 16):
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.sampling = sampling
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.bucket = bucket
+        self._prefill = jax.jit(prefill, static_argnums=0, static_argnames="sampling",
+                                donate_argnames="cache")
+        self._step = jax.jit(decode_step, static_argnums=0, static_argnames="sampling",
+                             donate_argnames="cache")
+        self._loop = jax.jit(decode_loop, static_argnums=0,
+                             static_argnames=("sampling", "max_new_tokens"))
+        self._compiled: dict[tuple, Any] = {}
+
+    def _compile(self, name: str, fn, *args, **kwargs):
+        """AOT-compile ``fn`` for these argument shapes once; returns (executable, seconds spent)."""
+        shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), args[2:])
+        key = (name, str(jax.tree.structure(args[2:])), tuple(jax.tree.leaves(shapes)),
+               tuple(sorted(kwargs.items())))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        exe = fn.lower(*args, **kwargs).compile()
+        self._compiled[key] = exe
+        return exe, time.perf_counter() - t0
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 key: jax.Array | None = None,
+                 stream: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+        """Generate for a batch of token-id prompts.
+
+        Args:
+          prompts: b lists of token ids (lengths may differ).
+          max_new_tokens: new tokens per row, at most.
+          key: PRNG key for sampling (default ``jax.random.key(0)``).
+          stream: optional ``stream(position, tokens [b])`` called on the host for every new
+            position as it is produced (rows that already ended get ``pad_id``).
+        Returns:
+          a ``GenerationResult``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        key = jax.random.key(0) if key is None else key
+        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket)
+        b, width = tokens.shape
+        cache = KVCache.init(self.config, b, width + max_new_tokens)
+        key, k0 = jax.random.split(key)
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+
+        pre, c_pre = self._compile("prefill", self._prefill, self.graphdef, self.state, tokens,
+                                   mask, cache, k0, sampling=self.sampling)
+        if stream is None:
+            first_shape = jax.ShapeDtypeStruct((b,), jnp.int32)
+            scalar = jax.ShapeDtypeStruct((), jnp.int32)
+            loop, c_dec = self._compile(
+                "loop", self._loop, self.graphdef, self.state, first_shape, cache, key, scalar,
+                scalar, sampling=self.sampling, max_new_tokens=max_new_tokens)
+        else:
+            step, c_dec = self._compile("step", self._step, self.graphdef, self.state,
+                                        jax.ShapeDtypeStruct((b,), jnp.int32), cache, key,
+                                        sampling=self.sampling)
+
+        t0 = time.perf_counter()
+        first, cache = pre(self.state, tokens, mask, cache, k0)
+        first.block_until_ready()
+        t_prefill = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if stream is None:
+            eos = jnp.asarray(-1 if self.eos_id is None else self.eos_id, jnp.int32)
+            out, steps = loop(self.state, first, cache, key, eos, jnp.asarray(self.pad_id, jnp.int32))
+            out = np.asarray(jax.block_until_ready(out))
+            steps = int(steps)
+        else:
+            out = np.full((b, max_new_tokens), self.pad_id, np.int32)
+            token = np.asarray(first)
+            out[:, 0] = token
+            stream(0, token.copy())
+            done = token == self.eos_id if self.eos_id is not None else np.zeros(b, bool)
+            steps = 1
+            while steps < max_new_tokens and not done.all():
+                key, sub = jax.random.split(key)
+                nxt, cache = step(self.state, jnp.asarray(token), cache, sub)
+                token = np.where(done, self.pad_id, np.asarray(nxt))
+                out[:, steps] = token
+                stream(steps, token.copy())
+                if self.eos_id is not None:
+                    done |= token == self.eos_id
+                steps += 1
+        t_decode = time.perf_counter() - t0
+
+        lengths = np.full((b,), steps, np.int32)
+        if self.eos_id is not None:
+            for r in range(b):
+                hits = np.flatnonzero(out[r, :steps] == self.eos_id)
+                if hits.size:
+                    lengths[r] = hits[0] + 1
+        return GenerationResult(tokens=out, lengths=lengths, prompt_tokens=int(np.sum(mask)),
+                                prefill_seconds=t_prefill, decode_seconds=t_decode,
+                                decode_steps=steps - 1, compile_seconds=c_pre + c_dec)
+
+
+def generate(model: MoETransformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
+             eos_id: int | None = None, pad_id: int = 0,
+             stream: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+    """One-shot ``Generator(model, ...).generate(prompts, ...)``."""
+    return Generator(model, sampling=sampling, eos_id=eos_id, pad_id=pad_id).generate(
+        prompts, max_new_tokens=max_new_tokens, key=key, stream=stream)

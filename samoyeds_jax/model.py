@@ -1,0 +1,327 @@
+"""Decoder-only MoE transformer (Flax NNX) for the Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE families.
+
+Data path: ``tokens -> embed_tokens -> [input_layernorm -> self_attn -> post_attention_layernorm
+-> mlp (MoE)] x l -> norm -> lm_head -> logits``, residual connections around attention and MoE.
+Each MoE block returns the routing it pre-computed for the next block (pre-gating), which the
+model hands to that block.
+
+Parameter names (Hugging Face ``model.`` prefix dropped; Hugging Face linear ``weight`` [out, in]
+is stored transposed as ``kernel`` [in, out] for ``y = x @ W``):
+
+================================================  =============================================
+Hugging Face                                      here
+================================================  =============================================
+``model.embed_tokens.weight`` [v, d]              ``embed_tokens.embedding`` [v, d]
+``model.layers.{i}.input_layernorm.weight``       ``layers.{i}.input_layernorm.scale``
+``model.layers.{i}.self_attn.q_proj.weight``      ``layers.{i}.self_attn.q_proj.kernel`` (+ ``.bias``)
+``...self_attn.{k,v}_proj.weight``                ``...self_attn.{k,v}_proj.kernel`` (+ ``.bias``)
+``...self_attn.o_proj.weight``                    ``...self_attn.o_proj.kernel``
+``...self_attn.{q,k}_norm.weight`` (Qwen3, OLMoE) ``...self_attn.{q,k}_norm.scale``
+``model.layers.{i}.post_attention_layernorm``     ``layers.{i}.post_attention_layernorm.scale``
+``...block_sparse_moe`` (Mixtral) / ``...mlp``    ``layers.{i}.mlp`` (the MoE layer's own names)
+``model.norm.weight``                             ``norm.scale``
+``lm_head.weight`` [v, d]                         ``lm_head.kernel`` [d, v] (absent when tied)
+================================================  =============================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from samoyeds_jax.config import ExpertFormat, MoEBackend, MoEConfig, PregateMode
+from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
+from samoyeds_jax.moe import MoE
+
+LogitsFor = Literal["all", "last"]
+
+SUPPORTED_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything that shapes the transformer; ``attention`` and ``moe`` go to each block.
+
+    Attributes:
+      architecture: Hugging Face ``model_type`` this config came from ("tiny" for the preset).
+      vocab_size: v.
+      num_layers: l.
+      attention: per-block attention config (d, heads, kv heads, head_dim, rope theta, q/k norm).
+      moe: per-block MoE config (d, f, e, k, router norm, shared expert, format, backend, pre-gate).
+      norm_eps: RMSNorm epsilon.
+      tie_word_embeddings: the output projection reuses ``embed_tokens``.
+      max_position_embeddings: longest sequence the model was trained for (informational).
+      bos_token_id, eos_token_id: special token ids (None when unknown).
+      dtype: activation / KV cache dtype; param_dtype: parameter dtype.
+    """
+
+    architecture: str
+    vocab_size: int
+    num_layers: int
+    attention: AttentionConfig
+    moe: MoEConfig
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.vocab_size <= 0 or self.num_layers <= 0:
+            raise ValueError(
+                f"vocab_size and num_layers must be positive, got {self.vocab_size=}, {self.num_layers=}")
+        if self.attention.d_model != self.moe.d_model:
+            raise ValueError(
+                f"attention d_model={self.attention.d_model} != moe d_model={self.moe.d_model}")
+
+    @property
+    def d_model(self) -> int:
+        return self.attention.d_model
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with ``changes`` applied; ``moe=dict(...)`` / ``attention=dict(...)`` update those fields."""
+        for name in ("moe", "attention"):
+            if isinstance(changes.get(name), Mapping):
+                changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, *, expert_format: ExpertFormat = "dense", backend: MoEBackend = "xla",
+             pregate: PregateMode = "standard", dtype: Any = jnp.float32,
+             param_dtype: Any = jnp.float32) -> ModelConfig:
+        """A small Mixtral-like model (d=128, 2 layers, 4 experts top-2, f=256, GQA 4/2 heads, v=512).
+
+        Sizes are multiples of 128 so every sparse expert format applies.
+        """
+        d = 128
+        return cls(
+            architecture="tiny", vocab_size=512, num_layers=2,
+            attention=AttentionConfig(d_model=d, num_heads=4, num_kv_heads=2, head_dim=32,
+                                      rope_theta=10_000.0, norm_eps=1e-6),
+            moe=MoEConfig(d_model=d, d_ff=256, num_experts=4, top_k=2,
+                          router_norm="topk_softmax", expert_format=expert_format,
+                          backend=backend, pregate=pregate),
+            norm_eps=1e-6, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+            dtype=dtype, param_dtype=param_dtype)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], *, expert_format: ExpertFormat = "dense",
+                backend: MoEBackend = "xla", pregate: PregateMode = "standard",
+                dtype: Any = None, param_dtype: Any = None) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+        ``dtype``/``param_dtype`` default to the config's ``torch_dtype`` (float32 if absent).
+        Raises ValueError naming the field for unsupported architectures or options.
+        """
+        arch = hf.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture model_type={arch!r}; expected one of {SUPPORTED_ARCHITECTURES}")
+
+        def need(key: str):
+            if key not in hf:
+                raise ValueError(f"config.json of model_type={arch!r} is missing {key!r}")
+            return hf[key]
+
+        d = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = hf.get("num_key_value_heads") or heads
+        head_dim = hf.get("head_dim") or d // heads
+        eps = hf.get("rms_norm_eps", 1e-6)
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
+            raise ValueError(f"rope_scaling={rope_scaling!r} is not supported (only plain RoPE)")
+        if hf.get("clip_qkv") is not None:
+            raise ValueError(f"clip_qkv={hf['clip_qkv']!r} is not supported (only None)")
+        if arch in ("qwen2_moe", "qwen3_moe"):
+            if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+                raise ValueError(
+                    "dense (non-MoE) layers are not supported: need decoder_sparse_step=1 and empty "
+                    f"mlp_only_layers, got {hf.get('decoder_sparse_step')=}, {hf.get('mlp_only_layers')=}")
+            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        else:
+            window = hf.get("sliding_window")
+
+        if arch == "mixtral":
+            d_ff, experts = need("intermediate_size"), need("num_local_experts")
+            router_norm = "topk_softmax"
+        else:
+            d_ff = need("intermediate_size" if arch == "olmoe" else "moe_intermediate_size")
+            experts = need("num_experts")
+            router_norm = "topk_softmax" if hf.get("norm_topk_prob", False) else "softmax_topk"
+        shared = {}
+        if arch == "qwen2_moe" and hf.get("shared_expert_intermediate_size", 0):
+            shared = dict(num_shared_experts=1, shared_d_ff=hf["shared_expert_intermediate_size"],
+                          shared_gate="sigmoid")
+
+        qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(arch, "none")
+        qkv_bias = True if arch == "qwen2_moe" else bool(hf.get("attention_bias", False))
+        if dtype is None or param_dtype is None:
+            torch_dtype = _DTYPES.get(str(hf.get("torch_dtype", "float32")), jnp.float32)
+            dtype = dtype or torch_dtype
+            param_dtype = param_dtype or torch_dtype
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            architecture=arch, vocab_size=need("vocab_size"), num_layers=need("num_hidden_layers"),
+            attention=AttentionConfig(
+                d_model=d, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                rope_theta=float(hf.get("rope_theta", 10_000.0)), qkv_bias=qkv_bias,
+                qk_norm=qk_norm, norm_eps=eps, sliding_window=window),
+            moe=MoEConfig(d_model=d, d_ff=d_ff, num_experts=experts,
+                          top_k=need("num_experts_per_tok"), router_norm=router_norm,
+                          expert_format=expert_format, backend=backend, pregate=pregate, **shared),
+            norm_eps=eps, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
+            dtype=dtype, param_dtype=param_dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Slot-addressed key/value cache of every layer (see ``samoyeds_jax.layers``).
+
+    Attributes:
+      keys, values: one ``[b, s, kv_h, hd]`` array per layer.
+      valid: ``[b, s]`` bool, slots holding real tokens.
+      lengths: ``[b]`` int32, real tokens per row so far (the next token's rotary position).
+      index: ``[]`` int32, next slot to write (the same for every row).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    lengths: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, slots: int) -> KVCache:
+        """An empty cache of ``slots`` slots for ``batch`` rows in ``config.dtype``."""
+        a = config.attention
+        shape = (batch, slots, a.num_kv_heads, a.head_dim)
+        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+        return cls(keys=zeros, values=tuple(jnp.zeros(shape, config.dtype) for _ in zeros),
+                   valid=jnp.zeros((batch, slots), bool), lengths=jnp.zeros((batch,), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def slots(self) -> int:
+        return self.valid.shape[1]
+
+
+def default_mlp(config: ModelConfig, *, block_index: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The MoE layer of block ``block_index``, built from ``config.moe``."""
+    return MoE(config.moe, block_index=block_index, num_blocks=config.num_layers,
+               dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+
+
+MlpFactory = Callable[..., nnx.Module]
+"""``factory(config: ModelConfig, *, block_index, rngs) -> module`` with
+``module(x [n, d], *, routing) -> (y, next_routing)``; the default is ``default_mlp``."""
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); y = h + moe(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, *, block_index: int = 0,
+                 mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+        self.self_attn = Attention(config.attention, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+        self.mlp = mlp_factory(config, block_index=block_index, rngs=rngs)
+
+    def __call__(self, x, *, positions, mask, cache_k, cache_v, index, routing=None):
+        """x ``[b, t, d]`` -> ``(y [b, t, d], cache_k, cache_v, next_routing)``."""
+        b, t, d = x.shape
+        a, cache_k, cache_v = self.self_attn(self.input_layernorm(x), positions=positions, mask=mask,
+                                             cache_k=cache_k, cache_v=cache_v, index=index)
+        h = x + a
+        # The MoE layer routes a flat token list: [b*t, d].
+        m, next_routing = self.mlp(self.post_attention_layernorm(h).reshape(b * t, d), routing=routing)
+        return h + m.reshape(b, t, d).astype(h.dtype), cache_k, cache_v, next_routing
+
+
+class MoETransformer(nnx.Module):
+    """Decoder-only MoE language model.
+
+    ``model(tokens [b, t], mask=..., cache=...) -> (logits, cache)``. Without a cache, a fresh one of
+    exactly t slots is used (a plain forward); for generation, pass ``KVCache.init(config, b, s)``
+    and feed the prompt, then one token at a time.
+    """
+
+    def __init__(self, config: ModelConfig, *, mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
+                                      param_dtype=config.param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([DecoderBlock(config, block_index=i, mlp_factory=mlp_factory, rngs=rngs)
+                                for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=config.dtype,
+                            param_dtype=config.param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
+                                      dtype=config.dtype, param_dtype=config.param_dtype,
+                                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None,
+                 cache: KVCache | None = None, logits_for: LogitsFor = "all"
+                 ) -> tuple[jax.Array, KVCache]:
+        """Run ``t`` new tokens per row through the model.
+
+        Args:
+          tokens: ``[b, t]`` int token ids.
+          mask: ``[b, t]`` bool, False for padding (left padding); default all True.
+          cache: the KV cache to extend; its slots ``index .. index + t - 1`` are written.
+          logits_for: "all" -> logits ``[b, t, v]``; "last" -> only the last position ``[b, v]``.
+        Returns:
+          ``(logits float32, updated cache)``.
+        """
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), bool)
+        if cache is None:
+            cache = KVCache.init(self.config, b, t)
+        if cache.valid.shape[0] != b:
+            raise ValueError(f"cache batch {cache.valid.shape[0]} != tokens batch {b}")
+        if t > cache.slots:
+            raise ValueError(f"{t} tokens do not fit a cache of {cache.slots} slots")
+        mask = mask.astype(bool)
+        # Rotary position = real tokens before this one in its row.
+        positions = cache.lengths[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+        positions = jnp.maximum(positions, 0)  # [b, t]
+        zero = jnp.zeros((), jnp.int32)
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (zero, cache.index))
+        attn_mask = attention_mask(valid, cache.index, t,
+                                   sliding_window=self.config.attention.sliding_window)
+
+        x = self.embed_tokens(tokens)
+        routing = None
+        keys, values = [], []
+        for i, block in enumerate(self.layers):
+            x, k, v, routing = block(x, positions=positions, mask=attn_mask, cache_k=cache.keys[i],
+                                     cache_v=cache.values[i], index=cache.index, routing=routing)
+            keys.append(k)
+            values.append(v)
+        if logits_for == "last":
+            x = x[:, -1]
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        new_cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
+                            lengths=cache.lengths + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                            index=cache.index + t)
+        return logits.astype(jnp.float32), new_cache

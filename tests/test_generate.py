@@ -1,0 +1,167 @@
+"""Sampling, jit-compiled generation (no per-token retrace), EOS, streaming, and the CLI."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from samoyeds_jax import generate as gen_mod
+from samoyeds_jax.generate import Generator, SamplingConfig, pad_prompts, sample
+from samoyeds_jax.generate_cli import main
+from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
+
+PROMPTS = [[5, 9, 13], [7, 1, 3, 200, 11]]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model() -> MoETransformer:
+    return MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def greedy(model) -> Generator:
+    """One greedy generator for the module, so its executables compile once."""
+    return Generator(model, sampling=SamplingConfig(), eos_id=None)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_greedy_and_top_k_1_pick_the_argmax(rng):
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    want = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), SamplingConfig()), want)
+    topk1 = SamplingConfig(temperature=1.5, top_k=1)
+    for seed in range(3):
+        np.testing.assert_array_equal(sample(logits, jax.random.key(seed), topk1), want)
+
+
+def test_top_k_restricts_support(rng):
+    logits = jnp.asarray(rng.standard_normal((1, 20)), jnp.float32)
+    allowed = set(np.argsort(-np.asarray(logits[0]))[:3].tolist())
+    keys = jax.random.split(jax.random.key(1), 200)
+    draws = jax.vmap(lambda k: sample(logits, k, SamplingConfig(temperature=1.0, top_k=3)))(keys)
+    assert set(np.asarray(draws).ravel().tolist()) <= allowed
+
+
+def test_top_p_hand_case():
+    # probs 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps {0, 1} (mass before token 2 is 0.8 >= 0.7),
+    # renormalized to 0.625 / 0.375.
+    logits = jnp.log(jnp.asarray([[0.15, 0.5, 0.05, 0.3]], jnp.float32))
+    keys = jax.random.split(jax.random.key(2), 4000)
+    draws = np.asarray(jax.vmap(
+        lambda k: sample(logits, k, SamplingConfig(temperature=1.0, top_p=0.7)))(keys)).ravel()
+    assert set(draws.tolist()) == {1, 3}
+    np.testing.assert_allclose(np.mean(draws == 1), 0.625, atol=0.03)
+    # A top_p below the largest probability keeps only the top token.
+    tiny_p = jax.vmap(lambda k: sample(logits, k, SamplingConfig(temperature=1.0, top_p=0.1)))(keys[:50])
+    assert set(np.asarray(tiny_p).ravel().tolist()) == {1}
+
+
+def test_sampling_is_reproducible_from_the_key(rng):
+    logits = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9)
+    a = sample(logits, jax.random.key(7), cfg)
+    b = sample(logits, jax.random.key(7), cfg)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p")])
+def test_sampling_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_pad_prompts_left_pads_to_bucket():
+    tokens, mask = pad_prompts([[4, 5], [1, 2, 3]], pad_id=0, bucket=4)
+    np.testing.assert_array_equal(tokens, [[0, 0, 4, 5], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_prompts([[1], []])
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_greedy_generation_is_deterministic_and_does_not_recompile(greedy):
+    first = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    second = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    assert second.compile_seconds == 0.0  # same shapes: cached executables
+    assert first.tokens.shape == (2, NEW) and (first.lengths == NEW).all()
+    assert first.decode_steps == NEW - 1 and first.prompt_tokens == 8
+
+
+def test_generation_matches_teacher_forced_forward(model, greedy):
+    """Greedy tokens equal the argmax of one plain (uncached, unpadded) forward over them."""
+    res = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    p = PROMPTS[1]
+    seq = jnp.asarray([p + res.tokens[1, :NEW - 1].tolist()], jnp.int32)
+    logits, _ = jax.jit(lambda m, s: m(s))(model, seq)  # [1, len(p) + NEW - 1, v]
+    want = np.argmax(np.asarray(logits[0, len(p) - 1:]), axis=-1)
+    np.testing.assert_array_equal(res.tokens[1], want)
+
+
+def test_eos_stops_and_pads(greedy):
+    ref = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    eos = int(ref.tokens[0, 2])
+    greedy.eos_id = eos
+    try:
+        res = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    finally:
+        greedy.eos_id = None
+    assert res.compile_seconds == 0.0  # the EOS id is traced, not baked in
+    first_hit = int(np.flatnonzero(ref.tokens[0] == eos)[0])
+    assert res.lengths[0] == first_hit + 1
+    np.testing.assert_array_equal(res.tokens[0, :first_hit + 1], ref.tokens[0, :first_hit + 1])
+    assert (res.tokens[0, first_hit + 1:] == 0).all()  # pad_id after EOS
+    hits1 = np.flatnonzero(ref.tokens[1] == eos)
+    assert res.lengths[1] == (hits1[0] + 1 if hits1.size else NEW)
+
+
+def test_streaming_matches_the_jitted_loop(greedy):
+    seen = []
+    res = greedy.generate(PROMPTS, max_new_tokens=NEW,
+                          stream=lambda pos, toks: seen.append((pos, toks)))
+    ref = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    assert [p for p, _ in seen] == list(range(NEW))
+    np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), ref.tokens)
+
+
+def test_decode_step_traces_once(model):
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(gen_mod.decode_step, n=1), static_argnums=0,
+                   static_argnames="sampling")
+    graphdef, state = nnx.split(model)
+    tokens, mask = pad_prompts(PROMPTS, bucket=8)
+    cache = KVCache.init(model.config, 2, 8 + NEW)
+    _, cache = model(jnp.asarray(tokens), mask=jnp.asarray(mask), cache=cache)
+    token = jnp.asarray([1, 2], jnp.int32)
+    key = jax.random.key(0)
+    for _ in range(NEW - 1):  # a retrace on any token would raise here
+        key, sub = jax.random.split(key)
+        token, cache = step(graphdef, state, token, cache, sub, sampling=SamplingConfig())
+    assert int(cache.index) == 8 + NEW - 1
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_runs_end_to_end_on_the_tiny_model(capsys):
+    assert main(["--max-new-tokens", "3", "--no-eos", "--prompt", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "prefill" in out and "decode" in out
+    assert "compile" in out and "block_until_ready" in out
+    assert "output   [" in out
+
+
+def test_cli_rejects_text_prompt_without_tokenizer():
+    with pytest.raises(ValueError, match="token ids"):
+        main(["--prompt", "hello world", "--max-new-tokens", "1"])
