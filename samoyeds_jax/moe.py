@@ -123,16 +123,6 @@ def expert_ffn_loop(x: jax.Array, routing: Routing, experts: ExpertWeights,
     return jnp.einsum("etd,te->td", out, combine).astype(dtype)
 
 
-def _pallas_moe_ffn():
-    """``pallas_kernels.moe_matmul.moe_ffn`` and ``RoutingPlan``, or None when not available."""
-    try:
-        from pallas_kernels.moe_matmul import moe_ffn
-        from pallas_kernels.routing_plan import RoutingPlan
-    except ImportError:
-        return None
-    return moe_ffn, RoutingPlan
-
-
 def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
                backend: MoEBackend, dtype: Dtype) -> jax.Array:
     """The one switch between expert implementations. x [t, d] -> [t, d] ``dtype``.
@@ -144,30 +134,36 @@ def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
     if backend == "xla":
         return expert_ffn_ragged(x, routing, experts, dtype=dtype)
     if backend == "pallas":
-        found = _pallas_moe_ffn()
-        if found is None:
-            raise ValueError(
-                "backend='pallas' needs pallas_kernels.moe_matmul.moe_ffn, which is not "
-                "available in this installation; use backend='xla'")
-        moe_ffn, _ = found
-        return _expert_ffn_pallas(moe_ffn, x, routing, experts, dtype)
+        return _expert_ffn_pallas(x, routing, experts, dtype)
     raise ValueError(f"backend must be 'xla' or 'pallas', got {backend!r}")
 
 
-def _expert_ffn_pallas(moe_ffn, x, routing, experts, dtype):
+def _expert_ffn_pallas(x, routing, experts, dtype):
+    # Imported here: the XLA path never loads Pallas.
+    from pallas_kernels.moe_matmul import moe_ffn
     from pallas_kernels.routing_plan import RoutingPlan
-    cast = lambda w: w.astype(dtype) if isinstance(w, jax.Array) else w  # noqa: E731
+
     e = experts.num_experts
     plan = RoutingPlan.build(routing.topk_idx, routing.topk_weights, num_experts=e,
-                             block_t=_pallas_block_t(x.shape[0], routing.top_k))
-    y = moe_ffn(x.astype(dtype), plan, cast(experts.w1), cast(experts.w3), cast(experts.w2))
-    return y.astype(dtype)
+                             block_t=_pallas_block_t(x.shape[0], routing.top_k, e))
+    w1, w3, w2 = (_kernel_weight(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
+    return moe_ffn(x.astype(dtype), plan, w1, w3, w2).astype(dtype)
 
 
-def _pallas_block_t(t: int, k: int) -> int:
-    """Row tile of the routed-token kernel: small tiles for decode, 64 for prefill."""
-    rows = t * k
-    return 16 if rows <= 64 else 64
+def _kernel_weight(w, dtype):
+    """A weight the routed-token kernel takes, in ``dtype``: dense, NMSparse or SamoyedsSparse
+    with cast values; other formats (tiled unstructured) are expanded to dense."""
+    from pallas_kernels.formats import NMSparse, SamoyedsSparse
+    if isinstance(w, NMSparse | SamoyedsSparse):
+        return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
+    return _as_dense(w, dtype)
+
+
+def _pallas_block_t(t: int, k: int, e: int) -> int:
+    """Row tile of the routed-token kernel from the mean rows per expert: 16 (the smallest
+    tensor-core dot) for decode, up to 64 for prefill."""
+    per_expert = t * k / e
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
 # ----------------------------------------------------------------------------- modules
@@ -295,7 +291,9 @@ class MoE(nnx.Module):
                                      param_dtype=param_dtype, rngs=rngs)
                        if c.num_shared_experts else None)
         self.recall_stats = RecallStats(RecallCounts.zeros())
-        if c.expert_format != "dense":
+        if c.expert_format != "dense" and not isinstance(self.w1[...], jax.core.Tracer):
+            # Magnitude pruning of the initial weights; under abstract evaluation
+            # (nnx.eval_shape) the experts stay dense. Load real weights, then ``sparsify()``.
             self.sparsify()
 
     # -- weights
@@ -304,27 +302,30 @@ class MoE(nnx.Module):
         """The stacked routed-expert weights as stored (dense or sparse format pytrees)."""
         return ExpertWeights(self.w1.get_value(), self.w3.get_value(), self.w2.get_value())
 
-    def sparsify(self, **prune_kwargs) -> None:
-        """Prune and store the expert weights in ``config.expert_format``.
+    def sparsify(self, *, method: str = "magnitude", calibration: jax.Array | None = None):
+        """Prune the routed experts and store them in ``config.expert_format``, in place.
 
-        Uses ``samoyeds_jax.pruning.prune_experts`` (magnitude-based unless told otherwise);
-        ``prune_kwargs`` are passed on. Weights already in a sparse format are left as they are.
+        Uses ``samoyeds_jax.pruning.prune_experts`` with ``config.sparsity``'s pattern.
+        ``method``: ``"magnitude"`` or ``"wanda"`` (needs ``calibration``: this block's inputs
+        [t, d], or per-expert routed inputs [e, t, d]). Returns the ``pruning.PruneReport``
+        (None when the format is dense or the weights are already stored sparse).
         """
-        if self.config.expert_format == "dense":
-            return
-        if hasattr(self.w1.get_value(), "to_dense"):
-            return
-        try:
-            from samoyeds_jax import pruning
-        except ImportError as err:
-            raise ValueError(
-                f"expert_format={self.config.expert_format!r} needs samoyeds_jax.pruning, "
-                "which is not available in this installation") from err
-        pruned = pruning.prune_experts(self.expert_weights(), self.config.expert_format,
-                                       self.config.sparsity, **prune_kwargs)
-        self.w1.set_value(pruned.w1)
-        self.w3.set_value(pruned.w3)
-        self.w2.set_value(pruned.w2)
+        fmt = self.config.expert_format
+        if fmt == "dense" or hasattr(self.w1.get_value(), "to_dense"):
+            return None
+        from samoyeds_jax import pruning
+
+        sp = self.config.sparsity
+        prune_config = pruning.PruneConfig(
+            format=fmt, method=method, n=sp.n, m=sp.m, n_sel=sp.n_sel, m_sel=sp.m_sel, v=sp.v,
+            sparsity=1.0 - sp.density)
+        w = self.expert_weights()
+        params = {"experts": {"w1": w.w1, "w3": w.w3, "w2": w.w2}}
+        calib = None if calibration is None else {"experts": calibration}
+        converted, report = pruning.prune_experts(params, prune_config, calib, progress=False)
+        for name in ("w1", "w3", "w2"):
+            getattr(self, name).set_value(converted["experts"][name])
+        return report
 
     # -- routing
 
