@@ -137,9 +137,11 @@ class ModelConfig:
         kv_heads = hf.get("num_key_value_heads") or heads
         head_dim = hf.get("head_dim") or d // heads
         eps = hf.get("rms_norm_eps", 1e-6)
-        rope_scaling = hf.get("rope_scaling")
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
-            raise ValueError(f"rope_scaling={rope_scaling!r} is not supported (only plain RoPE)")
+        # Older configs: rope_theta + rope_scaling; newer ones: rope_parameters holding both.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope!r} is not supported (only plain RoPE)")
+        theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
         if hf.get("clip_qkv") is not None:
             raise ValueError(f"clip_qkv={hf['clip_qkv']!r} is not supported (only None)")
         if arch in ("qwen2_moe", "qwen3_moe"):
@@ -164,7 +166,8 @@ class ModelConfig:
                           shared_gate="sigmoid")
 
         qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(arch, "none")
-        qkv_bias = True if arch == "qwen2_moe" else bool(hf.get("attention_bias", False))
+        qkv_bias = (bool(hf.get("qkv_bias", True)) if arch == "qwen2_moe"
+                    else bool(hf.get("attention_bias", False)))
         if dtype is None or param_dtype is None:
             torch_dtype = _DTYPES.get(str(hf.get("torch_dtype", "float32")), jnp.float32)
             dtype = dtype or torch_dtype
@@ -176,7 +179,7 @@ class ModelConfig:
             architecture=arch, vocab_size=need("vocab_size"), num_layers=need("num_hidden_layers"),
             attention=AttentionConfig(
                 d_model=d, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                rope_theta=float(hf.get("rope_theta", 10_000.0)), qkv_bias=qkv_bias,
+                rope_theta=theta, qkv_bias=qkv_bias,
                 qk_norm=qk_norm, norm_eps=eps, sliding_window=window),
             moe=MoEConfig(d_model=d, d_ff=d_ff, num_experts=experts,
                           top_k=need("num_experts_per_tok"), router_norm=router_norm,

@@ -77,7 +77,8 @@ def test_from_hf_maps_every_family():
 @pytest.mark.parametrize("bad,match", [
     (dict(MIXTRAL_8X7B, model_type="llama"), "unsupported architecture"),
     ({k: v for k, v in MIXTRAL_8X7B.items() if k != "num_local_experts"}, "num_local_experts"),
-    (dict(QWEN3_30B, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (dict(QWEN3_30B, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
+    (dict(QWEN3_30B, rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope scaling"),
     (dict(QWEN15_MOE, mlp_only_layers=[0]), "dense"),
     (dict(OLMOE, clip_qkv=8.0), "clip_qkv"),
 ])
