@@ -731,3 +731,70 @@ class SimpleMoEBlock:
             # select, not multiply: an unused (possibly poisoned) slot never leaks NaN
             y = y + jnp.where(used[u] < e, comb[:, None] * out, 0.0)
         return h + y.astype(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Stacks of samoyeds_jax.moe.MoE layers
+# ---------------------------------------------------------------------------------------
+
+_EXPERT_PARAMS = ("w1", "w3", "w2")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("rest",),
+                   meta_fields=("graphdef", "placeholder"))
+@dataclasses.dataclass(frozen=True)
+class MoELayerParams:
+    """An ``MoE`` module without its routed-expert weights: graph (static) + remaining state."""
+
+    graphdef: Any
+    placeholder: Any     # expert params as 0-size arrays (static, hashable treedef + dtypes)
+    rest: Any
+
+    def module(self):
+        from flax import nnx
+        ph = jax.tree_util.tree_unflatten(
+            self.placeholder[0], [jnp.zeros((0,), dt) for dt in self.placeholder[1]])
+        return nnx.merge(self.graphdef, ph, self.rest)
+
+
+def _moe_front(p: MoELayerParams, h: jax.Array):
+    moe = p.module()
+    return h, h, moe.route(h), moe.predict_next(h)
+
+
+def _moe_back(p: MoELayerParams, h, x, routing: Routing, slot_idx, buffers):
+    from samoyeds_jax.moe import ExpertWeights
+    moe = p.module()
+    slots = Routing(slot_idx.astype(jnp.int32), routing.topk_weights, None)
+    y = moe.apply_experts(x, slots, experts=ExpertWeights(*(buffers[n] for n in _EXPERT_PARAMS)))
+    return h + y.astype(h.dtype)
+
+
+MOE_BLOCK_FNS = BlockFns(front=_moe_front, back=_moe_back)
+
+
+def moe_stack(moes: Sequence[Any], *, device: jax.Device | None = None
+              ) -> tuple[BlockFns, list[MoELayerParams], ExpertStore]:
+    """Offload the routed experts of a stack of ``samoyeds_jax.moe.MoE`` layers.
+
+    Block l computes ``h + moe_l.apply_experts(h, routing)`` (residual MoE layers, no
+    attention): with ``routing_source="pregate"`` and ``MoEConfig.pregate="pregated"`` this
+    is ``moe_l(h, routing=prev)`` chained over the stack. The modules' expert weights
+    ``w1/w3/w2`` (dense or sparse-format pytrees with leading e) move to an ``ExpertStore``;
+    every other parameter (gates, pre-gates, shared experts) stays on the device.
+    Returns ``(block_fns, layer_params, store)`` for ``OffloadDecoder``.
+    """
+    from flax import nnx
+
+    def is_expert(path, _value):
+        return len(path) == 1 and path[0] in _EXPERT_PARAMS
+
+    params, stacks = [], []
+    for moe in moes:
+        graphdef, experts, rest = nnx.split(moe, is_expert, ...)
+        leaves, treedef = jax.tree_util.tree_flatten(experts)
+        params.append(MoELayerParams(graphdef, (treedef, tuple(a.dtype for a in leaves)),
+                                     jax.device_put(rest, device_sharding(device))))
+        w = moe.expert_weights()
+        stacks.append({"w1": w.w1, "w3": w.w3, "w2": w.w2})
+    return MOE_BLOCK_FNS, params, ExpertStore.from_stacked(stacks, device=device)

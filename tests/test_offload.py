@@ -44,7 +44,8 @@ def _model(rng, *, top_k, layers=L, experts=E, gated=True):
 
 
 def _decode(block, params, store, *, top_k, steps, h0, **config):
-    dec = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
+    fns = block if isinstance(block, off.BlockFns) else block.fns()
+    dec = off.OffloadDecoder(fns, params, store, top_k=top_k,
                              config=off.OffloadConfig(poison_evicted=True, **config),
                              max_tokens=h0.shape[0])
     h, outs = h0, []
@@ -326,3 +327,41 @@ def test_config_errors(rng):
                            config=off.OffloadConfig(policy="on_demand", slots=0))
     with pytest.raises(ValueError, match="layer params"):
         off.OffloadDecoder(block.fns(), params[:1], store, top_k=1)
+
+
+# ----------------------------------------------------------------------------- MoE layers
+
+
+@pytest.mark.parametrize("mode,source,policies", [
+    ("pregated", "pregate", ("on_demand", "pregated", "prefetch_all")),
+    ("speculative", "router", ("on_demand", "speculative")),
+])
+def test_moe_stack_offloaded_matches_module_chain(rng, mode, source, policies):
+    """A stack of samoyeds_jax.moe.MoE layers: offloaded decode == chaining the modules.
+
+    The layer's ragged_dot path orders rows by cache slot, and on CPU a row's rounding can
+    depend on its position in the matmul, so policies agree to f32 rounding here (bit-exact
+    agreement is tested with SimpleMoEBlock, whose arithmetic ignores the slot layout).
+    """
+    from flax import nnx
+
+    from samoyeds_jax.config import MoEConfig
+    from samoyeds_jax.moe import MoE
+    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, pregate=mode)
+    seed = int(rng.integers(2**31))
+    moes = [MoE(cfg, block_index=i, num_blocks=3, track_recall=False, rngs=nnx.Rngs(seed + i))
+            for i in range(3)]
+    fns, params, store = off.moe_stack(moes)
+    assert store.expert(2, 3)["w2"].sharding.memory_kind == "pinned_host"
+    h0 = _inputs(rng, 3)
+    h, routing = h0, None
+    for m in moes:
+        y, routing = m(h, routing=routing)
+        h = h + y
+    ref, _ = _decode(fns, params, store, top_k=2, steps=1, h0=h0, policy="gpu_only",
+                     routing_source=source)
+    chex.assert_trees_all_close(ref[0], np.asarray(h), rtol=1e-6, atol=1e-6)
+    for policy in policies:
+        got, _ = _decode(fns, params, store, top_k=2, steps=1, h0=h0, policy=policy,
+                         routing_source=source, slots=4 if policy == "prefetch_all" else 6)
+        chex.assert_trees_all_close(got, ref, rtol=2e-5, atol=2e-5, custom_message=policy)
