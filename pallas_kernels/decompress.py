@@ -76,8 +76,9 @@ def load_x_positions(
     m: int,
     mask: jax.Array | None = None,
     split: bool = False,
+    transpose: bool = False,
 ) -> list[jax.Array]:
-    """The m strided column tiles of x for one K tile.
+    """The m strided column tiles of x (or of x^T) for one K tile.
 
     Args:
       x_ref: activations ref [T, K].
@@ -89,11 +90,18 @@ def load_x_positions(
         bounds); masked elements read as 0.
       split: load one contiguous [bt, block_k] tile and split it in registers (reshape
         + ``jnp.split``) instead of m strided loads; then ``mask`` must be [bt, 1] or None.
+        Ignored with ``transpose``.
+      transpose: return x^T tiles [block_k // m, bt]; then ``rows`` is [1, bt] and
+        ``mask`` broadcastable to [block_k // m, bt].
 
     Returns:
-      m arrays [bt, block_k // m]; entry j holds x[rows, k_start + j :: m].
+      m arrays [bt, block_k // m] (or [block_k // m, bt] with ``transpose``); entry j holds
+      x[rows, k_start + j :: m].
     """
     g = block_k // m
+    if transpose:
+        base = k_start + m * iota(g, 0)  # [g, 1]
+        return [_load(x_ref, rows, base + j, mask) for j in range(m)]
     if split:
         tile = _load(x_ref, rows, k_start + iota(block_k, 1), mask)  # [bt, bk]
         parts = jnp.split(tile.reshape(tile.shape[0], g, m), m, axis=2)
@@ -114,6 +122,7 @@ def load_nm_position_weights(
     group_mask: jax.Array | None = None,
     col_mask: jax.Array | None = None,
     split: bool = False,
+    transpose: bool = False,
 ) -> list[jax.Array]:
     """Expand one compressed K tile of an N:M weight into its m position tiles.
 
@@ -129,10 +138,13 @@ def load_nm_position_weights(
       split: load the tile's meta words once ([words, bn]) and repeat each word to its
         groups in registers (broadcast + reshape) instead of a gathering load per group;
         then ``group_mask`` must be None.
+      transpose: return W_j^T tiles [bn, block_k // m] (weights as the left dot operand,
+        ``sum_j W_j^T @ x_j^T``); then ``cols`` is [bn, 1], ``group_mask`` [1, g] and
+        ``col_mask`` [bn, 1].
 
     Returns:
-      m arrays [block_k // m, bn] in the values dtype: entry j is W_j with
-      ``x[:, k_start:k_start+block_k] @ W_tile == sum_j x_j @ W_j`` (``load_x_positions``).
+      m arrays [block_k // m, bn] (or [bn, block_k // m]) in the values dtype: entry j is
+      W_j with ``x[:, k_start:k_start+block_k] @ W_tile == sum_j x_j @ W_j``.
     """
     bits = meta_bits(m)
     per_word = 32 // bits
@@ -145,7 +157,8 @@ def load_nm_position_weights(
     elif col_mask is not None:
         mask = col_mask
     row_start = k_start * n // m  # first compressed row; a multiple of per_word
-    group = iota(g, 0)  # [g, 1]
+    gaxis = 1 if transpose else 0
+    group = iota(g, gaxis)  # [g, 1] ([1, g] transposed)
     # Slot s of group g is compressed row row_start + g*n + s: a stride-n row load.
     slots = [_load(values_ref, row_start + n * group + s, cols, mask)
              for s in range(n)]  # n x [g, bn]
@@ -153,14 +166,19 @@ def load_nm_position_weights(
     # word of each group is gathered (each word serves per_word / n groups).
     if split:
         n_words = g * n // per_word
-        words = _load(meta_ref, row_start // per_word + iota(n_words, 0), cols, col_mask)
-        words = jnp.broadcast_to(words.reshape(n_words, 1, words.shape[-1]),
-                                 (n_words, per_word // n, words.shape[-1]))
-        words = words.reshape(g, words.shape[-1])  # [g, bn]
+        words = _load(meta_ref, row_start // per_word + iota(n_words, gaxis), cols, col_mask)
+        if transpose:  # [bn, n_words] -> [bn, g]
+            bn = words.shape[0]
+            words = jnp.broadcast_to(words.reshape(bn, n_words, 1), (bn, n_words, per_word // n))
+            words = words.reshape(bn, g)
+        else:  # [n_words, bn] -> [g, bn]
+            bn = words.shape[-1]
+            words = jnp.broadcast_to(words.reshape(n_words, 1, bn), (n_words, per_word // n, bn))
+            words = words.reshape(g, bn)
     else:
-        word_idx = row_start // per_word + (group * n) // per_word  # [g, 1]
-        words = _load(meta_ref, word_idx, cols, mask)  # [g, bn] int32
-    base_shift = ((group * n) % per_word) * bits  # [g, 1]
+        word_idx = row_start // per_word + (group * n) // per_word  # [g, 1] / [1, g]
+        words = _load(meta_ref, word_idx, cols, mask)  # [g, bn] / [bn, g] int32
+    base_shift = ((group * n) % per_word) * bits  # [g, 1] / [1, g]
     field = (1 << bits) - 1
     # Arithmetic shift then mask: bit 31 of a word may be set, the field stays exact.
     positions = [(words >> (base_shift + s * bits)) & field for s in range(n)]  # n x [g, bn]
@@ -175,11 +193,12 @@ def load_nm_position_weights(
 
 
 def nm_tile_dot(
-    x_tiles: list[jax.Array], w_tiles: list[jax.Array], acc: jax.Array | None = None
+    lhs_tiles: list[jax.Array], rhs_tiles: list[jax.Array], acc: jax.Array | None = None
 ) -> jax.Array:
-    """``sum_j x_tiles[j] @ w_tiles[j]`` with f32 accumulation -> [bt, bn] float32."""
-    for x_j, w_j in zip(x_tiles, w_tiles, strict=True):
-        d = jnp.dot(x_j, w_j, preferred_element_type=jnp.float32)
+    """``sum_j lhs_tiles[j] @ rhs_tiles[j]`` with f32 accumulation (x_j @ W_j -> [bt, bn],
+    or W_j^T @ x_j^T -> [bn, bt])."""
+    for a, b in zip(lhs_tiles, rhs_tiles, strict=True):
+        d = jnp.dot(a, b, preferred_element_type=jnp.float32)
         acc = d if acc is None else acc + d
     assert acc is not None
     return acc
@@ -187,7 +206,8 @@ def nm_tile_dot(
 
 def load_sel_row(sel_ref, slab: jax.Array | int, cols: jax.Array,
                  col_mask: jax.Array | None = None) -> jax.Array:
-    """The Samoyeds selection row of one V slab for columns ``cols`` [1, bn] -> [1, bn] int32."""
+    """The Samoyeds selection of one V slab for columns ``cols`` ([1, bn] or [bn, 1]) -> int32
+    of the same shape."""
     row = jnp.full((1, 1), slab, jnp.int32)
     return _load(sel_ref, row, cols, col_mask).astype(jnp.int32)
 
@@ -195,7 +215,8 @@ def load_sel_row(sel_ref, slab: jax.Array | int, cols: jax.Array,
 def route_partial(
     accs: list[jax.Array], partial: jax.Array, sel_row: jax.Array
 ) -> list[jax.Array]:
-    """Add a slab's partial product [bt, bn] to accumulator set ``sel_row`` [1, bn].
+    """Add a slab's partial product [bt, bn] to accumulator set ``sel_row`` [1, bn]
+    (transposed: [bn, bt] and [bn, 1]).
 
     ``accs[o]`` collects the columns whose kept dense column has offset o inside its
     group in this slab (Samoyeds' per-slab row selection); the sets are later stored

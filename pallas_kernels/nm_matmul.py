@@ -34,6 +34,10 @@ Method = Literal["pallas", "dense"]
 # "gather" = index-vector loads (strided x columns, one meta word load per group);
 # "split" = contiguous loads, then reshape/split/broadcast in registers.
 TileLoad = Literal["gather", "split"]
+# Operand order of the tile product: "xw" computes x_tile @ W_tile [bt, bn]; "wx" computes
+# W_tile^T @ x_tile^T [bn, bt] (weights on the left: M = block_n even for one token, so the
+# expanded weights can feed the MMA from registers).
+Order = Literal["xw", "wx"]
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Triton's dot needs every dim >= 16.
 _MIN_DOT = 16
@@ -53,6 +57,7 @@ class SparseMatmulConfig:
       split_k: programs sharing one output tile along K (partials added by XLA).
       num_warps, num_stages: Triton launch and software-pipelining depth.
       load: "gather" or "split" (see ``TileLoad``); same result, different instructions.
+      order: "xw" or "wx" (see ``Order``).
     """
 
     method: Method = "pallas"
@@ -63,6 +68,7 @@ class SparseMatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     load: TileLoad = "gather"
+    order: Order = "xw"
 
     def replace(self, **kw: Any) -> SparseMatmulConfig:
         return dataclasses.replace(self, **kw)
@@ -94,41 +100,47 @@ def _nm_matmul_kernel(
     block_n: int,
     block_k: int,
     steps: int,
-    split_k: int,
     split: bool,
+    wlhs: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
     c0 = pid_n * block_n
     g = block_k // m
-    rows = t0 + decompress.iota(block_t, 0)  # [bt, 1]
-    cols = c0 + decompress.iota(block_n, 1)  # [1, bn]
+    # wlhs: weights are the left dot operand, the tile is computed transposed [bn, bt].
+    tax, cax = (1, 0) if wlhs else (0, 1)
+    rows = t0 + decompress.iota(block_t, tax)  # [bt, 1] ([1, bt] if wlhs)
+    cols = c0 + decompress.iota(block_n, cax)  # [1, bn] ([bn, 1] if wlhs)
     row_mask = rows < t if t % block_t else None
     col_mask = cols < n_cols if n_cols % block_n else None
     ragged_k = k % block_k != 0
 
     def body(step, acc):
         k0 = (pid_s * steps + step) * block_k
-        group_mask = x_mask = row_mask
+        group_mask, x_mask = None, row_mask
         if ragged_k:
-            group_mask = k0 // m + decompress.iota(g, 0) < k // m  # [g, 1]
-            in_k = k0 // m + decompress.iota(g, 1) < k // m  # [1, g]
-            x_mask = in_k if row_mask is None else row_mask & in_k  # [bt, g]
+            group_mask = k0 // m + decompress.iota(g, tax) < k // m  # [g, 1] / [1, g]
+            in_k = k0 // m + decompress.iota(g, cax) < k // m  # [1, g] / [g, 1]
+            x_mask = in_k if row_mask is None else row_mask & in_k
         x_tiles = decompress.load_x_positions(
             x_ref, rows, k_start=k0, block_k=block_k, m=m, mask=x_mask,
-            split=split and not ragged_k)  # m x [bt, g]
+            split=split and not ragged_k, transpose=wlhs)  # m x [bt, g] / [g, bt]
         w_tiles = decompress.load_nm_position_weights(
             values_ref, meta_ref, cols, k_start=k0, block_k=block_k, n=n, m=m,
-            group_mask=group_mask if ragged_k else None, col_mask=col_mask,
-            split=split and not ragged_k)  # m x [g, bn]
+            group_mask=group_mask, col_mask=col_mask, split=split and not ragged_k,
+            transpose=wlhs)  # m x [g, bn] / [bn, g]
+        if wlhs:
+            return decompress.nm_tile_dot(w_tiles, x_tiles, acc)
         return decompress.nm_tile_dot(x_tiles, w_tiles, acc)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_t, block_n), jnp.float32))
+    shape = (block_n, block_t) if wlhs else (block_t, block_n)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
     _store(o_ref, acc, rows + pid_s * t, cols, row_mask, col_mask)
 
 
 def _store(o_ref, acc, rows, cols, row_mask, col_mask):
-    # o_ref is [split_k * t, N]: split s owns rows s*t .. s*t + t - 1.
+    # o_ref is [split_k * t, N]: split s owns rows s*t .. s*t + t - 1. rows/cols are index
+    # arrays shaped like acc's axes ([bt,1]/[1,bn], or transposed [1,bt]/[bn,1]).
     mask = row_mask
     if col_mask is not None:
         mask = col_mask if mask is None else mask & col_mask
@@ -155,15 +167,16 @@ def _samoyeds_matmul_kernel(
     block_g: int,
     block_k: int,
     steps: int,
-    split_k: int,
     split: bool,
+    wlhs: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
     g0 = pid_n * block_g  # first column group of the tile
-    rows = t0 + decompress.iota(block_t, 0)  # [bt, 1]
+    tax, cax = (1, 0) if wlhs else (0, 1)
+    rows = t0 + decompress.iota(block_t, tax)  # [bt, 1] / [1, bt]
     sub = min(block_k, v)  # rows of one slab inside a K step
-    groups = g0 + decompress.iota(block_g, 1)  # [1, bg]
+    groups = g0 + decompress.iota(block_g, cax)  # [1, bg] / [bg, 1]
     row_mask = rows < t if t % block_t else None
     col_mask = groups < n_groups if n_groups % block_g else None
     # Compressed columns g*n_sel + i of the tile's groups, one strided load per slot i.
@@ -176,43 +189,80 @@ def _samoyeds_matmul_kernel(
             ks = k0 + u * sub
             x_tiles = decompress.load_x_positions(
                 x_ref, rows, k_start=ks, block_k=sub, m=4, mask=row_mask,
-                split=split)  # 4 x [bt, sub/4]
+                split=split, transpose=wlhs)  # 4 x [bt, sub/4] / [sub/4, bt]
             for cols in slot_cols:
                 w_tiles = decompress.load_nm_position_weights(
                     values_ref, meta_ref, cols, k_start=ks, block_k=sub, n=2, m=4,
-                    col_mask=col_mask, split=split)  # 4 x [sub/4, bg]
-                partial = decompress.nm_tile_dot(x_tiles, w_tiles)  # [bt, bg]
-                sel_row = decompress.load_sel_row(sel_ref, ks // v, cols, col_mask)  # [1, bg]
-                accs = decompress.route_partial(accs, partial, sel_row)
+                    col_mask=col_mask, split=split, transpose=wlhs)  # 4 x [sub/4, bg]
+                if wlhs:
+                    partial = decompress.nm_tile_dot(w_tiles, x_tiles)  # [bg, bt]
+                else:
+                    partial = decompress.nm_tile_dot(x_tiles, w_tiles)  # [bt, bg]
+                sel = decompress.load_sel_row(sel_ref, ks // v, cols, col_mask)  # [1,bg]/[bg,1]
+                accs = decompress.route_partial(accs, partial, sel)
         return tuple(accs)
 
-    zeros = tuple(jnp.zeros((block_t, block_g), jnp.float32) for _ in range(m_sel))
+    shape = (block_g, block_t) if wlhs else (block_t, block_g)
+    zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_sel))
     accs = jax.lax.fori_loop(0, steps, body, zeros)
     # Set o holds dense columns g*m_sel + o: a stride-m_sel store per set.
     for o, acc in enumerate(accs):
         _store(o_ref, acc, rows + pid_s * t, groups * m_sel + o, row_mask, col_mask)
 
 
+def _expand_nm_kernel(values_ref, meta_ref, o_ref, *, n: int, m: int, block_k: int,
+                      block_n: int, n_cols: int):
+    # values_ref [K*n/m, N], meta_ref [.., N] -> o_ref [K, N]: one [block_k, block_n] tile.
+    k0 = pl.program_id(0) * block_k
+    cols = pl.program_id(1) * block_n + decompress.iota(block_n, 1)  # [1, bn]
+    col_mask = cols < n_cols if n_cols % block_n else None
+    tiles = decompress.load_nm_position_weights(
+        values_ref, meta_ref, cols, k_start=k0, block_k=block_k, n=n, m=m,
+        col_mask=col_mask, split=True)  # m x [g, bn]
+    rows = k0 + m * decompress.iota(block_k // m, 0)  # [g, 1]
+    for j, w_j in enumerate(tiles):
+        _store(o_ref, w_j, rows + j, cols, None, col_mask)
+
+
+def _expand_samoyeds_kernel(values_ref, meta_ref, sel_ref, o_ref, *, m_sel: int, v: int,
+                            block_k: int, block_g: int, n_groups: int):
+    # n_sel == 1: compressed column c is group c. o_ref [K, N]; the tile is [block_k] rows
+    # (inside one slab) by block_g groups, i.e. block_g * m_sel dense columns.
+    k0 = pl.program_id(0) * block_k
+    groups = pl.program_id(1) * block_g + decompress.iota(block_g, 1)  # [1, bg]
+    col_mask = groups < n_groups if n_groups % block_g else None
+    tiles = decompress.load_nm_position_weights(
+        values_ref, meta_ref, groups, k_start=k0, block_k=block_k, n=2, m=4,
+        col_mask=col_mask, split=True)  # 4 x [g, bg]
+    sel = decompress.load_sel_row(sel_ref, k0 // v, groups, col_mask)  # [1, bg]
+    rows = k0 + 4 * decompress.iota(block_k // 4, 0)  # [g, 1]
+    zero = jnp.zeros_like(tiles[0])
+    for j, w_j in enumerate(tiles):
+        for o in range(m_sel):
+            _store(o_ref, jnp.where(sel == o, w_j, zero), rows + j, groups * m_sel + o, None,
+                   col_mask)
+
+
 # --------------------------------------------------------------------------- configs
 
 
 def heuristic_config(t: int, k: int, n_cols: int) -> SparseMatmulConfig:
-    """A reasonable tiling when no tuned config exists (n_cols = columns the grid tiles)."""
+    """A reasonable tiling when no tuned config exists (n_cols = columns the grid tiles).
+
+    From H100 sweeps: few tokens want lean tiles (block_k 256, 3 stages, contiguous loads)
+    and enough programs for two waves (split K); many tokens are bound by arithmetic and
+    run fastest as one Pallas expansion plus XLA's dense matmul.
+    """
     if t <= 64:
-        # Memory bound: thin token tile, whole-K loop, enough programs to fill the SMs.
-        block_n = 64 if n_cols >= 64 * 264 else 32
-        block_k = 512 if k >= 4096 else 256
+        block_n, block_k = 64, 256
         programs = -(-n_cols // block_n)
         split_k = 1
         while programs * split_k < 264 and k // (block_k * split_k * 2) >= 4:
             split_k *= 2
         return SparseMatmulConfig(block_t=max(16, _next_pow2(t)), block_n=block_n,
-                                  block_k=block_k, split_k=split_k, num_warps=4, num_stages=4)
-    if t <= 512:
-        return SparseMatmulConfig(block_t=64, block_n=128, block_k=128, num_warps=4,
-                                  num_stages=3)
-    return SparseMatmulConfig(block_t=128, block_n=128, block_k=128, num_warps=8,
-                              num_stages=3)
+                                  block_k=block_k, split_k=split_k, num_warps=4, num_stages=3,
+                                  load="split")
+    return SparseMatmulConfig(method="dense")
 
 
 def pick_config(op: str, t: int, k: int, n_out: int, n_cols: int) -> SparseMatmulConfig:
@@ -246,6 +296,8 @@ def _check_config(cfg: SparseMatmulConfig) -> None:
         val = getattr(cfg, name)
         if not _pow2(val) or val < _MIN_DOT:
             raise ValueError(f"config.{name}={val} must be a power of two >= {_MIN_DOT}")
+    if cfg.order not in ("xw", "wx"):
+        raise ValueError(f"config.order must be 'xw' or 'wx', got {cfg.order!r}")
     if cfg.load not in ("gather", "split"):
         raise ValueError(f"config.load must be 'gather' or 'split', got {cfg.load!r}")
     if cfg.split_k < 1 or cfg.num_warps < 1 or cfg.num_stages < 1:
@@ -338,6 +390,47 @@ def expand_samoyeds(values, meta, sel, *, n_sel: int, m_sel: int, v: int) -> jax
     return dense.sum(axis=2).reshape(k, groups * m_sel)
 
 
+def expand_nm_pallas(values: jax.Array, meta: jax.Array, *, n: int, m: int,
+                     block_k: int = 256, block_n: int = 128) -> jax.Array:
+    """Dense [K, N] from NMSparse arrays with one memory-bound Pallas kernel (the "dense"
+    method: reads the compressed bytes once, writes the dense bytes once)."""
+    kc, n_cols = values.shape
+    k = kc * m // n
+    while block_k > m and k % block_k:
+        block_k //= 2
+    decompress.check_block_k(block_k, n=n, m=m)
+    block_n = min(block_n, _next_pow2(n_cols))
+    kernel = functools.partial(_expand_nm_kernel, n=n, m=m, block_k=block_k, block_n=block_n,
+                               n_cols=n_cols)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((k, n_cols), values.dtype),
+        grid=(k // block_k, pl.cdiv(n_cols, block_n)),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        interpret=backend_lib.interpret_mode(),
+        name=f"expand_nm_{n}of{m}",
+    )(values, meta)
+
+
+def expand_samoyeds_pallas(values: jax.Array, meta: jax.Array, sel: jax.Array, *, m_sel: int,
+                           v: int, block_g: int = 128) -> jax.Array:
+    """Dense [K, N] from SamoyedsSparse arrays (n_sel = 1, v a power of two) with one Pallas
+    kernel."""
+    k, nc = values.shape[0] * 2, values.shape[1]
+    block_k = min(v, 256)
+    block_g = min(block_g, _next_pow2(nc))
+    kernel = functools.partial(_expand_samoyeds_kernel, m_sel=m_sel, v=v, block_k=block_k,
+                               block_g=block_g, n_groups=nc)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((k, nc * m_sel), values.dtype),
+        grid=(k // block_k, pl.cdiv(nc, block_g)),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        interpret=backend_lib.interpret_mode(),
+        name=f"expand_samoyeds_1of{m_sel}",
+    )(values, meta, sel)
+
+
 def _dense_product(x, w_dense, out_dtype):
     return jnp.dot(x, w_dense, preferred_element_type=jnp.float32).astype(out_dtype)
 
@@ -414,7 +507,7 @@ def nm_matmul(
     cfg = config if config is not None else pick_config(op, t, k, n_cols, n_cols)
     _check_config(cfg)
     if cfg.method == "dense":
-        return _dense_product(x, expand_nm(w.values, w.meta, n=n, m=m), out_dt)
+        return _dense_product(x, expand_nm_pallas(w.values, w.meta, n=n, m=m), out_dt)
     per_word = decompress.meta_per_word(m)
     min_block_k = max(_MIN_DOT * m, per_word * m // n)
     cfg = _fit(cfg, t=t, k=k, n_cols=n_cols, min_block_k=min_block_k, k_multiple=True)
@@ -423,8 +516,8 @@ def nm_matmul(
     grid = (pl.cdiv(t, cfg.block_t), pl.cdiv(n_cols, cfg.block_n), cfg.split_k)
     kernel = functools.partial(
         _nm_matmul_kernel, t=t, k=k, n_cols=n_cols, n=n, m=m, block_t=cfg.block_t,
-        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split_k=cfg.split_k,
-        split=cfg.load == "split")
+        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split=cfg.load == "split",
+        wlhs=cfg.order == "wx")
     return _launch(kernel, (x, w.values, w.meta), t=t, n_out=n_cols, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"nm_matmul_{n}of{m}", poison=_poison_output)
 
@@ -469,7 +562,10 @@ def samoyeds_matmul(
     cfg = config if config is not None else pick_config(op, t, k, n_out, nc)
     _check_config(cfg)
     if cfg.method == "dense":
-        dense = expand_samoyeds(w.values, w.meta, w.sel, n_sel=n_sel, m_sel=m_sel, v=v)
+        if n_sel == 1 and _pow2(v):
+            dense = expand_samoyeds_pallas(w.values, w.meta, w.sel, m_sel=m_sel, v=v)
+        else:
+            dense = expand_samoyeds(w.values, w.meta, w.sel, n_sel=n_sel, m_sel=m_sel, v=v)
         return _dense_product(x, dense, out_dt)
     if not _pow2(v) or v < 4 * _MIN_DOT:
         raise ValueError(f"the Pallas kernel needs v a power of two >= {4 * _MIN_DOT}, got {v=}; "
@@ -487,7 +583,7 @@ def samoyeds_matmul(
     kernel = functools.partial(
         _samoyeds_matmul_kernel, t=t, n_groups=n_groups, n_sel=n_sel, m_sel=m_sel, v=v,
         block_t=cfg.block_t, block_g=block_g, block_k=cfg.block_k, steps=steps,
-        split_k=cfg.split_k, split=cfg.load == "split")
+        split=cfg.load == "split", wlhs=cfg.order == "wx")
     return _launch(kernel, (x, w.values, w.meta, w.sel), t=t, n_out=n_out, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"samoyeds_matmul_{n_sel}of{m_sel}",
                    poison=_poison_output)
@@ -534,7 +630,9 @@ def samoyeds_matmul_reference(
 __all__ = [
     "SparseMatmulConfig",
     "expand_nm",
+    "expand_nm_pallas",
     "expand_samoyeds",
+    "expand_samoyeds_pallas",
     "heuristic_config",
     "nm_matmul",
     "nm_matmul_reference",

@@ -72,6 +72,8 @@ NM_CASES = [
     (128, 128, 32, dict(block_t=64, block_k=64)),
     (3, 96, 32, dict(block_k=64)),
     (3, 256, 32, dict(block_k=128, load="split")),
+    (33, 96, 48, dict(block_k=64, block_n=32, order="wx")),
+    (3, 256, 64, dict(block_k=128, split_k=2, load="split", order="wx")),
 ]
 
 
@@ -134,6 +136,7 @@ SAM_CASES = [
     (33, 256, 64, dict(), dict(block_k=256, split_k=1)),
     (3, 256, 96, dict(), dict(block_k=128, split_k=2, block_n=32, load="split")),
     (128, 128, 64, dict(n_sel=2, m_sel=4, v=64), dict(block_t=64, block_k=128, block_n=32)),
+    (3, 256, 96, dict(), dict(block_k=256, block_n=32, load="split", order="wx")),
 ]
 
 
@@ -151,6 +154,16 @@ def test_samoyeds_dense_expansion(rng):
     w = make_samoyeds(rng, 256, 64, n_sel=2, m_sel=4, v=64)
     dense = nmm.expand_samoyeds(w.values, w.meta, w.sel, n_sel=2, m_sel=4, v=64)
     chex.assert_trees_all_equal(dense, w.to_dense())
+    w = make_samoyeds(rng, 256, 96)
+    dense = nmm.expand_samoyeds_pallas(w.values, w.meta, w.sel, m_sel=2, v=128, block_g=32)
+    chex.assert_trees_all_equal(dense, w.to_dense())
+
+
+@pytest.mark.parametrize("n,m,k", [(2, 4, 96), (4, 8, 128)])
+def test_expand_nm_pallas(rng, n, m, k):
+    w = make_nm(rng, k, 48, n=n, m=m)
+    chex.assert_trees_all_equal(
+        nmm.expand_nm_pallas(w.values, w.meta, n=n, m=m, block_n=32), w.to_dense())
 
 
 # --------------------------------------------------------------------------- errors
