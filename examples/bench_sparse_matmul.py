@@ -51,26 +51,33 @@ ROTATE_BYTES = 160e6  # weight bytes cycled through per loop iteration (> 3x L2)
 MIN_COPIES = 8  # weight copies (call sites) per loop iteration, at least
 
 C = nmm.SparseMatmulConfig
-# Tilings tried with --sweep. Decode (t <= 64): thin token tile, whole-K loop.
+# Tilings tried with --sweep (names: order, tile, load). Decode (t <= 64): thin token tile,
+# whole-K loop, K split until two waves of programs. A first H100 sweep showed that deep
+# pipelines of big tiles (block_k 512, 4 stages) starve occupancy; these are the lean ones.
+S, G = "split", "gather"
 DECODE_VARIANTS = {
-    "n32k512": C(block_n=32, block_k=512, num_warps=4, num_stages=4),
-    "n64k256": C(block_n=64, block_k=256, num_warps=4, num_stages=4),
-    "n64k512w8": C(block_n=64, block_k=512, num_warps=8, num_stages=3),
-    "n128k256w8": C(block_n=128, block_k=256, num_warps=8, num_stages=3),
-    "n32k256s3": C(block_n=32, block_k=256, num_warps=4, num_stages=3),
-    "n16k512": C(block_n=16, block_k=512, num_warps=4, num_stages=4),
-    "n32k512sp": C(block_n=32, block_k=512, num_warps=4, num_stages=4, load="split"),
-    "n64k256sp": C(block_n=64, block_k=256, num_warps=4, num_stages=4, load="split"),
+    "xw_n64k256_sp": C(block_n=64, block_k=256, num_stages=3, load=S),
+    "xw_n32k256_sp": C(block_n=32, block_k=256, num_stages=3, load=S),
+    "xw_n64k256_sp_s2": C(block_n=64, block_k=256, num_stages=2, load=S),
+    "xw_n32k256_ga": C(block_n=32, block_k=256, num_stages=3, load=G),
+    "wx_n64k256_ga": C(block_n=64, block_k=256, num_stages=3, load=G, order="wx"),
+    "wx_n64k256_sp": C(block_n=64, block_k=256, num_stages=3, load=S, order="wx"),
+    "wx_n32k256_sp": C(block_n=32, block_k=256, num_stages=3, load=S, order="wx"),
+    "wx_n128k256_sp": C(block_n=128, block_k=256, num_stages=3, load=S, order="wx"),
+    "wx_n64k128_sp": C(block_n=64, block_k=128, num_stages=3, load=S, order="wx"),
+    "wx_n128k256_sp_w8": C(block_n=128, block_k=256, num_warps=8, num_stages=3, load=S,
+                           order="wx"),
 }
-LARGE_VARIANTS = {
-    "t64n128k128": C(block_t=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
-    "t128n128k128w8": C(block_t=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
-    "t128n256k64w8": C(block_t=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-    "t64n64k256": C(block_t=64, block_n=64, block_k=256, num_warps=4, num_stages=3),
-    "t128n128k128w8sp": C(block_t=128, block_n=128, block_k=128, num_warps=8, num_stages=3,
-                          load="split"),
+SAM_DECODE = ("xw_n32k256_sp", "xw_n64k256_sp", "wx_n64k256_sp", "wx_n128k256_sp",
+              "wx_n64k128_sp", "wx_n32k256_sp")
+SMALL_SHAPE_DECODE = ("xw_n64k256_sp", "xw_n32k256_sp", "wx_n64k256_sp", "wx_n64k128_sp")
+MID_VARIANTS = {  # t = 256: between memory and arithmetic bound
+    "xw_t64n128k128_sp": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=S),
+    "wx_t64n128k128_sp": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=S,
+                           order="wx"),
     "dense": C(method="dense"),
 }
+LARGE_VARIANTS = {"dense": C(method="dense")}
 
 
 # --------------------------------------------------------------------------- weights
@@ -236,10 +243,6 @@ def torch_rows(shapes, tokens, log) -> list[dict]:
 # --------------------------------------------------------------------------- main
 
 
-SAM_DECODE = ("n32k512", "n64k256", "n16k512", "n32k512sp")
-SAM_LARGE = ("t64n128k128", "t128n128k128w8", "t128n128k128w8sp", "dense")
-
-
 def fill_split(cfg: nmm.SparseMatmulConfig, k: int, n_cols: int) -> nmm.SparseMatmulConfig:
     """Split K until about two waves of programs fill the 132 SMs (decode tilings)."""
     progs = -(-n_cols // cfg.block_n)
@@ -249,12 +252,13 @@ def fill_split(cfg: nmm.SparseMatmulConfig, k: int, n_cols: int) -> nmm.SparseMa
     return cfg.replace(split_k=split)
 
 
-def sweep_variants(op: str, t: int, k: int, n_cols: int) -> dict[str, nmm.SparseMatmulConfig]:
+def sweep_variants(op: str, t: int, k: int, n_cols: int, small: bool) -> dict[str, nmm.SparseMatmulConfig]:
     if t <= 64:
-        names = DECODE_VARIANTS if op == "nm" else SAM_DECODE
+        names = SMALL_SHAPE_DECODE if small else (DECODE_VARIANTS if op == "nm" else SAM_DECODE)
         return {nm: fill_split(DECODE_VARIANTS[nm].replace(block_t=64), k, n_cols) for nm in names}
-    names = LARGE_VARIANTS if op == "nm" else SAM_LARGE
-    return {nm: LARGE_VARIANTS[nm] for nm in names}
+    if t <= 256:
+        return dict(MID_VARIANTS)
+    return dict(LARGE_VARIANTS)
 
 
 OP_KEYS = {"nm": "nm_matmul_2of4", "samoyeds": "samoyeds_matmul_1of2v128"}
@@ -267,8 +271,11 @@ def main(argv=None) -> int:
                    help="comma list of " + ",".join(SHAPES))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--sweep", action="store_true", help="time several tilings (else auto only)")
-    p.add_argument("--sweep-tokens", default="1,16,4096")
-    p.add_argument("--sweep-shapes", default="mixtral_w1,mixtral_w2")
+    p.add_argument("--sweep-tokens", default="1,16,64,256,1024,4096")
+    p.add_argument("--sweep-shapes", default="mixtral_w1,mixtral_w2",
+                   help="shapes that get every decode tiling (others: a short list)")
+    p.add_argument("--small-sweep-tokens", default="1,16,256,4096",
+                   help="token counts swept for the shapes not in --sweep-shapes")
     p.add_argument("--ops", default="nm,samoyeds")
     p.add_argument("--torch", action="store_true", help="add torch cuSPARSELt rows (Mixtral shapes)")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this")
@@ -288,6 +295,7 @@ def main(argv=None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     sweep_tokens = {int(t) for t in args.sweep_tokens.split(",")} if args.sweep else set()
     sweep_shapes = set(args.sweep_shapes.split(","))
+    small_sweep_tokens = {int(t) for t in args.small_sweep_tokens.split(",")} if args.sweep else set()
     ops = args.ops.split(",")
     dtype = jnp.bfloat16
     device = backend_lib.device_kind()
@@ -363,9 +371,12 @@ def main(argv=None) -> int:
                     xf, dense_w.astype(jnp.float32), precision="highest")
                 n_cols = n_out if op_name == "nm" else n_out // 2
                 variants = {}
-                if t in sweep_tokens and name in sweep_shapes:
-                    variants = sweep_variants(op_name, t, k, n_cols)
-                variants["auto"] = nmm.pick_config(OP_KEYS[op_name], t, k, n_out, n_cols)
+                small = name not in sweep_shapes
+                if t in (small_sweep_tokens if small else sweep_tokens):
+                    variants = sweep_variants(op_name, t, k, n_cols, small)
+                auto = nmm.pick_config(OP_KEYS[op_name], t, k, n_out, n_cols)
+                if all(auto != c for c in variants.values()):
+                    variants["auto"] = auto
                 comp_bytes = _nbytes(w) + io_bytes
                 for vname, cfg in variants.items():
                     if time.time() - start > args.budget_s:
