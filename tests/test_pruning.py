@@ -180,6 +180,26 @@ def test_unstructured_ties_keep_lower_flat_positions():
     np.testing.assert_array_equal(p.reshape(-1), [1] * 4 + [0] * 12)
 
 
+def test_unstructured_matches_stable_argsort_with_many_ties(rng):
+    # Few distinct (also negative) scores: the threshold value is shared by many entries.
+    score = rng.integers(-2, 3, size=(3, 16, 12)).astype(np.float32)
+    score[1] = 1.0  # one matrix of all-equal scores
+    w = jnp.ones(score.shape, jnp.float32)
+    for sparsity in (0.3, 0.5, 0.99):
+        got = _np(pruning.prune_unstructured(w, sparsity=sparsity, score=jnp.asarray(score)))
+        n_keep = 16 * 12 - round(sparsity * 16 * 12)
+        for e in range(3):
+            order = np.argsort(-score[e].reshape(-1), kind="stable")[:n_keep]
+            expected = np.zeros(16 * 12, np.float32)
+            expected[order] = 1.0
+            np.testing.assert_array_equal(got[e].reshape(-1), expected)
+
+
+def test_unstructured_keeps_nothing_when_rounding_says_so():
+    p = pruning.prune_unstructured(jnp.ones((1, 1)), sparsity=0.6)
+    np.testing.assert_array_equal(_np(p), [[0.0]])
+
+
 def test_unstructured_zero_sign_ties():
     score = jnp.asarray([[-0.0, 0.0], [0.0, 1.0]])
     p = _np(pruning.prune_unstructured(jnp.ones((2, 2)), sparsity=0.5, score=score))
