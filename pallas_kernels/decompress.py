@@ -186,7 +186,9 @@ def load_nm_position_weights(
     tiles = []
     for j in range(m):
         w_j = zero
-        for s in range(n):
+        # Positions are strictly ascending, so slot s lies in s .. m-n+s: position j can
+        # only come from slots j-(m-n) .. j (2:4: 6 selects instead of 8).
+        for s in range(max(0, j - (m - n)), min(n - 1, j) + 1):
             w_j = jnp.where(positions[s] == j, slots[s], w_j)
         tiles.append(w_j)
     return tiles
