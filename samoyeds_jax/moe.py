@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm
+from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm, SparsityConfig
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
 Dtype = Any
@@ -326,6 +326,21 @@ class MoE(nnx.Module):
         for name in ("w1", "w3", "w2"):
             getattr(self, name).set_value(converted["experts"][name])
         return report
+
+    def to_format(self, expert_format: str, *, sparsity: SparsityConfig | None = None,
+                  method: str = "magnitude", calibration: jax.Array | None = None):
+        """Convert dense experts to ``expert_format`` (updates ``config``), in place.
+
+        ``sparsity`` defaults to the current ``config.sparsity``; the new config is validated
+        (e.g. d_ff must suit the format). Returns the ``pruning.PruneReport`` (None for dense).
+        """
+        if hasattr(self.w1.get_value(), "to_dense"):
+            raise ValueError(
+                f"experts are already stored as {type(self.w1.get_value()).__name__}; "
+                "to_format converts dense experts only")
+        self.config = self.config.replace(expert_format=expert_format,
+                                          sparsity=sparsity or self.config.sparsity)
+        return self.sparsify(method=method, calibration=calibration)
 
     # -- routing
 

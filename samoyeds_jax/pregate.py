@@ -59,7 +59,7 @@ class PregateTrainConfig:
 
     steps: int = 300
     batch_size: int = 256
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-3
     weight_decay: float = 0.0
     loss: DistillLoss = "kl"
     temperature: float = 1.0
