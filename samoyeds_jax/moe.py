@@ -65,11 +65,15 @@ class ExpertWeights:
 
     @property
     def num_experts(self) -> int:
-        return _dense_shape(self.w1)[0]
+        return self.w1.shape[0]
 
-
-def _dense_shape(w) -> tuple[int, ...]:
-    return tuple(w.shape)
+    def check(self, d_model: int) -> None:
+        """ValueError unless w1/w3 are [e, d_model, f] and w2 is [e, f, d_model]."""
+        s1, s3, s2 = (tuple(w.shape) for w in (self.w1, self.w3, self.w2))
+        if len(s1) != 3 or s1[1] != d_model or s3 != s1:
+            raise ValueError(f"w1 and w3 must both be [e, d_model={d_model}, f], got {s1} and {s3}")
+        if s2 != (s1[0], s1[2], d_model):
+            raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
 def _as_dense(w, dtype: Dtype) -> jax.Array:
@@ -400,6 +404,12 @@ class MoE(nnx.Module):
             raise ValueError(
                 f"input must be [..., d_model={self.config.d_model}], got shape {x.shape}")
 
+    def routed_experts(self, x: jax.Array, routing: Routing, experts: ExpertWeights,
+                       *, dtype: Dtype) -> jax.Array:
+        """The routed experts alone: x [t, d] -> [t, d] ``dtype`` (subclasses change where
+        they run, e.g. ``samoyeds_jax.parallel.ExpertParallelMoE``)."""
+        return expert_ffn(x, routing, experts, backend=self.config.backend, dtype=dtype)
+
     def apply_experts(self, x: jax.Array, routing: Routing,
                       experts: ExpertWeights | tuple | None = None) -> jax.Array:
         """Routed experts (+ shared experts) on a given routing: x [..., d] -> [..., d].
@@ -409,14 +419,16 @@ class MoE(nnx.Module):
         """
         if experts is None:
             experts = self.expert_weights()
-        elif isinstance(experts, tuple):
-            experts = ExpertWeights(*experts)
+        else:
+            if isinstance(experts, tuple):
+                experts = ExpertWeights(*experts)
+            experts.check(self.config.d_model)
         self._check_input(x)
         lead, d = x.shape[:-1], x.shape[-1]
         xt = x.reshape(-1, d)  # [t, d]
         routing.check_num_tokens(xt.shape[0])
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        y = expert_ffn(xt, routing, experts, backend=self.config.backend, dtype=dtype)
+        y = self.routed_experts(xt, routing, experts, dtype=dtype)
         if self.shared is not None:
             y = y + self.shared(xt).astype(dtype)
         return y.reshape(*lead, d)
