@@ -3,7 +3,10 @@
 Without ``--checkpoint`` it builds a tiny Mixtral-like model with random weights in-process
 (nothing is downloaded), so the whole path (routing, sparse expert formats, KV cache, sampling)
 runs anywhere. With ``--checkpoint DIR`` (a Hugging Face model directory) the weights are imported
-by ``samoyeds_jax.checkpoints``; a ``tokenizer.json`` there lets ``--prompt`` be text.
+by ``samoyeds_jax.checkpoints`` (it may also be a directory written by ``--converted`` or
+``checkpoints.save_converted``); a ``tokenizer.json`` there lets ``--prompt`` be text.
+``--converted DIR`` keeps the model with its experts already in ``--format`` in DIR, so pruning
+and conversion run once.
 
 Reported speeds: executables are compiled ahead of time and compile time is printed separately;
 prefill and decode wall times stop at ``block_until_ready``, so they are device time plus
@@ -34,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="Hugging Face model directory (config.json + *.safetensors); "
                         "default: the embedded tiny model with random weights")
-    p.add_argument("--format", dest="expert_format", default="dense",
+    p.add_argument("--converted", metavar="DIR", default=None,
+                   help="keep the converted model (experts in --format) in DIR: load it from "
+                        "there when present, else import --checkpoint, convert, and save it there")
+    p.add_argument("--format", dest="expert_format", default=None,
                    choices=("dense", "nm", "samoyeds", "unstructured"),
-                   help="storage format of the expert weights (pruned by magnitude when sparse)")
+                   help="storage format of the expert weights (pruned by magnitude when sparse); "
+                        "default: dense, or as stored for a converted model")
     p.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                    help="expert compute: XLA grouped matmul or the Pallas routed-token kernel")
     p.add_argument("--offload", action="store_true",
@@ -68,7 +75,9 @@ def _load_model(args) -> tuple[Any, str, Any]:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
     if args.checkpoint is None:
-        cfg = ModelConfig.tiny(expert_format=args.expert_format, backend=args.backend,
+        if args.converted is not None:
+            raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
+        cfg = ModelConfig.tiny(expert_format=args.expert_format or "dense", backend=args.backend,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
@@ -78,23 +87,17 @@ def _load_model(args) -> tuple[Any, str, Any]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path!r}: expected a directory with config.json "
                                 "and *.safetensors, found no such directory")
-    try:
-        from samoyeds_jax import checkpoints
-    except ImportError as err:
-        raise ValueError("--checkpoint needs samoyeds_jax.checkpoints, which is not available "
-                         "in this installation") from err
-    model = checkpoints.load_model(path, expert_format=args.expert_format, backend=args.backend,
-                                   dtype=dtype)
-    tokenizer = None
-    tok_path = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(tok_path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            print(f"note: {tok_path} found but the 'tokenizers' package is not installed; "
-                  "--prompt and the output are token ids", file=sys.stderr)
-        else:
-            tokenizer = Tokenizer.from_file(tok_path)
+    from samoyeds_jax import checkpoints
+
+    if args.converted is not None:
+        model, _ = checkpoints.load_or_convert(path, args.converted,
+                                               expert_format=args.expert_format,
+                                               dtype=args.dtype, backend=args.backend)
+    else:
+        model = checkpoints.load_model(path, expert_format=args.expert_format,
+                                       backend=args.backend, dtype=dtype)
+    # A missing 'tokenizers' package is reported as a warning; prompts are then token ids.
+    tokenizer = checkpoints.load_tokenizer(path)
     return model, f"{model.config.architecture} from {path}", tokenizer
 
 

@@ -158,7 +158,8 @@ class ModelConfig:
             router_norm = "topk_softmax"
         else:
             d_ff = need("intermediate_size" if arch == "olmoe" else "moe_intermediate_size")
-            experts = need("num_experts")
+            # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts.
+            experts = hf["num_experts"] if "num_experts" in hf else need("num_local_experts")
             router_norm = "topk_softmax" if hf.get("norm_topk_prob", False) else "softmax_topk"
         shared = {}
         if arch == "qwen2_moe" and hf.get("shared_expert_intermediate_size", 0):
@@ -169,7 +170,9 @@ class ModelConfig:
         qkv_bias = (bool(hf.get("qkv_bias", True)) if arch == "qwen2_moe"
                     else bool(hf.get("attention_bias", False)))
         if dtype is None or param_dtype is None:
-            torch_dtype = _DTYPES.get(str(hf.get("torch_dtype", "float32")), jnp.float32)
+            # transformers < 5 writes "torch_dtype", later versions "dtype".
+            name = str(hf.get("torch_dtype", hf.get("dtype", "float32")))
+            torch_dtype = _DTYPES.get(name, jnp.float32)
             dtype = dtype or torch_dtype
             param_dtype = param_dtype or torch_dtype
         eos = hf.get("eos_token_id")

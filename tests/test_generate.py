@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from samoyeds_jax import generate as gen_mod
-from samoyeds_jax.generate import Generator, SamplingConfig, pad_prompts, sample
+from samoyeds_jax.generate import Generator, SamplingConfig, decode_step, pad_prompts, sample
 from samoyeds_jax.generate_cli import main
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
 
@@ -137,18 +136,17 @@ def test_streaming_matches_the_jitted_loop(greedy):
 
 def test_decode_step_traces_once(model):
     chex.clear_trace_counter()
-    step = jax.jit(chex.assert_max_traces(gen_mod.decode_step, n=1), static_argnums=0,
+    step = jax.jit(chex.assert_max_traces(decode_step, n=1), static_argnums=0,
                    static_argnames="sampling")
     graphdef, state = nnx.split(model)
-    tokens, mask = pad_prompts(PROMPTS, bucket=8)
-    cache = KVCache.init(model.config, 2, 8 + NEW)
-    _, cache = model(jnp.asarray(tokens), mask=jnp.asarray(mask), cache=cache)
+    cache = KVCache.init(model.config, 2, NEW)
     token = jnp.asarray([1, 2], jnp.int32)
     key = jax.random.key(0)
-    for _ in range(NEW - 1):  # a retrace on any token would raise here
+    for _ in range(NEW):  # every call moves the cache index; a retrace on any token would raise
         key, sub = jax.random.split(key)
         token, cache = step(graphdef, state, token, cache, sub, sampling=SamplingConfig())
-    assert int(cache.index) == 8 + NEW - 1
+    assert int(cache.index) == NEW
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [NEW, NEW])
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -25,18 +25,20 @@ QWEN15_MOE = {
     "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False, "vocab_size": 151936,
     "rope_theta": 1e6, "use_sliding_window": False, "sliding_window": 32768,
     "decoder_sparse_step": 1, "mlp_only_layers": [], "eos_token_id": 151643,
+    "tie_word_embeddings": False,
 }
 QWEN3_30B = {
     "model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768, "head_dim": 128,
     "num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 48,
     "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "vocab_size": 151936,
     "rope_theta": 1e6, "attention_bias": False, "rope_scaling": None, "eos_token_id": 151645,
+    "tie_word_embeddings": False,
 }
 OLMOE = {
     "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024,
     "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 16,
     "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "vocab_size": 50304,
-    "rope_theta": 10000.0, "clip_qkv": None, "eos_token_id": 50279,
+    "rope_theta": 10000.0, "clip_qkv": None, "eos_token_id": 50279, "tie_word_embeddings": False,
 }
 
 
@@ -74,6 +76,16 @@ def test_from_hf_maps_every_family():
     assert ol.attention.qk_norm == "full" and ol.moe.router_norm == "softmax_topk"
 
 
+def test_from_hf_reads_newer_transformers_names():
+    """transformers >= 5: dtype (not torch_dtype), rope_parameters, Qwen3 num_local_experts."""
+    hf = {k: v for k, v in QWEN3_30B.items() if k not in ("num_experts", "rope_theta")}
+    hf.update(num_local_experts=128, dtype="bfloat16",
+              rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.moe.num_experts == 128 and cfg.param_dtype == jnp.bfloat16
+    assert cfg.attention.rope_theta == 5e5
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(MIXTRAL_8X7B, model_type="llama"), "unsupported architecture"),
     ({k: v for k, v in MIXTRAL_8X7B.items() if k != "num_local_experts"}, "num_local_experts"),
@@ -87,12 +99,15 @@ def test_from_hf_rejects_unsupported(bad, match):
         ModelConfig.from_hf(bad)
 
 
-def test_mixtral_8x7b_parameter_count_by_shape():
-    model = nnx.eval_shape(lambda: MoETransformer(ModelConfig.from_hf(MIXTRAL_8X7B),
-                                                  rngs=nnx.Rngs(0)))
-    params = nnx.state(model, nnx.Param)
-    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    assert total == 46_702_792_704  # Mixtral-8x7B's published parameter count
+@pytest.mark.parametrize("hf,published", [
+    (MIXTRAL_8X7B, 46.7e9), (QWEN15_MOE, 14.3e9), (QWEN3_30B, 30.5e9), (OLMOE, 6.9e9)])
+def test_full_size_parameter_counts_by_shape(hf, published):
+    """Full-size configs build abstractly (no memory) with the published parameter counts."""
+    model = nnx.eval_shape(lambda: MoETransformer(ModelConfig.from_hf(hf), rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(total - published) / published < 0.005, total
+    if hf is MIXTRAL_8X7B:
+        assert total == 46_702_792_704
 
 
 FAMILIES = {"tiny": None, "qwen2_moe": QWEN15_MOE, "qwen3_moe": QWEN3_30B, "olmoe": OLMOE}
