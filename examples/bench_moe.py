@@ -15,8 +15,8 @@ top-k routing. Correctness: at one token count per model every Pallas variant is
 ``moe_ffn_ragged_dot`` on the same (densified) weights.
 
 Also: the largest decode batch that fits in GPU memory at sequence lengths 1024 and 4096 with
-dense vs Samoyeds experts, COMPUTED from parameter/KV-cache bytes and the measured device
-memory (nvidia-smi at start), not by allocating.
+dense vs Samoyeds experts, COMPUTED from parameter/KV-cache bytes and the device's total
+memory (nvidia-smi) less 1 GiB of CUDA context and 2 GiB for activations, not by allocating.
 
     PYTHONPATH=. python3 examples/bench_moe.py --out benchmarks/moe.json
     PYTHONPATH=. python3 examples/bench_moe.py --models tiny --tokens 1 33 --out /tmp/moe.json  # CPU smoke
@@ -92,7 +92,7 @@ def random_dense(key, e, k, n, dtype=jnp.bfloat16):
     return (jax.random.normal(key, (e, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
 
 
-_PAIRS = jnp.asarray([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], jnp.int32)
+_PAIRS = np.asarray([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], np.int32)
 
 
 def random_24_parts(key, e, k, n, dtype=jnp.bfloat16):
@@ -100,7 +100,7 @@ def random_24_parts(key, e, k, n, dtype=jnp.bfloat16):
     kv, kp = jax.random.split(key)
     values = (jax.random.normal(kv, (e, k // 2, n), jnp.float32) / np.sqrt(k / 2)).astype(dtype)
     pair = jax.random.randint(kp, (e, k // 4, n), 0, 6)
-    pos = _PAIRS[pair]  # [e, K/4, N, 2]
+    pos = jnp.asarray(_PAIRS)[pair]  # [e, K/4, N, 2]
     pos = jnp.moveaxis(pos, -1, -2).reshape(e, k // 2, n)  # slot s of group g at row 2g+s
     return values, pack_meta(pos, 2, 4)
 
@@ -179,22 +179,25 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def sweep_configs(t: int) -> dict[str, mm.MoeFfnConfig]:
-    """Alternative tilings tried with --sweep-*: (gate_up bn, bk, warps, stages), (down ...)."""
+def sweep_configs(t: int) -> dict[str, tuple[int | None, mm.MoeFfnConfig]]:
+    """Alternative (block_t or None = default, tiles) tried with --sweep-*.
+
+    Names: bt row tile, g gate/up (block_n, block_k, warps w, stages s), d down likewise.
+    """
     T = mm.MoeTiles
     if t <= 64:
-        specs = {"g32k128_d32k128": ((32, 128, 4, 3), (32, 128, 4, 3)),
-                 "g128k128_d32k128": ((128, 128, 4, 3), (32, 128, 4, 3)),
-                 "g64k64s4_d64k64s4": ((64, 64, 4, 4), (64, 64, 4, 4)),
-                 "g64k128w8_d64k128w8": ((64, 128, 8, 3), (64, 128, 8, 3))}
+        specs = {"g128k128_d32k128": (None, (128, 128, 4, 3), (32, 128, 4, 3)),
+                 "g32k128_d32k128": (None, (32, 128, 4, 3), (32, 128, 4, 3)),
+                 "g64k64s4_d64k64s4": (None, (64, 64, 4, 4), (64, 64, 4, 4))}
     else:
-        specs = {"g64k64w4_d128k64w4": ((64, 64, 4, 3), (128, 64, 4, 3)),
-                 "g128k64w4s2_d128k64w4s2": ((128, 64, 4, 2), (128, 64, 4, 2)),
-                 "g128k64w8s4_d64k64w4s4": ((128, 64, 8, 4), (64, 64, 4, 4))}
-    return {name: mm.MoeFfnConfig(
+        specs = {"bt128_g64k64w8s2_d64k64w8s2": (128, (64, 64, 8, 2), (64, 64, 8, 2)),
+                 "bt128_g128k64w8s2_d128k64w8s2": (128, (128, 64, 8, 2), (128, 64, 8, 2)),
+                 "bt64_g64k64w4s3_d128k64w4s3": (64, (64, 64, 4, 3), (128, 64, 4, 3)),
+                 "bt64_g128k64w8s3_d128k64w8s3": (64, (128, 64, 8, 3), (128, 64, 8, 3))}
+    return {name: (bt, mm.MoeFfnConfig(
         gate_up=T(block_n=g[0], block_k=g[1], num_warps=g[2], num_stages=g[3]),
-        down=T(block_n=dn[0], block_k=dn[1], num_warps=dn[2], num_stages=dn[3]))
-        for name, (g, dn) in specs.items()}
+        down=T(block_n=dn[0], block_k=dn[1], num_warps=dn[2], num_stages=dn[3])))
+        for name, (bt, g, dn) in specs.items()}
 
 
 # ----------------------------------------------------------------------------- max batch
@@ -279,8 +282,12 @@ def main() -> int:
             topk_w, topk_idx = jax.lax.top_k(scores, k)  # k distinct uniform experts per token
             topk_w = jax.nn.softmax(topk_w, axis=-1)
             bt = block_t_for(t, k, e)
-            plan = jax.jit(RoutingPlan.build, static_argnames=("num_experts", "block_t"))(
-                topk_idx, topk_w, num_experts=e, block_t=bt)
+
+            def build(block_t, topk_idx=topk_idx, topk_w=topk_w):
+                return jax.jit(RoutingPlan.build, static_argnames=("num_experts", "block_t"))(
+                    topk_idx, topk_w, num_experts=e, block_t=block_t)
+
+            plan = build(bt)
             row = dict(model=model, tokens=t, block_t=bt, layers=n_layers)
             outs = {}
             for v in args.variants:
@@ -304,12 +311,13 @@ def main() -> int:
                     print(f"   {v} t={t} FAILED {row[v]['error']}", flush=True)
             if model in args.sweep_models and t in args.sweep_tokens:
                 for v in [v for v in args.variants if v != "rd"]:
-                    for name, config in sweep_configs(t).items():
+                    for name, (sweep_bt, config) in sweep_configs(t).items():
                         if time.perf_counter() - start > args.budget_s:
                             break
                         try:
                             run = make_loop(fns[v], config)
-                            row[f"{v}@{name}"] = time_loop(run, x, plan, weights[v],
+                            plan_v = plan if sweep_bt in (None, bt) else build(sweep_bt)
+                            row[f"{v}@{name}"] = time_loop(run, x, plan_v, weights[v],
                                                            target_s=args.target_s, repeats=3)
                         except Exception as exc:  # noqa: BLE001
                             row[f"{v}@{name}"] = dict(error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -341,7 +349,9 @@ def main() -> int:
         del weights
         save()
 
-    free = mem.get("total", 0) - mem.get("used", 0)
+    # JAX preallocates most of the device at its first use, so "used" is not a baseline:
+    # usable = total - 1 GiB (CUDA context); max_batch keeps another 2 GiB for activations.
+    free = mem.get("total", 0) - 2**30
     if free > 0:
         for model in args.models:
             if model in MODEL_FACTS:

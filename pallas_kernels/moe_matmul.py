@@ -25,12 +25,13 @@ arrival order), needs no zero-filled accumulator, keeps bf16 outputs without a f
 atomic buffer, and runs in Pallas interpret mode (which has no masked atomics). The price is
 a [t*k, d] buffer and one fused XLA reduction over k, small next to the weight traffic.
 
-Sparse weights are expanded on chip by :mod:`pallas_kernels.decompress` (Load-as-Sparse,
-Compute-as-Dense): an N:M tile becomes m position tiles (one dot each against the strided
-x columns k0+j::m); a Samoyeds tile is the same 2:4 expansion over its compressed columns,
-and each K slab's partial product is routed into one of ``m_sel`` accumulator sets by the
-slab's column selection; the sets are stored interleaved with a stride-``m_sel`` column
-store. Only compressed bytes cross HBM.
+Sparse weights are expanded on chip (Load-as-Sparse, Compute-as-Dense): a program loads the
+compressed tile (values rows, their meta words; Samoyeds also the slab's column selection),
+expands it in registers to a dense [block_k, cols] tile and runs one dot against contiguous x
+columns. A Samoyeds tile is the 2:4 expansion over its compressed columns; each K slab's
+partial product is routed into one of ``m_sel`` accumulator sets by the slab's column
+selection (``decompress.route_partial``), and the sets are stored interleaved (stride
+``m_sel`` columns). Only compressed bytes cross HBM.
 
 References with the same signature: :func:`moe_ffn_reference` (a readable per-expert loop,
 f32) and :func:`moe_ffn_ragged_dot` (dense ``jax.lax.ragged_dot`` over a sorted copy of the
@@ -94,16 +95,16 @@ def default_config(num_rows: int, d: int, f: int, *, block_t: int = 16) -> MoeFf
 
     Few rows (decode) are weight-bandwidth bound: narrower N tiles give more programs to
     stream the weights. ``block_k <= 128`` fits Samoyeds' v = 128 slabs (2:4 position dots
-    of K = block_k / 4). Large tiles get 8 warps (gate and up accumulators live at once).
+    of K = block_k / 4).
     """
     block_n = 64 if num_rows <= 256 else 128
-    block_k = 128 if block_n <= 64 else 64  # 3 pipeline stages of x and two W tiles in SMEM
-    warps = 8 if block_t * block_n >= 64 * 128 else 4
+    block_k = 128 if block_n <= 64 else 64  # pipeline stages of x and two W tiles in SMEM
+    stages = 2 if block_t >= 64 else 3  # measured on H200: large tiles prefer 2 stages
     return MoeFfnConfig(
         gate_up=MoeTiles(block_n=_largest_pow2_divisor(f, block_n),
-                         block_k=_largest_pow2_divisor(d, block_k), num_warps=warps),
+                         block_k=_largest_pow2_divisor(d, block_k), num_stages=stages),
         down=MoeTiles(block_n=_largest_pow2_divisor(d, block_n),
-                      block_k=_largest_pow2_divisor(f, block_k), num_warps=warps))
+                      block_k=_largest_pow2_divisor(f, block_k), num_stages=stages))
 
 
 # ----------------------------------------------------------------------------- weight layouts
@@ -148,14 +149,13 @@ class _Layout:
             return [accs[0] + jnp.dot(x, w, preferred_element_type=jnp.float32)]
         values_ref, meta_ref = refs[0], refs[1]
         col_idx = c0 + decompress.iota(cols, 1)  # [1, cols]
-        xs = decompress.load_x_positions(lhs_ref, rows, k_start=k0, block_k=block_k, m=self.m)
-        ws = decompress.load_nm_position_weights(
-            values_ref, meta_ref, col_idx, k_start=e * self.k + k0, block_k=block_k,
-            n=self.n, m=self.m)  # m x [bk/m, cols]
+        x = lhs_ref[rows[:, 0], pl.ds(k0, block_k)]  # [bt, bk], contiguous columns
+        w = _expand_nm_tile(values_ref, meta_ref, (e * self.k + k0) * self.n // self.m, col_idx,
+                            block_k=block_k, n=self.n, m=self.m)  # [bk, cols]
+        partial = jnp.dot(x, w, preferred_element_type=jnp.float32)  # [bt, cols]
         if self.kind == "nm":
-            return [decompress.nm_tile_dot(xs, ws, accs[0])]
+            return [accs[0] + partial]
         sel_ref = refs[2]
-        partial = decompress.nm_tile_dot(xs, ws)  # [bt, cols] f32, compressed columns
         slab = e * (self.k // self.v) + k0 // self.v
         sel_row = decompress.load_sel_row(sel_ref, slab, col_idx)  # [1, cols]
         return decompress.route_partial(accs, partial, sel_row)
@@ -174,6 +174,35 @@ class _Layout:
             else:
                 col_idx = n0 + o + self.m_sel * decompress.iota(cols, 1)  # [1, cols]
                 out_ref[rows, col_idx] = acc.astype(out_ref.dtype)
+
+
+def _expand_nm_tile(values_ref, meta_ref, row0, col_idx, *, block_k: int, n: int, m: int):
+    """Dense [block_k, cols] tile of an N:M matrix, expanded in registers.
+
+    ``row0`` is the tile's first compressed row (a multiple of the values per meta word);
+    ``col_idx`` [1, cols] its stored columns. Slot s of group g is compressed row
+    row0 + g*n + s (a strided row load, contiguous along columns); the meta word of each
+    group is an index-vector row load. Dense row g*m + j takes the slot whose position is j:
+    a select over a [g, m, cols] view, reshaped to [block_k, cols], so the product against
+    x is one dot with contiguous (vectorized, pipelined) x columns.
+    """
+    bits = decompress.meta_bits(m)
+    per_word = 32 // bits
+    field = (1 << bits) - 1
+    g = block_k // m
+    cols = col_idx.shape[1]
+    group = decompress.iota(g, 0)  # [g, 1]
+    words = meta_ref[row0 // per_word + (group * n) // per_word, col_idx]  # [g, cols] int32
+    shift = ((group * n) % per_word) * bits  # [g, 1]
+    j = jax.lax.broadcasted_iota(jnp.int32, (g, m, cols), 1)
+    w = None
+    for s in range(n):
+        v = values_ref[row0 + n * group + s, col_idx]  # [g, cols]
+        # Arithmetic shift then mask: bit 31 of a word may be set, the field stays exact.
+        pos = (words >> (shift + s * bits)) & field  # [g, cols]
+        v3 = jnp.broadcast_to(v[:, None, :], (g, m, cols))
+        w = jnp.where(pos[:, None, :] == j, v3, jnp.zeros_like(v3) if w is None else w)
+    return w.reshape(block_k, cols)
 
 
 def _layout_of(name: str, w: ExpertWeights, num_experts: int) -> tuple[_Layout, tuple]:
