@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -145,19 +146,39 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, 
     return fn(x, routing.topk_idx, routing.topk_weights, experts)
 
 
-def expert_parallel_moe(moe: MoE, x: jax.Array, *, ep: ExpertParallel,
-                        routing: Routing | None = None) -> tuple[jax.Array, Routing | None]:
-    """``moe(x, routing=routing)`` with the routed experts split over ``ep.axis``.
+class ExpertParallelMoE(MoE):
+    """``MoE`` whose routed experts run split over ``ep.axis`` (``expert_parallel_ffn``).
 
-    Routing, pre-gating and shared experts run as in ``MoE.__call__`` (replicated, tiny);
-    only the routed experts are expert-parallel. x [..., d] -> (y [..., d], next_routing).
+    Routing, pre-gating and shared experts run as in ``MoE`` (replicated, small). Build a
+    whole expert-parallel model with ``expert_parallel_mlp_factory``; place its expert
+    weights with ``shard_moe_experts``.
     """
-    used = moe.select_routing(x, routing)
-    lead, d = x.shape[:-1], x.shape[-1]
-    xt = x.reshape(-1, d)
-    dtype = moe.dtype or jnp.result_type(x.dtype, moe.param_dtype)
-    y = expert_parallel_ffn(xt, used, moe.expert_weights(), ep=ep, backend=moe.config.backend,
-                            dtype=dtype)
-    if moe.shared is not None:
-        y = y + moe.shared(xt).astype(dtype)
-    return y.reshape(*lead, d), moe.predict_next(x)
+
+    def __init__(self, config, *, ep: ExpertParallel, **kwargs):
+        super().__init__(config, **kwargs)
+        self.ep = ep
+
+    def routed_experts(self, x, routing, experts, *, dtype):
+        return expert_parallel_ffn(x, routing, experts, ep=self.ep, backend=self.config.backend,
+                                   dtype=dtype)
+
+
+def expert_parallel_mlp_factory(ep: ExpertParallel):
+    """An ``mlp_factory`` for ``samoyeds_jax.model.MoETransformer`` with expert-parallel blocks."""
+
+    def factory(config, *, block_index: int, rngs):
+        return ExpertParallelMoE(config.moe, ep=ep, block_index=block_index,
+                                 num_blocks=config.num_layers, dtype=config.dtype,
+                                 param_dtype=config.param_dtype, rngs=rngs)
+
+    return factory
+
+
+def shard_moe_experts(module, ep: ExpertParallel) -> None:
+    """Place the routed expert weights of every ``MoE`` inside ``module`` split over ``ep.axis``."""
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, MoE):
+            placed = shard_experts(m.expert_weights(), ep)
+            m.w1.set_value(placed.w1)
+            m.w3.set_value(placed.w3)
+            m.w2.set_value(placed.w2)
