@@ -54,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MAX_TILE_K = 65536
@@ -296,7 +297,148 @@ def _to_dense_one(values: jax.Array, rows: jax.Array, offsets: jax.Array,
     nt, kt = tile // kt_count, tile % kt_count
     r = kt[:, None] * tile_k + rows.astype(jnp.int32)                            # [S, tile_n]
     c = nt[:, None] * tile_n + jnp.arange(tile_n, dtype=jnp.int32)[None, :]      # [S, tile_n]
-    # Padding slots hold 0 at their tile's row 0: adding (not setting) keeps a real
-    # nonzero that shares that position. Each position receives one nonzero at most.
+    # Padding slots (value 0, row 0) are sent out of bounds and dropped, so every kept
+    # write lands on a distinct entry: a plain set, no atomics.
+    r = jnp.where(values != 0, r, k)
     dense = jnp.zeros((k, n), values.dtype)
-    return dense.at[r.reshape(-1), c.reshape(-1)].add(values.reshape(-1), mode="drop")
+    return dense.at[r.reshape(-1), c.reshape(-1)].set(values.reshape(-1), mode="drop",
+                                                       unique_indices=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TiledBitmap:
+    """Unstructured sparse W [..., K, N] as a bitmap plus packed values (tensor-core path).
+
+    Layout:
+      words: [..., K, N//32] int32; bit b of ``words[r, j]`` is set iff W[r, 32*j + b] != 0.
+      woff:  [..., K, N//32] int32; index in ``values`` of the first nonzero of that word.
+      values: [..., V] weight dtype; the nonzeros ordered by column tile (``tile_n``
+        columns), then row, then column, so one column tile streams contiguously; at least
+        one trailing 0 (stacks are padded to the longest).
+
+    A kernel expands a [block_k, tile_n] tile in registers: per entry one AND with its
+    column bit, one popcount of the lower bits added to ``woff`` (the value's index), and
+    one gathering load of the value, then multiplies on tensor cores. Bytes: 2 bits of
+    metadata per dense entry plus the values (``nbytes``), with no padding; the expansion
+    work is per dense entry, so it pays off from a few tokens up (see ``unstructured``).
+    """
+
+    words: jax.Array
+    woff: jax.Array
+    values: jax.Array
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+    tile_n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.batch_shape + (self.k, self.n)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.words.nbytes + self.woff.nbytes + self.values.nbytes)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros (needs concrete values)."""
+        return int(np.count_nonzero(np.asarray(self.values)))
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(self.shape)
+
+    @classmethod
+    def from_dense(cls, w: Any, *, tile_n: int | None = None) -> TiledBitmap:
+        """Compress a (pruned) dense W [..., K, N]; ``to_dense()`` returns it exactly.
+
+        Args:
+          w: concrete [..., K, N], f32 / bf16 / f16, finite; N a multiple of 32.
+          tile_n: column tile of the value order, a power of two >= 32 dividing N.
+            Default: the largest of 128, 64, 32 dividing N.
+
+        Raises:
+          ValueError: as ``TiledSparse.from_dense``, or N not a multiple of 32.
+        """
+        if isinstance(w, jax.core.Tracer):
+            raise ValueError("TiledBitmap.from_dense needs a concrete array (its value count "
+                             "depends on the nonzero pattern); call it outside jit")
+        dtype = jnp.dtype(getattr(w, "dtype", np.asarray(w).dtype))
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
+        arr = np.asarray(w)
+        if arr.ndim < 2:
+            raise ValueError(f"w must be [..., K, N] (rank >= 2), got shape {arr.shape}")
+        *batch, k, n = arr.shape
+        if k == 0 or n % 32 or n == 0:
+            raise ValueError(f"K must be positive and N a multiple of 32, got shape {arr.shape}")
+        if tile_n is None:
+            tile_n = next(t for t in (128, 64, 32) if n % t == 0)
+        if tile_n < 32 or tile_n & (tile_n - 1) or n % tile_n:
+            raise ValueError(f"{tile_n=} must be a power of two >= 32 dividing N={n}")
+        bad = ~_finite_mask(arr)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"w has a non-finite value {arr[idx]} at index {idx} (batch "
+                             f"{idx[:-2]}, word {idx[-1] // 32} of row {idx[-2]}); NaN/Inf "
+                             "weights cannot be stored")
+        flat = arr.reshape((-1, k, n))
+        parts = [_bitmap_one(m, tile_n) for m in flat]
+        v_max = max(p[2].shape[0] for p in parts) + 1
+        values = np.zeros((len(parts), v_max), arr.dtype)
+        for i, p in enumerate(parts):
+            values[i, :p[2].shape[0]] = p[2]
+        bshape = tuple(batch)
+        words = np.stack([p[0] for p in parts]).reshape(bshape + (k, n // 32))
+        woff = np.stack([p[1] for p in parts]).reshape(bshape + (k, n // 32))
+        return cls(words=jnp.asarray(words), woff=jnp.asarray(woff),
+                   values=jnp.asarray(values.reshape(bshape + (v_max,)), dtype),
+                   k=k, n=n, tile_n=tile_n)
+
+    def to_dense(self) -> jax.Array:
+        """The dense weight [..., K, N] in ``self.dtype`` (traceable)."""
+        fn = _bitmap_to_dense_one
+        for _ in self.batch_shape:
+            fn = jax.vmap(fn)
+        return fn(self.words, self.woff, self.values)
+
+
+def _bitmap_one(w: np.ndarray, tile_n: int):
+    """One [K, N] -> (words [K, N/32] int32, woff [K, N/32] int32, values [nnz])."""
+    k, n = w.shape
+    nz = _nonzero_mask(w)
+    words = np.packbits(nz, axis=1, bitorder="little").view("<u4").view(np.int32)
+    counts = nz.reshape(k, n // 32, 32).sum(axis=2, dtype=np.int64)             # [K, N/32]
+    nt, wpt = n // tile_n, tile_n // 32
+    # Value order (column tile, row, column): exclusive prefix of word counts in that order.
+    c_t = counts.reshape(k, nt, wpt).transpose(1, 0, 2).reshape(-1)
+    starts = np.cumsum(c_t) - c_t
+    if starts.size and starts[-1] + c_t[-1] >= 2**31:
+        raise ValueError("too many nonzeros for int32 offsets")
+    woff = starts.reshape(nt, k, wpt).transpose(1, 0, 2).reshape(k, n // 32).astype(np.int32)
+    w_t = w.reshape(k, nt, tile_n).transpose(1, 0, 2)
+    values = w_t[nz.reshape(k, nt, tile_n).transpose(1, 0, 2)]
+    return np.ascontiguousarray(words), woff, values
+
+
+def _bitmap_to_dense_one(words: jax.Array, woff: jax.Array, values: jax.Array) -> jax.Array:
+    """words/woff [K, N/32], values [V] -> dense [K, N]."""
+    k, nw = words.shape
+    bit = jnp.arange(32, dtype=jnp.int32)[None, None, :]
+    w3 = words[:, :, None]
+    present = (w3 & jnp.left_shift(1, bit)) != 0                                 # [K, N/32, 32]
+    idx = woff[:, :, None] + lax.population_count(w3 & (jnp.left_shift(1, bit) - 1))
+    dense = jnp.where(present, values[jnp.where(present, idx, 0)], 0)
+    return dense.reshape(k, nw * 32).astype(values.dtype)

@@ -35,9 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as backend_lib
-from pallas_kernels.tiled_format import SUPPORTED_DTYPES, TiledSparse
+from pallas_kernels.tiled_format import SUPPORTED_DTYPES, TiledBitmap, TiledSparse
 
-Method = Literal["gather", "densify"]
+Method = Literal["gather", "expand", "densify"]
 TUNED_CONFIGS = pathlib.Path(__file__).parent / "tuning" / "configs" / "unstructured.json"
 # Programs to aim for when choosing k_splits: a few per SM of an H100 (132 SMs).
 _TARGET_PROGRAMS = 512
@@ -51,9 +51,12 @@ class UnstructuredConfig:
     """How ``unstructured_matmul`` runs.
 
     Attributes:
-      method: "gather" (the Pallas kernel) or "densify" (expand W with XLA, one dense dot).
-      block_t: tokens per program, a power of two (clipped to the padded token count).
-      chunk: slot rows per loop step, a power of two.
+      method: "gather" (Pallas kernel for ``TiledSparse``), "expand" (Pallas kernel for
+        ``TiledBitmap``) or "densify" (expand W with XLA, one dense dot; either format).
+      block_t: tokens per program, a power of two (clipped to the padded token count;
+        at least 16 for "expand", whose tensor-core dot needs 16 rows).
+      chunk: slot rows per loop step of "gather", a power of two.
+      block_k: K rows per step of "expand", a power of two >= 16 dividing K.
       k_splits: programs along K per column tile; must divide K // tile_k. None: enough
         splits for ~512 programs.
       evict_first: load W with the evict-first cache policy, keeping L1/L2 for the
@@ -64,14 +67,17 @@ class UnstructuredConfig:
     method: Method = "gather"
     block_t: int = 16
     chunk: int = 16
+    block_k: int = 32
     k_splits: int | None = None
     evict_first: bool = True
     num_warps: int = 4
     num_stages: int = 1
 
     def __post_init__(self):
-        if self.method not in ("gather", "densify"):
-            raise ValueError(f"method={self.method!r} must be 'gather' or 'densify'")
+        if self.method not in ("gather", "expand", "densify"):
+            raise ValueError(f"method={self.method!r} must be 'gather', 'expand' or 'densify'")
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k={self.block_k} must be a power of two >= 16")
         for name in ("block_t", "chunk"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -86,13 +92,21 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _heuristic_config(tokens: int) -> UnstructuredConfig:
+def _heuristic_config(tokens: int, layout: str = "ell") -> UnstructuredConfig:
+    if layout == "bitmap":
+        block_t = min(max(_next_pow2(tokens), 16), 128)
+        return UnstructuredConfig(method="expand", block_t=block_t, block_k=32,
+                                  num_warps=4 if block_t <= 32 else 8, num_stages=2)
     if tokens > _DENSIFY_ABOVE_TOKENS:
         return UnstructuredConfig(method="densify")
     block_t = min(_next_pow2(tokens), 16)
-    # Keep the f32 accumulator near 4096-8192 values per program (tile_n = 32).
-    chunk = max(8, 128 // block_t)
+    # Keep the f32 accumulator near 2048-4096 values per program (tile_n = 32).
+    chunk = max(8, 64 // block_t)
     return UnstructuredConfig(block_t=block_t, chunk=chunk, num_warps=4)
+
+
+def _layout(w: TiledSparse | TiledBitmap) -> str:
+    return "bitmap" if isinstance(w, TiledBitmap) else "ell"
 
 
 @functools.cache
@@ -102,15 +116,21 @@ def _tuned_table() -> dict:
     return json.loads(TUNED_CONFIGS.read_text())
 
 
-def default_config(tokens: int, w: TiledSparse | None = None) -> UnstructuredConfig:
-    """Tuned config for this device kind (nearest token key wins), else a heuristic."""
-    del w  # one table for all shapes for now
-    table = _tuned_table().get(backend_lib.device_kind(), {})
+def default_config(tokens: int, w: TiledSparse | TiledBitmap) -> UnstructuredConfig:
+    """The tuned config for this device kind, layout and [K, N] (else any shape of the
+    layout; nearest token count wins), or a heuristic when the table has none.
+
+    Table (``tuning/configs/unstructured.json``):
+    ``{device_kind: {"ell" | "bitmap": {"KxN" | "*": {tokens: config fields}}}}``.
+    """
+    layout = _layout(w)
+    by_shape = _tuned_table().get(backend_lib.device_kind(), {}).get(layout, {})
+    table = by_shape.get(f"{w.k}x{w.n}") or by_shape.get("*")
     if table:
         key = min(table, key=lambda s: (abs(math.log2(int(s)) - math.log2(max(tokens, 1))),
                                          int(s)))
         return UnstructuredConfig(**table[key])
-    return _heuristic_config(tokens)
+    return _heuristic_config(tokens, layout)
 
 
 # ---------------------------------------------------------------------------- kernel
@@ -161,53 +181,120 @@ def _gather_kernel(x_ref, val_ref, row_ref, off_ref, *rest, tile_k: int,
 
 def _gather_matmul(x: jax.Array, w: TiledSparse, config: UnstructuredConfig,
                    out_dtype: jnp.dtype, out_init: jax.Array | None = None) -> jax.Array:
-    """x [t, K] -> [t, N] through the Pallas gather kernel."""
-    from jax.experimental.pallas import triton as plt
-
+    """x [t, K] -> [t, N] through the Pallas column-ELL gather kernel."""
     t, k = x.shape
     kt_count, nt_count = w.grid
     block_t = min(config.block_t, _next_pow2(t))
     t_pad = -(-t // block_t) * block_t
     t_blocks = t_pad // block_t
-    k_splits = config.k_splits
-    if k_splits is None:
-        k_splits = next(d for d in range(1, kt_count + 1)
-                        if kt_count % d == 0 and nt_count * d * t_blocks >= _TARGET_PROGRAMS
-                        or d == kt_count)
-    if kt_count % k_splits:
-        raise ValueError(f"{k_splits=} must divide the {kt_count} K tiles (K={k}, "
-                         f"tile_k={w.tile_k})")
-    acc_dtype = out_dtype if k_splits == 1 else jnp.float32
-    out_shape = jax.ShapeDtypeStruct((k_splits, t_pad, w.n), acc_dtype)
+    k_splits = _pick_splits(config.k_splits, kt_count, nt_count * t_blocks, "K tiles",
+                            f"K={k}, tile_k={w.tile_k}")
     x_t = jnp.pad(x, ((0, t_pad - t), (0, 0))).T                                 # [K, Tp]
-    args = [x_t, w.values, w.rows, w.offsets]
-    aliases = {}
-    if out_init is not None:
-        if out_init.shape != out_shape.shape or out_init.dtype != out_shape.dtype:
-            raise ValueError(f"out_init must be {out_shape}, got {out_init.shape} "
-                             f"{out_init.dtype}")
-        aliases = {len(args): 0}
-        args.append(out_init)
     kernel = functools.partial(_gather_kernel, tile_k=w.tile_k,
                                k_per_split=kt_count // k_splits, chunk=config.chunk,
                                block_t=block_t, evict_first=config.evict_first)
+    return _launch(kernel, "unstructured_gather_matmul",
+                   [x_t, w.values, w.rows, w.offsets], (nt_count, k_splits, t_blocks),
+                   (k_splits, t_pad, w.n), t, config, out_dtype, out_init)
+
+
+def _expand_kernel(x_ref, words_ref, woff_ref, val_ref, *rest, block_k: int, tile_n: int,
+                   k_per_split: int, block_t: int):
+    # x_ref: [Tp, K]; words_ref, woff_ref: [K, N/32] int32; val_ref: [V];
+    # o_ref: [k_splits, Tp, N]. An aliased poison buffer may sit before o_ref (tests).
+    from jax.experimental.pallas import triton as plt
+
+    o_ref = rest[-1]
+    nt, split, tb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    wpt = tile_n // 32
+    bit = lax.broadcasted_iota(jnp.int32, (1, 1, 32), 2)
+    col_bit = jnp.left_shift(jnp.int32(1), bit)                                  # [1, 1, 32]
+    tokens = pl.ds(tb * block_t, block_t)
+
+    def body(i, acc):
+        k0 = (split * k_per_split + i) * block_k
+        blk = (pl.ds(k0, block_k), pl.ds(nt * wpt, wpt))
+        words = words_ref[blk][:, :, None]                                      # [bk, wpt, 1]
+        woff = woff_ref[blk][:, :, None]                                        # [bk, wpt, 1]
+        present = (words & col_bit) != 0                                        # [bk, wpt, 32]
+        idx = woff + lax.population_count(words & (col_bit - 1))                # value index
+        vals = plt.load(val_ref.at[idx], mask=present, other=0)                 # [bk, wpt, 32]
+        w_tile = vals.reshape(block_k, tile_n)                                  # [bk, tn]
+        x_tile = x_ref[tokens, pl.ds(k0, block_k)]                              # [bt, bk]
+        return acc + jnp.dot(x_tile, w_tile, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, k_per_split, body, jnp.zeros((block_t, tile_n), jnp.float32))
+    o_ref[split, tokens, pl.ds(nt * tile_n, tile_n)] = acc.astype(o_ref.dtype)
+
+
+def _expand_matmul(x: jax.Array, w: TiledBitmap, config: UnstructuredConfig,
+                   out_dtype: jnp.dtype, out_init: jax.Array | None = None) -> jax.Array:
+    """x [t, K] -> [t, N] through the Pallas bitmap-expand kernel."""
+    from jax.experimental.pallas import triton as plt
+
+    t, k = x.shape
+    block_k = config.block_k
+    if k % block_k:
+        raise ValueError(f"K={k} must be a multiple of {block_k=} (or use method='densify')")
+    block_t = max(16, min(config.block_t, _next_pow2(t)))
+    t_pad = -(-t // block_t) * block_t
+    t_blocks = t_pad // block_t
+    nt_count, kb_count = w.n // w.tile_n, k // block_k
+    k_splits = _pick_splits(config.k_splits, kb_count, nt_count * t_blocks, "K blocks",
+                            f"K={k}, block_k={block_k}")
+    x_p = jnp.pad(x, ((0, t_pad - t), (0, 0)))                                  # [Tp, K]
+    kernel = functools.partial(_expand_kernel, block_k=block_k, tile_n=w.tile_n,
+                               k_per_split=kb_count // k_splits, block_t=block_t)
+    return _launch(kernel, "unstructured_expand_matmul", [x_p, w.words, w.woff, w.values],
+                   (nt_count, k_splits, t_blocks), (k_splits, t_pad, w.n), t, config,
+                   out_dtype, out_init)
+
+
+def _pick_splits(k_splits: int | None, count: int, programs: int, what: str,
+                 where: str) -> int:
+    """k_splits as given (must divide ``count``) or the fewest giving ~512 programs."""
+    if k_splits is None:
+        return next(d for d in range(1, count + 1)
+                    if count % d == 0 and (programs * d >= _TARGET_PROGRAMS or d == count))
+    if count % k_splits:
+        raise ValueError(f"{k_splits=} must divide the {count} {what} ({where})")
+    return k_splits
+
+
+def _launch(kernel, name: str, args: list, grid: tuple[int, int, int],
+            out_shape: tuple[int, int, int], t: int, config: UnstructuredConfig,
+            out_dtype: jnp.dtype, out_init: jax.Array | None) -> jax.Array:
+    """pallas_call with a [k_splits, Tp, N] output (f32 partials when k_splits > 1),
+    then the sum over splits and the token slice."""
+    from jax.experimental.pallas import triton as plt
+
+    k_splits = out_shape[0]
+    acc_dtype = out_dtype if k_splits == 1 else jnp.float32
+    out_struct = jax.ShapeDtypeStruct(out_shape, acc_dtype)
+    aliases = {}
+    if out_init is not None:
+        if out_init.shape != out_struct.shape or out_init.dtype != out_struct.dtype:
+            raise ValueError(f"out_init must be {out_struct}, got {out_init.shape} "
+                             f"{out_init.dtype}")
+        aliases = {len(args): 0}
+        args = args + [out_init]
     out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(nt_count, k_splits, t_blocks),
+        out_shape=out_struct,
+        grid=grid,
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
         interpret=backend_lib.interpret_mode(),
-        name="unstructured_gather_matmul",
+        name=name,
     )(*args)
     y = out[0] if k_splits == 1 else jnp.sum(out, axis=0)
     return y[:t].astype(out_dtype)
 
 
-def _validate(x: jax.Array, w: TiledSparse) -> None:
-    if not isinstance(w, TiledSparse):
-        raise ValueError(f"w must be a TiledSparse, got {type(w).__name__}")
+def _validate(x: jax.Array, w: TiledSparse | TiledBitmap) -> None:
+    if not isinstance(w, (TiledSparse, TiledBitmap)):
+        raise ValueError(f"w must be a TiledSparse or TiledBitmap, got {type(w).__name__}")
     if w.batch_shape:
         raise ValueError(f"w must be one matrix [K, N], got a stack of shape {w.shape}; "
                          "map over the leading dims with jax.vmap")
@@ -219,15 +306,15 @@ def _validate(x: jax.Array, w: TiledSparse) -> None:
         raise ValueError(f"x must be [..., K={w.k}], got shape {x.shape}")
 
 
-def unstructured_matmul(x: jax.Array, w: TiledSparse, *,
+def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
                         config: UnstructuredConfig | None = None,
                         backend: backend_lib.Backend | None = None,
                         out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """``y = x @ W`` with W unstructured-sparse in ``TiledSparse`` layout.
+    """``y = x @ W`` with W unstructured-sparse (``TiledSparse`` or ``TiledBitmap``).
 
     Args:
       x: [..., K] activations, same dtype as W (f32, bf16, f16).
-      w: TiledSparse of dense shape [K, N] (no leading batch dims).
+      w: TiledSparse or TiledBitmap of dense shape [K, N] (no leading batch dims).
       config: kernel config; None picks ``default_config(tokens)``.
       backend: "triton" (default; interpret mode on CPU) or "xla" (the reference).
       out_dtype: output dtype; default x.dtype. Accumulation is f32 either way.
@@ -249,14 +336,20 @@ def unstructured_matmul(x: jax.Array, w: TiledSparse, *,
     if t == 0:
         return jnp.zeros(lead + (w.n,), out_dtype)
     config = default_config(t, w) if config is None else config
+    kernel_method = "expand" if isinstance(w, TiledBitmap) else "gather"
     if config.method == "densify":
         y = jnp.dot(x2, w.to_dense(), preferred_element_type=jnp.float32).astype(out_dtype)
+    elif config.method != kernel_method:
+        raise ValueError(f"method={config.method!r} does not apply to {type(w).__name__}; "
+                         f"use {kernel_method!r} or 'densify'")
+    elif kernel_method == "expand":
+        y = _expand_matmul(x2, w, config, out_dtype)
     else:
         y = _gather_matmul(x2, w, config, out_dtype)
     return y.reshape(lead + (w.n,))
 
 
-def unstructured_matmul_reference(x: jax.Array, w: TiledSparse, *,
+def unstructured_matmul_reference(x: jax.Array, w: TiledSparse | TiledBitmap, *,
                                   config: UnstructuredConfig | None = None,
                                   backend: backend_lib.Backend | None = None,
                                   out_dtype: jnp.dtype | None = None) -> jax.Array:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.tiled_format import TiledSparse
+from pallas_kernels.tiled_format import TiledBitmap, TiledSparse
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 _dense = jax.jit(TiledSparse.to_dense)  # one compile per shape (eager runs op by op)
@@ -161,3 +161,59 @@ def test_rejects_unsupported_dtype(dtype):
 def test_rejects_traced_input():
     with pytest.raises(ValueError, match="concrete array"):
         jax.jit(lambda w: TiledSparse.from_dense(w).values)(jnp.ones((8, 8)))
+
+
+# ------------------------------------------------------------------------- TiledBitmap
+_bitmap_dense = jax.jit(TiledBitmap.to_dense)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmap_round_trip_random(rng, dtype):
+    for _ in range(3):
+        batch = [(), (2,)][rng.integers(2)]
+        tile_n = int(rng.choice([32, 64, 128]))
+        k = int(rng.integers(1, 40))
+        n = tile_n * int(rng.integers(1, 3))
+        sparsity = float(rng.choice([0.0, 0.5, 0.8, 0.95, 1.0]))
+        w = _pruned(rng, batch + (k, n), sparsity, dtype)
+        bm = TiledBitmap.from_dense(w, tile_n=tile_n)
+        assert bm.shape == w.shape and bm.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(_bitmap_dense(bm)), np.asarray(w))
+        # Layout: bits, offsets and value order as documented.
+        wf = np.asarray(w).astype(np.float32).reshape((-1, k, n))
+        words = np.asarray(bm.words).reshape((-1, k, n // 32)).view(np.uint32)
+        woff = np.asarray(bm.woff).reshape((-1, k, n // 32))
+        vals = np.asarray(bm.values).astype(np.float32).reshape((wf.shape[0], -1))
+        for i in range(wf.shape[0]):
+            nz = wf[i] != 0
+            bits = (words[i][:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+            np.testing.assert_array_equal(bits.reshape(k, n).astype(bool), nz)
+            order = wf[i].reshape(k, n // tile_n, tile_n).transpose(1, 0, 2)
+            kept = order[order != 0]
+            np.testing.assert_array_equal(vals[i, :kept.size], kept)
+            assert (vals[i, kept.size:] == 0).all()
+            for r, j in [(0, 0), (k - 1, n // 32 - 1)]:
+                first = woff[i, r, j]
+                col0 = j * 32
+                if nz[r, col0:col0 + 32].any():
+                    c = col0 + int(np.argmax(nz[r, col0:col0 + 32]))
+                    assert vals[i, first] == wf[i, r, c]
+
+
+def test_bitmap_bytes_and_errors(rng):
+    w = _pruned(rng, (64, 256), 0.8, jnp.bfloat16)
+    bm = TiledBitmap.from_dense(w)
+    assert bm.tile_n == 128
+    nnz = int(np.count_nonzero(np.asarray(w).astype(np.float32)))
+    assert bm.nnz == nnz and bm.density == pytest.approx(nnz / (64 * 256))
+    assert bm.nbytes == 2 * 64 * 8 * 4 + (nnz + 1) * 2
+    with pytest.raises(ValueError, match="N a multiple of 32"):
+        TiledBitmap.from_dense(np.ones((8, 48), np.float32))
+    with pytest.raises(ValueError, match="tile_n=48 must be a power of two"):
+        TiledBitmap.from_dense(np.ones((8, 96), np.float32), tile_n=48)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        TiledBitmap.from_dense(np.ones((8, 32), np.int32))
+    bad = np.array(np.asarray(w).astype(np.float32))
+    bad[3, 70] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite .* \(3, 70\).*word 2 of row 3"):
+        TiledBitmap.from_dense(bad)

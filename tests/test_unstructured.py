@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import unstructured as U
-from pallas_kernels.tiled_format import TiledSparse
+from pallas_kernels.tiled_format import TiledBitmap, TiledSparse
 
 K, N, TILE_K, TILE_N = 96, 64, 32, 16  # 3 K tiles x 4 column tiles
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -45,11 +45,14 @@ def _kernel(x, w, *, config, out_dtype=None):
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     t = x.shape[0]
     block_t = min(config.block_t, U._next_pow2(t))
+    if isinstance(w, TiledBitmap):
+        block_t = max(16, block_t)
     t_pad = -(-t // block_t) * block_t
     splits = config.k_splits
     acc = out_dtype if splits == 1 else jnp.float32
     init = jnp.full((splits, t_pad, w.n), jnp.nan, acc)
-    return U._gather_matmul(x, w, config, out_dtype, out_init=init)
+    fn = U._expand_matmul if isinstance(w, TiledBitmap) else U._gather_matmul
+    return fn(x, w, config, out_dtype, out_init=init)
 
 
 @pytest.mark.parametrize("tokens, config", [
@@ -85,6 +88,21 @@ def test_public_entry_leading_dims_default_config(rng):
     _check(y.reshape(2, N), x.reshape(2, K), w)
 
 
+@pytest.mark.parametrize("tokens, dtype, config", [
+    (1, jnp.bfloat16, U.UnstructuredConfig(method="expand", block_t=16, block_k=32,
+                                           k_splits=3)),
+    (33, jnp.float16, U.UnstructuredConfig(method="expand", block_t=32, block_k=32,
+                                           k_splits=1)),
+])
+def test_bitmap_expand_matches_reference(rng, tokens, dtype, config):
+    dense = _weight(rng, dtype).to_dense()
+    w = TiledBitmap.from_dense(dense, tile_n=32)
+    x = jnp.asarray(rng.standard_normal((tokens, K)), dtype)
+    y = _kernel(x, w, config=config)
+    assert y.shape == (tokens, N) and y.dtype == dtype
+    _check(y, x, w)
+
+
 def test_densify_and_xla_backends(rng):
     w = _weight(rng, jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((33, K)), jnp.bfloat16)
@@ -101,6 +119,8 @@ def test_default_config_by_tokens():
     assert U._heuristic_config(3).block_t == 4
     assert U._heuristic_config(16).method == "gather"
     assert U._heuristic_config(4096).method == "densify"
+    assert U._heuristic_config(1, "bitmap").block_t == 16
+    assert U._heuristic_config(4096, "bitmap").method == "expand"
 
 
 def test_rejects_bad_input(rng):
@@ -112,6 +132,8 @@ def test_rejects_bad_input(rng):
         U.unstructured_matmul(jnp.ones((2, 95), jnp.bfloat16), w)
     with pytest.raises(ValueError, match="x dtype must be"):
         U.unstructured_matmul(jnp.ones((2, K), jnp.int32), w)
+    with pytest.raises(ValueError, match="does not apply to TiledSparse"):
+        U.unstructured_matmul(x, w, config=U.UnstructuredConfig(method="expand"))
     with pytest.raises(ValueError, match="must be a TiledSparse"):
         U.unstructured_matmul(x, jnp.ones((K, N), jnp.bfloat16))
     stack = TiledSparse.from_dense(np.ones((2, K, N), np.float32), tile_k=TILE_K)
@@ -127,6 +149,7 @@ def test_rejects_bad_input(rng):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="sparse"), "method='sparse'"),
+    (dict(block_k=8), "block_k=8 must be a power of two >= 16"),
     (dict(block_t=3), "block_t=3 must be a power of two"),
     (dict(chunk=0), "chunk=0 must be a power of two"),
     (dict(k_splits=0), "k_splits=0 must be >= 1"),
