@@ -45,8 +45,9 @@ def _model(rng, *, top_k, layers=L, experts=E, gated=True):
 
 def _decode(block, params, store, *, top_k, steps, h0, **config):
     fns = block if isinstance(block, off.BlockFns) else block.fns()
+    config.setdefault("poison_evicted", True)
     dec = off.OffloadDecoder(fns, params, store, top_k=top_k,
-                             config=off.OffloadConfig(poison_evicted=True, **config),
+                             config=off.OffloadConfig(**config),
                              max_tokens=h0.shape[0])
     h, outs = h0, []
     for _ in range(steps):
@@ -296,7 +297,7 @@ def test_accounting(rng):
     dec.step(h0)
     s = dec.cache.stats
     assert (s.misses, s.prefetched, s.prefetch_used) == (1, L - 1, L - 1)
-    assert s.prefetch_accuracy == 1.0 and dec.last_stats.host_syncs == L
+    assert s.prefetch_accuracy == 1.0 and dec.last_stats.host_syncs == L - 1
     gpu = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
                              config=off.OffloadConfig(policy="gpu_only",
                                                       read_routing_each_layer=True))
@@ -342,6 +343,8 @@ def test_moe_stack_offloaded_matches_module_chain(rng, mode, source, policies):
     The layer's ragged_dot path orders rows by cache slot, and on CPU a row's rounding can
     depend on its position in the matmul, so policies agree to f32 rounding here (bit-exact
     agreement is tested with SimpleMoEBlock, whose arithmetic ignores the slot layout).
+    No poisoning: XLA's CPU ragged_dot multiplies every group, empty ones included, so a
+    NaN-filled free slot would reach the output through 0 * NaN.
     """
     from flax import nnx
 
@@ -363,5 +366,6 @@ def test_moe_stack_offloaded_matches_module_chain(rng, mode, source, policies):
     chex.assert_trees_all_close(ref[0], np.asarray(h), rtol=1e-6, atol=1e-6)
     for policy in policies:
         got, _ = _decode(fns, params, store, top_k=2, steps=1, h0=h0, policy=policy,
-                         routing_source=source, slots=4 if policy == "prefetch_all" else 6)
+                         routing_source=source, slots=4 if policy == "prefetch_all" else 6,
+                         poison_evicted=False)
         chex.assert_trees_all_close(got, ref, rtol=2e-5, atol=2e-5, custom_message=policy)
