@@ -196,9 +196,12 @@ class Router(nnx.Module):
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, x: jax.Array) -> Routing:
-        """x [t, d] -> ``Routing`` with ``topk_idx [t, k]``, ``topk_weights [t, k]``, ``logits [t, e]``."""
-        return route_logits(self.logits(x), top_k=self.top_k, norm=self.norm)
+    def __call__(self, x: jax.Array, *, top_k: int | None = None) -> Routing:
+        """x [t, d] -> ``Routing`` with ``topk_idx [t, k]``, ``topk_weights [t, k]``, ``logits [t, e]``.
+
+        ``top_k`` overrides k (e.g. a wider prefetch set from a pre-gate).
+        """
+        return route_logits(self.logits(x), top_k=top_k or self.top_k, norm=self.norm)
 
 
 class PreGatedRouter(Router):
@@ -352,11 +355,14 @@ class MoE(nnx.Module):
         """Own gate's routing of x [..., d] (tokens flattened: ``Routing`` of [t, k])."""
         return self.gate(x.reshape(-1, x.shape[-1]))
 
-    def predict_next(self, x: jax.Array) -> Routing | None:
-        """The pre-gate's routing of the next block from this block's input (None if none)."""
+    def predict_next(self, x: jax.Array, *, top_k: int | None = None) -> Routing | None:
+        """The pre-gate's routing of the next block from this block's input (None if none).
+
+        ``top_k`` > k predicts a wider set, e.g. for prefetching more experts than are used.
+        """
         if self.pregate is None:
             return None
-        return self.pregate(x.reshape(-1, x.shape[-1]))
+        return self.pregate(x.reshape(-1, x.shape[-1]), top_k=top_k)
 
     def select_routing(self, x: jax.Array, routing: Routing | None = None) -> Routing:
         """The routing this block computes with, given the received ``routing`` (see module doc).

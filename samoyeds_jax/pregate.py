@@ -54,6 +54,9 @@ class PregateTrainConfig:
       init: ``"keep"`` (current pre-gate params), ``"next_gate"`` (copy of block i+1's gate),
         ``"random"`` (re-drawn, fan-in scaled).
       eval_fraction: last share of the tokens held out for the before/after recall.
+      keep_best: keep the trained pre-gate only if its top-k recall on a validation split
+        (the ``eval_fraction`` share just before the held-out tokens, not trained on) is at
+        least the starting one; otherwise restore the starting pre-gate.
       seed: sampling and ``"random"`` init.
     """
 
@@ -65,6 +68,7 @@ class PregateTrainConfig:
     temperature: float = 1.0
     init: PregateInit = "keep"
     eval_fraction: float = 0.2
+    keep_best: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,8 +78,8 @@ class PregateTrainConfig:
             raise ValueError(f"loss must be 'kl' or 'topk', got {self.loss!r}")
         if self.init not in ("keep", "next_gate", "random"):
             raise ValueError(f"init must be 'keep', 'next_gate' or 'random', got {self.init!r}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ValueError(f"eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
         if self.temperature <= 0 or self.learning_rate <= 0:
             raise ValueError(f"temperature and learning_rate must be > 0, got "
                              f"{self.temperature=}, {self.learning_rate=}")
@@ -204,6 +208,7 @@ class BlockPregateReport:
     before: dict[str, float]
     after: dict[str, float]
     final_loss: float
+    kept: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +220,12 @@ class PregateReport:
 
     def table(self) -> str:
         """One line per block: top-k recall / precision / weight recall, before -> after."""
-        lines = [f"{'block':>5} {'recall':>17} {'set_recall':>17} {'weight_recall':>17} {'loss':>8}"]
+        lines = [f"{'block':>5} {'recall':>17} {'set_recall':>17} {'weight_recall':>17} "
+                 f"{'loss':>8} {'kept':>5}"]
         for b in self.blocks:
             cell = lambda key: f"{b.before[key]:.3f} -> {b.after[key]:.3f}"  # noqa: E731
             lines.append(f"{b.block:>5} {cell('recall'):>17} {cell('set_recall'):>17} "
-                         f"{cell('weight_recall'):>17} {b.final_loss:>8.4f}")
+                         f"{cell('weight_recall'):>17} {b.final_loss:>8.4f} {str(b.kept):>5}")
         return "\n".join(lines)
 
 
@@ -257,15 +263,18 @@ def train_pregates(moes: Sequence[MoE], inputs: Sequence[np.ndarray | jax.Array]
                    config: PregateTrainConfig = PregateTrainConfig()) -> PregateReport:
     """Fit every pre-gate (block i) to block i+1's gate; updates the modules in place.
 
-    ``inputs[i]``: block i's inputs [n, d] (``collect_moe_inputs``). The last
-    ``eval_fraction`` of the tokens is held out; the report gives held-out recall before and
-    after training for each block.
+    ``inputs[i]``: block i's inputs [n, d] (``collect_moe_inputs``). Tokens are split in
+    order into train | validation | held-out test (the last two ``eval_fraction`` each); the
+    report gives held-out recall before and after training for each block.
     """
     _check_inputs(moes, inputs)
     n = np.shape(inputs[0])[0]
     n_eval = max(1, int(round(n * config.eval_fraction)))
-    if n - n_eval < 1:
-        raise ValueError(f"need at least 2 tokens to train and evaluate, got {n}")
+    n_train = n - 2 * n_eval  # [train | validation | held-out test]
+    if n_train < 1:
+        raise ValueError(f"need at least 3 tokens to train, validate and evaluate, got {n}")
+    test = slice(n - n_eval, n)
+    val = slice(n_train, n - n_eval)
     key = jax.random.key(config.seed)
     reports = []
     for i, m in enumerate(moes[:-1]):
@@ -281,19 +290,24 @@ def train_pregates(moes: Sequence[MoE], inputs: Sequence[np.ndarray | jax.Array]
             m.pregate.kernel[...] = jax.nn.initializers.lecun_normal()(k_init, old.shape, old.dtype)
         target = nxt.gate.logits(x_next)  # [n, e] float32
 
-        def held_out() -> dict[str, float]:
-            pred = m.pregate(x_i[n - n_eval:])
-            actual = route_logits(target[n - n_eval:], top_k=nxt.config.top_k,
+        def recall_on(rows: slice) -> dict[str, float]:
+            pred = m.pregate(x_i[rows])
+            actual = route_logits(target[rows], top_k=nxt.config.top_k,
                                   norm=nxt.config.router_norm)
             return recall_counts(pred, actual, nxt.config.num_experts).ratios()
 
-        before = held_out()
+        start = m.pregate.kernel[...]
+        before, val_before = recall_on(test), recall_on(val)
         kernel, losses = fit_linear_gate(
-            m.pregate.kernel[...], x_i[: n - n_eval], target[: n - n_eval], k_fit,
+            start, x_i[:n_train], target[:n_train], k_fit,
             steps=config.steps, batch_size=config.batch_size,
             learning_rate=config.learning_rate, weight_decay=config.weight_decay,
             loss=config.loss, top_k=nxt.config.top_k, temperature=config.temperature)
         m.pregate.kernel[...] = kernel
+        kept = not config.keep_best or recall_on(val)["recall"] >= val_before["recall"]
+        if not kept:
+            m.pregate.kernel[...] = start
         final = float(losses[-1]) if config.steps else float("nan")
-        reports.append(BlockPregateReport(block=i, before=before, after=held_out(), final_loss=final))
+        reports.append(BlockPregateReport(block=i, before=before, after=recall_on(test),
+                                          final_loss=final, kept=kept))
     return PregateReport(reports)

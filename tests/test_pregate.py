@@ -78,6 +78,11 @@ def test_training_raises_recall(rng):
     assert "->" in report.table() and len(report.as_dict()["blocks"]) == 2
     after = pg.pregate_recall(moes, inputs)  # all tokens, trained pre-gates
     assert all(a["recall"] > 0.55 for a in after), after
+    # A wider prediction (prefetch 4 experts for top-2 routing) covers more of the actual.
+    x0 = jnp.asarray(inputs[0])
+    actual = moes[1].gate(jnp.asarray(inputs[1]))
+    wide = topk_recall(moes[0].predict_next(x0, top_k=4), actual, E)
+    assert wide["recall"] >= after[0]["recall"] and wide["precision"] < wide["recall"]
 
 
 def test_topk_loss_and_next_gate_init(rng):
@@ -92,7 +97,12 @@ def test_topk_loss_and_next_gate_init(rng):
     report = pg.train_pregates(moes, [x, x], pg.PregateTrainConfig(
         steps=100, batch_size=64, learning_rate=3e-2, loss="topk", init="random"))
     block = report.blocks[0]
-    assert block.after["recall"] > block.before["recall"] + 0.3, block
+    assert block.kept and block.after["recall"] > block.before["recall"] + 0.3, block
+    # A diverging fit (absurd learning rate) is caught on the validation split and undone.
+    pg.init_pregates_from_next_gates(moes)
+    bad = pg.train_pregates(moes, [x, x], pg.PregateTrainConfig(steps=3, learning_rate=50.0))
+    assert not bad.blocks[0].kept and bad.blocks[0].after == bad.blocks[0].before
+    assert pg.pregate_recall(moes, [x, x])[0]["recall"] == 1.0
 
 
 def test_bad_pregate_inputs(rng):
@@ -108,6 +118,6 @@ def test_bad_pregate_inputs(rng):
     with pytest.raises(ValueError, match="loss must be 'kl' or 'topk'"):
         pg.PregateTrainConfig(loss="mse")
     with pytest.raises(ValueError, match="eval_fraction"):
-        pg.PregateTrainConfig(eval_fraction=1.0)
+        pg.PregateTrainConfig(eval_fraction=0.5)
     with pytest.raises(ValueError, match="no MoE module"):
         pg.moe_blocks(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
