@@ -280,31 +280,42 @@ def _select_digit(digits: jax.Array, need: jax.Array, bins: int) -> tuple[jax.Ar
     return digit, above
 
 
-@functools.partial(jax.jit, static_argnames=("n_keep",))
-def _unstructured_mask(score: jax.Array, *, n_keep: int) -> jax.Array:
+# Matrices above this many entries find their threshold by radix select instead of a sort
+# (a full sort of a 4096 x 14336 matrix takes over a minute on CPU; the select, a few seconds).
+_RADIX_SELECT_MIN_SIZE = 1 << 20
+
+
+@functools.partial(jax.jit, static_argnames=("n_keep", "select"))
+def _unstructured_mask(score: jax.Array, *, n_keep: int,
+                       select: Literal["sort", "radix"] = "sort") -> jax.Array:
     *lead, k, n_out = score.shape
     if n_keep == 0:
         return jnp.zeros(score.shape, jnp.bool_)
     key = _order_key(score.astype(jnp.float32).reshape(-1, k * n_out))  # [B, S] uint32
-    # Radix select of the n_keep-th largest key in two 16-bit digits (two histogram passes;
-    # a full sort of a 4096 x 14336 matrix takes over a minute on CPU).
-    hi = (key >> 16).astype(jnp.int32)
     need = jnp.full((key.shape[0], 1), n_keep, jnp.int32)
-    hi_thr, above_hi = _select_digit(hi, need, 1 << 16)
-    lo = jnp.where(hi == hi_thr, (key & 0xFFFF).astype(jnp.int32), 1 << 16)
-    lo_thr, _ = _select_digit(lo, need - above_hi, 1 << 16)
-    thr = (hi_thr.astype(jnp.uint32) << 16) | lo_thr.astype(jnp.uint32)  # [B, 1]
+    if select == "sort":
+        thr = jnp.sort(key, axis=-1)[:, key.shape[-1] - n_keep, None]  # [B, 1]
+    else:  # the n_keep-th largest key, in two 16-bit digits (two histogram passes)
+        hi = (key >> 16).astype(jnp.int32)
+        hi_thr, above_hi = _select_digit(hi, need, 1 << 16)
+        lo = jnp.where(hi == hi_thr, (key & 0xFFFF).astype(jnp.int32), 1 << 16)
+        lo_thr, _ = _select_digit(lo, need - above_hi, 1 << 16)
+        thr = (hi_thr.astype(jnp.uint32) << 16) | lo_thr.astype(jnp.uint32)  # [B, 1]
     # Everything above the threshold is kept; of the entries equal to it, the first ones in
     # row-major order until n_keep (the cumsum runs only when there is such a tie to break).
     greater = key > thr
     equal = key == thr
-    need_eq = n_keep - jnp.sum(greater, axis=-1, dtype=jnp.int32, keepdims=True)  # [B, 1]
+    need_eq = need - jnp.sum(greater, axis=-1, dtype=jnp.int32, keepdims=True)  # [B, 1]
     n_equal = jnp.sum(equal, axis=-1, dtype=jnp.int32, keepdims=True)
     first_equal = jax.lax.cond(
         jnp.all(n_equal == need_eq),
         lambda: equal,
         lambda: equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= need_eq))
     return (greater | first_equal).reshape(score.shape)
+
+
+def _select_for(size: int) -> Literal["sort", "radix"]:
+    return "radix" if size >= _RADIX_SELECT_MIN_SIZE else "sort"
 
 
 def nm_mask(score: jax.Array, *, n: int = 2, m: int = 4) -> jax.Array:
@@ -337,7 +348,8 @@ def unstructured_mask(score: jax.Array, *, sparsity: float) -> jax.Array:
         raise ValueError(f"score must be [..., K, N]; given shape={tuple(score.shape)}")
     _check_sparsity(sparsity)
     n_keep = _n_keep(sparsity, score.shape[-2] * score.shape[-1])
-    return _unstructured_mask(_check_score(score, score).astype(jnp.float32), n_keep=n_keep)
+    return _unstructured_mask(_check_score(score, score).astype(jnp.float32), n_keep=n_keep,
+                              select=_select_for(score.shape[-2] * score.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +370,8 @@ def _mask(score: jax.Array, pattern: Pattern) -> jax.Array:
     if kind == "samoyeds":
         return _samoyeds_mask(score, n_sel=args[0], m_sel=args[1], v=args[2])
     if kind == "unstructured":
-        return _unstructured_mask(score, n_keep=args[0])
+        return _unstructured_mask(score, n_keep=args[0],
+                                  select=_select_for(score.shape[-2] * score.shape[-1]))
     return jnp.ones(score.shape, jnp.bool_)
 
 

@@ -185,14 +185,24 @@ def test_unstructured_matches_stable_argsort_with_many_ties(rng):
     score = rng.integers(-2, 3, size=(3, 16, 12)).astype(np.float32)
     score[1] = 1.0  # one matrix of all-equal scores
     w = jnp.ones(score.shape, jnp.float32)
-    for sparsity in (0.3, 0.5, 0.99):
-        got = _np(pruning.prune_unstructured(w, sparsity=sparsity, score=jnp.asarray(score)))
+    for sparsity, select in ((0.3, "sort"), (0.5, "sort"), (0.99, "sort"), (0.5, "radix")):
         n_keep = 16 * 12 - round(sparsity * 16 * 12)
+        # Large matrices take the radix-select path: run it here on a small one.
+        got = _np(pruning._unstructured_mask(jnp.asarray(score), n_keep=n_keep, select=select))
         for e in range(3):
             order = np.argsort(-score[e].reshape(-1), kind="stable")[:n_keep]
             expected = np.zeros(16 * 12, np.float32)
             expected[order] = 1.0
             np.testing.assert_array_equal(got[e].reshape(-1), expected)
+
+
+def test_unstructured_radix_select_matches_sort(rng):
+    score = jnp.asarray(rng.standard_normal((2, 64, 48)), jnp.float32)
+    score = score.at[0, :8].set(0.25).at[0, 8:10].set(-0.0)  # ties and signed zeros
+    for n_keep in (17, 3072):
+        chex.assert_trees_all_equal(
+            pruning._unstructured_mask(score, n_keep=n_keep, select="radix"),
+            pruning._unstructured_mask(score, n_keep=n_keep, select="sort"))
 
 
 def test_unstructured_keeps_nothing_when_rounding_says_so():
