@@ -460,5 +460,9 @@ def moe_linen(config: MoEConfig, **kwargs):
         layer = moe_linen(config)
         variables = layer.init(jax.random.key(0), x)
         y, next_routing = layer.apply(variables, x)
+
+    Parameters live in the ``"params"`` collection. Recall of a received routing is kept
+    in the ``"RecallStats"`` collection: ``layer.apply(..., routing=r, mutable=["RecallStats"])``
+    returns it (without ``mutable`` the update is dropped).
     """
     return nnx.bridge.to_linen(MoE, config, **kwargs)
