@@ -1,0 +1,162 @@
+"""Expert-parallel scaling: decode and prefill throughput of a Mixtral-8x7B-shaped model on 1..N GPUs.
+
+Random bf16 weights of the model's real shapes (d=4096, f=14336, 8 experts top-2, 32 heads /
+8 kv heads, vocab 32000; ``--layers`` of them), built directly on the devices: routed experts
+split over the ``expert`` mesh axis, everything else replicated. Each measurement is one jitted
+program: ``--steps`` greedy decode steps in a ``lax.fori_loop`` (batch ``b``), or one prefill of
+``t`` tokens; medians over ``--repeats``. Compile time is excluded.
+
+    PYTHONPATH=. python examples/bench_parallel.py --devices 1 2 --out benchmarks/parallel.json
+    PYTHONPATH=. python examples/bench_parallel.py --tiny --devices 1 2   # CPU smoke run (fake devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+if "--tiny" in sys.argv and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
+from samoyeds_jax.parallel import ExpertParallel, expert_parallel_mlp_factory, make_expert_mesh
+
+MIXTRAL_8X7B = {
+    "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+    "max_position_embeddings": 32768, "torch_dtype": "bfloat16",
+}
+
+
+def build(config: ModelConfig, ep: ExpertParallel, seed: int = 0):
+    """The model with random weights created in place: experts split over the axis."""
+    factory = expert_parallel_mlp_factory(ep)
+    abstract = nnx.eval_shape(lambda: MoETransformer(config, mlp_factory=factory, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    expert_names = {"w1", "w3", "w2"}
+
+    def sharding_for(path) -> jax.sharding.NamedSharding:
+        names = {str(getattr(p, "key", p)) for p in path}
+        if "mlp" in names and names & expert_names and "shared" not in names:
+            return ep.expert_sharding()
+        return jax.sharding.NamedSharding(ep.mesh, jax.sharding.PartitionSpec())
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        shape, dtype = leaf.shape, leaf.dtype
+        scale = 1.0 / max(1.0, shape[-2] if len(shape) >= 2 else 1.0) ** 0.5
+        make = jax.jit(lambda k, shape=shape, dtype=dtype, scale=scale:
+                       (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
+                       if jnp.issubdtype(dtype, jnp.floating) else jnp.zeros(shape, dtype),
+                       out_shardings=sharding_for(path))
+        out.append(make(jax.random.fold_in(key, i)))
+    return graphdef, jax.tree_util.tree_unflatten(treedef, out)
+
+
+def timed(fn, *args, repeats: int):
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(config: ModelConfig, devices: int, args) -> list[dict]:
+    ep = ExpertParallel(mesh=make_expert_mesh(devices), tokens="replicated")
+    graphdef, state = build(config, ep)
+    rows = []
+
+    for b in args.decode_batch:
+        @jax.jit
+        def decode(state, tok, cache):
+            model = nnx.merge(graphdef, state)
+
+            def body(_, carry):
+                tok, cache = carry
+                logits, cache = model(tok, cache=cache, logits_for="last")
+                return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], cache
+
+            return jax.lax.fori_loop(0, args.steps, body, (tok, cache))
+
+        tok = jnp.ones((b, 1), jnp.int32)
+        cache = KVCache.init(config, b, args.steps + 1)
+        sec = timed(decode, state, tok, cache, repeats=args.repeats)
+        rows.append({"devices": devices, "phase": "decode", "batch": b, "tokens": b * args.steps,
+                     "seconds": sec, "tokens_per_s": b * args.steps / sec,
+                     "ms_per_step": 1e3 * sec / args.steps})
+        print(rows[-1], flush=True)
+
+    for t in args.prefill_tokens:
+        @jax.jit
+        def prefill(state, tokens):
+            model = nnx.merge(graphdef, state)
+            logits, _ = model(tokens, logits_for="last")
+            return logits
+
+        tokens = jnp.ones((1, t), jnp.int32)
+        sec = timed(prefill, state, tokens, repeats=args.repeats)
+        rows.append({"devices": devices, "phase": "prefill", "batch": 1, "tokens": t,
+                     "seconds": sec, "tokens_per_s": t / sec})
+        print(rows[-1], flush=True)
+    del state
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    hf = dict(MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    if args.tiny:
+        hf.update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+        args.prefill_tokens = [min(t, 32) for t in args.prefill_tokens]
+    config = ModelConfig.from_hf(hf)
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}; "
+          f"{args.layers} layers of d={config.d_model}, f={config.moe.d_ff}, "
+          f"e={config.moe.num_experts}, k={config.moe.top_k}", flush=True)
+    rows = []
+    for n in args.devices:
+        if n > jax.device_count():
+            print(f"skip {n} devices: only {jax.device_count()} present")
+            continue
+        rows += run(config, n, args)
+
+    base = {(r["phase"], r["batch"], r["tokens"]): r["tokens_per_s"] for r in rows if r["devices"] == 1}
+    print(f"\n{'phase':8} {'batch':>5} {'tokens':>6} {'GPUs':>4} {'tok/s':>10} {'vs 1 GPU':>8}")
+    for r in rows:
+        one = base.get((r["phase"], r["batch"], r["tokens"]))
+        r["speedup_vs_1"] = r["tokens_per_s"] / one if one else None
+        sp = f"{r['speedup_vs_1']:.2f}x" if one else "-"
+        print(f"{r['phase']:8} {r['batch']:>5} {r['tokens']:>6} {r['devices']:>4} "
+              f"{r['tokens_per_s']:>10.1f} {sp:>8}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "layers": args.layers, "hf_config": hf, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
