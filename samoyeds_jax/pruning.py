@@ -88,6 +88,8 @@ def _first_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _check_finite(x: jax.Array, name: str) -> None:
     """Raise ValueError naming the first non-finite entry of ``x``; no-op on tracers."""
+    if x.size == 0:
+        return
     any_bad, flat = _first_nonfinite(x)
     try:
         bad = bool(any_bad)
@@ -125,7 +127,14 @@ def _check_score(score: Any, w: jax.Array) -> jax.Array:
     return score
 
 
+def _check_ints(**values: Any) -> None:
+    for name, val in values.items():
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            raise ValueError(f"{name} must be an int; given {name}={val!r}")
+
+
 def _check_nm(n: int, m: int, k: int | None = None) -> None:
+    _check_ints(n=n, m=m)
     if (n, m) not in SUPPORTED_NM:
         raise ValueError(f"(n, m)=({n}, {m}) is not a supported N:M pattern; expected one of "
                          f"{', '.join(f'{a}:{b}' for a, b in SUPPORTED_NM)}")
@@ -135,6 +144,7 @@ def _check_nm(n: int, m: int, k: int | None = None) -> None:
 
 def _check_samoyeds(n_sel: int, m_sel: int, v: int, k: int | None = None,
                     n_out: int | None = None) -> None:
+    _check_ints(n_sel=n_sel, m_sel=m_sel, v=v)
     if not 1 <= m_sel <= 127:  # the format stores each kept column's group offset as int8
         raise ValueError(f"m_sel={m_sel} must be in [1, 127]")
     if not 1 <= n_sel <= m_sel:
@@ -476,6 +486,9 @@ class PruneConfig:
         _check_nm(self.n, self.m)
         _check_samoyeds(self.n_sel, self.m_sel, self.v)
         _check_sparsity(self.sparsity)
+        for name in ("tile_k", "tile_n"):
+            if getattr(self, name) is not None:
+                _check_ints(**{name: getattr(self, name)})
         if self.output == "compressed" and self.format == "samoyeds" and self.v % 32:
             raise ValueError(f"v={self.v} must be a multiple of 32 for SamoyedsSparse (whole 2:4 "
                              "meta words per slab); use output='dense' for other v")
@@ -494,6 +507,10 @@ class PruneConfig:
             _check_samoyeds(self.n_sel, self.m_sel, self.v, k, n_out)
             return ("samoyeds", self.n_sel, self.m_sel, self.v)
         if self.format == "unstructured":
+            if self.output == "compressed" and self.tile_k is not None and k % self.tile_k:
+                raise ValueError(f"K={k} must be a multiple of tile_k={self.tile_k}")
+            if self.output == "compressed" and self.tile_n is not None and n_out % self.tile_n:
+                raise ValueError(f"N={n_out} must be a multiple of tile_n={self.tile_n}")
             return ("unstructured", _n_keep(self.sparsity, k * n_out))
         return ("dense",)
 

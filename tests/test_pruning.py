@@ -216,6 +216,14 @@ def test_unstructured_zero_sign_ties():
     np.testing.assert_array_equal(p, [[1, 0], [0, 1]])
 
 
+def test_prune_under_jit_matches_eager(rng):
+    w = _random_weight(rng, (2, 64, 8), jnp.bfloat16)
+    for fn in (lambda a: pruning.prune_nm(a, n=2, m=4),
+               lambda a: pruning.prune_samoyeds(a, v=32),
+               lambda a: pruning.prune_unstructured(a, sparsity=0.75)):
+        chex.assert_trees_all_equal(jax.jit(fn)(w), fn(w))
+
+
 # ---------------------------------------------------------------------------- leading dims
 
 
@@ -293,6 +301,7 @@ def _nan_at(shape, where, value=np.nan):
      r"expected \(8, 4\), given score.shape=\(4, 8\)"),
     (lambda: pruning.prune_nm(jnp.ones((8, 4)), score=_nan_at((8, 4), (0, 0))),
      r"score must be finite"),
+    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=2.0, m=4), r"n must be an int; given n=2.0"),
     (lambda: pruning.prune_samoyeds(jnp.ones((96, 4)), v=64), r"K=96 .* multiple of v=64"),
     (lambda: pruning.prune_samoyeds(jnp.ones((128, 3))), r"N=3 .* multiple of m_sel=2"),
     (lambda: pruning.prune_samoyeds(jnp.ones((128, 4)), v=30), r"v=30 must be a positive"),
@@ -474,6 +483,9 @@ def test_prune_experts_checks_every_shape_before_pruning(rng):
         pruning.prune_experts(params, pruning.PruneConfig(format="nm"), progress=False)
     with pytest.raises(ValueError, match=r"K=80 .* multiple of v=32"):
         pruning.prune_experts(params, pruning.PruneConfig(format="samoyeds", v=32),
+                              progress=False)
+    with pytest.raises(ValueError, match=r"K=80 must be a multiple of tile_k=64"):
+        pruning.prune_experts(params, pruning.PruneConfig(format="unstructured", tile_k=64),
                               progress=False)
 
 
