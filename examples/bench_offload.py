@@ -535,7 +535,7 @@ def main() -> None:
         _dump(args.out, case, run_case(case, args.out, smoke=args.smoke))
         return
     t_end = time.time() + args.budget_s
-    share = {"switch-dense": 0.13, "switch-nm24": 0.09, "mixtral-nm24": 0.3, "mixtral-dense": 0.48}
+    share = {"switch-dense": 0.2, "switch-nm24": 0.12, "mixtral-nm24": 0.28, "mixtral-dense": 0.4}
     results = []
     cases = [c for c in args.cases.split(",") if c]
     for i, name in enumerate(cases):
@@ -549,7 +549,7 @@ def main() -> None:
         # dense Mixtral-shaped store (90 GB)
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92",
                    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="100")
-        print(f"=== {name} (limit {limit:.0f} s)", flush=True)
+        print(f"=== {name} (limit {limit:.0f} s, {args.budget_s - left:.0f} s elapsed)", flush=True)
         try:
             proc = subprocess.run(cmd, env=env, timeout=limit)
             rc = proc.returncode
