@@ -59,7 +59,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -188,6 +188,10 @@ class ShardReader:
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
+
+    def mark_used(self, key: str) -> None:
+        """Count ``key`` as consumed without reading it (deliberately ignored tensors)."""
+        self._used.add(key)
 
     def unused(self) -> list[str]:
         """Tensors never read by ``get``."""
@@ -463,7 +467,7 @@ def load_hf_checkpoint(
                 put(("layers", i, "mlp", name), w)
         put(("norm", "scale"), reader.get("model.norm.weight", (d,)))
         if config.tie_word_embeddings:
-            reader._used.add("lm_head.weight")  # some exports keep the tied copy; unused here
+            reader.mark_used("lm_head.weight")  # some exports keep the tied copy; unused here
         else:
             put(("lm_head", "kernel"), _linear(reader, "lm_head.weight", (d, v)))
         unused = [k for k in reader.unused() if not k.endswith("rotary_emb.inv_freq")]
@@ -517,7 +521,7 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
         if not isinstance(var, nnx.Param):
             continue
         value, name = var.get_value(), _dotted(path)
-        if type(value).__name__ in _SPARSE_CLASSES and dataclasses.is_dataclass(value):
+        if isinstance(value, tuple(_SPARSE_CLASSES.values())):
             sparse[name] = {"class": type(value).__name__, "static": _static_fields(value)}
             for field, array in _array_fields(value).items():
                 tensors[f"{name}.{field}"] = np.asarray(array)
@@ -657,9 +661,3 @@ def load_tokenizer(directory: str):
         return None
     return Tokenizer.from_file(path)
 
-
-def iter_tensor_names(directory: str) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of a checkpoint directory, sorted by name."""
-    with ShardReader(directory) as reader:
-        for key in reader.keys():
-            yield key, reader.shape(key)

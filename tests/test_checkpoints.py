@@ -23,7 +23,6 @@ from pallas_kernels import formats
 from samoyeds_jax import checkpoints, pruning
 from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
                                       load_or_convert, load_tokenizer, save_converted)
-from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_cli import main
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -106,15 +105,6 @@ def test_golden_logits_and_greedy_tokens(loaded, family):
         assert np.argmax(logits[len(prompt) - 1:], axis=-1).tolist() == greedy
 
 
-def test_golden_generation_with_the_generator(loaded):
-    """The jit-compiled generator (prefill + KV-cache decode loop) reproduces generate()."""
-    model, _ = loaded["qwen3_moe"]
-    meta, _ = _golden("qwen3_moe")
-    res = Generator(model, eos_id=None).generate(meta["prompts"],
-                                                 max_new_tokens=meta["max_new_tokens"])
-    assert res.tokens.tolist() == meta["greedy"]
-
-
 def test_fixture_layouts_cover_sharding_and_config_variants():
     assert os.path.isfile(os.path.join(_fixture("qwen2_moe"), "model.safetensors.index.json"))
     with open(os.path.join(_fixture("qwen3_moe"), "config.json")) as f:
@@ -127,7 +117,7 @@ def test_live_parity_with_transformers(loaded, family):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        _fixture(family), torch_dtype=torch.float32, attn_implementation="eager").eval()
+        _fixture(family), dtype=torch.float32, attn_implementation="eager").eval()
     model, _ = loaded[family]
     meta, golden = _golden(family)
     for i, prompt in enumerate(meta["prompts"]):
@@ -197,9 +187,10 @@ def test_fused_expert_layout(tmp_path, loaded):
 # ----------------------------------------------------------------------------- expert formats
 
 
-def test_nm_import_prunes_experts(loaded):
-    model, config = load_hf_checkpoint(_fixture("mixtral"), expert_format="nm")
+def test_nm_import_prunes_experts(loaded, capsys):
+    model, config = load_hf_checkpoint(_fixture("mixtral"), expert_format="nm", progress=True)
     assert config.moe.expert_format == "nm"
+    assert "importing mixtral (nm experts)" in capsys.readouterr().err
     dense = loaded["mixtral"][0]
     for i in range(config.num_layers):
         for name in ("w1", "w3", "w2"):
@@ -373,14 +364,15 @@ def _has_tokenizers() -> bool:
     return True
 
 
-def test_cli_checkpoint_and_converted(tmp_path, capsys):
+def test_cli_generates_the_recorded_tokens_and_keeps_the_conversion(tmp_path, capsys):
+    """The CLI's jit-compiled generation (prefill + KV-cache decode loop) reproduces
+    transformers' generate() on a checkpoint, converting it once into --converted."""
+    meta, _ = _golden("qwen3_moe")
     out = str(tmp_path / "conv")
-    prompt = "w17 w42 w99" if _has_tokenizers() else "17 42 99"
-    args = ["--checkpoint", _fixture("mixtral"), "--prompt", prompt, "--max-new-tokens", "3",
-            "--no-eos"]
-    assert main(args + ["--converted", out, "--format", "nm"]) == 0
+    prompt = " ".join(map(str, meta["prompts"][0]))
+    assert main(["--checkpoint", _fixture("qwen3_moe"), "--converted", out, "--prompt", prompt,
+                 "--max-new-tokens", str(meta["max_new_tokens"]), "--no-eos"]) == 0
     printed = capsys.readouterr().out
-    assert "mixtral from" in printed and "format=nm" in printed
+    assert "qwen3_moe from" in printed and "format=dense" in printed
+    assert f"output   {meta['greedy'][0]}" in printed
     assert checkpoints.is_converted(out)
-    if _has_tokenizers():
-        assert "text" in printed
