@@ -78,8 +78,6 @@ def main(argv=None) -> int:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     rate = result["copy_rate_Bps"]
-    xs = [0.1, 1e4]
-    ax.plot(xs, [min(PEAK_FLOPS, x * rate) for x in xs], "k-", lw=0.8)
     ai = [10 ** (i / 20) for i in range(-20, 81)]
     ax.plot(ai, [min(PEAK_FLOPS, a * rate) for a in ai], "k-", lw=1,
             label=f"roof: {rate / 1e12:.2f} TB/s copy, {PEAK_FLOPS / 1e12:.0f} TFLOP/s")

@@ -5,7 +5,9 @@ and meta (2:4 bf16 moves 0.5625 of the dense bytes, Samoyeds 1:2:128 + 2:4 about
 expand each tile in registers (``pallas_kernels.decompress``) and multiply on tensor cores
 with f32 accumulation. Skinny matmuls (decode) are bound by memory, so fewer bytes is
 the whole speed-up there. For many tokens the product is bound by arithmetic; then a
-config may pick ``method="dense"``: expand the weight once with XLA and call ``jnp.dot``.
+config picks ``method="dense"``: expand the weight with one memory-bound Pallas kernel
+(``expand_nm_pallas``) and call XLA's ``jnp.dot`` (measured faster than the fused kernel
+from ~256 tokens on an H100; see benchmarks/sparse_matmul.md).
 
 Grid: (token tiles, column tiles, K splits). Each program loops over its share of K;
 with ``split_k > 1`` the programs write f32 partial sums [split_k, t, N] that one XLA
@@ -249,11 +251,12 @@ def _expand_samoyeds_kernel(values_ref, meta_ref, sel_ref, o_ref, *, m_sel: int,
 def heuristic_config(t: int, k: int, n_cols: int) -> SparseMatmulConfig:
     """A reasonable tiling when no tuned config exists (n_cols = columns the grid tiles).
 
-    From H100 sweeps: few tokens want lean tiles (block_k 256, 3 stages, contiguous loads)
-    and enough programs for two waves (split K); many tokens are bound by arithmetic and
-    run fastest as one Pallas expansion plus XLA's dense matmul.
+    From two H100 sweeps (benchmarks/sparse_matmul.md): few tokens want lean tiles
+    (block_k 256, 3 stages, contiguous loads) and enough programs for about two waves
+    (split K); beyond ~128 tokens the in-kernel expansion costs more than it saves, and
+    one Pallas expansion plus XLA's dense matmul is faster.
     """
-    if t <= 64:
+    if t <= 128:
         block_n, block_k = 64, 256
         programs = -(-n_cols // block_n)
         split_k = 1
