@@ -551,6 +551,8 @@ class LayerReport:
       output_rel_error: ||X W - X W_pruned||_F / ||X W||_F on the calibration activations, or
         None without calibration for this weight.
       dense_bytes: bytes of the dense weight; stored_bytes: bytes of what is returned.
+      matrix_weight_rel_errors: weight_rel_error of every matrix of the stack (row-major over
+        the leading dims, e.g. one per expert).
     """
 
     path: str
@@ -562,6 +564,7 @@ class LayerReport:
     output_rel_error: float | None
     dense_bytes: int
     stored_bytes: int
+    matrix_weight_rel_errors: tuple[float, ...]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -733,12 +736,14 @@ def _prune_one(path: str, w: jax.Array, x: jax.Array | None,
     batch = math.prod(lead)
     w_flat = w.reshape(batch, k, n_out)
     x_flat = None if x is None or x.ndim == 2 else x.reshape(batch, *x.shape[-2:])
-    pieces, kept, sums = [], 0, np.zeros(4)
+    pieces, kept, sums, per_matrix = [], 0, np.zeros(4), []
     for i in range(batch):  # matrix by matrix: temporaries stay the size of one matrix
         x_i = x if x_flat is None else x_flat[i]
         p, sq, nnz = _prune_matrix(w_flat[i], x_i, pattern=pattern,
                                    wanda=config.method == "wanda")
-        sums += np.asarray(sq, np.float64)
+        sq = np.asarray(sq, np.float64)
+        sums += sq
+        per_matrix.append(_ratio(sq[0], sq[1]))
         kept += int(nnz)
         pieces.append(p)
     pruned = jnp.stack(pieces).reshape(w.shape)
@@ -748,7 +753,8 @@ def _prune_one(path: str, w: jax.Array, x: jax.Array | None,
         path=path, shape=tuple(w.shape), dtype=str(w.dtype), format=config.format,
         density=kept / w.size, weight_rel_error=_ratio(sums[0], sums[1]),
         output_rel_error=None if x is None else _ratio(sums[2], sums[3]),
-        dense_bytes=int(w.nbytes), stored_bytes=stored_bytes)
+        dense_bytes=int(w.nbytes), stored_bytes=stored_bytes,
+        matrix_weight_rel_errors=tuple(per_matrix))
     return stored, report
 
 

@@ -397,7 +397,7 @@ def _model(rng, *, layers=2, e=2, d=64, f=96, dtype=jnp.float32):
 
 
 REPORT_KEYS = {"path", "shape", "dtype", "format", "density", "weight_rel_error",
-               "output_rel_error", "dense_bytes", "stored_bytes"}
+               "output_rel_error", "dense_bytes", "stored_bytes", "matrix_weight_rel_errors"}
 
 
 @pytest.mark.parametrize("fmt,density", [("nm", 0.5), ("samoyeds", 0.25), ("unstructured", 0.3),
@@ -416,12 +416,21 @@ def test_prune_experts_report(rng, fmt, density):
         assert r["output_rel_error"] is None
         assert r["density"] == pytest.approx(density, abs=1e-3)
         assert (r["weight_rel_error"] == 0.0) == (fmt == "dense")
+        errs = r["matrix_weight_rel_errors"]
+        assert len(errs) == 2 and all(0.0 <= x <= 1.0 for x in errs)
+        assert min(errs) - 1e-6 <= r["weight_rel_error"] <= max(errs) + 1e-6
     assert set(d["summary"]) >= {"dense_bytes", "stored_bytes", "mean_weight_rel_error"}
     # Untouched leaves stay; pruned ones are what the single-matrix functions give.
     chex.assert_trees_all_equal(out["embed"], params["embed"])
     chex.assert_trees_all_equal(out["layers"][1]["attn"]["wq"], params["layers"][1]["attn"]["wq"])
     chex.assert_trees_all_equal(out["layers"][0]["w2"], config.prune(params["layers"][0]["w2"]))
     assert "layers/0/w1" in report.table()
+    w1, p1 = _np(params["layers"][0]["w1"]), _np(out["layers"][0]["w1"])
+    expected = [np.linalg.norm(w1[e] - p1[e]) / np.linalg.norm(w1[e]) for e in range(2)]
+    np.testing.assert_allclose(report.layers["layers/0/w1"].matrix_weight_rel_errors, expected,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(report.layers["layers/0/w1"].weight_rel_error,
+                               np.linalg.norm(w1 - p1) / np.linalg.norm(w1), rtol=1e-5, atol=1e-7)
 
 
 def test_prune_experts_wanda_with_calibration(rng):
