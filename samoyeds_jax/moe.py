@@ -76,6 +76,18 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
+def _check_indices(topk_idx: jax.Array, num_experts: int) -> None:
+    """ValueError if concrete routing indices fall outside [0, num_experts) (skipped under jit,
+    where an out-of-range index would silently contribute nothing)."""
+    if isinstance(topk_idx, jax.core.Tracer) or topk_idx.size == 0:
+        return
+    lo, hi = int(jnp.min(topk_idx)), int(jnp.max(topk_idx))
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"routing indices must be in [0, {num_experts}) (experts or cache slots), "
+            f"got values in [{lo}, {hi}]")
+
+
 def _as_dense(w, dtype: Dtype) -> jax.Array:
     """A dense [..., K, N] array of ``dtype`` from an array or a sparse format pytree."""
     if hasattr(w, "to_dense"):
@@ -108,7 +120,7 @@ def expert_ffn_ragged(x: jax.Array, routing: Routing, experts: ExpertWeights,
     out = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)
     out = out * routing.topk_weights.reshape(t * k)[order][:, None].astype(jnp.float32)
     rows = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [t*k, d]
-    return rows.reshape(t, k, -1).sum(axis=1).astype(dtype)
+    return rows.reshape(t, k, w2.shape[-1]).sum(axis=1).astype(dtype)
 
 
 def expert_ffn_loop(x: jax.Array, routing: Routing, experts: ExpertWeights,
@@ -135,6 +147,8 @@ def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
     ``"pallas"``: ``pallas_kernels.moe_matmul.moe_ffn`` on a ``RoutingPlan``; weights stay in
     their stored format.
     """
+    if x.shape[0] == 0:  # no tokens: nothing to route (kernels need at least one row)
+        return jnp.zeros(x.shape, dtype)
     if backend == "xla":
         return expert_ffn_ragged(x, routing, experts, dtype=dtype)
     if backend == "pallas":
@@ -433,6 +447,7 @@ class MoE(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         xt = x.reshape(-1, d)  # [t, d]
         routing.check_num_tokens(xt.shape[0])
+        _check_indices(routing.topk_idx, experts.num_experts)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         y = self.routed_experts(xt, routing, experts, dtype=dtype)
         if self.shared is not None:
