@@ -453,6 +453,16 @@ def test_prune_experts_wanda_with_calibration(rng):
                                    score=pruning.wanda_score(params["layers"][0]["w1"], x))
     chex.assert_trees_all_equal(out_w["layers"][0]["w1"], expected_w1)
     assert rep_w.mean_output_rel_error is not None
+    # Output errors against numpy: w1 sees x, w2 sees the dense silu(x w1) * (x w3).
+    w1, w3, w2 = (_np(params["layers"][0][n]) for n in ("w1", "w3", "w2"))
+    p1, p2 = _np(out_w["layers"][0]["w1"]), _np(out_w["layers"][0]["w2"])
+    y1, dy1 = np.einsum("td,edf->etf", x, w1), np.einsum("td,edf->etf", x, w1 - p1)
+    np.testing.assert_allclose(rep_w.layers["layers/0/w1"].output_rel_error,
+                               np.linalg.norm(dy1) / np.linalg.norm(y1), rtol=1e-4)
+    h = y1 / (1 + np.exp(-y1)) * np.einsum("td,edf->etf", x, w3)
+    y2, dy2 = np.einsum("etf,efd->etd", h, w2), np.einsum("etf,efd->etd", h, w2 - p2)
+    np.testing.assert_allclose(rep_w.layers["layers/0/w2"].output_rel_error,
+                               np.linalg.norm(dy2) / np.linalg.norm(y2), rtol=1e-4)
 
 
 def test_prune_experts_select_and_per_weight_calibration(rng):
