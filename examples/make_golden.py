@@ -43,7 +43,8 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention
 FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(intermediate_size=64, num_local_experts=4, rms_norm_eps=1e-5,
-                     rope_theta=1e6, sliding_window=None), {}),
+                     # A window shorter than the prompts, so the sliding-window mask matters.
+                     rope_theta=1e6, sliding_window=6), {}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4,
                        norm_topk_prob=False, qkv_bias=True, rms_norm_eps=1e-6, rope_theta=1e4,

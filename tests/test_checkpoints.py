@@ -110,6 +110,9 @@ def test_fixture_layouts_cover_sharding_and_config_variants():
     with open(os.path.join(_fixture("qwen3_moe"), "config.json")) as f:
         qwen3 = json.load(f)
     assert qwen3["head_dim"] * qwen3["num_attention_heads"] != qwen3["hidden_size"]
+    with open(os.path.join(_fixture("mixtral"), "config.json")) as f:
+        window = json.load(f)["sliding_window"]
+    assert window < max(len(p) for p in _golden("mixtral")[0]["prompts"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
