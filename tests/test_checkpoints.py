@@ -158,8 +158,18 @@ def test_pregate_starts_as_next_gate():
     assert model.layers[1].mlp.pregate is None
 
 
-def test_bfloat16_import_is_close(loaded):
-    model, config = load_hf_checkpoint(_fixture("mixtral"), dtype="bfloat16")
+def test_bfloat16_checkpoint(tmp_path):
+    """bf16 tensors on disk; the config's dtype picks the model dtype when none is given."""
+    import ml_dtypes
+    d = _copy_fixture("mixtral", tmp_path)
+    path = os.path.join(d, "model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(path).items()}, path)
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = "bfloat16"
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    model, config = load_hf_checkpoint(d)
     assert model.layers[0].mlp.w1[...].dtype == jnp.bfloat16
     assert config.dtype == jnp.bfloat16
     meta, golden = _golden("mixtral")
