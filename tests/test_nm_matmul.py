@@ -70,7 +70,6 @@ NM_CASES = [
     (3, 64, 48, dict(block_n=32)),
     (33, 256, 64, dict(block_k=64, split_k=2)),
     (128, 128, 32, dict(block_t=64, block_k=64)),
-    (3, 96, 32, dict(block_k=64)),
     (3, 256, 32, dict(block_k=128, load="split")),
     (33, 96, 48, dict(block_k=64, block_n=32, order="wx")),
     (3, 256, 64, dict(block_k=128, split_k=2, load="split", order="wx")),
@@ -159,7 +158,7 @@ def test_samoyeds_dense_expansion(rng):
     chex.assert_trees_all_equal(dense, w.to_dense())
 
 
-@pytest.mark.parametrize("n,m,k", [(2, 4, 96), (4, 8, 128)])
+@pytest.mark.parametrize("n,m,k", [(4, 8, 128)])  # 2:4 runs in the bit-31 test
 def test_expand_nm_pallas(rng, n, m, k):
     w = make_nm(rng, k, 48, n=n, m=m)
     chex.assert_trees_all_equal(
