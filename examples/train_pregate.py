@@ -2,7 +2,7 @@
 
     python examples/train_pregate.py                          # tiny random-weight model, 4 blocks
     python examples/train_pregate.py --loss topk --steps 500 --out /tmp/pregate.json
-    python examples/train_pregate.py --checkpoint /path/to/hf_model --text corpus.txt
+    python examples/train_pregate.py --checkpoint /path/to/hf_model --text corpus.txt --save /tmp/pregated
 
 Steps: build the model in ``"speculative"`` mode (each block's own gate routes, so the hidden
 states are the original model's), start every pre-gate from the next block's gate, collect
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=("next_gate", "random"), default="next_gate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save the model with its trained pre-gates (mode 'pregated') here")
     return p
 
 
@@ -53,7 +55,16 @@ def _model(args) -> MoETransformer:
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: expected a model directory")
     from samoyeds_jax import checkpoints
-    return checkpoints.load_model(args.checkpoint, pregate="speculative")
+    loaded = checkpoints.load_model(args.checkpoint)
+    return _with_pregate_mode(loaded, "speculative")
+
+
+def _with_pregate_mode(model: MoETransformer, mode: str) -> MoETransformer:
+    """The same model in another pre-gating mode: all parameters shared, pre-gates added
+    (copied from ``model`` when it has them, else freshly initialized)."""
+    new = MoETransformer(model.config.replace(moe=dict(pregate=mode)), rngs=nnx.Rngs(0))
+    nnx.update(new, nnx.state(model, nnx.Param))
+    return new
 
 
 def _token_batches(args, vocab: int) -> list[jax.Array]:
@@ -97,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
 
     # The trained pre-gates now drive the model ("pregated"): compare next-token choices.
-    pregated = MoETransformer(cfg.replace(moe=dict(pregate="pregated")), rngs=nnx.Rngs(0))
-    nnx.update(pregated, nnx.state(model, nnx.Param))
+    pregated = _with_pregate_mode(model, "pregated")
     logits = nnx.jit(lambda m, tokens: m(tokens)[0])
     held = batches[-1]
     agree = float(jnp.mean(jnp.argmax(logits(model, held), -1) == jnp.argmax(logits(pregated, held), -1)))
@@ -106,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"next-token agreement, pregated vs original model: {agree:.3f}{note} "
           f"({time.perf_counter() - t0:.1f}s total)")
 
+    if args.save:
+        from samoyeds_jax import checkpoints
+        checkpoints.save_converted(pregated, args.save)
+        print(f"saved the pregated model to {args.save}")
     if args.out:
         result = dict(report.as_dict(), next_token_agreement=agree, config=vars(args))
         with open(args.out, "w") as f:
