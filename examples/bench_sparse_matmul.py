@@ -55,7 +55,7 @@ C = nmm.SparseMatmulConfig
 # Tilings tried with --sweep (names: order, tile, load). Decode (t <= 64): thin token tile,
 # whole-K loop, K split until two waves of programs. A first H100 sweep showed that deep
 # pipelines of big tiles (block_k 512, 4 stages) starve occupancy; these are the lean ones.
-S, G = "split", "gather"
+S, G, E = "split", "gather", "expand"
 DECODE_VARIANTS = {
     "xw_n64k256_sp": C(block_n=64, block_k=256, num_stages=3, load=S),
     "xw_n32k256_sp": C(block_n=32, block_k=256, num_stages=3, load=S),
@@ -68,17 +68,25 @@ DECODE_VARIANTS = {
     "wx_n64k128_sp": C(block_n=64, block_k=128, num_stages=3, load=S, order="wx"),
     "wx_n128k256_sp_w8": C(block_n=128, block_k=256, num_warps=8, num_stages=3, load=S,
                            order="wx"),
+    "xw_n64k256_ex": C(block_n=64, block_k=256, num_stages=3, load=E),
+    "xw_n32k256_ex": C(block_n=32, block_k=256, num_stages=3, load=E),
 }
 SAM_DECODE = ("xw_n32k256_sp", "xw_n64k256_sp", "wx_n64k256_sp", "wx_n128k256_sp",
-              "wx_n64k128_sp", "wx_n32k256_sp")
-SMALL_SHAPE_DECODE = ("xw_n64k256_sp", "xw_n32k256_sp", "wx_n64k256_sp", "wx_n64k128_sp")
+              "wx_n64k128_sp", "wx_n32k256_sp", "xw_n64k256_ex")
+SMALL_SHAPE_DECODE = ("xw_n64k256_sp", "xw_n32k256_sp", "wx_n64k256_sp", "wx_n64k128_sp",
+                      "xw_n32k256_ex")
 MID_VARIANTS = {  # t = 256: between memory and arithmetic bound
     "xw_t64n128k128_sp": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=S),
     "wx_t64n128k128_sp": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=S,
                            order="wx"),
+    "xw_t64n128k128_ex": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=E),
     "dense": C(method="dense"),
 }
-LARGE_VARIANTS = {"dense": C(method="dense")}
+LARGE_VARIANTS = {
+    "xw_t128n128k64_ex_w8": C(block_t=128, block_n=128, block_k=64, num_warps=8,
+                              num_stages=3, load=E),
+    "dense": C(method="dense"),
+}
 
 
 # --------------------------------------------------------------------------- weights

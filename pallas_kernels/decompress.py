@@ -67,6 +67,12 @@ def _load(ref, rows, cols, mask):
     return plt.load(ref.at[rows, cols], mask=mask, other=0)
 
 
+def load_x_tile(x_ref, rows: jax.Array, *, k_start: jax.Array | int, block_k: int,
+                mask: jax.Array | None = None) -> jax.Array:
+    """The contiguous x tile [bt, block_k] at rows ``rows`` [bt, 1] (for ``load_nm_dense_tile``)."""
+    return _load(x_ref, rows, k_start + iota(block_k, 1), mask)
+
+
 def load_x_positions(
     x_ref,
     rows: jax.Array,
@@ -110,7 +116,7 @@ def load_x_positions(
     return [_load(x_ref, rows, base + j, mask) for j in range(m)]
 
 
-def load_nm_position_weights(
+def _load_slots_positions(
     values_ref,
     meta_ref,
     cols: jax.Array,
@@ -123,29 +129,9 @@ def load_nm_position_weights(
     col_mask: jax.Array | None = None,
     split: bool = False,
     transpose: bool = False,
-) -> list[jax.Array]:
-    """Expand one compressed K tile of an N:M weight into its m position tiles.
-
-    Args:
-      values_ref: compressed values ref [K*n/m, N'] (``NMSparse.values`` of one matrix).
-      meta_ref: meta ref [K*n/m / per_word, N'] int32.
-      cols: int32 column indices [1, bn] of the tile (contiguous or strided).
-      k_start: first dense K row of the tile; a multiple of ``block_k``.
-      block_k: dense rows per tile; see ``check_block_k``.
-      n, m: the N:M pattern.
-      group_mask: optional bool [block_k // m, 1]: groups inside K (a ragged last tile).
-      col_mask: optional bool [1, bn]: columns inside N'.
-      split: load the tile's meta words once ([words, bn]) and repeat each word to its
-        groups in registers (broadcast + reshape) instead of a gathering load per group;
-        then ``group_mask`` must be None.
-      transpose: return W_j^T tiles [bn, block_k // m] (weights as the left dot operand,
-        ``sum_j W_j^T @ x_j^T``); then ``cols`` is [bn, 1], ``group_mask`` [1, g] and
-        ``col_mask`` [bn, 1].
-
-    Returns:
-      m arrays [block_k // m, bn] (or [bn, block_k // m]) in the values dtype: entry j is
-      W_j with ``x[:, k_start:k_start+block_k] @ W_tile == sum_j x_j @ W_j``.
-    """
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The n value slots of a tile and their positions (int32 in 0..m-1), each [g, bn]
+    ([bn, g] with ``transpose``). Arguments as in ``load_nm_position_weights``."""
     bits = meta_bits(m)
     per_word = 32 // bits
     g = block_k // m
@@ -182,6 +168,48 @@ def load_nm_position_weights(
     field = (1 << bits) - 1
     # Arithmetic shift then mask: bit 31 of a word may be set, the field stays exact.
     positions = [(words >> (base_shift + s * bits)) & field for s in range(n)]  # n x [g, bn]
+    return slots, positions
+
+
+def load_nm_position_weights(
+    values_ref,
+    meta_ref,
+    cols: jax.Array,
+    *,
+    k_start: jax.Array | int,
+    block_k: int,
+    n: int,
+    m: int,
+    group_mask: jax.Array | None = None,
+    col_mask: jax.Array | None = None,
+    split: bool = False,
+    transpose: bool = False,
+) -> list[jax.Array]:
+    """Expand one compressed K tile of an N:M weight into its m position tiles.
+
+    Args:
+      values_ref: compressed values ref [K*n/m, N'] (``NMSparse.values`` of one matrix).
+      meta_ref: meta ref [K*n/m / per_word, N'] int32.
+      cols: int32 column indices [1, bn] of the tile (contiguous or strided).
+      k_start: first dense K row of the tile; a multiple of ``block_k``.
+      block_k: dense rows per tile; see ``check_block_k``.
+      n, m: the N:M pattern.
+      group_mask: optional bool [block_k // m, 1]: groups inside K (a ragged last tile).
+      col_mask: optional bool [1, bn]: columns inside N'.
+      split: load the tile's meta words once ([words, bn]) and repeat each word to its
+        groups in registers (broadcast + reshape) instead of a gathering load per group;
+        then ``group_mask`` must be None.
+      transpose: return W_j^T tiles [bn, block_k // m] (weights as the left dot operand,
+        ``sum_j W_j^T @ x_j^T``); then ``cols`` is [bn, 1], ``group_mask`` [1, g] and
+        ``col_mask`` [bn, 1].
+
+    Returns:
+      m arrays [block_k // m, bn] (or [bn, block_k // m]) in the values dtype: entry j is
+      W_j with ``x[:, k_start:k_start+block_k] @ W_tile == sum_j x_j @ W_j``.
+    """
+    slots, positions = _load_slots_positions(
+        values_ref, meta_ref, cols, k_start=k_start, block_k=block_k, n=n, m=m,
+        group_mask=group_mask, col_mask=col_mask, split=split, transpose=transpose)
     zero = jnp.zeros_like(slots[0])
     tiles = []
     for j in range(m):
@@ -192,6 +220,33 @@ def load_nm_position_weights(
             w_j = jnp.where(positions[s] == j, slots[s], w_j)
         tiles.append(w_j)
     return tiles
+
+
+def load_nm_dense_tile(
+    values_ref,
+    meta_ref,
+    cols: jax.Array,
+    *,
+    k_start: jax.Array | int,
+    block_k: int,
+    n: int,
+    m: int,
+    group_mask: jax.Array | None = None,
+    col_mask: jax.Array | None = None,
+    split: bool = False,
+) -> jax.Array:
+    """Expand one compressed K tile into the dense [block_k, bn] tile (one dot against a
+    contiguous x tile): selects over a [g, m, bn] view, then a reshape. Arguments as in
+    ``load_nm_position_weights`` (no transpose)."""
+    slots, positions = _load_slots_positions(
+        values_ref, meta_ref, cols, k_start=k_start, block_k=block_k, n=n, m=m,
+        group_mask=group_mask, col_mask=col_mask, split=split, transpose=False)
+    g, bn = slots[0].shape
+    j = jax.lax.broadcasted_iota(jnp.int32, (g, m, bn), 1)
+    w = jnp.zeros((g, m, bn), slots[0].dtype)
+    for v, pos in zip(slots, positions):
+        w = jnp.where(pos.reshape(g, 1, bn) == j, jnp.broadcast_to(v.reshape(g, 1, bn), (g, m, bn)), w)
+    return w.reshape(block_k, bn)
 
 
 def nm_tile_dot(

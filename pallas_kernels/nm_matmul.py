@@ -34,8 +34,10 @@ from pallas_kernels import tuning
 Method = Literal["pallas", "dense"]
 # How a kernel fetches the strided x columns and the per-group meta words of a tile:
 # "gather" = index-vector loads (strided x columns, one meta word load per group);
-# "split" = contiguous loads, then reshape/split/broadcast in registers.
-TileLoad = Literal["gather", "split"]
+# "split" = contiguous loads, then reshape/split/broadcast in registers; "expand" = the
+# weight tile expanded to dense [block_k, block_n] in registers (selects over a
+# [g, m, bn] view + reshape) and one dot against a contiguous x tile (order "xw" only).
+TileLoad = Literal["gather", "split", "expand"]
 # Operand order of the tile product: "xw" computes x_tile @ W_tile [bt, bn]; "wx" computes
 # W_tile^T @ x_tile^T [bn, bt] (weights on the left: M = block_n even for one token, so the
 # expanded weights can feed the MMA from registers).
@@ -58,7 +60,8 @@ class SparseMatmulConfig:
       block_k: dense K rows per loop step (power of two; block_k / m >= 16 on the GPU).
       split_k: programs sharing one output tile along K (partials added by XLA).
       num_warps, num_stages: Triton launch and software-pipelining depth.
-      load: "gather" or "split" (see ``TileLoad``); same result, different instructions.
+      load: "gather", "split" or "expand" (see ``TileLoad``); same result, different
+        instructions.
       order: "xw" or "wx" (see ``Order``).
     """
 
@@ -102,12 +105,13 @@ def _nm_matmul_kernel(
     block_n: int,
     block_k: int,
     steps: int,
-    split: bool,
+    load: str,
     wlhs: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
     c0 = pid_n * block_n
+    split = load == "split"
     g = block_k // m
     # wlhs: weights are the left dot operand, the tile is computed transposed [bn, bt].
     tax, cax = (1, 0) if wlhs else (0, 1)
@@ -120,6 +124,17 @@ def _nm_matmul_kernel(
     def body(step, acc):
         k0 = (pid_s * steps + step) * block_k
         group_mask, x_mask = None, row_mask
+        if load == "expand":
+            if ragged_k:
+                group_mask = k0 // m + decompress.iota(g, 0) < k // m  # [g, 1]
+                in_k = k0 + decompress.iota(block_k, 1) < k  # [1, bk]
+                x_mask = in_k if row_mask is None else row_mask & in_k
+            x = decompress.load_x_tile(x_ref, rows, k_start=k0, block_k=block_k,
+                                       mask=x_mask)  # [bt, bk]
+            w = decompress.load_nm_dense_tile(
+                values_ref, meta_ref, cols, k_start=k0, block_k=block_k, n=n, m=m,
+                group_mask=group_mask, col_mask=col_mask, split=not ragged_k)  # [bk, bn]
+            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
         if ragged_k:
             group_mask = k0 // m + decompress.iota(g, tax) < k // m  # [g, 1] / [1, g]
             in_k = k0 // m + decompress.iota(g, cax) < k // m  # [1, g] / [g, 1]
@@ -169,12 +184,13 @@ def _samoyeds_matmul_kernel(
     block_g: int,
     block_k: int,
     steps: int,
-    split: bool,
+    load: str,
     wlhs: bool,
 ):
     pid_t, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t0 = pid_t * block_t
     g0 = pid_n * block_g  # first column group of the tile
+    split = load == "split"
     tax, cax = (1, 0) if wlhs else (0, 1)
     rows = t0 + decompress.iota(block_t, tax)  # [bt, 1] / [1, bt]
     sub = min(block_k, v)  # rows of one slab inside a K step
@@ -189,6 +205,17 @@ def _samoyeds_matmul_kernel(
         accs = list(accs)
         for u in range(block_k // sub):
             ks = k0 + u * sub
+            if load == "expand":
+                x = decompress.load_x_tile(x_ref, rows, k_start=ks, block_k=sub,
+                                           mask=row_mask)  # [bt, sub]
+                for cols in slot_cols:
+                    w = decompress.load_nm_dense_tile(
+                        values_ref, meta_ref, cols, k_start=ks, block_k=sub, n=2, m=4,
+                        col_mask=col_mask, split=True)  # [sub, bg]
+                    partial = jnp.dot(x, w, preferred_element_type=jnp.float32)  # [bt, bg]
+                    sel = decompress.load_sel_row(sel_ref, ks // v, cols, col_mask)
+                    accs = decompress.route_partial(accs, partial, sel)
+                continue
             x_tiles = decompress.load_x_positions(
                 x_ref, rows, k_start=ks, block_k=sub, m=4, mask=row_mask,
                 split=split, transpose=wlhs)  # 4 x [bt, sub/4] / [sub/4, bt]
@@ -301,8 +328,10 @@ def _check_config(cfg: SparseMatmulConfig) -> None:
             raise ValueError(f"config.{name}={val} must be a power of two >= {_MIN_DOT}")
     if cfg.order not in ("xw", "wx"):
         raise ValueError(f"config.order must be 'xw' or 'wx', got {cfg.order!r}")
-    if cfg.load not in ("gather", "split"):
-        raise ValueError(f"config.load must be 'gather' or 'split', got {cfg.load!r}")
+    if cfg.load not in ("gather", "split", "expand"):
+        raise ValueError(f"config.load must be 'gather', 'split' or 'expand', got {cfg.load!r}")
+    if cfg.load == "expand" and cfg.order != "xw":
+        raise ValueError("config.load='expand' needs order='xw'")
     if cfg.split_k < 1 or cfg.num_warps < 1 or cfg.num_stages < 1:
         raise ValueError(f"split_k, num_warps, num_stages must be >= 1, got {cfg}")
 
@@ -519,7 +548,7 @@ def nm_matmul(
     grid = (pl.cdiv(t, cfg.block_t), pl.cdiv(n_cols, cfg.block_n), cfg.split_k)
     kernel = functools.partial(
         _nm_matmul_kernel, t=t, k=k, n_cols=n_cols, n=n, m=m, block_t=cfg.block_t,
-        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, split=cfg.load == "split",
+        block_n=cfg.block_n, block_k=cfg.block_k, steps=steps, load=cfg.load,
         wlhs=cfg.order == "wx")
     return _launch(kernel, (x, w.values, w.meta), t=t, n_out=n_cols, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"nm_matmul_{n}of{m}", poison=_poison_output)
@@ -586,7 +615,7 @@ def samoyeds_matmul(
     kernel = functools.partial(
         _samoyeds_matmul_kernel, t=t, n_groups=n_groups, n_sel=n_sel, m_sel=m_sel, v=v,
         block_t=cfg.block_t, block_g=block_g, block_k=cfg.block_k, steps=steps,
-        split=cfg.load == "split", wlhs=cfg.order == "wx")
+        load=cfg.load, wlhs=cfg.order == "wx")
     return _launch(kernel, (x, w.values, w.meta, w.sel), t=t, n_out=n_out, cfg=cfg, grid=grid,
                    out_dtype=out_dt, name=f"samoyeds_matmul_{n_sel}of{m_sel}",
                    poison=_poison_output)

@@ -69,7 +69,8 @@ NM_CASES = [
     (1, 32, 16, {}),
     (3, 64, 48, dict(block_n=32)),
     (33, 256, 64, dict(block_k=64, split_k=2)),
-    (128, 128, 32, dict(block_t=64, block_k=64)),
+    (128, 128, 32, dict(block_t=64, block_k=64, load="expand")),
+    (3, 96, 32, dict(block_k=64, load="expand")),
     (3, 256, 32, dict(block_k=128, load="split")),
     (33, 96, 48, dict(block_k=64, block_n=32, order="wx")),
     (3, 256, 64, dict(block_k=128, split_k=2, load="split", order="wx")),
@@ -132,7 +133,7 @@ def test_xla_backend_is_reference(rng):
 
 SAM_CASES = [
     (1, 128, 32, dict(), {}),
-    (33, 256, 64, dict(), dict(block_k=256, split_k=1)),
+    (33, 256, 64, dict(), dict(block_k=256, split_k=1, load="expand")),
     (3, 256, 96, dict(), dict(block_k=128, split_k=2, block_n=32, load="split")),
     (128, 128, 64, dict(n_sel=2, m_sel=4, v=64), dict(block_t=64, block_k=128, block_n=32)),
     (3, 256, 96, dict(), dict(block_k=256, block_n=32, load="split", order="wx")),
@@ -181,6 +182,8 @@ def test_errors(rng):
         nmm.nm_matmul(x[None], w)
     with pytest.raises(ValueError, match="block_n=24 must be a power of two"):
         nmm.nm_matmul(x, w, config=nmm.SparseMatmulConfig(block_n=24))
+    with pytest.raises(ValueError, match="needs order='xw'"):
+        nmm.nm_matmul(x, w, config=nmm.SparseMatmulConfig(load="expand", order="wx"))
     with pytest.raises(ValueError, match="method"):
         nmm.nm_matmul(x, w, config=nmm.SparseMatmulConfig(method="sparse"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend"):
