@@ -223,3 +223,18 @@ def test_tuning_lookup_nearest(tmp_path, monkeypatch):
         assert tuning.lookup("nm_matmul_2of4", "Other GPU", k=64, n=16, tokens=1) is None
     finally:
         tuning.clear_cache()
+
+
+def test_stored_configs_are_valid():
+    files = sorted(tuning.CONFIG_DIR.glob("*.json"))
+    assert files, f"no tuned configs under {tuning.CONFIG_DIR}"
+    for path in files:
+        data = json.loads(path.read_text())
+        for op, shapes in data.items():
+            if not op.startswith(("nm_matmul_", "samoyeds_matmul_")):
+                continue  # other kernels' entries
+            for shape, entries in shapes.items():
+                for t, cfg in entries.items():
+                    fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
+                    nmm._check_config(nmm.SparseMatmulConfig(**fields))
+                    assert int(t) >= 1, (path.name, op, shape, t)
