@@ -2,7 +2,7 @@
 
 For each MoE weight shape and token count: XLA ``jnp.dot`` on the same pruned dense
 weight (the baseline, same run), the Pallas kernels in one or several tilings, the
-"dense" method (expand with XLA, then ``jnp.dot``), and torch's 2:4 (cuSPARSELt) when
+"dense" method (one Pallas expansion kernel, then ``jnp.dot``), and torch's 2:4 (cuSPARSELt) when
 torch is importable. Every op is timed inside one jitted ``fori_loop`` whose body calls
 it on several weight copies (rotating past the 50 MB L2); medians of repeats. The
 measured device copy rate (read + write of a 1 GiB array) turns the compressed bytes
@@ -26,14 +26,13 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 # Leave GPU memory for torch's cuSPARSELt baseline in the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import decompress, formats  # noqa: E402
