@@ -1,7 +1,12 @@
-"""Unstructured tiled sparsity (Flash-LLM style, 50-95% sparse): per-tile column-ELL.
+"""Unstructured tiled sparsity (Flash-LLM style, 50-95% sparse): two layouts.
 
-Layout
-------
+``TiledSparse`` (per-tile column-ELL) is the decode layout: its Pallas kernel streams
+only stored nonzeros and does work per nonzero. ``TiledBitmap`` (bitmap + packed values)
+is expanded to dense tiles in registers and multiplied on tensor cores: work per dense
+entry, fewer bytes. Measured trade-offs are in ``benchmarks/unstructured.md``.
+
+TiledSparse layout
+------------------
 A weight W [..., K, N] (``y = x @ W``) is cut into tiles of ``tile_k`` rows by ``tile_n``
 columns; tile (kt, nt) covers rows ``kt*tile_k ..`` and columns ``nt*tile_n ..``.
 Inside a tile every column keeps its nonzeros as a list of *slots*; the tile stores
@@ -23,26 +28,29 @@ with zero slots to the largest S of the stack. Every nonzero is stored: nothing 
 
 Bytes: ``nbytes = S*tile_n*(itemsize + rows.itemsize) + offsets`` (times the batch),
 padding slots included. Per nonzero that is 3 bytes (bf16 value + uint8 row) times
-the padding factor ``slots / nnz``; measured on random 80%-sparse 4096 x 14336 with
-256 x 32 tiles the factor is ~1.27, i.e. 0.38 of the dense bf16 bytes
-(``bytes_per_format`` in the benchmark notes).
+the padding factor ``slots / nnz`` (1 / ``slot_fill``): on random 80%-sparse
+4096 x 14336 with 256 x 32 tiles the factor is 1.27, i.e. 0.38 of the dense bf16
+bytes (bitmap: 0.33; 2:4 at 50%: 0.56).
 
-Why column-ELL (and not a bitmap or a flat (value, position) list)
--------------------------------------------------------------------
+Why column-ELL for decode
+-------------------------
 Pallas Triton has no value-level gather or scatter and no shared-memory scatter, so
 Flash-LLM's "scatter each nonzero into a shared-memory tile" cannot be written. What
-it does have is gathering *ref* loads (``x_ref[idx, :]``) and cheap elementwise math.
-At decode sizes (t <= ~32 tokens) the matmul is bound by weight bytes, and any work
-done per *dense* element of W (a bitmap needs, per dense element, a word load, a
-shift/mask, a popcount for the value index and a gathering value load: ~10
-instructions, ~25 us of issue time for one 4096 x 14336 matrix on an H100 against
-~43 us for the whole dense product) eats most of the gain. Column-ELL needs work per
-*stored* nonzero only: a contiguous, vectorised load of a [chunk, tile_n] block of
-values and rows, one gathering load of the matching activations ``x^T[k0 + row, :]``
-(which stays in L1: a tile spans only tile_k rows of x), and one FMA per token. The
-per-column reduction is free (slot rows sum elementwise), so no scatter is needed.
-The price is the per-tile padding to the longest column, counted in ``nbytes``;
-``tile_k = 256`` keeps the row index in one byte while keeping the padding modest.
+it has is gathering *ref* loads (``x_ref[idx, :]``) and elementwise math. Column-ELL
+needs work per *stored* nonzero only: a contiguous, vectorised load of a
+[chunk, tile_n] block of values and rows, one gathering load of the activations
+``x^T[k0 + row, :]`` (an L1 hit: a tile spans only tile_k rows of x) and one FMA per
+token; the per-column sum is elementwise over slot rows, so no scatter is needed.
+The price is per-tile padding to the longest column (counted in ``nbytes``) and, as
+tokens grow, L1 traffic: each slot gathers ``t * 2`` bytes from a random row of a
+``tile_k``-row window, so one warp-wide gather touches ~4 cache lines at t=1 but ~25
+at t=16. Measured on an H100 at 80% sparsity (4096 x 14336): 2.1x faster than XLA
+dense at 1 token, 1.5x at 4, break-even at 8, slower beyond.
+
+The bitmap alternative needs a word test, a popcount (the value's index) and a
+gathering value load per *dense* entry; on the H100 its expansion costs a flat
+~55-62 us per 4096 x 14336 matrix whatever the token count (0.8-0.94x of dense at
+80%), so it beats column-ELL from ~8 tokens on that shape but not dense.
 """
 
 from __future__ import annotations

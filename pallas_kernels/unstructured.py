@@ -1,20 +1,25 @@
-"""Unstructured sparse matmul ``y = x @ W`` with W in per-tile column-ELL (``TiledSparse``).
+"""Unstructured sparse matmul ``y = x @ W`` (Load-as-Sparse, Compute-as-Dense).
 
-Load-as-Sparse: the kernel streams only the stored slots of W (values + one-byte rows)
-from HBM. Compute: each program owns one column tile (tile_n output columns), one
-range of K tiles and one block of tokens; per step it loads a contiguous
-[chunk, tile_n] block of slot values and rows, gathers the activations those rows
-point at from x^T (``x_ref[k_row, tokens]``, a gathering ref load that hits L1: a K
-tile spans only tile_k rows of x), and accumulates ``x * w`` elementwise in f32
-registers; the slot axis is summed once at the end. No scatter and no per-dense-element
-work: see ``tiled_format`` for why this variant suits Pallas Triton.
+Two Pallas Triton kernels, one per layout of ``tiled_format``:
 
-Skinny products (decode: a few tokens) are bound by weight bytes, which this kernel
-cuts to ``nbytes / dense bytes`` (~0.38 at 80% sparsity with 256 x 32 tiles). The
-arithmetic is one FMA per stored slot per token on CUDA cores, so its cost grows
-with the token count; past a crossover (``config.method="densify"``, picked by
-``default_config``) the wrapper expands W to dense with XLA and runs one tensor-core
-``jnp.dot`` instead.
+* "gather" (``TiledSparse``, column-ELL): each program owns one column tile (tile_n
+  outputs), a range of K tiles and a block of tokens. Per step it loads a contiguous
+  [chunk, tile_n] block of slot values and one-byte rows (the next block is loaded
+  before this one's math, hiding HBM latency), gathers the activations the rows point
+  at from x^T (``x_ref[k_row, tokens]``), and accumulates ``x * w`` elementwise in f32
+  registers; the slot axis is summed once at the end. Work per stored nonzero only.
+* "expand" (``TiledBitmap``): per [block_k, tile_n] tile it ANDs each entry's bit,
+  popcounts the lower bits of its word for the value index, gathers the values
+  (masked), and multiplies the expanded tile on tensor cores (``jnp.dot``, f32 acc).
+* "densify" (either layout): ``W.to_dense()`` with XLA, then one ``jnp.dot``.
+
+H100 at 80% sparsity, 4096 x 14336 bf16, against XLA dense on the same pruned weight
+(``benchmarks/unstructured.md``): gather is 2.1x faster at 1 token, 1.9x at 2, 1.5x at
+4, 0.9x at 8 and 0.6x at 16: it is bound by HBM at 1 token (64% of the copy rate) and
+by L1 gather traffic beyond (each slot reads ``2 t`` bytes of a random x row). Expand
+runs a flat ~60 us up to 16 tokens (0.8-0.9x), bound by its per-entry expansion.
+``default_config`` picks per device kind, layout, shape and token count from the tuned
+table, else a heuristic; past 128 tokens it densifies.
 
 Partial sums over K ranges (``k_splits > 1``, to give the GPU enough programs) go to
 an f32 [k_splits, t, N] buffer summed by XLA afterwards: deterministic, no atomics.
@@ -41,9 +46,9 @@ Method = Literal["gather", "expand", "densify"]
 TUNED_CONFIGS = pathlib.Path(__file__).parent / "tuning" / "configs" / "unstructured.json"
 # Programs to aim for when choosing k_splits: a few per SM of an H100 (132 SMs).
 _TARGET_PROGRAMS = 512
-# Above this many tokens the gather kernel's CUDA-core FMAs cost more than a dense
-# tensor-core product over an expanded W (overridden by tuned configs).
-_DENSIFY_ABOVE_TOKENS = 64
+# Above this many tokens the Pallas kernels cost more than expanding W with XLA and one
+# tensor-core dot (H100 sweep; tuned configs override it per shape).
+_DENSIFY_ABOVE_TOKENS = 128
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,16 +98,22 @@ def _next_pow2(v: int) -> int:
 
 
 def _heuristic_config(tokens: int, layout: str = "ell") -> UnstructuredConfig:
+    """Defaults fitted to the H100 sweep (benchmarks/unstructured.md) for shapes without
+    a tuned entry."""
     if layout == "bitmap":
-        block_t = min(max(_next_pow2(tokens), 16), 128)
-        return UnstructuredConfig(method="expand", block_t=block_t, block_k=32,
-                                  num_warps=4 if block_t <= 32 else 8, num_stages=2)
+        if tokens > _DENSIFY_ABOVE_TOKENS:
+            return UnstructuredConfig(method="densify")
+        block_t = min(max(_next_pow2(tokens), 16), 64)
+        return UnstructuredConfig(method="expand", block_t=block_t, block_k=64, num_warps=4,
+                                  num_stages=2)
     if tokens > _DENSIFY_ABOVE_TOKENS:
         return UnstructuredConfig(method="densify")
     block_t = min(_next_pow2(tokens), 16)
-    # Keep the f32 accumulator near 2048-4096 values per program (tile_n = 32).
-    chunk = max(8, 64 // block_t)
-    return UnstructuredConfig(block_t=block_t, chunk=chunk, num_warps=4)
+    # The f32 accumulator is chunk * tile_n * block_t values per program; past ~128 per
+    # thread it spills (measured: 25-40x slower), so the chunk shrinks as block_t grows.
+    chunk = 32 if block_t <= 2 else 16
+    return UnstructuredConfig(block_t=block_t, chunk=chunk,
+                              num_warps=4 if block_t <= 8 else 2)
 
 
 def _layout(w: TiledSparse | TiledBitmap) -> str:

@@ -120,7 +120,26 @@ def test_default_config_by_tokens():
     assert U._heuristic_config(16).method == "gather"
     assert U._heuristic_config(4096).method == "densify"
     assert U._heuristic_config(1, "bitmap").block_t == 16
-    assert U._heuristic_config(4096, "bitmap").method == "expand"
+    assert U._heuristic_config(64, "bitmap").method == "expand"
+    assert U._heuristic_config(4096, "bitmap").method == "densify"
+
+
+def test_tuned_table_lookup(rng, monkeypatch):
+    # The committed table parses into valid configs.
+    for by_layout in U._tuned_table().values():
+        for by_shape in by_layout.values():
+            for by_tokens in by_shape.values():
+                for cfg in by_tokens.values():
+                    U.UnstructuredConfig(**cfg)
+    w = _weight(rng, jnp.bfloat16)
+    table = {"dev": {"ell": {f"{K}x{N}": {"1": {"chunk": 8, "block_t": 1},
+                                          "16": {"chunk": 4, "block_t": 16}}}}}
+    monkeypatch.setattr(U, "_tuned_table", lambda: table)
+    monkeypatch.setattr(U.backend_lib, "device_kind", lambda: "dev")
+    assert U.default_config(3, w).chunk == 8      # log-nearest: 1 (|log 3| < |log 3/16|)
+    assert U.default_config(9, w).chunk == 4
+    bm = TiledBitmap.from_dense(w.to_dense(), tile_n=32)
+    assert U.default_config(3, bm) == U._heuristic_config(3, "bitmap")
 
 
 def test_rejects_bad_input(rng):
