@@ -108,7 +108,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: j
             cache: KVCache, key: jax.Array, *, sampling: SamplingConfig
             ) -> tuple[jax.Array, KVCache]:
     """Feed the prompts ``tokens [b, T]`` and sample the first new token ``[b]``."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, copy=True)
     logits, cache = model(tokens, mask=mask, cache=cache, logits_for="last")
     return sample(logits, key, sampling), cache
 
@@ -116,7 +116,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: j
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, cache: KVCache,
                 key: jax.Array, *, sampling: SamplingConfig) -> tuple[jax.Array, KVCache]:
     """Feed one token per row ``[b]`` and sample the next ``[b]``."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, copy=True)
     logits, cache = model(token[:, None], cache=cache, logits_for="last")
     return sample(logits, key, sampling), cache
 

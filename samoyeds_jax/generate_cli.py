@@ -47,7 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="xla", choices=("xla", "pallas"),
                    help="expert compute: XLA grouped matmul or the Pallas routed-token kernel")
     p.add_argument("--offload", action="store_true",
-                   help="keep experts in host memory and cache them on the device")
+                   help="keep the routed experts in pinned host memory and cache them in device "
+                        "slots, fetched per --offload-policy")
+    p.add_argument("--offload-policy", default=None,
+                   choices=("gpu_only", "on_demand", "prefetch_all", "pregated", "speculative"),
+                   help="expert fetch policy (default: pregated for a pre-gated model, "
+                        "speculative for a speculative one, else on_demand)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="device expert slots shared by all layers (default: two blocks' worth)")
+    p.add_argument("--pregate", default="standard", choices=("standard", "pregated", "speculative"),
+                   help="pre-gating mode of the embedded tiny model (block i picks block i+1's "
+                        "experts); a checkpoint keeps its own")
     p.add_argument("--prompt", default=None,
                    help="text when the checkpoint has tokenizer.json, else token ids "
                         f"separated by spaces or commas (default for the tiny model: {DEFAULT_TINY_PROMPT!r})")
@@ -78,6 +88,7 @@ def _load_model(args) -> tuple[Any, str, Any]:
         if args.converted is not None:
             raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
         cfg = ModelConfig.tiny(expert_format=args.expert_format or "dense", backend=args.backend,
+                               pregate=args.pregate,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
@@ -119,6 +130,18 @@ def _prompt_ids(args, tokenizer, bos: int | None) -> list[int]:
     return ids
 
 
+def _offload_generator(args, model, sampling, eos):
+    from samoyeds_jax.generate_offload import OffloadGenerator
+    from samoyeds_jax.offload import OffloadConfig
+
+    mode = model.config.moe.pregate
+    policy = args.offload_policy or {"pregated": "pregated", "speculative": "speculative"}.get(
+        mode, "on_demand")
+    source = "pregate" if mode == "pregated" else "router"
+    config = OffloadConfig(policy=policy, slots=args.slots, routing_source=source)
+    return OffloadGenerator(model, offload=config, sampling=sampling, eos_id=eos, pad_id=0)
+
+
 def _fmt_rate(tokens: float, seconds: float) -> str:
     return f"{tokens:.0f} tokens in {seconds * 1e3:.2f} ms = {tokens / max(seconds, 1e-12):,.1f} tokens/s"
 
@@ -149,15 +172,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, vocab {vocab}, "
           f"{jnp.dtype(cfg.dtype).name}")
     print(f"  experts  format={m.expert_format}, backend={m.backend}, pregate={m.pregate}")
-    if args.offload:
-        print("  offload  requested; this build keeps every expert on the device "
-              "(host offload runs through samoyeds_jax.offload)")
     print(f"  device   {device.platform} ({device.device_kind})")
     print(f"  sampling {'greedy' if sampling.temperature == 0 else sampling}, seed {args.seed}, "
           f"eos {eos}")
     print(f"  prompt   {len(ids)} tokens x batch {args.batch}: {ids}")
 
-    gen = Generator(model, sampling=sampling, eos_id=eos, pad_id=0)
+    if args.offload:
+        gen = _offload_generator(args, model, sampling, eos)
+        del model  # the experts now live in host memory; drop their device copies
+        oc = gen.offload
+        print(f"  offload  policy={oc.policy}, routing from {oc.routing_source}, "
+              f"eviction={oc.eviction}, experts {gen.store.nbytes / 2**20:,.1f} MiB in pinned host "
+              "memory")
+    else:
+        gen = Generator(model, sampling=sampling, eos_id=eos, pad_id=0)
     stream = None
     if args.stream:
         def stream(pos: int, tokens: np.ndarray) -> None:
@@ -175,14 +203,26 @@ def main(argv: list[str] | None = None) -> int:
           f"(batch {args.batch}, incl. sampling the first token)")
     print(f"  decode   {_fmt_rate(res.decode_steps * args.batch, res.decode_seconds)} "
           f"({res.decode_steps} steps x batch {args.batch})")
-    print(f"  compile  {res.compile_seconds:.2f} s, excluded from the rates above; timings stop "
-          "at block_until_ready")
+    if args.offload:
+        print(f"  compile  {res.compile_seconds:.2f} s for a warm-up run of the same shapes "
+              "(compile + 2 tokens), excluded from the rates above; each token waits for the "
+              "device (sampled ids are read on the host); the expert cache starts empty")
+    else:
+        print(f"  compile  {res.compile_seconds:.2f} s, excluded from the rates above; timings "
+              "stop at block_until_ready")
     stats = device.memory_stats() if device.platform == "gpu" else None
     if stats and "peak_bytes_in_use" in stats:
         print(f"  memory   peak {stats['peak_bytes_in_use'] / 2**20:,.1f} MiB on {device.device_kind}")
     else:
         print(f"  memory   peak GPU memory: n/a on {device.platform}")
-    print("  cache    hit rate: n/a (experts resident on the device)")
+    if args.offload:
+        st = res.cache_stats
+        print(f"  cache    hit rate {st['hit_rate']:.1%} ({st['hits']} hits, {st['misses']} misses), "
+              f"{st['bytes_fetched'] / 2**20:,.1f} MiB fetched, {gen.cache.slots} slots = "
+              f"{res.cache_nbytes / 2**20:,.1f} MiB on the device; prefetch accuracy "
+              f"{st['prefetch_accuracy']:.1%}")
+    else:
+        print("  cache    hit rate: n/a (every expert resident on the device; --offload to cache)")
     return 0
 
 

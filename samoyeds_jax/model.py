@@ -225,6 +225,31 @@ class KVCache:
     def slots(self) -> int:
         return self.valid.shape[1]
 
+    def advance(self, keys, values, valid: jax.Array, mask: jax.Array) -> KVCache:
+        """The cache after a forward of ``mask.shape[1]`` tokens wrote ``keys``/``values``."""
+        return KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
+                       lengths=self.lengths + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                       index=self.index + mask.shape[1])
+
+
+def step_positions(cache: KVCache, mask: jax.Array, *, sliding_window: int | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotary positions and attention mask of ``t`` new tokens written at ``cache.index``.
+
+    Args:
+      mask: ``[b, t]`` bool, False for (left) padding.
+    Returns:
+      ``(positions [b, t] int32, valid [b, s] bool after the write, attn_mask [b, t, s] bool)``;
+      a token's position is the number of real tokens before it in its row.
+    """
+    mask = mask.astype(bool)
+    positions = cache.lengths[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.maximum(positions, 0)  # [b, t]
+    zero = jnp.zeros((), jnp.int32)
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (zero, cache.index))
+    attn_mask = attention_mask(valid, cache.index, mask.shape[1], sliding_window=sliding_window)
+    return positions, valid, attn_mask
+
 
 def default_mlp(config: ModelConfig, *, block_index: int, rngs: nnx.Rngs) -> nnx.Module:
     """The MoE layer of block ``block_index``, built from ``config.moe``."""
@@ -303,14 +328,8 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"cache batch {cache.valid.shape[0]} != tokens batch {b}")
         if t > cache.slots:
             raise ValueError(f"{t} tokens do not fit a cache of {cache.slots} slots")
-        mask = mask.astype(bool)
-        # Rotary position = real tokens before this one in its row.
-        positions = cache.lengths[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
-        positions = jnp.maximum(positions, 0)  # [b, t]
-        zero = jnp.zeros((), jnp.int32)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (zero, cache.index))
-        attn_mask = attention_mask(valid, cache.index, t,
-                                   sliding_window=self.config.attention.sliding_window)
+        positions, valid, attn_mask = step_positions(
+            cache, mask, sliding_window=self.config.attention.sliding_window)
 
         x = self.embed_tokens(tokens)
         routing = None
@@ -322,12 +341,11 @@ class MoETransformer(nnx.Module):
             values.append(v)
         if logits_for == "last":
             x = x[:, -1]
+        return self.logits(x), cache.advance(keys, values, valid, mask)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: ``[..., d]`` -> float32 logits ``[..., v]``."""
         x = self.norm(x)
         if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        new_cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
-                            lengths=cache.lengths + jnp.sum(mask, axis=1, dtype=jnp.int32),
-                            index=cache.index + t)
-        return logits.astype(jnp.float32), new_cache
+            return self.embed_tokens.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)

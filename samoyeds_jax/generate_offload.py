@@ -1,0 +1,287 @@
+"""Generation with the routed experts in pinned host memory and a device slot cache.
+
+``OffloadGenerator`` runs the same model as ``Generator`` block by block from the host, so that
+expert transfers can be issued between the blocks' computations (``samoyeds_jax.offload``):
+
+    embed -> for each block l:
+        front_l: norm -> attention (KV cache) -> norm -> own routing + pre-gate routing   (jitted)
+        [make block l's experts resident per the fetch policy]                           (device_put)
+        back_l:  routed experts on the slot-stacked cache weights (+ shared) + residual   (jitted)
+        [start block l+1's transfers: pre-gate prediction / next block]                 (async)
+    -> norm -> lm_head -> sample
+
+The non-expert parameters stay on the device; the expert weights (dense or any sparse format)
+live in an ``ExpertStore`` and reach the device through an ``ExpertCache`` of ``slots`` slots.
+Fetch policies are those of ``OffloadConfig``; ``routing_source="pregate"`` needs a model built
+with ``pregate="pregated"`` (block l >= 1 computes with the experts block l-1's pre-gate picked),
+``"router"`` a model whose blocks route themselves ("standard" or "speculative").
+
+Results equal ``Generator``'s for the same model (the slot numbering does not change the
+arithmetic). Timings exclude compilation: a warm-up generation of the same shapes runs first, then
+the expert cache is rebuilt empty so hit rates start cold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samoyeds_jax.generate import GenerationResult, SamplingConfig, pad_prompts, sample
+from samoyeds_jax.model import KVCache, MoETransformer, step_positions
+from samoyeds_jax.moe import ExpertWeights, expert_ffn
+from samoyeds_jax.offload import ExpertCache, ExpertStore, OffloadConfig
+from samoyeds_jax.routing import Routing
+
+
+@functools.partial(jax.jit, donate_argnames=("cache_k", "cache_v"))
+def _front(parts, h, positions, mask, cache_k, cache_v, index):
+    """Block up to the experts: ``(h [b, t, d], x [b*t, d], own Routing, pre-gate Routing | None, k, v)``."""
+    in_norm, attn, post_norm, gate, pregate = parts
+    a, cache_k, cache_v = attn(in_norm(h), positions=positions, mask=mask, cache_k=cache_k,
+                               cache_v=cache_v, index=index)
+    h = h + a
+    x = post_norm(h).reshape(-1, h.shape[-1])
+    return h, x, gate(x), (pregate(x) if pregate is not None else None), cache_k, cache_v
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "dtype"))
+def _back(shared, h, x, routing: Routing, table, layer, buffers, *, backend, dtype):
+    """Routed experts over the cache slots (+ shared experts) and the residual: ``h [b, t, d]``."""
+    slots = Routing(table[layer][routing.topk_idx], routing.topk_weights)  # expert id -> slot
+    experts = ExpertWeights(buffers["w1"], buffers["w3"], buffers["w2"])
+    y = expert_ffn(x, slots, experts, backend=backend, dtype=dtype)
+    if shared is not None:
+        y = y + shared(x).astype(dtype)
+    return h + y.reshape(h.shape).astype(h.dtype)
+
+
+@jax.jit
+def _embed(embed, tokens):
+    return embed(tokens)
+
+
+_step_positions = jax.jit(step_positions, static_argnames="sliding_window")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OffloadGenerationResult(GenerationResult):
+    """``GenerationResult`` plus the expert cache's counters (hits, misses, bytes, hit_rate, ...)
+    over the timed generation, and the device bytes of the slot pool."""
+
+    cache_stats: dict[str, float]
+    cache_nbytes: int
+    store_nbytes: int
+
+
+class OffloadGenerator:
+    """Greedy/sampled generation with host-offloaded experts (see the module doc).
+
+    Args:
+      model: the transformer; its expert arrays are copied to pinned host memory (drop the model
+        afterwards to free their device copies).
+      offload: fetch policy, slots, eviction, routing source.
+      max_tokens: the most tokens one forward routes (batch x prompt width), sizing the default
+        slot count; defaults to the first generation's prefill.
+    """
+
+    def __init__(self, model: MoETransformer, *, offload: OffloadConfig = OffloadConfig(),
+                 sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None,
+                 pad_id: int = 0, bucket: int = 16):
+        cfg = model.config
+        mode = cfg.moe.pregate
+        if offload.routing_source == "pregate" and mode != "pregated":
+            raise ValueError("routing_source='pregate' computes block l+1 with block l's pre-gate "
+                             f"choice: needs a model with pregate='pregated', got {mode!r}")
+        if offload.routing_source == "router" and mode == "pregated":
+            raise ValueError("a pregate='pregated' model computes with its pre-gate routings: "
+                             "use routing_source='pregate'")
+        if offload.policy in ("pregated", "speculative") and mode == "standard":
+            raise ValueError(f"policy={offload.policy!r} needs pre-gates: build the model with "
+                             "pregate='pregated' or 'speculative'")
+        self.config = cfg
+        self.offload = offload
+        self.sampling = sampling
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.bucket = bucket
+        self.embed = model.embed_tokens
+        self.parts = []
+        self.shared = []
+        layers = []
+        for block in model.layers:
+            moe = block.mlp
+            self.parts.append((block.input_layernorm, block.self_attn,
+                               block.post_attention_layernorm, moe.gate, moe.pregate))
+            self.shared.append(moe.shared)
+            w = moe.expert_weights()
+            layers.append({"w1": w.w1, "w3": w.w3, "w2": w.w2})
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.store = ExpertStore.from_stacked(layers)
+        self._head_fn = _make_head(model)
+        self.cache: ExpertCache | None = None
+        self._slots: int | None = offload.slots
+
+    # ------------------------------------------------------------------ expert cache
+
+    def _new_cache(self, max_tokens: int) -> ExpertCache:
+        L, E, k = self.store.num_layers, self.store.num_experts, self.config.moe.top_k
+        policy = self.offload.policy
+        slots = self._slots
+        if slots is None:  # the rule of OffloadDecoder: two blocks' worth of experts
+            if policy == "gpu_only":
+                slots = L * E
+            else:
+                per_block = min(E, k * max_tokens)
+                slots = min(L * E, 2 * per_block + (E if policy == "prefetch_all" else 0))
+            self._slots = slots
+        cache = ExpertCache(self.store, slots=slots, top_k=k, eviction=self.offload.eviction,
+                            poison_evicted=self.offload.poison_evicted)
+        if policy == "gpu_only":
+            cache.preload_all()
+        return cache
+
+    def _demand(self, layer: int, experts: list[int]) -> None:
+        cache = self.cache
+        cache.count_hits(layer, experts)
+        missing = [e for e in experts if not cache.resident(layer, e)]
+        if missing:
+            cache.fetch(layer, missing, demand=True, protect={(layer, e) for e in experts})
+
+    # ------------------------------------------------------------------ one forward
+
+    def _forward(self, tokens: jax.Array, mask: jax.Array, kv: KVCache) -> tuple[jax.Array, KVCache]:
+        """All blocks on ``tokens [b, t]``; returns the last position's hidden state and the cache."""
+        cfg, cache, policy = self.offload, self.cache, self.offload.policy
+        L, E = self.store.num_layers, self.store.num_experts
+        positions, valid, attn_mask = _step_positions(
+            kv, mask, sliding_window=self.config.attention.sliding_window)
+        h = _embed(self.embed, tokens)
+        keys, values = list(kv.keys), list(kv.values)
+        carried: Routing | None = None
+        known: list[int] | None = None
+        everything = list(range(E))
+        for l in range(L):
+            h, x, own, pregate, keys[l], values[l] = _front(
+                self.parts[l], h, positions, attn_mask, keys[l], values[l], kv.index)
+            use_pregate = cfg.routing_source == "pregate" and l > 0
+            routing = carried if use_pregate else own
+            if policy == "gpu_only":
+                experts = everything
+            elif policy == "prefetch_all":
+                experts = everything
+                self._demand(l, experts)
+            elif policy == "pregated" and use_pregate:
+                experts = known
+                self._demand(l, experts)
+            else:  # on_demand, speculative, and block 0 of pregated
+                experts = _unique(routing.topk_idx)
+                self._demand(l, experts)
+            cache.commit(l)
+            cache.use(l, experts)
+            h = _back(self.shared[l], h, x, routing, cache.device_table, cache.layer_index(l),
+                      cache.buffers, backend=self.config.moe.backend, dtype=self.dtype)
+            if policy == "prefetch_all":
+                cache.fetch((l + 1) % L, everything, demand=False)
+            elif policy in ("pregated", "speculative") and l + 1 < L:
+                known = _unique(pregate.topk_idx)
+                cache.fetch(l + 1, known, demand=False)
+            carried = pregate
+        return h[:, -1], kv.advance(keys, values, valid, mask)
+
+    # ------------------------------------------------------------------ generation
+
+    def _run(self, tokens, mask, max_new_tokens, key, stream, *, stop_after=None):
+        """Prefill + decode; ``stop_after`` ends early (warm-up) with the same shapes."""
+        b, width = tokens.shape
+        kv = KVCache.init(self.config, b, width + max_new_tokens)
+        key, k0 = jax.random.split(key)
+        t0 = time.perf_counter()
+        h, kv = self._forward(tokens, mask, kv)
+        token = np.asarray(self._head_fn(h, k0, sampling=self.sampling))  # waits for the device
+        t_prefill = time.perf_counter() - t0
+
+        out = np.full((b, max_new_tokens), self.pad_id, np.int32)
+        out[:, 0] = token
+        if stream is not None:
+            stream(0, token.copy())
+        done = token == self.eos_id if self.eos_id is not None else np.zeros(b, bool)
+        steps = 1
+        ones = jnp.ones((b, 1), bool)
+        t0 = time.perf_counter()
+        limit = max_new_tokens if stop_after is None else min(stop_after, max_new_tokens)
+        while steps < limit and not done.all():
+            key, sub = jax.random.split(key)
+            h, kv = self._forward(jnp.asarray(token[:, None]), ones, kv)
+            token = np.where(done, self.pad_id, np.asarray(self._head_fn(h, sub, sampling=self.sampling)))
+            out[:, steps] = token
+            if stream is not None:
+                stream(steps, token.copy())
+            if self.eos_id is not None:
+                done |= token == self.eos_id
+            steps += 1
+        return out, steps, t_prefill, time.perf_counter() - t0
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 key: jax.Array | None = None, warmup: bool = True,
+                 stream: Callable[[int, np.ndarray], None] | None = None
+                 ) -> OffloadGenerationResult:
+        """Generate for token-id prompts (see ``Generator.generate``).
+
+        ``warmup``: first run the same shapes once (compiles every block function), then start
+        the timed run with an empty expert cache. Without it, compile time is inside the timings.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        key = jax.random.key(0) if key is None else key
+        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket)
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+        max_tokens = int(tokens.size)
+        compile_s = 0.0
+        if warmup:
+            t0 = time.perf_counter()
+            self.cache = self._new_cache(max_tokens)
+            self._run(tokens, mask, max_new_tokens, key, None, stop_after=2)
+            compile_s = time.perf_counter() - t0
+        self.cache = self._new_cache(max_tokens)
+        out, steps, t_prefill, t_decode = self._run(tokens, mask, max_new_tokens, key, stream)
+        lengths = np.full((out.shape[0],), steps, np.int32)
+        if self.eos_id is not None:
+            for r in range(out.shape[0]):
+                hits = np.flatnonzero(out[r, :steps] == self.eos_id)
+                if hits.size:
+                    lengths[r] = hits[0] + 1
+        return OffloadGenerationResult(
+            tokens=out, lengths=lengths, prompt_tokens=int(np.sum(np.asarray(mask))),
+            prefill_seconds=t_prefill, decode_seconds=t_decode, decode_steps=steps - 1,
+            compile_seconds=compile_s, cache_stats=self.cache.stats.as_dict(),
+            cache_nbytes=self.cache.nbytes, store_nbytes=self.store.nbytes)
+
+
+def _unique(ids: jax.Array) -> list[int]:
+    """Expert ids used in ``ids`` (read on the host: one device->host sync)."""
+    return [int(e) for e in np.unique(np.asarray(ids))]
+
+
+def _make_head(model: MoETransformer):
+    """``head(h_last [b, d], key, *, sampling) -> [b] int32``: final norm, output layer, sampling.
+
+    Only the norm and output projection go into the jitted function (not the expert arrays).
+    """
+    parts = (model.norm, model.embed_tokens if model.config.tie_word_embeddings else model.lm_head)
+    tied = model.config.tie_word_embeddings
+
+    @functools.partial(jax.jit, static_argnames="sampling")
+    def head(parts, h, key, *, sampling):
+        norm, out = parts
+        x = norm(h)
+        logits = out.attend(x) if tied else out(x)
+        return sample(logits.astype(jnp.float32), key, sampling)
+
+    return lambda h, key, *, sampling: head(parts, h, key, sampling=sampling)
