@@ -317,6 +317,13 @@ def _validate(x: jax.Array, w: TiledSparse | TiledBitmap) -> None:
         raise ValueError(f"x must be [..., K={w.k}], got shape {x.shape}")
 
 
+def _out_dtype(x: jax.Array, out_dtype) -> jnp.dtype:
+    out = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if not jnp.issubdtype(out, jnp.floating):
+        raise ValueError(f"out_dtype must be a floating dtype, got {out}")
+    return out
+
+
 def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
                         config: UnstructuredConfig | None = None,
                         backend: backend_lib.Backend | None = None,
@@ -335,7 +342,7 @@ def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
     """
     _validate(x, w)
     backend = backend_lib.resolve_backend(backend)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    out_dtype = _out_dtype(x, out_dtype)
     if backend == "xla":
         return unstructured_matmul_reference(x, w, out_dtype=out_dtype)
     if backend == "mosaic_gpu":
@@ -367,7 +374,7 @@ def unstructured_matmul_reference(x: jax.Array, w: TiledSparse | TiledBitmap, *,
     """Pure-jnp ``x @ W``: densify W, f32 accumulate. Same signature as the kernel."""
     del config, backend
     _validate(x, w)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    out_dtype = _out_dtype(x, out_dtype)
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
                 precision=lax.Precision.HIGHEST)
     return y.astype(out_dtype)

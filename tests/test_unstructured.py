@@ -149,6 +149,8 @@ def test_rejects_bad_input(rng):
         U.unstructured_matmul(x.astype(jnp.float32), w)
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., K=96\], got shape \(2, 95\)"):
         U.unstructured_matmul(jnp.ones((2, 95), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="out_dtype must be a floating dtype, got int32"):
+        U.unstructured_matmul(x, w, out_dtype=jnp.int32)
     with pytest.raises(ValueError, match="x dtype must be"):
         U.unstructured_matmul(jnp.ones((2, K), jnp.int32), w)
     with pytest.raises(ValueError, match="does not apply to TiledSparse"):
