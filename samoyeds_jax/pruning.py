@@ -312,15 +312,11 @@ def _unstructured_mask(score: jax.Array, *, n_keep: int,
         lo_thr, _ = _select_digit(lo, need - above_hi, 1 << 16)
         thr = (hi_thr.astype(jnp.uint32) << 16) | lo_thr.astype(jnp.uint32)  # [B, 1]
     # Everything above the threshold is kept; of the entries equal to it, the first ones in
-    # row-major order until n_keep (the cumsum runs only when there is such a tie to break).
+    # row-major order until n_keep.
     greater = key > thr
     equal = key == thr
     need_eq = need - jnp.sum(greater, axis=-1, dtype=jnp.int32, keepdims=True)  # [B, 1]
-    n_equal = jnp.sum(equal, axis=-1, dtype=jnp.int32, keepdims=True)
-    first_equal = jax.lax.cond(
-        jnp.all(n_equal == need_eq),
-        lambda: equal,
-        lambda: equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= need_eq))
+    first_equal = equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= need_eq)
     return (greater | first_equal).reshape(score.shape)
 
 
