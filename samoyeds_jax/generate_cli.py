@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  prefill  {_fmt_rate(res.prompt_tokens, res.prefill_seconds)} "
           f"(batch {args.batch}, incl. sampling the first token)")
     print(f"  decode   {_fmt_rate(res.decode_steps * args.batch, res.decode_seconds)} "
-          f"({res.decode_steps} steps x batch {args.batch})")
+          f"({res.decode_steps} steps x batch {args.batch}"
+          f"{'; streamed: a host loop of jitted steps' if args.stream else ''})")
     if args.offload:
         print(f"  compile  {res.compile_seconds:.2f} s for a warm-up run of the same shapes "
               "(compile + 2 tokens), excluded from the rates above; each token waits for the "
