@@ -137,11 +137,19 @@ def main(argv=None) -> int:
           f"{args.layers} layers of d={config.d_model}, f={config.moe.d_ff}, "
           f"e={config.moe.num_experts}, k={config.moe.top_k}", flush=True)
     rows = []
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+                           "layers": args.layers, "hf_config": hf, "rows": rows}, f, indent=1)
+
     for n in args.devices:
         if n > jax.device_count():
             print(f"skip {n} devices: only {jax.device_count()} present")
             continue
         rows += run(config, n, args)
+        save()
 
     base = {(r["phase"], r["batch"], r["tokens"]): r["tokens_per_s"] for r in rows if r["devices"] == 1}
     print(f"\n{'phase':8} {'batch':>5} {'tokens':>6} {'GPUs':>4} {'tok/s':>10} {'vs 1 GPU':>8}")
@@ -151,10 +159,7 @@ def main(argv=None) -> int:
         sp = f"{r['speedup_vs_1']:.2f}x" if one else "-"
         print(f"{r['phase']:8} {r['batch']:>5} {r['tokens']:>6} {r['devices']:>4} "
               f"{r['tokens_per_s']:>10.1f} {sp:>8}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                       "layers": args.layers, "hf_config": hf, "rows": rows}, f, indent=1)
+    save()
     return 0
 
 
