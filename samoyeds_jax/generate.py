@@ -83,6 +83,34 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def eos_array(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    """Stop token ids as int32 ``[n]`` (n >= 1; ``[-1]``, which matches no token, when None)."""
+    if eos_id is None:
+        ids = []
+    elif isinstance(eos_id, (int, np.integer)):
+        ids = [int(eos_id)]
+    else:
+        ids = [int(i) for i in eos_id]
+    return np.asarray(ids or [-1], np.int32)
+
+
+def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    """``[b]`` bool: the token is one of ``eos_ids [n]``."""
+    return jnp.any(tokens[:, None] == eos_ids[None, :], axis=1)
+
+
+def output_lengths(tokens: np.ndarray, steps: int, eos_id: int | Sequence[int] | None
+                   ) -> np.ndarray:
+    """``[b]`` new tokens per row: up to and including the first stop token, else ``steps``."""
+    eos = eos_array(eos_id)
+    lengths = np.full((tokens.shape[0],), steps, np.int32)
+    for r in range(tokens.shape[0]):
+        hits = np.flatnonzero(np.isin(tokens[r, :steps], eos))
+        if hits.size:
+            lengths[r] = hits[0] + 1
+    return lengths
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: int = 16
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad prompts to one length, rounded up to a multiple of ``bucket``.
@@ -122,21 +150,21 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, cach
 
 
 def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cache: KVCache,
-                key: jax.Array, eos_id: jax.Array, pad_id: jax.Array, *,
+                key: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
                 sampling: SamplingConfig, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
     """Generate up to ``max_new_tokens`` tokens per row inside one ``lax.while_loop``.
 
     Args:
       first: ``[b]`` the token sampled by prefill (output position 0).
-      eos_id, pad_id: ``[]`` int32 (traced, so changing them does not recompile); eos_id -1
-        means no stop token.
+      eos_ids: ``[n]`` int32 stop tokens (-1 entries never match); pad_id: ``[]`` int32. Both are
+        traced, so changing them does not recompile.
     Returns:
       ``(tokens [b, max_new_tokens] int32, steps [] int32)``: positions after a row's EOS hold
       ``pad_id``; ``steps`` counts the positions written (decode steps run = steps - 1).
     """
     b = first.shape[0]
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = first == eos_id
+    done = is_eos(first, eos_ids)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -148,7 +176,7 @@ def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cach
         nxt, cache = decode_step(graphdef, state, token, cache, sub, sampling=sampling)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.zeros((), jnp.int32), i))
-        done = done | (nxt == eos_id)
+        done = done | is_eos(nxt, eos_ids)
         return i + 1, nxt, cache, done, key, out
 
     steps, _, _, _, _, out = jax.lax.while_loop(
@@ -195,7 +223,7 @@ class Generator:
     """
 
     def __init__(self, model: MoETransformer, *, sampling: SamplingConfig = SamplingConfig(),
-                 eos_id: int | None = None, pad_id: int = 0, bucket: int = 16):
+                 eos_id: int | Sequence[int] | None = None, pad_id: int = 0, bucket: int = 16):
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.sampling = sampling
@@ -250,8 +278,9 @@ class Generator:
         if stream is None:
             first_shape = jax.ShapeDtypeStruct((b,), jnp.int32)
             scalar = jax.ShapeDtypeStruct((), jnp.int32)
+            eos_shape = jax.ShapeDtypeStruct(eos_array(self.eos_id).shape, jnp.int32)
             loop, c_dec = self._compile(
-                "loop", self._loop, self.graphdef, self.state, first_shape, cache, key, scalar,
+                "loop", self._loop, self.graphdef, self.state, first_shape, cache, key, eos_shape,
                 scalar, sampling=self.sampling, max_new_tokens=max_new_tokens)
         else:
             step, c_dec = self._compile("step", self._step, self.graphdef, self.state,
@@ -265,7 +294,7 @@ class Generator:
 
         t0 = time.perf_counter()
         if stream is None:
-            eos = jnp.asarray(-1 if self.eos_id is None else self.eos_id, jnp.int32)
+            eos = jnp.asarray(eos_array(self.eos_id))
             out, steps = loop(self.state, first, cache, key, eos, jnp.asarray(self.pad_id, jnp.int32))
             out = np.asarray(jax.block_until_ready(out))
             steps = int(steps)
@@ -274,7 +303,8 @@ class Generator:
             token = np.asarray(first)
             out[:, 0] = token
             stream(0, token.copy())
-            done = token == self.eos_id if self.eos_id is not None else np.zeros(b, bool)
+            eos = eos_array(self.eos_id)
+            done = np.isin(token, eos)
             steps = 1
             while steps < max_new_tokens and not done.all():
                 key, sub = jax.random.split(key)
@@ -282,17 +312,11 @@ class Generator:
                 token = np.where(done, self.pad_id, np.asarray(nxt))
                 out[:, steps] = token
                 stream(steps, token.copy())
-                if self.eos_id is not None:
-                    done |= token == self.eos_id
+                done |= np.isin(token, eos)
                 steps += 1
         t_decode = time.perf_counter() - t0
 
-        lengths = np.full((b,), steps, np.int32)
-        if self.eos_id is not None:
-            for r in range(b):
-                hits = np.flatnonzero(out[r, :steps] == self.eos_id)
-                if hits.size:
-                    lengths[r] = hits[0] + 1
+        lengths = output_lengths(out, steps, self.eos_id)
         return GenerationResult(tokens=out, lengths=lengths, prompt_tokens=int(np.sum(mask)),
                                 prefill_seconds=t_prefill, decode_seconds=t_decode,
                                 decode_steps=steps - 1, compile_seconds=c_pre + c_dec)
@@ -300,7 +324,7 @@ class Generator:
 
 def generate(model: MoETransformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int = 0,
+             eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
              stream: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
     """One-shot ``Generator(model, ...).generate(prompts, ...)``."""
     return Generator(model, sampling=sampling, eos_id=eos_id, pad_id=pad_id).generate(

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute/parameter dtype (default: float32 for the tiny model, the "
                         "checkpoint's torch_dtype otherwise)")
-    p.add_argument("--eos-id", type=int, default=None,
-                   help="stop token id (default: the model config's eos_token_id)")
+    p.add_argument("--eos-id", type=int, nargs="+", default=None,
+                   help="stop token id(s) (default: the model config's eos_token_id)")
     p.add_argument("--no-eos", action="store_true", help="ignore EOS; always make max-new-tokens")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     return p

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samoyeds_jax.generate import GenerationResult, SamplingConfig, pad_prompts, sample
+from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
+                                   pad_prompts, sample)
 from samoyeds_jax.model import KVCache, MoETransformer, step_positions
 from samoyeds_jax.moe import ExpertWeights, expert_ffn
 from samoyeds_jax.offload import ExpertCache, ExpertStore, OffloadConfig
@@ -92,7 +93,8 @@ class OffloadGenerator:
     """
 
     def __init__(self, model: MoETransformer, *, offload: OffloadConfig = OffloadConfig(),
-                 sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None,
+                 sampling: SamplingConfig = SamplingConfig(),
+                 eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0, bucket: int = 16):
         cfg = model.config
         mode = cfg.moe.pregate
@@ -211,7 +213,8 @@ class OffloadGenerator:
         out[:, 0] = token
         if stream is not None:
             stream(0, token.copy())
-        done = token == self.eos_id if self.eos_id is not None else np.zeros(b, bool)
+        eos = eos_array(self.eos_id)
+        done = np.isin(token, eos)
         steps = 1
         ones = jnp.ones((b, 1), bool)
         t0 = time.perf_counter()
@@ -223,8 +226,7 @@ class OffloadGenerator:
             out[:, steps] = token
             if stream is not None:
                 stream(steps, token.copy())
-            if self.eos_id is not None:
-                done |= token == self.eos_id
+            done |= np.isin(token, eos)
             steps += 1
         return out, steps, t_prefill, time.perf_counter() - t0
 
@@ -251,12 +253,7 @@ class OffloadGenerator:
             compile_s = time.perf_counter() - t0
         self.cache = self._new_cache(max_tokens)
         out, steps, t_prefill, t_decode = self._run(tokens, mask, max_new_tokens, key, stream)
-        lengths = np.full((out.shape[0],), steps, np.int32)
-        if self.eos_id is not None:
-            for r in range(out.shape[0]):
-                hits = np.flatnonzero(out[r, :steps] == self.eos_id)
-                if hits.size:
-                    lengths[r] = hits[0] + 1
+        lengths = output_lengths(out, steps, self.eos_id)
         return OffloadGenerationResult(
             tokens=out, lengths=lengths, prompt_tokens=int(np.sum(np.asarray(mask))),
             prefill_seconds=t_prefill, decode_seconds=t_decode, decode_steps=steps - 1,

@@ -124,6 +124,20 @@ def test_eos_stops_and_pads(greedy):
     assert res.lengths[1] == (hits1[0] + 1 if hits1.size else NEW)
 
 
+def test_any_of_several_eos_ids_stops(greedy):
+    ref = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    stops = (int(ref.tokens[1, 1]), int(ref.tokens[0, 3]))
+    greedy.eos_id = stops
+    try:
+        res = greedy.generate(PROMPTS, max_new_tokens=NEW)
+    finally:
+        greedy.eos_id = None
+    for r in range(2):
+        first = int(np.flatnonzero(np.isin(ref.tokens[r], stops))[0])
+        assert res.lengths[r] == first + 1
+        np.testing.assert_array_equal(res.tokens[r, :first + 1], ref.tokens[r, :first + 1])
+
+
 def test_streaming_matches_the_jitted_loop(greedy):
     seen = []
     res = greedy.generate(PROMPTS, max_new_tokens=NEW,
