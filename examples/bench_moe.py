@@ -64,15 +64,6 @@ VARIANTS = ("rd", "fused", "nm24", "samoyeds")
 ROTATE_BYTES = 200e6  # dense weight bytes touched per loop iteration, at least (> 4x L2)
 
 
-def block_t_for(t: int, k: int, e: int) -> int:
-    """Row tile: about the rows per expert, a power of two in [16, 64]."""
-    rows = max(1, t * k // e)
-    bt = 16
-    while bt < rows and bt < 64:
-        bt *= 2
-    return bt
-
-
 def gpu_memory() -> dict[str, float]:
     """Device memory in bytes from nvidia-smi (before JAX allocates), or {} off GPU."""
     try:
@@ -281,7 +272,7 @@ def main() -> int:
             scores = jax.random.uniform(k2, (t, e))
             topk_w, topk_idx = jax.lax.top_k(scores, k)  # k distinct uniform experts per token
             topk_w = jax.nn.softmax(topk_w, axis=-1)
-            bt = block_t_for(t, k, e)
+            bt = mm.default_block_t(t, k, e)
 
             def build(block_t, topk_idx=topk_idx, topk_w=topk_w):
                 return jax.jit(RoutingPlan.build, static_argnames=("num_experts", "block_t"))(

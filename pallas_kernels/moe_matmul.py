@@ -65,8 +65,9 @@ class MoeTiles:
 
     block_n: dense output columns per program (f for gate/up, d for down); a power of two
       dividing N. Samoyeds weights cover them with ``block_n // m_sel`` compressed columns.
-    block_k: reduction rows per step; a power of two dividing K. Sparse weights need
-      ``block_k // m >= 16`` on the GPU (one dot per position), Samoyeds ``v % block_k == 0``.
+    block_k: reduction rows per step; a power of two dividing K. N:M weights need whole
+      meta words per step (2:4: ``block_k % 32 == 0``), Samoyeds also ``v % block_k == 0``.
+      On the GPU every dot dim (block_t, stored columns, block_k) must be >= 16.
     """
 
     block_n: int = 128
@@ -90,16 +91,28 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
+def default_block_t(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Row tile for ``RoutingPlan.build``: about the rows per expert, a power of two in [16, 64].
+
+    16 is the smallest Triton dot; 64 keeps gate and up accumulators in registers.
+    """
+    rows = max(1, num_tokens * top_k // num_experts)
+    block_t = 16
+    while block_t < rows and block_t < 64:
+        block_t *= 2
+    return block_t
+
+
 def default_config(num_rows: int, d: int, f: int, *, block_t: int = 16) -> MoeFfnConfig:
     """A heuristic config for ``num_rows = t * k`` routed rows, model sizes d, f, row tile.
 
     Few rows (decode) are weight-bandwidth bound: narrower N tiles give more programs to
-    stream the weights. ``block_k <= 128`` fits Samoyeds' v = 128 slabs (2:4 position dots
-    of K = block_k / 4).
+    stream the weights. ``block_k <= 128`` fits Samoyeds' v = 128 slabs. Tile sweeps on
+    H100/H200 (benchmarks/moe.md) found nothing more than ~10% better than these.
     """
     block_n = 64 if num_rows <= 256 else 128
     block_k = 128 if block_n <= 64 else 64  # pipeline stages of x and two W tiles in SMEM
-    stages = 2 if block_t >= 64 else 3  # measured on H200: large tiles prefer 2 stages
+    stages = 2 if block_t >= 64 else 3  # measured: large tiles prefer 2 stages
     return MoeFfnConfig(
         gate_up=MoeTiles(block_n=_largest_pow2_divisor(f, block_n),
                          block_k=_largest_pow2_divisor(d, block_k), num_stages=stages),
@@ -228,7 +241,7 @@ def _layout_of(name: str, w: ExpertWeights, num_experts: int) -> tuple[_Layout, 
         arrays = (w.values.reshape(e * w.values.shape[1], w.values.shape[2]),
                   w.meta.reshape(e * w.meta.shape[1], w.meta.shape[2]))
         return layout, arrays
-    if not isinstance(w, jax.Array | jax.ShapeDtypeStruct) and not hasattr(w, "shape"):
+    if not hasattr(w, "ndim"):
         raise ValueError(f"{name} must be an array, NMSparse or SamoyedsSparse, got {type(w)}")
     if w.ndim != 3 or w.shape[0] != num_experts:
         raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {w.shape}")
@@ -255,11 +268,10 @@ def _check_tiles(name: str, layout: _Layout, tiles: MoeTiles, block_t: int) -> N
             raise ValueError(f"{name}: block_n={bn} must be a multiple of m_sel={layout.m_sel}")
     if not backend_lib.interpret_mode():
         # Triton dots need every dimension >= 16.
-        dot_k = bk // layout.m
-        if min(block_t, layout.cols(bn), dot_k) < 16:
+        if min(block_t, layout.cols(bn), bk) < 16:
             raise ValueError(
                 f"{name}: on the GPU every dot dim must be >= 16; got rows {block_t=}, "
-                f"columns {layout.cols(bn)}, K per dot {dot_k}")
+                f"columns {layout.cols(bn)}, block_k={bk}")
 
 
 # ----------------------------------------------------------------------------- kernel bodies

@@ -13,6 +13,7 @@ from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.routing_plan import RoutingPlan
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+_moe_ffn = jax.jit(mm.moe_ffn, static_argnames=("backend", "config"))
 
 
 def _rel_err(a: jax.Array, b: jax.Array) -> float:
@@ -73,7 +74,7 @@ def test_dense_matches_reference(rng, t, e, k, dtype):
     w1, w3, w2 = _weights(rng, e, d, f, dtype)
     idx, p = _routing(rng, t, k, np.arange(e))
     plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
-    y = jax.jit(mm.moe_ffn)(x, plan, w1, w3, w2)
+    y = _moe_ffn(x, plan, w1, w3, w2)
     assert y.shape == (t, d) and y.dtype == dtype
     ref = mm.moe_ffn_reference(x, plan, w1, w3, w2)
     y_xla = mm.moe_ffn(x, plan, w1, w3, w2, backend="xla")  # moe_ffn_ragged_dot
@@ -82,14 +83,16 @@ def test_dense_matches_reference(rng, t, e, k, dtype):
 
 
 def test_one_expert_takes_all_tokens_others_none(rng):
-    """33 tokens on expert 5 (k=1): three row tiles of one expert, 15 experts own no tile."""
-    t, e, d, f = 33, 16, 64, 128
+    """257 tokens on expert 5 (k=1): 17 row tiles of one expert, 7 experts own no tile.
+
+    Same shapes as the (257, 8, 1, f32) case above, so the jitted kernels are reused."""
+    t, e, d, f = 257, 8, 64, 128
     x = jnp.asarray(rng.standard_normal((t, d)), F32)
     w1, w3, w2 = _weights(rng, e, d, f, F32)
     idx = jnp.full((t, 1), 5, jnp.int32)
     plan = RoutingPlan.build(idx, jnp.ones((t, 1), F32), num_experts=e, block_t=16)
-    assert int(plan.num_blocks) == 3
-    y = mm.moe_ffn(x, plan, w1, w3, w2)
+    assert int(plan.num_blocks) == 17
+    y = _moe_ffn(x, plan, w1, w3, w2)
     h = jax.nn.silu(x @ w1[5]) * (x @ w3[5])
     np.testing.assert_allclose(np.asarray(y), np.asarray(h @ w2[5]), rtol=1e-4, atol=1e-4)
 
@@ -128,7 +131,7 @@ def test_sparse_weights_match_reference(rng, gate_up_fmt, down_fmt):
           compress(dense[2], down_fmt)]
     idx, p = _routing(rng, t, k, np.asarray([0, 1, 2, 6]))
     plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
-    y = jax.jit(mm.moe_ffn)(x, plan, *ws)
+    y = _moe_ffn(x, plan, *ws)
     ref = mm.moe_ffn_reference(x, plan, *ws)
     y_xla = mm.moe_ffn_ragged_dot(x, plan, *ws)
     _check(y, ref, y_xla, BF16)
