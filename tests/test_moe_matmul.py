@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +194,22 @@ def test_kernels_lower_for_h100(rng, fmt, monkeypatch):
     with jax.sharding.use_abstract_mesh(mesh):
         lowered = jax.jit(fn).trace(x, idx, p, ws).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+
+
+def test_default_tiles_fit_model_shapes():
+    """default_block_t / default_config give legal tiles for every benchmarked shape and format."""
+    shapes = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8),
+              "deepseek": (2048, 1408, 64, 6), "qwen1.5": (2048, 1408, 60, 4)}
+    assert mm.default_block_t(1, 2, 8) == 16
+    assert mm.default_block_t(4096, 2, 8) == 64
+    assert mm.default_block_t(256, 6, 64) == 32
+    for d, f, e, k in shapes.values():
+        for t in (1, 64, 4096):
+            bt = mm.default_block_t(t, k, e)
+            config = mm.default_config(t * k, d, f, block_t=bt)
+            for kind in ("dense", "nm", "samoyeds"):
+                up = mm._Layout(kind, d, f, n=2, m=4, m_sel=2 if kind == "samoyeds" else 1,
+                                v=128)
+                down = dataclasses.replace(up, k=f, n_out=d)
+                mm._check_tiles("w1", up, config.gate_up, bt)
+                mm._check_tiles("w2", down, config.down, bt)
