@@ -13,6 +13,20 @@ the group, which are plain strided row loads of ``values``; the meta word of eac
 is fetched with an index-vector load (one word holds ``per_word`` positions). The x
 operand of dot j is a strided column load ``x[:, k0+j::m]``.
 
+A kernel body (rows may be gathered token ids, e.g. from a routing plan)::
+
+    rows = token_ids_tile[:, None]                      # [bt, 1] int32
+    cols = c0 + iota(block_n, 1)                        # [1, bn]
+    def step(i, acc):
+        k0 = i * block_k
+        xs = load_x_positions(x_ref, rows, k_start=k0, block_k=block_k, m=4)
+        ws = load_nm_position_weights(values_ref, meta_ref, cols, k_start=k0,
+                                      block_k=block_k, n=2, m=4, split=True)
+        return nm_tile_dot(xs, ws, acc)                 # [bt, bn] float32
+
+or, with one dot per step, ``load_x_tile`` + ``load_nm_dense_tile``. Samoyeds adds
+``load_sel_row`` + ``route_partial`` per V slab.
+
 All helpers take refs and static sizes and return arrays; they run in interpret mode
 on CPU too. Power-of-two block sizes only (a Triton rule); a dot needs every dim >= 16
 on the GPU, so ``block_k // m >= 16`` there.
