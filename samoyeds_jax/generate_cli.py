@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "experts); a checkpoint keeps its own")
     p.add_argument("--prompt", default=None,
                    help="text when the checkpoint has tokenizer.json, else token ids "
-                        f"separated by spaces or commas (default for the tiny model: {DEFAULT_TINY_PROMPT!r})")
+                        "separated by spaces or commas "
+                        f"(default for the tiny model: {DEFAULT_TINY_PROMPT!r})")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated together")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -143,7 +144,8 @@ def _offload_generator(args, model, sampling, eos):
 
 
 def _fmt_rate(tokens: float, seconds: float) -> str:
-    return f"{tokens:.0f} tokens in {seconds * 1e3:.2f} ms = {tokens / max(seconds, 1e-12):,.1f} tokens/s"
+    rate = tokens / max(seconds, 1e-12)
+    return f"{tokens:.0f} tokens in {seconds * 1e3:.2f} ms = {rate:,.1f} tokens/s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     print("samoyeds-generate")
     print(f"  model    {desc}")
     print(f"           {cfg.num_layers} layers, d={a.d_model}, {a.num_heads} heads / "
-          f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, vocab {vocab}, "
+          f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, "
+          f"vocab {vocab}, "
           f"{jnp.dtype(cfg.dtype).name}")
     print(f"  experts  format={m.expert_format}, backend={m.backend}, pregate={m.pregate}")
     print(f"  device   {device.platform} ({device.device_kind})")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               "stop at block_until_ready")
     stats = device.memory_stats() if device.platform == "gpu" else None
     if stats and "peak_bytes_in_use" in stats:
-        print(f"  memory   peak {stats['peak_bytes_in_use'] / 2**20:,.1f} MiB on {device.device_kind}")
+        peak = stats["peak_bytes_in_use"] / 2**20
+        print(f"  memory   peak {peak:,.1f} MiB on {device.device_kind}")
     else:
         print(f"  memory   peak GPU memory: n/a on {device.platform}")
     if args.offload:

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,10 @@ from samoyeds_jax.routing import Routing
 
 @functools.partial(jax.jit, donate_argnames=("cache_k", "cache_v"))
 def _front(parts, h, positions, mask, cache_k, cache_v, index):
-    """Block up to the experts: ``(h [b, t, d], x [b*t, d], own Routing, pre-gate Routing | None, k, v)``."""
+    """Block up to the experts.
+
+    Returns ``(h [b, t, d], x [b*t, d], own Routing, pre-gate Routing or None, cache_k, cache_v)``.
+    """
     in_norm, attn, post_norm, gate, pregate = parts
     a, cache_k, cache_v = attn(in_norm(h), positions=positions, mask=mask, cache_k=cache_k,
                                cache_v=cache_v, index=index)
@@ -222,7 +224,8 @@ class OffloadGenerator:
         while steps < limit and not done.all():
             key, sub = jax.random.split(key)
             h, kv = self._forward(jnp.asarray(token[:, None]), ones, kv)
-            token = np.where(done, self.pad_id, np.asarray(self._head_fn(h, sub, sampling=self.sampling)))
+            nxt = np.asarray(self._head_fn(h, sub, sampling=self.sampling))
+            token = np.where(done, self.pad_id, nxt)
             out[:, steps] = token
             if stream is not None:
                 stream(steps, token.copy())

@@ -53,7 +53,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
-    """Inverse frequencies ``theta ** (-2i / head_dim)`` for i in [0, head_dim/2), float32 ``[head_dim//2]``."""
+    """Inverse frequencies ``theta ** (-2i / head_dim)``, i in [0, head_dim/2): float32 ``[head_dim//2]``."""
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim=}")
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -133,7 +133,8 @@ class Attention(nnx.Module):
 
     Parameters (Hugging Face name -> here): ``q_proj.weight`` [h*hd, d] -> ``q_proj.kernel`` [d, h*hd]
     (and ``.bias`` when ``qkv_bias``), same for ``k_proj``/``v_proj`` with kv heads, ``o_proj.weight``
-    [d, h*hd] -> ``o_proj.kernel`` [h*hd, d]; ``q_norm.weight``/``k_norm.weight`` -> ``q_norm.scale``/``k_norm.scale``.
+    [d, h*hd] -> ``o_proj.kernel`` [h*hd, d]; ``q_norm.weight``/``k_norm.weight`` ->
+    ``q_norm.scale``/``k_norm.scale``.
     """
 
     def __init__(self, config: AttentionConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -189,8 +190,9 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, theta=c.rope_theta)
 
         zero = jnp.zeros((), jnp.int32)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, index, zero, zero))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, index, zero, zero))
+        at = (zero, index, zero, zero)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
 
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)

@@ -78,7 +78,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.vocab_size <= 0 or self.num_layers <= 0:
             raise ValueError(
-                f"vocab_size and num_layers must be positive, got {self.vocab_size=}, {self.num_layers=}")
+                "vocab_size and num_layers must be positive, got "
+                f"{self.vocab_size=}, {self.num_layers=}")
         if self.attention.d_model != self.moe.d_model:
             raise ValueError(
                 f"attention d_model={self.attention.d_model} != moe d_model={self.moe.d_model}")
@@ -88,7 +89,8 @@ class ModelConfig:
         return self.attention.d_model
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with ``changes`` applied; ``moe=dict(...)`` / ``attention=dict(...)`` update those fields."""
+        """A copy with ``changes`` applied; ``moe=dict(...)`` / ``attention=dict(...)`` update
+        only those fields of the sub-configs."""
         for name in ("moe", "attention"):
             if isinstance(changes.get(name), Mapping):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
@@ -125,7 +127,8 @@ class ModelConfig:
         arch = hf.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture model_type={arch!r}; expected one of {SUPPORTED_ARCHITECTURES}")
+                f"unsupported architecture model_type={arch!r}; "
+                f"expected one of {SUPPORTED_ARCHITECTURES}")
 
         def need(key: str):
             if key not in hf:
@@ -148,7 +151,8 @@ class ModelConfig:
             if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
                 raise ValueError(
                     "dense (non-MoE) layers are not supported: need decoder_sparse_step=1 and empty "
-                    f"mlp_only_layers, got {hf.get('decoder_sparse_step')=}, {hf.get('mlp_only_layers')=}")
+                    f"mlp_only_layers, got {hf.get('decoder_sparse_step')=}, "
+                    f"{hf.get('mlp_only_layers')=}")
             window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         else:
             window = hf.get("sliding_window")
@@ -280,7 +284,8 @@ class DecoderBlock(nnx.Module):
                                              cache_k=cache_k, cache_v=cache_v, index=index)
         h = x + a
         # The MoE layer routes a flat token list: [b*t, d].
-        m, next_routing = self.mlp(self.post_attention_layernorm(h).reshape(b * t, d), routing=routing)
+        x_moe = self.post_attention_layernorm(h).reshape(b * t, d)
+        m, next_routing = self.mlp(x_moe, routing=routing)
         return h + m.reshape(b, t, d).astype(h.dtype), cache_k, cache_v, next_routing
 
 
@@ -297,8 +302,9 @@ class MoETransformer(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                                       param_dtype=config.param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([DecoderBlock(config, block_index=i, mlp_factory=mlp_factory, rngs=rngs)
-                                for i in range(config.num_layers)])
+        self.layers = nnx.List([
+            DecoderBlock(config, block_index=i, mlp_factory=mlp_factory, rngs=rngs)
+            for i in range(config.num_layers)])
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=config.dtype,
                             param_dtype=config.param_dtype)
         if not config.tie_word_embeddings:
