@@ -588,12 +588,70 @@ class OffloadDecoder:
         self._back = functools.partial(_back_with_table, fns.back)
         self.last_stats = StepStats()
 
-    def _read(self, arrays: list[jax.Array], stats: StepStats) -> list[np.ndarray]:
+    def step(self, h: jax.Array, *, block: bool = False) -> jax.Array:
+        """Run every block once on ``h`` [t, d]; returns the final activations [t, d].
+
+        ``block``: wait for the result before returning (makes ``last_stats.wall_s`` the
+        device time of the step).
+        """
+        cache = self.cache
+        sched = BlockScheduler(cache, self.config)
+        stats = sched.stats
+        stats.tokens = int(np.prod(h.shape[:-1]))
+        t_start = time.perf_counter()
+        for l in range(self.store.num_layers):
+            params = self.layer_params[l]
+            h, x, own, pregate = self._front(params, h)
+            routing = sched.prepare(l, own, pregate)
+            h = self._back(params, h, x, routing, cache.device_table, cache.layer_index(l),
+                           cache.buffers)
+            sched.finish(l)
+        if block:
+            h.block_until_ready()
+        stats.wall_s = time.perf_counter() - t_start
+        self.last_stats = stats
+        return h
+
+
+class BlockScheduler:
+    """Per-step fetch logic of a ``FetchPolicy``, for any block-by-block driver.
+
+    For each block l, after its router/pre-gate ran and before its expert compute is
+    queued, ``prepare(l, own, pregate)`` returns the routing block l computes with and makes
+    its experts resident; then the driver queues the expert compute with
+    ``cache.device_table``, ``cache.layer_index(l)`` and ``cache.buffers``, and calls
+    ``finish(l)``::
+
+        sched = BlockScheduler(cache, config)
+        for l in range(layers):
+            h, x, own, pregate = front(l, h)
+            routing = sched.prepare(l, own, pregate)
+            h = back(l, h, x, routing, cache.device_table, cache.layer_index(l), cache.buffers)
+            sched.finish(l)
+
+    ``prepare`` reads expert ids on the host when the policy needs them (one
+    ``jax.device_get`` per block), fetches block l's missing experts, and issues the
+    prefetch of block l+1 *before* block l's compute is queued when the pool holds both
+    (a device_put starts only after the compute already queued, so this is what lets the
+    copy run under block l's compute); ``finish`` issues it otherwise. One scheduler per
+    step: it carries the pre-gate's routing from block to block.
+    """
+
+    def __init__(self, cache: ExpertCache, config: OffloadConfig):
+        self.cache = cache
+        self.config = config
+        self.stats = StepStats()
+        self._bytes0 = cache.stats.bytes_fetched
+        self._carried: Routing | None = None      # pre-gate routing of the current block
+        self._known: list[int] | None = None      # host copy of its expert ids
+        self._late: tuple[int, list[int]] | None = None
+
+    def _read(self, arrays: list[jax.Array]) -> list[np.ndarray]:
         """Copy small device arrays to the host (one wait for all of them)."""
         t0 = time.perf_counter()
         out = jax.device_get(arrays)
-        stats.sync_s += time.perf_counter() - t0
-        stats.host_syncs += 1
+        self.stats.sync_s += time.perf_counter() - t0
+        self.stats.host_syncs += 1
         return out
 
     def _demand(self, layer: int, experts: list[int]) -> None:
@@ -601,78 +659,71 @@ class OffloadDecoder:
         cache.count_hits(layer, experts)
         missing = [e for e in experts if not cache.resident(layer, e)]
         if missing:
-            cache.fetch(layer, missing, demand=True,
-                        protect={(layer, e) for e in experts})
+            cache.fetch(layer, missing, demand=True, protect={(layer, e) for e in experts})
 
-    def step(self, h: jax.Array, *, block: bool = False) -> jax.Array:
-        """Run every block once on ``h`` [t, d]; returns the final activations [t, d].
+    def prepare(self, l: int, own: Routing, pregate: Routing | None) -> Routing:
+        """Make block l's experts resident (and maybe prefetch block l+1's); return its routing.
 
-        ``block``: wait for the result before returning (makes ``last_stats.wall_s`` the
-        device time of the step).
+        ``own``: block l's router output; ``pregate``: its pre-gate's routing of block l+1
+        (None for the last block).
         """
         cfg, cache = self.config, self.cache
-        L, E = self.store.num_layers, self.store.num_experts
-        stats = StepStats(tokens=int(np.prod(h.shape[:-1])))
-        bytes0 = cache.stats.bytes_fetched
-        t_start = time.perf_counter()
-        carried: Routing | None = None        # pre-gate routing for the current block
-        known_ids: list[int] | None = None    # host copy of the current block's expert ids
+        L, E = cache.store.num_layers, cache.store.num_experts
+        use_pregate = cfg.routing_source == "pregate" and l > 0
+        if use_pregate and self._carried is None:
+            raise ValueError(f"block {l} needs the pre-gate routing of block {l - 1}: call "
+                             "prepare for every block in order, one scheduler per step")
+        routing = self._carried if use_pregate else own
+        has_next = l + 1 < L and pregate is not None
+
+        # host reads: this block's experts and/or the pre-gate's (one sync)
+        want = []
+        if cfg.policy in ("on_demand", "speculative") or (
+                cfg.policy == "pregated" and not use_pregate):
+            want.append(routing.topk_idx)
+        if has_next and (cfg.policy in ("pregated", "speculative")
+                         or cfg.read_routing_each_layer):
+            want.append(pregate.topk_idx)
+        read = self._read(want) if want else []
+
+        # block l's experts: resident already, or fetched now (on the critical path)
         all_experts = list(range(E))
-        for l in range(L):
-            params = self.layer_params[l]
-            h, x, own, pregate = self._front(params, h)
-            use_pregate = cfg.routing_source == "pregate" and l > 0
-            routing = carried if use_pregate else own
-            has_next = l + 1 < L
+        if cfg.policy in ("gpu_only", "prefetch_all"):
+            experts = all_experts
+        elif cfg.policy == "pregated" and use_pregate:
+            experts = self._known      # read at block l-1, fetched during its compute
+        else:
+            experts = _unique(read[0])
+        if cfg.policy != "gpu_only":
+            self._demand(l, experts)   # all hits when the prefetch covered them
 
-            # --- host reads: this block's experts and/or the pre-gate's (one sync) ---
-            want = []
-            if cfg.policy in ("on_demand", "speculative") or (
-                    cfg.policy == "pregated" and not use_pregate):
-                want.append(routing.topk_idx)
-            if has_next and (cfg.policy in ("pregated", "speculative")
-                             or cfg.read_routing_each_layer):
-                want.append(pregate.topk_idx)
-            read = self._read(want, stats) if want else []
-
-            # --- block l's experts: resident, or fetched now (on the critical path) --
-            if cfg.policy in ("gpu_only", "prefetch_all"):
-                experts = all_experts
-            elif cfg.policy == "pregated" and use_pregate:
-                experts = known_ids        # read at block l-1, fetched during its compute
-            else:
-                experts = _unique(read[0])
-            if cfg.policy != "gpu_only":
-                self._demand(l, experts)   # all hits when the prefetch covered them
-
-            # --- block l+1's experts (or block 0 of the next step for prefetch_all) --
-            nxt, nxt_experts = None, None
-            if cfg.policy == "prefetch_all":
-                nxt, nxt_experts = (l + 1) % L, all_experts
-            elif cfg.policy in ("pregated", "speculative") and has_next:
-                nxt, nxt_experts = l + 1, _unique(read[-1])
-                known_ids = nxt_experts
-            # A device_put starts only after the compute already queued, so the prefetch is
-            # issued before block l's expert compute when the pool holds both blocks'
-            # experts (double buffer); otherwise after it (correct, but not overlapped).
+        # block l+1's experts (block 0 of the next step for prefetch_all)
+        nxt, nxt_experts = None, None
+        if cfg.policy == "prefetch_all":
+            nxt, nxt_experts = (l + 1) % L, all_experts
+        elif cfg.policy in ("pregated", "speculative") and has_next:
+            nxt, nxt_experts = l + 1, _unique(read[-1])
+            self._known = nxt_experts
+        self._late = None
+        if nxt is not None:
             current = {(l, e) for e in experts}
-            early = nxt is not None and len(current | {(nxt, e) for e in nxt_experts}) <= cache.slots
-            if early:
+            if len(current | {(nxt, e) for e in nxt_experts}) <= cache.slots:
                 cache.fetch(nxt, nxt_experts, demand=False, protect=current)
+            else:
+                self._late = (nxt, nxt_experts)
 
-            cache.commit(l)
-            cache.use(l, experts)
-            h = self._back(params, h, x, routing, cache.device_table, cache.layer_index(l),
-                           cache.buffers)
-            if nxt is not None and not early:
-                cache.fetch(nxt, nxt_experts, demand=False)
-            carried = pregate
-        if block:
-            h.block_until_ready()
-        stats.wall_s = time.perf_counter() - t_start
-        stats.bytes_fetched = cache.stats.bytes_fetched - bytes0
-        self.last_stats = stats
-        return h
+        cache.commit(l)
+        cache.use(l, experts)
+        self._carried = pregate
+        self.stats.bytes_fetched = cache.stats.bytes_fetched - self._bytes0
+        return routing
+
+    def finish(self, l: int) -> None:
+        """After block l's expert compute is queued: the prefetch that did not fit before."""
+        if self._late is not None:
+            self.cache.fetch(*self._late, demand=False)
+            self._late = None
+        self.stats.bytes_fetched = self.cache.stats.bytes_fetched - self._bytes0
 
 
 # ---------------------------------------------------------------------------------------
