@@ -9,6 +9,7 @@ chosen experts and their weights. It is carried from block to block by the pre-g
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import get_args
 
 import jax
@@ -150,6 +151,7 @@ class RecallCounts:
         )
 
 
+@functools.partial(jax.jit, static_argnames="num_experts")
 def recall_counts(predicted: Routing, actual: Routing, num_experts: int) -> RecallCounts:
     """Compare ``predicted`` with ``actual`` routing of the same t tokens (k may differ)."""
     if predicted.num_tokens != actual.num_tokens:
@@ -170,3 +172,26 @@ def recall_counts(predicted: Routing, actual: Routing, num_experts: int) -> Reca
 def topk_recall(predicted: Routing, actual: Routing, num_experts: int) -> dict[str, float]:
     """``recall_counts(...).ratios()``: recall/precision of one prediction, as floats."""
     return recall_counts(predicted, actual, num_experts).ratios()
+
+
+def load_balancing_loss(routing: Routing, num_experts: int) -> jax.Array:
+    """Switch-Transformer / Mixtral auxiliary loss ``e * sum_e f_e * P_e`` (float32 scalar).
+
+    ``f_e``: share of the t*k assignments that went to expert e; ``P_e``: mean router
+    probability of e (softmax of ``routing.logits``, which must be present). Equals 1 for a
+    perfectly balanced router; gradients flow through ``P_e`` only.
+    """
+    if routing.logits is None:
+        raise ValueError("load_balancing_loss needs routing.logits (a Routing from a Router)")
+    probs = jax.nn.softmax(routing.logits.astype(jnp.float32), axis=-1)  # [t, e]
+    counts = routing.expert_counts(num_experts).astype(jnp.float32)  # [e]
+    share = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    return num_experts * jnp.sum(share * jnp.mean(probs, axis=0))
+
+
+def router_z_loss(routing: Routing) -> jax.Array:
+    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)`` (float32 scalar); keeps logits small."""
+    if routing.logits is None:
+        raise ValueError("router_z_loss needs routing.logits (a Routing from a Router)")
+    z = jax.nn.logsumexp(routing.logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(z * z)
