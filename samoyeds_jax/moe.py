@@ -274,6 +274,8 @@ class MoE(nnx.Module):
       num_blocks: number of MoE blocks in the model. The last one has no pre-gate; in
         ``"pregated"`` mode only block 0 routes with its own gate.
       dtype: compute dtype (None: promote input and params). param_dtype: storage dtype.
+        For inference keep them equal (e.g. both bfloat16): otherwise the expert stacks are
+        cast on every call, an extra pass over all weights.
       track_recall: accumulate ``RecallStats`` whenever a routing is received.
       rngs: keyword-only ``nnx.Rngs`` for initialization.
 
