@@ -6,8 +6,8 @@ model has no pre-gates; here each one is fit to the next block's own gate:
 
     minimize  KL( softmax(x_{i+1} @ G_{i+1}) || softmax(x_i @ P_i) )      (loss="kl")
 
-over hidden states collected from the unchanged model (own gates deciding, i.e. modes
-``"standard"`` or ``"speculative"``). ``loss="topk"`` instead puts the target mass uniformly
+over hidden states collected from the unchanged model: mode ``"speculative"``, where each
+block's own gate decides and the pre-gates exist (train, then switch to ``"pregated"``). ``loss="topk"`` instead puts the target mass uniformly
 on the next gate's top-k experts (what prefetching needs to get right). ``P_i`` starts from
 ``G_{i+1}`` (``init="next_gate"``, the speculative mode's starting point) or at random.
 
@@ -113,7 +113,8 @@ def collect_moe_inputs(model: nnx.Module, forward: Callable[[nnx.Module, Any], A
 
     Returns one float32 array [n, d] per block (all batches' tokens, flattened), in block
     order. The model should route with its own gates (mode "standard" or "speculative"),
-    so the inputs are those of the model the pre-gates must imitate. ``forward`` is wrapped
+    so the inputs are those of the model the pre-gates must imitate. Pre-gates in a
+    "pregated" model would change those inputs: collect in "speculative" mode. ``forward`` is wrapped
     in ``nnx.capture`` and ``nnx.jit`` here (one compile per batch shape).
     """
     moes = moe_blocks(model)
