@@ -7,12 +7,15 @@ per weight leaf as ``[slots, ...]``; a host-side map ``(layer, expert) -> slot``
 which expert each slot holds. An MoE layer computes with the slot-stacked weights
 and its routing indices remapped to slots (``table[topk_idx]``).
 
-Data path of one decode step, block by block (``OffloadDecoder.step``)::
+Data path of one decode step, block by block (``OffloadDecoder.step``, whose per-block
+fetch logic is ``BlockScheduler``)::
 
-    front_l(h)  -> x, own routing, pre-gate routing for block l+1   (jitted, device)
-    [fetch]     -> experts block l needs, per policy                 (device_put, async)
-    back_l(...) -> h, expert FFN over the cache slots               (jitted, device)
-    [prefetch]  -> experts for block l+1, per policy                 (device_put, async)
+    front_l(h)  -> h, x, own routing, pre-gate routing of block l+1  (jitted, device)
+    [read ids]  -> expert ids on the host, when the policy needs them (one device_get)
+    [fetch]     -> block l's missing experts                          (device_put, async)
+    [prefetch]  -> block l+1's experts, per policy                    (device_put, async)
+    [commit]    -> fetched experts written into their slots           (jitted, device)
+    back_l(...) -> h, expert FFN over the cache slots                 (jitted, device)
 
 Transfers are ``jax.device_put`` calls of pinned-host arrays: they return at once and
 run on the host->device copy streams. Measured on an H100 (jax 0.11.2): such a copy
@@ -49,8 +52,8 @@ it). ``StepStats.sync_s`` reports the wall time spent blocked in reads.
 
 Eviction (``Eviction``): ``lru`` (least recently used first) or ``lfu`` (fewest uses
 so far, counted over the cache's life including past residencies; ties broken by
-least recently used). Entries needed by the block being prepared, and fetched but
-not yet written entries, are never evicted.
+least recently used). Entries needed by the block being prepared are never evicted;
+fetched but not yet written entries go last (evicting one drops its transfer).
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ block functions; evicted slots are poisoned (NaN) so a read of one would show.
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -102,44 +100,36 @@ def test_store_from_fn_builds_one_expert_at_a_time():
     assert float(np.asarray(store.expert(1, 2)["w"], np.float32)[0, 0]) == 12.0
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Pairs:
-    """A 2:4-like compressed weight: kept values [K/2, N] and their row offsets [K/2, N] int32."""
-
-    values: jax.Array
-    pos: jax.Array
-
-    def to_dense(self):
-        g = self.values.shape[-2] // 2
-        v = self.values.reshape(*self.values.shape[:-2], g, 2, -1)
-        p = self.pos.reshape(*self.pos.shape[:-2], g, 2, -1)
-        rows = [jnp.sum(jnp.where(p == j, v, 0), axis=-2) for j in range(4)]   # 4 x [.., g, N]
-        return jnp.stack(rows, axis=-2).reshape(*v.shape[:-3], 4 * g, v.shape[-1])
+def _nm24_stack(rng, e, k_in, n_out):
+    """[e, k_in, n_out] float32 that is 2:4 along K (two random survivors per group of 4)."""
+    w = rng.standard_normal((e, k_in // 4, 4, n_out)).astype(np.float32) * 0.3
+    rank = np.argsort(rng.random(w.shape), axis=2).argsort(axis=2)
+    return np.where(rank < 2, w, 0.0).reshape(e, k_in, n_out)
 
 
-def test_sparse_format_pytrees_are_offloaded(rng):
-    """Experts given as format pytrees (leading e on every leaf) go through store and cache."""
-    top_k = 1
-
-    def pairs(k_in, n_out):
-        values = rng.standard_normal((E, k_in // 2, n_out)).astype(np.float32) * 0.3
-        pos = np.tile(np.array([0, 2], np.int32)[None, :, None], (E, k_in // 4, n_out))
-        return _Pairs(jnp.asarray(values), jnp.asarray(pos))
-
-    store = off.ExpertStore.from_stacked([{"w1": pairs(D, F), "w2": pairs(F, D)} for _ in range(L)])
+def test_nm_sparse_experts_are_offloaded(rng):
+    """2:4 experts (pallas_kernels.formats.NMSparse, leading e) go through store and cache."""
+    from pallas_kernels.formats import NMSparse
+    top_k, d, f = 1, 32, 64
+    layers = [{"w1": NMSparse.from_dense(_nm24_stack(rng, E, d, f)),
+               "w2": NMSparse.from_dense(_nm24_stack(rng, E, f, d))} for _ in range(L)]
+    store = off.ExpertStore.from_stacked(layers)
     leaf = store.expert(0, 1)["w1"]
-    assert isinstance(leaf, _Pairs) and leaf.values.sharding.memory_kind == "pinned_host"
+    assert isinstance(leaf, NMSparse) and leaf.values.sharding.memory_kind == "pinned_host"
+    assert leaf.values.shape == (d // 2, f) and leaf.k == d
+    on_device = jax.device_put(leaf, off.device_sharding())   # no compute on host memory
+    np.testing.assert_array_equal(np.asarray(on_device.to_dense()),
+                                  np.asarray(layers[0]["w1"].to_dense()[1]))
     block = _BLOCKS[top_k]
-    params = [block.init_params(k, d_model=D, attn_width=24)
-              for k in jax.random.split(jax.random.key(1), L)]
-    h0 = _inputs(rng, 2)
+    params = [block.init_params(k, d_model=d) for k in jax.random.split(jax.random.key(1), L)]
+    h0 = jnp.asarray(rng.standard_normal((2, d)).astype(np.float32))
     ref, _ = _decode(block, params, store, top_k=top_k, steps=1, h0=h0, policy="gpu_only")
     got, dec = _decode(block, params, store, top_k=top_k, steps=1, h0=h0, policy="pregated",
                        slots=2)
     np.testing.assert_array_equal(got, ref)
     assert np.isfinite(ref).all()
-    assert dec.cache.buffers["w1"].values.shape == (2, D // 2, F)
+    assert dec.cache.buffers["w1"].values.shape == (2, d // 2, f)
+    assert dec.cache.buffers["w1"].meta.dtype == jnp.int32
 
 
 # ----------------------------------------------------------------------------- cache
@@ -328,6 +318,11 @@ def test_config_errors(rng):
                            config=off.OffloadConfig(policy="on_demand", slots=0))
     with pytest.raises(ValueError, match="layer params"):
         off.OffloadDecoder(block.fns(), params[:1], store, top_k=1)
+    sched = off.BlockScheduler(off.ExpertCache(store, slots=2, top_k=1),
+                               off.OffloadConfig(policy="on_demand"))
+    r = off.Routing(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32))
+    with pytest.raises(ValueError, match="pre-gate routing of block 0"):
+        sched.prepare(1, r, r)
 
 
 # ----------------------------------------------------------------------------- MoE layers
