@@ -20,6 +20,7 @@ memory (nvidia-smi) less 1 GiB of CUDA context and 2 GiB for activations, not by
 
     PYTHONPATH=. python3 examples/bench_moe.py --out benchmarks/moe.json
     PYTHONPATH=. python3 examples/bench_moe.py --models tiny --tokens 1 33 --out /tmp/moe.json  # CPU smoke
+    PYTHONPATH=. python3 examples/bench_moe.py --expand block --out moe_block.json  # block loads
 
 Prints a table last; writes every row as JSON (rewritten after each model).
 """
@@ -27,6 +28,7 @@ Prints a table last; writes every row as JSON (rewritten after each model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -170,6 +172,12 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def with_expand(config: mm.MoeFfnConfig, expand: str) -> mm.MoeFfnConfig:
+    """``config`` with ``MoeTiles.expand`` set in both kernels (dense weights ignore it)."""
+    return mm.MoeFfnConfig(gate_up=dataclasses.replace(config.gate_up, expand=expand),
+                           down=dataclasses.replace(config.down, expand=expand))
+
+
 def sweep_configs(t: int) -> dict[str, tuple[int | None, mm.MoeFfnConfig]]:
     """Alternative (block_t or None = default, tiles) tried with --sweep-*.
 
@@ -229,6 +237,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after")
     ap.add_argument("--configs", default="", help="JSON {variant: {t: MoeFfnConfig kwargs}}")
+    ap.add_argument("--expand", choices=["rows", "block"], default="rows",
+                    help="MoeTiles.expand of every sparse config (default tiles and sweeps)")
     ap.add_argument("--sweep-models", nargs="*", default=[])
     ap.add_argument("--sweep-tokens", nargs="*", type=int, default=[])
     args = ap.parse_args()
@@ -288,7 +298,8 @@ def main() -> int:
                     kw = overrides.get(v, {}).get(str(t))
                     config = (mm.MoeFfnConfig(gate_up=mm.MoeTiles(**kw["gate_up"]),
                                               down=mm.MoeTiles(**kw["down"]))
-                              if kw else None)
+                              if kw else mm.default_config(t * k, d, f, block_t=bt))
+                    config = with_expand(config, args.expand)
                 try:
                     run = make_loop(fns[v], config)
                     row[v] = time_loop(run, x, plan, weights[v], target_s=args.target_s,
@@ -305,6 +316,7 @@ def main() -> int:
                     for name, (sweep_bt, config) in sweep_configs(t).items():
                         if time.perf_counter() - start > args.budget_s:
                             break
+                        config = with_expand(config, args.expand)
                         try:
                             run = make_loop(fns[v], config)
                             plan_v = plan if sweep_bt in (None, bt) else build(sweep_bt)

@@ -73,12 +73,18 @@ class MoeTiles:
     block_k: reduction rows per step; a power of two dividing K. N:M weights need whole
       meta words per step (2:4: ``block_k % 32 == 0``), Samoyeds also ``v % block_k == 0``.
       On the GPU every dot dim (block_t, stored columns, block_k) must be >= 16.
+    expand: how sparse tiles are loaded before the in-register expansion. ``"rows"`` (the
+      measured default): per-slot strided row loads and a gathered meta word per group.
+      ``"block"``: one contiguous [block_k*n/m, cols] values block and one [words, cols] meta
+      block (loads Triton can pipeline), expanded with broadcasts, reshapes and a sum over
+      the n slots; not yet measured on a GPU.
     """
 
     block_n: int = 128
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    expand: Literal["rows", "block"] = "rows"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,7 +160,8 @@ class _Layout:
         """Stored columns a program covers for ``block_n`` dense output columns."""
         return block_n // self.m_sel
 
-    def accumulate(self, refs, e, k0, c0, lhs_ref, rows, accs, *, block_k, cols):
+    def accumulate(self, refs, e, k0, c0, lhs_ref, rows, accs, *, block_k, cols,
+                   expand="rows"):
         """accs += lhs[rows, k0:k0+block_k] @ W_e[k0:k0+block_k, tile]; returns new accs.
 
         ``rows`` [bt, 1] int32 row indices of ``lhs_ref`` (gathered tokens or a contiguous
@@ -168,8 +175,13 @@ class _Layout:
         values_ref, meta_ref = refs[0], refs[1]
         col_idx = c0 + decompress.iota(cols, 1)  # [1, cols]
         x = lhs_ref[rows[:, 0], pl.ds(k0, block_k)]  # [bt, bk], contiguous columns
-        w = _expand_nm_tile(values_ref, meta_ref, (e * self.k + k0) * self.n // self.m, col_idx,
-                            block_k=block_k, n=self.n, m=self.m)  # [bk, cols]
+        row0 = (e * self.k + k0) * self.n // self.m  # first compressed row of the tile
+        if expand == "block":
+            w = _expand_nm_block(values_ref, meta_ref, row0, c0, block_k=block_k, n=self.n,
+                                 m=self.m, cols=cols)  # [bk, cols]
+        else:
+            w = _expand_nm_tile(values_ref, meta_ref, row0, col_idx, block_k=block_k, n=self.n,
+                                m=self.m)  # [bk, cols]
         partial = jnp.dot(x, w, preferred_element_type=jnp.float32)  # [bt, cols]
         if self.kind == "nm":
             return [accs[0] + partial]
@@ -220,6 +232,35 @@ def _expand_nm_tile(values_ref, meta_ref, row0, col_idx, *, block_k: int, n: int
         pos = (words >> (shift + s * bits)) & field  # [g, cols]
         v3 = jnp.broadcast_to(v[:, None, :], (g, m, cols))
         w = jnp.where(pos[:, None, :] == j, v3, jnp.zeros_like(v3) if w is None else w)
+    return w.reshape(block_k, cols)
+
+
+def _expand_nm_block(values_ref, meta_ref, row0, c0, *, block_k: int, n: int, m: int,
+                     cols: int):
+    """Dense [block_k, cols] tile of an N:M matrix from contiguous block loads.
+
+    Loads the tile's compressed values [r = block_k*n/m, cols] and meta words
+    [r / per_word, cols] as plain ``pl.ds`` blocks; repeats each word over its per_word rows
+    (broadcast + reshape), extracts each row's position, and places slot s of group g at
+    dense row g*m + position with a [g, n, m, cols] select summed over the n slots (kept
+    positions are distinct, so the sum adds one value to zeros).
+    """
+    bits = decompress.meta_bits(m)
+    per_word = 32 // bits
+    field = (1 << bits) - 1
+    r = block_k * n // m
+    g = block_k // m
+    vals = values_ref[pl.ds(row0, r), pl.ds(c0, cols)]  # [r, cols]
+    words = meta_ref[pl.ds(row0 // per_word, r // per_word), pl.ds(c0, cols)]  # [r/pw, cols]
+    words = jnp.broadcast_to(words[:, None, :], (r // per_word, per_word, cols)).reshape(r, cols)
+    shift = (jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) % per_word) * bits  # [r, 1]
+    pos = (words >> shift) & field  # [r, cols]
+    shape = (g, n, m, cols)
+    v4 = jnp.broadcast_to(vals.reshape(g, n, 1, cols), shape)
+    hit = jnp.broadcast_to(pos.reshape(g, n, 1, cols), shape) == jax.lax.broadcasted_iota(
+        jnp.int32, shape, 2)
+    w = jnp.where(hit, v4, jnp.zeros_like(v4))
+    w = w.reshape(g, m, cols) if n == 1 else jnp.sum(w, axis=1).astype(vals.dtype)  # [g, m, cols]
     return w.reshape(block_k, cols)
 
 
@@ -284,7 +325,7 @@ def _check_tiles(name: str, layout: _Layout, tiles: MoeTiles, block_t: int) -> N
 
 def _gate_up_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, x_ref, *refs,
                     layout: _Layout, num_tokens: int, top_k: int, block_t: int,
-                    block_k: int, block_n: int):
+                    block_k: int, block_n: int, expand: str):
     # sorted_ids_ref: [P] int32, block_expert_ref: [P // bt] int32, num_blocks_ref: [1] int32
     # x_ref: [t, d]; refs = w1 arrays, w3 arrays (flattened over (e, d)), h_ref [P, f]
     na = layout.num_arrays
@@ -304,9 +345,9 @@ def _gate_up_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, x_ref, *re
             gates, ups = carry
             k0 = step * block_k
             gates = layout.accumulate(w1_refs, e, k0, j * cols, x_ref, tokens, gates,
-                                      block_k=block_k, cols=cols)
+                                      block_k=block_k, cols=cols, expand=expand)
             ups = layout.accumulate(w3_refs, e, k0, j * cols, x_ref, tokens, ups,
-                                    block_k=block_k, cols=cols)
+                                    block_k=block_k, cols=cols, expand=expand)
             return gates, ups
 
         init = ([zero] * layout.m_sel, [zero] * layout.m_sel)
@@ -317,7 +358,7 @@ def _gate_up_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, x_ref, *re
 
 
 def _down_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, weights_ref, h_ref, *refs,
-                 layout: _Layout, block_t: int, block_k: int, block_n: int):
+                 layout: _Layout, block_t: int, block_k: int, block_n: int, expand: str):
     # weights_ref: [P] f32, h_ref: [P, f]; refs = w2 arrays (flattened over (e, f)), out_ref
     # out_ref: [t*k + 1, d], row t*k takes the padding rows.
     na = layout.num_arrays
@@ -333,7 +374,7 @@ def _down_kernel(sorted_ids_ref, block_expert_ref, num_blocks_ref, weights_ref, 
 
         def body(step, accs):
             return layout.accumulate(w2_refs, e, step * block_k, j * cols, h_ref, rows, accs,
-                                     block_k=block_k, cols=cols)
+                                     block_k=block_k, cols=cols, expand=expand)
 
         accs = jax.lax.fori_loop(0, layout.k // block_k, body, [zero] * layout.m_sel)
         tile = pl.ds(i * block_t, block_t)
@@ -371,7 +412,7 @@ def gate_up(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
     out_shape = jax.ShapeDtypeStruct((p_rows, f), x.dtype)
     kernel = functools.partial(
         _gate_up_kernel, layout=l1, num_tokens=t, top_k=plan.top_k, block_t=plan.block_t,
-        block_k=tiles.block_k, block_n=tiles.block_n)
+        block_k=tiles.block_k, block_n=tiles.block_n, expand=tiles.expand)
     args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), x, *a1, *a3]
     aliases = {}
     if h_init is not None:
@@ -412,7 +453,8 @@ def down(h: jax.Array, plan: RoutingPlan, w2: ExpertWeights, *, tiles: MoeTiles 
     _check_tiles("w2", l2, tiles, plan.block_t)
     out_shape = jax.ShapeDtypeStruct((plan.sentinel + 1, d), h.dtype)
     kernel = functools.partial(_down_kernel, layout=l2, block_t=plan.block_t,
-                               block_k=tiles.block_k, block_n=tiles.block_n)
+                               block_k=tiles.block_k, block_n=tiles.block_n,
+                               expand=tiles.expand)
     args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), plan.weights, h, *a2]
     aliases = {}
     if out_init is not None:

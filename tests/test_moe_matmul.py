@@ -133,7 +133,10 @@ def test_sparse_weights_match_reference(rng, gate_up_fmt, down_fmt):
           compress(dense[2], down_fmt)]
     idx, p = _routing(rng, t, k, np.asarray([0, 1, 2, 6]))
     plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
-    y = _moe_ffn(x, plan, *ws)
+    # The first case loads sparse tiles by rows (default), the second as contiguous blocks.
+    expand = "rows" if gate_up_fmt == "nm" else "block"
+    tiles = mm.MoeTiles(block_n=64, block_k=64, expand=expand)
+    y = _moe_ffn(x, plan, *ws, config=mm.MoeFfnConfig(gate_up=tiles, down=tiles))
     ref = mm.moe_ffn_reference(x, plan, *ws)
     y_xla = mm.moe_ffn_ragged_dot(x, plan, *ws)
     _check(y, ref, y_xla, BF16)
@@ -166,8 +169,9 @@ def test_bad_inputs_raise(rng):
         mm.moe_ffn(x, plan, s1, w3, w2)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "nm", "samoyeds"])
-def test_kernels_lower_for_h100(rng, fmt, monkeypatch):
+@pytest.mark.parametrize("fmt,expand", [("dense", "rows"), ("nm", "rows"), ("samoyeds", "rows"),
+                                        ("samoyeds", "block")])
+def test_kernels_lower_for_h100(rng, fmt, expand, monkeypatch):
     """The Triton lowering (jax -> Triton IR) runs on CPU for an abstract H100: catches ops
     that Pallas Triton cannot lower without a GPU."""
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
@@ -185,9 +189,11 @@ def test_kernels_lower_for_h100(rng, fmt, monkeypatch):
               for w in dense]
     idx, p = _routing(rng, t, k, np.arange(e))
 
+    tiles = mm.MoeTiles(block_n=64, block_k=128, expand=expand)
+
     def fn(x, idx, p, ws):
         plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
-        return mm.moe_ffn(x, plan, *ws)
+        return mm.moe_ffn(x, plan, *ws, config=mm.MoeFfnConfig(gate_up=tiles, down=tiles))
 
     device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
