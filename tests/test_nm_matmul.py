@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import chex
@@ -10,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decompress, formats, nm_matmul as nmm, tuning
+from pallas_kernels import decompress, formats, tuning
+
+# The package exports the function ``nm_matmul``, which shadows the submodule attribute.
+nmm = importlib.import_module("pallas_kernels.nm_matmul")
 
 # --------------------------------------------------------------------------- test weights
 
