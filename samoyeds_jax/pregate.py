@@ -111,7 +111,9 @@ def collect_moe_inputs(model: nnx.Module, forward: Callable[[nnx.Module, Any], A
                        batches: Iterable[Any]) -> list[np.ndarray]:
     """Run ``forward(model, batch)`` over ``batches`` and return each MoE block's inputs.
 
-    Returns one float32 array [n, d] per block (all batches' tokens, flattened), in block
+    Returns one host array [n, d] per block (all batches' tokens, flattened, in the model's
+    activation dtype: n * d * itemsize bytes per block, so collect a few thousand tokens of a
+    large model rather than a whole corpus), in block
     order. The model should route with its own gates (mode "standard" or "speculative"),
     so the inputs are those of the model the pre-gates must imitate. Pre-gates in a
     "pregated" model would change those inputs: collect in "speculative" mode. ``forward`` is wrapped
@@ -135,7 +137,7 @@ def collect_moe_inputs(model: nnx.Module, forward: Callable[[nnx.Module, Any], A
                 pos = len(keys) - 1 - keys[::-1].index("inputs")
                 block = module_paths.get(keys[:pos])
                 if block is not None:
-                    per_block[block].append(np.asarray(leaf, np.float32))
+                    per_block[block].append(np.asarray(leaf))
                     seen.add(block)
             missing = sorted(set(range(len(moes))) - seen)
             if missing:
