@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
@@ -37,8 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import decompress, formats  # noqa: E402
-# The package exports the function ``nm_matmul``, which shadows the submodule attribute.
-nmm = importlib.import_module("pallas_kernels.nm_matmul")
+import pallas_kernels.nm_matmul as nmm
 
 SHAPES = {  # name: (K, N) for y[t, N] = x[t, K] @ W[K, N]
     "mixtral_w1": (4096, 14336),

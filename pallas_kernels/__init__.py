@@ -7,8 +7,10 @@ from pallas_kernels.backend import Backend, interpret_mode, resolve_backend
 from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, nm_k_multiple,
                                     pack_meta, unpack_meta)
 from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_ragged_dot, moe_ffn_reference
-from pallas_kernels.nm_matmul import (SparseMatmulConfig, nm_matmul, nm_matmul_reference,
-                                      samoyeds_matmul, samoyeds_matmul_reference)
+# ``nm_matmul`` the function stays in its module: a package attribute of the same name would
+# shadow the submodule ``pallas_kernels.nm_matmul``.
+from pallas_kernels.nm_matmul import (SparseMatmulConfig, samoyeds_matmul,
+                                      samoyeds_matmul_reference)
 from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.tiled_format import TiledBitmap, TiledSparse
 from pallas_kernels.unstructured import (UnstructuredConfig, unstructured_matmul,
@@ -19,8 +21,7 @@ __all__ = [
     "NM_PATTERNS", "NMSparse", "SamoyedsSparse", "nm_k_multiple", "pack_meta", "unpack_meta",
     "TiledBitmap", "TiledSparse",
     "RoutingPlan",
-    "SparseMatmulConfig", "nm_matmul", "nm_matmul_reference", "samoyeds_matmul",
-    "samoyeds_matmul_reference",
+    "SparseMatmulConfig", "samoyeds_matmul", "samoyeds_matmul_reference",
     "UnstructuredConfig", "unstructured_matmul", "unstructured_matmul_reference",
     "moe_ffn", "moe_ffn_ragged_dot", "moe_ffn_reference",
 ]

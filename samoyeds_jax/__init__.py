@@ -1,5 +1,42 @@
-"""samoyeds-jax: memory-lean, fast Mixture-of-Experts inference in JAX (Flax NNX modules)."""
+"""samoyeds-jax: memory-lean, fast Mixture-of-Experts inference in JAX (Flax NNX modules).
+
+The drop-in layer is ``MoE`` (config ``MoEConfig``); the model is ``MoETransformer``
+(config ``ModelConfig``, from a Hugging Face ``config.json``); generation is ``Generator``.
+"""
+
+from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
+                                      load_or_convert, load_tokenizer, save_converted)
+from samoyeds_jax.config import MoEConfig, SparsityConfig
+from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, sample
+from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
+from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
+from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
+from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, moe_linen
+from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
+                                  OffloadDecoder)
+from samoyeds_jax.parallel import (ExpertParallel, ExpertParallelMoE, expert_parallel_mlp_factory,
+                                   make_expert_mesh, shard_moe_experts)
+from samoyeds_jax.pregate import PregateTrainConfig, pregate_recall, train_pregates
+from samoyeds_jax.pruning import (PruneConfig, PruneReport, magnitude_score, prune_experts,
+                                  prune_nm, prune_samoyeds, prune_unstructured, wanda_score)
+from samoyeds_jax.routing import Routing, route_logits, topk_recall
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "MoEConfig", "SparsityConfig", "MoE", "Router", "PreGatedRouter", "SharedExperts", "moe_linen",
+    "Routing", "route_logits", "topk_recall",
+    "PregateTrainConfig", "train_pregates", "pregate_recall",
+    "PruneConfig", "PruneReport", "prune_experts", "prune_nm", "prune_samoyeds",
+    "prune_unstructured", "magnitude_score", "wanda_score",
+    "Attention", "AttentionConfig", "RMSNorm", "apply_rope",
+    "ModelConfig", "MoETransformer", "KVCache",
+    "Generator", "GenerationResult", "SamplingConfig", "sample",
+    "OffloadGenerator", "OffloadGenerationResult",
+    "ExpertStore", "ExpertCache", "OffloadConfig", "BlockScheduler", "OffloadDecoder",
+    "ExpertParallel", "ExpertParallelMoE", "expert_parallel_mlp_factory", "make_expert_mesh",
+    "shard_moe_experts",
+    "load_hf_checkpoint", "load_converted", "save_converted", "load_or_convert", "load_model",
+    "load_tokenizer",
+]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 
 import chex
@@ -11,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.nm_matmul as nmm
 from pallas_kernels import decompress, formats, tuning
-
-# The package exports the function ``nm_matmul``, which shadows the submodule attribute.
-nmm = importlib.import_module("pallas_kernels.nm_matmul")
 
 # --------------------------------------------------------------------------- test weights
 
