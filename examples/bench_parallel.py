@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
-from samoyeds_jax.parallel import ExpertParallel, expert_parallel_mlp_factory, make_expert_mesh
+from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 
 MIXTRAL_8X7B = {
     "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
@@ -39,8 +39,8 @@ MIXTRAL_8X7B = {
 
 def build(config: ModelConfig, ep: ExpertParallel, seed: int = 0):
     """The model with random weights created in place: experts split over the axis."""
-    factory = expert_parallel_mlp_factory(ep)
-    abstract = nnx.eval_shape(lambda: MoETransformer(config, mlp_factory=factory, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
+    use_expert_parallel(abstract, ep, place=False)  # weights are created sharded below
     graphdef, state = nnx.split(abstract)
     expert_names = {"w1", "w3", "w2"}
 

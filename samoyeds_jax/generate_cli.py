@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pregate", default="standard", choices=("standard", "pregated", "speculative"),
                    help="pre-gating mode of the embedded tiny model (block i picks block i+1's "
                         "experts); a checkpoint keeps its own")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split the routed experts over this many devices (expert parallelism)")
     p.add_argument("--prompt", default=None,
                    help="text when the checkpoint has tokenizer.json, else token ids "
                         "separated by spaces or commas "
@@ -180,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
           f"eos {eos}")
     print(f"  prompt   {len(ids)} tokens x batch {args.batch}: {ids}")
 
+    if args.devices > 1:
+        if args.offload:
+            raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
+        from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
+
+        use_expert_parallel(model, ExpertParallel(mesh=make_expert_mesh(args.devices),
+                                                  tokens="replicated"))
+        print(f"  parallel routed experts split over {args.devices} devices "
+              f"({m.num_experts // args.devices} each)")
     if args.offload:
         gen = _offload_generator(args, model, sampling, eos)
         del model  # the experts now live in host memory; drop their device copies

@@ -314,6 +314,8 @@ class MoE(nnx.Module):
                                      param_dtype=param_dtype, rngs=rngs)
                        if c.num_shared_experts else None)
         self.recall_stats = RecallStats(RecallCounts.zeros())
+        # Set by ``samoyeds_jax.parallel.use_expert_parallel``: routed experts split over devices.
+        self.expert_parallel = None
         if c.expert_format != "dense" and not isinstance(self.w1[...], jax.core.Tracer):
             # Magnitude pruning of the initial weights; under abstract evaluation
             # (nnx.eval_shape) the experts stay dense. Load real weights, then ``sparsify()``.
@@ -428,8 +430,11 @@ class MoE(nnx.Module):
 
     def routed_experts(self, x: jax.Array, routing: Routing, experts: ExpertWeights,
                        *, dtype: Dtype) -> jax.Array:
-        """The routed experts alone: x [t, d] -> [t, d] ``dtype`` (subclasses change where
-        they run, e.g. ``samoyeds_jax.parallel.ExpertParallelMoE``)."""
+        """The routed experts alone: x [t, d] -> [t, d] ``dtype``, on this device or split over a
+        mesh axis when ``expert_parallel`` is set (``samoyeds_jax.parallel``)."""
+        if self.expert_parallel is not None:
+            return self.expert_parallel.ffn(x, routing, experts, backend=self.config.backend,
+                                            dtype=dtype)
         return expert_ffn(x, routing, experts, backend=self.config.backend, dtype=dtype)
 
     def apply_experts(self, x: jax.Array, routing: Routing,

@@ -1,5 +1,8 @@
 """Expert parallelism on JAX's own SPMD engine: experts sharded over a mesh axis.
 
+    ep = ExpertParallel(mesh=make_expert_mesh(2))
+    use_expert_parallel(model, ep)       # every MoE block of ``model`` now runs split over 2 GPUs
+
 The routed experts ``w1/w3 [e, d, f]``, ``w2 [e, f, d]`` (dense arrays or sparse format
 pytrees, whose every leaf leads with e) are split along e over the mesh axis ``axis``:
 device p holds experts ``[p * e/P, (p + 1) * e/P)``. Inside ``jax.shard_map``:
@@ -61,6 +64,10 @@ class ExpertParallel:
             raise ValueError(f"axis {self.axis!r} is not in the mesh axes {self.mesh.axis_names}")
         if self.tokens not in ("sharded", "replicated"):
             raise ValueError(f"tokens must be 'sharded' or 'replicated', got {self.tokens!r}")
+
+    def ffn(self, x, routing, experts, *, backend: MoEBackend = "xla", dtype: Any = None):
+        """``expert_parallel_ffn`` on this placement (what ``MoE.routed_experts`` calls)."""
+        return expert_parallel_ffn(x, routing, experts, ep=self, backend=backend, dtype=dtype)
 
     @property
     def size(self) -> int:
@@ -146,38 +153,19 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, 
     return fn(x, routing.topk_idx, routing.topk_weights, experts)
 
 
-class ExpertParallelMoE(MoE):
-    """``MoE`` whose routed experts run split over ``ep.axis`` (``expert_parallel_ffn``).
+def use_expert_parallel(module: nnx.Module, ep: ExpertParallel | None, *,
+                        place: bool = True) -> None:
+    """Make every ``MoE`` inside ``module`` run its routed experts split over ``ep.axis``.
 
-    Routing, pre-gating and shared experts run as in ``MoE`` (replicated, small). Build a
-    whole expert-parallel model with ``expert_parallel_mlp_factory``; place its expert
-    weights with ``shard_moe_experts``.
+    ``place=True`` also moves the expert weights to their shards (``shard_experts``); pass
+    False for an abstract module (``nnx.eval_shape``) whose weights are created sharded later.
+    ``ep=None`` turns expert parallelism off again (weights stay where they are).
     """
-
-    def __init__(self, config, *, ep: ExpertParallel, **kwargs):
-        super().__init__(config, **kwargs)
-        self.ep = ep
-
-    def routed_experts(self, x, routing, experts, *, dtype):
-        return expert_parallel_ffn(x, routing, experts, ep=self.ep, backend=self.config.backend,
-                                   dtype=dtype)
-
-
-def expert_parallel_mlp_factory(ep: ExpertParallel):
-    """An ``mlp_factory`` for ``samoyeds_jax.model.MoETransformer`` with expert-parallel blocks."""
-
-    def factory(config, *, block_index: int, rngs):
-        return ExpertParallelMoE(config.moe, ep=ep, block_index=block_index,
-                                 num_blocks=config.num_layers, dtype=config.dtype,
-                                 param_dtype=config.param_dtype, rngs=rngs)
-
-    return factory
-
-
-def shard_moe_experts(module, ep: ExpertParallel) -> None:
-    """Place the routed expert weights of every ``MoE`` inside ``module`` split over ``ep.axis``."""
     for _, m in nnx.iter_modules(module):
-        if isinstance(m, MoE):
+        if not isinstance(m, MoE):
+            continue
+        m.expert_parallel = ep
+        if ep is not None and place:
             placed = shard_experts(m.expert_weights(), ep)
             m.w1.set_value(placed.w1)
             m.w3.set_value(placed.w3)

@@ -10,9 +10,8 @@ from flax import nnx
 from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.moe import MoE, ExpertWeights, expert_ffn
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.parallel import (ExpertParallel, ExpertParallelMoE, expert_parallel_ffn,
-                                   expert_parallel_mlp_factory, local_routing, make_expert_mesh,
-                                   shard_experts, shard_moe_experts)
+from samoyeds_jax.parallel import (ExpertParallel, expert_parallel_ffn, local_routing,
+                                   make_expert_mesh, shard_experts, use_expert_parallel)
 from samoyeds_jax.routing import Routing, route_logits
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
@@ -69,8 +68,8 @@ def test_moe_module_expert_parallel(rng, pregate):
                     pregate=pregate)
     ep = ExpertParallel(mesh=make_expert_mesh(4))
     moe = MoE(cfg, block_index=0, num_blocks=2, rngs=nnx.Rngs(0))
-    ep_moe = ExpertParallelMoE(cfg, ep=ep, block_index=0, num_blocks=2, rngs=nnx.Rngs(0))
-    shard_moe_experts(ep_moe, ep)
+    ep_moe = MoE(cfg, block_index=0, num_blocks=2, rngs=nnx.Rngs(0))
+    use_expert_parallel(ep_moe, ep)
     assert ep_moe.w1.get_value().sharding.spec == jax.sharding.PartitionSpec("expert")
     x = jnp.asarray(rng.standard_normal((2, 4, 16)), jnp.float32)
     y_ref, next_ref = moe(x)
@@ -86,8 +85,8 @@ def test_expert_parallel_model_matches_single_device(rng):
     cfg = ModelConfig.tiny()
     ep = ExpertParallel(mesh=make_expert_mesh(2), tokens="replicated")
     ref = MoETransformer(cfg, rngs=nnx.Rngs(1))
-    par = MoETransformer(cfg, mlp_factory=expert_parallel_mlp_factory(ep), rngs=nnx.Rngs(1))
-    shard_moe_experts(par, ep)
+    par = MoETransformer(cfg, rngs=nnx.Rngs(1))
+    use_expert_parallel(par, ep)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
     forward = nnx.jit(lambda model, tokens: model(tokens)[0])
     want, got = forward(ref, tokens), forward(par, tokens)
@@ -107,3 +106,14 @@ def test_bad_inputs_raise(rng):
         ExpertParallel(mesh=make_expert_mesh(4), axis="data")
     with pytest.raises(ValueError, match="num_devices"):
         make_expert_mesh(99)
+
+
+def test_generate_cli_with_expert_parallelism(capsys):
+    from samoyeds_jax.generate_cli import main
+
+    assert main(["--devices", "2", "--max-new-tokens", "3", "--no-eos", "--prompt", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts split over 2 devices (2 each)" in out
+    assert "decode" in out and "tokens/s" in out
+    with pytest.raises(ValueError, match="cannot be combined"):
+        main(["--devices", "2", "--offload", "--max-new-tokens", "1"])
