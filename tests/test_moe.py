@@ -238,6 +238,8 @@ def test_mode_contracts(rng):
             jnp.zeros((4, D)), routing=r)
     with pytest.raises(ValueError, match=r"d_model=16\], got shape \(3, 8\)"):
         MoE(_config(), rngs=nnx.Rngs(0))(jnp.zeros((3, 8)))
+    with pytest.raises(ValueError, match="multiple of v=128"):
+        MoE(_config(), rngs=nnx.Rngs(0)).to_format("samoyeds")
     # speculative: the received routing is ignored for compute.
     spec = MoE(_config(pregate="speculative"), block_index=1, num_blocks=2, rngs=nnx.Rngs(0))
     assert spec.pregate is None
@@ -300,8 +302,3 @@ def test_sparse_formats(rng, fmt, d, f):
         moe.config = cfg.replace(backend=backend)
         y, _ = nnx.jit(lambda m, x: m(x))(moe, x)
         np.testing.assert_allclose(_np(y), ref, rtol=1e-4, atol=1e-5, err_msg=backend)
-
-
-def test_to_format_checks_the_shape():
-    with pytest.raises(ValueError, match="multiple of v=128"):
-        MoE(_config(), rngs=nnx.Rngs(0)).to_format("samoyeds")
