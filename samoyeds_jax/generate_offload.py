@@ -5,13 +5,18 @@ expert transfers can be issued between the blocks' computations (``samoyeds_jax.
 
     embed -> for each block l:
         front_l: norm -> attention (KV cache) -> norm -> own routing + pre-gate routing   (jitted)
-        [make block l's experts resident per the fetch policy]                           (device_put)
+        prepare: block l's experts resident; block l+1's transfers started when the
+                 pool holds both blocks                                    (device_put, async)
         back_l:  routed experts on the slot-stacked cache weights (+ shared) + residual   (jitted)
-        [start block l+1's transfers: pre-gate prediction / next block]                 (async)
+        finish:  block l+1's transfers that did not fit before               (device_put, async)
     -> norm -> lm_head -> sample
 
+The fetch logic of every policy is ``offload.BlockScheduler`` (shared with ``OffloadDecoder``):
+a host->device copy starts only after the computations queued before it, so block l+1's
+prefetch is issued before block l's expert compute is queued and runs under it.
 The non-expert parameters stay on the device; the expert weights (dense or any sparse format)
-live in an ``ExpertStore`` and reach the device through an ``ExpertCache`` of ``slots`` slots.
+live in an ``ExpertStore`` and reach the device through an ``ExpertCache`` of ``slots`` slots
+(default: ``offload.resolve_slots``, sized by the first generation's prefill).
 Fetch policies are those of ``OffloadConfig``; ``routing_source="pregate"`` needs a model built
 with ``pregate="pregated"`` (block l >= 1 computes with the experts block l-1's pre-gate picked),
 ``"router"`` a model whose blocks route themselves ("standard" or "speculative").
@@ -36,7 +41,8 @@ from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, 
                                    pad_prompts, sample)
 from samoyeds_jax.model import KVCache, MoETransformer, step_positions
 from samoyeds_jax.moe import ExpertWeights, expert_ffn
-from samoyeds_jax.offload import ExpertCache, ExpertStore, OffloadConfig
+from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
+                                  make_cache, resolve_slots)
 from samoyeds_jax.routing import Routing
 
 
@@ -76,11 +82,14 @@ _step_positions = jax.jit(step_positions, static_argnames="sliding_window")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OffloadGenerationResult(GenerationResult):
     """``GenerationResult`` plus the expert cache's counters (hits, misses, bytes, hit_rate, ...)
-    over the timed generation, and the device bytes of the slot pool."""
+    over the timed generation, the device bytes of the slot pool, and the host reads of
+    expert ids (count, and wall seconds blocked in them) over the timed generation."""
 
     cache_stats: dict[str, float]
     cache_nbytes: int
     store_nbytes: int
+    host_syncs: int = 0
+    sync_seconds: float = 0.0
 
 
 class OffloadGenerator:
@@ -89,9 +98,9 @@ class OffloadGenerator:
     Args:
       model: the transformer; its expert arrays are copied to pinned host memory (drop the model
         afterwards to free their device copies).
-      offload: fetch policy, slots, eviction, routing source.
-      max_tokens: the most tokens one forward routes (batch x prompt width), sizing the default
-        slot count; defaults to the first generation's prefill.
+      offload: fetch policy, slots, eviction, routing source. Without ``offload.slots`` the
+        slot count is ``offload.resolve_slots`` for the first generation's prefill (batch x
+        prompt width tokens), kept for later generations.
     """
 
     def __init__(self, model: MoETransformer, *, offload: OffloadConfig = OffloadConfig(),
@@ -131,72 +140,40 @@ class OffloadGenerator:
         self._head_fn = _make_head(model)
         self.cache: ExpertCache | None = None
         self._slots: int | None = offload.slots
+        self._host_syncs = 0
+        self._sync_s = 0.0
 
     # ------------------------------------------------------------------ expert cache
 
     def _new_cache(self, max_tokens: int) -> ExpertCache:
-        L, E, k = self.store.num_layers, self.store.num_experts, self.config.moe.top_k
-        policy = self.offload.policy
-        slots = self._slots
-        if slots is None:  # the rule of OffloadDecoder: two blocks' worth of experts
-            if policy == "gpu_only":
-                slots = L * E
-            else:
-                per_block = min(E, k * max_tokens)
-                slots = min(L * E, 2 * per_block + (E if policy == "prefetch_all" else 0))
-            self._slots = slots
-        cache = ExpertCache(self.store, slots=slots, top_k=k, eviction=self.offload.eviction,
-                            poison_evicted=self.offload.poison_evicted)
-        if policy == "gpu_only":
-            cache.preload_all()
-        return cache
-
-    def _demand(self, layer: int, experts: list[int]) -> None:
-        cache = self.cache
-        cache.count_hits(layer, experts)
-        missing = [e for e in experts if not cache.resident(layer, e)]
-        if missing:
-            cache.fetch(layer, missing, demand=True, protect={(layer, e) for e in experts})
+        if self._slots is None:
+            self._slots = resolve_slots(
+                self.offload, num_layers=self.store.num_layers,
+                num_experts=self.store.num_experts, top_k=self.config.moe.top_k,
+                max_tokens=max_tokens)
+        config = dataclasses.replace(self.offload, slots=self._slots)
+        self._host_syncs, self._sync_s = 0, 0.0
+        return make_cache(self.store, config, top_k=self.config.moe.top_k)
 
     # ------------------------------------------------------------------ one forward
 
     def _forward(self, tokens: jax.Array, mask: jax.Array, kv: KVCache) -> tuple[jax.Array, KVCache]:
         """All blocks on ``tokens [b, t]``; returns the last position's hidden state and the cache."""
-        cfg, cache, policy = self.offload, self.cache, self.offload.policy
-        L, E = self.store.num_layers, self.store.num_experts
+        cache = self.cache
+        sched = BlockScheduler(cache, self.offload)
         positions, valid, attn_mask = _step_positions(
             kv, mask, sliding_window=self.config.attention.sliding_window)
         h = _embed(self.embed, tokens)
         keys, values = list(kv.keys), list(kv.values)
-        carried: Routing | None = None
-        known: list[int] | None = None
-        everything = list(range(E))
-        for l in range(L):
+        for l in range(self.store.num_layers):
             h, x, own, pregate, keys[l], values[l] = _front(
                 self.parts[l], h, positions, attn_mask, keys[l], values[l], kv.index)
-            use_pregate = cfg.routing_source == "pregate" and l > 0
-            routing = carried if use_pregate else own
-            if policy == "gpu_only":
-                experts = everything
-            elif policy == "prefetch_all":
-                experts = everything
-                self._demand(l, experts)
-            elif policy == "pregated" and use_pregate:
-                experts = known
-                self._demand(l, experts)
-            else:  # on_demand, speculative, and block 0 of pregated
-                experts = _unique(routing.topk_idx)
-                self._demand(l, experts)
-            cache.commit(l)
-            cache.use(l, experts)
+            routing = sched.prepare(l, own, pregate)
             h = _back(self.shared[l], h, x, routing, cache.device_table, cache.layer_index(l),
                       cache.buffers, backend=self.config.moe.backend, dtype=self.dtype)
-            if policy == "prefetch_all":
-                cache.fetch((l + 1) % L, everything, demand=False)
-            elif policy in ("pregated", "speculative") and l + 1 < L:
-                known = _unique(pregate.topk_idx)
-                cache.fetch(l + 1, known, demand=False)
-            carried = pregate
+            sched.finish(l)
+        self._host_syncs += sched.stats.host_syncs
+        self._sync_s += sched.stats.sync_s
         return h[:, -1], kv.advance(keys, values, valid, mask)
 
     # ------------------------------------------------------------------ generation
@@ -261,12 +238,8 @@ class OffloadGenerator:
             tokens=out, lengths=lengths, prompt_tokens=int(np.sum(np.asarray(mask))),
             prefill_seconds=t_prefill, decode_seconds=t_decode, decode_steps=steps - 1,
             compile_seconds=compile_s, cache_stats=self.cache.stats.as_dict(),
-            cache_nbytes=self.cache.nbytes, store_nbytes=self.store.nbytes)
-
-
-def _unique(ids: jax.Array) -> list[int]:
-    """Expert ids used in ``ids`` (read on the host: one device->host sync)."""
-    return [int(e) for e in np.unique(np.asarray(ids))]
+            cache_nbytes=self.cache.nbytes, store_nbytes=self.store.nbytes,
+            host_syncs=self._host_syncs, sync_seconds=self._sync_s)
 
 
 def _make_head(model: MoETransformer):

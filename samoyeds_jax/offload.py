@@ -551,6 +551,44 @@ def _unique(ids: np.ndarray) -> list[int]:
     return [int(e) for e in np.unique(ids)]
 
 
+def resolve_slots(config: OffloadConfig, *, num_layers: int, num_experts: int, top_k: int,
+                  max_tokens: int) -> int:
+    """Slot count of the pool for ``config`` (its ``slots``, or the default rule), validated.
+
+    Default: every expert for ``gpu_only``; otherwise room for two blocks' experts (the
+    prefetch of block l+1 is issued before block l's compute only when both fit), i.e.
+    ``2 * experts`` for ``prefetch_all`` and ``2 * min(experts, top_k * max_tokens)`` for
+    the others, capped at ``layers * experts``. ``max_tokens``: the largest t one forward routes.
+    """
+    L, E = num_layers, num_experts
+    slots = config.slots
+    if slots is None:
+        if config.policy == "gpu_only":
+            slots = L * E
+        else:
+            per_block = E if config.policy == "prefetch_all" else min(E, top_k * max_tokens)
+            slots = min(L * E, 2 * per_block)
+    if config.policy == "gpu_only" and slots < L * E:
+        raise ValueError(f"policy='gpu_only' keeps all {L}*{E} experts resident: needs "
+                         f"slots >= {L * E}, got {slots=}")
+    if config.policy == "prefetch_all" and slots < E:
+        raise ValueError(f"policy='prefetch_all' fetches all {E} experts of the next block: "
+                         f"needs slots >= {E}, got {slots=}")
+    return slots
+
+
+def make_cache(store: ExpertStore, config: OffloadConfig, *, top_k: int,
+               max_tokens: int = 1) -> ExpertCache:
+    """An ``ExpertCache`` over ``store`` sized by ``resolve_slots``; ``gpu_only`` preloads it."""
+    slots = resolve_slots(config, num_layers=store.num_layers, num_experts=store.num_experts,
+                          top_k=top_k, max_tokens=max_tokens)
+    cache = ExpertCache(store, slots=slots, top_k=top_k, eviction=config.eviction,
+                        poison_evicted=config.poison_evicted)
+    if config.policy == "gpu_only":
+        cache.preload_all()
+    return cache
+
+
 class OffloadDecoder:
     """Runs a stack of MoE blocks block by block, fetching experts per ``OffloadConfig``.
 
@@ -569,24 +607,7 @@ class OffloadDecoder:
         self.store = store
         self.config = config
         self.top_k = top_k
-        L, E = store.num_layers, store.num_experts
-        slots = config.slots
-        if slots is None:
-            if config.policy == "gpu_only":
-                slots = L * E
-            else:
-                per_block = E if config.policy == "prefetch_all" else min(E, top_k * max_tokens)
-                slots = min(L * E, 2 * per_block)
-        if config.policy == "gpu_only" and slots < L * E:
-            raise ValueError(f"policy='gpu_only' keeps all {L}*{E} experts resident: needs "
-                             f"slots >= {L * E}, got {slots=}")
-        if config.policy == "prefetch_all" and slots < E:
-            raise ValueError(f"policy='prefetch_all' fetches all {E} experts of the next block: "
-                             f"needs slots >= {E}, got {slots=}")
-        self.cache = ExpertCache(store, slots=slots, top_k=top_k, eviction=config.eviction,
-                                 poison_evicted=config.poison_evicted)
-        if config.policy == "gpu_only":
-            self.cache.preload_all()
+        self.cache = make_cache(store, config, top_k=top_k, max_tokens=max_tokens)
         self._front = _jit(fns.front)
         self._back = functools.partial(_back_with_table, fns.back)
         self.last_stats = StepStats()
@@ -637,7 +658,8 @@ class BlockScheduler:
     prefetch of block l+1 *before* block l's compute is queued when the pool holds both
     (a device_put starts only after the compute already queued, so this is what lets the
     copy run under block l's compute); ``finish`` issues it otherwise. One scheduler per
-    step: it carries the pre-gate's routing from block to block.
+    step: it carries the pre-gate's routing from block to block. It never calls the block
+    functions, so a driver keeps its own per-block state (e.g. a KV cache) in its loop.
     """
 
     def __init__(self, cache: ExpertCache, config: OffloadConfig):

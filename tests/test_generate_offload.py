@@ -6,33 +6,76 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from samoyeds_jax import generate_offload
 from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.offload import OffloadConfig
+from samoyeds_jax.offload import ExpertCache, OffloadConfig
 
 PROMPTS = [[5, 9, 13], [7, 1, 3, 200, 11]]
 NEW = 5
 
 
 @pytest.fixture(scope="module")
-def pregated_model() -> MoETransformer:
-    return MoETransformer(ModelConfig.tiny(pregate="pregated"), rngs=nnx.Rngs(5))
+def models() -> dict[str, tuple[MoETransformer, np.ndarray]]:
+    """pregate mode -> (model, tokens generated with every expert resident)."""
+    out = {}
+    for mode in ("pregated", "speculative"):
+        model = MoETransformer(ModelConfig.tiny(pregate=mode), rngs=nnx.Rngs(5))
+        out[mode] = (model, Generator(model).generate(PROMPTS, max_new_tokens=NEW).tokens)
+    return out
 
 
-@pytest.mark.parametrize("policy,slots", [("pregated", None), ("on_demand", 4)])
-def test_offloaded_generation_matches_resident_experts(pregated_model, policy, slots):
-    ref = Generator(pregated_model).generate(PROMPTS, max_new_tokens=NEW)
-    gen = OffloadGenerator(pregated_model, offload=OffloadConfig(policy=policy, slots=slots))
+@pytest.mark.parametrize("mode,policy,slots", [
+    ("pregated", "pregated", None),
+    ("pregated", "on_demand", 4),
+    ("pregated", "prefetch_all", None),
+    ("pregated", "gpu_only", None),
+    ("speculative", "speculative", 5),
+])
+def test_offloaded_generation_matches_resident_experts(models, mode, policy, slots):
+    model, ref = models[mode]
+    source = "pregate" if mode == "pregated" else "router"
+    gen = OffloadGenerator(model, offload=OffloadConfig(policy=policy, slots=slots,
+                                                        routing_source=source))
     res = gen.generate(PROMPTS, max_new_tokens=NEW)
-    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    np.testing.assert_array_equal(res.tokens, ref)
     st = res.cache_stats
-    assert st["hits"] + st["misses"] > 0 and 0.0 <= st["hit_rate"] <= 1.0
     assert res.cache_nbytes == gen.cache.slots * gen.store.expert_nbytes
-    if slots == 4:  # 4 slots for 2 layers x 4 experts: experts are evicted and refetched
+    if policy == "gpu_only":  # preloaded, never fetched during generation
+        assert gen.cache.slots == 8 and st["bytes_fetched"] == 0 and res.host_syncs == 0
+        return
+    assert st["hits"] + st["misses"] > 0 and 0.0 <= st["hit_rate"] <= 1.0
+    if slots is not None and slots < 8:  # 2 layers x 4 experts: evicted and refetched
         assert st["evictions"] > 0 and st["misses"] > 0
-    if policy == "pregated":  # block 1's experts were prefetched from block 0's pre-gate
+    if policy != "on_demand":  # the next block's experts were prefetched and read
         assert st["prefetched"] > 0 and st["prefetch_used"] > 0
+    if policy in ("on_demand", "pregated", "speculative"):  # expert ids read once per block
+        assert res.host_syncs > 0
+    if policy == "prefetch_all":  # only the cold block 0 is fetched on demand; no host reads
+        assert st["misses"] == 4 and res.host_syncs == 0
+
+
+def test_prefetch_is_issued_before_the_expert_compute(models, monkeypatch):
+    """With room for two blocks, block 1's prefetch precedes block 0's expert compute."""
+    events = []
+    back, fetch = generate_offload._back, ExpertCache.fetch
+
+    def spy_back(shared, h, x, routing, table, layer, *args, **kw):
+        events.append(("back", int(layer)))
+        return back(shared, h, x, routing, table, layer, *args, **kw)
+
+    def spy_fetch(self, layer, experts, *, demand, **kw):
+        events.append(("fetch", layer, demand))
+        return fetch(self, layer, experts, demand=demand, **kw)
+
+    monkeypatch.setattr(generate_offload, "_back", spy_back)
+    monkeypatch.setattr(ExpertCache, "fetch", spy_fetch)
+    gen = OffloadGenerator(models["pregated"][0], offload=OffloadConfig(policy="pregated"))
+    gen.generate(PROMPTS, max_new_tokens=2, warmup=False)
+    first_back = events.index(("back", 0))
+    assert ("fetch", 1, False) in events[:first_back]
+    assert gen.cache.slots == 8  # default: two blocks' experts (4 each for the 10-token prefill)
 
 
 def test_offload_rejects_mismatched_routing_source():
