@@ -158,12 +158,12 @@ def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
 
 def _expert_ffn_pallas(x, routing, experts, dtype):
     # Imported here: the XLA path never loads Pallas.
-    from pallas_kernels.moe_matmul import moe_ffn
+    from pallas_kernels.moe_matmul import default_block_t, moe_ffn
     from pallas_kernels.routing_plan import RoutingPlan
 
     e = experts.num_experts
     plan = RoutingPlan.build(routing.topk_idx, routing.topk_weights, num_experts=e,
-                             block_t=_pallas_block_t(x.shape[0], routing.top_k, e))
+                             block_t=default_block_t(x.shape[0], routing.top_k, e))
     w1, w3, w2 = (_kernel_weight(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
     return moe_ffn(x.astype(dtype), plan, w1, w3, w2).astype(dtype)
 
@@ -175,13 +175,6 @@ def _kernel_weight(w, dtype):
     if isinstance(w, NMSparse | SamoyedsSparse):
         return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
     return _as_dense(w, dtype)
-
-
-def _pallas_block_t(t: int, k: int, e: int) -> int:
-    """Row tile of the routed-token kernel from the mean rows per expert: 16 (the smallest
-    tensor-core dot) for decode, up to 64 for prefill."""
-    per_expert = t * k / e
-    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
 # ----------------------------------------------------------------------------- modules
