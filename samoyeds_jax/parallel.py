@@ -87,7 +87,8 @@ def make_expert_mesh(num_devices: int | None = None, axis: str = "expert") -> ja
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 0 < n <= len(devices):
-        raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+        raise ValueError(f"num_devices={num_devices}: need 1 to {len(devices)} (the "
+                         f"{jax.default_backend()} devices present)")
     return jax.sharding.Mesh(devices[:n], (axis,))
 
 

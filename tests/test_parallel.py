@@ -104,7 +104,7 @@ def test_bad_inputs_raise(rng):
         expert_parallel_ffn(x, _routing(rng, 3, 8, 2), experts, ep=ep)
     with pytest.raises(ValueError, match="not in the mesh axes"):
         ExpertParallel(mesh=make_expert_mesh(4), axis="data")
-    with pytest.raises(ValueError, match="num_devices"):
+    with pytest.raises(ValueError, match="num_devices=99: need 1 to"):
         make_expert_mesh(99)
 
 
@@ -117,3 +117,7 @@ def test_generate_cli_with_expert_parallelism(capsys):
     assert "decode" in out and "tokens/s" in out
     with pytest.raises(ValueError, match="cannot be combined"):
         main(["--devices", "2", "--offload", "--max-new-tokens", "1"])
+    from samoyeds_jax.cli import generate_main
+
+    assert generate_main(["--devices", "99", "--max-new-tokens", "1"]) == 2
+    assert "samoyeds-generate: error: num_devices=99" in capsys.readouterr().err
