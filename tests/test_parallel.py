@@ -121,3 +121,15 @@ def test_generate_cli_with_expert_parallelism(capsys):
 
     assert generate_main(["--devices", "99", "--max-new-tokens", "1"]) == 2
     assert "samoyeds-generate: error: num_devices=99" in capsys.readouterr().err
+
+
+def test_pallas_backend_expert_parallel(rng):
+    """The routed-token Pallas kernel inside shard_map: assignments to other devices' experts
+    are out of range locally and left out of every row tile."""
+    e, d, f, k, t = 4, 32, 64, 2, 6
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    routing, experts = _routing(rng, t, e, k), _experts(rng, e, d, f, jnp.float32)
+    ep = ExpertParallel(mesh=make_expert_mesh(2), tokens="replicated")
+    want = expert_ffn(x, routing, experts, backend="xla", dtype=jnp.float32)
+    got = expert_parallel_ffn(x, routing, shard_experts(experts, ep), ep=ep, backend="pallas")
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
