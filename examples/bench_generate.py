@@ -15,7 +15,7 @@ initialization) and measures with ``samoyeds_jax.generate.Generator``:
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
 ~28% (Samoyeds 1:2:128 + 2:4) of dense, attention and embedding bytes stay.
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_generate.py --out $OUT/generate.json
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_generate.py --out benchmarks/generate.json
     PYTHONPATH=. python3 examples/bench_generate.py --tiny --out /tmp/generate.json   # CPU smoke
 """
 
