@@ -22,11 +22,12 @@ and the expert ids never leave the device:
   router/pre-gate and before block l's expert compute; it depends only on the pre-gate
   ids, so XLA may run it under block l's matmuls.
 
-Shapes are fixed: a block fetches t*k slots (one per (token, choice), flat order
-``token * k + choice``), so the program never depends on how many distinct experts were
-picked. An expert chosen by several (token, choice) pairs is copied once per pair: at
-decode (t = 1, k <= 2) that costs nothing; at large t it moves more bytes than the
-distinct experts (``slots_per_block`` says how many; the host-driven path dedups).
+Shapes are fixed: a block fetches n = min(t*k, e) slots (``fetch_plan``): its distinct
+experts in ascending id, padded with copies of expert e - 1 when fewer are distinct, so
+the program never depends on how many distinct experts were picked. At decode (t = 1) the
+k choices of a token are distinct and nothing is padded; at large t a block moves at most
+all e experts (the padding moves bytes nobody reads; the host-driven path does not).
+``fetch_experts`` itself copies duplicate ids once each.
 
 Policies (``InJitPolicy``):
 
@@ -170,10 +171,27 @@ class InJitConfig:
                              f"routing_source='pregate', got {self.routing_source!r}")
 
 
-def _slot_index(routing: Routing) -> jax.Array:
-    """[t, k] int32: slot of each (token, choice) after ``fetch_experts(.., topk_idx.reshape(-1))``."""
-    t, k = routing.topk_idx.shape
-    return jnp.arange(t * k, dtype=jnp.int32).reshape(t, k)
+def slots_per_block(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Expert slots one block fetches: min(t*k, e) (fixed by the shapes, padding included)."""
+    return min(num_tokens * top_k, num_experts)
+
+
+def fetch_plan(topk_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Which experts to fetch for ``topk_idx`` [t, k] and where each choice finds its expert.
+
+    Returns ``ids`` [n] int32, n = ``slots_per_block(t, k, e)``: the distinct experts in
+    ascending order, padded with e - 1 when fewer are distinct (a padding slot is copied
+    but never read), and ``slot_idx`` [t, k] int32, the slot of each (token, choice).
+    """
+    t, k = topk_idx.shape
+    n = slots_per_block(t, k, num_experts)
+    uniq = jnp.unique(topk_idx.reshape(-1), size=n, fill_value=num_experts)   # sorted, e last
+    slot_idx = jnp.searchsorted(uniq, topk_idx).astype(jnp.int32)             # [t, k]
+    return jnp.minimum(uniq, num_experts - 1).astype(jnp.int32), slot_idx
+
+
+def _stack_experts(stack: PyTree) -> int:
+    return jax.tree_util.tree_leaves(stack)[0].shape[0]
 
 
 def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTree],
@@ -183,15 +201,15 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
     ``layer_params[l]``: device-resident non-expert params of block l (``fns.front/back``).
     ``experts[l]``: block l's expert stack [e, ...]: pinned host for ``on_demand`` /
     ``pregated``, device memory for ``gpu_only``. ``fns.back`` receives the fetched slot
-    stack [t*k, ...] and slot indices ``arange(t*k).reshape(t, k)`` (``gpu_only``: the full
-    stack and the expert ids).
+    stack [n, ...] and the slot of each choice [t, k] (``fetch_plan``; ``gpu_only``: the
+    full stack and the expert ids).
     """
     num_layers = len(layer_params)
     if len(experts) != num_layers:
         raise ValueError(f"{len(experts)} expert stacks for {num_layers} blocks")
     policy = config.policy
     carried: Routing | None = None     # block l-1's pre-gate routing of block l
-    prefetched: PyTree | None = None   # block l's experts fetched during block l-1
+    prefetched: tuple[PyTree, jax.Array] | None = None   # block l's slots, fetched in l-1
     for l in range(num_layers):
         h, x, own, pregate = fns.front(layer_params[l], h)
         if config.routing_source == "pregate" and l > 0:
@@ -203,17 +221,17 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
             routing = own
         if policy == "gpu_only":
             buffers, slot_idx = experts[l], routing.topk_idx
-        else:
-            slot_idx = _slot_index(routing)
-            if policy == "pregated" and l > 0:
-                buffers = prefetched
-            else:  # on_demand, and block 0 of pregated: on the critical path
-                buffers = fetch_experts(experts[l], routing.topk_idx.reshape(-1))
+        elif policy == "pregated" and l > 0:
+            buffers, slot_idx = prefetched     # fetched during block l-1 for this routing
+        else:  # on_demand, and block 0 of pregated: on the critical path
+            ids, slot_idx = fetch_plan(routing.topk_idx, _stack_experts(experts[l]))
+            buffers = fetch_experts(experts[l], ids)
         if policy == "pregated" and l + 1 < num_layers:
             if pregate is None:
                 raise ValueError(f"policy='pregated': block {l} has no pre-gate for block {l + 1}")
             # issued before block l's expert compute; depends only on the pre-gate ids
-            prefetched = fetch_experts(experts[l + 1], pregate.topk_idx.reshape(-1))
+            ids, nxt_slots = fetch_plan(pregate.topk_idx, _stack_experts(experts[l + 1]))
+            prefetched = (fetch_experts(experts[l + 1], ids), nxt_slots)
         h = fns.back(layer_params[l], h, x, routing, slot_idx, buffers)
         carried = pregate
     return h
@@ -261,17 +279,13 @@ class InJitDecoder:
         return self._step.lower(self.layer_params, self.experts, h)
 
     def bytes_per_step(self, num_tokens: int, top_k: int) -> int:
-        """Host->device bytes one step moves (t*k slots per block; 0 for ``gpu_only``)."""
+        """Host->device bytes one step moves (``slots_per_block`` experts per block, padding
+        included; 0 for ``gpu_only``)."""
         if self.config.policy == "gpu_only":
             return 0
-        per_expert = tree_nbytes(self.host_stacks[0]) // _num_experts(self.host_stacks[0],
-                                                                      "layer 0")
-        return len(self.host_stacks) * num_tokens * top_k * per_expert
-
-
-def slots_per_block(num_tokens: int, top_k: int) -> int:
-    """Expert slots a block fetches: t*k, duplicates included (fixed shapes)."""
-    return num_tokens * top_k
+        e = _num_experts(self.host_stacks[0], "layer 0")
+        per_expert = tree_nbytes(self.host_stacks[0]) // e
+        return len(self.host_stacks) * slots_per_block(num_tokens, top_k, e) * per_expert
 
 
 def host_transfer_ops(hlo_text: str) -> dict[str, int]:
