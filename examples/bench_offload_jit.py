@@ -8,7 +8,9 @@ For each token count, in one process, all as single jitted programs:
   experts per block from the pinned-host stacks);
 * ``gpu_only`` (when every expert fits in 80% of device memory), ``on_demand``,
   ``pregated``: median wall time of ``InJitDecoder.step`` until its output is ready,
-  peak device memory, and the overlap ``(compute + transfer - step) / min(compute, transfer)``.
+  peak device memory, and the overlap ``(compute + transfer - step) / min(compute, transfer)``;
+  the compiled HLO of on_demand/pregated is written next to the JSON, with counts of its
+  host-transfer ops (``offload_jit.host_transfer_ops``).
 
 Cases: ``switch`` (12 MoE blocks, d 768, f 3072, 8 experts, top-1, ReLU experts, bf16) and
 ``mixtral`` (32 blocks, d 4096, f 14336, 8 experts, top-2, SwiGLU, bf16: 90 GB of experts,
@@ -129,6 +131,11 @@ def main() -> None:
                                                          row["transfer_only_s"])
             r["vs_max_compute_transfer"] = step_s / max(row["compute_only_s"],
                                                         row["transfer_only_s"])
+            if policy != "gpu_only":   # the GPU-compiled program: are the copies async?
+                hlo = dec.lower(hs[0]).compile().as_text()
+                with open(os.path.join(args.out, f"hlo_{case}_t{t}_{policy}.txt"), "w") as fp:
+                    fp.write(hlo)
+                r["hlo_ops"] = oj.host_transfer_ops(hlo)
             if args.trace and policy == "pregated":
                 path = os.path.join(args.out, f"trace_{case}_t{t}_pregated")
                 with jax.profiler.trace(path):

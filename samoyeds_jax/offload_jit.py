@@ -289,7 +289,12 @@ class InJitDecoder:
 
 
 def host_transfer_ops(hlo_text: str) -> dict[str, int]:
-    """Counts of the host-offload ops in HLO/StableHLO text (what a check of a lowering looks at)."""
+    """Occurrences of each host-offload op name in HLO or StableHLO text.
+
+    ``annotate_device_placement`` (StableHLO) / ``MoveToDevice`` (HLO before offloading) mark
+    moves; ``copy-start``/``copy-done`` and ``dynamic-slice-start``/``-done`` are the async
+    transfers a GPU compile may make of them.
+    """
     names = ("annotate_device_placement", "MoveToDevice", "MoveToHost", "copy-start",
              "copy-done", "dynamic-slice-start", "dynamic-slice-done")
     return {n: hlo_text.count(n) for n in names}

@@ -7,7 +7,6 @@ block functions, compile once per token count, and lower (for CUDA) to one
 
 from __future__ import annotations
 
-import functools
 
 import chex
 import jax
