@@ -16,7 +16,7 @@ Cases: ``switch`` (12 MoE blocks, d 768, f 3072, 8 experts, top-1, ReLU experts,
 ``mixtral`` (32 blocks, d 4096, f 14336, 8 experts, top-2, SwiGLU, bf16: 90 GB of experts,
 pinned host above the default 64 GB cap is requested below).
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_offload_jit.py --out $OUT \\
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_offload_jit.py --out benchmarks \\
         --case switch --tokens 1,8192 --trace
     PYTHONPATH=. python3 examples/bench_offload_jit.py --smoke --out /tmp/offload_jit   # CPU
 """

@@ -14,6 +14,7 @@ from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
 from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, moe_linen
 from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
                                   OffloadDecoder)
+from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 from samoyeds_jax.pregate import PregateTrainConfig, pregate_recall, train_pregates
 from samoyeds_jax.pruning import (PruneConfig, PruneReport, magnitude_score, prune_experts,
@@ -34,6 +35,7 @@ __all__ = [
     "Generator", "GenerationResult", "SamplingConfig", "sample",
     "OffloadGenerator", "OffloadGenerationResult",
     "ExpertStore", "ExpertCache", "OffloadConfig", "BlockScheduler", "OffloadDecoder",
+    "InJitConfig", "InJitDecoder",
     "ExpertParallel", "make_expert_mesh", "use_expert_parallel",
     "load_hf_checkpoint", "load_converted", "save_converted", "load_or_convert", "load_model",
     "load_tokenizer",
