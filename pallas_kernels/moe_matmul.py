@@ -57,6 +57,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import decompress
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
+from pallas_kernels.launch import launch
 from pallas_kernels.routing_plan import RoutingPlan
 
 ExpertWeights = jax.Array | NMSparse | SamoyedsSparse
@@ -414,23 +415,9 @@ def gate_up(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
         _gate_up_kernel, layout=l1, num_tokens=t, top_k=plan.top_k, block_t=plan.block_t,
         block_k=tiles.block_k, block_n=tiles.block_n, expand=tiles.expand)
     args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), x, *a1, *a3]
-    aliases = {}
-    if h_init is not None:
-        if h_init.shape != out_shape.shape or h_init.dtype != x.dtype:
-            raise ValueError(f"h_init must be {out_shape.shape} {x.dtype}, got "
-                             f"{h_init.shape} {h_init.dtype}")
-        aliases = {len(args): 0}
-        args.append(h_init)
-        kernel = _drop_last_input(kernel, len(args))
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(plan.num_tiles, f // tiles.block_n),
-        input_output_aliases=aliases,
-        compiler_params=_compiler_params(tiles),
-        interpret=backend_lib.interpret_mode(),
-        name=f"moe_gate_up_{l1.kind}",
-    )(*args)
+    return launch(kernel, args, out_shape=out_shape, grid=(plan.num_tiles, f // tiles.block_n),
+                  compiler_params=_compiler_params(tiles), name=f"moe_gate_up_{l1.kind}",
+                  init=h_init)
 
 
 def down(h: jax.Array, plan: RoutingPlan, w2: ExpertWeights, *, tiles: MoeTiles | None = None,
@@ -456,30 +443,9 @@ def down(h: jax.Array, plan: RoutingPlan, w2: ExpertWeights, *, tiles: MoeTiles 
                                block_k=tiles.block_k, block_n=tiles.block_n,
                                expand=tiles.expand)
     args = [plan.sorted_ids, plan.block_expert, plan.num_blocks.reshape(1), plan.weights, h, *a2]
-    aliases = {}
-    if out_init is not None:
-        if out_init.shape != out_shape.shape or out_init.dtype != h.dtype:
-            raise ValueError(f"out_init must be {out_shape.shape} {h.dtype}, got "
-                             f"{out_init.shape} {out_init.dtype}")
-        aliases = {len(args): 0}
-        args.append(out_init)
-        kernel = _drop_last_input(kernel, len(args))
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(plan.num_tiles, d // tiles.block_n),
-        input_output_aliases=aliases,
-        compiler_params=_compiler_params(tiles),
-        interpret=backend_lib.interpret_mode(),
-        name=f"moe_down_{l2.kind}",
-    )(*args)
-
-
-def _drop_last_input(kernel, num_inputs: int):
-    """Wrap a kernel so the aliased initial-output input ref (the last input) is ignored."""
-    def wrapped(*refs):
-        return kernel(*refs[:num_inputs - 1], *refs[num_inputs:])
-    return wrapped
+    return launch(kernel, args, out_shape=out_shape, grid=(plan.num_tiles, d // tiles.block_n),
+                  compiler_params=_compiler_params(tiles), name=f"moe_down_{l2.kind}",
+                  init=out_init)
 
 
 def combine(out_rows: jax.Array, plan: RoutingPlan) -> jax.Array:

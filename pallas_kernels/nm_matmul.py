@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import decompress
 from pallas_kernels import tuning
+from pallas_kernels.launch import launch
 
 Method = Literal["pallas", "dense"]
 # How a kernel fetches the strided x columns and the per-group meta words of a tile:
@@ -474,32 +475,13 @@ def _launch(kernel, args, *, t, n_out, cfg, grid, out_dtype, name, poison):
     split = cfg.split_k
     shape = (split * t, n_out)
     dtype = out_dtype if split == 1 else jnp.float32
-    aliases = {}
-    if poison:
-        # NaN-filled output aliased in: any element the kernel leaves unwritten shows.
-        args = (*args, jnp.full(shape, jnp.nan, dtype))
-        aliases = {len(args) - 1: 0}
-        kernel = _drop_last_input(kernel)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(shape, dtype),
-        grid=grid,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=backend_lib.interpret_mode(),
-        name=name,
-    )(*args)
+    out = launch(kernel, args, out_shape=jax.ShapeDtypeStruct(shape, dtype), grid=grid,
+                 compiler_params=plt.CompilerParams(num_warps=cfg.num_warps,
+                                                    num_stages=cfg.num_stages),
+                 name=name, init=jnp.full(shape, jnp.nan, dtype) if poison else None)
     if split > 1:
         out = out.reshape(split, t, n_out).sum(axis=0).astype(out_dtype)
     return out
-
-
-def _drop_last_input(kernel):
-    @functools.wraps(kernel)
-    def wrapped(*refs):
-        *ins, _, out = refs
-        return kernel(*ins, out)
-    return wrapped
 
 
 def nm_matmul(

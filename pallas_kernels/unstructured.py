@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels.launch import launch
 from pallas_kernels.tiled_format import SUPPORTED_DTYPES, TiledBitmap, TiledSparse
 
 Method = Literal["gather", "expand", "densify"]
@@ -241,8 +242,6 @@ def _expand_kernel(x_ref, words_ref, woff_ref, val_ref, *rest, block_k: int, til
 def _expand_matmul(x: jax.Array, w: TiledBitmap, config: UnstructuredConfig,
                    out_dtype: jnp.dtype, out_init: jax.Array | None = None) -> jax.Array:
     """x [t, K] -> [t, N] through the Pallas bitmap-expand kernel."""
-    from jax.experimental.pallas import triton as plt
-
     t, k = x.shape
     block_k = config.block_k
     if k % block_k:
@@ -282,23 +281,10 @@ def _launch(kernel, name: str, args: list, grid: tuple[int, int, int],
     k_splits = out_shape[0]
     acc_dtype = out_dtype if k_splits == 1 else jnp.float32
     out_struct = jax.ShapeDtypeStruct(out_shape, acc_dtype)
-    aliases = {}
-    if out_init is not None:
-        if out_init.shape != out_struct.shape or out_init.dtype != out_struct.dtype:
-            raise ValueError(f"out_init must be {out_struct}, got {out_init.shape} "
-                             f"{out_init.dtype}")
-        aliases = {len(args): 0}
-        args = args + [out_init]
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_struct,
-        grid=grid,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-        interpret=backend_lib.interpret_mode(),
-        name=name,
-    )(*args)
+    out = launch(kernel, args, out_shape=out_struct, grid=grid,
+                 compiler_params=plt.CompilerParams(num_warps=config.num_warps,
+                                                    num_stages=config.num_stages),
+                 name=name, init=out_init)
     y = out[0] if k_splits == 1 else jnp.sum(out, axis=0)
     return y[:t].astype(out_dtype)
 
