@@ -80,6 +80,20 @@ RoutingSource = Literal["pregate", "router"]
 ROUTING_SOURCES: tuple[str, ...] = ("pregate", "router")
 
 
+def check_routing_source(policy: str, routing_source: str) -> None:
+    """Which routing a fetch policy can work with: ValueError naming the mismatch."""
+    if routing_source not in ROUTING_SOURCES:
+        raise ValueError(f"routing_source must be one of {ROUTING_SOURCES}, "
+                         f"got {routing_source!r}")
+    if policy == "pregated" and routing_source != "pregate":
+        raise ValueError("policy='pregated' fetches the pre-gate's experts, so it needs "
+                         f"routing_source='pregate', got {routing_source!r}")
+    if policy == "speculative" and routing_source != "router":
+        raise ValueError("policy='speculative' treats the pre-gate as a prediction of each "
+                         f"block's own router, so it needs routing_source='router', got "
+                         f"{routing_source!r}")
+
+
 # ---------------------------------------------------------------------------------------
 # Memory kinds
 # ---------------------------------------------------------------------------------------
@@ -497,16 +511,7 @@ class OffloadConfig:
             raise ValueError(f"policy must be one of {FETCH_POLICIES}, got {self.policy!r}")
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
-        if self.routing_source not in ROUTING_SOURCES:
-            raise ValueError(f"routing_source must be one of {ROUTING_SOURCES}, "
-                             f"got {self.routing_source!r}")
-        if self.policy == "pregated" and self.routing_source != "pregate":
-            raise ValueError("policy='pregated' fetches the pre-gate's experts, so it needs "
-                             f"routing_source='pregate', got {self.routing_source!r}")
-        if self.policy == "speculative" and self.routing_source != "router":
-            raise ValueError("policy='speculative' treats the pre-gate as a prediction of each "
-                             f"block's own router, so it needs routing_source='router', got "
-                             f"{self.routing_source!r}")
+        check_routing_source(self.policy, self.routing_source)
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samoyeds_jax.offload import (ROUTING_SOURCES, BlockFns, ExpertStore, RoutingSource,
+from samoyeds_jax.offload import (BlockFns, ExpertStore, RoutingSource, check_routing_source,
                                   device_sharding, pinned_host_sharding, tree_nbytes)
 from samoyeds_jax.routing import Routing
 
@@ -163,12 +163,7 @@ class InJitConfig:
     def __post_init__(self):
         if self.policy not in IN_JIT_POLICIES:
             raise ValueError(f"policy must be one of {IN_JIT_POLICIES}, got {self.policy!r}")
-        if self.routing_source not in ROUTING_SOURCES:
-            raise ValueError(f"routing_source must be one of {ROUTING_SOURCES}, "
-                             f"got {self.routing_source!r}")
-        if self.policy == "pregated" and self.routing_source != "pregate":
-            raise ValueError("policy='pregated' fetches the pre-gate's experts, so it needs "
-                             f"routing_source='pregate', got {self.routing_source!r}")
+        check_routing_source(self.policy, self.routing_source)
 
 
 def slots_per_block(num_tokens: int, top_k: int, num_experts: int) -> int:
