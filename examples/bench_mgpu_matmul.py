@@ -1,0 +1,215 @@
+"""Benchmark the Hopper decode kernel ``mgpu_matmul`` (2:4 and Samoyeds) against XLA dense.
+
+Same method as ``bench_sparse_matmul.py`` (whose weights, timing loop and copy-rate probe it
+imports): each op runs inside one jitted ``fori_loop`` over weight copies rotating past the
+50 MB L2, medians of 5 repeats, the XLA dense ``jnp.dot`` on the same pruned weight measured in
+the same run. Also in the same run: the Pallas Triton kernels (``nm_matmul``,
+``samoyeds_matmul``, tuned configs) for comparison. Every timed output is checked against an
+f32 product of the dense weight; correctness is checked first at awkward token counts.
+
+    PYTHONPATH=. python3 examples/bench_mgpu_matmul.py --out benchmarks/mgpu_matmul.json
+
+Prints a table last; writes every row as JSON (and ``--markdown`` a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_sparse_matmul as bsm  # noqa: E402
+import pallas_kernels.nm_matmul as nmm  # noqa: E402
+from pallas_kernels import backend as backend_lib  # noqa: E402
+from pallas_kernels import mgpu_matmul as mg  # noqa: E402
+from pallas_kernels.transposed_format import TransposedSparse  # noqa: E402
+
+TOKENS = (1, 8, 16, 32, 64, 128, 256)
+M = mg.MgpuMatmulConfig
+# Variants timed with --sweep (the default config is always timed).
+SWEEP = {
+    "s4": dict(stages=4),
+    "s2": dict(stages=2),
+    "tk512": dict(tk=512),
+    "split2x": dict(split_mult=2),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shapes", default="mixtral_w1,mixtral_w2,qwen3_w1,qwen3_w2,dsv2lite_w1")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    p.add_argument("--ops", default="nm,samoyeds")
+    p.add_argument("--sweep", action="store_true", help="also time the SWEEP variants")
+    p.add_argument("--sweep-shapes", default="mixtral_w1,mixtral_w2")
+    p.add_argument("--triton", action="store_true", help="also time the Triton kernels")
+    p.add_argument("--budget-s", type=float, default=1e9)
+    p.add_argument("--markdown")
+    args = p.parse_args(argv)
+    start = time.time()
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - start:6.1f}s] {msg}"
+        log_lines.append(line)
+        print(line, flush=True)
+
+    dtype = jnp.bfloat16
+    device = backend_lib.device_kind()
+    rate = bsm.copy_rate()
+    log(f"device {device}, jax {jax.__version__}, copy rate {rate / 1e12:.3f} TB/s")
+    rows: list[dict] = []
+    checks: list[dict] = []
+    result = dict(device=device, jax=jax.__version__, copy_rate_Bps=rate, argv=sys.argv[1:],
+                  rows=rows, checks=checks, log=log_lines)
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+    ops = args.ops.split(",")
+    to_native = {"nm": jax.jit(TransposedSparse.from_nm, static_argnames="tk"),
+                 "samoyeds": jax.jit(TransposedSparse.from_samoyeds, static_argnames="tk")}
+    key = jax.random.key(0)
+    for name in args.shapes.split(","):
+        k, n_out = bsm.SHAPES[name]
+        key, kw, kx = jax.random.split(key, 3)
+        nm_w, sam_w = bsm.make_weights(kw, k, n_out, dtype)
+        sparse = {"nm": nm_w, "samoyeds": sam_w}
+        natives = {(op, tk): to_native[op](sparse[op], tk=tk) for op in ops for tk in (256, 512)
+                   if k % tk == 0}
+        dense = {op: sparse[op].to_dense() for op in ops}
+        # correctness first: awkward token counts, every op, default config
+        for (op, tk), w in natives.items():
+            for t in (1, 3, 16, 33):
+                x = jax.random.normal(jax.random.key(t), (t, k), jnp.float32).astype(dtype)
+                ref = jnp.dot(x.astype(jnp.float32), dense[op].astype(jnp.float32),
+                              precision="highest")
+                try:
+                    err = bsm.rel_err(jax.jit(mg.mgpu_matmul)(x, w), ref)
+                except Exception as e:  # noqa: BLE001
+                    err = float("nan")
+                    log(f"check {name} {op} tk={tk} t={t}: FAILED {repr(e)[:600]}")
+                checks.append(dict(shape=name, op=op, tk=tk, t=t, err=err))
+                log(f"check {name} {op} tk={tk} t={t}: rel err {err:.2e} "
+                    f"{'OK' if err < 1e-2 else 'BAD'}")
+        save()
+        dense_bytes = k * n_out * 2
+        r_dense = int(min(64, max(2, math.ceil(bsm.ROTATE_BYTES / dense_bytes))))
+        r = int(min(64, max(bsm.MIN_COPIES, math.ceil(bsm.ROTATE_BYTES / (0.28 * dense_bytes)))))
+        dense_ws = bsm.copies(dense["nm"], r_dense)
+        native_ws = {key_: bsm.copies(w, r) for key_, w in natives.items()}
+        triton_ws = {op: bsm.copies(sparse[op], r) for op in ops} if args.triton else {}
+        for t in [int(v) for v in args.tokens.split(",")]:
+            if time.time() - start > args.budget_s:
+                log("budget reached; stopping")
+                break
+            x = jax.random.normal(jax.random.fold_in(kx, t), (t, k), jnp.float32).astype(dtype)
+            xf = x.astype(jnp.float32)
+            io_bytes = (t * k + t * n_out) * 2
+            s_dense, y = bsm.time_loop(lambda x, w: jnp.dot(x, w), x, dense_ws)
+            refs = {op: jnp.dot(xf, dense[op].astype(jnp.float32), precision="highest")
+                    for op in ops}
+            rows.append(dict(shape=name, k=k, n=n_out, t=t, op="dense", variant="xla_dense",
+                             us=s_dense * 1e6, ratio=1.0, bytes=dense_bytes + io_bytes,
+                             pct_copy=100 * (dense_bytes + io_bytes) / s_dense / rate,
+                             err=bsm.rel_err(y, refs["nm"])))
+            log(f"{name:12s} dense     t={t:4d} {s_dense * 1e6:8.1f}us "
+                f"{rows[-1]['pct_copy']:5.1f}%")
+            for op in ops:
+                variants = {"default": (256, M())}
+                if args.sweep and name in args.sweep_shapes.split(","):
+                    for vname, kw_ in SWEEP.items():
+                        tk = kw_.get("tk", 256)
+                        if (op, tk) not in natives:
+                            continue
+                        cfg = M(stages=kw_.get("stages", 3))
+                        if "split_mult" in kw_:
+                            base = mg.resolve_config(None, t=t, w=natives[(op, tk)])
+                            splits = base.splits * kw_["split_mult"]
+                            if (k // tk) % splits:
+                                continue
+                            cfg = dataclasses.replace(cfg, splits=splits)
+                        variants[vname] = (tk, cfg)
+                for vname, (tk, cfg) in variants.items():
+                    w0 = natives[(op, tk)]
+                    comp_bytes = w0.nbytes + io_bytes
+                    row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant=f"mgpu_{vname}",
+                               tk=tk, config=dataclasses.asdict(mg.resolve_config(cfg, t=t, w=w0)),
+                               bytes=comp_bytes)
+                    try:
+                        s, y = bsm.time_loop(lambda x, w, cfg=cfg: mg.mgpu_matmul(x, w, config=cfg),
+                                             x, native_ws[(op, tk)])
+                        row.update(us=s * 1e6, ratio=s_dense / s, err=bsm.rel_err(y, refs[op]),
+                                   pct_copy=100 * comp_bytes / s / rate)
+                        log(f"{name:12s} {op:9s} t={t:4d} mgpu_{vname:8s} {s * 1e6:8.1f}us "
+                            f"x{s_dense / s:5.2f} {row['pct_copy']:5.1f}% err {row['err']:.1e}")
+                    except Exception as e:  # noqa: BLE001
+                        row.update(error=repr(e)[:800])
+                        log(f"{name} {op} t={t} mgpu_{vname}: FAILED {repr(e)[:600]}")
+                    rows.append(row)
+                if args.triton:
+                    fn = nmm.nm_matmul if op == "nm" else nmm.samoyeds_matmul
+                    comp_bytes = bsm._nbytes(sparse[op]) + io_bytes
+                    row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant="triton_auto",
+                               bytes=comp_bytes)
+                    try:
+                        s, y = bsm.time_loop(fn, x, triton_ws[op])
+                        row.update(us=s * 1e6, ratio=s_dense / s, err=bsm.rel_err(y, refs[op]),
+                                   pct_copy=100 * comp_bytes / s / rate)
+                        log(f"{name:12s} {op:9s} t={t:4d} triton_auto   {s * 1e6:8.1f}us "
+                            f"x{s_dense / s:5.2f} {row['pct_copy']:5.1f}% err {row['err']:.1e}")
+                    except Exception as e:  # noqa: BLE001
+                        row.update(error=repr(e)[:800])
+                        log(f"{name} {op} t={t} triton: FAILED {repr(e)[:400]}")
+                    rows.append(row)
+            save()
+        del dense_ws, native_ws, triton_ws
+    save()
+    table = render(result)
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table)
+    print(table)
+    return 0
+
+
+def render(result: dict) -> str:
+    """Best mgpu variant per (shape, op, t) next to dense and Triton, as a Markdown table."""
+    by = {}
+    for r in result["rows"]:
+        if "us" in r:
+            by.setdefault((r["shape"], r["t"]), []).append(r)
+    lines = ["| shape | t | dense us | op | Triton us (x) | mgpu best us (x) | variant | % copy | err |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for (shape, t), rs in by.items():
+        dense = next((r for r in rs if r["op"] == "dense"), None)
+        if dense is None:
+            continue
+        for op in ("nm", "samoyeds"):
+            mg_rows = [r for r in rs if r["op"] == op and r["variant"].startswith("mgpu")]
+            tr = next((r for r in rs if r["op"] == op and r["variant"] == "triton_auto"), None)
+            if not mg_rows:
+                continue
+            b = min(mg_rows, key=lambda r: r["us"])
+            trs = f"{tr['us']:.1f} ({tr['ratio']:.2f})" if tr else "-"
+            lines.append(f"| {shape} | {t} | {dense['us']:.1f} | {op} | {trs} | "
+                         f"{b['us']:.1f} ({b['ratio']:.2f}) | {b['variant']} | "
+                         f"{b['pct_copy']:.0f} | {b['err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""``y = x @ W`` for few tokens on Hopper: Pallas Mosaic GPU, TMA loads, expansion in registers, wgmma.
+
+Load-as-Sparse, Compute-as-Dense for decode. W is a ``TransposedSparse`` (2:4 or Samoyeds 1:2 +
+2:4, converted once at load; see ``pallas_kernels.transposed_format``). The kernel computes
+``y^T = W^T @ x^T`` so that the weights are the MMA's M side (64 rows of W^T per warpgroup) and
+the tokens its N side (``block_t``, a multiple of 8): one token costs an m64n8 MMA, not a
+64-row padded tile.
+
+Per program (a block of 64 W^T rows, one K split, one token tile), ``plgpu.emit_pipeline``
+streams K tiles through a ``stages``-deep shared-memory ring with TMA: the compressed values
+[8, 64, C], the int16 nibble words [64, C] and x's permuted tile [4, block_t, tk/4]. Per chunk of
+the tile, the 4 dense sub-columns are built with shifts, masks and selects in registers, joined
+along K and fed to ``plgpu.wgmma`` as the register A operand against the x chunk in SMEM (f32
+accumulator). Samoyeds weights keep two accumulators and route each element by the order of its
+group's nibble (``sel``). The f32 result goes SMEM -> GMEM by TMA; with ``splits > 1`` the
+programs write partial sums that one XLA add combines (more programs in flight when W^T has few
+64-row blocks).
+
+``mgpu_matmul_reference`` has the same signature (pure jnp). The kernel lowers for CUDA on any
+host (``jax.export``); it runs only on a Hopper GPU (Mosaic GPU has no CPU interpret mode for
+register-operand wgmma).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.transposed_format import TransposedSparse, permute_x
+
+BLOCK_M = 64  # W^T rows per warpgroup: the wgmma M
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MgpuMatmulConfig:
+    """Tiling of one ``mgpu_matmul`` launch.
+
+    block_t: tokens per program (the wgmma N): a multiple of 8 in [8, 128]; None: the token
+      count rounded up to 8, at most 64.
+    splits: K splits (a divisor of K // tk); None: the fewest that give every SM 2 programs.
+    stages: K tiles in flight per program (the TMA ring depth).
+    """
+
+    block_t: int | None = None
+    splits: int | None = None
+    stages: int = 3
+
+
+def mgpu_matmul_reference(x: jax.Array, w: TransposedSparse, *,
+                          config: MgpuMatmulConfig | None = None, out_dtype: Any = None
+                          ) -> jax.Array:
+    """``x @ W`` in jnp with f32 accumulation. x: [t, K]; w: dense [K, N]. Returns [t, N]."""
+    del config
+    _check(x, w)
+    out_dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
+                precision=lax.Precision.HIGHEST)
+    return y.astype(out_dt)
+
+
+def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig | None = None,
+                out_dtype: Any = None) -> jax.Array:
+    """``x @ W`` with the Mosaic GPU kernel (Hopper). Same signature as the reference.
+
+    Args:
+      x: [t, K] bfloat16 or float16 (same dtype as w).
+      w: ``TransposedSparse``, dense shape [K, N], no leading dims.
+      config: tiling (``MgpuMatmulConfig``); None picks ``block_t`` and ``splits``.
+      out_dtype: output dtype (default x.dtype).
+
+    Returns:
+      [t, N] in ``out_dtype``, accumulated in float32.
+
+    Raises:
+      ValueError: shapes, dtypes or a config that does not fit (expected vs given).
+    """
+    _check(x, w)
+    out_dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    t = x.shape[0]
+    if t == 0:
+        return jnp.zeros((0, w.n_out), out_dt)
+    cfg = resolve_config(config, t=t, w=w)
+    t_pad = -(-t // cfg.block_t) * cfg.block_t
+    xp = permute_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), w.tk)  # [kt, 4, t_pad, tk/4]
+    kt = w.k // w.tk
+    # Leading dims merged: a TMA box has at most 5 dims after the SMEM tiling.
+    xp = xp.reshape(kt * 4, t_pad, w.tk // 4)
+    values = w.values.reshape(kt * 8, w.rows, w.tk // 16)
+    parts = _call(xp, values, w.meta, paired=w.paired, block_t=cfg.block_t,
+                  splits=cfg.splits, stages=cfg.stages)  # [S, P, R, t_pad] f32
+    yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
+    if w.paired:  # dense column 2r + o
+        yt = jnp.transpose(yt, (1, 0, 2)).reshape(w.n_out, t_pad)
+    else:
+        yt = yt[0]
+    return yt[:, :t].T.astype(out_dt)
+
+
+def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSparse
+                   ) -> MgpuMatmulConfig:
+    """Fill ``block_t`` and ``splits`` and check the config against this problem."""
+    cfg = config or MgpuMatmulConfig()
+    kt = w.k // w.tk
+    block_t = cfg.block_t if cfg.block_t is not None else min(64, -(-t // 8) * 8)
+    if block_t % 8 or not 8 <= block_t <= 128:
+        raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
+    programs = w.rows // BLOCK_M * -(-t // block_t)
+    splits = cfg.splits
+    if splits is None:
+        splits = next((d for d in range(1, kt + 1) if kt % d == 0 and programs * d >= 2 * _sms()),
+                      kt)
+    if splits < 1 or kt % splits:
+        raise ValueError(f"splits must divide K // tk = {kt}, got {splits}")
+    if cfg.stages < 1:
+        raise ValueError(f"stages must be >= 1, got {cfg.stages}")
+    return MgpuMatmulConfig(block_t=block_t, splits=splits, stages=cfg.stages)
+
+
+def _sms() -> int:
+    dev = jax.devices()[0]
+    return getattr(dev, "core_count", None) or _H100_SMS
+
+
+def _check(x: jax.Array, w: TransposedSparse) -> None:
+    if not isinstance(w, TransposedSparse):
+        raise ValueError(f"w must be a TransposedSparse, got {type(w).__name__}")
+    if w.values.ndim != 4:
+        raise ValueError(f"w must be one matrix (no leading dims), got dense shape {w.shape}")
+    if x.ndim != 2 or x.shape[1] != w.k:
+        raise ValueError(f"x must be [t, K={w.k}], got {x.shape}")
+    if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != w.dtype:
+        raise ValueError(f"x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
+    if w.rows % BLOCK_M:
+        raise ValueError(f"W^T rows ({w.rows}) must be a multiple of {BLOCK_M}")
+
+
+def _transforms(row_bytes: int, itemsize: int):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    swizzle = plgpu.find_swizzle(row_bytes * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+@functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages"))
+def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: int):
+    """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    kt = meta.shape[0]
+    _, t_pad, c4 = xp.shape
+    c = c4 // 4
+    rows = values.shape[1]
+    steps = kt // splits
+    n_acc = 2 if paired else 1
+    size = xp.dtype.itemsize
+
+    def body(x_gmem, v_gmem, m_gmem, o_gmem, o_smem):
+        mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
+
+        def run(*accs):
+            def step(_, x_smem, v_smem, m_smem):
+                words = m_smem[0]  # [64, C] int16
+                for ch in range(4):
+                    f = (words >> (4 * ch)) & 15
+                    i0, i1 = f & 3, f >> 2
+                    v0, v1 = v_smem[ch], v_smem[4 + ch]  # [64, C]
+                    zero = jnp.zeros_like(v0)
+                    parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero))
+                             for j in range(4)]
+                    b = x_smem.at[ch].T  # [tk/4, block_t]
+                    if paired:
+                        hi = i0 > i1
+                        plgpu.wgmma(accs[0], jnp.concatenate(
+                            [jnp.where(hi, zero, p) for p in parts], axis=1), b)
+                        plgpu.wgmma(accs[1], jnp.concatenate(
+                            [jnp.where(hi, p, zero) for p in parts], axis=1), b)
+                    else:
+                        plgpu.wgmma(accs[0], jnp.concatenate(parts, axis=1), b)
+                    plgpu.wgmma_wait(0)  # the register operands must outlive the MMA
+
+            k0 = si * steps
+            plgpu.emit_pipeline(
+                step,
+                grid=(steps,),
+                in_specs=[
+                    plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
+                                    transforms=_transforms(c4 * size, size)),
+                    plgpu.BlockSpec((8, BLOCK_M, c), lambda k: (k0 + k, mi, 0),
+                                    transforms=_transforms(c * size, size)),
+                    plgpu.BlockSpec((1, BLOCK_M, c), lambda k: (k0 + k, mi, 0)),
+                ],
+                max_concurrent_steps=stages,
+            )(x_gmem, v_gmem, m_gmem)
+            for o in range(n_acc):
+                o_smem[o] = accs[o][...]
+            plgpu.commit_smem()
+            for o in range(n_acc):
+                plgpu.copy_smem_to_gmem(o_smem.at[o], o_gmem.at[
+                    si, o, pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(run, *[plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
+        grid=(rows // BLOCK_M, splits, t_pad // block_t),
+        grid_names=("m", "s", "t"),
+        scratch_types=dict(o_smem=plgpu.SMEM((n_acc, BLOCK_M, block_t), jnp.float32)),
+    )
+    return kernel(xp, values, meta)
+
+
+def lowers_for_cuda(x: jax.Array, w: TransposedSparse,
+                    config: MgpuMatmulConfig | None = None) -> str:
+    """Export ``mgpu_matmul`` for CUDA on this host (runs the Mosaic GPU lowering, no GPU).
+
+    Returns the exported module text; raises what the lowering raises.
+    """
+    cfg = resolve_config(config, t=x.shape[0], w=w)
+    fn = functools.partial(mgpu_matmul, config=cfg)
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(x, w).mlir_module()
