@@ -32,17 +32,21 @@ import bench_sparse_matmul as bsm  # noqa: E402
 import pallas_kernels.nm_matmul as nmm  # noqa: E402
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import mgpu_matmul as mg  # noqa: E402
-from pallas_kernels.transposed_format import TransposedSparse  # noqa: E402
+from pallas_kernels.transposed_format import TransposedSparse, permute_x  # noqa: E402
 
 TOKENS = (1, 8, 16, 32, 64, 128, 256)
 M = mg.MgpuMatmulConfig
 # Variants timed with --sweep (the default config is always timed).
 SWEEP = {
-    "s4": dict(stages=4),
+    "ws2": dict(warpgroups=2),
+    "wait_each": dict(wait_each=True),
     "s2": dict(stages=2),
+    "s4": dict(stages=4),
     "tk512": dict(tk=512),
     "split2x": dict(split_mult=2),
+    "ws2_split2x": dict(warpgroups=2, split_mult=2),
 }
+SMALL_SWEEP = ("ws2",)  # for the shapes not in --sweep-shapes
 
 
 def main(argv=None) -> int:
@@ -130,19 +134,20 @@ def main(argv=None) -> int:
                 f"{rows[-1]['pct_copy']:5.1f}%")
             for op in ops:
                 variants = {"default": (256, M())}
-                if args.sweep and name in args.sweep_shapes.split(","):
-                    for vname, kw_ in SWEEP.items():
-                        tk = kw_.get("tk", 256)
-                        if (op, tk) not in natives:
+                names = SWEEP if name in args.sweep_shapes.split(",") else SMALL_SWEEP
+                for vname in (names if args.sweep else ()):
+                    kw_ = dict(SWEEP[vname])
+                    tk = kw_.pop("tk", 256)
+                    mult = kw_.pop("split_mult", 1)
+                    if (op, tk) not in natives:
+                        continue
+                    cfg = M(**kw_)
+                    if mult > 1:
+                        base = mg.resolve_config(cfg, t=t, w=natives[(op, tk)])
+                        if (k // tk) % (base.splits * mult):
                             continue
-                        cfg = M(stages=kw_.get("stages", 3))
-                        if "split_mult" in kw_:
-                            base = mg.resolve_config(None, t=t, w=natives[(op, tk)])
-                            splits = base.splits * kw_["split_mult"]
-                            if (k // tk) % splits:
-                                continue
-                            cfg = dataclasses.replace(cfg, splits=splits)
-                        variants[vname] = (tk, cfg)
+                        cfg = dataclasses.replace(cfg, splits=base.splits * mult)
+                    variants[vname] = (tk, cfg)
                 for vname, (tk, cfg) in variants.items():
                     w0 = natives[(op, tk)]
                     comp_bytes = w0.nbytes + io_bytes
@@ -160,6 +165,27 @@ def main(argv=None) -> int:
                         row.update(error=repr(e)[:800])
                         log(f"{name} {op} t={t} mgpu_{vname}: FAILED {repr(e)[:600]}")
                     rows.append(row)
+                w0 = natives[(op, 256)]
+                cfg = mg.resolve_config(M(), t=t, w=w0)
+                t_pad = -(-t // cfg.block_t) * cfg.block_t
+                xp = permute_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), 256).reshape(-1, t_pad, 64)
+
+                def kernel_only(xp, w, cfg=cfg):
+                    return mg._call(xp, w.values.reshape(-1, w.rows, 16), w.meta,
+                                    paired=w.paired, block_t=cfg.block_t, splits=cfg.splits,
+                                    stages=cfg.stages)
+
+                try:
+                    s, _ = bsm.time_loop(kernel_only, xp, native_ws[(op, 256)])
+                    comp_bytes = w0.nbytes + io_bytes
+                    rows.append(dict(shape=name, k=k, n=n_out, t=t, op=op,
+                                     variant="mgpu_kernel_only", us=s * 1e6, ratio=s_dense / s,
+                                     pct_copy=100 * comp_bytes / s / rate, bytes=comp_bytes,
+                                     err=float("nan")))
+                    log(f"{name:12s} {op:9s} t={t:4d} kernel_only   {s * 1e6:8.1f}us "
+                        f"x{s_dense / s:5.2f} {rows[-1]['pct_copy']:5.1f}%")
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name} {op} t={t} kernel_only: FAILED {repr(e)[:400]}")
                 if args.triton:
                     fn = nmm.nm_matmul if op == "nm" else nmm.samoyeds_matmul
                     comp_bytes = bsm._nbytes(sparse[op]) + io_bytes
@@ -198,7 +224,8 @@ def render(result: dict) -> str:
         if dense is None:
             continue
         for op in ("nm", "samoyeds"):
-            mg_rows = [r for r in rs if r["op"] == op and r["variant"].startswith("mgpu")]
+            mg_rows = [r for r in rs if r["op"] == op and r["variant"].startswith("mgpu")
+                       and r["variant"] != "mgpu_kernel_only"]
             tr = next((r for r in rs if r["op"] == op and r["variant"] == "triton_auto"), None)
             if not mg_rows:
                 continue

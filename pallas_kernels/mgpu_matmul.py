@@ -46,11 +46,16 @@ class MgpuMatmulConfig:
       count rounded up to 8, at most 64.
     splits: K splits (a divisor of K // tk); None: the fewest that give every SM 2 programs.
     stages: K tiles in flight per program (the TMA ring depth).
+    warpgroups: 1 (one warpgroup loads and computes 64 rows) or 2 (warp-specialized: a memory
+      warpgroup feeds two compute warpgroups, 128 rows per program).
+    wait_each: wait for each chunk's wgmma before expanding the next (else once per K tile).
     """
 
     block_t: int | None = None
     splits: int | None = None
     stages: int = 3
+    warpgroups: int = 1
+    wait_each: bool = False
 
 
 def mgpu_matmul_reference(x: jax.Array, w: TransposedSparse, *,
@@ -94,7 +99,8 @@ def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig |
     xp = xp.reshape(kt * 4, t_pad, w.tk // 4)
     values = w.values.reshape(kt * 8, w.rows, w.tk // 16)
     parts = _call(xp, values, w.meta, paired=w.paired, block_t=cfg.block_t,
-                  splits=cfg.splits, stages=cfg.stages)  # [S, P, R, t_pad] f32
+                  splits=cfg.splits, stages=cfg.stages, warpgroups=cfg.warpgroups,
+                  wait_each=cfg.wait_each)  # [S, P, R, t_pad] f32
     yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
     if w.paired:  # dense column 2r + o
         yt = jnp.transpose(yt, (1, 0, 2)).reshape(w.n_out, t_pad)
@@ -111,7 +117,12 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
     block_t = cfg.block_t if cfg.block_t is not None else min(64, -(-t // 8) * 8)
     if block_t % 8 or not 8 <= block_t <= 128:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
-    programs = w.rows // BLOCK_M * -(-t // block_t)
+    if cfg.warpgroups not in (1, 2):
+        raise ValueError(f"warpgroups must be 1 or 2, got {cfg.warpgroups}")
+    if w.rows % (BLOCK_M * cfg.warpgroups):
+        raise ValueError(f"W^T rows ({w.rows}) must be a multiple of "
+                         f"{BLOCK_M * cfg.warpgroups} for warpgroups={cfg.warpgroups}")
+    programs = w.rows // (BLOCK_M * cfg.warpgroups) * -(-t // block_t)
     splits = cfg.splits
     if splits is None:
         splits = next((d for d in range(1, kt + 1) if kt % d == 0 and programs * d >= 2 * _sms()),
@@ -120,7 +131,7 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
         raise ValueError(f"splits must divide K // tk = {kt}, got {splits}")
     if cfg.stages < 1:
         raise ValueError(f"stages must be >= 1, got {cfg.stages}")
-    return MgpuMatmulConfig(block_t=block_t, splits=splits, stages=cfg.stages)
+    return dataclasses.replace(cfg, block_t=block_t, splits=splits)
 
 
 def _sms() -> int:
@@ -148,9 +159,42 @@ def _transforms(row_bytes: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-@functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages"))
-def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: int):
-    """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32."""
+def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, rows, paired: bool, wait_each: bool):
+    """One K tile: expand W^T rows ``rows`` chunk by chunk in registers, wgmma into ``accs``.
+
+    x_smem [4, block_t, tk/4], v_smem [8, R_tile, C], m_smem [R_tile, C]; ``rows`` selects this
+    warpgroup's 64 rows of the tile.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    words = m_smem[rows]  # [64, C] int16
+    for ch in range(4):
+        f = (words >> (4 * ch)) & 15
+        i0, i1 = f & 3, f >> 2
+        v0, v1 = v_smem[ch, rows], v_smem[4 + ch, rows]  # [64, C]
+        zero = jnp.zeros_like(v0)
+        parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)]
+        b = x_smem.at[ch].T  # [tk/4, block_t]
+        if paired:
+            hi = i0 > i1
+            plgpu.wgmma(accs[0], jnp.concatenate([jnp.where(hi, zero, q) for q in parts], 1), b)
+            plgpu.wgmma(accs[1], jnp.concatenate([jnp.where(hi, q, zero) for q in parts], 1), b)
+        else:
+            plgpu.wgmma(accs[0], jnp.concatenate(parts, axis=1), b)
+        if wait_each:
+            plgpu.wgmma_wait(0)
+    plgpu.wgmma_wait(0)  # SMEM slots are released (and register operands die) after this
+
+
+@functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages",
+                                             "warpgroups", "wait_each"))
+def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: int,
+          warpgroups: int = 1, wait_each: bool = False):
+    """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32.
+
+    warpgroups 1: one warpgroup per program issues the TMA ring and computes. warpgroups 2:
+    warp-specialized, a memory warpgroup feeds two compute warpgroups (128 rows per program).
+    """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -161,60 +205,81 @@ def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: 
     steps = kt // splits
     n_acc = 2 if paired else 1
     size = xp.dtype.itemsize
+    tile_m = BLOCK_M * warpgroups
+    if rows % tile_m:
+        raise ValueError(f"W^T rows ({rows}) must be a multiple of {tile_m} for {warpgroups=}")
+    acc_types = [plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc
+
+    def specs(mi, si, ti):
+        k0 = si * steps
+        return [
+            plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
+                            transforms=_transforms(c4 * size, size)),
+            plgpu.BlockSpec((8, tile_m, c), lambda k: (k0 + k, mi, 0),
+                            transforms=_transforms(c * size, size)),
+            plgpu.BlockSpec((1, tile_m, c), lambda k: (k0 + k, mi, 0)),
+        ]
+
+    def store(accs, o_smem, o_gmem, mi, si, ti, wg):
+        for o in range(n_acc):
+            o_smem[wg, o] = accs[o][...]
+        plgpu.commit_smem()
+        for o in range(n_acc):
+            plgpu.copy_smem_to_gmem(o_smem.at[wg, o], o_gmem.at[
+                si, o, pl.ds(mi * tile_m + wg * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
+        plgpu.wait_smem_to_gmem(0)
 
     def body(x_gmem, v_gmem, m_gmem, o_gmem, o_smem):
         mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
+        if warpgroups == 1:
+            def run(*accs):
+                def step(_, x_smem, v_smem, m_smem):
+                    _expand_and_mma(accs, x_smem, v_smem.at[:, :], m_smem.at[0],
+                                    rows=slice(None), paired=paired, wait_each=wait_each)
 
-        def run(*accs):
-            def step(_, x_smem, v_smem, m_smem):
-                words = m_smem[0]  # [64, C] int16
-                for ch in range(4):
-                    f = (words >> (4 * ch)) & 15
-                    i0, i1 = f & 3, f >> 2
-                    v0, v1 = v_smem[ch], v_smem[4 + ch]  # [64, C]
-                    zero = jnp.zeros_like(v0)
-                    parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero))
-                             for j in range(4)]
-                    b = x_smem.at[ch].T  # [tk/4, block_t]
-                    if paired:
-                        hi = i0 > i1
-                        plgpu.wgmma(accs[0], jnp.concatenate(
-                            [jnp.where(hi, zero, p) for p in parts], axis=1), b)
-                        plgpu.wgmma(accs[1], jnp.concatenate(
-                            [jnp.where(hi, p, zero) for p in parts], axis=1), b)
-                    else:
-                        plgpu.wgmma(accs[0], jnp.concatenate(parts, axis=1), b)
-                    plgpu.wgmma_wait(0)  # the register operands must outlive the MMA
+                plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti),
+                                    max_concurrent_steps=stages)(x_gmem, v_gmem, m_gmem)
+                store(accs, o_smem, o_gmem, mi, si, ti, 0)
 
-            k0 = si * steps
-            plgpu.emit_pipeline(
-                step,
-                grid=(steps,),
-                in_specs=[
-                    plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
-                                    transforms=_transforms(c4 * size, size)),
-                    plgpu.BlockSpec((8, BLOCK_M, c), lambda k: (k0 + k, mi, 0),
-                                    transforms=_transforms(c * size, size)),
-                    plgpu.BlockSpec((1, BLOCK_M, c), lambda k: (k0 + k, mi, 0)),
-                ],
-                max_concurrent_steps=stages,
-            )(x_gmem, v_gmem, m_gmem)
-            for o in range(n_acc):
-                o_smem[o] = accs[o][...]
-            plgpu.commit_smem()
-            for o in range(n_acc):
-                plgpu.copy_smem_to_gmem(o_smem.at[o], o_gmem.at[
-                    si, o, pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
-            plgpu.wait_smem_to_gmem(0)
+            pl.run_scoped(run, *acc_types)
+            return
 
-        pl.run_scoped(run, *[plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc)
+        wg = lax.axis_index("wg")
+        rows_wg = pl.ds(wg * BLOCK_M, BLOCK_M)
 
+        def make(step_fn, context):
+            return plgpu.emit_pipeline_warp_specialized(
+                step_fn, grid=(steps,), memory_registers=40, in_specs=specs(mi, si, ti),
+                wg_axis="wg", num_compute_wgs=warpgroups, max_concurrent_steps=stages,
+                compute_context=context)
+
+        ignore = lambda *_, **__: None
+
+        @functools.partial(pl.run_scoped, allocs=make(ignore, ignore).get_allocations(
+            x_gmem, v_gmem, m_gmem), collective_axes="wg")
+        def _scope(allocs):
+            def context(eval_pipeline):
+                def with_accs(*accs):
+                    eval_pipeline(tuple(accs))
+                    store(accs, o_smem, o_gmem, mi, si, ti, wg)
+
+                pl.run_scoped(with_accs, *acc_types)
+
+            def step(_, x_smem, v_smem, m_smem, accs):
+                _expand_and_mma(accs, x_smem, v_smem, m_smem.at[0], rows=rows_wg,
+                                paired=paired, wait_each=wait_each)
+                return accs
+
+            make(step, context)(x_gmem, v_gmem, m_gmem, allocations=allocs)
+
+    extra = {} if warpgroups == 1 else dict(num_threads=warpgroups + 1, thread_name="wg")
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
-        grid=(rows // BLOCK_M, splits, t_pad // block_t),
+        grid=(rows // tile_m, splits, t_pad // block_t),
         grid_names=("m", "s", "t"),
-        scratch_types=dict(o_smem=plgpu.SMEM((n_acc, BLOCK_M, block_t), jnp.float32)),
+        scratch_types=dict(o_smem=plgpu.SMEM((warpgroups, n_acc, BLOCK_M, block_t), jnp.float32)),
+        **extra,
     )
     return kernel(xp, values, meta)
 

@@ -50,6 +50,8 @@ def test_config_resolution():
         mg.resolve_config(mg.MgpuMatmulConfig(block_t=12), t=1, w=w)
     with pytest.raises(ValueError, match="splits must divide K // tk = 16, got 3"):
         mg.resolve_config(mg.MgpuMatmulConfig(splits=3), t=1, w=w)
+    with pytest.raises(ValueError, match="warpgroups must be 1 or 2"):
+        mg.resolve_config(mg.MgpuMatmulConfig(warpgroups=3), t=1, w=w)
     with pytest.raises(ValueError, match="stages must be >= 1"):
         mg.resolve_config(mg.MgpuMatmulConfig(stages=0), t=1, w=w)
 
@@ -92,10 +94,14 @@ def test_kernel_matches_reference_on_gpu(rng, kind, t):
 
 
 @pytest.mark.gpu
-def test_kernel_f16_split_and_token_tiles_on_gpu(rng):
+@pytest.mark.parametrize("cfg", [
+    mg.MgpuMatmulConfig(block_t=16, splits=2, stages=2),
+    mg.MgpuMatmulConfig(warpgroups=2, wait_each=True),
+    mg.MgpuMatmulConfig(warpgroups=2, block_t=8, splits=4, stages=4),
+])
+def test_kernel_f16_configs_on_gpu(rng, cfg):
     dense, w = _native(rng, 1024, 128, "nm", dtype=jnp.float16)
     x = _x(rng, 40, 1024, jnp.float16)
-    cfg = mg.MgpuMatmulConfig(block_t=16, splits=2, stages=2)
     y = np.asarray(mg.mgpu_matmul(x, w, config=cfg, out_dtype=jnp.float32))
     ref = np.asarray(mg.mgpu_matmul_reference(x, w, out_dtype=jnp.float32))
     np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
