@@ -93,20 +93,102 @@ def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig |
         return jnp.zeros((0, w.n_out), out_dt)
     cfg = resolve_config(config, t=t, w=w)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
-    xp = permute_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), w.tk)  # [kt, 4, t_pad, tk/4]
-    kt = w.k // w.tk
-    # Leading dims merged: a TMA box has at most 5 dims after the SMEM tiling.
-    xp = xp.reshape(kt * 4, t_pad, w.tk // 4)
-    values = w.values.reshape(kt * 8, w.rows, w.tk // 16)
-    parts = _call(xp, values, w.meta, paired=w.paired, block_t=cfg.block_t,
-                  splits=cfg.splits, stages=cfg.stages, warpgroups=cfg.warpgroups,
-                  wait_each=cfg.wait_each)  # [S, P, R, t_pad] f32
+    x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
+    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 16), w.meta,
+                  **_static(cfg, w))
+    return _columns(parts, w)[:t].astype(out_dt)
+
+
+def mgpu_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
+                                  w: TransposedSparse, *, block_t: int,
+                                  config: MgpuMatmulConfig | None = None) -> jax.Array:
+    """Per token tile i: ``x[tile i] @ W[tile_expert[i]]``, zeros for tiles >= num_tiles (jnp).
+
+    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; w: stack [e, K, N].
+    Returns [n*block_t, N] float32.
+    """
+    del config
+    n = _check_grouped(x, tile_expert, w, block_t)
+    dense = w.to_dense().astype(jnp.float32)  # [e, K, N]
+    xt = x.astype(jnp.float32).reshape(n, block_t, w.k)
+    e = jnp.clip(tile_expert, 0, dense.shape[0] - 1)
+    y = jnp.einsum("ntk,nkc->ntc", xt, dense[e], precision=lax.Precision.HIGHEST)
+    live = (jnp.arange(n) < num_tiles)[:, None, None]
+    return jnp.where(live, y, 0.0).reshape(n * block_t, w.n_out)
+
+
+def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
+                        w: TransposedSparse, *, block_t: int,
+                        config: MgpuMatmulConfig | None = None) -> jax.Array:
+    """Expert-grouped ``mgpu_matmul``: token tile i of x times expert ``tile_expert[i]``.
+
+    One launch for every expert of a MoE layer: programs (64 W^T rows, K split, token tile);
+    a tile's program reads its expert's compressed weights only, tiles >= ``num_tiles`` read
+    nothing and write zeros. Same signature as the reference.
+
+    Args:
+      x: [n*block_t, K] bf16/f16, token rows grouped by expert (``RoutingPlan`` row tiles).
+      tile_expert: [n] int32, expert of each tile (only tiles < num_tiles are read).
+      num_tiles: [] int32, tiles in use.
+      w: ``TransposedSparse`` expert stack, dense [e, K, N].
+      block_t: rows per tile: a multiple of 8 in [8, 128].
+      config: ``splits`` and ``stages`` (``block_t`` comes from the argument; warpgroups 1).
+
+    Returns:
+      [n*block_t, N] float32.
+    """
+    n = _check_grouped(x, tile_expert, w, block_t)
+    cfg = dataclasses.replace(config or MgpuMatmulConfig(), block_t=block_t)
+    if cfg.warpgroups != 1:
+        raise ValueError(f"mgpu_grouped_matmul runs with warpgroups=1, got {cfg.warpgroups}")
+    one = jax.tree.map(lambda a: a[0], w)
+    # every live tile is one program column: size the K split for min(n, e) of them
+    cfg = resolve_config(cfg, t=min(n, w.values.shape[0]) * block_t, w=one)
+    parts = _call(_tiled_x(x, w.tk), w.values.reshape(w.values.shape[0], -1, w.rows, w.tk // 16),
+                  w.meta, tile_expert.astype(jnp.int32),
+                  jnp.reshape(num_tiles, (1,)).astype(jnp.int32), **_static(cfg, one))
+    return _columns(parts, one)
+
+
+def _static(cfg: MgpuMatmulConfig, w: TransposedSparse) -> dict:
+    return dict(paired=w.paired, block_t=cfg.block_t, splits=cfg.splits, stages=cfg.stages,
+                warpgroups=cfg.warpgroups, wait_each=cfg.wait_each)
+
+
+def _tiled_x(x: jax.Array, tk: int) -> jax.Array:
+    """x [t_pad, K] -> [K/tk*4, t_pad, tk/4] (leading dims merged: a TMA box has at most 5
+    dims after the SMEM tiling)."""
+    t_pad, k = x.shape
+    return permute_x(x, tk).reshape(k // tk * 4, t_pad, tk // 4)
+
+
+def _columns(parts: jax.Array, w: TransposedSparse) -> jax.Array:
+    """Kernel output [S, P, R, t_pad] f32 -> y [t_pad, N] f32 (split sum, paired columns)."""
     yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
     if w.paired:  # dense column 2r + o
-        yt = jnp.transpose(yt, (1, 0, 2)).reshape(w.n_out, t_pad)
+        yt = jnp.transpose(yt, (1, 0, 2)).reshape(w.n_out, -1)
     else:
         yt = yt[0]
-    return yt[:, :t].T.astype(out_dt)
+    return yt.T
+
+
+def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
+                   block_t: int) -> int:
+    if not isinstance(w, TransposedSparse) or w.values.ndim != 5:
+        raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got "
+                         f"{type(w).__name__} of shape {getattr(w, 'shape', None)}")
+    if block_t % 8 or not 8 <= block_t <= 128:
+        raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
+    if x.ndim != 2 or x.shape[1] != w.k or x.shape[0] % block_t:
+        raise ValueError(f"x must be [n*{block_t}, K={w.k}], got {x.shape}")
+    n = x.shape[0] // block_t
+    if tile_expert.shape != (n,):
+        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
+    if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != w.dtype:
+        raise ValueError(f"x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
+    if w.rows % BLOCK_M:
+        raise ValueError(f"W^T rows ({w.rows}) must be a multiple of {BLOCK_M}")
+    return n
 
 
 def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSparse
@@ -188,20 +270,27 @@ def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, rows, paired: bool, wait_ea
 
 @functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages",
                                              "warpgroups", "wait_each"))
-def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: int,
-          warpgroups: int = 1, wait_each: bool = False):
+def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, block_t: int,
+          splits: int, stages: int, warpgroups: int = 1, wait_each: bool = False):
     """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32.
 
     warpgroups 1: one warpgroup per program issues the TMA ring and computes. warpgroups 2:
     warp-specialized, a memory warpgroup feeds two compute warpgroups (128 rows per program).
+
+    Grouped (expert stacks): values [e, kt*8, R, C], meta [e, kt, R, C], ``tile_expert``
+    [t_pad // block_t] int32 (the expert of each token tile) and ``num_tiles`` [1] int32; token
+    tiles >= num_tiles load nothing and write zeros (warpgroups 1 only).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    kt = meta.shape[0]
+    grouped = tile_expert is not None
+    if grouped and warpgroups != 1:
+        raise ValueError("expert-grouped calls run with warpgroups=1")
+    kt = meta.shape[-3]
     _, t_pad, c4 = xp.shape
     c = c4 // 4
-    rows = values.shape[1]
+    rows = values.shape[-2]
     steps = kt // splits
     n_acc = 2 if paired else 1
     size = xp.dtype.itemsize
@@ -229,7 +318,11 @@ def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: 
                 si, o, pl.ds(mi * tile_m + wg * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
         plgpu.wait_smem_to_gmem(0)
 
-    def body(x_gmem, v_gmem, m_gmem, o_gmem, o_smem):
+    def body(*refs, o_smem):
+        if grouped:
+            te_gmem, nt_gmem, x_gmem, v_gmem, m_gmem, o_gmem = refs
+        else:
+            x_gmem, v_gmem, m_gmem, o_gmem = refs
         mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
         if warpgroups == 1:
             def run(*accs):
@@ -237,8 +330,15 @@ def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: 
                     _expand_and_mma(accs, x_smem, v_smem.at[:, :], m_smem.at[0],
                                     rows=slice(None), paired=paired, wait_each=wait_each)
 
-                plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti),
-                                    max_concurrent_steps=stages)(x_gmem, v_gmem, m_gmem)
+                def pipeline(v_ref, m_ref):
+                    plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti),
+                                        max_concurrent_steps=stages)(x_gmem, v_ref, m_ref)
+
+                if grouped:  # the accumulators start at zero: skipped tiles store zeros
+                    e = te_gmem[ti]
+                    pl.when(ti < nt_gmem[0])(lambda: pipeline(v_gmem.at[e], m_gmem.at[e]))
+                else:
+                    pipeline(v_gmem, m_gmem)
                 store(accs, o_smem, o_gmem, mi, si, ti, 0)
 
             pl.run_scoped(run, *acc_types)
@@ -281,6 +381,8 @@ def _call(xp, values, meta, *, paired: bool, block_t: int, splits: int, stages: 
         scratch_types=dict(o_smem=plgpu.SMEM((warpgroups, n_acc, BLOCK_M, block_t), jnp.float32)),
         **extra,
     )
+    if grouped:
+        return kernel(tile_expert, num_tiles, xp, values, meta)
     return kernel(xp, values, meta)
 
 

@@ -55,12 +55,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import backend as backend_lib
-from pallas_kernels import decompress
+from pallas_kernels import decompress, mgpu_moe
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.launch import launch
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.transposed_format import TransposedSparse
 
-ExpertWeights = jax.Array | NMSparse | SamoyedsSparse
+ExpertWeights = jax.Array | NMSparse | SamoyedsSparse | TransposedSparse
 
 # ----------------------------------------------------------------------------- configs
 
@@ -490,7 +491,7 @@ def _shape(w) -> tuple[int, ...]:
 
 
 def _dense(w: ExpertWeights) -> jax.Array:
-    return w.to_dense() if isinstance(w, NMSparse | SamoyedsSparse) else w
+    return w.to_dense() if hasattr(w, "to_dense") else w
 
 
 # ----------------------------------------------------------------------------- public API
@@ -505,10 +506,13 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
       x: [t, d] hidden states (f32, bf16 or f16), unpermuted.
       plan: routing plan of the t tokens (``RoutingPlan.build``); ``block_t`` is the row tile.
       w1, w3: gate and up stacks [e, d, f], both dense arrays, both ``NMSparse`` or both
-        ``SamoyedsSparse`` (same format), in x's dtype.
+        ``SamoyedsSparse`` (same format), in x's dtype; or all three ``TransposedSparse``
+        (the Hopper decode layout: ``mgpu_moe.moe_ffn_mgpu``, the Mosaic GPU kernel).
       w2: down stack [e, f, d], any of the three formats, in x's dtype.
       backend: ``"triton"`` (Pallas kernels; interpret mode on CPU; the default) or
-        ``"xla"`` (:func:`moe_ffn_ragged_dot`, sparse weights expanded to dense first).
+        ``"xla"`` (:func:`moe_ffn_ragged_dot`, sparse weights expanded to dense first);
+        ``TransposedSparse`` weights run ``"mosaic_gpu"`` (off GPU: the same glue around the
+        kernel's jnp reference).
       config: kernel tiles; ``None`` picks :func:`default_config`.
 
     Returns:
@@ -517,8 +521,17 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
     Raises:
       ValueError: shapes, formats, dtypes or tiles that do not fit.
     """
-    backend = backend_lib.resolve_backend(backend)
     _check_inputs(x, plan, w1, w3, w2)
+    if backend != "xla" and isinstance(w1, TransposedSparse):
+        # The Hopper layout is read by the Mosaic GPU kernel only; off GPU the same gather and
+        # combine run around the kernel's jnp reference.
+        if backend not in (None, "mosaic_gpu"):
+            raise ValueError(f"TransposedSparse experts run with backend 'mosaic_gpu' or 'xla', "
+                             f"got {backend!r}")
+        if backend_lib.interpret_mode():
+            return mgpu_moe.moe_ffn_mgpu_emulated(x, plan, w1, w3, w2)
+        return mgpu_moe.moe_ffn_mgpu(x, plan, w1, w3, w2)
+    backend = backend_lib.resolve_backend(backend)
     if backend == "xla":
         return moe_ffn_ragged_dot(x, plan, w1, w3, w2)
     if backend != "triton":

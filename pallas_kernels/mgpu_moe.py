@@ -1,0 +1,78 @@
+"""One MoE layer's experts on Hopper from ``TransposedSparse`` stacks (``mgpu_grouped_matmul``).
+
+``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): three expert-grouped
+Mosaic GPU launches (gate, up, down), each covering every expert of the layer; a program reads only
+its tile's expert, so an expert with no tokens costs nothing but an early exit.
+
+Rows: the ``RoutingPlan``'s row tiles, cut to the most tiles that can be in use,
+``min(P / block_t, ceil(t*k / block_t) + min(e, t*k))`` (tiles past ``num_blocks`` write zeros).
+x's rows are gathered once into that [rows, d] order (t*k rows plus padding; at decode a few
+hundred KB), the gate/up product is finished with SiLU in XLA, and the down product is combined
+deterministically: each (token, slot) gathers its row and weight, a sum over k (no atomics, the
+same result every run).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
+                                        mgpu_grouped_matmul_reference)
+from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.transposed_format import TransposedSparse
+
+
+def used_tiles(plan: RoutingPlan) -> int:
+    """The most row tiles a plan of this size can use (static)."""
+    t, k, e, bt = plan.num_tokens, plan.top_k, plan.num_experts, plan.block_t
+    assignments = t * k
+    return min(plan.sorted_ids.shape[0] // bt, -(-assignments // bt) + min(e, assignments))
+
+
+def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: TransposedSparse, w3: TransposedSparse,
+                 w2: TransposedSparse, *, config: MgpuMatmulConfig | None = None,
+                 matmul: Callable | None = None) -> jax.Array:
+    """Experts of one MoE layer (see the module docstring). Returns [t, d] in x.dtype.
+
+    x: [t, d]; plan: ``RoutingPlan`` with ``block_t`` a multiple of 8 (<= 128); w1, w3:
+    ``TransposedSparse`` [e, d, f]; w2: [e, f, d]; all in x's dtype. ``matmul``: the grouped
+    product (default the Mosaic GPU kernel; ``mgpu_grouped_matmul_reference`` runs the same
+    gather/combine anywhere).
+    """
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if not isinstance(w, TransposedSparse):
+            raise ValueError(f"{name} must be a TransposedSparse stack, got {type(w).__name__}")
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
+    matmul = matmul or mgpu_grouped_matmul
+    t, d = x.shape
+    k, bt = plan.top_k, plan.block_t
+    n = used_tiles(plan)
+    rows = n * bt
+    ids = plan.sorted_ids[:rows]  # assignment per row; t*k on padding rows
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+    xg = x_pad[jnp.minimum(ids // k, t)]  # [rows, d]; padding rows read the zero row
+    tiles = plan.block_expert[:n]
+    live = jnp.minimum(plan.num_blocks, n)
+
+    def grouped(a, w):
+        return matmul(a, tiles, live, w, block_t=bt, config=config)
+
+    h = jax.nn.silu(grouped(xg, w1)) * grouped(xg, w3)  # [rows, f] f32
+    out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32
+    # row of each assignment (rows for the ones no tile holds: a zero row, weight 0)
+    pos = jnp.full((t * k + 1,), rows, jnp.int32).at[ids].set(
+        jnp.arange(rows, dtype=jnp.int32))[:t * k]
+    out = jnp.concatenate([out, jnp.zeros((1, out.shape[1]), out.dtype)])
+    wts = jnp.concatenate([plan.weights[:rows], jnp.zeros((1,), jnp.float32)])
+    y = (out[pos] * wts[pos][:, None]).reshape(t, k, -1).sum(axis=1)
+    return y.astype(x.dtype)
+
+
+def moe_ffn_mgpu_emulated(x, plan, w1, w3, w2, *, config=None) -> jax.Array:
+    """``moe_ffn_mgpu`` with the grouped kernel replaced by its jnp reference (any host)."""
+    return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config,
+                        matmul=mgpu_grouped_matmul_reference)
