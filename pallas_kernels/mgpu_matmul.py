@@ -144,8 +144,8 @@ def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Arr
     one = jax.tree.map(lambda a: a[0], w)
     # every live tile is one program column: size the K split for min(n, e) of them
     cfg = resolve_config(cfg, t=min(n, w.values.shape[0]) * block_t, w=one)
-    parts = _call(_tiled_x(x, w.tk), w.values.reshape(w.values.shape[0], -1, w.rows, w.tk // 16),
-                  w.meta, tile_expert.astype(jnp.int32),
+    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 16),
+                  w.meta.reshape(-1, w.rows, w.tk // 16), tile_expert.astype(jnp.int32),
                   jnp.reshape(num_tiles, (1,)).astype(jnp.int32), **_static(cfg, one))
     return _columns(parts, one)
 
@@ -160,6 +160,20 @@ def _tiled_x(x: jax.Array, tk: int) -> jax.Array:
     dims after the SMEM tiling)."""
     t_pad, k = x.shape
     return permute_x(x, tk).reshape(k // tk * 4, t_pad, tk // 4)
+
+
+def _slab_x(x: jax.Array, tk: int) -> jax.Array:
+    """x [t_pad, K] -> [K/tk*16, t_pad, tk/16]: slab j*4 + c holds x[:, kt*tk + 4*(c*C + r) + j]."""
+    t_pad, k = x.shape
+    c = tk // 16
+    xs = x.reshape(t_pad, k // tk, 4, c, 4)  # [t, kt, chunk, r, j]
+    return jnp.transpose(xs, (1, 4, 2, 0, 3)).reshape(k // tk * 16, t_pad, c)
+
+
+def _row_values(values: jax.Array) -> jax.Array:
+    """[..., kt, 8, R, C] -> [..., kt, R, 8*C]: one contiguous row per W^T row and K tile."""
+    v = jnp.swapaxes(values, -3, -2)
+    return v.reshape(v.shape[:-2] + (-1,))
 
 
 def _columns(parts: jax.Array, w: TransposedSparse) -> jax.Array:
@@ -241,43 +255,57 @@ def _transforms(row_bytes: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, rows, paired: bool, wait_each: bool):
+def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, rows, paired: bool, wait_each: bool,
+                    value_rows: bool = False, slab_mma: bool = False):
     """One K tile: expand W^T rows ``rows`` chunk by chunk in registers, wgmma into ``accs``.
 
-    x_smem [4, block_t, tk/4], v_smem [8, R_tile, C], m_smem [R_tile, C]; ``rows`` selects this
-    warpgroup's 64 rows of the tile.
+    x_smem [4, block_t, tk/4] (``slab_mma``: [16, block_t, C], slab j*4 + c), v_smem
+    [8, R_tile, C] (``value_rows``: [R_tile, 8*C]), m_smem [R_tile, C]; ``rows`` selects this
+    warpgroup's 64 rows of the tile. ``slab_mma``: one K=C wgmma per sub-column j instead of
+    one K=4C wgmma on the joined sub-columns.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     words = m_smem[rows]  # [64, C] int16
+    c = words.shape[1]
+    v_all = v_smem[rows] if value_rows else None  # [64, 8C]
     for ch in range(4):
         f = (words >> (4 * ch)) & 15
         i0, i1 = f & 3, f >> 2
-        v0, v1 = v_smem[ch, rows], v_smem[4 + ch, rows]  # [64, C]
+        if value_rows:
+            v0, v1 = v_all[:, ch * c:(ch + 1) * c], v_all[:, (4 + ch) * c:(5 + ch) * c]
+        else:
+            v0, v1 = v_smem[ch, rows], v_smem[4 + ch, rows]  # [64, C]
         zero = jnp.zeros_like(v0)
         parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)]
-        b = x_smem.at[ch].T  # [tk/4, block_t]
         if paired:
             hi = i0 > i1
-            plgpu.wgmma(accs[0], jnp.concatenate([jnp.where(hi, zero, q) for q in parts], 1), b)
-            plgpu.wgmma(accs[1], jnp.concatenate([jnp.where(hi, q, zero) for q in parts], 1), b)
+            sets = [[jnp.where(hi, zero, q) for q in parts], [jnp.where(hi, q, zero) for q in parts]]
         else:
-            plgpu.wgmma(accs[0], jnp.concatenate(parts, axis=1), b)
+            sets = [parts]
+        for acc, ps in zip(accs, sets):
+            if slab_mma:
+                for j in range(4):
+                    plgpu.wgmma(acc, ps[j], x_smem.at[j * 4 + ch].T)  # [C, block_t]
+            else:
+                plgpu.wgmma(acc, jnp.concatenate(ps, axis=1), x_smem.at[ch].T)
         if wait_each:
             plgpu.wgmma_wait(0)
     plgpu.wgmma_wait(0)  # SMEM slots are released (and register operands die) after this
 
 
 @functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages",
-                                             "warpgroups", "wait_each"))
+                                             "warpgroups", "wait_each", "value_rows", "slab_mma"))
 def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, block_t: int,
-          splits: int, stages: int, warpgroups: int = 1, wait_each: bool = False):
+          splits: int, stages: int, warpgroups: int = 1, wait_each: bool = False,
+          value_rows: bool = False, slab_mma: bool = False):
     """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32.
 
     warpgroups 1: one warpgroup per program issues the TMA ring and computes. warpgroups 2:
     warp-specialized, a memory warpgroup feeds two compute warpgroups (128 rows per program).
 
-    Grouped (expert stacks): values [e, kt*8, R, C], meta [e, kt, R, C], ``tile_expert``
+    Grouped (expert stacks, merged with the K tiles): values [e*kt*8, R, C], meta
+    [e*kt, R, C], ``tile_expert``
     [t_pad // block_t] int32 (the expert of each token tile) and ``num_tiles`` [1] int32; token
     tiles >= num_tiles load nothing and write zeros (warpgroups 1 only).
     """
@@ -287,9 +315,10 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
     grouped = tile_expert is not None
     if grouped and warpgroups != 1:
         raise ValueError("expert-grouped calls run with warpgroups=1")
-    kt = meta.shape[-3]
-    _, t_pad, c4 = xp.shape
-    c = c4 // 4
+    kt = xp.shape[0] // (16 if slab_mma else 4)
+    c = meta.shape[-1]
+    t_pad = xp.shape[1]
+    c4 = 4 * c
     rows = values.shape[-2]
     steps = kt // splits
     n_acc = 2 if paired else 1
@@ -299,14 +328,21 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
         raise ValueError(f"W^T rows ({rows}) must be a multiple of {tile_m} for {warpgroups=}")
     acc_types = [plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc
 
-    def specs(mi, si, ti):
+    def specs(mi, si, ti, e=0):
         k0 = si * steps
+        w0 = e * kt + k0  # first weight K tile (expert stacks are merged with the K tiles)
+        x_spec = (plgpu.BlockSpec((16, block_t, c), lambda k: (k0 + k, ti, 0),
+                                  transforms=_transforms(c * size, size)) if slab_mma else
+                  plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
+                                  transforms=_transforms(c4 * size, size)))
+        v_spec = (plgpu.BlockSpec((1, tile_m, 8 * c), lambda k: (w0 + k, mi, 0),
+                                  transforms=_transforms(8 * c * size, size)) if value_rows else
+                  plgpu.BlockSpec((8, tile_m, c), lambda k: (w0 + k, mi, 0),
+                                  transforms=_transforms(c * size, size)))
         return [
-            plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
-                            transforms=_transforms(c4 * size, size)),
-            plgpu.BlockSpec((8, tile_m, c), lambda k: (k0 + k, mi, 0),
-                            transforms=_transforms(c * size, size)),
-            plgpu.BlockSpec((1, tile_m, c), lambda k: (k0 + k, mi, 0)),
+            x_spec,
+            v_spec,
+            plgpu.BlockSpec((1, tile_m, c), lambda k: (w0 + k, mi, 0)),
         ]
 
     def store(accs, o_smem, o_gmem, mi, si, ti, wg):
@@ -327,18 +363,19 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
         if warpgroups == 1:
             def run(*accs):
                 def step(_, x_smem, v_smem, m_smem):
-                    _expand_and_mma(accs, x_smem, v_smem.at[:, :], m_smem.at[0],
-                                    rows=slice(None), paired=paired, wait_each=wait_each)
+                    _expand_and_mma(accs, x_smem, v_smem.at[0] if value_rows else v_smem,
+                                    m_smem.at[0], rows=slice(None), paired=paired,
+                                    wait_each=wait_each, value_rows=value_rows,
+                                    slab_mma=slab_mma)
 
-                def pipeline(v_ref, m_ref):
-                    plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti),
-                                        max_concurrent_steps=stages)(x_gmem, v_ref, m_ref)
+                def pipeline(e=0):
+                    plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti, e),
+                                        max_concurrent_steps=stages)(x_gmem, v_gmem, m_gmem)
 
                 if grouped:  # the accumulators start at zero: skipped tiles store zeros
-                    e = te_gmem[ti]
-                    pl.when(ti < nt_gmem[0])(lambda: pipeline(v_gmem.at[e], m_gmem.at[e]))
+                    pl.when(ti < nt_gmem[0])(lambda: pipeline(te_gmem[ti]))
                 else:
-                    pipeline(v_gmem, m_gmem)
+                    pipeline()
                 store(accs, o_smem, o_gmem, mi, si, ti, 0)
 
             pl.run_scoped(run, *acc_types)
@@ -366,8 +403,9 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
                 pl.run_scoped(with_accs, *acc_types)
 
             def step(_, x_smem, v_smem, m_smem, accs):
-                _expand_and_mma(accs, x_smem, v_smem, m_smem.at[0], rows=rows_wg,
-                                paired=paired, wait_each=wait_each)
+                _expand_and_mma(accs, x_smem, v_smem.at[0] if value_rows else v_smem,
+                                m_smem.at[0], rows=rows_wg, paired=paired, wait_each=wait_each,
+                                value_rows=value_rows, slab_mma=slab_mma)
                 return accs
 
             make(step, context)(x_gmem, v_gmem, m_gmem, allocations=allocs)
