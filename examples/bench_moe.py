@@ -44,6 +44,7 @@ from pallas_kernels import backend as backend_lib
 from pallas_kernels import moe_matmul as mm
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, pack_meta
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.transposed_format import TransposedSparse
 
 # name: (d_model, d_ff, experts, top_k, moe layers); from the models' config.json files.
 MODELS = {
@@ -62,7 +63,9 @@ MODEL_FACTS = {
     "qwen1.5-moe-a2.7b": dict(total_params=14.3e9, kv_bytes_per_token=24 * 2 * 16 * 128 * 2),
 }
 TOKENS = (1, 16, 64, 256, 1024, 4096)
-VARIANTS = ("rd", "fused", "nm24", "samoyeds")
+VARIANTS = ("rd", "fused", "nm24", "samoyeds", "nm24_h", "samoyeds_h")
+# *_h: the same 2:4 / Samoyeds weights in the Hopper layout (TransposedSparse), run by the
+# expert-grouped Mosaic GPU kernels (``mgpu_moe``); the others run the Pallas Triton kernels.
 ROTATE_BYTES = 200e6  # dense weight bytes touched per loop iteration, at least (> 4x L2)
 
 
@@ -163,7 +166,7 @@ def time_loop(run, x, plan, layers, *, target_s: float, repeats: int) -> dict[st
 
 
 def densify(w) -> jax.Array:
-    return w.to_dense() if isinstance(w, NMSparse | SamoyedsSparse) else w
+    return w.to_dense() if hasattr(w, "to_dense") else w
 
 
 def rel_err(a, b) -> float:
@@ -269,10 +272,17 @@ def main() -> int:
         weights["fused"] = weights["rd"]
         if "nm24" in args.variants:
             weights["nm24"] = make_layers("nm24", kn, n_layers, e, d, f)
-        if "samoyeds" in args.variants:
+        if "samoyeds" in args.variants or "samoyeds_h" in args.variants:
             weights["samoyeds"] = make_layers("samoyeds", ks, n_layers, e, d, f)
+        if "nm24_h" in args.variants and "nm24" not in weights:
+            weights["nm24"] = make_layers("nm24", kn, n_layers, e, d, f)
+        for v, conv in (("nm24_h", TransposedSparse.from_nm),
+                        ("samoyeds_h", TransposedSparse.from_samoyeds)):
+            if v in args.variants:  # converted once, at load
+                weights[v] = [tuple(jax.jit(conv)(w) for w in layer)
+                              for layer in weights[v[:-2]]]
         fns = {"rd": mm.moe_ffn_ragged_dot, "fused": mm.moe_ffn, "nm24": mm.moe_ffn,
-               "samoyeds": mm.moe_ffn}
+               "samoyeds": mm.moe_ffn, "nm24_h": mm.moe_ffn, "samoyeds_h": mm.moe_ffn}
         for t in args.tokens:
             if time.perf_counter() - start > args.budget_s:
                 print(f"   budget reached, skipping {model} t={t}", flush=True)
@@ -292,7 +302,7 @@ def main() -> int:
             row = dict(model=model, tokens=t, block_t=bt, layers=n_layers)
             outs = {}
             for v in args.variants:
-                if v == "rd":
+                if v in ("rd", "nm24_h", "samoyeds_h"):
                     config = None
                 else:
                     kw = overrides.get(v, {}).get(str(t))
@@ -300,6 +310,8 @@ def main() -> int:
                                               down=mm.MoeTiles(**kw["down"]))
                               if kw else mm.default_config(t * k, d, f, block_t=bt))
                     config = with_expand(config, args.expand)
+                if v not in weights:
+                    continue
                 try:
                     run = make_loop(fns[v], config)
                     row[v] = time_loop(run, x, plan, weights[v], target_s=args.target_s,
@@ -312,7 +324,7 @@ def main() -> int:
                     row[v] = dict(error=f"{type(exc).__name__}: {str(exc)[:400]}")
                     print(f"   {v} t={t} FAILED {row[v]['error']}", flush=True)
             if model in args.sweep_models and t in args.sweep_tokens:
-                for v in [v for v in args.variants if v != "rd"]:
+                for v in [v for v in args.variants if v in ("fused", "nm24", "samoyeds")]:
                     for name, (sweep_bt, config) in sweep_configs(t).items():
                         if time.perf_counter() - start > args.budget_s:
                             break
@@ -327,7 +339,7 @@ def main() -> int:
                         r = row[f"{v}@{name}"]
                         print(f"   sweep {v}@{name}: " + (f"{r['us']:.1f}us" if "us" in r
                                                           else r["error"][:120]), flush=True)
-            for v in VARIANTS[1:]:
+            for v in VARIANTS[1:]:  # ratios against (a) and (b)
                 if v in row and "us" in row[v] and "rd" in row and "us" in row["rd"]:
                     row[v]["x_vs_rd"] = row["rd"]["us"] / row[v]["us"]
                     if "fused" in row and "us" in row["fused"]:
@@ -362,13 +374,15 @@ def main() -> int:
     results["elapsed_s"] = time.perf_counter() - start
     save()
 
-    print("\nmodel               tokens   rd_us  fused_us   nm24_us   sam_us  sam/rd sam/fused")
+    print("\nmodel               tokens   rd_us  fused_us   nm24_us   sam_us  nm24_h  sam_h"
+          "  sam_h/rd sam_h/fused")
     for row in results["rows"]:
         def us(v):
             return row.get(v, {}).get("us", float("nan"))
         print(f"{row['model']:18s} {row['tokens']:6d} {us('rd'):8.1f} {us('fused'):9.1f} "
-              f"{us('nm24'):9.1f} {us('samoyeds'):8.1f} {us('rd') / us('samoyeds'):7.2f} "
-              f"{us('fused') / us('samoyeds'):9.2f}")
+              f"{us('nm24'):9.1f} {us('samoyeds'):8.1f} {us('nm24_h'):7.1f} "
+              f"{us('samoyeds_h'):6.1f} {us('rd') / us('samoyeds_h'):9.2f} "
+              f"{us('fused') / us('samoyeds_h'):11.2f}")
     for mb in results["max_batch"]:
         print(f"max batch {mb['model']:18s} " + "  ".join(
             f"seq{s}: dense={mb[f'seq{s}']['dense']} samoyeds={mb[f'seq{s}']['samoyeds']}"
