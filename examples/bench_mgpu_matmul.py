@@ -38,15 +38,13 @@ TOKENS = (1, 8, 16, 32, 64, 128, 256)
 M = mg.MgpuMatmulConfig
 # Variants timed with --sweep (the default config is always timed).
 SWEEP = {
-    "ws2": dict(warpgroups=2),
-    "wait_each": dict(wait_each=True),
     "s2": dict(stages=2),
     "s4": dict(stages=4),
     "tk512": dict(tk=512),
     "split2x": dict(split_mult=2),
-    "ws2_split2x": dict(warpgroups=2, split_mult=2),
+    "split_half": dict(split_div=2),
 }
-SMALL_SWEEP = ("ws2",)  # for the shapes not in --sweep-shapes
+SMALL_SWEEP = ("split2x",)  # for the shapes not in --sweep-shapes
 
 
 def main(argv=None) -> int:
@@ -139,14 +137,16 @@ def main(argv=None) -> int:
                     kw_ = dict(SWEEP[vname])
                     tk = kw_.pop("tk", 256)
                     mult = kw_.pop("split_mult", 1)
+                    div = kw_.pop("split_div", 1)
                     if (op, tk) not in natives:
                         continue
                     cfg = M(**kw_)
-                    if mult > 1:
+                    if mult > 1 or div > 1:
                         base = mg.resolve_config(cfg, t=t, w=natives[(op, tk)])
-                        if (k // tk) % (base.splits * mult):
+                        splits = base.splits * mult // div
+                        if splits < 1 or base.splits % div or (k // tk) % splits:
                             continue
-                        cfg = dataclasses.replace(cfg, splits=base.splits * mult)
+                        cfg = dataclasses.replace(cfg, splits=splits)
                     variants[vname] = (tk, cfg)
                 for vname, (tk, cfg) in variants.items():
                     w0 = natives[(op, tk)]
@@ -171,9 +171,8 @@ def main(argv=None) -> int:
                 xp = permute_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), 256).reshape(-1, t_pad, 64)
 
                 def kernel_only(xp, w, cfg=cfg):
-                    return mg._call(xp, w.values.reshape(-1, w.rows, 16), w.meta,
-                                    paired=w.paired, block_t=cfg.block_t, splits=cfg.splits,
-                                    stages=cfg.stages)
+                    return mg._call(xp, w.values, w.meta, paired=w.paired, block_t=cfg.block_t,
+                                    splits=cfg.splits, stages=cfg.stages)
 
                 try:
                     s, _ = bsm.time_loop(kernel_only, xp, native_ws[(op, 256)])

@@ -2,19 +2,24 @@
 
 Load-as-Sparse, Compute-as-Dense for decode. W is a ``TransposedSparse`` (2:4 or Samoyeds 1:2 +
 2:4, converted once at load; see ``pallas_kernels.transposed_format``). The kernel computes
-``y^T = W^T @ x^T`` so that the weights are the MMA's M side (64 rows of W^T per warpgroup) and
-the tokens its N side (``block_t``, a multiple of 8): one token costs an m64n8 MMA, not a
-64-row padded tile.
+``y^T = W^T @ x^T`` so that the weights are the MMA's M side (64 rows of W^T per program) and the
+tokens its N side (``block_t``, a multiple of 8): one token costs an m64n8 MMA, not a 64-row
+padded tile.
 
-Per program (a block of 64 W^T rows, one K split, one token tile), ``plgpu.emit_pipeline``
-streams K tiles through a ``stages``-deep shared-memory ring with TMA: the compressed values
-[8, 64, C], the int16 nibble words [64, C] and x's permuted tile [4, block_t, tk/4]. Per chunk of
-the tile, the 4 dense sub-columns are built with shifts, masks and selects in registers, joined
-along K and fed to ``plgpu.wgmma`` as the register A operand against the x chunk in SMEM (f32
-accumulator). Samoyeds weights keep two accumulators and route each element by the order of its
-group's nibble (``sel``). The f32 result goes SMEM -> GMEM by TMA; with ``splits > 1`` the
-programs write partial sums that one XLA add combines (more programs in flight when W^T has few
-64-row blocks).
+Per program (64 W^T rows, one K split, one token tile), ``plgpu.emit_pipeline`` streams K tiles
+through a ``stages``-deep shared-memory ring with TMA: the compressed values [64, 8C] (one
+contiguous 8C-element row per W^T row, 128-byte swizzle), the int16 nibble words [64, C] and x's
+permuted tile [4, block_t, tk/4]. Per chunk of the tile, the 4 dense sub-columns are built with
+shifts, masks and selects in registers, joined along K and fed to ``plgpu.wgmma`` as the register
+A operand against the x chunk in SMEM (f32 accumulator); one ``wgmma_wait`` per K tile. Samoyeds
+weights keep two accumulators and route each element by the order of its group's nibble
+(``sel``). The f32 result goes SMEM -> GMEM by TMA; with ``splits > 1`` the programs write
+partial sums that one XLA add combines (more programs in flight when W^T has few 64-row blocks).
+
+Measured alternatives that were slower on an H100 (benchmarks/mgpu_matmul.md): [8, 64, C] value
+tiles with 32-byte rows (-8%), one K=C wgmma per sub-column instead of the joined K=4C one, a
+warp-specialized pipeline (a memory warpgroup feeding two compute warpgroups, -10%), a wait after
+every chunk's wgmma, tk=512.
 
 ``mgpu_matmul_reference`` has the same signature (pure jnp). The kernel lowers for CUDA on any
 host (``jax.export``); it runs only on a Hopper GPU (Mosaic GPU has no CPU interpret mode for
@@ -44,18 +49,20 @@ class MgpuMatmulConfig:
 
     block_t: tokens per program (the wgmma N): a multiple of 8 in [8, 128]; None: the token
       count rounded up to 8, at most 64.
-    splits: K splits (a divisor of K // tk); None: the fewest that give every SM 2 programs.
+    splits: K splits (a divisor of K // tk); None: the fewest that put ``PROGRAMS_PER_SM``
+      programs on every SM.
     stages: K tiles in flight per program (the TMA ring depth).
-    warpgroups: 1 (one warpgroup loads and computes 64 rows) or 2 (warp-specialized: a memory
-      warpgroup feeds two compute warpgroups, 128 rows per program).
-    wait_each: wait for each chunk's wgmma before expanding the next (else once per K tile).
     """
 
     block_t: int | None = None
     splits: int | None = None
     stages: int = 3
-    warpgroups: int = 1
-    wait_each: bool = False
+
+
+# Programs per SM that the default K split aims for: several short programs per SM keep more
+# TMA loads in flight (H100 sweep: 4-7 per SM beat 2-3 by 5-10% up to 16 tokens; at 64 tokens
+# the accumulator is 4x larger and 3 per SM was best).
+PROGRAMS_PER_SM = {16: 6, 128: 3}
 
 
 def mgpu_matmul_reference(x: jax.Array, w: TransposedSparse, *,
@@ -94,8 +101,7 @@ def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig |
     cfg = resolve_config(config, t=t, w=w)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
-    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 16), w.meta,
-                  **_static(cfg, w))
+    parts = _call(_tiled_x(x, w.tk), w.values, w.meta, **_static(cfg, w))
     return _columns(parts, w)[:t].astype(out_dt)
 
 
@@ -132,27 +138,24 @@ def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Arr
       num_tiles: [] int32, tiles in use.
       w: ``TransposedSparse`` expert stack, dense [e, K, N].
       block_t: rows per tile: a multiple of 8 in [8, 128].
-      config: ``splits`` and ``stages`` (``block_t`` comes from the argument; warpgroups 1).
+      config: ``splits`` and ``stages`` (``block_t`` comes from the argument).
 
     Returns:
       [n*block_t, N] float32.
     """
     n = _check_grouped(x, tile_expert, w, block_t)
     cfg = dataclasses.replace(config or MgpuMatmulConfig(), block_t=block_t)
-    if cfg.warpgroups != 1:
-        raise ValueError(f"mgpu_grouped_matmul runs with warpgroups=1, got {cfg.warpgroups}")
     one = jax.tree.map(lambda a: a[0], w)
     # every live tile is one program column: size the K split for min(n, e) of them
     cfg = resolve_config(cfg, t=min(n, w.values.shape[0]) * block_t, w=one)
-    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 16),
+    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 2),
                   w.meta.reshape(-1, w.rows, w.tk // 16), tile_expert.astype(jnp.int32),
                   jnp.reshape(num_tiles, (1,)).astype(jnp.int32), **_static(cfg, one))
     return _columns(parts, one)
 
 
 def _static(cfg: MgpuMatmulConfig, w: TransposedSparse) -> dict:
-    return dict(paired=w.paired, block_t=cfg.block_t, splits=cfg.splits, stages=cfg.stages,
-                warpgroups=cfg.warpgroups, wait_each=cfg.wait_each)
+    return dict(paired=w.paired, block_t=cfg.block_t, splits=cfg.splits, stages=cfg.stages)
 
 
 def _tiled_x(x: jax.Array, tk: int) -> jax.Array:
@@ -160,20 +163,6 @@ def _tiled_x(x: jax.Array, tk: int) -> jax.Array:
     dims after the SMEM tiling)."""
     t_pad, k = x.shape
     return permute_x(x, tk).reshape(k // tk * 4, t_pad, tk // 4)
-
-
-def _slab_x(x: jax.Array, tk: int) -> jax.Array:
-    """x [t_pad, K] -> [K/tk*16, t_pad, tk/16]: slab j*4 + c holds x[:, kt*tk + 4*(c*C + r) + j]."""
-    t_pad, k = x.shape
-    c = tk // 16
-    xs = x.reshape(t_pad, k // tk, 4, c, 4)  # [t, kt, chunk, r, j]
-    return jnp.transpose(xs, (1, 4, 2, 0, 3)).reshape(k // tk * 16, t_pad, c)
-
-
-def _row_values(values: jax.Array) -> jax.Array:
-    """[..., kt, 8, R, C] -> [..., kt, R, 8*C]: one contiguous row per W^T row and K tile."""
-    v = jnp.swapaxes(values, -3, -2)
-    return v.reshape(v.shape[:-2] + (-1,))
 
 
 def _columns(parts: jax.Array, w: TransposedSparse) -> jax.Array:
@@ -188,7 +177,7 @@ def _columns(parts: jax.Array, w: TransposedSparse) -> jax.Array:
 
 def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
                    block_t: int) -> int:
-    if not isinstance(w, TransposedSparse) or w.values.ndim != 5:
+    if not isinstance(w, TransposedSparse) or w.values.ndim != 4:
         raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got "
                          f"{type(w).__name__} of shape {getattr(w, 'shape', None)}")
     if block_t % 8 or not 8 <= block_t <= 128:
@@ -213,16 +202,12 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
     block_t = cfg.block_t if cfg.block_t is not None else min(64, -(-t // 8) * 8)
     if block_t % 8 or not 8 <= block_t <= 128:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
-    if cfg.warpgroups not in (1, 2):
-        raise ValueError(f"warpgroups must be 1 or 2, got {cfg.warpgroups}")
-    if w.rows % (BLOCK_M * cfg.warpgroups):
-        raise ValueError(f"W^T rows ({w.rows}) must be a multiple of "
-                         f"{BLOCK_M * cfg.warpgroups} for warpgroups={cfg.warpgroups}")
-    programs = w.rows // (BLOCK_M * cfg.warpgroups) * -(-t // block_t)
+    programs = w.rows // BLOCK_M * -(-t // block_t)
     splits = cfg.splits
     if splits is None:
-        splits = next((d for d in range(1, kt + 1) if kt % d == 0 and programs * d >= 2 * _sms()),
-                      kt)
+        per_sm = next(v for bt, v in sorted(PROGRAMS_PER_SM.items()) if block_t <= bt)
+        splits = next(d for d in range(1, kt + 1)
+                      if kt % d == 0 and (programs * d >= per_sm * _sms() or d == kt))
     if splits < 1 or kt % splits:
         raise ValueError(f"splits must divide K // tk = {kt}, got {splits}")
     if cfg.stages < 1:
@@ -238,7 +223,7 @@ def _sms() -> int:
 def _check(x: jax.Array, w: TransposedSparse) -> None:
     if not isinstance(w, TransposedSparse):
         raise ValueError(f"w must be a TransposedSparse, got {type(w).__name__}")
-    if w.values.ndim != 4:
+    if w.values.ndim != 3:
         raise ValueError(f"w must be one matrix (no leading dims), got dense shape {w.shape}")
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"x must be [t, K={w.k}], got {x.shape}")
@@ -255,104 +240,52 @@ def _transforms(row_bytes: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, rows, paired: bool, wait_each: bool,
-                    value_rows: bool = False, slab_mma: bool = False):
-    """One K tile: expand W^T rows ``rows`` chunk by chunk in registers, wgmma into ``accs``.
+def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, paired: bool):
+    """One K tile: expand 64 W^T rows chunk by chunk in registers, wgmma into ``accs``.
 
-    x_smem [4, block_t, tk/4] (``slab_mma``: [16, block_t, C], slab j*4 + c), v_smem
-    [8, R_tile, C] (``value_rows``: [R_tile, 8*C]), m_smem [R_tile, C]; ``rows`` selects this
-    warpgroup's 64 rows of the tile. ``slab_mma``: one K=C wgmma per sub-column j instead of
-    one K=4C wgmma on the joined sub-columns.
+    x_smem [4, block_t, tk/4], v_smem [64, 8C] (column (s*4 + c)*C + r), m_smem [64, C].
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    words = m_smem[rows]  # [64, C] int16
+    words = m_smem[...]  # [64, C] int16
     c = words.shape[1]
-    v_all = v_smem[rows] if value_rows else None  # [64, 8C]
+    values = v_smem[...]  # [64, 8C]
     for ch in range(4):
         f = (words >> (4 * ch)) & 15
         i0, i1 = f & 3, f >> 2
-        if value_rows:
-            v0, v1 = v_all[:, ch * c:(ch + 1) * c], v_all[:, (4 + ch) * c:(5 + ch) * c]
-        else:
-            v0, v1 = v_smem[ch, rows], v_smem[4 + ch, rows]  # [64, C]
+        v0, v1 = values[:, ch * c:(ch + 1) * c], values[:, (4 + ch) * c:(5 + ch) * c]
         zero = jnp.zeros_like(v0)
         parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)]
+        b = x_smem.at[ch].T  # [tk/4, block_t]
         if paired:
             hi = i0 > i1
-            sets = [[jnp.where(hi, zero, q) for q in parts], [jnp.where(hi, q, zero) for q in parts]]
+            plgpu.wgmma(accs[0], jnp.concatenate([jnp.where(hi, zero, q) for q in parts], 1), b)
+            plgpu.wgmma(accs[1], jnp.concatenate([jnp.where(hi, q, zero) for q in parts], 1), b)
         else:
-            sets = [parts]
-        for acc, ps in zip(accs, sets):
-            if slab_mma:
-                for j in range(4):
-                    plgpu.wgmma(acc, ps[j], x_smem.at[j * 4 + ch].T)  # [C, block_t]
-            else:
-                plgpu.wgmma(acc, jnp.concatenate(ps, axis=1), x_smem.at[ch].T)
-        if wait_each:
-            plgpu.wgmma_wait(0)
+            plgpu.wgmma(accs[0], jnp.concatenate(parts, axis=1), b)
     plgpu.wgmma_wait(0)  # SMEM slots are released (and register operands die) after this
 
 
-@functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages",
-                                             "warpgroups", "wait_each", "value_rows", "slab_mma"))
+@functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages"))
 def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, block_t: int,
-          splits: int, stages: int, warpgroups: int = 1, wait_each: bool = False,
-          value_rows: bool = False, slab_mma: bool = False):
-    """xp [kt*4, t_pad, tk/4], values [kt*8, R, C], meta [kt, R, C] -> [S, P, R, t_pad] f32.
+          splits: int, stages: int):
+    """xp [kt*4, t_pad, tk/4], values [kt, R, tk/2], meta [kt, R, C] -> [S, P, R, t_pad] f32.
 
-    warpgroups 1: one warpgroup per program issues the TMA ring and computes. warpgroups 2:
-    warp-specialized, a memory warpgroup feeds two compute warpgroups (128 rows per program).
-
-    Grouped (expert stacks, merged with the K tiles): values [e*kt*8, R, C], meta
-    [e*kt, R, C], ``tile_expert``
-    [t_pad // block_t] int32 (the expert of each token tile) and ``num_tiles`` [1] int32; token
-    tiles >= num_tiles load nothing and write zeros (warpgroups 1 only).
+    Grouped (expert stacks, merged with the K tiles): values [e*kt, R, tk/2], meta
+    [e*kt, R, C], ``tile_expert`` [t_pad // block_t] int32 (the expert of each token tile) and
+    ``num_tiles`` [1] int32; token tiles >= num_tiles load nothing and write zeros.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     grouped = tile_expert is not None
-    if grouped and warpgroups != 1:
-        raise ValueError("expert-grouped calls run with warpgroups=1")
-    kt = xp.shape[0] // (16 if slab_mma else 4)
+    kt = xp.shape[0] // 4
     c = meta.shape[-1]
     t_pad = xp.shape[1]
-    c4 = 4 * c
     rows = values.shape[-2]
     steps = kt // splits
     n_acc = 2 if paired else 1
     size = xp.dtype.itemsize
-    tile_m = BLOCK_M * warpgroups
-    if rows % tile_m:
-        raise ValueError(f"W^T rows ({rows}) must be a multiple of {tile_m} for {warpgroups=}")
-    acc_types = [plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc
-
-    def specs(mi, si, ti, e=0):
-        k0 = si * steps
-        w0 = e * kt + k0  # first weight K tile (expert stacks are merged with the K tiles)
-        x_spec = (plgpu.BlockSpec((16, block_t, c), lambda k: (k0 + k, ti, 0),
-                                  transforms=_transforms(c * size, size)) if slab_mma else
-                  plgpu.BlockSpec((4, block_t, c4), lambda k: (k0 + k, ti, 0),
-                                  transforms=_transforms(c4 * size, size)))
-        v_spec = (plgpu.BlockSpec((1, tile_m, 8 * c), lambda k: (w0 + k, mi, 0),
-                                  transforms=_transforms(8 * c * size, size)) if value_rows else
-                  plgpu.BlockSpec((8, tile_m, c), lambda k: (w0 + k, mi, 0),
-                                  transforms=_transforms(c * size, size)))
-        return [
-            x_spec,
-            v_spec,
-            plgpu.BlockSpec((1, tile_m, c), lambda k: (w0 + k, mi, 0)),
-        ]
-
-    def store(accs, o_smem, o_gmem, mi, si, ti, wg):
-        for o in range(n_acc):
-            o_smem[wg, o] = accs[o][...]
-        plgpu.commit_smem()
-        for o in range(n_acc):
-            plgpu.copy_smem_to_gmem(o_smem.at[wg, o], o_gmem.at[
-                si, o, pl.ds(mi * tile_m + wg * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
-        plgpu.wait_smem_to_gmem(0)
 
     def body(*refs, o_smem):
         if grouped:
@@ -360,64 +293,44 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
         else:
             x_gmem, v_gmem, m_gmem, o_gmem = refs
         mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
-        if warpgroups == 1:
-            def run(*accs):
-                def step(_, x_smem, v_smem, m_smem):
-                    _expand_and_mma(accs, x_smem, v_smem.at[0] if value_rows else v_smem,
-                                    m_smem.at[0], rows=slice(None), paired=paired,
-                                    wait_each=wait_each, value_rows=value_rows,
-                                    slab_mma=slab_mma)
 
-                def pipeline(e=0):
-                    plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(mi, si, ti, e),
-                                        max_concurrent_steps=stages)(x_gmem, v_gmem, m_gmem)
+        def run(*accs):
+            def step(_, x_smem, v_smem, m_smem):
+                _expand_and_mma(accs, x_smem, v_smem.at[0], m_smem.at[0], paired=paired)
 
-                if grouped:  # the accumulators start at zero: skipped tiles store zeros
-                    pl.when(ti < nt_gmem[0])(lambda: pipeline(te_gmem[ti]))
-                else:
-                    pipeline()
-                store(accs, o_smem, o_gmem, mi, si, ti, 0)
+            def pipeline(e=0):
+                k0 = si * steps
+                w0 = e * kt + k0  # first weight K tile (expert stacks merged with K tiles)
+                plgpu.emit_pipeline(
+                    step, grid=(steps,), max_concurrent_steps=stages,
+                    in_specs=[
+                        plgpu.BlockSpec((4, block_t, 4 * c), lambda k: (k0 + k, ti, 0),
+                                        transforms=_transforms(4 * c * size, size)),
+                        plgpu.BlockSpec((1, BLOCK_M, 8 * c), lambda k: (w0 + k, mi, 0),
+                                        transforms=_transforms(8 * c * size, size)),
+                        plgpu.BlockSpec((1, BLOCK_M, c), lambda k: (w0 + k, mi, 0)),
+                    ])(x_gmem, v_gmem, m_gmem)
 
-            pl.run_scoped(run, *acc_types)
-            return
+            if grouped:  # the accumulators start at zero: skipped tiles store zeros
+                pl.when(ti < nt_gmem[0])(lambda: pipeline(te_gmem[ti]))
+            else:
+                pipeline()
+            for o in range(n_acc):
+                o_smem[o] = accs[o][...]
+            plgpu.commit_smem()
+            for o in range(n_acc):
+                plgpu.copy_smem_to_gmem(o_smem.at[o], o_gmem.at[
+                    si, o, pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ti * block_t, block_t)])
+            plgpu.wait_smem_to_gmem(0)
 
-        wg = lax.axis_index("wg")
-        rows_wg = pl.ds(wg * BLOCK_M, BLOCK_M)
+        pl.run_scoped(run, *[plgpu.ACC((BLOCK_M, block_t), jnp.float32)] * n_acc)
 
-        def make(step_fn, context):
-            return plgpu.emit_pipeline_warp_specialized(
-                step_fn, grid=(steps,), memory_registers=40, in_specs=specs(mi, si, ti),
-                wg_axis="wg", num_compute_wgs=warpgroups, max_concurrent_steps=stages,
-                compute_context=context)
-
-        ignore = lambda *_, **__: None
-
-        @functools.partial(pl.run_scoped, allocs=make(ignore, ignore).get_allocations(
-            x_gmem, v_gmem, m_gmem), collective_axes="wg")
-        def _scope(allocs):
-            def context(eval_pipeline):
-                def with_accs(*accs):
-                    eval_pipeline(tuple(accs))
-                    store(accs, o_smem, o_gmem, mi, si, ti, wg)
-
-                pl.run_scoped(with_accs, *acc_types)
-
-            def step(_, x_smem, v_smem, m_smem, accs):
-                _expand_and_mma(accs, x_smem, v_smem.at[0] if value_rows else v_smem,
-                                m_smem.at[0], rows=rows_wg, paired=paired, wait_each=wait_each,
-                                value_rows=value_rows, slab_mma=slab_mma)
-                return accs
-
-            make(step, context)(x_gmem, v_gmem, m_gmem, allocations=allocs)
-
-    extra = {} if warpgroups == 1 else dict(num_threads=warpgroups + 1, thread_name="wg")
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
-        grid=(rows // tile_m, splits, t_pad // block_t),
+        grid=(rows // BLOCK_M, splits, t_pad // block_t),
         grid_names=("m", "s", "t"),
-        scratch_types=dict(o_smem=plgpu.SMEM((warpgroups, n_acc, BLOCK_M, block_t), jnp.float32)),
-        **extra,
+        scratch_types=dict(o_smem=plgpu.SMEM((n_acc, BLOCK_M, block_t), jnp.float32)),
     )
     if grouped:
         return kernel(tile_expert, num_tiles, xp, values, meta)

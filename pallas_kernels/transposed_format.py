@@ -9,10 +9,12 @@ once when the weights are loaded (never per call).
 Per K tile of ``tk`` dense rows (C = tk // 16 groups of 4 per chunk, 4 chunks)::
 
     dense k = kt*tk + 4*(c*C + r) + j            kt tile, c chunk 0..3, r 0..C-1, j 0..3
-    values [..., K/tk, 8, R, C]   index s*4 + c: slot s (0, 1) of group c*C + r, row n
+    values [..., K/tk, R, 8C]     column (s*4 + c)*C + r: slot s (0, 1) of group c*C + r, row n
     meta   [..., K/tk, R, C] int16  bits [4c, 4c+4) = p0 | p1 << 2 of group c*C + r
 
-so a chunk's slot values and its nibbles are [R, C] arrays of the same shape and layout; dense
+so each W^T row's compressed K tile is one contiguous 8C-element row (a wide TMA box), and a
+chunk's slot values (columns sliced in registers) and its nibbles are [R, C] arrays of the same
+shape and layout; dense
 sub-column j of chunk c is ``where(p0 == j, v0, where(p1 == j, v1, 0))``. The kernel multiplies
 the 4 sub-columns, concatenated along K, by x's columns in the matching order (``permute_x``).
 
@@ -47,7 +49,7 @@ class TransposedSparse:
     """Compressed W [..., K, N] for ``mgpu_matmul`` (see the module docstring for the layout).
 
     Attributes:
-      values: [..., K//tk, 8, R, tk//16] weight dtype (R = N, or N//2 when paired).
+      values: [..., K//tk, R, tk//2] weight dtype (R = N, or N//2 when paired).
       meta: [..., K//tk, R, tk//16] int16.
       k, n_out: dense K and N; tk: dense K rows per tile; paired: Samoyeds 1:2 columns (static).
     """
@@ -61,7 +63,7 @@ class TransposedSparse:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.values.shape[:-4], self.k, self.n_out)
+        return (*self.values.shape[:-3], self.k, self.n_out)
 
     @property
     def dtype(self):
@@ -117,13 +119,13 @@ def _check_tk(tk: int, k: int) -> None:
 
 
 def _tile_values(values: jax.Array, tk: int) -> jax.Array:
-    """[..., K/2, R] (row 2g + s) -> [..., K/tk, 8, R, C] (index s*4 + c, column r)."""
+    """[..., K/2, R] (row 2g + s) -> [..., K/tk, R, 8C] (column (s*4 + c)*C + r)."""
     *lead, k2, rows = values.shape
     kt, c = 2 * k2 // tk, tk // 16
     nl = len(lead)
     v = values.reshape(*lead, kt, 4, c, 2, rows)  # [.., kt, c, r, s, R]
-    v = jnp.transpose(v, (*range(nl), nl, nl + 3, nl + 1, nl + 4, nl + 2))  # [.., kt, s, c, R, r]
-    return v.reshape(*lead, kt, 8, rows, c)
+    v = jnp.transpose(v, (*range(nl), nl, nl + 4, nl + 3, nl + 1, nl + 2))  # [.., kt, R, s, c, r]
+    return v.reshape(*lead, kt, rows, 8 * c)
 
 
 def _tile_meta(pos: jax.Array, sel: jax.Array | None, tk: int) -> jax.Array:
@@ -146,14 +148,16 @@ def expand_tile(values: jax.Array, meta: jax.Array, *, paired: bool
                 ) -> tuple[jax.Array, jax.Array | None]:
     """The kernel's in-register expansion of one K tile, in jnp (the same ops, for tests).
 
-    values: [8, R, C], meta: [R, C] int16. Returns A [R, tk] with columns in the kernel's
+    values: [R, 8C], meta: [R, C] int16. Returns A [R, tk] with columns in the kernel's
     (chunk, j, r) order; paired: (A for sel 0, A for sel 1), else (A, None).
     """
     a0, a1 = [], []
+    width = meta.shape[1]
     for c in range(4):
         f = (meta >> (4 * c)) & 15
         i0, i1 = f & 3, f >> 2
-        v0, v1 = values[c], values[4 + c]
+        v0 = values[:, c * width:(c + 1) * width]
+        v1 = values[:, (4 + c) * width:(5 + c) * width]
         zero = jnp.zeros_like(v0)
         parts = jnp.concatenate(
             [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)], axis=1)
@@ -175,12 +179,12 @@ def permute_x(x: jax.Array, tk: int) -> jax.Array:
 
 
 def _to_dense(w: TransposedSparse) -> jax.Array:
-    lead = w.values.shape[:-4]
+    lead = w.values.shape[:-3]
     kt = w.k // w.tk
-    flat_v = w.values.reshape((-1,) + w.values.shape[-4:])
+    flat_v = w.values.reshape((-1,) + w.values.shape[-3:])
     flat_m = w.meta.reshape((-1,) + w.meta.shape[-3:])
 
-    def one_tile(v, m):  # [8, R, C], [R, C] -> [tk, N] dense rows of this tile
+    def one_tile(v, m):  # [R, 8C], [R, C] -> [tk, N] dense rows of this tile
         a0, a1 = expand_tile(v, m, paired=w.paired)
         c = w.tk // 16
         # columns (chunk, j, r) -> dense k offset 4*(chunk*C + r) + j
