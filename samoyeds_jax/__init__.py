@@ -11,7 +11,7 @@ from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, s
 from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
-from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, moe_linen
+from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, hopper_layout, moe_linen
 from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
                                   OffloadDecoder)
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "MoEConfig", "SparsityConfig", "MoE", "Router", "PreGatedRouter", "SharedExperts", "moe_linen",
+    "hopper_layout",
     "Routing", "route_logits", "topk_recall",
     "PregateTrainConfig", "train_pregates", "pregate_recall",
     "PruneConfig", "PruneReport", "prune_experts", "prune_nm", "prune_samoyeds",

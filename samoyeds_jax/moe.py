@@ -76,6 +76,30 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
+def hopper_layout(experts: ExpertWeights, *, tk: int = 256) -> ExpertWeights:
+    """The same experts with 2:4 / Samoyeds stacks in ``TransposedSparse`` (convert once, at load).
+
+    The ``"pallas"`` backend then runs the Hopper decode kernels (``pallas_kernels.mgpu_moe``:
+    Mosaic GPU, one launch per projection for all experts). Dense and other formats are kept.
+    Raises ``ValueError`` for shapes the layout cannot hold (K % tk, W^T rows % 64).
+    """
+    from pallas_kernels.formats import NMSparse, SamoyedsSparse
+    from pallas_kernels.transposed_format import TransposedSparse
+
+    def convert(w):
+        if isinstance(w, NMSparse):
+            return TransposedSparse.from_nm(w, tk=tk)
+        if isinstance(w, SamoyedsSparse):
+            return TransposedSparse.from_samoyeds(w, tk=tk)
+        return w
+
+    out = ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
+    kinds = {type(w).__name__ for w in (out.w1, out.w3, out.w2)}
+    if "TransposedSparse" in kinds and len(kinds) > 1:
+        raise ValueError(f"hopper_layout needs w1, w3 and w2 all 2:4 or Samoyeds, got {kinds}")
+    return out
+
+
 def _check_indices(topk_idx: jax.Array, num_experts: int) -> None:
     """ValueError if concrete routing indices fall outside [0, num_experts) (skipped under jit,
     where an out-of-range index would silently contribute nothing)."""
@@ -169,10 +193,12 @@ def _expert_ffn_pallas(x, routing, experts, dtype):
 
 
 def _kernel_weight(w, dtype):
-    """A weight the routed-token kernel takes, in ``dtype``: dense, NMSparse or SamoyedsSparse
-    with cast values; other formats (tiled unstructured) are expanded to dense."""
+    """A weight the routed-token kernels take, in ``dtype``: dense, NMSparse, SamoyedsSparse or
+    TransposedSparse (the Hopper decode layout) with cast values; other formats (tiled
+    unstructured) are expanded to dense."""
     from pallas_kernels.formats import NMSparse, SamoyedsSparse
-    if isinstance(w, NMSparse | SamoyedsSparse):
+    from pallas_kernels.transposed_format import TransposedSparse
+    if isinstance(w, NMSparse | SamoyedsSparse | TransposedSparse):
         return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
     return _as_dense(w, dtype)
 

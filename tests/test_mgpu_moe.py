@@ -103,3 +103,33 @@ def test_kernel_matches_reference_on_gpu(rng, kind, t, k, e):
     x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
     _check(x, _plan(idx, e), ws)
+
+
+@pytest.mark.parametrize("kind", ["nm", "samoyeds"])
+def test_moe_layer_hopper_layout_matches_xla(rng, kind):
+    """samoyeds_jax: experts converted with ``hopper_layout`` run the same layer math."""
+    from pallas_kernels.formats import NMSparse as NM, SamoyedsSparse as SS
+    from samoyeds_jax import moe
+    from samoyeds_jax.routing import Routing
+
+    e, t, k = 8, 5, 2
+    prune = pruning.prune_nm if kind == "nm" else pruning.prune_samoyeds
+    fmt = NM if kind == "nm" else SS
+
+    def stack(shape):
+        w = jnp.asarray(rng.standard_normal(shape) * shape[1] ** -0.5, jnp.bfloat16)
+        return fmt.from_dense(np.asarray(prune(w)))
+
+    experts = moe.ExpertWeights(w1=stack((e, D, F)), w3=stack((e, D, F)), w2=stack((e, F, D)))
+    hop = moe.hopper_layout(experts)
+    assert isinstance(hop.w2, TransposedSparse) and hop.w2.shape == (e, F, D)
+    x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+    routing = Routing(topk_idx=idx, topk_weights=jnp.full((t, k), 0.5, jnp.float32))
+    got = moe.expert_ffn(x, routing, hop, backend="pallas", dtype=jnp.bfloat16)
+    want = moe.expert_ffn(x, routing, experts, backend="xla", dtype=jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
+    mixed = moe.ExpertWeights(w1=experts.w1, w3=experts.w3, w2=experts.w2.to_dense())
+    with pytest.raises(ValueError, match="all 2:4 or Samoyeds"):
+        moe.hopper_layout(mixed)
