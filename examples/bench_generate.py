@@ -43,6 +43,8 @@ MIXTRAL_8X7B = {
 }
 
 # format/backend pairs timed by default; the dense XLA grouped matmul is the baseline.
+# Backend "hopper": the pallas backend with the experts in the Hopper decode layout
+# (``MoE.use_hopper_layout``: Mosaic GPU kernels; Hopper GPUs only).
 DEFAULT_VARIANTS = "dense/xla,dense/pallas,nm/pallas,samoyeds/pallas"
 
 
@@ -59,6 +61,14 @@ def _with_backend(model: MoETransformer, backend: str) -> MoETransformer:
     abstract = nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def _with_hopper(model: MoETransformer) -> MoETransformer:
+    """Pallas backend with the experts in the Hopper decode layout (own copies of the params)."""
+    out = nnx.clone(_with_backend(model, "pallas"))
+    for block in out.layers:
+        block.mlp.use_hopper_layout()
+    return out
 
 
 def _expert_bytes(model: MoETransformer) -> int:
@@ -120,7 +130,12 @@ def main() -> None:
         logits_by_backend, greedy_by_backend = {}, {}
         backends = [b for f, b in variants if f == fmt]
         for backend in ["xla"] + [b for b in backends if b != "xla"]:
-            model = base if backend == "xla" else _with_backend(base, backend)
+            if backend == "xla":
+                model = base
+            elif backend == "hopper":  # pallas backend, experts in TransposedSparse
+                model = _with_hopper(base)
+            else:
+                model = _with_backend(base, backend)
             try:
                 logits, _ = jax.jit(lambda m, t: m(t))(model, probe)
                 logits_by_backend[backend] = np.asarray(logits, np.float32)

@@ -371,6 +371,14 @@ class MoE(nnx.Module):
             getattr(self, name).set_value(converted["experts"][name])
         return report
 
+    def use_hopper_layout(self, *, tk: int = 256) -> None:
+        """Store the 2:4 / Samoyeds experts in the Hopper decode layout (``hopper_layout``),
+        in place: the ``"pallas"`` backend then runs the Mosaic GPU decode kernels. The layout
+        is for decode (few tokens per expert); prefill through it is slower than dense."""
+        converted = hopper_layout(self.expert_weights(), tk=tk)
+        for name in ("w1", "w3", "w2"):
+            getattr(self, name).set_value(getattr(converted, name))
+
     def to_format(self, expert_format: str, *, sparsity: SparsityConfig | None = None,
                   method: str = "magnitude", calibration: jax.Array | None = None):
         """Convert dense experts to ``expert_format`` (updates ``config``), in place.
