@@ -279,8 +279,13 @@ def main() -> int:
         for v, conv in (("nm24_h", TransposedSparse.from_nm),
                         ("samoyeds_h", TransposedSparse.from_samoyeds)):
             if v in args.variants:  # converted once, at load
-                weights[v] = [tuple(jax.jit(conv)(w) for w in layer)
-                              for layer in weights[v[:-2]]]
+                try:
+                    weights[v] = [tuple(jax.jit(conv)(w) for w in layer)
+                                  for layer in weights[v[:-2]]]
+                except ValueError as exc:  # shapes the layout cannot hold: recorded, skipped
+                    results.setdefault("skipped", []).append(dict(model=model, variant=v,
+                                                                  error=str(exc)))
+                    print(f"   {v} skipped: {exc}", flush=True)
         fns = {"rd": mm.moe_ffn_ragged_dot, "fused": mm.moe_ffn, "nm24": mm.moe_ffn,
                "samoyeds": mm.moe_ffn, "nm24_h": mm.moe_ffn, "samoyeds_h": mm.moe_ffn}
         for t in args.tokens:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, unpack_meta
 
-TILE_KS: tuple[int, ...] = (256, 512)  # C = 16 or 32 groups per chunk (wgmma K of 16 bf16)
+TILE_KS: tuple[int, ...] = (128, 256, 512)  # C = 8, 16 or 32 groups per chunk
 
 
 @jax.tree_util.register_dataclass
@@ -79,22 +79,26 @@ class TransposedSparse:
         return int(self.values.size * self.values.dtype.itemsize + self.meta.size * 2)
 
     @classmethod
-    def from_nm(cls, w: NMSparse, *, tk: int = 256) -> TransposedSparse:
-        """Convert 2:4 ``NMSparse`` weights (jnp; traceable, run once at load)."""
+    def from_nm(cls, w: NMSparse, *, tk: int | None = None) -> TransposedSparse:
+        """Convert 2:4 ``NMSparse`` weights (jnp; traceable, run once at load).
+
+        ``tk``: dense K rows per tile; None: 256 when it divides K, else 128.
+        """
         if (w.n, w.m) != (2, 4):
             raise ValueError(f"TransposedSparse needs 2:4 weights, got {w.n}:{w.m}")
-        _check_tk(tk, w.k)
+        tk = _check_tk(tk, w.k)
         pos = unpack_meta(w.meta, 2, 4)  # [..., K/2, N]
         return cls(values=_tile_values(w.values, tk), meta=_tile_meta(pos, None, tk),
                    k=w.k, n_out=w.values.shape[-1], tk=tk, paired=False)
 
     @classmethod
-    def from_samoyeds(cls, w: SamoyedsSparse, *, tk: int = 256) -> TransposedSparse:
-        """Convert 1:2 Samoyeds weights (jnp; traceable, run once at load)."""
+    def from_samoyeds(cls, w: SamoyedsSparse, *, tk: int | None = None) -> TransposedSparse:
+        """Convert 1:2 Samoyeds weights (jnp; traceable, run once at load); ``tk`` as in
+        ``from_nm``."""
         if (w.n_sel, w.m_sel) != (1, 2):
             raise ValueError(
                 f"TransposedSparse needs Samoyeds 1:2 column selection, got {w.n_sel}:{w.m_sel}")
-        _check_tk(tk, w.k)
+        tk = _check_tk(tk, w.k)
         pos = unpack_meta(w.meta, 2, 4)  # [..., K/2, Nc]
         # sel per group of 4 dense rows: slab = 4g // v
         sel = jnp.repeat(w.sel.astype(jnp.int32), w.v // 4, axis=-2)  # [..., K/4, Nc]
@@ -111,11 +115,14 @@ class TransposedSparse:
         return _to_dense(self)
 
 
-def _check_tk(tk: int, k: int) -> None:
+def _check_tk(tk: int | None, k: int) -> int:
+    if tk is None:
+        tk = 256 if k % 256 == 0 else 128
     if tk not in TILE_KS:
         raise ValueError(f"tk must be one of {TILE_KS}, got {tk}")
     if k % tk:
         raise ValueError(f"K={k} must be a multiple of tk={tk}")
+    return tk
 
 
 def _tile_values(values: jax.Array, tk: int) -> jax.Array:

@@ -76,7 +76,7 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
-def hopper_layout(experts: ExpertWeights, *, tk: int = 256) -> ExpertWeights:
+def hopper_layout(experts: ExpertWeights, *, tk: int | None = None) -> ExpertWeights:
     """The same experts with 2:4 / Samoyeds stacks in ``TransposedSparse`` (convert once, at load).
 
     The ``"pallas"`` backend then runs the Hopper decode kernels (``pallas_kernels.mgpu_moe``:
@@ -371,7 +371,7 @@ class MoE(nnx.Module):
             getattr(self, name).set_value(converted["experts"][name])
         return report
 
-    def use_hopper_layout(self, *, tk: int = 256) -> None:
+    def use_hopper_layout(self, *, tk: int | None = None) -> None:
         """Store the 2:4 / Samoyeds experts in the Hopper decode layout (``hopper_layout``),
         in place: the ``"pallas"`` backend then runs the Mosaic GPU decode kernels. The layout
         is for decode (few tokens per expert); prefill through it is slower than dense."""

@@ -103,3 +103,15 @@ def test_kernel_f16_configs_on_gpu(rng, cfg):
     y = np.asarray(mg.mgpu_matmul(x, w, config=cfg, out_dtype=jnp.float32))
     ref = np.asarray(mg.mgpu_matmul_reference(x, w, out_dtype=jnp.float32))
     np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nm", "samoyeds"])
+def test_kernel_tk128_on_gpu(rng, kind):
+    """K = 1408 (DeepSeek-V2-Lite / Qwen1.5-MoE expert width): 128-row K tiles."""
+    dense, w = _native(rng, 1408, 128, kind, tk=None)
+    assert w.tk == 128
+    x = _x(rng, 5, 1408)
+    y = np.asarray(jax.jit(mg.mgpu_matmul)(x, w), np.float32)
+    ref = np.asarray(mg.mgpu_matmul_reference(x, w), np.float32)
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())

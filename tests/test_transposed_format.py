@@ -31,7 +31,7 @@ def _convert(sparse, tk):
 
 
 @pytest.mark.parametrize("kind", ["nm", "samoyeds"])
-@pytest.mark.parametrize("tk", [256, 512])
+@pytest.mark.parametrize("tk", [128, 256, 512])
 def test_round_trip_is_exact(rng, kind, tk):
     dense, sparse = _weights(rng, (1024, 128), kind)
     w = _convert(sparse, tk)
@@ -58,7 +58,7 @@ def test_stacks_and_every_position_pair(rng):
 
 
 @pytest.mark.parametrize("kind", ["nm", "samoyeds"])
-@pytest.mark.parametrize("tk", [256, 512])
+@pytest.mark.parametrize("tk", [128, 256, 512])
 def test_kernel_expansion_replayed_in_jnp(rng, kind, tk):
     """Per K tile: the expanded A (columns in chunk, j, r order) times the permuted x tile,
     summed over tiles (and routed to column 2r + sel when paired), is x @ W."""
@@ -83,7 +83,7 @@ def test_kernel_expansion_replayed_in_jnp(rng, kind, tk):
 def test_bad_input(rng):
     _, nm = _weights(rng, (512, 64), "nm")
     with pytest.raises(ValueError, match="tk must be one of"):
-        TransposedSparse.from_nm(nm, tk=128)
+        TransposedSparse.from_nm(nm, tk=64)
     with pytest.raises(ValueError, match="multiple of tk=512"):
         TransposedSparse.from_nm(_weights(rng, (768, 64), "nm")[1], tk=512)
     w14 = np.zeros((512, 64), np.float32)
