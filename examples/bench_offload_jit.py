@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--trace", action="store_true", help="jax.profiler trace of pregated")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
+    ap.add_argument("--tie-prefetch", action="store_true",
+                    help="InJitConfig.tie_prefetch for pregated (optimization_barrier)")
     args = ap.parse_args()
     case = "smoke" if args.smoke else args.case
     tokens = [1, 3] if args.smoke else [int(t) for t in args.tokens.split(",")]
@@ -121,10 +123,12 @@ def main() -> None:
         row["transfer_only_s"], _ = _median_time(lambda i: xfer(stacks, i), [ids], args.steps)
         row["runs"] = []
         for policy in (["on_demand", "pregated"] + (["gpu_only"] if fits else [])):
-            dec = oj.InJitDecoder(fns, params, stacks, config=oj.InJitConfig(policy=policy),
+            dec = oj.InJitDecoder(fns, params, stacks, config=oj.InJitConfig(
+                policy=policy, tie_prefetch=args.tie_prefetch and policy == "pregated"),
                                   device=device)
             step_s, all_s = _median_time(dec.step, hs, args.steps)
             r = {"policy": policy, "step_s": step_s, "step_s_all": all_s,
+                 "tie_prefetch": dec.config.tie_prefetch,
                  "bytes_per_step": dec.bytes_per_step(t, k), "traces": dec.traces,
                  "peak_bytes_in_use_so_far": _peak(device)}
             r["overlap_fraction"] = off.overlap_fraction(step_s, row["compute_only_s"],

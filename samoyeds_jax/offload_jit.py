@@ -155,10 +155,14 @@ class InJitConfig:
     policy: ``gpu_only`` / ``on_demand`` / ``pregated`` (module docstring).
     routing_source: ``"pregate"``: block l >= 1 uses the experts picked by block l-1's
         pre-gate (Pre-gated MoE); ``"router"``: each block uses its own router.
+    tie_prefetch: ``pregated`` only: pass block l's output and block l+1's fetched experts
+        through one ``optimization_barrier``, so neither is used before both exist (a hint
+        for XLA's scheduler to finish the copy after block l's matmuls, not before them).
     """
 
     policy: InJitPolicy = "pregated"
     routing_source: RoutingSource = "pregate"
+    tie_prefetch: bool = False
 
     def __post_init__(self):
         if self.policy not in IN_JIT_POLICIES:
@@ -228,6 +232,8 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
             ids, nxt_slots = fetch_plan(pregate.topk_idx, _stack_experts(experts[l + 1]))
             prefetched = (fetch_experts(experts[l + 1], ids), nxt_slots)
         h = fns.back(layer_params[l], h, x, routing, slot_idx, buffers)
+        if config.tie_prefetch and policy == "pregated" and l + 1 < num_layers:
+            h, prefetched = jax.lax.optimization_barrier((h, prefetched))
         carried = pregate
     return h
 

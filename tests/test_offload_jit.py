@@ -173,6 +173,16 @@ def test_policies_match_gpu_only_bit_exact(rng, top_k, t):
         assert dec.bytes_per_step(t, top_k) == L * min(t * top_k, E) * 3 * D * F * 4
 
 
+def test_tied_prefetch_is_bit_exact(rng):
+    """tie_prefetch only adds an optimization_barrier: the outputs stay those of gpu_only."""
+    block, params, stacks = _model(rng, top_k=2)
+    h0 = _inputs(rng, 3)
+    ref, _ = _run(block.fns(), params, stacks, h0, policy="gpu_only")
+    got, dec = _run(block.fns(), params, stacks, h0, policy="pregated", tie_prefetch=True)
+    np.testing.assert_array_equal(got, ref)
+    assert dec.lower(h0).as_text().count("optimization_barrier") == L - 1
+
+
 def test_pregated_matches_host_driven_decoder(rng):
     """Same model through offload.OffloadDecoder (host-driven, per-block programs)."""
     block, params, stacks = _model(rng, top_k=2)
