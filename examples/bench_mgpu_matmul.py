@@ -59,7 +59,12 @@ def main(argv=None) -> int:
     p.add_argument("--triton", action="store_true", help="also time the Triton kernels")
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--markdown")
+    p.add_argument("--render", nargs="*", help="only print the table of these results JSONs")
     args = p.parse_args(argv)
+    if args.render:
+        rows = [r for path in args.render for r in json.loads(pathlib.Path(path).read_text())["rows"]]
+        print(render(dict(rows=rows)))
+        return 0
     start = time.time()
     log_lines: list[str] = []
 
@@ -211,28 +216,28 @@ def main(argv=None) -> int:
 
 
 def render(result: dict) -> str:
-    """Best mgpu variant per (shape, op, t) next to dense and Triton, as a Markdown table."""
-    by = {}
+    """Per (shape, t, op): XLA dense, Triton, the mgpu default and its kernel alone (Markdown)."""
+    by: dict = {}
     for r in result["rows"]:
         if "us" in r:
             by.setdefault((r["shape"], r["t"]), []).append(r)
-    lines = ["| shape | t | dense us | op | Triton us (x) | mgpu best us (x) | variant | % copy | err |",
-             "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    lines = ["| shape | t | XLA dense us | op | Triton us (x dense) | mgpu us (x dense) | "
+             "% copy rate | kernel alone us (x dense) | rel err |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for (shape, t), rs in by.items():
         dense = next((r for r in rs if r["op"] == "dense"), None)
         if dense is None:
             continue
         for op in ("nm", "samoyeds"):
-            mg_rows = [r for r in rs if r["op"] == op and r["variant"].startswith("mgpu")
-                       and r["variant"] != "mgpu_kernel_only"]
-            tr = next((r for r in rs if r["op"] == op and r["variant"] == "triton_auto"), None)
-            if not mg_rows:
+            get = {r["variant"]: r for r in rs if r["op"] == op}
+            mg_row = get.get("mgpu_default")
+            if mg_row is None:
                 continue
-            b = min(mg_rows, key=lambda r: r["us"])
-            trs = f"{tr['us']:.1f} ({tr['ratio']:.2f})" if tr else "-"
-            lines.append(f"| {shape} | {t} | {dense['us']:.1f} | {op} | {trs} | "
-                         f"{b['us']:.1f} ({b['ratio']:.2f}) | {b['variant']} | "
-                         f"{b['pct_copy']:.0f} | {b['err']:.1e} |")
+            cell = lambda r: f"{r['us']:.1f} ({r['ratio']:.2f})" if r else "-"
+            lines.append(f"| {shape} | {t} | {dense['us']:.1f} | {op} | "
+                         f"{cell(get.get('triton_auto'))} | {cell(mg_row)} | "
+                         f"{mg_row['pct_copy']:.0f} | {cell(get.get('mgpu_kernel_only'))} | "
+                         f"{mg_row['err']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.transposed_format import TransposedSparse, permute_x
+from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
 
 BLOCK_M = 64  # W^T rows per warpgroup: the wgmma M
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -255,7 +255,7 @@ def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, paired: bool):
         i0, i1 = f & 3, f >> 2
         v0, v1 = values[:, ch * c:(ch + 1) * c], values[:, (4 + ch) * c:(5 + ch) * c]
         zero = jnp.zeros_like(v0)
-        parts = [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)]
+        parts = expand_chunk(i0, i1, v0, v1, zero, ascending=not paired)
         b = x_smem.at[ch].T  # [tk/4, block_t]
         if paired:
             hi = i0 > i1

@@ -151,6 +151,21 @@ def _tile_meta(pos: jax.Array, sel: jax.Array | None, tk: int) -> jax.Array:
     return jnp.swapaxes(words, -1, -2).astype(jnp.int16)  # [.., kt, R, r]
 
 
+def expand_chunk(i0, i1, v0, v1, zero, *, ascending: bool) -> list:
+    """The 4 dense sub-columns j of a chunk: v0 where i0 == j, v1 where i1 == j, else 0.
+
+    ``ascending`` (2:4 from ``from_nm``: i0 < i1, so i0 is never 3 and i1 never 0): 12
+    compares/selects per element instead of 16, the kernel's hot loop. Samoyeds stores some
+    groups descending (its ``sel`` bit), so it takes the general form.
+    """
+    if not ascending:
+        return [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)]
+    return [jnp.where(i0 == 0, v0, zero),
+            jnp.where(i0 == 1, v0, jnp.where(i1 == 1, v1, zero)),
+            jnp.where(i0 == 2, v0, jnp.where(i1 == 2, v1, zero)),
+            jnp.where(i1 == 3, v1, zero)]
+
+
 def expand_tile(values: jax.Array, meta: jax.Array, *, paired: bool
                 ) -> tuple[jax.Array, jax.Array | None]:
     """The kernel's in-register expansion of one K tile, in jnp (the same ops, for tests).
@@ -166,8 +181,7 @@ def expand_tile(values: jax.Array, meta: jax.Array, *, paired: bool
         v0 = values[:, c * width:(c + 1) * width]
         v1 = values[:, (4 + c) * width:(5 + c) * width]
         zero = jnp.zeros_like(v0)
-        parts = jnp.concatenate(
-            [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(4)], axis=1)
+        parts = jnp.concatenate(expand_chunk(i0, i1, v0, v1, zero, ascending=not paired), axis=1)
         if paired:
             hi = jnp.concatenate([i0 > i1] * 4, axis=1)
             a0.append(jnp.where(hi, jnp.zeros_like(parts), parts))
