@@ -514,7 +514,10 @@ def nm_matmul(
     if backend == "xla":
         return nm_matmul_reference(x, w, out_dtype=out_dt)
     if backend == "mosaic_gpu":
-        raise ValueError("nm_matmul has no Mosaic GPU variant; use backend='triton' or 'xla'")
+        raise ValueError(
+            "nm_matmul reads NMSparse with backend 'triton' or 'xla'; the Mosaic GPU (Hopper) "
+            "kernel reads its own layout: convert once with TransposedSparse.from_nm(w) and "
+            "call pallas_kernels.mgpu_matmul.mgpu_matmul")
     if t == 0:
         return jnp.zeros((0, n_cols), out_dt)
     op = f"nm_matmul_{n}of{m}"
@@ -569,7 +572,10 @@ def samoyeds_matmul(
     if backend == "xla":
         return samoyeds_matmul_reference(x, w, out_dtype=out_dt)
     if backend == "mosaic_gpu":
-        raise ValueError("samoyeds_matmul has no Mosaic GPU variant; use 'triton' or 'xla'")
+        raise ValueError(
+            "samoyeds_matmul reads SamoyedsSparse with backend 'triton' or 'xla'; the Mosaic GPU "
+            "(Hopper) kernel reads its own layout: convert once with "
+            "TransposedSparse.from_samoyeds(w) and call pallas_kernels.mgpu_matmul.mgpu_matmul")
     if t == 0:
         return jnp.zeros((0, n_out), out_dt)
     op = f"samoyeds_matmul_{n_sel}of{m_sel}v{v}"
