@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("dense", "nm", "samoyeds", "unstructured"),
                    help="storage format of the expert weights (pruned by magnitude when sparse); "
                         "default: dense, or as stored for a converted model")
-    p.add_argument("--backend", default="xla", choices=("xla", "pallas"),
-                   help="expert compute: XLA grouped matmul or the Pallas routed-token kernel")
+    p.add_argument("--backend", default="xla", choices=("xla", "pallas", "hopper"),
+                   help="expert compute: XLA grouped matmul, the Pallas routed-token kernel, or "
+                        "'hopper': 2:4 / Samoyeds experts moved to the Hopper decode layout and "
+                        "run by the Mosaic GPU kernels (needs --format nm or samoyeds)")
     p.add_argument("--offload", action="store_true",
                    help="keep the routed experts in pinned host memory and cache them in device "
                         "slots, fetched per --offload-policy")
@@ -159,7 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     from samoyeds_jax.generate import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    hopper = args.backend == "hopper"
+    if hopper:
+        args.backend = "pallas"  # the model's backend; the layout changes below
+        if args.dtype == "float32":
+            raise ValueError("--backend hopper runs bfloat16 (tensor-core) kernels; drop "
+                             "--dtype float32 or pass --dtype bfloat16")
+        args.dtype = "bfloat16"
     model, desc, tokenizer = _load_model(args)
+    if hopper:
+        if model.config.moe.expert_format not in ("nm", "samoyeds"):
+            raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "
+                             f"samoyeds), got format {model.config.moe.expert_format!r}")
+        if args.offload or args.devices > 1:
+            raise ValueError("--backend hopper cannot be combined with --offload or --devices")
+        for block in model.layers:
+            block.mlp.use_hopper_layout()
+        desc += "; experts in the Hopper decode layout (Mosaic GPU kernels)"
     cfg = model.config
     vocab = cfg.vocab_size
     ids = _prompt_ids(args, tokenizer, cfg.bos_token_id)

@@ -177,3 +177,13 @@ def test_cli_runs_end_to_end_on_the_tiny_model(capsys):
 def test_cli_rejects_text_prompt_without_tokenizer():
     with pytest.raises(ValueError, match="token ids"):
         main(["--prompt", "hello world", "--max-new-tokens", "1"])
+
+
+def test_cli_hopper_layout_runs(capsys):
+    """--backend hopper: Samoyeds experts moved to the Hopper layout (on CPU the Mosaic GPU
+    product runs as its jnp reference); a dense model is refused with a clear error."""
+    assert main(["--format", "samoyeds", "--backend", "hopper", "--max-new-tokens", "2",
+                 "--no-eos", "--prompt", "1,2,3"]) == 0
+    assert "Hopper decode layout" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--backend hopper needs 2:4 or Samoyeds experts"):
+        main(["--backend", "hopper", "--max-new-tokens", "1"])
