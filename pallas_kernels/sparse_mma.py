@@ -122,25 +122,15 @@ def _validate(x: jax.Array, a: WgmmaSparseA) -> None:
         raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
 
 
-def _issue_wgmma_sp(ctx, a_ref, b_ref, meta_ref, o_ref):
-    """Mosaic GPU body: one sparse wgmma from SMEM operands, accumulator stored to ``o_ref``.
+def sp_descriptors(a_ref, b_ref, t: int):
+    """SMEM descriptors of one instruction's operands (Mosaic GPU IR values).
 
-    a_ref: A = W^T compressed, tiled (8, 1, 8, 16) bf16, swizzle 32. b_ref: x tiled
-    (t/8, 1, 8, 32) bf16, swizzle 64. meta_ref: [64] int32. o_ref: [64, t] f32 (y^T).
+    a_ref: A = W^T compressed, tiled (8, 1, 8, 16) bf16, swizzle 32 (K-major rows of W^T).
+    b_ref: x tiled (t/8, 1, 8, 32) bf16, swizzle 64, viewed as B = x^T, K-major.
     """
-    del ctx
-    import numpy as np
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm
-    from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import mma_utils
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    t = ir.MemRefType(o_ref.type).shape[1]
-
-    # Descriptors: A is K-major (rows of W^T), B = x^T viewed K-major from x [t, K].
     (a_desc, _), _, a_fastest = mma_utils.create_descriptor(
         a_ref, swizzle=A_SWIZZLE, group_size=(WGMMA_M, WGMMA_K // 2), logical_k_major=False)
     b_view = mgpu_utils.memref_transpose(b_ref, (1, 0, 3, 2))  # (k tiles, n tiles, 32, 8)
@@ -149,8 +139,16 @@ def _issue_wgmma_sp(ctx, a_ref, b_ref, meta_ref, o_ref):
         mma_bytewidth_k=2 * WGMMA_K)
     if a_fastest != mma_utils.Dim.K or b_fastest != mma_utils.Dim.K:
         raise ValueError(f"expected K-major A and B, got {a_fastest=} {b_fastest=}")
+    return a_desc, b_desc
 
-    # This thread's metadata register: slot 16*warp + 2*(lane // 4) + lane % 2.
+
+def meta_slot_index():
+    """This thread's metadata register slot, 16*warp + 2*(lane // 4) + lane % 2 (an index)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i32 = ir.IntegerType.get_signless(32)
     tid = mgpu_utils.thread_idx()
     if isinstance(tid.type, ir.IndexType):
         tid = arith.index_cast(i32, tid)
@@ -159,10 +157,16 @@ def _issue_wgmma_sp(ctx, a_ref, b_ref, meta_ref, o_ref):
     lane = arith.remui(tid, c(32))
     slot = arith.addi(arith.addi(arith.muli(warp, c(16)), arith.muli(arith.divui(lane, c(4)), c(2))),
                       arith.remui(lane, c(2)))
-    meta = memref.load(meta_ref, [arith.index_cast(index, slot)])
+    return arith.index_cast(ir.IndexType.get(), slot)
 
-    acc = mgpu.WGMMAAccumulator.zero(WGMMA_M, t)  # fenced
-    regs = list(acc._value.registers.flat)
+
+def issue_wgmma_sp(regs: list, a_desc, b_desc, meta, t: int) -> list:
+    """One ``wgmma.mma_async.sp`` m64n{t}k32 accumulating into ``regs`` (the 32-bit accumulator
+    layout's vector<1xf32> registers); returns the new registers. No fence/commit/wait."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    i32 = ir.IntegerType.get_signless(32)
     field = regs[0].type  # vector<1xf32>
     use_d = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, 1)).result
     out = llvm.inline_asm(
@@ -170,14 +174,40 @@ def _issue_wgmma_sp(ctx, a_ref, b_ref, meta_ref, o_ref):
         [*regs, a_desc, b_desc, meta, use_d],
         wgmma_sp_ptx(t), wgmma_sp_constraints(t),
         asm_dialect=0, has_side_effects=True)
-    new_regs = [llvm.extractvalue(field, out, [i]) for i in range(len(regs))]
-    nvvm.wgmma_commit_group_sync_aligned()
-    nvvm.wgmma_wait_group_sync_aligned(0)
-    result = mgpu.WGMMAAccumulator(
+    return [llvm.extractvalue(field, out, [i]) for i in range(len(regs))]
+
+
+def accumulator_value(acc, regs: list):
+    """The WGMMA-layout FragmentedArray of accumulator ``acc`` with registers ``regs``."""
+    import numpy as np
+    from jax.experimental.mosaic import gpu as mgpu
+
+    return mgpu.WGMMAAccumulator(
         _value=mgpu.FragmentedArray(
-            _registers=np.array(new_regs).reshape(acc._value.registers.shape),
+            _registers=np.array(regs).reshape(acc._value.registers.shape),
             _layout=acc._value.layout, _is_signed=None),
         _original_layout=acc._original_layout, _sync=False).value
+
+
+def _issue_wgmma_sp(ctx, a_ref, b_ref, meta_ref, o_ref):
+    """Mosaic GPU body: one sparse wgmma from SMEM operands, accumulator stored to ``o_ref``.
+
+    a_ref: A = W^T compressed, tiled (8, 1, 8, 16) bf16, swizzle 32. b_ref: x tiled
+    (t/8, 1, 8, 32) bf16, swizzle 64. meta_ref: [64] int32. o_ref: [64, t] f32 (y^T).
+    """
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import memref, nvvm
+    from jax.experimental.mosaic import gpu as mgpu
+
+    t = ir.MemRefType(o_ref.type).shape[1]
+    a_desc, b_desc = sp_descriptors(a_ref, b_ref, t)
+    meta = memref.load(meta_ref, [meta_slot_index()])
+    acc = mgpu.WGMMAAccumulator.zero(WGMMA_M, t)  # fenced
+    regs = issue_wgmma_sp(list(acc._value.registers.flat), a_desc, b_desc, meta, t)
+    nvvm.wgmma_commit_group_sync_aligned()
+    nvvm.wgmma_wait_group_sync_aligned(0)
+    result = accumulator_value(acc, regs)
     result.store_untiled(o_ref, optimized=False)  # plain [64, t] f32 SMEM: conflicts are fine here
 
 

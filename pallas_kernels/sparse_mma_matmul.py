@@ -26,7 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.sparse_mma import A_SWIZZLE, B_SWIZZLE, wgmma_sp_constraints, wgmma_sp_ptx
+from pallas_kernels.sparse_mma import (A_SWIZZLE, B_SWIZZLE, accumulator_value, issue_wgmma_sp,
+                                      meta_slot_index, sp_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA, from_wgmma_sp
 
 
@@ -63,53 +64,25 @@ def _mma_tile(ctx, acc, a_ref, x_ref, m_ref, *, ksteps: int, block_t: int):
     swizzle 64; m_ref: [1, ksteps, 64] int32 metadata registers.
     """
     del ctx
-    import numpy as np
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm
+    from jax._src.lib.mlir.dialects import arith, memref, nvvm
     from jax.experimental.mosaic import gpu as mgpu
-    from jax.experimental.mosaic.gpu import mma_utils
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    i32 = ir.IntegerType.get_signless(32)
     index = ir.IndexType.get()
-    c = lambda v: arith.constant(i32, v)
-    tid = mgpu_utils.thread_idx()
-    if isinstance(tid.type, ir.IndexType):
-        tid = arith.index_cast(i32, tid)
-    warp, lane = arith.divui(tid, c(32)), arith.remui(tid, c(32))
-    # This thread's metadata register: slot 16*warp + 2*(lane // 4) + lane % 2.
-    slot = arith.addi(arith.addi(arith.muli(warp, c(16)), arith.muli(arith.divui(lane, c(4)), c(2))),
-                      arith.remui(lane, c(2)))
-    slot = arith.index_cast(index, slot)
-
-    accum = mgpu.WGMMAAccumulator.from_registers(acc)
+    slot = meta_slot_index()
+    accum = mgpu.WGMMAAccumulator.from_registers(acc)  # the 32-bit accumulator layout
     regs = list(accum._value.registers.flat)
-    field = regs[0].type
-    use_d = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, 1)).result
     nvvm.wgmma_fence_aligned()
-    for j in range(ksteps):
-        a_j = mgpu_utils.memref_slice(a_ref, (slice(None), slice(j, j + 1)))  # (8, 1, 8, 16)
-        (a_desc, _), _, _ = mma_utils.create_descriptor(
-            a_j, swizzle=A_SWIZZLE, group_size=(WGMMA_M, WGMMA_K // 2), logical_k_major=False)
-        x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j, j + 1)))  # (t/8, 1, 8, 32)
-        b_view = mgpu_utils.memref_transpose(x_j, (1, 0, 3, 2))  # (1, t/8, 32, 8)
-        (b_desc, _), _, _ = mma_utils.create_descriptor(
-            b_view, swizzle=B_SWIZZLE, group_size=(WGMMA_K, block_t), logical_k_major=True,
-            mma_bytewidth_k=2 * WGMMA_K)
+    for j in range(ksteps):  # one swizzle-tile column of A and of x per 32 dense K
+        a_j = mgpu_utils.memref_slice(a_ref, (slice(None), slice(j, j + 1)))
+        x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j, j + 1)))
+        a_desc, b_desc = sp_descriptors(a_j, x_j, block_t)
         meta = memref.load(m_ref, [arith.constant(index, 0), arith.constant(index, j), slot])
-        out = llvm.inline_asm(
-            llvm.StructType.get_literal([field] * len(regs)),
-            [*regs, a_desc, b_desc, meta, use_d],
-            wgmma_sp_ptx(block_t), wgmma_sp_constraints(block_t),
-            asm_dialect=0, has_side_effects=True)
-        regs = [llvm.extractvalue(field, out, [i]) for i in range(len(regs))]
+        regs = issue_wgmma_sp(regs, a_desc, b_desc, meta, block_t)
     nvvm.wgmma_commit_group_sync_aligned()
     nvvm.wgmma_wait_group_sync_aligned(0)  # the ring slot is released after this tile
-    return mgpu.WGMMAAccumulator(
-        _value=mgpu.FragmentedArray(
-            _registers=np.array(regs).reshape(accum._value.registers.shape),
-            _layout=accum._value.layout, _is_signed=None),
-        _original_layout=accum._original_layout, _sync=False).value
+    return accumulator_value(accum, regs)
 
 
 def _store_acc(ctx, acc, o_ref):
