@@ -32,7 +32,7 @@ import bench_sparse_matmul as bsm  # noqa: E402
 import pallas_kernels.nm_matmul as nmm  # noqa: E402
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import mgpu_matmul as mg  # noqa: E402
-from pallas_kernels.transposed_format import TransposedSparse, permute_x  # noqa: E402
+from pallas_kernels.transposed_format import TransposedSparse  # noqa: E402
 
 TOKENS = (1, 8, 16, 32, 64, 128, 256)
 M = mg.MgpuMatmulConfig
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         r_dense = int(min(64, max(2, math.ceil(bsm.ROTATE_BYTES / dense_bytes))))
         r = int(min(64, max(bsm.MIN_COPIES, math.ceil(bsm.ROTATE_BYTES / (0.28 * dense_bytes)))))
         dense_ws = bsm.copies(dense["nm"], r_dense)
-        native_ws = {key_: bsm.copies(w, r) for key_, w in natives.items()}
+        native_ws = {key_: bsm.copies(w, r) for key_, w in natives.items()
+                     if key_[1] == 256 or args.sweep}  # tk 512 is timed only in sweeps
         triton_ws = {op: bsm.copies(sparse[op], r) for op in ops} if args.triton else {}
         for t in [int(v) for v in args.tokens.split(",")]:
             if time.time() - start > args.budget_s:
@@ -135,6 +136,19 @@ def main(argv=None) -> int:
                              err=bsm.rel_err(y, refs["nm"])))
             log(f"{name:12s} dense     t={t:4d} {s_dense * 1e6:8.1f}us "
                 f"{rows[-1]['pct_copy']:5.1f}%")
+            def timed(row, fn, x_in, ws, label, ref=None):
+                """Time ``fn`` on ``ws``, fill ``row`` (us, ratio, % copy, err) and log it."""
+                try:
+                    s, y = bsm.time_loop(fn, x_in, ws)
+                    row.update(us=s * 1e6, ratio=s_dense / s, pct_copy=100 * row["bytes"] / s / rate,
+                               err=bsm.rel_err(y, ref) if ref is not None else float("nan"))
+                    log(f"{name:12s} {row['op']:9s} t={t:4d} {label:13s} {s * 1e6:8.1f}us "
+                        f"x{s_dense / s:5.2f} {row['pct_copy']:5.1f}% err {row['err']:.1e}")
+                except Exception as e:  # noqa: BLE001 - a failing variant must not stop the run
+                    row.update(error=repr(e)[:800])
+                    log(f"{name} {row['op']} t={t} {label}: FAILED {repr(e)[:600]}")
+                rows.append(row)
+
             for op in ops:
                 variants = {"default": (256, M())}
                 names = SWEEP if name in args.sweep_shapes.split(",") else SMALL_SWEEP
@@ -155,56 +169,28 @@ def main(argv=None) -> int:
                     variants[vname] = (tk, cfg)
                 for vname, (tk, cfg) in variants.items():
                     w0 = natives[(op, tk)]
-                    comp_bytes = w0.nbytes + io_bytes
                     row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant=f"mgpu_{vname}",
                                tk=tk, config=dataclasses.asdict(mg.resolve_config(cfg, t=t, w=w0)),
-                               bytes=comp_bytes)
-                    try:
-                        s, y = bsm.time_loop(lambda x, w, cfg=cfg: mg.mgpu_matmul(x, w, config=cfg),
-                                             x, native_ws[(op, tk)])
-                        row.update(us=s * 1e6, ratio=s_dense / s, err=bsm.rel_err(y, refs[op]),
-                                   pct_copy=100 * comp_bytes / s / rate)
-                        log(f"{name:12s} {op:9s} t={t:4d} mgpu_{vname:8s} {s * 1e6:8.1f}us "
-                            f"x{s_dense / s:5.2f} {row['pct_copy']:5.1f}% err {row['err']:.1e}")
-                    except Exception as e:  # noqa: BLE001
-                        row.update(error=repr(e)[:800])
-                        log(f"{name} {op} t={t} mgpu_{vname}: FAILED {repr(e)[:600]}")
-                    rows.append(row)
+                               bytes=w0.nbytes + io_bytes)
+                    timed(row, lambda x, w, cfg=cfg: mg.mgpu_matmul(x, w, config=cfg), x,
+                          native_ws[(op, tk)], f"mgpu_{vname}", refs[op])
+                # the Mosaic GPU call alone, on a pre-permuted x (no pad/permute/sum glue)
                 w0 = natives[(op, 256)]
                 cfg = mg.resolve_config(M(), t=t, w=w0)
                 t_pad = -(-t // cfg.block_t) * cfg.block_t
-                xp = permute_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), 256).reshape(-1, t_pad, 64)
+                xp = mg._tiled_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), 256)
 
                 def kernel_only(xp, w, cfg=cfg):
-                    return mg._call(xp, w.values, w.meta, paired=w.paired, block_t=cfg.block_t,
-                                    splits=cfg.splits, stages=cfg.stages)
+                    return mg._call(xp, w.values, w.meta, **mg._static(cfg, w))
 
-                try:
-                    s, _ = bsm.time_loop(kernel_only, xp, native_ws[(op, 256)])
-                    comp_bytes = w0.nbytes + io_bytes
-                    rows.append(dict(shape=name, k=k, n=n_out, t=t, op=op,
-                                     variant="mgpu_kernel_only", us=s * 1e6, ratio=s_dense / s,
-                                     pct_copy=100 * comp_bytes / s / rate, bytes=comp_bytes,
-                                     err=float("nan")))
-                    log(f"{name:12s} {op:9s} t={t:4d} kernel_only   {s * 1e6:8.1f}us "
-                        f"x{s_dense / s:5.2f} {rows[-1]['pct_copy']:5.1f}%")
-                except Exception as e:  # noqa: BLE001
-                    log(f"{name} {op} t={t} kernel_only: FAILED {repr(e)[:400]}")
+                timed(dict(shape=name, k=k, n=n_out, t=t, op=op, variant="mgpu_kernel_only",
+                           bytes=w0.nbytes + io_bytes),
+                      kernel_only, xp, native_ws[(op, 256)], "kernel_only")
                 if args.triton:
                     fn = nmm.nm_matmul if op == "nm" else nmm.samoyeds_matmul
-                    comp_bytes = bsm._nbytes(sparse[op]) + io_bytes
-                    row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant="triton_auto",
-                               bytes=comp_bytes)
-                    try:
-                        s, y = bsm.time_loop(fn, x, triton_ws[op])
-                        row.update(us=s * 1e6, ratio=s_dense / s, err=bsm.rel_err(y, refs[op]),
-                                   pct_copy=100 * comp_bytes / s / rate)
-                        log(f"{name:12s} {op:9s} t={t:4d} triton_auto   {s * 1e6:8.1f}us "
-                            f"x{s_dense / s:5.2f} {row['pct_copy']:5.1f}% err {row['err']:.1e}")
-                    except Exception as e:  # noqa: BLE001
-                        row.update(error=repr(e)[:800])
-                        log(f"{name} {op} t={t} triton: FAILED {repr(e)[:400]}")
-                    rows.append(row)
+                    timed(dict(shape=name, k=k, n=n_out, t=t, op=op, variant="triton_auto",
+                               bytes=bsm._nbytes(sparse[op]) + io_bytes),
+                          fn, x, triton_ws[op], "triton_auto", refs[op])
             save()
         del dense_ws, native_ws, triton_ws
     save()

@@ -187,10 +187,7 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
     n = x.shape[0] // block_t
     if tile_expert.shape != (n,):
         raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
-    if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != w.dtype:
-        raise ValueError(f"x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
-    if w.rows % BLOCK_M:
-        raise ValueError(f"W^T rows ({w.rows}) must be a multiple of {BLOCK_M}")
+    _check_dtype_rows(x, w)
     return n
 
 
@@ -227,6 +224,10 @@ def _check(x: jax.Array, w: TransposedSparse) -> None:
         raise ValueError(f"w must be one matrix (no leading dims), got dense shape {w.shape}")
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"x must be [t, K={w.k}], got {x.shape}")
+    _check_dtype_rows(x, w)
+
+
+def _check_dtype_rows(x: jax.Array, w: TransposedSparse) -> None:
     if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != w.dtype:
         raise ValueError(f"x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
     if w.rows % BLOCK_M:
