@@ -32,6 +32,8 @@ import bench_sparse_matmul as bsm  # noqa: E402
 import pallas_kernels.nm_matmul as nmm  # noqa: E402
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import mgpu_matmul as mg  # noqa: E402
+from pallas_kernels import sparse_mma_matmul as sm  # noqa: E402
+from pallas_kernels.sparse_mma_layout import to_wgmma_sp  # noqa: E402
 from pallas_kernels.transposed_format import TransposedSparse  # noqa: E402
 
 TOKENS = (1, 8, 16, 32, 64, 128, 256)
@@ -45,6 +47,16 @@ SWEEP = {
     "split_half": dict(split_div=2),
 }
 SMALL_SWEEP = ("split2x",)  # for the shapes not in --sweep-shapes
+# Sparse-tensor-core kernel (``wgmma_sp_matmul``) configs timed with --wgmma-sp; "sp_default"
+# is the config it picks itself.
+W = sm.WgmmaSpConfig
+WGMMA_SP = {
+    "sp_default": W(),
+    "sp_k128": W(block_k=128),
+    "sp_s4": W(stages=4),
+    "sp_p8": W(programs_per_sm=8),
+    "sp_p2": W(programs_per_sm=2),
+}
 
 
 def main(argv=None) -> int:
@@ -57,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP variants")
     p.add_argument("--sweep-shapes", default="mixtral_w1,mixtral_w2")
     p.add_argument("--triton", action="store_true", help="also time the Triton kernels")
+    p.add_argument("--wgmma-sp", default="",
+                   help="comma-separated WGMMA_SP configs of the sparse-wgmma kernel to time")
+    p.add_argument("--no-mgpu", action="store_true", help="skip the mgpu_matmul variants")
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--markdown")
     p.add_argument("--render", nargs="*", help="only print the table of these results JSONs")
@@ -98,6 +113,21 @@ def main(argv=None) -> int:
         natives = {(op, tk): to_native[op](sparse[op], tk=tk) for op in ops for tk in (256, 512)
                    if k % tk == 0}
         dense = {op: sparse[op].to_dense() for op in ops}
+        sp_names = [v for v in args.wgmma_sp.split(",") if v]
+        sp_a = {op: jax.jit(to_wgmma_sp)(sparse[op]) for op in ops} if sp_names else {}
+        for op, a in sp_a.items():  # the sparse-wgmma kernel at awkward token counts
+            for t in (1, 3, 16, 33):
+                x = jax.random.normal(jax.random.key(t), (t, k), jnp.float32).astype(dtype)
+                ref = jnp.dot(x.astype(jnp.float32), dense[op].astype(jnp.float32),
+                              precision="highest")
+                try:
+                    err = bsm.rel_err(jax.jit(sm.wgmma_sp_matmul)(x, a), ref)
+                except Exception as e:  # noqa: BLE001
+                    err = float("nan")
+                    log(f"check {name} {op} wgmma_sp t={t}: FAILED {repr(e)[:600]}")
+                checks.append(dict(shape=name, op=op, kernel="wgmma_sp", t=t, err=err))
+                log(f"check {name} {op} wgmma_sp t={t}: rel err {err:.2e} "
+                    f"{'OK' if err < 1e-2 else 'BAD'}")
         # correctness first: awkward token counts, every op, default config
         for (op, tk), w in natives.items():
             for t in (1, 3, 16, 33):
@@ -120,6 +150,7 @@ def main(argv=None) -> int:
         native_ws = {key_: bsm.copies(w, r) for key_, w in natives.items()
                      if key_[1] == 256 or args.sweep}  # tk 512 is timed only in sweeps
         triton_ws = {op: bsm.copies(sparse[op], r) for op in ops} if args.triton else {}
+        sp_ws = {op: bsm.copies(a, r) for op, a in sp_a.items()}
         for t in [int(v) for v in args.tokens.split(",")]:
             if time.time() - start > args.budget_s:
                 log("budget reached; stopping")
@@ -150,6 +181,15 @@ def main(argv=None) -> int:
                 rows.append(row)
 
             for op in ops:
+                for vname in sp_names:
+                    a0 = sp_a[op]
+                    cfg = sm.resolve_config(WGMMA_SP[vname], t=t, a=a0)
+                    row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant=f"wgmma_{vname}",
+                               config=dataclasses.asdict(cfg), bytes=a0.nbytes + io_bytes)
+                    timed(row, lambda x, a, cfg=cfg: sm.wgmma_sp_matmul(x, a, config=cfg), x,
+                          sp_ws[op], f"wgmma_{vname}", refs[op])
+                if args.no_mgpu:
+                    continue
                 variants = {"default": (256, M())}
                 names = SWEEP if name in args.sweep_shapes.split(",") else SMALL_SWEEP
                 for vname in (names if args.sweep else ()):
@@ -192,7 +232,7 @@ def main(argv=None) -> int:
                                bytes=bsm._nbytes(sparse[op]) + io_bytes),
                           fn, x, triton_ws[op], "triton_auto", refs[op])
             save()
-        del dense_ws, native_ws, triton_ws
+        del dense_ws, native_ws, triton_ws, sp_ws
     save()
     table = render(result)
     if args.markdown:

@@ -36,9 +36,10 @@ from pallas_kernels.sparse_mma_layout import to_wgmma_sp  # noqa: E402
 
 TOKENS = (512, 1024, 2048, 4096, 8192)
 TILINGS = {  # name: (block_t, block_k, stages)
-    "t128k64s3": (128, 64, 3),
-    "t256k64s3": (256, 64, 3),
-    "t128k128s3": (128, 128, 3),
+    "t256k64s4": (256, 64, 4),
+    "t256k128s3": (256, 128, 3),
+    "t128k128s4": (128, 128, 4),
+    "t128k256s3": (128, 256, 3),
     "t256k32s4": (256, 32, 4),
 }
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         ok = {}
         for tname, (bt, bk, st) in tilings.items():
             try:
-                y = sm.wgmma_sp_matmul(x0, a, block_t=bt, block_k=bk, stages=st)
+                cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1)
+                y = sm.wgmma_sp_matmul(x0, a, config=cfg, out_dtype=jnp.float32)
                 err = bsm.rel_err(y, ref0)
             except Exception as e:  # noqa: BLE001 - a failing tiling is recorded, the run goes on
                 err = float("nan")
@@ -98,8 +100,9 @@ def main(argv=None) -> int:
             cands = {"triton_auto": (nmm.nm_matmul, nm_ws)}
             for tname, (bt, bk, st) in tilings.items():
                 if ok[tname]:
+                    cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1)
                     cands[f"wgmma_sp_{tname}"] = (functools.partial(
-                        sm.wgmma_sp_matmul, block_t=bt, block_k=bk, stages=st), a_ws)
+                        sm.wgmma_sp_matmul, config=cfg), a_ws)
             for vname, (fn, ws) in cands.items():
                 try:
                     s, _ = bsm.time_loop(fn, x, ws)

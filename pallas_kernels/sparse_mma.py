@@ -122,20 +122,23 @@ def _validate(x: jax.Array, a: WgmmaSparseA) -> None:
         raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
 
 
-def sp_descriptors(a_ref, b_ref, t: int):
-    """SMEM descriptors of one instruction's operands (Mosaic GPU IR values).
+def sp_descriptors(a_ref, b_ref, t: int, *, a_swizzle: int = A_SWIZZLE,
+                   b_swizzle: int = B_SWIZZLE):
+    """SMEM descriptors of one swizzle-atom column of the operands (Mosaic GPU IR values).
 
-    a_ref: A = W^T compressed, tiled (8, 1, 8, 16) bf16, swizzle 32 (K-major rows of W^T).
-    b_ref: x tiled (t/8, 1, 8, 32) bf16, swizzle 64, viewed as B = x^T, K-major.
+    a_ref: A = W^T compressed, tiled (8, 1, 8, a_swizzle/2) bf16 (K-major rows of W^T).
+    b_ref: x tiled (t/8, 1, 8, b_swizzle/2) bf16, viewed as B = x^T, K-major.
+    The descriptors address the atom's first k32 step; a later step inside a wider atom adds
+    its byte offset (32 bytes of A, 64 of x per step) to the start address.
     """
     from jax.experimental.mosaic.gpu import mma_utils
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     (a_desc, _), _, a_fastest = mma_utils.create_descriptor(
-        a_ref, swizzle=A_SWIZZLE, group_size=(WGMMA_M, WGMMA_K // 2), logical_k_major=False)
-    b_view = mgpu_utils.memref_transpose(b_ref, (1, 0, 3, 2))  # (k tiles, n tiles, 32, 8)
+        a_ref, swizzle=a_swizzle, group_size=(WGMMA_M, a_swizzle // 2), logical_k_major=False)
+    b_view = mgpu_utils.memref_transpose(b_ref, (1, 0, 3, 2))  # (k tiles, n tiles, sw/2, 8)
     (b_desc, _), _, b_fastest = mma_utils.create_descriptor(
-        b_view, swizzle=B_SWIZZLE, group_size=(WGMMA_K, t), logical_k_major=True,
+        b_view, swizzle=b_swizzle, group_size=(b_swizzle // 2, t), logical_k_major=True,
         mma_bytewidth_k=2 * WGMMA_K)
     if a_fastest != mma_utils.Dim.K or b_fastest != mma_utils.Dim.K:
         raise ValueError(f"expected K-major A and B, got {a_fastest=} {b_fastest=}")
@@ -160,15 +163,17 @@ def meta_slot_index():
     return arith.index_cast(ir.IndexType.get(), slot)
 
 
-def issue_wgmma_sp(regs: list, a_desc, b_desc, meta, t: int) -> list:
-    """One ``wgmma.mma_async.sp`` m64n{t}k32 accumulating into ``regs`` (the 32-bit accumulator
-    layout's vector<1xf32> registers); returns the new registers. No fence/commit/wait."""
+def issue_wgmma_sp(regs: list, a_desc, b_desc, meta, t: int, *, accumulate: bool = True
+                   ) -> list:
+    """One ``wgmma.mma_async.sp`` m64n{t}k32 into ``regs`` (the 32-bit accumulator layout's
+    vector<1xf32> registers; with ``accumulate=False`` their values are ignored: D = A B);
+    returns the new registers. No fence/commit/wait."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
 
     i32 = ir.IntegerType.get_signless(32)
     field = regs[0].type  # vector<1xf32>
-    use_d = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, 1)).result
+    use_d = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, int(accumulate))).result
     out = llvm.inline_asm(
         llvm.StructType.get_literal([field] * len(regs)),
         [*regs, a_desc, b_desc, meta, use_d],

@@ -75,22 +75,40 @@ META_SLOTS = 64  # 32-bit metadata registers that carry data per (m-tile, k-step
 class WgmmaSparseA:
     """A 2:4 weight W [..., K, N] as the sparse A operand (A = W^T) of ``wgmma.mma_async.sp``.
 
+    Samoyeds weights (1:2 column selection per slab of ``v`` rows, 2:4 inside) keep their
+    compressed matrix Wc [..., K, N/2] as A and the per-slab column choice in ``sel``: row r of A
+    feeds dense output column ``2r + sel[slab, r]``.
+
     Attributes:
-      values: [..., N, K//2] weight dtype; row n = the kept values of W[:, n] in NMSparse order
-        (= ``NMSparse.values`` transposed).
-      meta: [..., N//64, K//32, 64] int32 (uint32 bits); per m-tile and k-step the 64 metadata
+      values: [..., R, K//2] weight dtype; row r = the kept values of W[:, r] (of Wc[:, r] for
+        Samoyeds) in NMSparse order (= ``NMSparse.values`` transposed).
+      meta: [..., R//64, K//32, 64] int32 (uint32 bits); per m-tile and k-step the 64 metadata
         registers of the warpgroup (see module docstring, slot q = 16*warp + 2*(lane//4) + lane%2).
-      k: dense K (static).
+      sel: None (2:4), or [..., K//v, R] int16, Samoyeds' column offset (0, 1) per slab (16
+        bits: a 64-row block of one slab is 128 bytes, the smallest copy the kernel can issue).
+      k: dense K; v: Samoyeds slab rows (0 for 2:4) (static).
     """
 
     values: jax.Array
     meta: jax.Array
+    sel: jax.Array | None = None
     k: int = dataclasses.field(metadata=dict(static=True))
+    v: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def paired(self) -> bool:
+        """Samoyeds 1:2 columns: two dense output columns per row of A."""
+        return self.sel is not None
+
+    @property
+    def rows(self) -> int:
+        """Rows of A (N, or N // 2 when paired)."""
+        return self.values.shape[-2]
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Dense shape of W (..., K, N)."""
-        return tuple(self.values.shape[:-2]) + (self.k, self.values.shape[-2])
+        return tuple(self.values.shape[:-2]) + (self.k, self.rows * (2 if self.paired else 1))
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -98,7 +116,17 @@ class WgmmaSparseA:
 
     @property
     def nbytes(self) -> int:
-        return int(self.values.size * self.values.dtype.itemsize + self.meta.size * 4)
+        sel = 0 if self.sel is None else self.sel.size * self.sel.dtype.itemsize
+        return int(self.values.size * self.values.dtype.itemsize + self.meta.size * 4 + sel)
+
+    def to_dense(self) -> jax.Array:
+        """Dense W [..., K, N] (jnp)."""
+        nm = from_wgmma_sp(self)
+        if not self.paired:
+            return nm.to_dense()
+        return formats.SamoyedsSparse(values=nm.values, meta=nm.meta, sel=self.sel, n_sel=1,
+                                      m_sel=2, v=self.v, k=self.k,
+                                      n_out=2 * self.rows).to_dense()
 
 
 def meta_slot(tid: int | np.ndarray) -> int | np.ndarray:
@@ -116,12 +144,19 @@ def _check_nm(w: formats.NMSparse) -> None:
             f"need K % {WGMMA_K} == 0 and N % {WGMMA_M} == 0 for wgmma.sp, got shape {w.shape}")
 
 
-def to_wgmma_sp(w: formats.NMSparse) -> WgmmaSparseA:
-    """NMSparse(2:4) W [..., K, N] -> the ``wgmma.mma_async.sp`` A operand of W^T (jnp, exact).
+def to_wgmma_sp(w: formats.NMSparse | formats.SamoyedsSparse) -> WgmmaSparseA:
+    """2:4 ``NMSparse`` or 1:2 ``SamoyedsSparse`` W [..., K, N] -> the ``wgmma.mma_async.sp`` A
+    operand of W^T (of Wc^T, plus ``sel``, for Samoyeds) (jnp, exact).
 
     Raises:
-      ValueError: not 2:4, K % 32 != 0 or N % 64 != 0.
+      ValueError: not 2:4 (or not 1:2 column selection), K % 32 != 0 or rows % 64 != 0.
     """
+    if isinstance(w, formats.SamoyedsSparse):
+        if (w.n_sel, w.m_sel) != (1, 2):
+            raise ValueError(f"wgmma.sp needs Samoyeds 1:2 column selection, got "
+                             f"{w.n_sel}:{w.m_sel}")
+        a = to_wgmma_sp(w.nm)
+        return dataclasses.replace(a, sel=w.sel.astype(jnp.int16), v=w.v)
     _check_nm(w)
     lead = tuple(w.meta.shape[:-2])
     kw, n_out = w.meta.shape[-2:]  # kw = K // 32 words along K
@@ -139,7 +174,7 @@ def to_wgmma_sp(w: formats.NMSparse) -> WgmmaSparseA:
 
 
 def from_wgmma_sp(a: WgmmaSparseA) -> formats.NMSparse:
-    """Exact inverse of ``to_wgmma_sp`` (jnp)."""
+    """Exact inverse of ``to_wgmma_sp`` for 2:4 (jnp); for Samoyeds, its 2:4 matrix Wc."""
     lead = tuple(a.meta.shape[:-3])
     mt, kw, slots = a.meta.shape[-3:]
     if slots != META_SLOTS or a.values.shape[-2] != mt * WGMMA_M or a.k != kw * WGMMA_K:

@@ -1,67 +1,257 @@
-"""``y = x @ W`` on Hopper sparse tensor cores: a pipelined ``wgmma.mma_async.sp`` kernel (prefill).
+"""``y = x @ W`` on Hopper sparse tensor cores: a pipelined ``wgmma.mma_async.sp`` kernel.
 
-**Not yet run on a GPU** (it lowers for CUDA on a CPU host; ``tests/test_sparse_mma_matmul.py``
-has the GPU check). It extends the single instruction of ``pallas_kernels.sparse_mma`` (which is
-verified on an H100) to a whole product:
+Load-as-Sparse, Compute-as-Sparse: the compressed 2:4 weights go from HBM to shared memory by
+TMA and straight into the sparse tensor core, with no expansion in registers. Used for decode
+(few tokens: memory bound, so the win is the bytes) and for prefill (many tokens: the sparse
+instruction does half the MMA work of the dense one).
 
-* ``y^T [N, t] = W^T [N, K] @ x^T [K, t]``; W in the ``WgmmaSparseA`` layout (A = W^T compressed
-  [N, K/2] + per-thread metadata registers [N/64, K/32, 64]; converted once at load).
-* One program per (64 W^T rows, ``block_t`` tokens); ``plgpu.emit_pipeline`` streams K tiles of
-  ``block_k`` through a TMA ring: the compressed A tile [64, block_k/2] (32-byte swizzle), the
-  metadata [block_k/32, 64] and the x tile [block_t, block_k] (64-byte swizzle).
+* ``y^T [N, t] = W^T [N, K] @ x^T [K, t]``; W as a ``WgmmaSparseA`` (A = W^T compressed
+  [R, K/2] + per-thread metadata registers [R/64, K/32, 64]; converted once at load, see
+  ``pallas_kernels.sparse_mma_layout``).
+* One program per (64 W^T rows, K split, ``block_t`` tokens); ``plgpu.emit_pipeline`` streams K
+  tiles of ``block_k`` through a ``stages``-deep TMA ring: the compressed A tile [64, block_k/2],
+  its metadata [block_k/32, 64] and the x tile [block_t, block_k] (each at the widest swizzle its
+  rows allow, up to 128 bytes).
 * Per K tile, one sparse wgmma per 32 dense K (m64 n``block_t`` k32, f32 += bf16 x bf16) from
-  SMEM descriptors, issued through ``plgpu.inline_mgpu`` + inline PTX; the f32 accumulator is the
-  pipeline's carry (WGMMA layout), one ``wgmma.wait_group 0`` per K tile.
-* The accumulator goes to SMEM and out by TMA as y^T; the wrapper transposes.
+  SMEM descriptors (advanced by 32 / 64 bytes inside a swizzle atom), issued through
+  ``plgpu.inline_mgpu`` + inline PTX; one ``wgmma.wait_group 0`` per K tile; the accumulators are
+  the pipeline's carry (WGMMA layout).
+* Samoyeds weights (``a.paired``): row r of A feeds dense column ``2r + sel[slab, r]``. Per slab
+  of ``v`` K rows the sparse wgmmas write a fresh partial product (scale-d = 0 on the first), and
+  each thread adds it to one of two accumulators by its rows' ``sel`` (two selects and two adds
+  per register, per slab).
+* The accumulators go to SMEM and out by TMA as y^T partial sums [splits, 2 or 1, R, t]; one XLA
+  sum over splits and a transpose give y.
 
-The sparse instruction does half the MMA work of the dense one on the same K, so at large t
-(compute bound) the product can beat a dense matmul; the target is >= 1.3x XLA dense at 4096
-tokens. ``wgmma_sp_matmul_reference`` has the same signature.
+``wgmma_sp_grouped_matmul`` is the MoE form: one launch for every expert of a layer, a token
+tile's program reads its expert's weights only, tiles past ``num_tiles`` load nothing.
+``wgmma_sp_matmul_reference`` / ``wgmma_sp_grouped_matmul_reference`` have the same signatures
+(pure jnp). The kernel lowers for CUDA on any host (``jax.export``); it runs only on Hopper.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from pallas_kernels.sparse_mma import (A_SWIZZLE, B_SWIZZLE, accumulator_value, issue_wgmma_sp,
-                                      meta_slot_index, sp_descriptors)
-from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA, from_wgmma_sp
+from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
+                                      sp_descriptors)
+from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
 
-
-def wgmma_sp_matmul_reference(x: jax.Array, a: WgmmaSparseA, *, block_t: int = 128,
-                              block_k: int = 64, stages: int = 3) -> jax.Array:
-    """``x @ W`` in jnp, f32 accumulation. x: [t, K] bf16; a: W [K, N]. Returns [t, N] f32."""
-    del stages
-    _validate(x, a, block_t, block_k)
-    w = from_wgmma_sp(a).to_dense().astype(jnp.float32)
-    return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+_H100_SMS = 132
 
 
-def _validate(x: jax.Array, a: WgmmaSparseA, block_t: int, block_k: int) -> None:
-    if not isinstance(a, WgmmaSparseA) or len(a.shape) != 2:
-        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__}")
-    k, n = a.shape
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [t, K={k}], got {x.shape}")
-    if x.dtype != jnp.bfloat16 or a.dtype != jnp.bfloat16:
-        raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WgmmaSpConfig:
+    """Tiling of one sparse-wgmma launch.
+
+    block_t: tokens per program (the instruction's N): a multiple of 8 in [8, 256]; None: the
+      token count rounded up to 8, at most 64 (decode), or 256 from 512 tokens on (prefill).
+    block_k: dense K per pipeline step, a multiple of 32 dividing K (for Samoyeds also dividing
+      or divided by the slab ``v``); None: 256 when it divides K, else 128, else 32.
+    splits: K splits (a divisor of K // block_k); None: the fewest that put ``programs_per_sm``
+      programs on every SM.
+    stages: K tiles in flight per program (the TMA ring depth).
+    """
+
+    block_t: int | None = None
+    block_k: int | None = None
+    splits: int | None = None
+    stages: int = 3
+    programs_per_sm: int = 4
+
+
+def wgmma_sp_matmul_reference(x: jax.Array, a: WgmmaSparseA, *,
+                              config: WgmmaSpConfig | None = None, out_dtype: Any = None
+                              ) -> jax.Array:
+    """``x @ W`` in jnp, f32 accumulation. x: [t, K]; a: W [K, N]. Returns [t, N]."""
+    del config
+    _check(x, a)
+    y = jnp.dot(x.astype(jnp.float32), a.to_dense().astype(jnp.float32),
+                precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype or x.dtype)
+
+
+def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | None = None,
+                    out_dtype: Any = None) -> jax.Array:
+    """``x @ W`` with pipelined sparse wgmma (Hopper). Same signature as the reference.
+
+    Args:
+      x: [t, K] bfloat16.
+      a: W [K, N] as ``WgmmaSparseA`` (2:4, or Samoyeds with ``sel``), no leading dims.
+      config: tiling (``WgmmaSpConfig``); None picks it from t and the shape.
+      out_dtype: output dtype (default x.dtype).
+
+    Returns:
+      [t, N] in ``out_dtype``, accumulated in float32.
+
+    Raises:
+      ValueError: shapes, dtypes or a config that does not fit (expected vs given).
+    """
+    _check(x, a)
+    t = x.shape[0]
+    n_out = a.shape[-1]
+    if t == 0:
+        return jnp.zeros((0, n_out), out_dtype or x.dtype)
+    cfg = resolve_config(config, t=t, a=a)
+    t_pad = -(-t // cfg.block_t) * cfg.block_t
+    x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
+    sel = () if not a.paired else (a.sel,)
+    parts = _call(x, a.values, a.meta, *sel, v=a.v, **_static(cfg))
+    return _columns(parts, a)[:t].astype(out_dtype or x.dtype)
+
+
+def wgmma_sp_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array,
+                                      num_tiles: jax.Array, a: WgmmaSparseA, *, block_t: int,
+                                      config: WgmmaSpConfig | None = None) -> jax.Array:
+    """Per token tile i: ``x[tile i] @ W[tile_expert[i]]``, zeros for tiles >= num_tiles (jnp).
+
+    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; a: stack [e, K, N].
+    Returns [n*block_t, N] float32.
+    """
+    del config
+    n = _check_grouped(x, tile_expert, a, block_t)
+    dense = a.to_dense().astype(jnp.float32)  # [e, K, N]
+    xt = x.astype(jnp.float32).reshape(n, block_t, a.k)
+    e = jnp.clip(tile_expert, 0, dense.shape[0] - 1)
+    y = jnp.einsum("ntk,nkc->ntc", xt, dense[e], precision=lax.Precision.HIGHEST)
+    live = (jnp.arange(n) < num_tiles)[:, None, None]
+    return jnp.where(live, y, 0.0).reshape(n * block_t, -1)
+
+
+def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
+                            a: WgmmaSparseA, *, block_t: int,
+                            config: WgmmaSpConfig | None = None) -> jax.Array:
+    """Expert-grouped ``wgmma_sp_matmul``: token tile i of x times expert ``tile_expert[i]``.
+
+    Args:
+      x: [n*block_t, K] bf16, token rows grouped by expert (``RoutingPlan`` row tiles).
+      tile_expert: [n] int32, expert of each tile (only tiles < num_tiles are read).
+      num_tiles: [] int32, tiles in use.
+      a: ``WgmmaSparseA`` expert stack, dense [e, K, N].
+      block_t: rows per tile: a multiple of 8 in [8, 256].
+      config: ``block_k``, ``splits``, ``stages`` (``block_t`` comes from the argument).
+
+    Returns:
+      [n*block_t, N] float32.
+    """
+    n = _check_grouped(x, tile_expert, a, block_t)
+    e = a.values.shape[0]
+    one = jax.tree.map(lambda v: v[0], a)
+    cfg = dataclasses.replace(config or WgmmaSpConfig(), block_t=block_t)
+    cfg = resolve_config(cfg, t=min(n, e) * block_t, a=one)
+    sel = () if not a.paired else (a.sel.reshape(-1, a.rows),)
+    parts = _call(x, a.values.reshape(-1, a.k // 2), a.meta.reshape(-1, *a.meta.shape[-2:]),
+                  *sel, tile_expert=tile_expert.astype(jnp.int32),
+                  num_tiles=jnp.reshape(num_tiles, (1,)).astype(jnp.int32), experts=e, v=a.v,
+                  **_static(cfg))
+    return _columns(parts, one)
+
+
+def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> WgmmaSpConfig:
+    """Fill ``block_t``, ``block_k`` and ``splits`` and check the config against this problem."""
+    cfg = config or WgmmaSpConfig()
+    k = a.k
+    block_t = cfg.block_t
+    if block_t is None:
+        block_t = 256 if t >= 512 else min(64, -(-t // 8) * 8)
     if block_t % 8 or not 8 <= block_t <= 256:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
+    block_k = cfg.block_k
+    if block_k is None:
+        block_k = next(b for b in (256, 128, 64, 32) if k % b == 0 and (
+            not a.paired or a.v % b == 0 or b % a.v == 0))
     if block_k % WGMMA_K or k % block_k:
         raise ValueError(f"block_k={block_k} must be a multiple of {WGMMA_K} dividing K={k}")
-    if n % WGMMA_M:
-        raise ValueError(f"N={n} must be a multiple of {WGMMA_M}")
+    if a.paired and a.v % block_k and block_k % a.v:
+        raise ValueError(f"block_k={block_k} must divide or be a multiple of the Samoyeds "
+                         f"slab v={a.v}")
+    kt = k // block_k
+    splits = cfg.splits
+    if splits is None:
+        programs = a.rows // WGMMA_M * -(-t // block_t)
+        splits = next(d for d in range(1, kt + 1) if kt % d == 0 and (
+            programs * d >= cfg.programs_per_sm * _sms() or d == kt))
+    if splits < 1 or kt % splits:
+        raise ValueError(f"splits must divide K // block_k = {kt}, got {splits}")
+    if cfg.stages < 1:
+        raise ValueError(f"stages must be >= 1, got {cfg.stages}")
+    return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
 
 
-def _mma_tile(ctx, acc, a_ref, x_ref, m_ref, *, ksteps: int, block_t: int):
-    """Mosaic GPU body: ``ksteps`` sparse wgmmas of one K tile into the carried accumulator.
+def _sms() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
 
-    acc: FragmentedArray [64, block_t] f32 (WGMMA layout); a_ref: A tile tiled
-    (8, ksteps, 8, 16) bf16, swizzle 32; x_ref: x tile tiled (block_t/8, ksteps, 8, 32) bf16,
-    swizzle 64; m_ref: [1, ksteps, 64] int32 metadata registers.
+
+def _static(cfg: WgmmaSpConfig) -> dict:
+    return dict(block_t=cfg.block_t, block_k=cfg.block_k, splits=cfg.splits, stages=cfg.stages)
+
+
+def _columns(parts: jax.Array, a: WgmmaSparseA) -> jax.Array:
+    """Kernel output [S, P, R, t_pad] f32 -> y [t_pad, N] f32 (split sum, paired columns)."""
+    yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
+    if a.paired:  # dense column 2r + o
+        yt = jnp.transpose(yt, (1, 0, 2)).reshape(2 * a.rows, -1)
+    else:
+        yt = yt[0]
+    return yt.T
+
+
+def _check_common(x: jax.Array, a: WgmmaSparseA) -> None:
+    if x.dtype != jnp.bfloat16 or a.dtype != jnp.bfloat16:
+        raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
+    if a.rows % WGMMA_M:
+        raise ValueError(f"W^T rows ({a.rows}) must be a multiple of {WGMMA_M}")
+    if a.k % WGMMA_K:
+        raise ValueError(f"K={a.k} must be a multiple of {WGMMA_K}")
+
+
+def _check(x: jax.Array, a: WgmmaSparseA) -> None:
+    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 2:
+        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__} "
+                         f"of shape {getattr(a, 'shape', None)}")
+    if x.ndim != 2 or x.shape[1] != a.k:
+        raise ValueError(f"x must be [t, K={a.k}], got {x.shape}")
+    _check_common(x, a)
+
+
+def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_t: int) -> int:
+    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 3:
+        raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got "
+                         f"{type(a).__name__} of shape {getattr(a, 'shape', None)}")
+    if block_t % 8 or not 8 <= block_t <= 256:
+        raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
+    if x.ndim != 2 or x.shape[1] != a.k or x.shape[0] % block_t:
+        raise ValueError(f"x must be [n*{block_t}, K={a.k}], got {x.shape}")
+    n = x.shape[0] // block_t
+    if tile_expert.shape != (n,):
+        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
+    _check_common(x, a)
+    return n
+
+
+def _swizzle(row_bytes: int) -> int:
+    return min(128, row_bytes)
+
+
+def _transforms(swizzle: int):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+
+
+def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: int, v: int,
+              sel_rows: int):
+    """Mosaic GPU body: the sparse wgmmas of one K tile, added into the carried accumulators.
+
+    accs: 1 (2:4) or 2 (Samoyeds) FragmentedArrays [64, block_t] f32 (WGMMA layout); a_ref:
+    A tile [64, block_k/2] bf16 tiled (8, swa/2); x_ref: x tile [block_t, block_k] tiled
+    (8, swb/2); m_ref: [1, block_k/32, 64] int32 registers; sel_ref: [sel_rows, 64] int16.
     """
     del ctx
     from jax._src.lib.mlir import ir
@@ -70,88 +260,179 @@ def _mma_tile(ctx, acc, a_ref, x_ref, m_ref, *, ksteps: int, block_t: int):
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     index = ir.IndexType.get()
+    i64 = ir.IntegerType.get_signless(64)
+    ci = lambda val: arith.constant(index, val)
+    swa, swb = _swizzle(block_k), _swizzle(2 * block_k)
+    per_a, per_b = swa // 32, swb // 64  # k32 steps per swizzle atom row of A / of x
     slot = meta_slot_index()
-    accum = mgpu.WGMMAAccumulator.from_registers(acc)  # the 32-bit accumulator layout
-    regs = list(accum._value.registers.flat)
+    accums = [mgpu.WGMMAAccumulator.from_registers(acc) for acc in accs]
+    regs = [list(acc._value.registers.flat) for acc in accums]
+    field = regs[0][0].type
+
+    def descriptors(j):
+        a_j = mgpu_utils.memref_slice(a_ref, (slice(None), slice(j // per_a, j // per_a + 1)))
+        x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j // per_b, j // per_b + 1)))
+        a_desc, b_desc = sp_descriptors(a_j, x_j, block_t, a_swizzle=swa, b_swizzle=swb)
+        # inside a swizzle atom: 16 kept bf16 (32 bytes) of A and 32 bf16 (64 bytes) of x per
+        # step; the descriptor's start address counts 16-byte units
+        a_desc = arith.addi(a_desc, arith.constant(i64, 2 * (j % per_a)))
+        b_desc = arith.addi(b_desc, arith.constant(i64, 4 * (j % per_b)))
+        return a_desc, b_desc
+
+    def meta(j):
+        return memref.load(m_ref, [ci(0), ci(j), slot])
+
+    ksteps = block_k // WGMMA_K
     nvvm.wgmma_fence_aligned()
-    for j in range(ksteps):  # one swizzle-tile column of A and of x per 32 dense K
-        a_j = mgpu_utils.memref_slice(a_ref, (slice(None), slice(j, j + 1)))
-        x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j, j + 1)))
-        a_desc, b_desc = sp_descriptors(a_j, x_j, block_t)
-        meta = memref.load(m_ref, [arith.constant(index, 0), arith.constant(index, j), slot])
-        regs = issue_wgmma_sp(regs, a_desc, b_desc, meta, block_t)
-    nvvm.wgmma_commit_group_sync_aligned()
-    nvvm.wgmma_wait_group_sync_aligned(0)  # the ring slot is released after this tile
-    return accumulator_value(accum, regs)
+    if not sel_ref:
+        for j in range(ksteps):
+            regs[0] = issue_wgmma_sp(regs[0], *descriptors(j), meta(j), block_t)
+        nvvm.wgmma_commit_group_sync_aligned()
+        nvvm.wgmma_wait_group_sync_aligned(0)  # the ring slot is released after this tile
+    else:
+        (sel_ref,) = sel_ref
+        slab_steps = min(ksteps, v // WGMMA_K)
+        zero = arith.constant(field, ir.DenseElementsAttr.get_splat(
+            ir.VectorType(field), ir.FloatAttr.get(ir.F32Type.get(), 0.0)))
+        # this thread's accumulator rows: 16*warp + lane//4 (+ 8 for registers 2, 3 mod 4)
+        tid = mgpu_utils.thread_idx()
+        if not isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(index, tid)
+        row0 = arith.addi(arith.muli(arith.divui(tid, ci(32)), ci(16)),
+                          arith.divui(arith.remui(tid, ci(32)), ci(4)))
+        rows = (row0, arith.addi(row0, ci(8)))
+        for s in range(ksteps // slab_steps):
+            part = [zero] * len(regs[0])
+            for j in range(s * slab_steps, (s + 1) * slab_steps):
+                part = issue_wgmma_sp(part, *descriptors(j), meta(j), block_t,
+                                      accumulate=j > s * slab_steps)
+            nvvm.wgmma_commit_group_sync_aligned()
+            nvvm.wgmma_wait_group_sync_aligned(0)
+            srow = ci(s if sel_rows > 1 else 0)
+            hi = [arith.cmpi(arith.CmpIPredicate.ne, memref.load(sel_ref, [srow, r]),
+                             arith.constant(ir.IntegerType.get_signless(16), 0)) for r in rows]
+            for i, p in enumerate(part):
+                h = hi[(i // 2) % 2]
+                regs[0][i] = arith.addf(regs[0][i], arith.select(h, zero, p))
+                regs[1][i] = arith.addf(regs[1][i], arith.select(h, p, zero))
+    return tuple(accumulator_value(acc, r) for acc, r in zip(accums, regs))
 
 
-def _store_acc(ctx, acc, o_ref):
+def _store_accs(ctx, accs, o_ref):
     del ctx
-    acc.store_untiled(o_ref, optimized=False)
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    for o, acc in enumerate(accs):
+        acc.store_untiled(mgpu_utils.memref_slice(o_ref, o), optimized=False)
 
 
-@functools.partial(jax.jit, static_argnames=("block_t", "block_k", "stages"))
-def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, block_t: int = 128, block_k: int = 64,
-                    stages: int = 3) -> jax.Array:
-    """``x @ W`` with pipelined sparse wgmma (Hopper). Same signature as the reference.
+@functools.partial(jax.jit, static_argnames=("block_t", "block_k", "splits", "stages",
+                                             "experts", "v"))
+def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, experts: int = 1,
+          v: int, block_t: int, block_k: int, splits: int, stages: int):
+    """x [t_pad, K], values [e*R, K/2], meta [e*R/64, K/32, 64] (+ sel [e*K/v, R] int16)
+    -> [S, P, R, t_pad] f32 partial sums (P = 2 with sel, else 1).
 
-    x: [t, K] bf16 (padded here to a multiple of ``block_t``); a: W [K, N] as
-    ``WgmmaSparseA``. Returns [t, N] f32.
-
-    Raises:
-      ValueError: shapes, dtypes or tiles that do not fit (expected vs given).
+    Grouped (``tile_expert`` [t_pad / block_t] int32, ``num_tiles`` [1] int32): token tile i
+    multiplies expert ``tile_expert[i]``; tiles >= num_tiles load nothing and write zeros.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax.experimental.mosaic import gpu as mgpu
 
-    _validate(x, a, block_t, block_k)
-    t, k = x.shape
-    n = a.shape[1]
-    t_pad = -(-t // block_t) * block_t
-    x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
+    grouped = tile_expert is not None
+    paired = sel is not None
+    t_pad, k = x.shape
+    rows = values.shape[0] // experts
+    kt = k // block_k
+    steps = kt // splits
+    n_acc = 2 if paired else 1
     ksteps = block_k // WGMMA_K
+    swa, swb = _swizzle(block_k), _swizzle(2 * block_k)
+    # Samoyeds sel rows per K tile: one slab row per tile (tiles inside a slab reload it), or
+    # block_k / v rows
+    sel_rows = max(1, block_k // v) if paired else 0
+    slabs = k // v if paired else 0
 
-    def transforms(swizzle: int):
-        return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
-
+    acc_type = plgpu.ShapeDtypeStruct((WGMMA_M, block_t), jnp.float32, layout=plgpu.Layout.WGMMA)
+    sel_types = (plgpu.RefType(),) if paired else ()
     mma = plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=transforms(A_SWIZZLE)),
-                   plgpu.RefType(transforms=transforms(B_SWIZZLE)), plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((WGMMA_M, block_t), jnp.float32,
-                                           layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_mma_tile, ksteps=ksteps, block_t=block_t))
-    store = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_acc)
+        arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType(transforms=_transforms(swa)),
+                   plgpu.RefType(transforms=_transforms(swb)), plgpu.RefType(), *sel_types),
+        return_type=(acc_type,) * n_acc,
+    )(functools.partial(_mma_tile, block_t=block_t, block_k=block_k, v=v, sel_rows=sel_rows))
+    store = plgpu.inline_mgpu(arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType()))(
+        _store_accs)
 
-    def body(x_gmem, a_gmem, m_gmem, o_gmem, o_smem):
-        mi, ti = jax.lax.axis_index("m"), jax.lax.axis_index("t")
+    def body(*refs, o_smem):
+        if grouped:
+            te_gmem, nt_gmem, *refs = refs
+        x_gmem, a_gmem, m_gmem, *rest = refs
+        s_gmem = rest[0] if paired else None
+        o_gmem = rest[-1]
+        mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
+        acc0 = tuple(plgpu.layout_cast(jnp.zeros((WGMMA_M, block_t), jnp.float32),
+                                       plgpu.Layout.WGMMA) for _ in range(n_acc))
 
-        def step(_, x_smem, a_smem, m_smem, acc):
-            return mma(acc, a_smem, x_smem, m_smem)
+        def pipeline(e=0):
+            k0 = si * steps
+            mrow = e * (rows // WGMMA_M) + mi
 
-        acc0 = plgpu.layout_cast(jnp.zeros((WGMMA_M, block_t), jnp.float32),
-                                 plgpu.Layout.WGMMA)
-        acc = plgpu.emit_pipeline(
-            step, grid=(k // block_k,), max_concurrent_steps=stages, init_carry=acc0,
-            in_specs=[
-                plgpu.BlockSpec((block_t, block_k), lambda kk: (ti, kk),
-                                transforms=transforms(B_SWIZZLE)),
-                plgpu.BlockSpec((WGMMA_M, block_k // 2), lambda kk: (mi, kk),
-                                transforms=transforms(A_SWIZZLE)),
-                plgpu.BlockSpec((1, ksteps, WGMMA_M), lambda kk: (mi, kk, 0)),
-            ])(x_gmem, a_gmem, m_gmem)
-        store(acc, o_smem)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * WGMMA_M, WGMMA_M),
-                                                  pl.ds(ti * block_t, block_t)])
-        plgpu.wait_smem_to_gmem(0)
+            def step(_, *refs):
+                x_smem, a_smem, m_smem, *s_smem, carry = refs
+                return mma(carry, a_smem, x_smem, m_smem, *s_smem)
+
+            specs = [
+                plgpu.BlockSpec((block_t, block_k), lambda kk: (ti, k0 + kk),
+                                transforms=_transforms(swb)),
+                plgpu.BlockSpec((WGMMA_M, block_k // 2), lambda kk: (mrow, k0 + kk),
+                                transforms=_transforms(swa)),
+                plgpu.BlockSpec((1, ksteps, WGMMA_M), lambda kk: (mrow, k0 + kk, 0)),
+            ]
+            operands = [x_gmem, a_gmem, m_gmem]
+            if paired:
+                per_slab = max(1, v // block_k)  # K tiles per sel row block
+                specs.append(plgpu.BlockSpec(
+                    (sel_rows, WGMMA_M),
+                    lambda kk: ((e * slabs) // sel_rows + (k0 + kk) // per_slab, mi)))
+                operands.append(s_gmem)
+            return plgpu.emit_pipeline(step, grid=(steps,), max_concurrent_steps=stages,
+                                       init_carry=acc0, in_specs=specs)(*operands)
+
+        def finish(accs):
+            store(accs, o_smem)
+            plgpu.commit_smem()
+            for o in range(n_acc):
+                plgpu.copy_smem_to_gmem(o_smem.at[o], o_gmem.at[
+                    si, o, pl.ds(mi * WGMMA_M, WGMMA_M), pl.ds(ti * block_t, block_t)])
+            plgpu.wait_smem_to_gmem(0)
+
+        if grouped:  # tiles past num_tiles load nothing and store zeros
+            live = ti < nt_gmem[0]
+            pl.when(live)(lambda: finish(pipeline(te_gmem[ti])))
+            pl.when(jnp.logical_not(live))(lambda: finish(acc0))
+        else:
+            finish(pipeline())
 
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((n, t_pad), jnp.float32),
-        grid=(n // WGMMA_M, t_pad // block_t),
-        grid_names=("m", "t"),
-        scratch_types=dict(o_smem=plgpu.SMEM((WGMMA_M, block_t), jnp.float32)),
+        out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
+        grid=(rows // WGMMA_M, splits, t_pad // block_t),
+        grid_names=("m", "s", "t"),
+        scratch_types=dict(o_smem=plgpu.SMEM((n_acc, WGMMA_M, block_t), jnp.float32)),
         compiler_params=plgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Lane),
     )
-    return kernel(x, a.values, a.meta).T[:t]
+    operands = (x, values, meta) + ((sel,) if paired else ())
+    if grouped:
+        return kernel(tile_expert, num_tiles, *operands)
+    return kernel(*operands)
+
+
+def lowers_for_cuda(x: jax.Array, a: WgmmaSparseA, config: WgmmaSpConfig | None = None) -> str:
+    """Export ``wgmma_sp_matmul`` for CUDA on this host (runs the Mosaic GPU lowering, no GPU).
+
+    Returns the exported module text; raises what the lowering raises.
+    """
+    cfg = resolve_config(config, t=x.shape[0], a=a)
+    fn = functools.partial(wgmma_sp_matmul, config=cfg)
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(x, a).mlir_module()
