@@ -132,7 +132,7 @@ def main() -> None:
         for backend in ["xla"] + [b for b in backends if b != "xla"]:
             if backend == "xla":
                 model = base
-            elif backend == "hopper":  # pallas backend, experts in TransposedSparse
+            elif backend == "hopper":  # pallas backend, experts in a Hopper layout
                 model = _with_hopper(base)
             else:
                 model = _with_backend(base, backend)

@@ -44,6 +44,7 @@ from pallas_kernels import backend as backend_lib
 from pallas_kernels import moe_matmul as mm
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, pack_meta
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.sparse_mma_layout import to_wgmma_sp
 from pallas_kernels.transposed_format import TransposedSparse
 
 # name: (d_model, d_ff, experts, top_k, moe layers); from the models' config.json files.
@@ -63,9 +64,12 @@ MODEL_FACTS = {
     "qwen1.5-moe-a2.7b": dict(total_params=14.3e9, kv_bytes_per_token=24 * 2 * 16 * 128 * 2),
 }
 TOKENS = (1, 16, 64, 256, 1024, 4096)
-VARIANTS = ("rd", "fused", "nm24", "samoyeds", "nm24_h", "samoyeds_h")
-# *_h: the same 2:4 / Samoyeds weights in the Hopper layout (TransposedSparse), run by the
-# expert-grouped Mosaic GPU kernels (``mgpu_moe``); the others run the Pallas Triton kernels.
+VARIANTS = ("rd", "fused", "nm24", "samoyeds", "nm24_h", "samoyeds_h", "nm24_sp", "samoyeds_sp")
+# *_h / *_sp: the same 2:4 / Samoyeds weights in a Hopper layout, run by the expert-grouped
+# Mosaic GPU kernels (``mgpu_moe``): *_h TransposedSparse (expanded in registers, dense wgmma),
+# *_sp WgmmaSparseA (sparse tensor cores); the others run the Pallas Triton kernels.
+HOPPER = {"nm24_h": TransposedSparse.from_nm, "samoyeds_h": TransposedSparse.from_samoyeds,
+          "nm24_sp": to_wgmma_sp, "samoyeds_sp": to_wgmma_sp}
 ROTATE_BYTES = 200e6  # dense weight bytes touched per loop iteration, at least (> 4x L2)
 
 
@@ -272,22 +276,21 @@ def main() -> int:
         weights["fused"] = weights["rd"]
         if "nm24" in args.variants:
             weights["nm24"] = make_layers("nm24", kn, n_layers, e, d, f)
-        if "samoyeds" in args.variants or "samoyeds_h" in args.variants:
+        if any(v.startswith("samoyeds") for v in args.variants):
             weights["samoyeds"] = make_layers("samoyeds", ks, n_layers, e, d, f)
-        if "nm24_h" in args.variants and "nm24" not in weights:
+        if any(v.startswith("nm24_") for v in args.variants) and "nm24" not in weights:
             weights["nm24"] = make_layers("nm24", kn, n_layers, e, d, f)
-        for v, conv in (("nm24_h", TransposedSparse.from_nm),
-                        ("samoyeds_h", TransposedSparse.from_samoyeds)):
+        for v, conv in HOPPER.items():
             if v in args.variants:  # converted once, at load
                 try:
                     weights[v] = [tuple(jax.jit(conv)(w) for w in layer)
-                                  for layer in weights[v[:-2]]]
+                                  for layer in weights[v.rsplit("_", 1)[0]]]
                 except ValueError as exc:  # shapes the layout cannot hold: recorded, skipped
                     results.setdefault("skipped", []).append(dict(model=model, variant=v,
                                                                   error=str(exc)))
                     print(f"   {v} skipped: {exc}", flush=True)
-        fns = {"rd": mm.moe_ffn_ragged_dot, "fused": mm.moe_ffn, "nm24": mm.moe_ffn,
-               "samoyeds": mm.moe_ffn, "nm24_h": mm.moe_ffn, "samoyeds_h": mm.moe_ffn}
+        fns = {v: mm.moe_ffn for v in VARIANTS}
+        fns["rd"] = mm.moe_ffn_ragged_dot
         for t in args.tokens:
             if time.perf_counter() - start > args.budget_s:
                 print(f"   budget reached, skipping {model} t={t}", flush=True)
@@ -307,7 +310,7 @@ def main() -> int:
             row = dict(model=model, tokens=t, block_t=bt, layers=n_layers)
             outs = {}
             for v in args.variants:
-                if v in ("rd", "nm24_h", "samoyeds_h"):
+                if v == "rd" or v in HOPPER:
                     config = None
                 else:
                     kw = overrides.get(v, {}).get(str(t))
@@ -380,14 +383,14 @@ def main() -> int:
     save()
 
     print("\nmodel               tokens   rd_us  fused_us   nm24_us   sam_us  nm24_h  sam_h"
-          "  sam_h/rd sam_h/fused")
+          " nm24_sp sam_sp  sam_sp/rd sam_sp/fused")
     for row in results["rows"]:
         def us(v):
             return row.get(v, {}).get("us", float("nan"))
         print(f"{row['model']:18s} {row['tokens']:6d} {us('rd'):8.1f} {us('fused'):9.1f} "
               f"{us('nm24'):9.1f} {us('samoyeds'):8.1f} {us('nm24_h'):7.1f} "
-              f"{us('samoyeds_h'):6.1f} {us('rd') / us('samoyeds_h'):9.2f} "
-              f"{us('fused') / us('samoyeds_h'):11.2f}")
+              f"{us('samoyeds_h'):6.1f} {us('nm24_sp'):7.1f} {us('samoyeds_sp'):6.1f} "
+              f"{us('rd') / us('samoyeds_sp'):10.2f} {us('fused') / us('samoyeds_sp'):12.2f}")
     for mb in results["max_batch"]:
         print(f"max batch {mb['model']:18s} " + "  ".join(
             f"seq{s}: dense={mb[f'seq{s}']['dense']} samoyeds={mb[f'seq{s}']['samoyeds']}"

@@ -35,12 +35,13 @@ from pallas_kernels import sparse_mma_matmul as sm  # noqa: E402
 from pallas_kernels.sparse_mma_layout import to_wgmma_sp  # noqa: E402
 
 TOKENS = (512, 1024, 2048, 4096, 8192)
-TILINGS = {  # name: (block_t, block_k, stages)
-    "t256k64s4": (256, 64, 4),
-    "t256k128s3": (256, 128, 3),
-    "t128k128s4": (128, 128, 4),
-    "t128k256s3": (128, 256, 3),
-    "t256k32s4": (256, 32, 4),
+TILINGS = {  # name: (block_t, block_k, stages, inflight)
+    "t256k64s4": (256, 64, 4, 0),
+    "t256k64s4i1": (256, 64, 4, 1),
+    "t128k128s4": (128, 128, 4, 0),
+    "t128k128s4i1": (128, 128, 4, 1),
+    "t256k128s2i1": (256, 128, 2, 1),
+    "t128k64s6i1": (128, 64, 6, 1),
 }
 
 
@@ -72,9 +73,9 @@ def main(argv=None) -> int:
         x0 = jax.random.normal(jax.random.key(1), (512, k), jnp.float32).astype(jnp.bfloat16)
         ref0 = jnp.dot(x0.astype(jnp.float32), dense.astype(jnp.float32), precision="highest")
         ok = {}
-        for tname, (bt, bk, st) in tilings.items():
+        for tname, (bt, bk, st, inf) in tilings.items():
             try:
-                cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1)
+                cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1, inflight=inf)
                 y = sm.wgmma_sp_matmul(x0, a, config=cfg, out_dtype=jnp.float32)
                 err = bsm.rel_err(y, ref0)
             except Exception as e:  # noqa: BLE001 - a failing tiling is recorded, the run goes on
@@ -98,9 +99,10 @@ def main(argv=None) -> int:
             rows.append(dict(shape=name, t=t, variant="xla_dense", us=s_dense * 1e6, ratio=1.0,
                              tflops=flops / s_dense / 1e12))
             cands = {"triton_auto": (nmm.nm_matmul, nm_ws)}
-            for tname, (bt, bk, st) in tilings.items():
+            for tname, (bt, bk, st, inf) in tilings.items():
                 if ok[tname]:
-                    cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1)
+                    cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1,
+                                           inflight=inf)
                     cands[f"wgmma_sp_{tname}"] = (functools.partial(
                         sm.wgmma_sp_matmul, config=cfg), a_ws)
             for vname, (fn, ws) in cands.items():

@@ -1,8 +1,10 @@
-"""One MoE layer's experts on Hopper from ``TransposedSparse`` stacks (``mgpu_grouped_matmul``).
+"""One MoE layer's experts on Hopper, from expert stacks in a Hopper kernel layout.
 
 ``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): three expert-grouped
 Mosaic GPU launches (gate, up, down), each covering every expert of the layer; a program reads only
-its tile's expert, so an expert with no tokens costs nothing but an early exit.
+its tile's expert, so an expert with no tokens costs nothing but an early exit. The stacks are
+``WgmmaSparseA`` (sparse tensor cores: ``wgmma_sp_grouped_matmul``, bf16) or ``TransposedSparse``
+(expanded in registers, dense wgmma: ``mgpu_grouped_matmul``, bf16 or f16).
 
 Rows: the ``RoutingPlan``'s row tiles, cut to the most tiles that can be in use,
 ``min(P / block_t, ceil(t*k / block_t) + min(e, t*k))`` (tiles past ``num_blocks`` write zeros).
@@ -22,7 +24,12 @@ import jax.numpy as jnp
 from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
                                         mgpu_grouped_matmul_reference)
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.sparse_mma_layout import WgmmaSparseA
+from pallas_kernels.sparse_mma_matmul import (WgmmaSpConfig, wgmma_sp_grouped_matmul,
+                                              wgmma_sp_grouped_matmul_reference)
 from pallas_kernels.transposed_format import TransposedSparse
+
+HopperExperts = TransposedSparse | WgmmaSparseA
 
 
 def used_tiles(plan: RoutingPlan) -> int:
@@ -32,22 +39,25 @@ def used_tiles(plan: RoutingPlan) -> int:
     return min(plan.sorted_ids.shape[0] // bt, -(-assignments // bt) + min(e, assignments))
 
 
-def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: TransposedSparse, w3: TransposedSparse,
-                 w2: TransposedSparse, *, config: MgpuMatmulConfig | None = None,
+def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperExperts,
+                 w2: HopperExperts, *, config: MgpuMatmulConfig | WgmmaSpConfig | None = None,
                  matmul: Callable | None = None) -> jax.Array:
     """Experts of one MoE layer (see the module docstring). Returns [t, d] in x.dtype.
 
     x: [t, d]; plan: ``RoutingPlan`` with ``block_t`` a multiple of 8 (<= 128); w1, w3:
-    ``TransposedSparse`` [e, d, f]; w2: [e, f, d]; all in x's dtype. ``matmul``: the grouped
-    product (default the Mosaic GPU kernel; ``mgpu_grouped_matmul_reference`` runs the same
-    gather/combine anywhere).
+    [e, d, f]; w2: [e, f, d]; all three ``WgmmaSparseA`` or all three ``TransposedSparse``, in
+    x's dtype. ``matmul``: the grouped product (default the layout's Mosaic GPU kernel; its
+    ``*_reference`` runs the same gather/combine anywhere).
     """
+    kind = type(w1)
     for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-        if not isinstance(w, TransposedSparse):
-            raise ValueError(f"{name} must be a TransposedSparse stack, got {type(w).__name__}")
+        if not isinstance(w, (TransposedSparse, WgmmaSparseA)) or type(w) is not kind:
+            raise ValueError(f"w1, w3 and w2 must be all TransposedSparse or all WgmmaSparseA "
+                             f"stacks, got {name} {type(w).__name__} with w1 {kind.__name__}")
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
-    matmul = matmul or mgpu_grouped_matmul
+    if matmul is None:
+        matmul = wgmma_sp_grouped_matmul if kind is WgmmaSparseA else mgpu_grouped_matmul
     t, d = x.shape
     k, bt = plan.top_k, plan.block_t
     n = used_tiles(plan)
@@ -74,5 +84,6 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: TransposedSparse, w3: Tran
 
 def moe_ffn_mgpu_emulated(x, plan, w1, w3, w2, *, config=None) -> jax.Array:
     """``moe_ffn_mgpu`` with the grouped kernel replaced by its jnp reference (any host)."""
-    return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config,
-                        matmul=mgpu_grouped_matmul_reference)
+    ref = (wgmma_sp_grouped_matmul_reference if isinstance(w1, WgmmaSparseA)
+           else mgpu_grouped_matmul_reference)
+    return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config, matmul=ref)

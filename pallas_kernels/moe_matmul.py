@@ -59,9 +59,10 @@ from pallas_kernels import decompress, mgpu_moe
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.launch import launch
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.sparse_mma_layout import WgmmaSparseA
 from pallas_kernels.transposed_format import TransposedSparse
 
-ExpertWeights = jax.Array | NMSparse | SamoyedsSparse | TransposedSparse
+ExpertWeights = jax.Array | NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA
 
 # ----------------------------------------------------------------------------- configs
 
@@ -506,12 +507,13 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
       x: [t, d] hidden states (f32, bf16 or f16), unpermuted.
       plan: routing plan of the t tokens (``RoutingPlan.build``); ``block_t`` is the row tile.
       w1, w3: gate and up stacks [e, d, f], both dense arrays, both ``NMSparse`` or both
-        ``SamoyedsSparse`` (same format), in x's dtype; or all three ``TransposedSparse``
-        (the Hopper decode layout: ``mgpu_moe.moe_ffn_mgpu``, the Mosaic GPU kernel).
+        ``SamoyedsSparse`` (same format), in x's dtype; or all three ``WgmmaSparseA`` or all
+        three ``TransposedSparse`` (the Hopper layouts: ``mgpu_moe.moe_ffn_mgpu``, the Mosaic
+        GPU kernels).
       w2: down stack [e, f, d], any of the three formats, in x's dtype.
       backend: ``"triton"`` (Pallas kernels; interpret mode on CPU; the default) or
         ``"xla"`` (:func:`moe_ffn_ragged_dot`, sparse weights expanded to dense first);
-        ``TransposedSparse`` weights run ``"mosaic_gpu"`` (off GPU: the same glue around the
+        Hopper-layout weights run ``"mosaic_gpu"`` (off GPU: the same glue around the
         kernel's jnp reference).
       config: kernel tiles; ``None`` picks :func:`default_config`.
 
@@ -522,12 +524,12 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
       ValueError: shapes, formats, dtypes or tiles that do not fit.
     """
     _check_inputs(x, plan, w1, w3, w2)
-    if backend != "xla" and isinstance(w1, TransposedSparse):
+    if backend != "xla" and isinstance(w1, (TransposedSparse, WgmmaSparseA)):
         # The Hopper layout is read by the Mosaic GPU kernel only; off GPU the same gather and
         # combine run around the kernel's jnp reference.
         if backend not in (None, "mosaic_gpu"):
-            raise ValueError(f"TransposedSparse experts run with backend 'mosaic_gpu' or 'xla', "
-                             f"got {backend!r}")
+            raise ValueError(f"{type(w1).__name__} experts run with backend 'mosaic_gpu' or "
+                             f"'xla', got {backend!r}")
         if backend_lib.interpret_mode():
             return mgpu_moe.moe_ffn_mgpu_emulated(x, plan, w1, w3, w2)
         return mgpu_moe.moe_ffn_mgpu(x, plan, w1, w3, w2)

@@ -14,8 +14,9 @@ instruction does half the MMA work of the dense one).
   rows allow, up to 128 bytes).
 * Per K tile, one sparse wgmma per 32 dense K (m64 n``block_t`` k32, f32 += bf16 x bf16) from
   SMEM descriptors (advanced by 32 / 64 bytes inside a swizzle atom), issued through
-  ``plgpu.inline_mgpu`` + inline PTX; one ``wgmma.wait_group 0`` per K tile; the accumulators are
-  the pipeline's carry (WGMMA layout).
+  ``plgpu.inline_mgpu`` + inline PTX; one ``wgmma.wait_group`` per K tile (0, or 1 with
+  ``inflight=1``: the previous tile's group, its ring slot released one step late); the
+  accumulators are the pipeline's carry (WGMMA layout).
 * Samoyeds weights (``a.paired``): row r of A feeds dense column ``2r + sel[slab, r]``. Per slab
   of ``v`` K rows the sparse wgmmas write a fresh partial product (scale-d = 0 on the first), and
   each thread adds it to one of two accumulators by its rows' ``sel`` (two selects and two adds
@@ -57,6 +58,9 @@ class WgmmaSpConfig:
     splits: K splits (a divisor of K // block_k); None: the fewest that put ``programs_per_sm``
       programs on every SM.
     stages: K tiles in flight per program (the TMA ring depth).
+    programs_per_sm: what the default ``splits`` aims for.
+    inflight: wgmma groups left running when a K tile ends (0 or 1; 1 releases a ring slot one
+      tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
     """
 
     block_t: int | None = None
@@ -64,6 +68,7 @@ class WgmmaSpConfig:
     splits: int | None = None
     stages: int = 3
     programs_per_sm: int = 4
+    inflight: int = 0
 
 
 def wgmma_sp_matmul_reference(x: jax.Array, a: WgmmaSparseA, *,
@@ -181,6 +186,9 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
         raise ValueError(f"splits must divide K // block_k = {kt}, got {splits}")
     if cfg.stages < 1:
         raise ValueError(f"stages must be >= 1, got {cfg.stages}")
+    if cfg.inflight not in (0, 1) or (cfg.inflight and (a.paired or cfg.stages < 2)):
+        raise ValueError(f"inflight must be 0, or 1 with stages >= 2 for 2:4 weights; got "
+                         f"inflight={cfg.inflight}, stages={cfg.stages}, paired={a.paired}")
     return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
 
 
@@ -189,7 +197,8 @@ def _sms() -> int:
 
 
 def _static(cfg: WgmmaSpConfig) -> dict:
-    return dict(block_t=cfg.block_t, block_k=cfg.block_k, splits=cfg.splits, stages=cfg.stages)
+    return dict(block_t=cfg.block_t, block_k=cfg.block_k, splits=cfg.splits, stages=cfg.stages,
+                inflight=cfg.inflight)
 
 
 def _columns(parts: jax.Array, a: WgmmaSparseA) -> jax.Array:
@@ -246,7 +255,7 @@ def _transforms(swizzle: int):
 
 
 def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: int, v: int,
-              sel_rows: int):
+              sel_rows: int, inflight: int):
     """Mosaic GPU body: the sparse wgmmas of one K tile, added into the carried accumulators.
 
     accs: 1 (2:4) or 2 (Samoyeds) FragmentedArrays [64, block_t] f32 (WGMMA layout); a_ref:
@@ -288,7 +297,8 @@ def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: i
         for j in range(ksteps):
             regs[0] = issue_wgmma_sp(regs[0], *descriptors(j), meta(j), block_t)
         nvvm.wgmma_commit_group_sync_aligned()
-        nvvm.wgmma_wait_group_sync_aligned(0)  # the ring slot is released after this tile
+        # the ring slot of the tile ``inflight`` steps back is released after this
+        nvvm.wgmma_wait_group_sync_aligned(inflight)
     else:
         (sel_ref,) = sel_ref
         slab_steps = min(ksteps, v // WGMMA_K)
@@ -320,16 +330,18 @@ def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: i
 
 def _store_accs(ctx, accs, o_ref):
     del ctx
+    from jax._src.lib.mlir.dialects import nvvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+    nvvm.wgmma_wait_group_sync_aligned(0)  # the last tile's wgmmas (inflight = 1)
     for o, acc in enumerate(accs):
         acc.store_untiled(mgpu_utils.memref_slice(o_ref, o), optimized=False)
 
 
 @functools.partial(jax.jit, static_argnames=("block_t", "block_k", "splits", "stages",
-                                             "experts", "v"))
+                                             "inflight", "experts", "v"))
 def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, experts: int = 1,
-          v: int, block_t: int, block_k: int, splits: int, stages: int):
+          v: int, block_t: int, block_k: int, splits: int, stages: int, inflight: int):
     """x [t_pad, K], values [e*R, K/2], meta [e*R/64, K/32, 64] (+ sel [e*K/v, R] int16)
     -> [S, P, R, t_pad] f32 partial sums (P = 2 with sel, else 1).
 
@@ -360,7 +372,8 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
         arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType(transforms=_transforms(swa)),
                    plgpu.RefType(transforms=_transforms(swb)), plgpu.RefType(), *sel_types),
         return_type=(acc_type,) * n_acc,
-    )(functools.partial(_mma_tile, block_t=block_t, block_k=block_k, v=v, sel_rows=sel_rows))
+    )(functools.partial(_mma_tile, block_t=block_t, block_k=block_k, v=v, sel_rows=sel_rows,
+                        inflight=inflight))
     store = plgpu.inline_mgpu(arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType()))(
         _store_accs)
 
@@ -382,12 +395,13 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
                 x_smem, a_smem, m_smem, *s_smem, carry = refs
                 return mma(carry, a_smem, x_smem, m_smem, *s_smem)
 
+            late = dict(delay_release=inflight) if inflight else {}
             specs = [
                 plgpu.BlockSpec((block_t, block_k), lambda kk: (ti, k0 + kk),
-                                transforms=_transforms(swb)),
+                                transforms=_transforms(swb), **late),
                 plgpu.BlockSpec((WGMMA_M, block_k // 2), lambda kk: (mrow, k0 + kk),
-                                transforms=_transforms(swa)),
-                plgpu.BlockSpec((1, ksteps, WGMMA_M), lambda kk: (mrow, k0 + kk, 0)),
+                                transforms=_transforms(swa), **late),
+                plgpu.BlockSpec((1, ksteps, WGMMA_M), lambda kk: (mrow, k0 + kk, 0), **late),
             ]
             operands = [x_gmem, a_gmem, m_gmem]
             if paired:

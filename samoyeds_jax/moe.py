@@ -76,28 +76,51 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
-def hopper_layout(experts: ExpertWeights, *, tk: int | None = None) -> ExpertWeights:
-    """The same experts with 2:4 / Samoyeds stacks in ``TransposedSparse`` (convert once, at load).
+HOPPER_KERNELS = ("sparse_mma", "expand")
 
-    The ``"pallas"`` backend then runs the Hopper decode kernels (``pallas_kernels.mgpu_moe``:
+
+def hopper_layout(experts: ExpertWeights, *, kernel: str | None = None,
+                  tk: int | None = None) -> ExpertWeights:
+    """The same experts with 2:4 / Samoyeds stacks in a Hopper kernel layout (convert once, at
+    load). The ``"pallas"`` backend then runs the Hopper kernels (``pallas_kernels.mgpu_moe``:
     Mosaic GPU, one launch per projection for all experts). Dense and other formats are kept.
-    Raises ``ValueError`` for shapes the layout cannot hold (K % tk, W^T rows % 64).
+
+    kernel: ``"sparse_mma"`` (``WgmmaSparseA``: the compressed tiles go straight into the sparse
+      tensor cores, ``wgmma.mma_async.sp``; bfloat16), ``"expand"`` (``TransposedSparse``:
+      expanded in registers, dense ``wgmma``; bfloat16 or float16; ``tk`` its K tile); None:
+      ``"sparse_mma"`` for bfloat16 experts, else ``"expand"``.
+
+    Raises ``ValueError`` for an unknown kernel, mixed formats, a dtype the kernel does not take,
+    or shapes the layout cannot hold (K % 32 / tk, W^T rows % 64).
     """
     from pallas_kernels.formats import NMSparse, SamoyedsSparse
+    from pallas_kernels.sparse_mma_layout import to_wgmma_sp
     from pallas_kernels.transposed_format import TransposedSparse
 
+    sparse = [w for w in (experts.w1, experts.w3, experts.w2)
+              if isinstance(w, NMSparse | SamoyedsSparse)]
+    if sparse and len(sparse) < 3:
+        raise ValueError(f"hopper_layout needs w1, w3 and w2 all 2:4 or Samoyeds, got "
+                         f"{[type(w).__name__ for w in (experts.w1, experts.w3, experts.w2)]}")
+    if kernel is None:
+        bf16 = all(w.dtype == jnp.bfloat16 for w in sparse)
+        kernel = "sparse_mma" if bf16 else "expand"
+    if kernel not in HOPPER_KERNELS:
+        raise ValueError(f"kernel must be one of {HOPPER_KERNELS}, got {kernel!r}")
+    if kernel == "sparse_mma" and any(w.dtype != jnp.bfloat16 for w in sparse):
+        raise ValueError(f"kernel 'sparse_mma' takes bfloat16 experts, got "
+                         f"{sorted({str(w.dtype) for w in sparse})}; use kernel='expand'")
+
     def convert(w):
+        if not isinstance(w, NMSparse | SamoyedsSparse):
+            return w
+        if kernel == "sparse_mma":
+            return to_wgmma_sp(w)
         if isinstance(w, NMSparse):
             return TransposedSparse.from_nm(w, tk=tk)
-        if isinstance(w, SamoyedsSparse):
-            return TransposedSparse.from_samoyeds(w, tk=tk)
-        return w
+        return TransposedSparse.from_samoyeds(w, tk=tk)
 
-    out = ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
-    kinds = {type(w).__name__ for w in (out.w1, out.w3, out.w2)}
-    if "TransposedSparse" in kinds and len(kinds) > 1:
-        raise ValueError(f"hopper_layout needs w1, w3 and w2 all 2:4 or Samoyeds, got {kinds}")
-    return out
+    return ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
 
 
 def _check_indices(topk_idx: jax.Array, num_experts: int) -> None:
@@ -194,11 +217,12 @@ def _expert_ffn_pallas(x, routing, experts, dtype):
 
 def _kernel_weight(w, dtype):
     """A weight the routed-token kernels take, in ``dtype``: dense, NMSparse, SamoyedsSparse or
-    TransposedSparse (the Hopper decode layout) with cast values; other formats (tiled
+    a Hopper layout (TransposedSparse, WgmmaSparseA) with cast values; other formats (tiled
     unstructured) are expanded to dense."""
     from pallas_kernels.formats import NMSparse, SamoyedsSparse
+    from pallas_kernels.sparse_mma_layout import WgmmaSparseA
     from pallas_kernels.transposed_format import TransposedSparse
-    if isinstance(w, NMSparse | SamoyedsSparse | TransposedSparse):
+    if isinstance(w, NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA):
         return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
     return _as_dense(w, dtype)
 
@@ -371,11 +395,11 @@ class MoE(nnx.Module):
             getattr(self, name).set_value(converted["experts"][name])
         return report
 
-    def use_hopper_layout(self, *, tk: int | None = None) -> None:
-        """Store the 2:4 / Samoyeds experts in the Hopper decode layout (``hopper_layout``),
-        in place: the ``"pallas"`` backend then runs the Mosaic GPU decode kernels. The layout
-        is for decode (few tokens per expert); prefill through it is slower than dense."""
-        converted = hopper_layout(self.expert_weights(), tk=tk)
+    def use_hopper_layout(self, *, kernel: str | None = None, tk: int | None = None) -> None:
+        """Store the 2:4 / Samoyeds experts in a Hopper kernel layout (``hopper_layout``), in
+        place: the ``"pallas"`` backend then runs the Mosaic GPU kernels. The layouts are for
+        decode (few tokens per expert); prefill through them is slower than dense."""
+        converted = hopper_layout(self.expert_weights(), kernel=kernel, tk=tk)
         for name in ("w1", "w3", "w2"):
             getattr(self, name).set_value(getattr(converted, name))
 

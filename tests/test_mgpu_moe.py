@@ -1,5 +1,6 @@
-"""MoE experts from TransposedSparse stacks (the Hopper decode path): the gather, grouped
-products and deterministic combine against the per-expert reference, at awkward routings.
+"""MoE experts from Hopper-layout stacks (TransposedSparse and WgmmaSparseA, the Hopper decode
+paths): the gather, grouped products and deterministic combine against the per-expert
+reference, at awkward routings.
 On CPU the grouped Mosaic GPU product is replaced by its jnp reference; on a GPU (``gpu``
 marker) the kernel runs."""
 
@@ -15,18 +16,27 @@ from pallas_kernels import mgpu_moe
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_reference
 from pallas_kernels.routing_plan import RoutingPlan
+from pallas_kernels.sparse_mma_layout import WgmmaSparseA, to_wgmma_sp
 from pallas_kernels.transposed_format import TransposedSparse
 from samoyeds_jax import pruning
 
 D, F = 256, 512
 
 
+KINDS = ["nm", "samoyeds", "nm_sp", "samoyeds_sp"]  # *_sp: WgmmaSparseA, else TransposedSparse
+
+
 def _stack(rng, e, k_in, n_out, kind):
     w = jnp.asarray(rng.standard_normal((e, k_in, n_out)) * k_in ** -0.5, jnp.bfloat16)
+    if kind.startswith("nm"):
+        sparse = NMSparse.from_dense(np.asarray(pruning.prune_nm(w)))
+    else:
+        sparse = SamoyedsSparse.from_dense(np.asarray(pruning.prune_samoyeds(w)))
+    if kind.endswith("_sp"):
+        return to_wgmma_sp(sparse)
     if kind == "nm":
-        return TransposedSparse.from_nm(NMSparse.from_dense(np.asarray(pruning.prune_nm(w))))
-    return TransposedSparse.from_samoyeds(
-        SamoyedsSparse.from_dense(np.asarray(pruning.prune_samoyeds(w))))
+        return TransposedSparse.from_nm(sparse)
+    return TransposedSparse.from_samoyeds(sparse)
 
 
 def _layer(rng, e, kind):
@@ -46,7 +56,7 @@ def _check(x, plan, ws):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("kind", ["nm", "samoyeds"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t,k,e", [(1, 2, 8), (3, 1, 8), (33, 2, 8), (3, 8, 64)])
 def test_matches_reference(rng, kind, t, k, e):
     ws = _layer(rng, e, kind)
@@ -55,9 +65,10 @@ def test_matches_reference(rng, kind, t, k, e):
     _check(x, _plan(idx, e), ws)
 
 
-def test_one_expert_takes_every_token_others_empty(rng):
+@pytest.mark.parametrize("kind", ["nm", "samoyeds_sp"])
+def test_one_expert_takes_every_token_others_empty(rng, kind):
     e, t = 8, 17
-    ws = _layer(rng, e, "nm")
+    ws = _layer(rng, e, kind)
     x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
     idx = np.stack([[5, (5 + 1 + i % 2)] for i in range(t)])  # expert 5 always, 6/7 alternate
     _check(x, _plan(idx, e), ws)
@@ -84,6 +95,9 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="expert stack"):
         mg.mgpu_grouped_matmul(jnp.zeros((8, D), jnp.bfloat16), jnp.zeros((1,), jnp.int32),
                                jnp.int32(1), jax.tree.map(lambda a: a[0], ws[0]), block_t=8)
+    sp = _layer(rng, 8, "nm_sp")
+    with pytest.raises(ValueError, match="all TransposedSparse or all WgmmaSparseA"):
+        mgpu_moe.moe_ffn_mgpu(x, plan, ws[0], ws[1], sp[2])
 
 
 def test_grouped_lowers_for_cuda(rng):
@@ -96,7 +110,7 @@ def test_grouped_lowers_for_cuda(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["nm", "samoyeds"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t,k,e", [(1, 2, 8), (33, 2, 8), (4, 8, 64)])
 def test_kernel_matches_reference_on_gpu(rng, kind, t, k, e):
     ws = _layer(rng, e, kind)
@@ -105,8 +119,10 @@ def test_kernel_matches_reference_on_gpu(rng, kind, t, k, e):
     _check(x, _plan(idx, e), ws)
 
 
-@pytest.mark.parametrize("kind", ["nm", "samoyeds"])
-def test_moe_layer_hopper_layout_matches_xla(rng, kind):
+@pytest.mark.parametrize("kind,kernel,layout", [
+    ("nm", None, WgmmaSparseA), ("samoyeds", "expand", TransposedSparse),
+    ("samoyeds", "sparse_mma", WgmmaSparseA)])
+def test_moe_layer_hopper_layout_matches_xla(rng, kind, kernel, layout):
     """samoyeds_jax: experts converted with ``hopper_layout`` run the same layer math."""
     from pallas_kernels.formats import NMSparse as NM, SamoyedsSparse as SS
     from samoyeds_jax import moe
@@ -121,8 +137,8 @@ def test_moe_layer_hopper_layout_matches_xla(rng, kind):
         return fmt.from_dense(np.asarray(prune(w)))
 
     experts = moe.ExpertWeights(w1=stack((e, D, F)), w3=stack((e, D, F)), w2=stack((e, F, D)))
-    hop = moe.hopper_layout(experts)
-    assert isinstance(hop.w2, TransposedSparse) and hop.w2.shape == (e, F, D)
+    hop = moe.hopper_layout(experts, kernel=kernel)  # None: sparse_mma for bfloat16
+    assert isinstance(hop.w2, layout) and hop.w2.shape == (e, F, D)
     x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
     routing = Routing(topk_idx=idx, topk_weights=jnp.full((t, k), 0.5, jnp.float32))
@@ -133,6 +149,13 @@ def test_moe_layer_hopper_layout_matches_xla(rng, kind):
     mixed = moe.ExpertWeights(w1=experts.w1, w3=experts.w3, w2=experts.w2.to_dense())
     with pytest.raises(ValueError, match="all 2:4 or Samoyeds"):
         moe.hopper_layout(mixed)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        moe.hopper_layout(experts, kernel="dense")
+    half = jax.tree.map(lambda a: a.astype(jnp.float16) if a.dtype == jnp.bfloat16 else a,
+                        experts)
+    with pytest.raises(ValueError, match="'sparse_mma' takes bfloat16 experts"):
+        moe.hopper_layout(half, kernel="sparse_mma")
+    assert isinstance(moe.hopper_layout(half).w1, TransposedSparse)  # f16: expand
 
 
 def test_model_with_hopper_layout_matches_xla():
@@ -153,8 +176,8 @@ def test_model_with_hopper_layout_matches_xla():
     hop = nnx.clone(nnx.merge(graphdef, nnx.state(ref)))
     for block in hop.layers:
         block.mlp.use_hopper_layout()
-    assert isinstance(hop.layers[0].mlp.w2.get_value(), TransposedSparse)
-    assert not isinstance(ref.layers[0].mlp.w2.get_value(), TransposedSparse)
+    assert isinstance(hop.layers[0].mlp.w2.get_value(), WgmmaSparseA)
+    assert not isinstance(ref.layers[0].mlp.w2.get_value(), WgmmaSparseA)
     tokens = jnp.asarray(np.arange(2 * 7).reshape(2, 7) % 97, jnp.int32)
     want, _ = ref(tokens)
     got, _ = hop(tokens)

@@ -80,6 +80,8 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="slab v=128"):
         sm.wgmma_sp_matmul(jnp.zeros((8, 384), jnp.bfloat16), s,
                            config=sm.WgmmaSpConfig(block_k=96))
+    with pytest.raises(ValueError, match="inflight must be 0, or 1 with stages >= 2"):
+        sm.wgmma_sp_matmul(x, a, config=sm.WgmmaSpConfig(inflight=1, stages=1))
     with pytest.raises(ValueError, match="expert stack"):
         sm.wgmma_sp_grouped_matmul(x, jnp.zeros((1,), jnp.int32), jnp.int32(1), a, block_t=8)
     assert sm.wgmma_sp_matmul(jnp.zeros((0, 256), jnp.bfloat16), a).shape == (0, 128)
@@ -89,6 +91,7 @@ def test_bad_input(rng):
     ("nm", 1, sm.WgmmaSpConfig(block_k=256)),
     ("nm", 100, sm.WgmmaSpConfig(block_t=128, block_k=64, splits=1)),
     ("nm", 33, sm.WgmmaSpConfig(block_k=32, splits=2)),
+    ("nm", 64, sm.WgmmaSpConfig(block_k=64, splits=1, inflight=1)),
     ("samoyeds", 16, sm.WgmmaSpConfig(block_k=128)),
     ("samoyeds", 3, sm.WgmmaSpConfig(block_k=256)),
 ])
@@ -120,7 +123,8 @@ def _close(y, ref):
 @pytest.mark.parametrize("op,t,config", [
     ("nm", 1, None), ("nm", 3, sm.WgmmaSpConfig(block_k=128, splits=2)),
     ("nm", 33, sm.WgmmaSpConfig(block_k=64)), ("nm", 200, sm.WgmmaSpConfig(block_t=64)),
-    ("nm", 512, None), ("samoyeds", 1, None), ("samoyeds", 16, sm.WgmmaSpConfig(block_k=128)),
+    ("nm", 512, None), ("nm", 300, sm.WgmmaSpConfig(block_t=128, block_k=64, inflight=1)),
+    ("nm", 16, sm.WgmmaSpConfig(block_k=128, inflight=1, splits=1)), ("samoyeds", 1, None), ("samoyeds", 16, sm.WgmmaSpConfig(block_k=128)),
     ("samoyeds", 33, sm.WgmmaSpConfig(block_k=256, splits=1)),
 ])
 def test_kernel_matches_reference_on_gpu(rng, op, t, config):
