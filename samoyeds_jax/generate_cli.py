@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: dense, or as stored for a converted model")
     p.add_argument("--backend", default="xla", choices=("xla", "pallas", "hopper"),
                    help="expert compute: XLA grouped matmul, the Pallas routed-token kernel, or "
-                        "'hopper': 2:4 / Samoyeds experts moved to the Hopper decode layout and "
-                        "run by the Mosaic GPU kernels (needs --format nm or samoyeds)")
+                        "'hopper': 2:4 / Samoyeds experts moved to the Hopper layout and run "
+                        "on the sparse tensor cores by the Mosaic GPU kernels (needs --format "
+                        "nm or samoyeds)")
     p.add_argument("--offload", action="store_true",
                    help="keep the routed experts in pinned host memory and cache them in device "
                         "slots, fetched per --offload-policy")
