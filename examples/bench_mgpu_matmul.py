@@ -120,33 +120,26 @@ def main(argv=None) -> int:
         dense = {op: sparse[op].to_dense() for op in ops}
         sp_names = [v for v in args.wgmma_sp.split(",") if v]
         sp_a = {op: jax.jit(to_wgmma_sp)(sparse[op]) for op in ops} if sp_names else {}
-        for op, a in sp_a.items():  # the sparse-wgmma kernel at awkward token counts
+        def check(op, fn, w, label, **fields):
+            """``fn(x, w)`` against an f32 product at awkward token counts (logged, recorded)."""
             for t in (1, 3, 16, 33):
                 x = jax.random.normal(jax.random.key(t), (t, k), jnp.float32).astype(dtype)
                 ref = jnp.dot(x.astype(jnp.float32), dense[op].astype(jnp.float32),
                               precision="highest")
                 try:
-                    err = bsm.rel_err(jax.jit(sm.wgmma_sp_matmul)(x, a), ref)
+                    err = bsm.rel_err(jax.jit(fn)(x, w), ref)
                 except Exception as e:  # noqa: BLE001
                     err = float("nan")
-                    log(f"check {name} {op} wgmma_sp t={t}: FAILED {repr(e)[:600]}")
-                checks.append(dict(shape=name, op=op, kernel="wgmma_sp", t=t, err=err))
-                log(f"check {name} {op} wgmma_sp t={t}: rel err {err:.2e} "
+                    log(f"check {name} {op} {label} t={t}: FAILED {repr(e)[:600]}")
+                checks.append(dict(shape=name, op=op, t=t, err=err, **fields))
+                log(f"check {name} {op} {label} t={t}: rel err {err:.2e} "
                     f"{'OK' if err < 1e-2 else 'BAD'}")
+
         # correctness first: awkward token counts, every op, default config
+        for op, a in sp_a.items():
+            check(op, sm.wgmma_sp_matmul, a, "wgmma_sp", kernel="wgmma_sp")
         for (op, tk), w in natives.items():
-            for t in (1, 3, 16, 33):
-                x = jax.random.normal(jax.random.key(t), (t, k), jnp.float32).astype(dtype)
-                ref = jnp.dot(x.astype(jnp.float32), dense[op].astype(jnp.float32),
-                              precision="highest")
-                try:
-                    err = bsm.rel_err(jax.jit(mg.mgpu_matmul)(x, w), ref)
-                except Exception as e:  # noqa: BLE001
-                    err = float("nan")
-                    log(f"check {name} {op} tk={tk} t={t}: FAILED {repr(e)[:600]}")
-                checks.append(dict(shape=name, op=op, tk=tk, t=t, err=err))
-                log(f"check {name} {op} tk={tk} t={t}: rel err {err:.2e} "
-                    f"{'OK' if err < 1e-2 else 'BAD'}")
+            check(op, mg.mgpu_matmul, w, f"tk={tk}", tk=tk)
         save()
         dense_bytes = k * n_out * 2
         r_dense = int(min(64, max(2, math.ceil(bsm.ROTATE_BYTES / dense_bytes))))

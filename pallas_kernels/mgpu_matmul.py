@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
 
 BLOCK_M = 64  # W^T rows per warpgroup: the wgmma M
@@ -114,13 +115,8 @@ def mgpu_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array, num_tile
     Returns [n*block_t, N] float32.
     """
     del config
-    n = _check_grouped(x, tile_expert, w, block_t)
-    dense = w.to_dense().astype(jnp.float32)  # [e, K, N]
-    xt = x.astype(jnp.float32).reshape(n, block_t, w.k)
-    e = jnp.clip(tile_expert, 0, dense.shape[0] - 1)
-    y = jnp.einsum("ntk,nkc->ntc", xt, dense[e], precision=lax.Precision.HIGHEST)
-    live = (jnp.arange(n) < num_tiles)[:, None, None]
-    return jnp.where(live, y, 0.0).reshape(n * block_t, w.n_out)
+    _check_grouped(x, tile_expert, w, block_t)
+    return grouped_tiles_product(x, tile_expert, num_tiles, w.to_dense(), block_t)
 
 
 def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,

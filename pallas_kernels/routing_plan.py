@@ -224,3 +224,19 @@ def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
     return RoutingPlan(sorted_ids=sorted_ids, block_expert=block_expert, num_blocks=num_blocks,
                        group_sizes=group_sizes, weights=weights, num_tokens=t, top_k=k,
                        num_experts=e, block_t=block_t)
+
+
+def grouped_tiles_product(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
+                          dense: jax.Array, block_t: int) -> jax.Array:
+    """Per row tile i: ``x[tile i] @ dense[tile_expert[i]]``, zeros for tiles >= num_tiles.
+
+    The jnp reference of the expert-grouped kernels. x: [n*block_t, K]; tile_expert: [n]
+    int32; num_tiles: [] int32; dense: [e, K, N]. Returns [n*block_t, N] float32.
+    """
+    n = x.shape[0] // block_t
+    xt = x.astype(jnp.float32).reshape(n, block_t, -1)
+    e = jnp.clip(tile_expert, 0, dense.shape[0] - 1)
+    y = jnp.einsum("ntk,nkc->ntc", xt, dense.astype(jnp.float32)[e],
+                   precision=jax.lax.Precision.HIGHEST)
+    live = (jnp.arange(n) < num_tiles)[:, None, None]
+    return jnp.where(live, y, 0.0).reshape(n * block_t, -1)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
                                       sp_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
@@ -122,13 +123,8 @@ def wgmma_sp_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array,
     Returns [n*block_t, N] float32.
     """
     del config
-    n = _check_grouped(x, tile_expert, a, block_t)
-    dense = a.to_dense().astype(jnp.float32)  # [e, K, N]
-    xt = x.astype(jnp.float32).reshape(n, block_t, a.k)
-    e = jnp.clip(tile_expert, 0, dense.shape[0] - 1)
-    y = jnp.einsum("ntk,nkc->ntc", xt, dense[e], precision=lax.Precision.HIGHEST)
-    live = (jnp.arange(n) < num_tiles)[:, None, None]
-    return jnp.where(live, y, 0.0).reshape(n * block_t, -1)
+    _check_grouped(x, tile_expert, a, block_t)
+    return grouped_tiles_product(x, tile_expert, num_tiles, a.to_dense(), block_t)
 
 
 def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
