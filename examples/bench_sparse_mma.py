@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     def save():
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 
-    tilings = {n: TILINGS[n] for n in args.tilings.split(",")}
+    tilings = {n: sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1, inflight=inf)
+               for n in args.tilings.split(",") for bt, bk, st, inf in [TILINGS[n]]}
     key = jax.random.key(0)
     for name in args.shapes.split(","):
         k, n_out = bsm.SHAPES[name]
@@ -73,9 +74,8 @@ def main(argv=None) -> int:
         x0 = jax.random.normal(jax.random.key(1), (512, k), jnp.float32).astype(jnp.bfloat16)
         ref0 = jnp.dot(x0.astype(jnp.float32), dense.astype(jnp.float32), precision="highest")
         ok = {}
-        for tname, (bt, bk, st, inf) in tilings.items():
+        for tname, cfg in tilings.items():
             try:
-                cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1, inflight=inf)
                 y = sm.wgmma_sp_matmul(x0, a, config=cfg, out_dtype=jnp.float32)
                 err = bsm.rel_err(y, ref0)
             except Exception as e:  # noqa: BLE001 - a failing tiling is recorded, the run goes on
@@ -99,10 +99,8 @@ def main(argv=None) -> int:
             rows.append(dict(shape=name, t=t, variant="xla_dense", us=s_dense * 1e6, ratio=1.0,
                              tflops=flops / s_dense / 1e12))
             cands = {"triton_auto": (nmm.nm_matmul, nm_ws)}
-            for tname, (bt, bk, st, inf) in tilings.items():
+            for tname, cfg in tilings.items():
                 if ok[tname]:
-                    cfg = sm.WgmmaSpConfig(block_t=bt, block_k=bk, stages=st, splits=1,
-                                           inflight=inf)
                     cands[f"wgmma_sp_{tname}"] = (functools.partial(
                         sm.wgmma_sp_matmul, config=cfg), a_ws)
             for vname, (fn, ws) in cands.items():

@@ -103,7 +103,7 @@ def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig |
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
     parts = _call(_tiled_x(x, w.tk), w.values, w.meta, **_static(cfg, w))
-    return _columns(parts, w)[:t].astype(out_dt)
+    return split_sum(parts, paired=w.paired)[:t].astype(out_dt)
 
 
 def mgpu_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
@@ -147,7 +147,7 @@ def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Arr
     parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 2),
                   w.meta.reshape(-1, w.rows, w.tk // 16), tile_expert.astype(jnp.int32),
                   jnp.reshape(num_tiles, (1,)).astype(jnp.int32), **_static(cfg, one))
-    return _columns(parts, one)
+    return split_sum(parts, paired=one.paired)
 
 
 def _static(cfg: MgpuMatmulConfig, w: TransposedSparse) -> dict:
@@ -161,11 +161,12 @@ def _tiled_x(x: jax.Array, tk: int) -> jax.Array:
     return permute_x(x, tk).reshape(k // tk * 4, t_pad, tk // 4)
 
 
-def _columns(parts: jax.Array, w: TransposedSparse) -> jax.Array:
-    """Kernel output [S, P, R, t_pad] f32 -> y [t_pad, N] f32 (split sum, paired columns)."""
+def split_sum(parts: jax.Array, *, paired: bool) -> jax.Array:
+    """Kernel output [S, P, R, t_pad] f32 -> y [t_pad, N] f32: the sum over K splits, and for
+    Samoyeds (``paired``, P = 2) row r's two accumulators as dense columns 2r and 2r + 1."""
     yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
-    if w.paired:  # dense column 2r + o
-        yt = jnp.transpose(yt, (1, 0, 2)).reshape(w.n_out, -1)
+    if paired:
+        yt = jnp.transpose(yt, (1, 0, 2)).reshape(2 * yt.shape[1], -1)
     else:
         yt = yt[0]
     return yt.T
@@ -199,8 +200,7 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
     splits = cfg.splits
     if splits is None:
         per_sm = next(v for bt, v in sorted(PROGRAMS_PER_SM.items()) if block_t <= bt)
-        splits = next(d for d in range(1, kt + 1)
-                      if kt % d == 0 and (programs * d >= per_sm * _sms() or d == kt))
+        splits = fewest_splits(kt, programs, per_sm)
     if splits < 1 or kt % splits:
         raise ValueError(f"splits must divide K // tk = {kt}, got {splits}")
     if cfg.stages < 1:
@@ -208,9 +208,16 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
     return dataclasses.replace(cfg, block_t=block_t, splits=splits)
 
 
-def _sms() -> int:
-    dev = jax.devices()[0]
-    return getattr(dev, "core_count", None) or _H100_SMS
+def fewest_splits(kt: int, programs: int, per_sm: int) -> int:
+    """The fewest K splits (divisors of ``kt`` K tiles) that give every SM ``per_sm`` of the
+    ``programs * splits`` programs, or ``kt``."""
+    return next(d for d in range(1, kt + 1)
+                if kt % d == 0 and (programs * d >= per_sm * sm_count() or d == kt))
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the default device (an H100's 132 where it does not say)."""
+    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
 
 
 def _check(x: jax.Array, w: TransposedSparse) -> None:

@@ -40,13 +40,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.mgpu_matmul import fewest_splits, split_sum
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
                                       sp_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
-
-_H100_SMS = 132
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WgmmaSpConfig:
@@ -111,7 +109,7 @@ def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | No
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
     sel = () if not a.paired else (a.sel,)
     parts = _call(x, a.values, a.meta, *sel, v=a.v, **_static(cfg))
-    return _columns(parts, a)[:t].astype(out_dtype or x.dtype)
+    return split_sum(parts, paired=a.paired)[:t].astype(out_dtype or x.dtype)
 
 
 def wgmma_sp_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array,
@@ -153,7 +151,7 @@ def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax
                   *sel, tile_expert=tile_expert.astype(jnp.int32),
                   num_tiles=jnp.reshape(num_tiles, (1,)).astype(jnp.int32), experts=e, v=a.v,
                   **_static(cfg))
-    return _columns(parts, one)
+    return split_sum(parts, paired=one.paired)
 
 
 def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> WgmmaSpConfig:
@@ -179,8 +177,7 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     if splits is None:
         programs = a.rows // WGMMA_M * -(-t // block_t)
         per_sm = cfg.programs_per_sm or (4 if block_t <= 8 else 2)
-        splits = next(d for d in range(1, kt + 1) if kt % d == 0 and (
-            programs * d >= per_sm * _sms() or d == kt))
+        splits = fewest_splits(kt, programs, per_sm)
     if splits < 1 or kt % splits:
         raise ValueError(f"splits must divide K // block_k = {kt}, got {splits}")
     if cfg.stages < 1:
@@ -191,23 +188,9 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
 
 
-def _sms() -> int:
-    return getattr(jax.devices()[0], "core_count", None) or _H100_SMS
-
-
 def _static(cfg: WgmmaSpConfig) -> dict:
     return dict(block_t=cfg.block_t, block_k=cfg.block_k, splits=cfg.splits, stages=cfg.stages,
                 inflight=cfg.inflight)
-
-
-def _columns(parts: jax.Array, a: WgmmaSparseA) -> jax.Array:
-    """Kernel output [S, P, R, t_pad] f32 -> y [t_pad, N] f32 (split sum, paired columns)."""
-    yt = jnp.sum(parts, axis=0)  # [P, R, t_pad]
-    if a.paired:  # dense column 2r + o
-        yt = jnp.transpose(yt, (1, 0, 2)).reshape(2 * a.rows, -1)
-    else:
-        yt = yt[0]
-    return yt.T
 
 
 def _check_common(x: jax.Array, a: WgmmaSparseA) -> None:

@@ -43,7 +43,7 @@ def test_config_resolution():
         k=4096, n_out=14336, tk=256, paired=False))
     cfg = mg.resolve_config(None, t=1, w=w)
     assert cfg.block_t == 8 and 16 % cfg.splits == 0
-    assert 14336 // 64 * cfg.splits >= mg.PROGRAMS_PER_SM[16] * mg._sms()
+    assert 14336 // 64 * cfg.splits >= mg.PROGRAMS_PER_SM[16] * mg.sm_count()
     assert mg.resolve_config(None, t=100, w=w).block_t == 64
     assert mg.resolve_config(mg.MgpuMatmulConfig(splits=4), t=1, w=w).splits == 4
     with pytest.raises(ValueError, match="block_t must be a multiple of 8"):
