@@ -48,10 +48,12 @@ SWEEP = {
 }
 SMALL_SWEEP = ("split2x",)  # for the shapes not in --sweep-shapes
 # Sparse-tensor-core kernel (``wgmma_sp_matmul``) configs timed with --wgmma-sp; "sp_default"
-# is the config it picks itself.
+# is the config it picks itself (dense compute from ``dense_from`` tokens on), "sp_sparse" the
+# sparse kernel at every token count.
 W = sm.WgmmaSpConfig
 WGMMA_SP = {
     "sp_default": W(),
+    "sp_sparse": W(dense_from=None),
     "sp_k128": W(block_k=128),
     "sp_s4": W(stages=4),
     "sp_p8": W(programs_per_sm=8),

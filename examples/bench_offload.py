@@ -45,6 +45,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_summary import intersect, length, union  # noqa: E402
+
 CASES = ("switch-dense", "switch-nm24", "mixtral-nm24", "mixtral-dense")
 
 
@@ -303,34 +306,6 @@ def trace_steps(dec, hs, out_path: str, *, steps: int) -> dict[str, Any]:
     return analyze_trace(trace, out_path)
 
 
-def _union(intervals):
-    out = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def _length(iv):
-    return sum(b - a for a, b in iv)
-
-
-def _intersect(x, y):
-    i = j = 0
-    out = []
-    while i < len(x) and j < len(y):
-        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
-        if a < b:
-            out.append([a, b])
-        if x[i][1] < y[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
 def analyze_trace(trace: dict, out_path: str) -> dict[str, Any]:
     events = trace.get("traceEvents", [])
     pnames = {e["pid"]: e["args"]["name"] for e in events
@@ -353,8 +328,8 @@ def analyze_trace(trace: dict, out_path: str) -> dict[str, Any]:
             copies.append(iv)
         elif "compute" in tname.lower() and not e.get("name", "").startswith("Memset"):
             kernels.append(iv)
-    cu, ku = _union(copies), _union(kernels)
-    both = _length(_intersect(cu, ku))
+    cu, ku = union(copies), union(kernels)
+    both = length(intersect(cu, ku))
     span = (max(b for _, b in cu + ku) - min(a for a, _ in cu + ku)) if cu or ku else 0.0
     keep = events[:400_000]   # device streams and host runtime annotations (no Python tracer)
     slim = {"traceEvents": keep, "displayTimeUnit": "ns"}
@@ -365,10 +340,10 @@ def analyze_trace(trace: dict, out_path: str) -> dict[str, Any]:
         "file": os.path.basename(out_path), "device_processes": [pnames[p] for p in gpu_pids],
         "all_processes": sorted(set(pnames.values())),
         "device_threads": sorted({n for (p, _), n in tnames.items() if p in gpu_pids}),
-        "h2d_copy_us": _length(cu), "kernel_us": _length(ku), "overlap_us": both,
+        "h2d_copy_us": length(cu), "kernel_us": length(ku), "overlap_us": both,
         "span_us": span,
-        "copy_time_hidden_under_kernels": both / _length(cu) if cu else 0.0,
-        "kernel_time_with_copy_running": both / _length(ku) if ku else 0.0,
+        "copy_time_hidden_under_kernels": both / length(cu) if cu else 0.0,
+        "kernel_time_with_copy_running": both / length(ku) if ku else 0.0,
         "copy_count": len(copies), "kernel_count": len(kernels), "top_event_names": top,
     }
 

@@ -117,17 +117,22 @@ def main() -> None:
         compute = jax.jit(functools.partial(oj.decode_step, fns, cfg))
         row["compute_only_s"], _ = _median_time(
             lambda h: compute(params, [resident0] * L, h), hs, args.steps)
-        n = row["slots_per_block"]
-        ids = jax.device_put(jnp.arange(n, dtype=jnp.int32) % E, device)
-        xfer = jax.jit(lambda stacks, ids: [oj.fetch_experts(s, ids) for s in stacks])
-        row["transfer_only_s"], _ = _median_time(lambda i: xfer(stacks, i), [ids], args.steps)
+        # what a step moves: n distinct experts per block, fetched as the policies fetch them
+        topk = jax.device_put(jnp.arange(t * k, dtype=jnp.int32).reshape(t, k) % E, device)
+        xfer = jax.jit(lambda stacks, topk: [oj.fetch_block(s, topk)[0] for s in stacks])
+        row["transfer_only_s"], _ = _median_time(lambda i: xfer(stacks, i), [topk], args.steps)
         row["runs"] = []
         for policy in (["on_demand", "pregated"] + (["gpu_only"] if fits else [])):
+            # on_demand routes each block by its own router, so its fetch waits for that
+            # block's router (with block l-1's pre-gate ids it would be a prefetch in all
+            # but name: the one program's dataflow lets the copy start a block early)
             dec = oj.InJitDecoder(fns, params, stacks, config=oj.InJitConfig(
-                policy=policy, tie_prefetch=args.tie_prefetch and policy == "pregated"),
+                policy=policy, tie_prefetch=args.tie_prefetch and policy == "pregated",
+                routing_source="router" if policy == "on_demand" else "pregate"),
                                   device=device)
             step_s, all_s = _median_time(dec.step, hs, args.steps)
-            r = {"policy": policy, "step_s": step_s, "step_s_all": all_s,
+            r = {"policy": policy, "routing_source": dec.config.routing_source, "step_s": step_s,
+                 "step_s_all": all_s,
                  "tie_prefetch": dec.config.tie_prefetch,
                  "bytes_per_step": dec.bytes_per_step(t, k), "traces": dec.traces,
                  "peak_bytes_in_use_so_far": _peak(device)}
@@ -142,7 +147,7 @@ def main() -> None:
                 r["hlo_ops"] = oj.host_transfer_ops(hlo)
             if args.trace and policy == "pregated":
                 path = os.path.join(args.out, f"trace_{case}_t{t}_pregated")
-                with jax.profiler.trace(path):
+                with jax.profiler.trace(path, create_perfetto_trace=True):
                     for i in range(2):
                         dec.step(hs[i]).block_until_ready()
                 r["trace_dir"] = path

@@ -1,7 +1,9 @@
-"""Run one ``mgpu_matmul`` a few times, for a profiler (Nsight Compute) to attach to.
+"""Run one Hopper decode matmul a few times, for a profiler (Nsight Compute) to attach to.
 
-Weights are built on the host (numpy), so the only GPU kernels are the call's own (x pad and
-permutation, the Mosaic GPU kernel, the split-K sum). Find the kernel's name, then profile it:
+``--kernel expand`` is ``mgpu_matmul`` (TransposedSparse, expansion in registers + dense wgmma),
+``--kernel sparse_mma`` is ``wgmma_sp_matmul`` (WgmmaSparseA, sparse tensor cores). Weights are
+built on the host (numpy), so the only GPU kernels are the call's own (x pad and permutation,
+the Mosaic GPU kernel, the split-K sum). Find the kernel's name, then profile it:
 
     ncu --print-summary per-kernel python3 examples/profile_mgpu_matmul.py --shape mixtral_w1 --op nm
     ncu -k regex:<name> --launch-skip 2 --launch-count 1 --set full \\
@@ -19,6 +21,8 @@ import numpy as np
 
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.mgpu_matmul import mgpu_matmul
+from pallas_kernels.sparse_mma_layout import to_wgmma_sp
+from pallas_kernels.sparse_mma_matmul import wgmma_sp_matmul
 from pallas_kernels.transposed_format import TransposedSparse
 
 SHAPES = {"mixtral_w1": (4096, 14336), "mixtral_w2": (14336, 4096), "qwen3_w1": (2048, 768),
@@ -47,20 +51,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mixtral_w1", choices=sorted(SHAPES))
     p.add_argument("--op", default="nm", choices=("nm", "samoyeds"))
+    p.add_argument("--kernel", default="expand", choices=("expand", "sparse_mma"))
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--calls", type=int, default=4)
     args = p.parse_args()
     k, n = SHAPES[args.shape]
     sparse = host_weights(k, n, args.op)
-    conv = TransposedSparse.from_nm if args.op == "nm" else TransposedSparse.from_samoyeds
+    if args.kernel == "sparse_mma":
+        conv, matmul = to_wgmma_sp, wgmma_sp_matmul
+    else:
+        conv = TransposedSparse.from_nm if args.op == "nm" else TransposedSparse.from_samoyeds
+        matmul = mgpu_matmul
     with jax.default_device(jax.devices("cpu")[0]):  # convert on the host: no GPU kernels
         w = conv(sparse)
     w = jax.device_put(w, jax.devices()[0])
     x = jax.device_put(np.ones((args.tokens, k), ml_dtypes.bfloat16), jax.devices()[0])
-    f = jax.jit(mgpu_matmul)
+    f = jax.jit(matmul)
     for _ in range(args.calls):
         y = jax.block_until_ready(f(x, w))
-    print(f"{args.shape} {args.op} t={args.tokens}: y {y.shape} {y.dtype}, "
+    print(f"{args.kernel} {args.shape} {args.op} t={args.tokens}: y {y.shape} {y.dtype}, "
           f"finite {bool(jnp.isfinite(y.astype(jnp.float32)).all())}")
 
 

@@ -5,9 +5,10 @@ and meta (2:4 bf16 moves 0.5625 of the dense bytes, Samoyeds 1:2:128 + 2:4 about
 expand each tile in registers (``pallas_kernels.decompress``) and multiply on tensor cores
 with f32 accumulation. Skinny matmuls (decode) are bound by memory, so fewer bytes is
 the whole speed-up there. For many tokens the product is bound by arithmetic; then a
-config picks ``method="dense"``: expand the weight with one memory-bound Pallas kernel
-(``expand_nm_pallas``) and call XLA's ``jnp.dot`` (measured faster than the fused kernel
-from ~256 tokens on an H100; see benchmarks/sparse_matmul.md).
+config picks ``method="dense"``: expand the weight with one memory-bound kernel (Pallas
+``expand_nm_pallas`` for N:M, XLA's fusion of ``SamoyedsSparse.to_dense`` for Samoyeds: the
+faster of each on an H100) and call XLA's ``jnp.dot`` (measured faster than the fused kernel from ~256
+tokens on an H100; see benchmarks/sparse_matmul.md).
 
 Grid: (token tiles, column tiles, K splits). Each program loops over its share of K;
 with ``split_k > 1`` the programs write f32 partial sums [split_k, t, N] that one XLA
@@ -254,25 +255,6 @@ def _expand_nm_kernel(values_ref, meta_ref, o_ref, *, n: int, m: int, block_k: i
         _store(o_ref, w_j, rows + j, cols, None, col_mask)
 
 
-def _expand_samoyeds_kernel(values_ref, meta_ref, sel_ref, o_ref, *, m_sel: int, v: int,
-                            block_k: int, block_g: int, n_groups: int):
-    # n_sel == 1: compressed column c is group c. o_ref [K, N]; the tile is [block_k] rows
-    # (inside one slab) by block_g groups, i.e. block_g * m_sel dense columns.
-    k0 = pl.program_id(0) * block_k
-    groups = pl.program_id(1) * block_g + decompress.iota(block_g, 1)  # [1, bg]
-    col_mask = groups < n_groups if n_groups % block_g else None
-    tiles = decompress.load_nm_position_weights(
-        values_ref, meta_ref, groups, k_start=k0, block_k=block_k, n=2, m=4,
-        col_mask=col_mask, split=True)  # 4 x [g, bg]
-    sel = decompress.load_sel_row(sel_ref, k0 // v, groups, col_mask)  # [1, bg]
-    rows = k0 + 4 * decompress.iota(block_k // 4, 0)  # [g, 1]
-    zero = jnp.zeros_like(tiles[0])
-    for j, w_j in enumerate(tiles):
-        for o in range(m_sel):
-            _store(o_ref, jnp.where(sel == o, w_j, zero), rows + j, groups * m_sel + o, None,
-                   col_mask)
-
-
 # --------------------------------------------------------------------------- configs
 
 
@@ -392,35 +374,7 @@ def _check_samoyeds(w: Any) -> tuple[int, int, int, int, int, int]:
     return n_sel, m_sel, v, k, n_out, nc
 
 
-# --------------------------------------------------------------------------- dense expansion (XLA)
-
-
-def expand_nm(values: jax.Array, meta: jax.Array, *, n: int, m: int) -> jax.Array:
-    """Dense [K, N] from NMSparse arrays with jnp only (one XLA fusion): the "dense" method."""
-    bits = decompress.meta_bits(m)
-    per_word = 32 // bits
-    kc, n_cols = values.shape
-    groups = kc // n
-    v = values.reshape(groups, n, n_cols)
-    words = jnp.repeat(meta, per_word // n, axis=0).reshape(groups, 1, n_cols)
-    shift = ((jnp.arange(groups, dtype=jnp.int32) * n) % per_word * bits)
-    shift = shift[:, None, None] + (jnp.arange(n, dtype=jnp.int32) * bits)[None, :, None]
-    pos = (words >> shift) & ((1 << bits) - 1)  # [groups, n, N]
-    j = jnp.arange(m, dtype=jnp.int32)[None, :, None, None]
-    hit = pos[:, None, :, :] == j  # [groups, m, n, N]
-    dense = jnp.where(hit, v[:, None, :, :], jnp.zeros((), values.dtype)).sum(axis=2)
-    return dense.reshape(groups * m, n_cols)
-
-
-def expand_samoyeds(values, meta, sel, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
-    """Dense [K, N] from SamoyedsSparse arrays with jnp only."""
-    wc = expand_nm(values, meta, n=2, m=4)  # [K, Nc]
-    k, nc = wc.shape
-    groups = nc // n_sel
-    sel_k = jnp.repeat(sel.astype(jnp.int32), v, axis=0).reshape(k, groups, n_sel, 1)
-    o = jnp.arange(m_sel, dtype=jnp.int32)[None, None, None, :]
-    dense = jnp.where(sel_k == o, wc.reshape(k, groups, n_sel, 1), jnp.zeros((), wc.dtype))
-    return dense.sum(axis=2).reshape(k, groups * m_sel)
+# --------------------------------------------------------------------------- dense expansion
 
 
 def expand_nm_pallas(values: jax.Array, meta: jax.Array, *, n: int, m: int,
@@ -445,27 +399,11 @@ def expand_nm_pallas(values: jax.Array, meta: jax.Array, *, n: int, m: int,
     )(values, meta)
 
 
-def expand_samoyeds_pallas(values: jax.Array, meta: jax.Array, sel: jax.Array, *, m_sel: int,
-                           v: int, block_g: int = 128) -> jax.Array:
-    """Dense [K, N] from SamoyedsSparse arrays (n_sel = 1, v a power of two) with one Pallas
-    kernel."""
-    k, nc = values.shape[0] * 2, values.shape[1]
-    block_k = min(v, 256)
-    block_g = min(block_g, _next_pow2(nc))
-    kernel = functools.partial(_expand_samoyeds_kernel, m_sel=m_sel, v=v, block_k=block_k,
-                               block_g=block_g, n_groups=nc)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((k, nc * m_sel), values.dtype),
-        grid=(k // block_k, pl.cdiv(nc, block_g)),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
-        interpret=backend_lib.interpret_mode(),
-        name=f"expand_samoyeds_1of{m_sel}",
-    )(values, meta, sel)
-
-
 def _dense_product(x, w_dense, out_dtype):
-    return jnp.dot(x, w_dense, preferred_element_type=jnp.float32).astype(out_dtype)
+    # Straight to out_dtype: XLA's GPU GEMM accumulates bf16/f16 in f32 and rounds once in its
+    # epilogue. An f32 product plus a convert costs an extra pass over [t, N] f32 (H100, Mixtral
+    # w1 at 4096 tokens: 846 -> ~700 us).
+    return jnp.dot(x, w_dense, preferred_element_type=out_dtype)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -581,12 +519,8 @@ def samoyeds_matmul(
     op = f"samoyeds_matmul_{n_sel}of{m_sel}v{v}"
     cfg = config if config is not None else pick_config(op, t, k, n_out, nc)
     _check_config(cfg)
-    if cfg.method == "dense":
-        if n_sel == 1 and _pow2(v):
-            dense = expand_samoyeds_pallas(w.values, w.meta, w.sel, m_sel=m_sel, v=v)
-        else:
-            dense = expand_samoyeds(w.values, w.meta, w.sel, n_sel=n_sel, m_sel=m_sel, v=v)
-        return _dense_product(x, dense, out_dt)
+    if cfg.method == "dense":  # XLA's one-fusion expansion: 1.6-1.7x faster than a Pallas one
+        return _dense_product(x, w.to_dense(), out_dt)
     if not _pow2(v) or v < 4 * _MIN_DOT:
         raise ValueError(f"the Pallas kernel needs v a power of two >= {4 * _MIN_DOT}, got {v=}; "
                          "use backend='xla'")
@@ -649,10 +583,7 @@ def samoyeds_matmul_reference(
 
 __all__ = [
     "SparseMatmulConfig",
-    "expand_nm",
     "expand_nm_pallas",
-    "expand_samoyeds",
-    "expand_samoyeds_pallas",
     "heuristic_config",
     "nm_matmul",
     "nm_matmul_reference",

@@ -129,6 +129,30 @@ class WgmmaSparseA:
                                       n_out=2 * self.rows).to_dense()
 
 
+    def to_dense_t(self) -> jax.Array:
+        """Dense W^T [..., N, K] (jnp; one XLA fusion reading the compressed rows in place:
+        the operand a dense-compute fallback multiplies, ``x @ W = x . (W^T)^T``)."""
+        *lead, r, kh = self.values.shape
+        lead = tuple(lead)
+        u = jnp.swapaxes(_nm_words(self), -1, -2)                         # [..., R, K/32]
+        shifts = (2 * jnp.arange(16, dtype=jnp.uint32)).reshape((1,) * (len(lead) + 2) + (16,))
+        pos = ((u[..., None] >> shifts) & 3).astype(jnp.int32).reshape(lead + (r, kh // 2, 2))
+        vals = self.values.reshape(lead + (r, kh // 2, 2))
+        j = jnp.arange(4, dtype=jnp.int32).reshape((1,) * (len(lead) + 2) + (4,))
+        dense = jnp.zeros(lead + (r, kh // 2, 4), self.values.dtype)
+        for slot in range(2):  # kept positions are distinct: a select per slot
+            dense = jnp.where(pos[..., slot:slot + 1] == j, vals[..., slot:slot + 1], dense)
+        dense = dense.reshape(lead + (r, self.k))
+        if not self.paired:
+            return dense
+        sel = jnp.swapaxes(self.sel, -1, -2).astype(jnp.int32)            # [..., R, K/v]
+        sel = sel.reshape(lead + (r, 1, self.k // self.v, 1))
+        o = jnp.arange(2, dtype=jnp.int32).reshape((1,) * len(lead) + (1, 2, 1, 1))
+        dense = dense.reshape(lead + (r, 1, self.k // self.v, self.v))
+        dense = jnp.where(sel == o, dense, jnp.zeros((), dense.dtype))   # row r -> 2r + sel
+        return dense.reshape(lead + (2 * r, self.k))
+
+
 def meta_slot(tid: int | np.ndarray) -> int | np.ndarray:
     """Slot q of ``WgmmaSparseA.meta`` read by warpgroup thread ``tid`` (0..127), spsel = 0."""
     lane = tid % 32
@@ -175,19 +199,25 @@ def to_wgmma_sp(w: formats.NMSparse | formats.SamoyedsSparse) -> WgmmaSparseA:
 
 def from_wgmma_sp(a: WgmmaSparseA) -> formats.NMSparse:
     """Exact inverse of ``to_wgmma_sp`` for 2:4 (jnp); for Samoyeds, its 2:4 matrix Wc."""
-    lead = tuple(a.meta.shape[:-3])
     mt, kw, slots = a.meta.shape[-3:]
     if slots != META_SLOTS or a.values.shape[-2] != mt * WGMMA_M or a.k != kw * WGMMA_K:
         raise ValueError(
             f"inconsistent WgmmaSparseA: values {a.values.shape}, meta {a.meta.shape}, k={a.k}")
+    return formats.NMSparse(values=jnp.swapaxes(a.values, -1, -2),
+                            meta=jax.lax.bitcast_convert_type(_nm_words(a), jnp.int32), n=2,
+                            m=4, k=a.k)
+
+
+def _nm_words(a: WgmmaSparseA) -> jax.Array:
+    """The NMSparse 2:4 meta words [..., K/32, R] uint32 of ``a`` (16 positions per word)."""
+    lead = tuple(a.meta.shape[:-3])
+    mt, kw, _ = a.meta.shape[-3:]
     nd = len(lead)
     reg = jax.lax.bitcast_convert_type(a.meta, jnp.uint32).reshape(lead + (mt, kw, 4, 8, 2))
     reg = jnp.moveaxis(reg, nd, nd + 1)  # [..., j, i, w, gid, t]
     halves = jnp.stack([reg & 0xFFFF, reg >> 16], axis=-3)  # [..., j, i, w, h, gid, t]
     u = halves[..., 0] | (halves[..., 1] << 16)  # [..., j, i, w, h, gid]
-    u = u.reshape(lead + (kw, mt * WGMMA_M))
-    return formats.NMSparse(values=jnp.swapaxes(a.values, -1, -2),
-                            meta=jax.lax.bitcast_convert_type(u, jnp.int32), n=2, m=4, k=a.k)
+    return u.reshape(lead + (kw, mt * WGMMA_M))
 
 
 def wgmma_sp_to_dense(a: WgmmaSparseA) -> jax.Array:

@@ -62,6 +62,10 @@ class WgmmaSpConfig:
       token 4 per SM won by 2-3%).
     inflight: wgmma groups left running when a K tile ends (0 or 1; 1 releases a ring slot one
       tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
+    dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead: W^T
+      expanded by one XLA fusion (``WgmmaSparseA.to_dense_t``), then XLA's GEMM. None: never.
+      H100, Mixtral shapes: the sparse kernel is 0.79-0.81x XLA dense at 1024 tokens and
+      0.62-0.69x at 4096, the expanded weight about 0.9x at 4096 (benchmarks/sparse_matmul.md).
     """
 
     block_t: int | None = None
@@ -70,6 +74,7 @@ class WgmmaSpConfig:
     stages: int = 3
     programs_per_sm: int | None = None
     inflight: int = 0
+    dense_from: int | None = 2048
 
 
 def wgmma_sp_matmul_reference(x: jax.Array, a: WgmmaSparseA, *,
@@ -104,6 +109,10 @@ def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | No
     n_out = a.shape[-1]
     if t == 0:
         return jnp.zeros((0, n_out), out_dtype or x.dtype)
+    dense_from = (config or WgmmaSpConfig()).dense_from
+    if dense_from is not None and t >= dense_from:  # prefill: dense compute wins (see config)
+        return lax.dot_general(x, a.to_dense_t(), (((1,), (1,)), ((), ())),
+                               preferred_element_type=out_dtype or x.dtype)
     cfg = resolve_config(config, t=t, a=a)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
@@ -158,15 +167,21 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     """Fill ``block_t``, ``block_k`` and ``splits`` and check the config against this problem."""
     cfg = config or WgmmaSpConfig()
     k = a.k
+    v = a.v if a.paired else 0
+    widths = [b for b in (256, 128, 64, 32) if k % b == 0 and (not v or v % b == 0 or b % v == 0)]
+
+    def widest_k(bt: int) -> int | None:  # the widest K tile whose ring fits in SMEM
+        return next((b for b in widths if smem_bytes(bt, b, cfg.stages, v) <= SMEM_BYTES), None)
+
     block_t = cfg.block_t
-    if block_t is None:
-        block_t = 256 if t >= 512 else min(64, -(-t // 8) * 8)
+    if block_t is None:  # prefill: the widest token tile that still streams K tiles of >= 64
+        block_t = (next((bt for bt in (256, 128) if (widest_k(bt) or 0) >= 64), 64)
+                   if t >= 512 else min(64, -(-t // 8) * 8))
     if block_t % 8 or not 8 <= block_t <= 256:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
     block_k = cfg.block_k
     if block_k is None:
-        block_k = next(b for b in (256, 128, 64, 32) if k % b == 0 and (
-            not a.paired or a.v % b == 0 or b % a.v == 0))
+        block_k = widest_k(block_t) or (widths[-1] if widths else WGMMA_K)
     if block_k % WGMMA_K or k % block_k:
         raise ValueError(f"block_k={block_k} must be a multiple of {WGMMA_K} dividing K={k}")
     if a.paired and a.v % block_k and block_k % a.v:
@@ -185,7 +200,26 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     if cfg.inflight not in (0, 1) or (cfg.inflight and (a.paired or cfg.stages < 2)):
         raise ValueError(f"inflight must be 0, or 1 with stages >= 2 for 2:4 weights; got "
                          f"inflight={cfg.inflight}, stages={cfg.stages}, paired={a.paired}")
+    need = smem_bytes(block_t, block_k, cfg.stages, v)
+    if need > SMEM_BYTES:
+        raise ValueError(f"block_t={block_t}, block_k={block_k}, stages={cfg.stages} need about "
+                         f"{need} bytes of shared memory, more than the {SMEM_BYTES} a Hopper "
+                         "SM has: lower block_k, block_t or stages")
     return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
+
+
+SMEM_BYTES = 232_448  # dynamic shared memory one Hopper (sm_90) program may use
+
+
+def smem_bytes(block_t: int, block_k: int, stages: int, v: int = 0) -> int:
+    """Shared memory of one program (``v``: Samoyeds slab rows, 0 for 2:4): the TMA ring (x
+    tile, compressed A tile, metadata, Samoyeds ``sel`` rows) times ``stages``, the f32 output
+    tile(s) and 1 KiB for barriers. Within ~1 KB above what Mosaic GPU allocates."""
+    ring = block_t * block_k * 2 + WGMMA_M * block_k + block_k // WGMMA_K * WGMMA_M * 4
+    if v:
+        ring += WGMMA_M * 2 * max(1, block_k // v)
+    n_acc = 2 if v else 1
+    return stages * ring + n_acc * WGMMA_M * block_t * 4 + 1024
 
 
 def _static(cfg: WgmmaSpConfig) -> dict:

@@ -342,7 +342,8 @@ def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
     config = default_config(t, w) if config is None else config
     kernel_method = "expand" if isinstance(w, TiledBitmap) else "gather"
     if config.method == "densify":
-        y = jnp.dot(x2, w.to_dense(), preferred_element_type=jnp.float32).astype(out_dtype)
+        # straight to out_dtype (f32 accumulation in the GEMM; see nm_matmul._dense_product)
+        y = jnp.dot(x2, w.to_dense(), preferred_element_type=out_dtype)
     elif config.method != kernel_method:
         raise ValueError(f"method={config.method!r} does not apply to {type(w).__name__}; "
                          f"use {kernel_method!r} or 'densify'")

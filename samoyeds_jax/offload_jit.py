@@ -22,12 +22,14 @@ and the expert ids never leave the device:
   router/pre-gate and before block l's expert compute; it depends only on the pre-gate
   ids, so XLA may run it under block l's matmuls.
 
-Shapes are fixed: a block fetches n = min(t*k, e) slots (``fetch_plan``): its distinct
+Shapes are fixed: a block fetches n = min(t*k, e) slots (``fetch_block``): its distinct
 experts in ascending id, padded with copies of expert e - 1 when fewer are distinct, so
 the program never depends on how many distinct experts were picked. At decode (t = 1) the
 k choices of a token are distinct and nothing is padded; at large t a block moves at most
 all e experts (the padding moves bytes nobody reads; the host-driven path does not).
-``fetch_experts`` itself copies duplicate ids once each.
+``fetch_experts`` itself copies duplicate ids once each. When n = e, ``fetch_block`` copies
+the whole stack instead (one DMA per leaf, which XLA overlaps with compute; the per-slot
+dynamic slices run as kernels on the SMs and do not overlap).
 
 Policies (``InJitPolicy``):
 
@@ -193,6 +195,29 @@ def _stack_experts(stack: PyTree) -> int:
     return jax.tree_util.tree_leaves(stack)[0].shape[0]
 
 
+def fetch_block(host_stack: PyTree, topk_idx: jax.Array) -> tuple[PyTree, jax.Array]:
+    """The experts a block's routing ``topk_idx`` [t, k] needs, on the device, and the slot
+    of each (token, choice) [t, k].
+
+    When the block takes as many slots as it has experts (t*k >= e), the whole stack moves
+    with one copy per leaf and slot i is expert i. XLA makes such a copy a DMA
+    (``copy-start``/``copy-done`` on a copy stream) that runs under independent compute,
+    where the per-slot dynamic slices of ``fetch_experts`` run as kernels that read host
+    memory over PCIe on the SMs. The whole-stack copy needs no ids, so an
+    ``optimization_barrier`` with ``topk_idx`` keeps it after the routing that asked for it
+    (as a fetch of the routed experts would be): ``on_demand`` stays on the critical path,
+    ``pregated`` starts when the pre-gate has run. Otherwise: ``fetch_plan`` +
+    ``fetch_experts``.
+    """
+    t, k = topk_idx.shape
+    e = _stack_experts(host_stack)
+    if slots_per_block(t, k, e) == e:
+        host_stack, topk_idx = jax.lax.optimization_barrier((host_stack, topk_idx))
+        return jax.device_put(host_stack, jax.memory.Space.Device), topk_idx.astype(jnp.int32)
+    ids, slot_idx = fetch_plan(topk_idx, e)
+    return fetch_experts(host_stack, ids), slot_idx
+
+
 def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTree],
                 experts: Sequence[PyTree], h: jax.Array) -> jax.Array:
     """Every block once on ``h`` [t, d] -> [t, d]; meant to be traced inside one ``jax.jit``.
@@ -200,7 +225,7 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
     ``layer_params[l]``: device-resident non-expert params of block l (``fns.front/back``).
     ``experts[l]``: block l's expert stack [e, ...]: pinned host for ``on_demand`` /
     ``pregated``, device memory for ``gpu_only``. ``fns.back`` receives the fetched slot
-    stack [n, ...] and the slot of each choice [t, k] (``fetch_plan``; ``gpu_only``: the
+    stack [n, ...] and the slot of each choice [t, k] (``fetch_block``; ``gpu_only``: the
     full stack and the expert ids).
     """
     num_layers = len(layer_params)
@@ -223,14 +248,12 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
         elif policy == "pregated" and l > 0:
             buffers, slot_idx = prefetched     # fetched during block l-1 for this routing
         else:  # on_demand, and block 0 of pregated: on the critical path
-            ids, slot_idx = fetch_plan(routing.topk_idx, _stack_experts(experts[l]))
-            buffers = fetch_experts(experts[l], ids)
+            buffers, slot_idx = fetch_block(experts[l], routing.topk_idx)
         if policy == "pregated" and l + 1 < num_layers:
             if pregate is None:
                 raise ValueError(f"policy='pregated': block {l} has no pre-gate for block {l + 1}")
             # issued before block l's expert compute; depends only on the pre-gate ids
-            ids, nxt_slots = fetch_plan(pregate.topk_idx, _stack_experts(experts[l + 1]))
-            prefetched = (fetch_experts(experts[l + 1], ids), nxt_slots)
+            prefetched = fetch_block(experts[l + 1], pregate.topk_idx)
         h = fns.back(layer_params[l], h, x, routing, slot_idx, buffers)
         if config.tie_prefetch and policy == "pregated" and l + 1 < num_layers:
             h, prefetched = jax.lax.optimization_barrier((h, prefetched))

@@ -114,7 +114,7 @@ def test_meta_bit31_and_dense_method(rng):
     dense[1::4] = 0
     w = formats.NMSparse.from_dense(np.asarray(jnp.asarray(dense, jnp.bfloat16)))
     assert (np.asarray(w.meta) < 0).all()
-    chex.assert_trees_all_equal(nmm.expand_nm(w.values, w.meta, n=2, m=4), w.to_dense())
+    chex.assert_trees_all_equal(nmm.expand_nm_pallas(w.values, w.meta, n=2, m=4), w.to_dense())
     x = _x(rng, 3, 64, jnp.bfloat16)
     y = nmm.nm_matmul(x, w, _poison_output=True)
     _check_close(y, nmm.nm_matmul_reference(x, w, out_dtype=jnp.float32), jnp.bfloat16)
@@ -150,13 +150,12 @@ def test_samoyeds_matmul(rng, t, k, n_out, fmt, over):
     _check_close(y, nmm.samoyeds_matmul_reference(x, w, out_dtype=jnp.float32), jnp.bfloat16)
 
 
-def test_samoyeds_dense_expansion(rng):
-    w = make_samoyeds(rng, 256, 64, n_sel=2, m_sel=4, v=64)
-    dense = nmm.expand_samoyeds(w.values, w.meta, w.sel, n_sel=2, m_sel=4, v=64)
-    chex.assert_trees_all_equal(dense, w.to_dense())
-    w = make_samoyeds(rng, 256, 96)
-    dense = nmm.expand_samoyeds_pallas(w.values, w.meta, w.sel, m_sel=2, v=128, block_g=32)
-    chex.assert_trees_all_equal(dense, w.to_dense())
+@pytest.mark.parametrize("n_sel,m_sel,v", [(1, 2, 128), (2, 4, 64)])
+def test_samoyeds_dense_method(rng, n_sel, m_sel, v):
+    w = make_samoyeds(rng, 256, 64, n_sel=n_sel, m_sel=m_sel, v=v)
+    x = _x(rng, 33, 256, jnp.bfloat16)
+    y = nmm.samoyeds_matmul(x, w, config=nmm.SparseMatmulConfig(method="dense"))
+    _check_close(y, nmm.samoyeds_matmul_reference(x, w, out_dtype=jnp.float32), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("n,m,k", [(4, 8, 128)])  # 2:4 runs in the bit-31 test

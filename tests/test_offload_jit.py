@@ -135,6 +135,26 @@ def test_fetch_sparse_format_experts(rng):
     np.testing.assert_array_equal(np.asarray(got["w1"].to_dense()), w[[2, 0]])
 
 
+def test_fetch_block_whole_stack_when_every_expert_is_taken(rng):
+    """t*k >= e: one copy of the whole stack, slot = expert id; else the planned slots."""
+    stack = oj.pinned_host_stacks(_experts(rng))[0]
+    host = {k: np.asarray(v) for k, v in stack.items()}
+    topk = jnp.asarray([[1, 1], [1, 3]], jnp.int32)              # t*k = 4 = e, 2 distinct
+    got, slots = jax.jit(oj.fetch_block)(stack, topk)
+    np.testing.assert_array_equal(np.asarray(slots), np.asarray(topk))
+    for name, leaf in got.items():
+        assert leaf.sharding.memory_kind == "device"
+        np.testing.assert_array_equal(np.asarray(leaf), host[name])
+    got, slots = jax.jit(oj.fetch_block)(stack, jnp.asarray([[3, 1]], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(slots), [[1, 0]])   # slots hold experts 1, 3
+    np.testing.assert_array_equal(np.asarray(got["w1"]), host["w1"][[1, 3]])
+    text = jax.export.export(jax.jit(oj.fetch_block), platforms=["cuda"])(
+        stack, topk).mlir_module()
+    assert oj.host_transfer_ops(text)["annotate_device_placement"] == len(host)  # one per leaf
+    assert "dynamic_slice" not in text
+    assert text.count("stablehlo.optimization_barrier") == 1   # the copy waits for routing
+
+
 def test_fetch_plan_distinct_sorted_padded():
     """Distinct experts ascending, padded with e-1; every choice points at its expert's slot."""
     topk = jnp.asarray([[2, 0], [2, 1], [0, 2]], jnp.int32)      # 3 distinct of e = 4
@@ -176,7 +196,7 @@ def test_policies_match_gpu_only_bit_exact(rng, top_k, t):
 def test_tied_prefetch_is_bit_exact(rng):
     """tie_prefetch only adds an optimization_barrier: the outputs stay those of gpu_only."""
     block, params, stacks = _model(rng, top_k=2)
-    h0 = _inputs(rng, 3)
+    h0 = _inputs(rng, 1)   # 2 slots of 4: per-slot fetches, whose ids need no barrier
     ref, _ = _run(block.fns(), params, stacks, h0, policy="gpu_only")
     got, dec = _run(block.fns(), params, stacks, h0, policy="pregated", tie_prefetch=True)
     np.testing.assert_array_equal(got, ref)

@@ -61,6 +61,33 @@ def test_resolve_config(rng):
     assert (cfg.block_k, cfg.splits) == (64, 4)
     _, s = _weights(rng, 384, 128, "samoyeds")  # K = 3 slabs of 128: 256 does not fit
     assert sm.resolve_config(None, t=1, a=s).block_k == 128
+    # prefill: the widest K tile whose 3-stage ring of [256, block_k] x tiles fits in SMEM
+    prefill = sm.resolve_config(None, t=1024, a=a)
+    assert prefill.block_k == 64
+    assert sm.smem_bytes(256, 64, 3) <= sm.SMEM_BYTES < sm.smem_bytes(256, 128, 3)
+    # Samoyeds keeps two f32 accumulators: 256 tokens would leave K tiles of 32, so 128
+    big = sm.resolve_config(None, t=1024, a=s)
+    assert (big.block_t, big.block_k) == (128, 128)
+
+
+@pytest.mark.parametrize("op", ["nm", "samoyeds"])
+def test_to_dense_t_is_the_transposed_weight(rng, op):
+    dense, a = _weights(rng, 256, 128, op, lead=(2,))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a.to_dense_t())(a), np.float32),
+                                  np.swapaxes(dense, -1, -2).astype(np.float32))
+
+
+@pytest.mark.parametrize("op", ["nm", "samoyeds"])
+def test_dense_compute_from_dense_from_tokens(rng, op):
+    """From ``dense_from`` tokens the product is XLA's GEMM on W^T (runs on any backend)."""
+    dense, a = _weights(rng, 256, 128, op)
+    x = jnp.asarray(rng.standard_normal((33, 256)), jnp.bfloat16)
+    y = sm.wgmma_sp_matmul(x, a, config=sm.WgmmaSpConfig(dense_from=16))
+    assert y.dtype == jnp.bfloat16 and y.shape == (33, 128)
+    want = sm.wgmma_sp_matmul_reference(x, a, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
+    y32 = sm.wgmma_sp_matmul(x, a, config=sm.WgmmaSpConfig(dense_from=16), out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y32), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
 def test_bad_input(rng):
@@ -80,6 +107,8 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="slab v=128"):
         sm.wgmma_sp_matmul(jnp.zeros((8, 384), jnp.bfloat16), s,
                            config=sm.WgmmaSpConfig(block_k=96))
+    with pytest.raises(ValueError, match="bytes of shared memory, more than the 232448"):
+        sm.wgmma_sp_matmul(x, a, config=sm.WgmmaSpConfig(block_t=256, block_k=256))
     with pytest.raises(ValueError, match="inflight must be 0, or 1 with stages >= 2"):
         sm.wgmma_sp_matmul(x, a, config=sm.WgmmaSpConfig(inflight=1, stages=1))
     with pytest.raises(ValueError, match="expert stack"):
