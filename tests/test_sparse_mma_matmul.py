@@ -56,18 +56,22 @@ def test_resolve_config(rng):
     assert (decode.block_t, decode.block_k) == (8, 256)
     assert 512 // 256 % decode.splits == 0
     assert sm.resolve_config(None, t=33, a=a).block_t == 40
-    assert sm.resolve_config(None, t=4096, a=a).block_t == 256
+    assert sm.resolve_config(None, t=4096, a=a).block_t == 128   # 4 x 16 tiles < 132 SMs
     cfg = sm.resolve_config(sm.WgmmaSpConfig(block_k=64, splits=4), t=8, a=a)
     assert (cfg.block_k, cfg.splits) == (64, 4)
     _, s = _weights(rng, 384, 128, "samoyeds")  # K = 3 slabs of 128: 256 does not fit
     assert sm.resolve_config(None, t=1, a=s).block_k == 128
-    # prefill: the widest K tile whose 3-stage ring of [256, block_k] x tiles fits in SMEM
-    prefill = sm.resolve_config(None, t=1024, a=a)
-    assert prefill.block_k == 64
+    # prefill, one program per SM or more at 256 tokens per tile: 256, the widest K tile whose
+    # 3-stage ring fits in SMEM, no K split
+    _, wide = _weights(rng, 512, 64 * 33)
+    prefill = sm.resolve_config(None, t=4 * 256, a=wide)    # 33 * 4 = 132 tiles
+    assert (prefill.block_t, prefill.block_k, prefill.splits) == (256, 64, 1)
     assert sm.smem_bytes(256, 64, 3) <= sm.SMEM_BYTES < sm.smem_bytes(256, 128, 3)
+    # fewer 256-token tiles than SMs: 128 tokens per tile
+    assert sm.resolve_config(None, t=1024, a=a).block_t == 128
     # Samoyeds keeps two f32 accumulators: 256 tokens would leave K tiles of 32, so 128
     big = sm.resolve_config(None, t=1024, a=s)
-    assert (big.block_t, big.block_k) == (128, 128)
+    assert (big.block_t, big.block_k, big.splits) == (128, 128, 1)
 
 
 @pytest.mark.parametrize("op", ["nm", "samoyeds"])
