@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import backend as backend_lib
+
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
 DEFAULT_TEXT_PROMPT = "The capital of France is"
 
@@ -44,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("dense", "nm", "samoyeds", "unstructured"),
                    help="storage format of the expert weights (pruned by magnitude when sparse); "
                         "default: dense, or as stored for a converted model")
-    p.add_argument("--backend", default="xla", choices=("xla", "pallas", "hopper"),
+    p.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas", "hopper"),
                    help="expert compute: XLA grouped matmul, the Pallas routed-token kernel, or "
                         "'hopper': 2:4 / Samoyeds experts moved to the Hopper layout and run "
                         "on the sparse tensor cores by the Mosaic GPU kernels (needs --format "
-                        "nm or samoyeds)")
+                        "nm or samoyeds). 'auto' (default): xla off a GPU; on a GPU pallas, "
+                        "or hopper for bfloat16 2:4 / Samoyeds experts on a Hopper GPU (one "
+                        "device, no --offload)")
     p.add_argument("--offload", action="store_true",
                    help="keep the routed experts in pinned host memory and cache them in device "
                         "slots, fetched per --offload-policy")
@@ -153,6 +157,15 @@ def _fmt_rate(tokens: float, seconds: float) -> str:
     return f"{tokens:.0f} tokens in {seconds * 1e3:.2f} ms = {rate:,.1f} tokens/s"
 
 
+def auto_hopper(*, on_hopper: bool, expert_format: str, dtype: Any, offload: bool,
+                devices: int) -> bool:
+    """``--backend auto``: put the experts in the Hopper layout (sparse tensor cores)? Yes on a
+    Hopper GPU for bfloat16 2:4 / Samoyeds experts on one device without offloading (the
+    fastest decode path measured, benchmarks/generate.md); else the Pallas kernels stay."""
+    return (on_hopper and expert_format in ("nm", "samoyeds")
+            and jnp.dtype(dtype) == jnp.bfloat16 and not offload and devices == 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build or load the model, generate, print text/ids and speeds. Returns 0."""
     args = build_parser().parse_args(argv)
@@ -162,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     from samoyeds_jax.generate import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    auto = args.backend == "auto"
+    if auto:
+        args.backend = "pallas" if backend_lib.platform() == "gpu" else "xla"
     hopper = args.backend == "hopper"
     if hopper:
         args.backend = "pallas"  # the model's backend; the layout changes below
@@ -170,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--dtype float32 or pass --dtype bfloat16")
         args.dtype = "bfloat16"
     model, desc, tokenizer = _load_model(args)
+    hopper = hopper or (auto and auto_hopper(
+        on_hopper=backend_lib.is_hopper(), expert_format=model.config.moe.expert_format,
+        dtype=model.config.dtype, offload=args.offload, devices=args.devices))
     if hopper:
         if model.config.moe.expert_format not in ("nm", "samoyeds"):
             raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "

@@ -179,6 +179,21 @@ def test_cli_rejects_text_prompt_without_tokenizer():
         main(["--prompt", "hello world", "--max-new-tokens", "1"])
 
 
+def test_cli_auto_backend(capsys):
+    """--backend auto (the default): xla off a GPU; the Hopper layout only for bfloat16 2:4 /
+    Samoyeds experts on one Hopper device without offloading."""
+    assert main(["--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
+    assert "backend=xla" in capsys.readouterr().out
+    from samoyeds_jax.generate_cli import auto_hopper
+    base = dict(on_hopper=True, expert_format="samoyeds", dtype="bfloat16", offload=False,
+                devices=1)
+    assert auto_hopper(**base) and auto_hopper(**dict(base, expert_format="nm"))
+    for change in (dict(on_hopper=False), dict(expert_format="dense"),
+                   dict(expert_format="unstructured"), dict(dtype="float32"),
+                   dict(offload=True), dict(devices=2)):
+        assert not auto_hopper(**dict(base, **change)), change
+
+
 def test_cli_hopper_layout_runs(capsys):
     """--backend hopper: Samoyeds experts moved to the Hopper layout (on CPU the Mosaic GPU
     product runs as its jnp reference); a dense model is refused with a clear error."""
