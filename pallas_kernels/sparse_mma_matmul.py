@@ -67,8 +67,9 @@ class WgmmaSpConfig:
       tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
     dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead: W^T
       expanded by one XLA fusion (``WgmmaSparseA.to_dense_t``), then XLA's GEMM. None: never.
-      H100, Mixtral shapes: the sparse kernel is 0.79-0.81x XLA dense at 1024 tokens and
-      0.62-0.69x at 4096, the expanded weight about 0.9x at 4096 (benchmarks/sparse_matmul.md).
+      H100, five expert shapes: from 2048 tokens the sparse kernel is 0.40-0.79x XLA dense,
+      the expanded weight 0.84-1.05x (benchmarks/mgpu_matmul.md, "Prefill on the Hopper
+      layout").
     """
 
     block_t: int | None = None
