@@ -33,6 +33,7 @@ import pallas_kernels.nm_matmul as nmm  # noqa: E402
 from pallas_kernels import backend as backend_lib  # noqa: E402
 from pallas_kernels import mgpu_matmul as mg  # noqa: E402
 from pallas_kernels import sparse_mma_matmul as sm  # noqa: E402
+from pallas_kernels import sparse_mma_prefill as spp  # noqa: E402
 from pallas_kernels.sparse_mma_layout import to_wgmma_sp  # noqa: E402
 from pallas_kernels.transposed_format import TransposedSparse  # noqa: E402
 
@@ -48,12 +49,13 @@ SWEEP = {
 }
 SMALL_SWEEP = ("split2x",)  # for the shapes not in --sweep-shapes
 # Sparse-tensor-core kernel (``wgmma_sp_matmul``) configs timed with --wgmma-sp; "sp_default"
-# is the config it picks itself (dense compute from ``dense_from`` tokens on), "sp_sparse" the
-# sparse kernel at every token count.
+# is what it picks itself (2:4: the warp-specialized kernel from ``prefill_from`` tokens;
+# Samoyeds: dense compute from ``dense_from``), "sp_sparse" the one-warpgroup sparse kernel at
+# every token count.
 W = sm.WgmmaSpConfig
 WGMMA_SP = {
     "sp_default": W(),
-    "sp_sparse": W(dense_from=None),
+    "sp_sparse": W(dense_from=None, prefill_from=None),
     "sp_k128": W(block_k=128),
     "sp_s4": W(stages=4),
     "sp_p8": W(programs_per_sm=8),
@@ -63,6 +65,19 @@ WGMMA_SP = {
     "sp_s4i1": W(stages=4, inflight=1),
     "sp_k128i1": W(block_k=128, inflight=1),
     "sp_k512": W(block_k=512, stages=2),
+}
+# Warp-specialized prefill kernel (``wgmma_sp_prefill_matmul``, 2:4) configs timed with
+# --sp-prefill; the first also timed without the wrapper's pad and transpose ("_kernel").
+P = spp.SpPrefillConfig
+SP_PREFILL = {
+    "pf_default": P(),
+    "pf_g8": P(group_m=8),
+    "pf_g32": P(group_m=32),
+    "pf_gall": P(group_m=None),
+    "pf_t128k128": P(block_t=128, block_k=128),
+    "pf_t128k128g8": P(block_t=128, block_k=128, group_m=8),
+    "pf_k32s6": P(block_k=32, stages=6),
+    "pf_c1": P(consumers=1),
 }
 
 
@@ -78,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--triton", action="store_true", help="also time the Triton kernels")
     p.add_argument("--wgmma-sp", default="",
                    help="comma-separated WGMMA_SP configs of the sparse-wgmma kernel to time")
+    p.add_argument("--sp-prefill", default="",
+                   help="comma-separated SP_PREFILL configs of the warp-specialized prefill "
+                        "kernel to time (2:4 only)")
     p.add_argument("--no-mgpu", action="store_true", help="skip the mgpu_matmul variants")
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--markdown")
@@ -121,7 +139,9 @@ def main(argv=None) -> int:
                    if k % tk == 0}
         dense = {op: sparse[op].to_dense() for op in ops}
         sp_names = [v for v in args.wgmma_sp.split(",") if v]
-        sp_a = {op: jax.jit(to_wgmma_sp)(sparse[op]) for op in ops} if sp_names else {}
+        pf_names = [v for v in args.sp_prefill.split(",") if v]
+        sp_a = ({op: jax.jit(to_wgmma_sp)(sparse[op]) for op in ops}
+                if sp_names or pf_names else {})
         def check(op, fn, w, label, **fields):
             """``fn(x, w)`` against an f32 product at awkward token counts (logged, recorded)."""
             for t in (1, 3, 16, 33):
@@ -139,7 +159,11 @@ def main(argv=None) -> int:
 
         # correctness first: awkward token counts, every op, default config
         for op, a in sp_a.items():
-            check(op, sm.wgmma_sp_matmul, a, "wgmma_sp", kernel="wgmma_sp")
+            if sp_names:
+                check(op, sm.wgmma_sp_matmul, a, "wgmma_sp", kernel="wgmma_sp")
+        for vname in pf_names if "nm" in sp_a else ():
+            check("nm", lambda x, a, c=SP_PREFILL[vname]: spp.wgmma_sp_prefill_matmul(
+                x, a, config=c), sp_a["nm"], vname, kernel=vname)
         for (op, tk), w in natives.items():
             check(op, mg.mgpu_matmul, w, f"tk={tk}", tk=tk)
         save()
@@ -191,6 +215,25 @@ def main(argv=None) -> int:
                                config=dataclasses.asdict(cfg), bytes=a0.nbytes + io_bytes)
                     timed(row, lambda x, a, cfg=cfg: sm.wgmma_sp_matmul(x, a, config=cfg), x,
                           sp_ws[op], f"wgmma_{vname}", refs[op])
+                for vname in pf_names if op == "nm" else ():
+                    cfg = SP_PREFILL[vname]
+                    a0 = sp_a[op]
+                    row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant=vname,
+                               config=dataclasses.asdict(cfg), bytes=a0.nbytes + io_bytes)
+                    timed(row, lambda x, a, cfg=cfg: spp.wgmma_sp_prefill_matmul(
+                        x, a, config=cfg), x, sp_ws[op], vname, refs[op])
+                    if vname != pf_names[0]:
+                        continue
+                    t_pad = -(-t // cfg.block_t) * cfg.block_t
+                    xp = jnp.pad(x, ((0, t_pad - t), (0, 0)))
+
+                    def pf_kernel(xp, a, cfg=cfg):  # y^T, no pad / transpose
+                        return spp._call(xp, a.values, a.meta, **spp._static(cfg),
+                                         out_dtype=jnp.bfloat16)
+
+                    timed(dict(shape=name, k=k, n=n_out, t=t, op=op, variant=vname + "_kernel",
+                               bytes=a0.nbytes + io_bytes), pf_kernel, xp, sp_ws[op],
+                          vname + "_kernel")
                 if args.no_mgpu:
                     continue
                 variants = {"default": (256, M())}

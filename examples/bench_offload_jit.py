@@ -122,7 +122,7 @@ def main() -> None:
         xfer = jax.jit(lambda stacks, topk: [oj.fetch_block(s, topk)[0] for s in stacks])
         row["transfer_only_s"], _ = _median_time(lambda i: xfer(stacks, i), [topk], args.steps)
         row["runs"] = []
-        for policy in (["on_demand", "pregated"] + (["gpu_only"] if fits else [])):
+        for policy in ["on_demand", "pregated"] + (["gpu_only"] if fits else []):
             # on_demand routes each block by its own router, so its fetch waits for that
             # block's router (with block l-1's pre-gate ids it would be a prefetch in all
             # but name: the one program's dataflow lets the copy start a block early)
@@ -146,7 +146,7 @@ def main() -> None:
                     fp.write(hlo)
                 r["hlo_ops"] = oj.host_transfer_ops(hlo)
             if args.trace and policy == "pregated":
-                path = os.path.join(args.out, f"trace_{case}_t{t}_pregated")
+                path = os.path.join(args.out, f"trace_{case}_t{t}_{policy}")
                 with jax.profiler.trace(path, create_perfetto_trace=True):
                     for i in range(2):
                         dec.step(hs[i]).block_until_ready()

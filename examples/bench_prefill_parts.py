@@ -44,7 +44,7 @@ def variants(nm, sam, a, asam, dense, r_dense: int, r_sparse: int) -> dict:
     """name: (op(x, w), weight copies)."""
     c = bsm.copies
     NM, SAM, A, AS = c(nm, r_sparse), c(sam, r_sparse), c(a, r_sparse), c(asam, r_sparse)
-    sparse_cfg = sm.WgmmaSpConfig(dense_from=None)
+    sparse_cfg = sm.WgmmaSpConfig(dense_from=None, prefill_from=None)  # one warpgroup
     return {
         "dense": (dot, c(dense, r_dense)),
         "dense_f32out": (dot_f32out, c(dense, r_dense)),
@@ -61,6 +61,7 @@ def variants(nm, sam, a, asam, dense, r_dense: int, r_sparse: int) -> dict:
         "wgmma_sp_t": (lambda x, w: dot_t(x, w.to_dense_t()), A),
         "wgmma_sp_samoyeds_t": (lambda x, w: dot_t(x, w.to_dense_t()), AS),
         "wgmma_sp_kernel": (lambda x, w: sm.wgmma_sp_matmul(x, w, config=sparse_cfg), A),
+        "wgmma_sp_default": (sm.wgmma_sp_matmul, A),   # 2:4: the warp-specialized kernel
         "wgmma_sp_samoyeds_kernel": (lambda x, w: sm.wgmma_sp_matmul(x, w, config=sparse_cfg),
                                      AS),
     }

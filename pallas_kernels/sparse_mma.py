@@ -146,7 +146,8 @@ def sp_descriptors(a_ref, b_ref, t: int, *, a_swizzle: int = A_SWIZZLE,
 
 
 def meta_slot_index():
-    """This thread's metadata register slot, 16*warp + 2*(lane // 4) + lane % 2 (an index)."""
+    """This thread's metadata register slot in its warpgroup, 16*warp + 2*(lane // 4) +
+    lane % 2 (an index; warp counts within the warpgroup)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -156,11 +157,48 @@ def meta_slot_index():
     if isinstance(tid.type, ir.IndexType):
         tid = arith.index_cast(i32, tid)
     c = lambda v: arith.constant(i32, v)
-    warp = arith.divui(tid, c(32))
+    warp = arith.remui(arith.divui(tid, c(32)), c(4))
     lane = arith.remui(tid, c(32))
     slot = arith.addi(arith.addi(arith.muli(warp, c(16)), arith.muli(arith.divui(lane, c(4)), c(2))),
                       arith.remui(lane, c(2)))
     return arith.index_cast(ir.IndexType.get(), slot)
+
+
+def swizzle_for(row_bytes: int) -> int:
+    """The widest TMA swizzle (bytes) a tile row of ``row_bytes`` allows, up to 128."""
+    return min(128, row_bytes)
+
+
+def smem_transforms(swizzle: int):
+    """Pallas Mosaic GPU transforms of a bf16 tile at ``swizzle``: (8, swizzle/2) tiles."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+
+
+def tile_descriptors(a_ref, x_ref, j: int, *, block_t: int, block_k: int):
+    """SMEM descriptors of k32 step ``j`` of a K tile (Mosaic GPU IR values, i64).
+
+    a_ref: compressed A rows [64 m, block_k/2] bf16 tiled at ``swizzle_for(block_k)``
+    (the descriptor addresses the first 64 rows; add 4 * block_k per further 64 rows);
+    x_ref: x tile [block_t, block_k] tiled at ``swizzle_for(2 * block_k)``.
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i64 = ir.IntegerType.get_signless(64)
+    swa, swb = swizzle_for(block_k), swizzle_for(2 * block_k)
+    per_a, per_b = swa // 32, swb // 64  # k32 steps per swizzle atom row of A / of x
+    a_j = mgpu_utils.memref_slice(a_ref, (slice(0, WGMMA_M // 8),
+                                          slice(j // per_a, j // per_a + 1)))
+    x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j // per_b, j // per_b + 1)))
+    a_desc, b_desc = sp_descriptors(a_j, x_j, block_t, a_swizzle=swa, b_swizzle=swb)
+    # inside a swizzle atom: 16 kept bf16 (32 bytes) of A and 32 bf16 (64 bytes) of x per
+    # step; the descriptor's start address counts 16-byte units
+    a_desc = arith.addi(a_desc, arith.constant(i64, 2 * (j % per_a)))
+    b_desc = arith.addi(b_desc, arith.constant(i64, 4 * (j % per_b)))
+    return a_desc, b_desc
 
 
 def issue_wgmma_sp(regs: list, a_desc, b_desc, meta, t: int, *, accumulate: bool = True

@@ -2,8 +2,11 @@
 
 Load-as-Sparse, Compute-as-Sparse: the compressed 2:4 weights go from HBM to shared memory by
 TMA and straight into the sparse tensor core, with no expansion in registers. Used for decode
-(few tokens: memory bound, so the win is the bytes) and for prefill (many tokens: the sparse
-instruction does half the MMA work of the dense one).
+(few tokens: memory bound, so the win is the bytes); from ``prefill_from`` tokens (many
+tokens: compute bound, where the sparse instruction does half the MMA work of the dense one)
+``wgmma_sp_matmul`` hands 2:4 weights to the warp-specialized kernel of
+``pallas_kernels.sparse_mma_prefill`` (``prefill_config``), and Samoyeds weights go dense from
+``dense_from`` tokens.
 
 * ``y^T [N, t] = W^T [N, K] @ x^T [K, t]``; W as a ``WgmmaSparseA`` (A = W^T compressed
   [R, K/2] + per-thread metadata registers [R/64, K/32, 64]; converted once at load, see
@@ -43,8 +46,11 @@ from jax import lax
 from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
-                                      sp_descriptors)
+                                      smem_transforms, swizzle_for, tile_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
+from pallas_kernels.sparse_mma_prefill import (SMEM_BYTES, SpPrefillConfig,
+                                               wgmma_sp_prefill_matmul)
+from pallas_kernels.sparse_mma_prefill import smem_bytes as prefill_smem_bytes
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WgmmaSpConfig:
@@ -65,11 +71,17 @@ class WgmmaSpConfig:
       token 4 per SM won by 2-3%).
     inflight: wgmma groups left running when a K tile ends (0 or 1; 1 releases a ring slot one
       tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
-    dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead: W^T
+    prefill_from: token count from which ``wgmma_sp_matmul`` sends 2:4 weights to the
+      warp-specialized kernel (``sparse_mma_prefill``, tiling from ``prefill_config``; the
+      fields above then do not apply). None: never. H100: 1.04-1.69x XLA dense from 512
+      tokens on the Mixtral and Qwen3 shapes (benchmarks/mgpu_matmul.md, "Warp-specialized
+      prefill kernel").
+    dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead, for the
+      weights the prefill kernel does not take (Samoyeds, or ``prefill_from=None``): W^T
       expanded by one XLA fusion (``WgmmaSparseA.to_dense_t``), then XLA's GEMM. None: never.
-      H100, five expert shapes: from 2048 tokens the sparse kernel is 0.40-0.79x XLA dense,
-      the expanded weight 0.84-1.05x (benchmarks/mgpu_matmul.md, "Prefill on the Hopper
-      layout").
+      H100, five expert shapes: from 2048 tokens the one-warpgroup kernel is 0.40-0.79x XLA
+      dense, the expanded weight 0.84-1.05x (benchmarks/mgpu_matmul.md, "Prefill on the
+      Hopper layout").
     """
 
     block_t: int | None = None
@@ -78,6 +90,7 @@ class WgmmaSpConfig:
     stages: int = 3
     programs_per_sm: int | None = None
     inflight: int = 0
+    prefill_from: int | None = 512
     dense_from: int | None = 2048
 
 
@@ -113,6 +126,9 @@ def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | No
     n_out = a.shape[-1]
     if t == 0:
         return jnp.zeros((0, n_out), out_dtype or x.dtype)
+    pf = prefill_config(t, a, config, out_dtype or x.dtype)
+    if pf is not None:  # 2:4 prefill: the warp-specialized kernel
+        return wgmma_sp_prefill_matmul(x, a, config=pf, out_dtype=out_dtype)
     dense_from = (config or WgmmaSpConfig()).dense_from
     if dense_from is not None and t >= dense_from:  # prefill: dense compute wins (see config)
         return lax.dot_general(x, a.to_dense_t(), (((1,), (1,)), ((), ())),
@@ -165,6 +181,30 @@ def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax
                   num_tiles=jnp.reshape(num_tiles, (1,)).astype(jnp.int32), experts=e, v=a.v,
                   **_static(cfg))
     return split_sum(parts, paired=one.paired)
+
+
+def prefill_config(t: int, a: WgmmaSparseA, config: WgmmaSpConfig | None = None,
+                   out_dtype: Any = jnp.bfloat16) -> SpPrefillConfig | None:
+    """The warp-specialized kernel's tiling for ``t`` tokens, or None where
+    ``wgmma_sp_matmul`` does not use it (Samoyeds weights, fewer than ``prefill_from``
+    tokens, W^T rows not a multiple of 128).
+
+    256-token tiles (K tiles of 64, 3 stages) when they give at least half the SMs a
+    program, else 128-token tiles with K tiles of 128 (H100: Qwen3 w1 at 2048 tokens 1.49x
+    XLA dense at 128 tokens, 0.90x at 256; Mixtral w2 at 1024 1.32x at 256, 1.17x at 128);
+    2 stages where a 4-byte output tile leaves no room for 3.
+    """
+    start = (config or WgmmaSpConfig()).prefill_from
+    if a.paired or start is None or t < start or a.rows % (2 * WGMMA_M):
+        return None
+    tiles256 = a.rows // (2 * WGMMA_M) * -(-t // 256)
+    if tiles256 >= sm_count() // 2:
+        cfg = SpPrefillConfig()
+    else:
+        cfg = SpPrefillConfig(block_t=128, block_k=128 if a.k % 128 == 0 else 64)
+    if prefill_smem_bytes(cfg, jnp.dtype(out_dtype).itemsize) > SMEM_BYTES:
+        cfg = dataclasses.replace(cfg, stages=2)
+    return cfg
 
 
 def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> WgmmaSpConfig:
@@ -220,7 +260,6 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
 
 
-SMEM_BYTES = 232_448  # dynamic shared memory one Hopper (sm_90) program may use
 
 
 def smem_bytes(block_t: int, block_k: int, stages: int, v: int = 0) -> int:
@@ -272,16 +311,6 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_
     return n
 
 
-def _swizzle(row_bytes: int) -> int:
-    return min(128, row_bytes)
-
-
-def _transforms(swizzle: int):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
-
-
 def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: int, v: int,
               sel_rows: int, inflight: int):
     """Mosaic GPU body: the sparse wgmmas of one K tile, added into the carried accumulators.
@@ -297,24 +326,13 @@ def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: i
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     index = ir.IndexType.get()
-    i64 = ir.IntegerType.get_signless(64)
     ci = lambda val: arith.constant(index, val)
-    swa, swb = _swizzle(block_k), _swizzle(2 * block_k)
-    per_a, per_b = swa // 32, swb // 64  # k32 steps per swizzle atom row of A / of x
     slot = meta_slot_index()
     accums = [mgpu.WGMMAAccumulator.from_registers(acc) for acc in accs]
     regs = [list(acc._value.registers.flat) for acc in accums]
     field = regs[0][0].type
-
-    def descriptors(j):
-        a_j = mgpu_utils.memref_slice(a_ref, (slice(None), slice(j // per_a, j // per_a + 1)))
-        x_j = mgpu_utils.memref_slice(x_ref, (slice(None), slice(j // per_b, j // per_b + 1)))
-        a_desc, b_desc = sp_descriptors(a_j, x_j, block_t, a_swizzle=swa, b_swizzle=swb)
-        # inside a swizzle atom: 16 kept bf16 (32 bytes) of A and 32 bf16 (64 bytes) of x per
-        # step; the descriptor's start address counts 16-byte units
-        a_desc = arith.addi(a_desc, arith.constant(i64, 2 * (j % per_a)))
-        b_desc = arith.addi(b_desc, arith.constant(i64, 4 * (j % per_b)))
-        return a_desc, b_desc
+    descriptors = functools.partial(tile_descriptors, a_ref, x_ref, block_t=block_t,
+                                    block_k=block_k)
 
     def meta(j):
         return memref.load(m_ref, [ci(0), ci(j), slot])
@@ -388,7 +406,7 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
     steps = kt // splits
     n_acc = 2 if paired else 1
     ksteps = block_k // WGMMA_K
-    swa, swb = _swizzle(block_k), _swizzle(2 * block_k)
+    swa, swb = swizzle_for(block_k), swizzle_for(2 * block_k)
     # Samoyeds sel rows per K tile: one slab row per tile (tiles inside a slab reload it), or
     # block_k / v rows
     sel_rows = max(1, block_k // v) if paired else 0
@@ -397,8 +415,8 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
     acc_type = plgpu.ShapeDtypeStruct((WGMMA_M, block_t), jnp.float32, layout=plgpu.Layout.WGMMA)
     sel_types = (plgpu.RefType(),) if paired else ()
     mma = plgpu.inline_mgpu(
-        arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType(transforms=_transforms(swa)),
-                   plgpu.RefType(transforms=_transforms(swb)), plgpu.RefType(), *sel_types),
+        arg_types=((plgpu.Layout.WGMMA,) * n_acc, plgpu.RefType(transforms=smem_transforms(swa)),
+                   plgpu.RefType(transforms=smem_transforms(swb)), plgpu.RefType(), *sel_types),
         return_type=(acc_type,) * n_acc,
     )(functools.partial(_mma_tile, block_t=block_t, block_k=block_k, v=v, sel_rows=sel_rows,
                         inflight=inflight))
@@ -426,9 +444,9 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
             late = dict(delay_release=inflight) if inflight else {}
             specs = [
                 plgpu.BlockSpec((block_t, block_k), lambda kk: (ti, k0 + kk),
-                                transforms=_transforms(swb), **late),
+                                transforms=smem_transforms(swb), **late),
                 plgpu.BlockSpec((WGMMA_M, block_k // 2), lambda kk: (mrow, k0 + kk),
-                                transforms=_transforms(swa), **late),
+                                transforms=smem_transforms(swa), **late),
                 plgpu.BlockSpec((1, ksteps, WGMMA_M), lambda kk: (mrow, k0 + kk, 0), **late),
             ]
             operands = [x_gmem, a_gmem, m_gmem]

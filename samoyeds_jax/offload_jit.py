@@ -35,7 +35,10 @@ Policies (``InJitPolicy``):
 
 * ``gpu_only``: every layer's experts already on the device ``[e, ...]``; no transfer.
 * ``on_demand``: block l fetches the t*k experts it routed to after its router ran,
-    on the critical path of its expert compute.
+    on the critical path of its expert compute: an ``optimization_barrier`` holds the
+    block's expert input until every fetched leaf has arrived (as Pre-gated MoE's
+    MoE-OnDemand baseline, which copies the selected experts, then runs them; without it
+    XLA would start a block's first matmul while that block's later weights still copy).
 * ``pregated``: block l >= 1 computes with the experts block l-1's pre-gate picked,
     fetched while block l-1 computes; block 0 fetches on demand (the step's first block
     has no pre-gate before it). Requires ``routing_source="pregate"``.
@@ -249,6 +252,8 @@ def decode_step(fns: BlockFns, config: InJitConfig, layer_params: Sequence[PyTre
             buffers, slot_idx = prefetched     # fetched during block l-1 for this routing
         else:  # on_demand, and block 0 of pregated: on the critical path
             buffers, slot_idx = fetch_block(experts[l], routing.topk_idx)
+            # the block's experts run once all of them have arrived
+            buffers, x = jax.lax.optimization_barrier((buffers, x))
         if policy == "pregated" and l + 1 < num_layers:
             if pregate is None:
                 raise ValueError(f"policy='pregated': block {l} has no pre-gate for block {l + 1}")

@@ -7,7 +7,6 @@ block functions, compile once per token count, and lower (for CUDA) to one
 
 from __future__ import annotations
 
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -200,7 +199,16 @@ def test_tied_prefetch_is_bit_exact(rng):
     ref, _ = _run(block.fns(), params, stacks, h0, policy="gpu_only")
     got, dec = _run(block.fns(), params, stacks, h0, policy="pregated", tie_prefetch=True)
     np.testing.assert_array_equal(got, ref)
-    assert dec.lower(h0).as_text().count("optimization_barrier") == L - 1
+    # L - 1 ties, and block 0's on-demand fetch held before its experts
+    assert dec.lower(h0).as_text().count("optimization_barrier") == (L - 1) + 1
+
+
+def test_on_demand_holds_each_block_until_its_experts_arrive(rng):
+    """on_demand: one optimization_barrier per block between its fetch and its experts."""
+    block, params, stacks = _model(rng, top_k=2)
+    dec = oj.InJitDecoder(block.fns(), params, stacks,
+                          config=oj.InJitConfig(policy="on_demand", routing_source="router"))
+    assert dec.lower(_inputs(rng, 1)).as_text().count("optimization_barrier") == L
 
 
 def test_pregated_matches_host_driven_decoder(rng):

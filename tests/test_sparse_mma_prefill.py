@@ -1,0 +1,154 @@
+"""Warp-specialized sparse-wgmma prefill kernel (``sparse_mma_prefill``): reference, config
+checks, raster order, the Mosaic GPU lowering for CUDA on this host, ``wgmma_sp_matmul``'s
+dispatch to it and, on a GPU, the kernel against the reference."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import sparse_mma_matmul as sm
+from pallas_kernels import sparse_mma_prefill as sp
+from pallas_kernels.formats import NMSparse, SamoyedsSparse
+from pallas_kernels.sparse_mma_layout import to_wgmma_sp
+from samoyeds_jax import pruning
+
+P = sp.SpPrefillConfig
+
+
+def _weights(rng, k, n, op="nm"):
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    if op == "nm":
+        dense = np.asarray(pruning.prune_nm(w))
+        return dense, to_wgmma_sp(NMSparse.from_dense(dense))
+    dense = np.asarray(pruning.prune_samoyeds(w))
+    return dense, to_wgmma_sp(SamoyedsSparse.from_dense(dense))
+
+
+def _x(rng, t, k):
+    return jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("t", [1, 33])
+def test_reference_is_the_dense_product(rng, t):
+    dense, a = _weights(rng, 256, 128)
+    x = _x(rng, t, 256)
+    want = np.asarray(x, np.float32) @ dense.astype(np.float32)
+    y = sp.wgmma_sp_prefill_matmul_reference(x, a, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+    assert sp.wgmma_sp_prefill_matmul_reference(x, a).dtype == jnp.bfloat16
+
+
+def test_bad_input(rng):
+    _, a = _weights(rng, 256, 256)
+    x = jnp.zeros((8, 256), jnp.bfloat16)
+    run = sp.wgmma_sp_prefill_matmul
+    with pytest.raises(ValueError, match=r"x must be \[t, K=256\], got \(8, 128\)"):
+        run(jnp.zeros((8, 128), jnp.bfloat16), a)
+    with pytest.raises(ValueError, match="must be bfloat16, got float32"):
+        run(x.astype(jnp.float32), a)
+    with pytest.raises(ValueError, match="block_t must be a multiple of 8"):
+        run(x, a, config=P(block_t=100))
+    with pytest.raises(ValueError, match="block_k=48 must be a multiple of 32 dividing K=256"):
+        run(x, a, config=P(block_k=48))
+    with pytest.raises(ValueError, match="consumers must be 1 or 2, got 3"):
+        run(x, a, config=P(consumers=3))
+    with pytest.raises(ValueError, match="stages must be >= 1, got 0"):
+        run(x, a, config=P(stages=0))
+    with pytest.raises(ValueError, match="group_m must be None or >= 1, got 0"):
+        run(x, a, config=P(group_m=0))
+    with pytest.raises(ValueError, match="bytes of shared memory, more than the 232448"):
+        run(x, a, config=P(block_k=128))   # 3 x 82 KB ring + 64 KB output
+    with pytest.raises(ValueError, match="bytes of shared memory, more than the 232448"):
+        run(x, a, out_dtype=jnp.float32)   # 3 x 41 KB ring + 128 KB f32 output
+    _, narrow = _weights(rng, 256, 192)
+    with pytest.raises(ValueError, match=r"W\^T rows \(192\) must be a multiple of 128"):
+        run(x, narrow)
+    _, sam = _weights(rng, 256, 256, "samoyeds")
+    with pytest.raises(ValueError, match="takes 2:4 weights"):
+        run(x, sam)
+    assert run(jnp.zeros((0, 256), jnp.bfloat16), a).shape == (0, 256)
+
+
+def test_smem_of_the_default_tilings_fits():
+    assert sp.smem_bytes(P()) <= sp.SMEM_BYTES
+    assert sp.smem_bytes(P(block_t=128, block_k=128)) <= sp.SMEM_BYTES
+    assert sp.smem_bytes(P(block_k=128)) > sp.SMEM_BYTES
+
+
+@pytest.mark.parametrize("m_tiles,t_tiles,group_m", [(7, 3, 2), (112, 16, 16), (5, 4, None),
+                                                     (3, 5, 8)])
+def test_raster_visits_every_tile_once_group_by_group(m_tiles, t_tiles, group_m):
+    order = [tuple(int(v) for v in sp.raster(jnp.int32(i), m_tiles, t_tiles, group_m))
+             for i in range(m_tiles * t_tiles)]
+    assert sorted(order) == [(m, t) for m in range(m_tiles) for t in range(t_tiles)]
+    g = min(group_m or m_tiles, m_tiles)
+    first = order[:g * t_tiles]   # the first group sweeps every token tile of its row tiles
+    assert {m for m, _ in first} == set(range(g)) and {t for _, t in first} == set(range(t_tiles))
+
+
+@pytest.mark.parametrize("config", [P(), P(consumers=1), P(block_t=128, block_k=128),
+                                    P(group_m=None, stages=2), P(block_t=40, block_k=32)])
+def test_lowers_for_cuda(rng, config):
+    """Producer/consumer warpgroups, TMA ring, per-consumer A offset and metadata, inline
+    sparse wgmma, output store: the Mosaic GPU lowering runs here."""
+    _, a = _weights(rng, 512, 256)
+    text = sp.lowers_for_cuda(jnp.zeros((300, 512), jnp.bfloat16), a, config)
+    assert "wgmma.mma_async.sp.sync.aligned" in text
+
+
+def test_prefill_config_rule(rng):
+    _, a = _weights(rng, 512, 256)   # 2 row tiles of 128
+    assert sm.prefill_config(511, a) is None
+    assert sm.prefill_config(512, a, sm.WgmmaSpConfig(prefill_from=None)) is None
+    assert sm.prefill_config(64, a, sm.WgmmaSpConfig(prefill_from=64)) is not None
+    need = -(-(sm.sm_count() // 2) // 2)   # token tiles of 256 that give half the SMs work
+    small = sm.prefill_config(256 * (need - 1), a)
+    assert (small.block_t, small.block_k) == (128, 128)
+    assert sm.prefill_config(256 * need, a) == P()
+    wide = sm.prefill_config(256 * need, a, out_dtype=jnp.float32)   # f32 tile: 2 stages
+    assert wide == P(stages=2) and sp.smem_bytes(wide, 4) <= sp.SMEM_BYTES < sp.smem_bytes(P(), 4)
+    _, sam = _weights(rng, 512, 256, "samoyeds")
+    assert sm.prefill_config(4096, sam) is None
+    _, narrow = _weights(rng, 512, 192)
+    assert sm.prefill_config(4096, narrow) is None
+
+
+def test_wgmma_sp_matmul_dispatches_2_4_prefill(rng, monkeypatch):
+    """From ``prefill_from`` tokens 2:4 weights go to the warp-specialized kernel with
+    ``prefill_config``'s tiling; fewer tokens and Samoyeds weights do not."""
+    calls = []
+
+    def spy(x, a, *, config, out_dtype):
+        calls.append((x.shape[0], config))
+        return jnp.zeros((x.shape[0], a.shape[-1]), out_dtype or x.dtype)
+
+    monkeypatch.setattr(sm, "wgmma_sp_prefill_matmul", spy)
+    _, a = _weights(rng, 256, 128)
+    _, sam = _weights(rng, 256, 128, "samoyeds")
+    off_gpu = sm.WgmmaSpConfig(dense_from=16)   # the non-prefill paths compute densely here
+    sm.wgmma_sp_matmul(_x(rng, 600, 256), a, config=off_gpu)
+    assert [c[0] for c in calls] == [600] and calls[0][1] == sm.prefill_config(600, a)
+    for x, w in ((_x(rng, 100, 256), a), (_x(rng, 600, 256), sam)):
+        y = sm.wgmma_sp_matmul(x, w, config=off_gpu)
+        assert y.shape == (x.shape[0], 128)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,config,out_dtype", [
+    (1, P(), jnp.bfloat16), (33, P(consumers=1), jnp.float32),
+    (300, P(block_t=128, block_k=128), jnp.float32), (600, P(group_m=2), jnp.bfloat16),
+    (513, P(block_t=192, stages=4), jnp.bfloat16), (256, P(block_k=32, stages=6), jnp.bfloat16),
+    (600, P(stages=2), jnp.float32),
+])
+def test_kernel_matches_reference_on_gpu(rng, t, config, out_dtype):
+    _, a = _weights(rng, 512, 640)   # 5 row tiles of 128: group_m=2 leaves a narrow group
+    x = _x(rng, t, 512)
+    y = sp.wgmma_sp_prefill_matmul(x, a, config=config, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    ref = np.asarray(sp.wgmma_sp_prefill_matmul_reference(x, a, out_dtype=jnp.float32))
+    y = np.asarray(y, np.float32)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
