@@ -67,7 +67,7 @@ WGMMA_SP = {
     "sp_k512": W(block_k=512, stages=2),
 }
 # Warp-specialized prefill kernel (``wgmma_sp_prefill_matmul``, 2:4) configs timed with
-# --sp-prefill; the first also timed without the wrapper's pad and transpose ("_kernel").
+# --sp-prefill; the first also timed without the wrapper's pad and slice ("_kernel").
 P = spp.SpPrefillConfig
 SP_PREFILL = {
     "pf_default": P(),
@@ -77,6 +77,7 @@ SP_PREFILL = {
     "pf_t128k128": P(block_t=128, block_k=128),
     "pf_t128k128g8": P(block_t=128, block_k=128, group_m=8),
     "pf_k32s6": P(block_k=32, stages=6),
+    "pf_t192s4": P(block_t=192, stages=4),
     "pf_c1": P(consumers=1),
 }
 
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
                     t_pad = -(-t // cfg.block_t) * cfg.block_t
                     xp = jnp.pad(x, ((0, t_pad - t), (0, 0)))
 
-                    def pf_kernel(xp, a, cfg=cfg):  # y^T, no pad / transpose
+                    def pf_kernel(xp, a, cfg=cfg):  # no pad / slice
                         return spp._call(xp, a.values, a.meta, **spp._static(cfg),
                                          out_dtype=jnp.bfloat16)
 

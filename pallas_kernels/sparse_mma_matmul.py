@@ -73,7 +73,7 @@ class WgmmaSpConfig:
       tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
     prefill_from: token count from which ``wgmma_sp_matmul`` sends 2:4 weights to the
       warp-specialized kernel (``sparse_mma_prefill``, tiling from ``prefill_config``; the
-      fields above then do not apply). None: never. H100: 1.04-1.69x XLA dense from 512
+      fields above then do not apply). None: never. H100: 1.14-1.90x XLA dense from 512
       tokens on the Mixtral and Qwen3 shapes (benchmarks/mgpu_matmul.md, "Warp-specialized
       prefill kernel").
     dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead, for the

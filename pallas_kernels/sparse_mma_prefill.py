@@ -16,9 +16,9 @@ program that both waits on the TMA ring and issues the MMAs; this one splits the
   the tensor cores busy meanwhile;
 * programs run in grouped raster order (``group_m`` row tiles sweep the token tiles
   together), so a group's weights stay in L2 and x crosses HBM once per group;
-* one K split (no partial sums): each consumer converts its f32 accumulator to the output
-  dtype, stores it to shared memory and TMA-copies y^T [64, block_t] out; the wrapper
-  transposes.
+* one K split (no partial sums): each consumer converts its f32 accumulator (y^T
+  [64, block_t]) to the output dtype, stores it transposed into a swizzled shared-memory tile
+  y [block_t, 64] and TMA-copies that into y [t, N]: no transpose pass.
 
 2:4 weights only (``WgmmaSparseA`` without ``sel``). ``wgmma_sp_prefill_matmul_reference``
 has the same signature (pure jnp). Lowers for CUDA on any host (``lowers_for_cuda``); runs
@@ -144,8 +144,8 @@ def wgmma_sp_prefill_matmul(x: jax.Array, a: WgmmaSparseA, *,
         return jnp.zeros((0, a.shape[-1]), out_dtype)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
-    y_t = _call(x, a.values, a.meta, **_static(cfg), out_dtype=out_dtype)
-    return y_t[:, :t].T
+    y = _call(x, a.values, a.meta, **_static(cfg), out_dtype=out_dtype)
+    return y[:t]
 
 
 def _static(cfg: SpPrefillConfig) -> dict:
@@ -193,17 +193,13 @@ def _mma_k_tile(ctx, acc, a_ref, x_ref, m_ref, *, block_t: int, block_k: int):
     return accumulator_value(accum, regs)
 
 
-def _store_tile(ctx, acc, o_ref, *, which: int, out_dtype: Any):
-    """Mosaic GPU body: store ``acc`` as ``out_dtype`` to ``o_ref[which]`` ([64, block_t],
-    untiled)."""
-    del ctx
-    from jax._src.lib.mlir import ir
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+def out_transforms(itemsize: int):
+    """Transforms of the output tile [block_t, 64]: 64 columns a row at the widest swizzle
+    (128 bytes for bf16), so the transposed register store is free of bank conflicts."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    types = {jnp.dtype(jnp.bfloat16): ir.BF16Type, jnp.dtype(jnp.float16): ir.F16Type,
-             jnp.dtype(jnp.float32): ir.F32Type}
-    value = acc if out_dtype == jnp.float32 else acc.astype(types[jnp.dtype(out_dtype)].get())
-    value.store_untiled(mgpu_utils.memref_slice(o_ref, which), optimized=False)
+    swizzle = swizzle_for(WGMMA_M * itemsize)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def raster(i, m_tiles: int, t_tiles: int, group_m: int | None):
@@ -221,7 +217,7 @@ def raster(i, m_tiles: int, t_tiles: int, group_m: int | None):
                                              "group_m", "out_dtype"))
 def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers: int,
           group_m: int | None, out_dtype: Any):
-    """x [t_pad, K], values [R, K/2], meta [R/64, K/32, 64] -> y^T [R, t_pad] out_dtype."""
+    """x [t_pad, K], values [R, K/2], meta [R/64, K/32, 64] -> y [t_pad, R] out_dtype."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax.experimental.mosaic import gpu as mgpu
@@ -238,8 +234,6 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
                    plgpu.RefType(transforms=smem_transforms(swb)), plgpu.RefType()),
         return_type=acc_type,
     )(functools.partial(_mma_k_tile, block_t=block_t, block_k=block_k))
-    stores = [plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
-        functools.partial(_store_tile, which=w, out_dtype=out_dtype)) for w in range(consumers)]
 
     def body(x_gmem, a_gmem, m_gmem, o_gmem, o_smem):
         mi, ti = raster(lax.axis_index("i"), m_tiles, t_tiles, group_m)
@@ -251,11 +245,15 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
         def context(run):
             acc = run(plgpu.layout_cast(jnp.zeros((WGMMA_M, block_t), jnp.float32),
                                         plgpu.Layout.WGMMA))
-            for w in range(consumers):
-                pl.when(wg == w)(functools.partial(stores[w], acc, o_smem))
+            # y^T tile [64, block_t] -> y tile [block_t, 64] through a transposed view of the
+            # swizzled output buffer (stmatrix .trans), then one TMA copy into y
+            y = acc.astype(out_dtype)
+            if jnp.dtype(out_dtype).itemsize == 4:  # pairs along the stored rows for 32 bits
+                y = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+            o_smem.at[wg].T[...] = y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[
-                pl.ds(mi * cta_rows + wg * WGMMA_M, WGMMA_M), pl.ds(ti * block_t, block_t)])
+                pl.ds(ti * block_t, block_t), pl.ds(mi * cta_rows + wg * WGMMA_M, WGMMA_M)])
             plgpu.wait_smem_to_gmem(0)
 
         plgpu.emit_pipeline_warp_specialized(
@@ -273,12 +271,14 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
 
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((rows, t_pad), out_dtype),
+        out_type=jax.ShapeDtypeStruct((t_pad, rows), out_dtype),
         grid=(m_tiles * t_tiles,),
         grid_names=("i",),
         num_threads=consumers + 1,
         thread_name="wg",
-        scratch_types=dict(o_smem=plgpu.SMEM((consumers, WGMMA_M, block_t), out_dtype)),
+        scratch_types=dict(o_smem=plgpu.SMEM(
+            (consumers, block_t, WGMMA_M), out_dtype,
+            transforms=out_transforms(jnp.dtype(out_dtype).itemsize))),
         compiler_params=plgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Lane),
     )
     return kernel(x, values, meta)
