@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.sparse_mma import (issue_wgmma_sp, meta_slot_index, smem_transforms,
-                                      swizzle_for, tile_descriptors)
+from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
+                                      smem_transforms, swizzle_for, tile_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
 
 SMEM_BYTES = 232_448  # dynamic shared memory one Hopper (sm_90) program may use
@@ -169,8 +169,6 @@ def _mma_k_tile(ctx, acc, a_ref, x_ref, m_ref, *, block_t: int, block_k: int):
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    from pallas_kernels.sparse_mma import accumulator_value
-
     index = ir.IndexType.get()
     i64 = ir.IntegerType.get_signless(64)
     tid = mgpu_utils.thread_idx()
@@ -246,7 +244,7 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
             acc = run(plgpu.layout_cast(jnp.zeros((WGMMA_M, block_t), jnp.float32),
                                         plgpu.Layout.WGMMA))
             # y^T tile [64, block_t] -> y tile [block_t, 64] through a transposed view of the
-            # swizzled output buffer (stmatrix .trans), then one TMA copy into y
+            # swizzled output buffer, then one TMA copy into y
             y = acc.astype(out_dtype)
             if jnp.dtype(out_dtype).itemsize == 4:  # pairs along the stored rows for 32 bits
                 y = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
