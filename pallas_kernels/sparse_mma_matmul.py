@@ -74,8 +74,8 @@ class WgmmaSpConfig:
     prefill_from: token count from which ``wgmma_sp_matmul`` sends 2:4 weights to the
       warp-specialized kernel (``sparse_mma_prefill``, tiling from ``prefill_config``; the
       fields above then do not apply). None: never. H100: 1.14-1.90x XLA dense from 512
-      tokens on the Mixtral and Qwen3 shapes (benchmarks/mgpu_matmul.md, "Warp-specialized
-      prefill kernel").
+      tokens on the Mixtral and Qwen3 shapes (benchmarks/mgpu_matmul.md, "Prefill on the
+      sparse tensor cores").
     dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead, for the
       weights the prefill kernel does not take (Samoyeds, or ``prefill_from=None``): W^T
       expanded by one XLA fusion (``WgmmaSparseA.to_dense_t``), then XLA's GEMM. None: never.
