@@ -260,7 +260,6 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     return dataclasses.replace(cfg, block_t=block_t, block_k=block_k, splits=splits)
 
 
-
 def smem_bytes(block_t: int, block_k: int, stages: int, v: int = 0) -> int:
     """Shared memory of one program (``v``: Samoyeds slab rows, 0 for 2:4): the TMA ring (x
     tile, compressed A tile, metadata, Samoyeds ``sel`` rows) times ``stages``, the f32 output
