@@ -122,6 +122,26 @@ def _validate(x: jax.Array, a: WgmmaSparseA) -> None:
         raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
 
 
+def check_common(x: jax.Array, a: WgmmaSparseA) -> None:
+    """ValueError unless x and W are bfloat16 and W^T's rows / K fit the instruction."""
+    if x.dtype != jnp.bfloat16 or a.dtype != jnp.bfloat16:
+        raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
+    if a.rows % WGMMA_M:
+        raise ValueError(f"W^T rows ({a.rows}) must be a multiple of {WGMMA_M}")
+    if a.k % WGMMA_K:
+        raise ValueError(f"K={a.k} must be a multiple of {WGMMA_K}")
+
+
+def check_matrix(x: jax.Array, a: WgmmaSparseA) -> None:
+    """ValueError (expected vs given) unless x [t, K] multiplies one ``WgmmaSparseA`` W [K, N]."""
+    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 2:
+        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__} "
+                         f"of shape {getattr(a, 'shape', None)}")
+    if x.ndim != 2 or x.shape[1] != a.k:
+        raise ValueError(f"x must be [t, K={a.k}], got {x.shape}")
+    check_common(x, a)
+
+
 def sp_descriptors(a_ref, b_ref, t: int, *, a_swizzle: int = A_SWIZZLE,
                    b_swizzle: int = B_SWIZZLE):
     """SMEM descriptors of one swizzle-atom column of the operands (Mosaic GPU IR values).
@@ -169,11 +189,12 @@ def swizzle_for(row_bytes: int) -> int:
     return min(128, row_bytes)
 
 
-def smem_transforms(swizzle: int):
-    """Pallas Mosaic GPU transforms of a bf16 tile at ``swizzle``: (8, swizzle/2) tiles."""
+def smem_transforms(swizzle: int, itemsize: int = 2):
+    """Pallas Mosaic GPU transforms of a tile at ``swizzle`` (bytes) with elements of
+    ``itemsize`` bytes (bf16 by default): (8, swizzle / itemsize) tiles."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def tile_descriptors(a_ref, x_ref, j: int, *, block_t: int, block_k: int):

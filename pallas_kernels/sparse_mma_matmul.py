@@ -45,8 +45,9 @@ from jax import lax
 
 from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum
 from pallas_kernels.routing_plan import grouped_tiles_product
-from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
-                                      smem_transforms, swizzle_for, tile_descriptors)
+from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
+                                      issue_wgmma_sp, meta_slot_index, smem_transforms,
+                                      swizzle_for, tile_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
 from pallas_kernels.sparse_mma_prefill import (SMEM_BYTES, SpPrefillConfig,
                                                wgmma_sp_prefill_matmul)
@@ -99,7 +100,7 @@ def wgmma_sp_matmul_reference(x: jax.Array, a: WgmmaSparseA, *,
                               ) -> jax.Array:
     """``x @ W`` in jnp, f32 accumulation. x: [t, K]; a: W [K, N]. Returns [t, N]."""
     del config
-    _check(x, a)
+    check_matrix(x, a)
     y = jnp.dot(x.astype(jnp.float32), a.to_dense().astype(jnp.float32),
                 precision=lax.Precision.HIGHEST)
     return y.astype(out_dtype or x.dtype)
@@ -121,7 +122,7 @@ def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | No
     Raises:
       ValueError: shapes, dtypes or a config that does not fit (expected vs given).
     """
-    _check(x, a)
+    check_matrix(x, a)
     t = x.shape[0]
     n_out = a.shape[-1]
     if t == 0:
@@ -276,24 +277,6 @@ def _static(cfg: WgmmaSpConfig) -> dict:
                 inflight=cfg.inflight)
 
 
-def _check_common(x: jax.Array, a: WgmmaSparseA) -> None:
-    if x.dtype != jnp.bfloat16 or a.dtype != jnp.bfloat16:
-        raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
-    if a.rows % WGMMA_M:
-        raise ValueError(f"W^T rows ({a.rows}) must be a multiple of {WGMMA_M}")
-    if a.k % WGMMA_K:
-        raise ValueError(f"K={a.k} must be a multiple of {WGMMA_K}")
-
-
-def _check(x: jax.Array, a: WgmmaSparseA) -> None:
-    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 2:
-        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__} "
-                         f"of shape {getattr(a, 'shape', None)}")
-    if x.ndim != 2 or x.shape[1] != a.k:
-        raise ValueError(f"x must be [t, K={a.k}], got {x.shape}")
-    _check_common(x, a)
-
-
 def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_t: int) -> int:
     if not isinstance(a, WgmmaSparseA) or a.values.ndim != 3:
         raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got "
@@ -305,7 +288,7 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_
     n = x.shape[0] // block_t
     if tile_expert.shape != (n,):
         raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
-    _check_common(x, a)
+    check_common(x, a)
     return n
 
 

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.sparse_mma import (accumulator_value, issue_wgmma_sp, meta_slot_index,
-                                      smem_transforms, swizzle_for, tile_descriptors)
+from pallas_kernels.sparse_mma import (accumulator_value, check_matrix, issue_wgmma_sp,
+                                      meta_slot_index, smem_transforms, swizzle_for,
+                                      tile_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
 
 SMEM_BYTES = 232_448  # dynamic shared memory one Hopper (sm_90) program may use
@@ -94,16 +95,10 @@ def check_config(cfg: SpPrefillConfig, a: WgmmaSparseA, out_dtype: Any) -> None:
 
 
 def _check(x: jax.Array, a: WgmmaSparseA) -> None:
-    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 2:
-        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__} "
-                         f"of shape {getattr(a, 'shape', None)}")
+    check_matrix(x, a)
     if a.paired:
         raise ValueError("the prefill kernel takes 2:4 weights; Samoyeds weights (sel) go "
                          "through wgmma_sp_matmul")
-    if x.ndim != 2 or x.shape[1] != a.k:
-        raise ValueError(f"x must be [t, K={a.k}], got {x.shape}")
-    if x.dtype != jnp.bfloat16 or a.dtype != jnp.bfloat16:
-        raise ValueError(f"x and W must be bfloat16, got {x.dtype} and {a.dtype}")
 
 
 def wgmma_sp_prefill_matmul_reference(x: jax.Array, a: WgmmaSparseA, *,
@@ -191,15 +186,6 @@ def _mma_k_tile(ctx, acc, a_ref, x_ref, m_ref, *, block_t: int, block_k: int):
     return accumulator_value(accum, regs)
 
 
-def out_transforms(itemsize: int):
-    """Transforms of the output tile [block_t, 64]: 64 columns a row at the widest swizzle
-    (128 bytes for bf16), so the transposed register store is free of bank conflicts."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    swizzle = swizzle_for(WGMMA_M * itemsize)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def raster(i, m_tiles: int, t_tiles: int, group_m: int | None):
     """(row tile, token tile) of program ``i`` in grouped raster order: groups of
     ``group_m`` row tiles, the row tile fastest inside a group, then the token tile."""
@@ -223,6 +209,7 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
     t_pad, k = x.shape
     rows = values.shape[0]
     cta_rows = WGMMA_M * consumers
+    out_size = jnp.dtype(out_dtype).itemsize
     m_tiles, t_tiles = rows // cta_rows, t_pad // block_t
     ksteps = block_k // WGMMA_K
     swa, swb = swizzle_for(block_k), swizzle_for(2 * block_k)
@@ -276,7 +263,9 @@ def _call(x, values, meta, *, block_t: int, block_k: int, stages: int, consumers
         thread_name="wg",
         scratch_types=dict(o_smem=plgpu.SMEM(
             (consumers, block_t, WGMMA_M), out_dtype,
-            transforms=out_transforms(jnp.dtype(out_dtype).itemsize))),
+            # 64 columns a row at the widest swizzle (128 bytes for bf16): the transposed
+            # register store is free of bank conflicts
+            transforms=smem_transforms(swizzle_for(WGMMA_M * out_size), out_size))),
         compiler_params=plgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Lane),
     )
     return kernel(x, values, meta)
