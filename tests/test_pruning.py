@@ -263,10 +263,12 @@ def test_wanda_differs_from_magnitude_on_skewed_norms(rng):
                   lambda s: pruning.prune_samoyeds(w, v=32, score=s),
                   lambda s: pruning.prune_unstructured(w, sparsity=0.5, score=s)):
         assert np.any((_np(prune(None)) != 0) != (_np(prune(score)) != 0))
-    # Wanda keeps the high-norm channels: the output error on x is lower than magnitude's.
-    def out_err(p):
-        return np.linalg.norm(x @ (_np(w) - _np(p))) / np.linalg.norm(x @ _np(w))
-    assert out_err(pruning.prune_nm(w, score=score)) < out_err(pruning.prune_nm(w))
+    # Wanda keeps the high-norm channels: the pruned |w| * ||x_channel|| mass (the output
+    # error on x without its cross-channel terms, which 16 random rows make noisy) is lower
+    # than magnitude pruning's. Exact: 2:4 by score keeps each group's two largest scores.
+    def pruned_mass(p):
+        return float(np.sum(np.where(_np(p) == 0, _np(score), 0.0) ** 2))
+    assert pruned_mass(pruning.prune_nm(w, score=score)) < pruned_mass(pruning.prune_nm(w))
 
 
 def test_wanda_per_expert_activations(rng):
