@@ -6,20 +6,26 @@ The drop-in layer is ``MoE`` (config ``MoEConfig``); the model is ``MoETransform
 
 from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
                                       load_or_convert, load_tokenizer, save_converted)
+from samoyeds_jax.compress import calibrate_and_prune, recover, to_compressed
 from samoyeds_jax.config import MoEConfig, SparsityConfig
+from samoyeds_jax.evaluate import (EvalConfig, EvalResult, PregateRecall, evaluate_streams,
+                                   evaluate_texts, evaluate_tokens, paired_difference,
+                                   pregate_recall)
 from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, sample
+from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
 from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
-from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
+from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer, RouterLogits
 from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, hopper_layout, moe_linen
 from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
                                   OffloadDecoder)
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
-from samoyeds_jax.pregate import PregateTrainConfig, pregate_recall, train_pregates
+from samoyeds_jax.pregate import PregateTrainConfig, train_pregates
 from samoyeds_jax.pruning import (PruneConfig, PruneReport, magnitude_score, prune_experts,
                                   prune_nm, prune_samoyeds, prune_unstructured, wanda_score)
 from samoyeds_jax.routing import Routing, route_logits, topk_recall
+from samoyeds_jax.train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -28,16 +34,20 @@ __all__ = [
     "MoEConfig", "SparsityConfig", "MoE", "Router", "PreGatedRouter", "SharedExperts", "moe_linen",
     "hopper_layout",
     "Routing", "route_logits", "topk_recall",
-    "PregateTrainConfig", "train_pregates", "pregate_recall",
+    "PregateTrainConfig", "train_pregates",
     "PruneConfig", "PruneReport", "prune_experts", "prune_nm", "prune_samoyeds",
     "prune_unstructured", "magnitude_score", "wanda_score",
     "Attention", "AttentionConfig", "RMSNorm", "apply_rope",
-    "ModelConfig", "MoETransformer", "KVCache",
+    "ModelConfig", "MoETransformer", "KVCache", "RouterLogits",
+    "TrainConfig", "Trainer",
+    "EvalConfig", "EvalResult", "PregateRecall", "evaluate_streams", "evaluate_texts",
+    "evaluate_tokens", "paired_difference", "pregate_recall",
+    "calibrate_and_prune", "recover", "to_compressed",
     "Generator", "GenerationResult", "SamplingConfig", "sample",
     "OffloadGenerator", "OffloadGenerationResult",
     "ExpertStore", "ExpertCache", "OffloadConfig", "BlockScheduler", "OffloadDecoder",
     "InJitConfig", "InJitDecoder",
     "ExpertParallel", "make_expert_mesh", "use_expert_parallel",
     "load_hf_checkpoint", "load_converted", "save_converted", "load_or_convert", "load_model",
-    "load_tokenizer",
+    "load_tokenizer", "save_hf_checkpoint", "config_to_hf",
 ]

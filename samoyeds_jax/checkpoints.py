@@ -25,13 +25,16 @@ Hugging Face                                                         here
 ``...mlp.experts.down_proj`` [e, d, f] (fused layout)                ``layers.{i}.mlp.w2`` [e, f, d]
 ``...mlp.shared_expert.{gate,up,down}_proj.weight`` (Qwen2-MoE)      ``layers.{i}.mlp.shared.{w1,w3,w2}``
 ``...mlp.shared_expert_gate.weight`` [1, d] (Qwen2-MoE)              ``layers.{i}.mlp.shared.gate_kernel``
+``...{moe}.pregate.weight`` [e, d], i < l-1 (transformers skips it)  ``layers.{i}.mlp.pregate.kernel`` [d, e]
 ``model.norm.weight``                                                ``norm.scale``
 ``lm_head.weight`` [v, d] (absent or ignored when tied)              ``lm_head.kernel`` [d, v]
 ===================================================================  ==================================
 
 ``{moe}`` is ``block_sparse_moe`` with expert names ``w1/w3/w2`` for Mixtral, ``mlp`` with
 ``gate_proj/up_proj/down_proj`` for the others. A pre-gate (``pregate != "standard"``) of block
-i starts as a copy of block i+1's gate.
+i is read from ``...{moe}.pregate.weight`` when the checkpoint has that tensor (written by
+``samoyeds_jax.hf_export``; transformers skips it), else starts as a copy of block i+1's gate.
+A model built without pre-gates (``pregate="standard"``) skips those tensors.
 
 The routed experts are then pruned and stored in ``expert_format`` (``samoyeds_jax.pruning``),
 layer by layer under a progress bar.
@@ -363,6 +366,22 @@ def _layer_tensors(reader: ShardReader, config: ModelConfig, i: int,
     return out
 
 
+def _pregate_key(reader: ShardReader, config: ModelConfig, i: int) -> str | None:
+    """Name of block i's pre-gate tensor [e, d] when the checkpoint holds one, else None.
+
+    Only blocks before the last have a pre-gate; a pre-gate tensor of the last block is left
+    unread, so the importer refuses it as an unknown weight.
+    """
+    if i >= config.num_layers - 1:
+        return None
+    moe_name, _ = _moe_names(config.architecture)
+    for name in dict.fromkeys((moe_name, "mlp")):  # Mixtral: either name, as for its gate
+        key = f"model.layers.{i}.{name}.pregate.weight"
+        if key in reader:
+            return key
+    return None
+
+
 def _prune_config(config: ModelConfig, expert_format: ExpertFormat,
                   prune: pruning.PruneConfig | None) -> pruning.PruneConfig | None:
     """The pruning settings of a conversion (None for dense)."""
@@ -409,7 +428,8 @@ def load_hf_checkpoint(
       prune: the ``pruning.PruneConfig`` (method, pattern) used for a sparse format; None:
         magnitude pruning with the pattern of ``MoEConfig.sparsity``'s defaults.
       backend: expert compute of the model ("xla" or "pallas").
-      pregate: pre-gating mode; pre-gates start as copies of the next block's gate.
+      pregate: pre-gating mode; pre-gates are read from the checkpoint's ``...pregate.weight``
+        tensors when present, else start as copies of the next block's gate.
       progress: tqdm bar over the layers; None shows it on a terminal.
     Returns:
       ``(model, config)``.
@@ -465,6 +485,13 @@ def load_hf_checkpoint(
             del tensors
             for name, w in _convert_experts(experts, i, prune).items():
                 put(("layers", i, "mlp", name), w)
+            key = _pregate_key(reader, config, i)
+            if key is not None:
+                path = ("layers", i, "mlp", "pregate", "kernel")
+                if path in shapes:
+                    put(path, _linear(reader, key, shapes[path]))
+                else:  # standard routing needs no pre-gate: skipped on purpose, not dropped
+                    reader.mark_used(key)
         put(("norm", "scale"), reader.get("model.norm.weight", (d,)))
         if config.tie_word_embeddings:
             reader.mark_used("lm_head.weight")  # some exports keep the tied copy; unused here
@@ -476,9 +503,9 @@ def load_hf_checkpoint(
                 f"{len(unused)} tensors of {directory} are not part of the {config.architecture} "
                 f"layout this importer maps (e.g. {unused[:3]}); refusing to drop weights")
 
-    for i in range(config.num_layers - 1):  # pre-gates start as the next block's gate
+    for i in range(config.num_layers - 1):  # pre-gates not in the file: the next block's gate
         path = ("layers", i, "mlp", "pregate", "kernel")
-        if path in shapes:
+        if path in shapes and path not in loaded:
             loaded[path] = loaded[("layers", i + 1, "mlp", "gate", "kernel")]
     missing = sorted(_dotted(p) for p in shapes if p not in loaded)
     if missing:  # a mapping gap: fail loudly instead of leaving abstract leaves behind

@@ -25,9 +25,11 @@ ExpertFormat = Literal["dense", "nm", "samoyeds", "unstructured"]
 """How the expert weight stacks are stored: dense arrays, N:M along K (``NMSparse``),
 vector-wise N:M:V + 2:4 (``SamoyedsSparse``), or tiled unstructured sparsity."""
 
-MoEBackend = Literal["xla", "pallas"]
+MoEBackend = Literal["xla", "pallas", "all_experts"]
 """``"xla"``: dense grouped matmul (``jax.lax.ragged_dot``; sparse formats are expanded first).
-``"pallas"``: the fused routed-token kernel ``pallas_kernels.moe_matmul.moe_ffn``."""
+``"pallas"``: the fused routed-token kernel ``pallas_kernels.moe_matmul.moe_ffn``.
+``"all_experts"``: every expert on every token, weighted by the (sparse) combine weights: plain
+einsums, the fast way to train a small model on a CPU (``samoyeds_jax.train``)."""
 
 PregateMode = Literal["standard", "pregated", "speculative"]
 """* ``"standard"``: each block's own gate routes; no pre-gate.

@@ -1,8 +1,10 @@
 """``samoyeds-generate``: jit-compiled generation with an MoE model.
 
-Without ``--checkpoint`` it builds a tiny Mixtral-like model with random weights in-process
-(nothing is downloaded), so the whole path (routing, sparse expert formats, KV cache, sampling)
-runs anywhere. With ``--checkpoint DIR`` (a Hugging Face model directory) the weights are imported
+Without ``--checkpoint`` it runs the reference model shipped with the library
+(``samoyeds_jax/assets/shakespeare-moe``: a Mixtral-architecture MoE trained on Shakespeare's
+plays, with its ``tokenizer.json``), so text in, text out works with nothing downloaded;
+``--random-tiny`` builds a smaller random-weight model in-process instead (smoke runs).
+With ``--checkpoint DIR`` (a Hugging Face model directory) the weights are imported
 by ``samoyeds_jax.checkpoints`` (it may also be a directory written by ``--converted`` or
 ``checkpoints.save_converted``); a ``tokenizer.json`` there lets ``--prompt`` be text.
 ``--converted DIR`` keeps the model with its experts already in ``--format`` in DIR, so pruning
@@ -29,16 +31,23 @@ from pallas_kernels import backend as backend_lib
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
 DEFAULT_TEXT_PROMPT = "The capital of France is"
+DEFAULT_REFERENCE_PROMPT = "HAMLET.\nTo be, or not to be"
+REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shakespeare-moe")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="samoyeds-generate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Generate with an MoE model (jit-compiled prefill + decode). Without "
-                    "--checkpoint, a tiny random-weight model is built in-process.")
+                    "--checkpoint, the reference model shipped with the library (trained on "
+                    "Shakespeare) is used.")
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="Hugging Face model directory (config.json + *.safetensors); "
-                        "default: the embedded tiny model with random weights")
+                        "default: the shipped reference model")
+    p.add_argument("--random-tiny", action="store_true",
+                   help="instead of a checkpoint, build a tiny random-weight model in-process "
+                        "(token-id prompts; for smoke runs)")
     p.add_argument("--converted", metavar="DIR", default=None,
                    help="keep the converted model (experts in --format) in DIR: load it from "
                         "there when present, else import --checkpoint, convert, and save it there")
@@ -63,14 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=None,
                    help="device expert slots shared by all layers (default: two blocks' worth)")
     p.add_argument("--pregate", default="standard", choices=("standard", "pregated", "speculative"),
-                   help="pre-gating mode of the embedded tiny model (block i picks block i+1's "
-                        "experts); a checkpoint keeps its own")
+                   help="pre-gating mode of the reference or random tiny model (block i picks "
+                        "block i+1's experts; the reference model ships trained pre-gates); a "
+                        "converted checkpoint keeps its own")
     p.add_argument("--devices", type=int, default=1,
                    help="split the routed experts over this many devices (expert parallelism)")
     p.add_argument("--prompt", default=None,
                    help="text when the checkpoint has tokenizer.json, else token ids "
-                        "separated by spaces or commas "
-                        f"(default for the tiny model: {DEFAULT_TINY_PROMPT!r})")
+                        "separated by spaces or commas (default: "
+                        f"{DEFAULT_REFERENCE_PROMPT!r} for the reference model, "
+                        f"{DEFAULT_TINY_PROMPT!r} for --random-tiny)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated together")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -78,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling and random weights")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="compute/parameter dtype (default: float32 for the tiny model, the "
-                        "checkpoint's torch_dtype otherwise)")
+                   help="compute/parameter dtype (default: float32 for the reference and tiny "
+                        "models, the checkpoint's torch_dtype otherwise)")
     p.add_argument("--eos-id", type=int, nargs="+", default=None,
                    help="stop token id(s) (default: the model config's eos_token_id)")
     p.add_argument("--no-eos", action="store_true", help="ignore EOS; always make max-new-tokens")
@@ -94,15 +105,28 @@ def _load_model(args) -> tuple[Any, str, Any]:
     from samoyeds_jax.model import ModelConfig, MoETransformer
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
-    if args.checkpoint is None:
-        if args.converted is not None:
-            raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
+    if args.random_tiny:
+        if args.checkpoint is not None or args.converted is not None:
+            raise ValueError("--random-tiny builds its own model; drop --checkpoint/--converted")
         cfg = ModelConfig.tiny(expert_format=args.expert_format or "dense", backend=args.backend,
                                pregate=args.pregate,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
         return model, desc, None
+    if args.checkpoint is None:
+        if args.converted is not None:
+            raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
+        from samoyeds_jax import checkpoints
+
+        model, _ = checkpoints.load_hf_checkpoint(
+            REFERENCE_MODEL, dtype=args.dtype or "float32",
+            expert_format=args.expert_format or "dense", backend=args.backend,
+            pregate=args.pregate)
+        desc = ("reference MoE trained on Shakespeare (shipped with the library; sparse formats "
+                "pruned by magnitude at load: samoyeds-compress prunes with calibration and "
+                "recovery)")
+        return model, desc, checkpoints.load_tokenizer(REFERENCE_MODEL)
 
     path = args.checkpoint
     if not os.path.isdir(path):
@@ -125,9 +149,13 @@ def _load_model(args) -> tuple[Any, str, Any]:
 def _prompt_ids(args, tokenizer, bos: int | None) -> list[int]:
     text = args.prompt
     if tokenizer is not None:
-        return tokenizer.encode(text if text is not None else DEFAULT_TEXT_PROMPT).ids
+        default = DEFAULT_REFERENCE_PROMPT if args.checkpoint is None else DEFAULT_TEXT_PROMPT
+        ids = tokenizer.encode(text if text is not None else default).ids
+        if not ids:
+            raise ValueError(f"--prompt {text!r} encodes to no tokens")
+        return ids
     if text is None:
-        text = DEFAULT_TINY_PROMPT if args.checkpoint is None else str(bos if bos is not None else 0)
+        text = DEFAULT_TINY_PROMPT if args.random_tiny else str(bos if bos is not None else 0)
     parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
     try:
         ids = [int(p) for p in parts]

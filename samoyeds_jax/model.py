@@ -199,6 +199,24 @@ class ModelConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class RouterLogits:
+    """Every block's router logits from one forward (``return_router_logits=True``).
+
+    Attributes:
+      gate: per block, its own gate's logits on its input, ``[b*t, e]`` float32 (whatever
+        routing the block computed with: in ``"pregated"`` mode blocks > 0 use the previous
+        block's pre-gate).
+      pregate: per block, its pre-gate's logits predicting the next block's experts,
+        ``[b*t, e]`` float32; None for blocks without a pre-gate (the last one, and all in
+        ``"standard"`` mode).
+    """
+
+    gate: tuple[jax.Array, ...]
+    pregate: tuple[jax.Array | None, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVCache:
     """Slot-addressed key/value cache of every layer (see ``samoyeds_jax.layers``).
 
@@ -277,16 +295,25 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
         self.mlp = mlp_factory(config, block_index=block_index, rngs=rngs)
 
-    def __call__(self, x, *, positions, mask, cache_k, cache_v, index, routing=None):
-        """x ``[b, t, d]`` -> ``(y [b, t, d], cache_k, cache_v, next_routing)``."""
+    def __call__(self, x, *, positions, mask, cache_k, cache_v, index, routing=None,
+                 return_gate_logits: bool = False):
+        """x ``[b, t, d]`` -> ``(y [b, t, d], cache_k, cache_v, next_routing)``, plus the MoE
+        layer's own gate logits ``[b*t, e]`` last with ``return_gate_logits``."""
         b, t, d = x.shape
         a, cache_k, cache_v = self.self_attn(self.input_layernorm(x), positions=positions, mask=mask,
                                              cache_k=cache_k, cache_v=cache_v, index=index)
         h = x + a
         # The MoE layer routes a flat token list: [b*t, d].
         x_moe = self.post_attention_layernorm(h).reshape(b * t, d)
-        m, next_routing = self.mlp(x_moe, routing=routing)
-        return h + m.reshape(b, t, d).astype(h.dtype), cache_k, cache_v, next_routing
+        if return_gate_logits:
+            m, next_routing, gate_logits = self.mlp(x_moe, routing=routing,
+                                                    return_gate_logits=True)
+        else:
+            (m, next_routing), gate_logits = self.mlp(x_moe, routing=routing), None
+        y = h + m.reshape(b, t, d).astype(h.dtype)
+        if return_gate_logits:
+            return y, cache_k, cache_v, next_routing, gate_logits
+        return y, cache_k, cache_v, next_routing
 
 
 class MoETransformer(nnx.Module):
@@ -313,8 +340,8 @@ class MoETransformer(nnx.Module):
                                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None,
-                 cache: KVCache | None = None, logits_for: LogitsFor = "all"
-                 ) -> tuple[jax.Array, KVCache]:
+                 cache: KVCache | None = None, logits_for: LogitsFor = "all",
+                 return_router_logits: bool = False):
         """Run ``t`` new tokens per row through the model.
 
         Args:
@@ -322,8 +349,10 @@ class MoETransformer(nnx.Module):
           mask: ``[b, t]`` bool, False for padding (left padding); default all True.
           cache: the KV cache to extend; its slots ``index .. index + t - 1`` are written.
           logits_for: "all" -> logits ``[b, t, v]``; "last" -> only the last position ``[b, v]``.
+          return_router_logits: also return every block's ``RouterLogits`` (training losses,
+            pre-gate metrics).
         Returns:
-          ``(logits float32, updated cache)``.
+          ``(logits float32, updated cache)``, or ``(logits, cache, RouterLogits)``.
         """
         b, t = tokens.shape
         if mask is None:
@@ -339,15 +368,23 @@ class MoETransformer(nnx.Module):
 
         x = self.embed_tokens(tokens)
         routing = None
-        keys, values = [], []
+        keys, values, gates, pregates = [], [], [], []
         for i, block in enumerate(self.layers):
-            x, k, v, routing = block(x, positions=positions, mask=attn_mask, cache_k=cache.keys[i],
-                                     cache_v=cache.values[i], index=cache.index, routing=routing)
+            out = block(x, positions=positions, mask=attn_mask, cache_k=cache.keys[i],
+                        cache_v=cache.values[i], index=cache.index, routing=routing,
+                        return_gate_logits=return_router_logits)
+            x, k, v, routing = out[:4]
             keys.append(k)
             values.append(v)
+            if return_router_logits:
+                gates.append(out[4])
+                pregates.append(None if routing is None else routing.logits)
         if logits_for == "last":
             x = x[:, -1]
-        return self.logits(x), cache.advance(keys, values, valid, mask)
+        logits, cache = self.logits(x), cache.advance(keys, values, valid, mask)
+        if return_router_logits:
+            return logits, cache, RouterLogits(gate=tuple(gates), pregate=tuple(pregates))
+        return logits, cache
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: ``[..., d]`` -> float32 logits ``[..., v]``."""

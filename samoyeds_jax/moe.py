@@ -193,6 +193,9 @@ def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
     ``"xla"``: ``expert_ffn_ragged`` (sparse formats expanded to dense first).
     ``"pallas"``: ``pallas_kernels.moe_matmul.moe_ffn`` on a ``RoutingPlan``; weights stay in
     their stored format.
+    ``"all_experts"``: ``expert_ffn_loop``, every expert on every token weighted by its combine
+    weight (zero off the top-k): e/k times the work, but plain einsums, which train faster than
+    ``ragged_dot`` on a CPU for small models. Same result and gradients as ``"xla"``.
     """
     if x.shape[0] == 0:  # no tokens: nothing to route (kernels need at least one row)
         return jnp.zeros(x.shape, dtype)
@@ -200,7 +203,9 @@ def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
         return expert_ffn_ragged(x, routing, experts, dtype=dtype)
     if backend == "pallas":
         return _expert_ffn_pallas(x, routing, experts, dtype)
-    raise ValueError(f"backend must be 'xla' or 'pallas', got {backend!r}")
+    if backend == "all_experts":
+        return expert_ffn_loop(x, routing, experts, dtype=dtype)
+    raise ValueError(f"backend must be 'xla', 'pallas' or 'all_experts', got {backend!r}")
 
 
 def _expert_ffn_pallas(x, routing, experts, dtype):
@@ -512,17 +517,24 @@ class MoE(nnx.Module):
             y = y + self.shared(xt).astype(dtype)
         return y.reshape(*lead, d)
 
-    def __call__(self, x: jax.Array, *, routing: Routing | None = None
-                 ) -> tuple[jax.Array, Routing | None]:
+    def __call__(self, x: jax.Array, *, routing: Routing | None = None,
+                 return_gate_logits: bool = False):
         """x [..., d] -> (y [..., d], next_routing for block i+1 or None).
 
         ``routing``: the previous block's ``next_routing`` (see the module doc for each mode).
+        ``return_gate_logits``: also return this block's own gate logits [t, e] float32 (for
+        the load-balancing loss and pre-gate metrics), whatever routing the block used:
+        ``(y, next_routing, gate_logits)``.
         """
         if self.capture_inputs:  # hidden states for pre-gate training
             self.sow(nnx.Intermediate, "inputs", x.reshape(-1, x.shape[-1]))
         used = self.select_routing(x, routing)
         y = self.apply_experts(x, used)
-        return y, self.predict_next(x)
+        next_routing = self.predict_next(x)
+        if not return_gate_logits:
+            return y, next_routing
+        own = used if routing is None or self.config.pregate != "pregated" else self.route(x)
+        return y, next_routing, own.logits
 
 
 def moe_linen(config: MoEConfig, **kwargs):

@@ -12,6 +12,9 @@ Scores (higher is kept), always computed in float32:
 - Wanda (Sun et al. 2023, arXiv 2306.11695): ``|W[k, n]| * ||X[:, k]||_2``, the L2 norm of input
   channel k over calibration activations ``X [t, K]`` (the norm is per row k of W).
 
+``PruneConfig(method="sparsegpt")`` instead chooses the mask and updates the kept weights by
+second-order (OBS) reconstruction of ``X W`` (``samoyeds_jax.sparsegpt``), to the same patterns.
+
 Patterns:
 
 - N:M along K (``prune_nm``): in every group of m consecutive rows of K, each column keeps its
@@ -20,6 +23,7 @@ Patterns:
   column; then, for every slab of V rows of K, the N output columns form groups of m_sel
   consecutive columns, each scored by the sum of its kept (post-2:4) scores in the slab, and the
   n_sel best columns of each group are kept. Default 1:2:128 keeps 25% of the entries.
+  ``samoyeds_mask_shared`` makes one column choice for an expert's w1 and w3 (summed scores).
 - Unstructured (``prune_unstructured``): the top ``round((1 - sparsity) * K * N)`` entries of
   every matrix.
 
@@ -31,6 +35,7 @@ whenever the arrays are concrete, i.e. outside ``jax.jit``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -60,6 +65,7 @@ __all__ = [
     "prune_samoyeds",
     "prune_unstructured",
     "samoyeds_mask",
+    "samoyeds_mask_shared",
     "unstructured_mask",
     "wanda_score",
 ]
@@ -68,7 +74,7 @@ __all__ = [
 SUPPORTED_NM: tuple[tuple[int, int], ...] = formats.NM_PATTERNS
 
 Format = Literal["dense", "nm", "samoyeds", "unstructured"]
-Method = Literal["magnitude", "wanda"]
+Method = Literal["magnitude", "wanda", "sparsegpt"]
 Output = Literal["compressed", "dense"]
 
 # Expert stacks above this many elements in total show a progress bar (when stderr is a tty).
@@ -254,16 +260,35 @@ def _nm_mask(score: jax.Array, *, n: int, m: int) -> jax.Array:
     return _top_n_along(groups, n, axis=-2).reshape(score.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
-def _samoyeds_mask(score: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
+def _samoyeds_inner(score: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
+    """(2:4 mask along K [..., K, N], per-slab sum of the kept scores [..., K/V, N])."""
     *lead, k, n_out = score.shape
     inner = _nm_mask(score, n=2, m=4)  # [..., K, N] 2:4 along K per column
     kept = jnp.where(inner, score, 0.0)
-    slab = kept.reshape(*lead, k // v, v, n_out).sum(axis=-2)  # [..., K/V, N]
-    groups = slab.reshape(*lead, k // v, n_out // m_sel, m_sel)  # [..., K/V, N/m_sel, m_sel]
-    cols = _top_n_along(groups, n_sel, axis=-1).reshape(*lead, k // v, 1, n_out)
-    cols = jnp.broadcast_to(cols, (*lead, k // v, v, n_out)).reshape(score.shape)
-    return inner & cols
+    return inner, kept.reshape(*lead, k // v, v, n_out).sum(axis=-2)
+
+
+def _samoyeds_columns(slab: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
+    """Per slab, the n_sel best of every m_sel columns: slab [..., K/V, N] -> mask [..., K, N]."""
+    *lead, slabs, n_out = slab.shape
+    groups = slab.reshape(*lead, slabs, n_out // m_sel, m_sel)  # [..., K/V, N/m_sel, m_sel]
+    cols = _top_n_along(groups, n_sel, axis=-1).reshape(*lead, slabs, 1, n_out)
+    return jnp.broadcast_to(cols, (*lead, slabs, v, n_out)).reshape(*lead, slabs * v, n_out)
+
+
+@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
+def _samoyeds_mask(score: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
+    inner, slab = _samoyeds_inner(score, v)
+    return inner & _samoyeds_columns(slab, n_sel=n_sel, m_sel=m_sel, v=v)
+
+
+@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
+def _samoyeds_mask_shared(score1: jax.Array, score3: jax.Array, *, n_sel: int, m_sel: int,
+                          v: int) -> tuple[jax.Array, jax.Array]:
+    inner1, slab1 = _samoyeds_inner(score1, v)
+    inner3, slab3 = _samoyeds_inner(score3, v)
+    cols = _samoyeds_columns(slab1 + slab3, n_sel=n_sel, m_sel=m_sel, v=v)
+    return inner1 & cols, inner3 & cols
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -341,6 +366,24 @@ def samoyeds_mask(score: jax.Array, *, n_sel: int = 1, m_sel: int = 2, v: int = 
     _check_samoyeds(n_sel, m_sel, v, score.shape[-2], score.shape[-1])
     return _samoyeds_mask(_check_score(score, score).astype(jnp.float32), n_sel=n_sel,
                           m_sel=m_sel, v=v)
+
+
+def samoyeds_mask_shared(score1: jax.Array, score3: jax.Array, *, n_sel: int = 1, m_sel: int = 2,
+                         v: int = 128) -> tuple[jax.Array, jax.Array]:
+    """Samoyeds keep-masks of an expert's w1 and w3 [..., K, N] with one column choice.
+
+    Each matrix is 2:4 along K by its own score; per slab, the columns are ranked by the sum of
+    both matrices' kept scores, so w1 and w3 keep the same columns (their outputs multiply in
+    SwiGLU: a column kept in only one of them is half wasted). Returns (mask1, mask3).
+    """
+    score1, score3 = jnp.asarray(score1), jnp.asarray(score3)
+    if score1.ndim < 2 or score1.shape != score3.shape:
+        raise ValueError(f"score1 and score3 must be [..., K, N] of one shape; given "
+                         f"{tuple(score1.shape)} and {tuple(score3.shape)}")
+    _check_samoyeds(n_sel, m_sel, v, score1.shape[-2], score1.shape[-1])
+    score1 = _check_score(score1, score1).astype(jnp.float32)
+    score3 = _check_score(score3, score3).astype(jnp.float32)
+    return _samoyeds_mask_shared(score1, score3, n_sel=n_sel, m_sel=m_sel, v=v)
 
 
 def _n_keep(sparsity: float, size: int) -> int:
@@ -450,13 +493,21 @@ class PruneConfig:
     Attributes:
       format: "dense" (leave weights as they are; a baseline), "nm", "samoyeds" or
         "unstructured".
-      method: "magnitude" (|W|) or "wanda" (|W| * input-channel norm; needs calibration).
+      method: "magnitude" (|W|), "wanda" (|W| * input-channel norm; needs calibration) or
+        "sparsegpt" (second-order mask choice with weight reconstruction,
+        ``samoyeds_jax.sparsegpt``; needs calibration).
       n, m: the N:M pattern of format "nm".
       n_sel, m_sel, v: the vector-wise selection of format "samoyeds" (2:4 inside is fixed).
       sparsity: fraction zeroed by format "unstructured", in [0, 1).
       output: "compressed" returns format objects (NMSparse / SamoyedsSparse / TiledSparse),
         "dense" the pruned dense arrays.
       tile_k, tile_n: TiledSparse tile size of format "unstructured" (None: its defaults).
+      shared_w1_w3: format "samoyeds" only: each expert's w1 and w3 (same input, outputs
+        multiplied in SwiGLU) keep the same columns per slab, chosen by their summed scores
+        (``samoyeds_mask_shared``; for sparsegpt, summed OBS savings). Other formats have no
+        column choice to share, so True raises ValueError there.
+      damp, block_size: method "sparsegpt"'s dampening (fraction of mean(diag H)) and rows per
+        lazy-update block (a multiple of m for "nm"; Samoyeds uses v).
     """
 
     format: Format
@@ -470,13 +521,27 @@ class PruneConfig:
     output: Output = "compressed"
     tile_k: int | None = None
     tile_n: int | None = None
+    shared_w1_w3: bool = False
+    damp: float = 0.01
+    block_size: int = 128
 
     def __post_init__(self):
         if self.format not in ("dense", "nm", "samoyeds", "unstructured"):
             raise ValueError(f"format={self.format!r} must be one of 'dense', 'nm', 'samoyeds', "
                              "'unstructured'")
-        if self.method not in ("magnitude", "wanda"):
-            raise ValueError(f"method={self.method!r} must be 'magnitude' or 'wanda'")
+        if self.method not in ("magnitude", "wanda", "sparsegpt"):
+            raise ValueError(f"method={self.method!r} must be 'magnitude', 'wanda' or "
+                             "'sparsegpt'")
+        if not isinstance(self.shared_w1_w3, bool):
+            raise ValueError(f"shared_w1_w3 must be a bool; given {self.shared_w1_w3!r}")
+        if self.shared_w1_w3 and self.format != "samoyeds":
+            raise ValueError(f"shared_w1_w3=True applies to format='samoyeds' only (the one "
+                             f"format with a column choice to share); given format="
+                             f"{self.format!r}")
+        self.sparsegpt_config()  # validates damp and block_size
+        if self.method == "sparsegpt" and self.format == "nm" and self.block_size % self.m:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of m={self.m} "
+                             "(N:M groups may not straddle blocks)")
         if self.output not in ("compressed", "dense"):
             raise ValueError(f"output={self.output!r} must be 'compressed' or 'dense'")
         _check_nm(self.n, self.m)
@@ -510,8 +575,19 @@ class PruneConfig:
             return ("unstructured", _n_keep(self.sparsity, k * n_out))
         return ("dense",)
 
+    def sparsegpt_config(self):
+        """The ``sparsegpt.SparseGPTConfig`` of this config's damp and block_size."""
+        from samoyeds_jax import sparsegpt  # it builds on this module's masks
+
+        return sparsegpt.SparseGPTConfig(block_size=self.block_size, damp=self.damp)
+
     def prune(self, w: jax.Array, score: jax.Array | None = None) -> jax.Array:
-        """Prune one weight [..., K, N] to this config's pattern (dense out, same dtype)."""
+        """Prune one weight [..., K, N] to this config's pattern (dense out, same dtype).
+
+        Scores by ``score`` (default magnitude) whatever ``method`` says; "sparsegpt" needs a
+        Hessian: ``sparsegpt.sparsegpt_prune(w, h, self.pattern(K, N),
+        config=self.sparsegpt_config())`` prunes one matrix that way.
+        """
         w = _check_weight(w)
         score = None if score is None else _check_score(score, w)
         return _prune(w, score, pattern=self.pattern(*w.shape[-2:]))
@@ -549,6 +625,10 @@ class LayerReport:
       dense_bytes: bytes of the dense weight; stored_bytes: bytes of what is returned.
       matrix_weight_rel_errors: weight_rel_error of every matrix of the stack (row-major over
         the leading dims, e.g. one per expert).
+      fallback_matrices: the matrices of the stack (same indexing) pruned by magnitude instead
+        of ``method`` ("wanda"/"sparsegpt") because their calibration activations are all zero
+        (an expert no calibration token was routed to) or, for "sparsegpt", their dampened
+        Hessian could not be factorized.
     """
 
     path: str
@@ -561,6 +641,7 @@ class LayerReport:
     dense_bytes: int
     stored_bytes: int
     matrix_weight_rel_errors: tuple[float, ...]
+    fallback_matrices: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -592,6 +673,11 @@ class PruneReport:
         errs = [r.output_rel_error for r in self.layers.values() if r.output_rel_error is not None]
         return float(np.mean(errs)) if errs else None
 
+    @property
+    def fallback_matrices(self) -> dict[str, tuple[int, ...]]:
+        """{path: matrices pruned by magnitude instead of the method} for weights with any."""
+        return {p: r.fallback_matrices for p, r in self.layers.items() if r.fallback_matrices}
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: {"config", "layers": {path: {...}}, "summary": {...}}."""
         return {
@@ -604,6 +690,7 @@ class PruneReport:
                 "mean_weight_rel_error": self.mean_weight_rel_error,
                 "max_weight_rel_error": self.max_weight_rel_error,
                 "mean_output_rel_error": self.mean_output_rel_error,
+                "num_fallback_matrices": sum(map(len, self.fallback_matrices.values())),
             },
         }
 
@@ -619,6 +706,11 @@ class PruneReport:
         lines.append(f"{'total':<28} {'':<20} {'':>7} {self.mean_weight_rel_error:>7.4f} "
                      f"{'':>7} {self.stored_bytes / 2**20:>9.2f} "
                      f"{self.stored_bytes / max(self.dense_bytes, 1):>8.4f}")
+        for path, idx in self.fallback_matrices.items():
+            lines.append(f"{path}: matrices {list(idx)} pruned by magnitude instead of "
+                         f"{self.config.method} (all-zero calibration: no tokens routed there"
+                         + (", or H not factorizable)" if self.config.method == "sparsegpt"
+                            else ")"))
         return "\n".join(lines)
 
 
@@ -653,8 +745,9 @@ def _activation(path: str, leaves: Mapping[str, jax.Array],
     """The calibration input of weight ``path``, or None.
 
     ``calibration[path]`` wins; otherwise ``calibration[parent]`` is the input of an expert FFN
-    ({w1, w3, w2} under one parent): w1/w3 see it directly, and w2 sees the dense model's
-    ``silu(x @ w1) * (x @ w3)``.
+    ({w1, w3, w2} under one parent): w1/w3 see it directly, and w2 sees
+    ``silu(x @ w1) * (x @ w3)`` with w1/w3 as found in ``leaves`` (``prune_experts`` passes the
+    ones it has already pruned).
     """
     if not calibration:
         return None
@@ -685,73 +778,146 @@ def _ffn_hidden(x: jax.Array, w1: jax.Array, w3: jax.Array) -> jax.Array:
     return jax.nn.silu(g) * u
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "wanda"))
-def _prune_matrix(w: jax.Array, x: jax.Array | None, *, pattern: Pattern,
-                  wanda: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Prune one matrix w [K, N] (x [t, K] or None) in one program.
+@functools.partial(jax.jit, static_argnames=("pattern", "method", "sparsegpt_config"))
+def _prune_matrices(ws: tuple[jax.Array, ...], x: jax.Array | None, *, pattern: Pattern,
+                    method: Method, sparsegpt_config: Any = None):
+    """Prune one matrix [K, N], or an expert's (w1, w3) sharing the Samoyeds column choice, in
+    one program (x [t, K] or None).
 
-    Returns (pruned [K, N] in w's dtype, float32 [4] = (||w - p||^2, ||w||^2, ||x(w - p)||^2,
-    ||x w||^2) (zeros for the x terms without x), nonzero count of p).
+    Returns (pruned tuple in the weights' dtype, float32 [len(ws), 4] = (||w - p||^2, ||w||^2,
+    ||x(w - p)||^2, ||x w||^2) per matrix (zeros for the x terms without x), nonzero counts
+    [len(ws)], bool: pruned by magnitude instead of ``method``).
     """
-    score = _wanda(w, x) if wanda else None
-    p = _prune(w, score, pattern=pattern)
-    w32 = w.astype(jnp.float32)
-    diff = w32 - p.astype(jnp.float32)
-    sums = [jnp.sum(diff * diff), jnp.sum(w32 * w32)]
-    if x is None:
-        sums += [jnp.zeros((), jnp.float32)] * 2
+    fallback = jnp.zeros((), jnp.bool_)
+    if method == "sparsegpt":
+        from samoyeds_jax import sparsegpt  # it builds on this module's masks
+
+        ps, info = sparsegpt._sparsegpt(ws, sparsegpt._hessian(x), None, pattern=pattern,
+                                        config=sparsegpt_config)
+        fallback = info["fallback"]
     else:
-        hi = jax.lax.Precision.HIGHEST
-        x = x.astype(jnp.float32)
-        dy = jnp.matmul(x, diff, precision=hi)
-        y = jnp.matmul(x, w32, precision=hi)
-        sums += [jnp.sum(dy * dy), jnp.sum(y * y)]
-    return p, jnp.stack(sums), jnp.count_nonzero(p)
+        scores = [jnp.abs(w).astype(jnp.float32) for w in ws]
+        if method == "wanda":  # all-zero activations would make every Wanda score 0
+            fallback = jnp.logical_not(jnp.any(x != 0))
+            scores = [jnp.where(fallback, s, _wanda(w, x)) for s, w in zip(scores, ws)]
+        if len(ws) == 2 and pattern[0] == "samoyeds":
+            masks = _samoyeds_mask_shared(*scores, n_sel=pattern[1], m_sel=pattern[2],
+                                          v=pattern[3])
+        else:
+            masks = [_mask(s, pattern) for s in scores]
+        ps = tuple(jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(masks, ws))
+    sums = []
+    hi = jax.lax.Precision.HIGHEST
+    for w, p in zip(ws, ps):
+        w32 = w.astype(jnp.float32)
+        diff = w32 - p.astype(jnp.float32)
+        row = [jnp.sum(diff * diff), jnp.sum(w32 * w32)]
+        if x is None:
+            row += [jnp.zeros((), jnp.float32)] * 2
+        else:
+            x32 = x.astype(jnp.float32)
+            dy = jnp.matmul(x32, diff, precision=hi)
+            y = jnp.matmul(x32, w32, precision=hi)
+            row += [jnp.sum(dy * dy), jnp.sum(y * y)]
+        sums.append(jnp.stack(row))
+    nnz = jnp.stack([jnp.count_nonzero(p) for p in ps])
+    return ps, jnp.stack(sums), nnz, fallback
 
 
 def _ratio(num: float, den: float) -> float:
     return 0.0 if den == 0.0 else math.sqrt(num / den)
 
 
-def _prune_one(path: str, w: jax.Array, x: jax.Array | None,
-               config: PruneConfig) -> tuple[jax.Array, LayerReport]:
-    """Prune one weight [..., K, N] matrix by matrix (bounded temporary memory)."""
-    w = _check_weight(w, path)
-    *lead, k, n_out = w.shape
+def _prune_group(paths: tuple[str, ...], ws: tuple[Any, ...], x: jax.Array | None,
+                 config: PruneConfig) -> list[tuple[Any, jax.Array, LayerReport]]:
+    """Prune one weight [..., K, N], or an expert FFN's (w1, w3) with one Samoyeds column
+    choice, matrix by matrix (bounded temporary memory).
+
+    Returns (stored, pruned dense, report) per weight.
+    """
+    ws = tuple(_check_weight(w, p) for p, w in zip(paths, ws))
+    *lead, k, n_out = ws[0].shape
+    if any(w.shape != ws[0].shape for w in ws):
+        raise ValueError(f"shared_w1_w3: {paths[0]!r} and {paths[1]!r} must have one shape; "
+                         f"given {tuple(ws[0].shape)} and {tuple(ws[1].shape)}")
     if x is not None:
         x = jnp.asarray(x)
         if x.ndim < 2 or x.shape[-1] != k or (x.ndim > 2 and tuple(x.shape[:-2]) != tuple(lead)):
-            raise ValueError(f"calibration for {path!r} (w.shape={tuple(w.shape)}) must be "
-                             f"[t, {k}] or {lead + ['t', k]}; given shape={tuple(x.shape)}")
-        _check_finite(x, f"calibration for {path!r}")
-    if config.method == "wanda" and x is None:
-        raise ValueError(f"method='wanda' needs calibration activations for {path!r}; pass "
-                         f"calibration={{{path!r}: x [t, {k}]}} or its FFN's input under the "
-                         "parent path")
+            raise ValueError(f"calibration for {paths[0]!r} (w.shape={tuple(ws[0].shape)}) must "
+                             f"be [t, {k}] or {lead + ['t', k]}; given shape={tuple(x.shape)}")
+        _check_finite(x, f"calibration for {paths[0]!r}")
+    if config.method != "magnitude" and x is None:
+        raise ValueError(f"method={config.method!r} needs calibration activations for "
+                         f"{paths[0]!r}; pass calibration={{{paths[0]!r}: x [t, {k}]}} or its "
+                         "FFN's input under the parent path")
     pattern = config.pattern(k, n_out)
+    sgpt = config.sparsegpt_config() if config.method == "sparsegpt" else None
     batch = math.prod(lead)
-    w_flat = w.reshape(batch, k, n_out)
+    flat = [w.reshape(batch, k, n_out) for w in ws]
     x_flat = None if x is None or x.ndim == 2 else x.reshape(batch, *x.shape[-2:])
-    pieces, kept, sums, per_matrix = [], 0, np.zeros(4), []
+    pieces = [[] for _ in ws]
+    per_matrix = [[] for _ in ws]
+    kept, sums, fallback = np.zeros(len(ws), np.int64), np.zeros((len(ws), 4)), []
     for i in range(batch):  # matrix by matrix: temporaries stay the size of one matrix
         x_i = x if x_flat is None else x_flat[i]
-        p, sq, nnz = _prune_matrix(w_flat[i], x_i, pattern=pattern,
-                                   wanda=config.method == "wanda")
+        ps, sq, nnz, fb = _prune_matrices(tuple(f[i] for f in flat), x_i, pattern=pattern,
+                                          method=config.method, sparsegpt_config=sgpt)
         sq = np.asarray(sq, np.float64)
         sums += sq
-        per_matrix.append(_ratio(sq[0], sq[1]))
-        kept += int(nnz)
-        pieces.append(p)
-    pruned = jnp.stack(pieces).reshape(w.shape)
-    stored = pruned if config.output == "dense" else convert(pruned, config)
-    stored_bytes = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(stored))
-    report = LayerReport(
-        path=path, shape=tuple(w.shape), dtype=str(w.dtype), format=config.format,
-        density=kept / w.size, weight_rel_error=_ratio(sums[0], sums[1]),
-        output_rel_error=None if x is None else _ratio(sums[2], sums[3]),
-        dense_bytes=int(w.nbytes), stored_bytes=stored_bytes,
-        matrix_weight_rel_errors=tuple(per_matrix))
-    return stored, report
+        kept += np.asarray(nnz, np.int64)
+        if bool(fb):
+            fallback.append(i)
+        for j, p in enumerate(ps):
+            per_matrix[j].append(_ratio(sq[j, 0], sq[j, 1]))
+            pieces[j].append(p)
+    results = []
+    for j, (path, w) in enumerate(zip(paths, ws)):
+        pruned = jnp.stack(pieces[j]).reshape(w.shape)
+        stored = pruned if config.output == "dense" else convert(pruned, config)
+        stored_bytes = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(stored))
+        report = LayerReport(
+            path=path, shape=tuple(w.shape), dtype=str(w.dtype), format=config.format,
+            density=int(kept[j]) / w.size, weight_rel_error=_ratio(sums[j, 0], sums[j, 1]),
+            output_rel_error=None if x is None else _ratio(sums[j, 2], sums[j, 3]),
+            dense_bytes=int(w.nbytes), stored_bytes=stored_bytes,
+            matrix_weight_rel_errors=tuple(per_matrix[j]), fallback_matrices=tuple(fallback))
+        results.append((stored, pruned, report))
+    return results
+
+
+def _schedule(paths: list[str], chosen: list[int], shared: bool) -> list[tuple[int, ...]]:
+    """The order of work over the chosen leaves (indices into ``paths``).
+
+    An expert FFN's w2 comes right after its w1 and w3 (its calibration input is computed from
+    them once pruned); with ``shared``, w1 and w3 of one parent are one step (w1 first).
+    """
+    index = {paths[i]: i for i in chosen}
+
+    def sibling(i: int, name: str) -> int | None:
+        return index.get(f"{paths[i].rpartition('/')[0]}/{name}")
+
+    def key(i: int) -> tuple[int, int]:
+        if paths[i].rpartition("/")[2] != "w2":
+            return (i, 0)
+        return (max([i] + [j for j in (sibling(i, "w1"), sibling(i, "w3")) if j is not None]), 1)
+
+    steps, done = [], set()
+    for i in sorted(chosen, key=key):
+        if i in done:
+            continue
+        name = paths[i].rpartition("/")[2]
+        other = sibling(i, {"w1": "w3", "w3": "w1"}[name]) if name in ("w1", "w3") else None
+        step = (i,) if not shared or other is None else tuple(sorted(
+            (i, other), key=lambda j: paths[j].rpartition("/")[2]))
+        steps.append(step)
+        done.update(step)
+    return steps
+
+
+def _same_input(a: jax.Array | None, b: jax.Array | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and bool(jnp.array_equal(a, b)))
 
 
 def prune_experts(
@@ -768,17 +934,25 @@ def prune_experts(
       params: a pytree of arrays (nested dicts such as
         ``{"layers": {0: {"w1": [e, d, f], "w3": [e, d, f], "w2": [e, f, d]}}}``, or an
         ``nnx.State``). Weights are [..., K, N] for ``y = x @ W``.
-      config: the target format and scoring method.
+      config: the target format and method.
       calibration: activations keyed by path ("/"-joined keys). ``calibration["layers/0/w1"]``
         is the input of that weight: [t, K], or [e, t, K] per expert (zero-padded token lists).
         ``calibration["layers/0"]`` is the input [t, d] / [e, t, d] of that layer's expert FFN:
-        w1/w3 use it, w2 uses the dense ``silu(x @ w1) * (x @ w3)``. Needed for
-        method="wanda"; when given, the report also has output errors.
+        w1/w3 use it, and w2 uses ``silu(x @ w1) * (x @ w3)`` computed with w1 and w3 as
+        pruned in this call when they are selected too (for every method: w2 is fitted to the
+        inputs it sees in the pruned model, as SparseGPT prunes layers sequentially), else the
+        dense ones. Needed for method="wanda" and "sparsegpt" (which builds each expert's
+        Hessian ``X^T X`` from it); when given, the report also has output errors. A matrix
+        whose calibration is all zero (no token routed to that expert) is pruned by
+        magnitude, and its report lists it (``LayerReport.fallback_matrices``).
       select: ``select(path, leaf) -> bool`` picks the weights to prune; default
         ``is_expert_weight`` (w1/w2/w3 stacks). To include attention/dense projections:
         ``select=lambda p, a: is_expert_weight(p, a) or p.endswith(("wq", "wo"))``.
       progress: show a tqdm bar; None shows it when stderr is a tty and the selected weights
         hold more than 2**26 elements.
+
+    With ``config.shared_w1_w3`` (Samoyeds), the w1 and w3 under one parent are pruned together
+    with one column choice; they must have one shape and one calibration input.
 
     Returns:
       (converted, report): ``params`` with every selected leaf replaced by its compressed
@@ -804,12 +978,32 @@ def prune_experts(
     if progress is None:
         total = sum(int(np.prod(np.shape(leaves[paths[i]]))) for i in chosen)
         progress = sys.stderr.isatty() and total > _LARGE_MODEL_ELEMENTS
+    chosen_paths = {paths[i] for i in chosen}
     out = [leaf for _, leaf in flat]
     layers: dict[str, LayerReport] = {}
-    bar = tqdm(chosen, desc=f"pruning ({config.format})", unit="weight", disable=not progress)
-    for i in bar:
-        path = paths[i]
-        bar.set_postfix_str(path, refresh=False)
-        x = _activation(path, leaves, calibration)
-        out[i], layers[path] = _prune_one(path, leaves[path], x, config)
+    # Pruned w1/w3 (dense) kept until their FFN's w2 has used them: at most one FFN at a time.
+    pruned_inputs: dict[str, jax.Array] = {}
+    current = collections.ChainMap(pruned_inputs, leaves)
+    bar = tqdm(total=len(chosen), desc=f"pruning ({config.format}, {config.method})",
+               unit="weight", disable=not progress)
+    for step in _schedule(paths, chosen, config.shared_w1_w3):
+        names = tuple(paths[i] for i in step)
+        bar.set_postfix_str(", ".join(names), refresh=False)
+        x = _activation(names[0], current, calibration)
+        if len(names) == 2 and not _same_input(x, _activation(names[1], current, calibration)):
+            raise ValueError(f"shared_w1_w3: {names[0]!r} and {names[1]!r} share one column "
+                             "choice, so they must read the same calibration input; "
+                             "calibration gives them different ones")
+        results = _prune_group(names, tuple(leaves[p] for p in names), x, config)
+        for i, path, (stored, pruned, report) in zip(step, names, results):
+            out[i], layers[path] = stored, report
+            parent, _, name = path.rpartition("/")
+            if name in ("w1", "w3") and f"{parent}/w2" in chosen_paths:
+                pruned_inputs[path] = pruned
+            elif name == "w2":
+                pruned_inputs.pop(f"{parent}/w1", None)
+                pruned_inputs.pop(f"{parent}/w3", None)
+        bar.update(len(step))
+    bar.close()
+    layers = {paths[i]: layers[paths[i]] for i in chosen}  # report in the params' order
     return jax.tree_util.tree_unflatten(treedef, out), PruneReport(config=config, layers=layers)

@@ -167,7 +167,7 @@ def test_decode_step_traces_once(model):
 
 
 def test_cli_runs_end_to_end_on_the_tiny_model(capsys):
-    assert main(["--max-new-tokens", "3", "--no-eos", "--prompt", "1,2,3"]) == 0
+    assert main(["--random-tiny", "--max-new-tokens", "3", "--no-eos", "--prompt", "1,2,3"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "prefill" in out and "decode" in out
     assert "compile" in out and "block_until_ready" in out
@@ -176,13 +176,13 @@ def test_cli_runs_end_to_end_on_the_tiny_model(capsys):
 
 def test_cli_rejects_text_prompt_without_tokenizer():
     with pytest.raises(ValueError, match="token ids"):
-        main(["--prompt", "hello world", "--max-new-tokens", "1"])
+        main(["--random-tiny", "--prompt", "hello world", "--max-new-tokens", "1"])
 
 
 def test_cli_auto_backend(capsys):
     """--backend auto (the default): xla off a GPU; the Hopper layout only for bfloat16 2:4 /
     Samoyeds experts on one Hopper device without offloading."""
-    assert main(["--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
+    assert main(["--random-tiny", "--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
     assert "backend=xla" in capsys.readouterr().out
     from samoyeds_jax.generate_cli import auto_hopper
     base = dict(on_hopper=True, expert_format="samoyeds", dtype="bfloat16", offload=False,
@@ -197,8 +197,20 @@ def test_cli_auto_backend(capsys):
 def test_cli_hopper_layout_runs(capsys):
     """--backend hopper: Samoyeds experts moved to the Hopper layout (on CPU the Mosaic GPU
     product runs as its jnp reference); a dense model is refused with a clear error."""
-    assert main(["--format", "samoyeds", "--backend", "hopper", "--max-new-tokens", "2",
-                 "--no-eos", "--prompt", "1,2,3"]) == 0
+    assert main(["--random-tiny", "--format", "samoyeds", "--backend", "hopper",
+                 "--max-new-tokens", "2", "--no-eos", "--prompt", "1,2,3"]) == 0
     assert "Hopper decode layout" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--backend hopper needs 2:4 or Samoyeds experts"):
-        main(["--backend", "hopper", "--max-new-tokens", "1"])
+        main(["--random-tiny", "--backend", "hopper", "--max-new-tokens", "1"])
+
+
+def test_cli_reference_model_text_in_text_out(capsys):
+    """The default model is the shipped trained one: a text prompt comes back decoded; its
+    Samoyeds conversion runs too."""
+    assert main(["--max-new-tokens", "8", "--prompt", "KING.\nWhat news?"]) == 0
+    out = capsys.readouterr().out
+    assert "reference MoE trained on Shakespeare" in out
+    text_line = next(line for line in out.splitlines() if line.strip().startswith("text"))
+    assert "KING.\\nWhat news?" in text_line and len(text_line) > len("  text     'KING.\\nWhat news?'")
+    assert main(["--format", "samoyeds", "--max-new-tokens", "2"]) == 0
+    assert "format=samoyeds" in capsys.readouterr().out

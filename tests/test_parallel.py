@@ -111,15 +111,16 @@ def test_bad_inputs_raise(rng):
 def test_generate_cli_with_expert_parallelism(capsys):
     from samoyeds_jax.generate_cli import main
 
-    assert main(["--devices", "2", "--max-new-tokens", "3", "--no-eos", "--prompt", "1,2,3"]) == 0
+    assert main(["--random-tiny", "--devices", "2", "--max-new-tokens", "3", "--no-eos",
+                 "--prompt", "1,2,3"]) == 0
     out = capsys.readouterr().out
     assert "routed experts split over 2 devices (2 each)" in out
     assert "decode" in out and "tokens/s" in out
     with pytest.raises(ValueError, match="cannot be combined"):
-        main(["--devices", "2", "--offload", "--max-new-tokens", "1"])
+        main(["--random-tiny", "--devices", "2", "--offload", "--max-new-tokens", "1"])
     from samoyeds_jax.cli import generate_main
 
-    assert generate_main(["--devices", "99", "--max-new-tokens", "1"]) == 2
+    assert generate_main(["--random-tiny", "--devices", "99", "--max-new-tokens", "1"]) == 2
     assert "samoyeds-generate: error: num_devices=99" in capsys.readouterr().err
 
 

@@ -1,0 +1,242 @@
+"""Quality of pruned and pre-gated models: validation bits/byte against the dense model.
+
+    python examples/quality.py --model samoyeds_jax/assets/shakespeare-moe --corpus data/shakespeare \
+        --out benchmarks/quality.json
+
+For each expert format x pruning method: routing-aware layer-by-layer calibration and one-shot
+pruning (``compress.calibrate_and_prune``), evaluation, recovery with the mask fixed
+(``compress.recover``: distillation from the dense model), evaluation again. A dense control gets
+the same recovery training. Then the pre-gates: recall and bits/byte in the standard,
+speculative and pregated modes, with pre-gates copied from the next block's gate (training-free)
+and as trained, and after fine-tuning the model in pregated mode. Every difference comes with its
+paired standard error over validation windows. Runs on CPU (slowly; ``--quick``) or a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+FORMATS = {
+    "2:4": dict(format="nm", n=2, m=4),
+    "samoyeds": dict(format="samoyeds"),
+    "samoyeds_shared": dict(format="samoyeds", shared_w1_w3=True),
+    "unstructured50": dict(format="unstructured", sparsity=0.5),
+    "unstructured75": dict(format="unstructured", sparsity=0.75),
+}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="dense Hugging Face model directory")
+    p.add_argument("--corpus", required=True, help="corpus directory (samoyeds_jax.corpus)")
+    p.add_argument("--out", required=True, help="JSON results")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--recover-steps", type=int, default=400)
+    p.add_argument("--recover-lr", type=float, default=3e-4)
+    p.add_argument("--recover-batch", type=int, default=32)
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--pregate-steps", type=int, default=400,
+                   help="fine-tuning steps in pregated mode (0: no fine-tuning, -1: no pre-gate "
+                        "section)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--no-recover", action="store_true", help="one-shot only")
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from samoyeds_jax import compress, corpus, pruning
+    from samoyeds_jax import train as train_lib
+    from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
+    from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, paired_difference
+    from samoyeds_jax.evaluate import pregate_recall, text_streams
+
+    if args.quick:
+        args.seq_len, args.max_windows, args.calib_windows = 64, 8, 8
+        args.recover_steps, args.recover_batch, args.pregate_steps = 2, 4, 2
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model} has no tokenizer.json")
+    train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
+    dense, config = load_hf_checkpoint(args.model, dtype="float32")
+    streams = text_streams(tokenizer, val_texts, vocab_size=config.vocab_size)
+    train_ids = corpus.encode_documents(tokenizer, train_texts.values())
+    ecfg = EvalConfig(seq_len=args.seq_len, batch_size=args.eval_batch,
+                      max_windows=args.max_windows)
+    rcfg = train_lib.TrainConfig(
+        steps=args.recover_steps, batch_size=args.recover_batch, seq_len=args.seq_len,
+        learning_rate=args.recover_lr, warmup_steps=max(args.recover_steps // 10, 1),
+        distill_weight=args.distill_weight, seed=1)
+    calib = train_lib.sample_windows(train_ids, batch=args.calib_windows,
+                                     length=args.seq_len + 1, seed=123, step=0)
+    results = {"model": args.model, "argv": sys.argv[1:] if argv is None else argv,
+               "eval": dataclasses.asdict(ecfg), "recover": dataclasses.asdict(rcfg),
+               "calibration_tokens": int(calib.size), "runs": []}
+
+    def write(obj):  # after every run: a cut-off sweep keeps what it measured
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, args.out)
+
+    def evaluate(model):
+        return evaluate_streams(model, streams, config=ecfg)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    base = evaluate(dense)
+    results["dense"] = {"bits_per_byte": base.bits_per_byte, "tokens": base.tokens,
+                        "bytes": base.bytes, "windows": base.windows}
+    log(f"dense: {base.bits_per_byte:.4f} bits/byte ({base.windows} windows)")
+
+    def diff(r, ref):
+        d = paired_difference(r, ref)
+        return {"difference": d["difference"], "standard_error": d["standard_error"]}
+
+    control = None
+    if not args.no_recover:
+        ctrl = compress.recover(compress.copy_model(dense), train_ids, rcfg, teacher=dense,
+                                progress=False).model
+        control = evaluate(ctrl)
+        results["dense_control"] = {"bits_per_byte": control.bits_per_byte,
+                                    "vs_dense": diff(control, base)}
+        log(f"dense control: {control.bits_per_byte:.4f}")
+
+    for fname in args.formats.split(","):
+        for method in args.methods.split(","):
+            cfg = pruning.PruneConfig(method=method, output="dense", **FORMATS[fname])
+            start = time.perf_counter()
+            model = compress.copy_model(dense)
+            report = compress.calibrate_and_prune(model, calib, cfg, progress=False)
+            prune_s = time.perf_counter() - start
+            one = evaluate(model)
+            run = {"format": fname, "method": method, "prune_seconds": prune_s,
+                   "empty_experts": report.empty_experts(),
+                   "mean_output_rel_error": float(np.mean(
+                       [b.mean_output_rel_error for b in report.blocks])),
+                   "one_shot": {"bits_per_byte": one.bits_per_byte, "vs_dense": diff(one, base)}}
+            line = f"{fname:>16} {method:>9}: one-shot {one.bits_per_byte:.4f}"
+            if not args.no_recover:
+                rec_model = compress.recover(model, train_ids, rcfg, teacher=dense,
+                                             progress=False).model
+                rec = evaluate(rec_model)
+                run["recovered"] = {"bits_per_byte": rec.bits_per_byte,
+                                    "vs_dense": diff(rec, base),
+                                    "vs_control": diff(rec, control)}
+                line += f", recovered {rec.bits_per_byte:.4f} (control {control.bits_per_byte:.4f})"
+                if method == args.methods.split(",")[-1]:
+                    # The recovered model stores in its format without pruning again, and the
+                    # stored model computes the same.
+                    compress.to_compressed(rec_model, cfg)
+                    stored = evaluate(rec_model)
+                    run["stored_bits_per_byte"] = stored.bits_per_byte
+            results["runs"].append(run)
+            log(line)
+            write(results)
+
+    if args.pregate_steps >= 0:
+        results["pregate"] = pregate_section(args, dense, streams, train_ids, evaluate, diff,
+                                             base, rcfg, log)
+    results["seconds"] = time.perf_counter() - t0
+    write(results)
+    log(f"wrote {args.out} in {results['seconds']:.0f} s")
+    return 0
+
+
+def pregate_section(args, dense, streams, train_ids, evaluate, diff, base, rcfg, log):
+    """Recall and bits/byte of each pre-gate mode: next-gate copies, trained, fine-tuned."""
+    from samoyeds_jax import compress
+    from samoyeds_jax.checkpoints import load_hf_checkpoint
+    from samoyeds_jax.evaluate import EvalConfig, pregate_recall
+    from samoyeds_jax.pregate import moe_blocks
+
+    ecfg = EvalConfig(seq_len=args.seq_len, batch_size=args.eval_batch,
+                      max_windows=args.max_windows)
+    tokens = {name: ids for name, (ids, _) in streams.items()}
+    out = {}
+
+    def variants(mode):
+        trained, _ = load_hf_checkpoint(args.model, dtype="float32", pregate=mode)
+        copied, _ = load_hf_checkpoint(args.model, dtype="float32", pregate=mode)
+        moes = moe_blocks(copied)
+        for a, b in zip(moes[:-1], moes[1:]):
+            a.pregate.load_from(b.gate)
+        return {"next_gate_copy": copied, "trained": trained}
+
+    for mode in ("speculative", "pregated"):
+        for name, model in variants(mode).items():
+            r = evaluate(model)
+            rec = pregate_recall(model, tokens, config=ecfg)
+            out[f"{mode}/{name}"] = {"bits_per_byte": r.bits_per_byte, "vs_standard": diff(r, base),
+                                     "exact_match": rec.exact_match,
+                                     "pair_recall": rec.pair_recall, "recall": rec.as_dict()}
+            log(f"{mode:>11} {name:>14}: {r.bits_per_byte:.4f} bits/byte, exact top-k "
+                f"{rec.exact_match:.3f}, pair recall {rec.pair_recall:.3f}")
+    if args.pregate_steps > 0:
+        model, _ = load_hf_checkpoint(args.model, dtype="float32", pregate="pregated")
+        cfg = dataclasses.replace(rcfg, steps=args.pregate_steps, pregate_coef=1.0)
+        tuned = compress.recover(model, train_ids, cfg, teacher=dense, progress=False).model
+        r = evaluate(tuned)
+        rec = pregate_recall(tuned, tokens, config=ecfg)
+        out["pregated/fine_tuned"] = {"bits_per_byte": r.bits_per_byte,
+                                      "vs_standard": diff(r, base), "steps": args.pregate_steps,
+                                      "exact_match": rec.exact_match,
+                                      "pair_recall": rec.pair_recall, "recall": rec.as_dict()}
+        log(f"   pregated     fine-tuned: {r.bits_per_byte:.4f} bits/byte, exact top-k "
+            f"{rec.exact_match:.3f}, pair recall {rec.pair_recall:.3f}")
+    return out
+
+
+def render(results: dict, title: str) -> str:
+    """Markdown tables of one results JSON: pruning (bits/byte, difference to the dense model and
+    to the dense control, paired standard errors) and pre-gating."""
+    dense = results["dense"]["bits_per_byte"]
+    lines = [f"### {title}", "",
+             f"Dense: **{dense:.4f}** bits/byte on {results['dense']['windows']} validation "
+             f"windows ({results['dense']['bytes']:,} bytes)."]
+    control = results.get("dense_control")
+    if control:
+        d = control["vs_dense"]
+        lines.append(f"Dense control (the same recovery training): {control['bits_per_byte']:.4f} "
+                     f"({d['difference']:+.4f} +- {d['standard_error']:.4f}).")
+    lines += ["", "| experts | method | one-shot | vs dense | recovered | vs dense control |",
+              "|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        one = run["one_shot"]
+        cells = [run["format"], run["method"], f"{one['bits_per_byte']:.4f}",
+                 f"{one['vs_dense']['difference']:+.3f} +- {one['vs_dense']['standard_error']:.3f}"]
+        rec = run.get("recovered")
+        cells += ([f"{rec['bits_per_byte']:.4f}", f"{rec['vs_control']['difference']:+.3f} +- "
+                   f"{rec['vs_control']['standard_error']:.3f}"] if rec else ["-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    pre = results.get("pregate")
+    if pre:
+        lines += ["", "| mode | pre-gates | bits/byte | vs standard | exact top-k match | "
+                  "pair recall |", "|---|---|---|---|---|---|"]
+        for key, r in pre.items():
+            mode, name = key.split("/")
+            d = r["vs_standard"]
+            lines.append(f"| {mode} | {name.replace('_', ' ')} | {r['bits_per_byte']:.4f} | "
+                         f"{d['difference']:+.3f} +- {d['standard_error']:.3f} | "
+                         f"{r['exact_match']:.3f} | {r['pair_recall']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Pruning a whole model with routing-aware, layer-by-layer calibration, then recovery.
+
+``calibrate_and_prune(model, windows, prune_config)`` walks the blocks in order. For block l it
+runs the calibration windows through the already-pruned blocks < l, takes the MoE layer's input
+``x [n, d]`` and its own gate's routing, gives each expert exactly the tokens routed to it
+(``[e, cap, d]``, zero-padded: padding adds nothing to norms or Hessians), prunes that block's
+experts with ``pruning.prune_experts`` (magnitude, Wanda or SparseGPT; w2 sees the hidden state
+of the already-pruned w1/w3), and moves on with the pruned block's output. The experts stay dense
+arrays with exact zeros, so ``recover`` can fine-tune them with the mask fixed
+(``train.sparsity_masks``) and ``to_compressed`` stores them in the format afterwards without
+pruning again.
+
+The whole pipeline (``samoyeds-compress``)::
+
+    model = load_model(dense_dir, dtype="float32")
+    report = calibrate_and_prune(model, calib_windows, PruneConfig(format="samoyeds",
+                                 method="sparsegpt", output="dense"))
+    recover(model, teacher, train_tokens, TrainConfig(steps=..., distill_weight=1.0))
+    to_compressed(model, prune_config)          # NMSparse / SamoyedsSparse / TiledSparse
+    save_converted(model, out_dir)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from samoyeds_jax import pruning
+from samoyeds_jax.config import SparsityConfig
+from samoyeds_jax.model import DecoderBlock, KVCache, MoETransformer, step_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressReport:
+    """Per block: the ``PruneReport`` and the calibration tokens each expert received."""
+
+    config: pruning.PruneConfig
+    blocks: tuple[pruning.PruneReport, ...]
+    expert_tokens: tuple[tuple[int, ...], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config),
+                "expert_tokens": [list(t) for t in self.expert_tokens],
+                "blocks": [b.as_dict() for b in self.blocks]}
+
+    def empty_experts(self) -> list[tuple[int, int]]:
+        """(block, expert) pairs that received no calibration token."""
+        return [(l, e) for l, toks in enumerate(self.expert_tokens)
+                for e, n in enumerate(toks) if n == 0]
+
+
+@nnx.jit
+def _moe_input(block: DecoderBlock, x, positions, attn_mask):
+    """(h after attention [b, t, d], the MoE layer's input [b*t, d])."""
+    b, t, d = x.shape
+    c = block.self_attn.config
+    empty = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)  # a fresh cache of t slots
+    a, _, _ = block.self_attn(block.input_layernorm(x), positions=positions, mask=attn_mask,
+                              cache_k=empty, cache_v=empty, index=jnp.zeros((), jnp.int32))
+    h = x + a
+    return h, block.post_attention_layernorm(h).reshape(b * t, d)
+
+
+@nnx.jit
+def _moe_output(block: DecoderBlock, h, x_moe):
+    """The block output ``h + moe(x_moe)`` routed by the block's own gate."""
+    mlp = block.mlp
+    m = mlp.apply_experts(x_moe, mlp.route(x_moe))
+    return h + m.reshape(h.shape).astype(h.dtype)
+
+
+@nnx.jit
+def _topk(block: DecoderBlock, x_moe):
+    return block.mlp.route(x_moe).topk_idx
+
+
+def _check_windows(model: MoETransformer, windows: Any) -> np.ndarray:
+    arr = np.asarray(windows)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
+        raise ValueError(f"calibration windows must be a non-empty [n, t] token array with t >= 2,"
+                         f" got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"calibration windows must hold integer token ids, got {arr.dtype}")
+    v = model.config.vocab_size
+    if arr.min() < 0 or arr.max() >= v:
+        raise ValueError(f"calibration token ids span [{arr.min()}, {arr.max()}]; the model's "
+                         f"vocabulary is [0, {v})")
+    return arr.astype(np.int32)
+
+
+def routed_inputs(x_moe: np.ndarray, topk_idx: np.ndarray, num_experts: int
+                  ) -> tuple[np.ndarray, list[int]]:
+    """Each expert's routed rows of ``x_moe`` [n, d] as ``[e, cap, d]`` (zero-padded to the
+    largest count, at least 1 row) and the counts."""
+    rows = [np.nonzero((topk_idx == e).any(axis=1))[0] for e in range(num_experts)]
+    counts = [len(r) for r in rows]
+    cap = max(max(counts), 1)
+    out = np.zeros((num_experts, cap, x_moe.shape[1]), np.float32)
+    for e, r in enumerate(rows):
+        out[e, :len(r)] = x_moe[r]
+    return out, counts
+
+
+def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.PruneConfig, *,
+                        batch_size: int = 8, progress: bool | None = None) -> CompressReport:
+    """Prune every block's routed experts in place, calibrated layer by layer on ``windows``.
+
+    Args:
+      model: a dense-expert model (float32 recommended: calibration statistics are float32).
+      windows: ``[n, t]`` int token windows (the calibration set).
+      config: the pattern and method; ``output`` must be ``"dense"`` (experts stay dense arrays
+        with exact zeros; ``to_compressed`` converts them).
+      batch_size: windows per forward.
+    Returns:
+      ``CompressReport`` (per-block pruning reports, routed tokens per expert).
+    """
+    if config.output != "dense":
+        raise ValueError("calibrate_and_prune keeps the experts dense with zeros; pass "
+                         "PruneConfig(output='dense') and convert with to_compressed()")
+    if model.config.moe.expert_format != "dense":
+        raise ValueError(f"the model's experts are already {model.config.moe.expert_format!r}; "
+                         "calibrate_and_prune prunes dense experts")
+    windows = _check_windows(model, windows)
+    batches = [jnp.asarray(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    xs, pos_masks = [], []
+    for tokens in batches:
+        b, t = tokens.shape
+        mask = jnp.ones((b, t), bool)
+        positions, _, attn_mask = step_positions(
+            KVCache.init(model.config, b, t), mask,
+            sliding_window=model.config.attention.sliding_window)
+        xs.append(model.embed_tokens(tokens))
+        pos_masks.append((positions, attn_mask))
+    e = model.config.moe.num_experts
+    reports, token_counts = [], []
+    bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({config.format}, {config.method})",
+               unit="block", disable=None if progress is None else not progress)
+    for i, block in bar:
+        hs, x_moes = zip(*[_moe_input(block, x, p, m) for x, (p, m) in zip(xs, pos_masks)])
+        x_all = jnp.concatenate(x_moes)  # [n*t, d]
+        idx = np.asarray(_topk(block, x_all))
+        x_e, counts = routed_inputs(np.asarray(x_all, np.float32), idx, e)
+        mlp = block.mlp
+        params = {"layers": {str(i): {name: getattr(mlp, name).get_value()
+                                      for name in ("w1", "w3", "w2")}}}
+        pruned, report = pruning.prune_experts(params, config, {f"layers/{i}": x_e},
+                                               progress=False)
+        for name, w in pruned["layers"][str(i)].items():
+            getattr(mlp, name).set_value(w)
+        reports.append(report)
+        token_counts.append(tuple(counts))
+        xs = [_moe_output(block, h, xm) for h, xm in zip(hs, x_moes)]
+    return CompressReport(config=config, blocks=tuple(reports), expert_tokens=tuple(token_counts))
+
+
+def sparsity_config(config: pruning.PruneConfig) -> SparsityConfig:
+    """The ``MoEConfig.sparsity`` of a pruning config's pattern."""
+    return SparsityConfig(n=config.n, m=config.m, n_sel=config.n_sel, m_sel=config.m_sel,
+                          v=config.v, density=1.0 - config.sparsity)
+
+
+def to_compressed(model: MoETransformer, config: pruning.PruneConfig) -> None:
+    """Store the pruned dense experts in ``config.format``, in place (exact: no re-pruning; the
+    format checks that each weight satisfies the pattern)."""
+    stored = dataclasses.replace(config, output="compressed")
+    sparsity = sparsity_config(config)
+    for block in model.layers:
+        mlp = block.mlp
+        for name in ("w1", "w3", "w2"):
+            w = getattr(mlp, name).get_value()
+            if hasattr(w, "to_dense"):
+                raise ValueError(f"experts are already stored as {type(w).__name__}")
+            getattr(mlp, name).set_value(pruning.convert(w, stored))
+        mlp.config = mlp.config.replace(expert_format=config.format, sparsity=sparsity)
+    model.config = model.config.replace(moe=dict(expert_format=config.format, sparsity=sparsity))
+
+
+def recover(model: MoETransformer, tokens: np.ndarray, train_config, *,
+            teacher: MoETransformer | None = None, val_tokens: np.ndarray | None = None,
+            progress: bool | None = None):
+    """Fine-tune a pruned model with its sparsity fixed (pruned weights stay exactly zero),
+    distilling from ``teacher`` when ``train_config.distill_weight > 0``; returns the
+    ``train.TrainResult`` (its ``model`` is the recovered one)."""
+    from samoyeds_jax import train as train_lib
+
+    params = nnx.state(model, nnx.Param)
+    masks = train_lib.sparsity_masks(params)
+    return train_lib.train(model, tokens, train_config, val_tokens=val_tokens, teacher=teacher,
+                           masks=masks, progress=progress)
+
+
+def copy_model(model: MoETransformer) -> MoETransformer:
+    """An independent copy (parameters copied, not shared)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

@@ -1,0 +1,133 @@
+"""``samoyeds-compress``: calibrate -> prune -> recover -> evaluate -> save converted, in one command.
+
+    samoyeds-compress --checkpoint samoyeds_jax/assets/shakespeare-moe --corpus data/shakespeare \
+        --format samoyeds --method sparsegpt --recover-steps 400 --out runs/samoyeds
+
+1. loads the dense checkpoint (float32) and its ``tokenizer.json``;
+2. prunes every block's experts with routing-aware, layer-by-layer calibration on windows of
+   the corpus' training split (``compress.calibrate_and_prune``);
+3. fine-tunes with the sparsity fixed, distilling from the dense model (``compress.recover``);
+4. evaluates validation bits/byte of the dense, one-shot and recovered models, with paired
+   standard errors (``evaluate``);
+5. stores the experts in their compressed format and saves the converted model to ``--out``
+   (``checkpoints.save_converted``; load it with ``samoyeds-generate --checkpoint OUT``); its
+   metadata holds the settings, the pruning report and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+FORMATS = {
+    "2:4": dict(format="nm", n=2, m=4),
+    "samoyeds": dict(format="samoyeds"),
+    "unstructured": dict(format="unstructured"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from samoyeds_jax.train import TrainConfig
+
+    d = TrainConfig(steps=1)
+    p = argparse.ArgumentParser(
+        prog="samoyeds-compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Prune a dense MoE checkpoint with calibration, recover it by distillation, "
+                    "evaluate it and save it converted.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="dense Hugging Face checkpoint with tokenizer.json")
+    p.add_argument("--corpus", required=True, metavar="DIR",
+                   help="corpus directory (samoyeds-corpus fetch DIR): calibration and recovery "
+                        "use its training split, evaluation its validation split")
+    p.add_argument("--out", required=True, metavar="DIR", help="converted model directory")
+    p.add_argument("--format", default="samoyeds", choices=sorted(FORMATS))
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed (unstructured)")
+    p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--shared-w1-w3", action="store_true",
+                   help="Samoyeds: one column choice for each expert's w1 and w3")
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--recover-steps", type=int, default=400, help="0: one-shot only")
+    p.add_argument("--recover-lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of the KL to the dense model (the rest: next-token loss)")
+    p.add_argument("--eval-windows", type=int, default=None, help="default: all")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from samoyeds_jax import compress, corpus, pruning
+    from samoyeds_jax import train as train_lib
+    from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer, save_converted
+    from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
+                                       text_streams)
+
+    # Everything cheap first: files, settings, tokenizer, text.
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no config.json there")
+    tokenizer = load_tokenizer(args.checkpoint)
+    if tokenizer is None:
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no tokenizer.json (needed to "
+                                "read the corpus)")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty; pick a new directory")
+    prune_config = pruning.PruneConfig(
+        method=args.method, output="dense", shared_w1_w3=args.shared_w1_w3,
+        **dict(FORMATS[args.format], **({"sparsity": args.sparsity}
+                                        if args.format == "unstructured" else {})))
+    recover_config = None
+    if args.recover_steps > 0:
+        recover_config = train_lib.TrainConfig(
+            steps=args.recover_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+            learning_rate=args.recover_lr, warmup_steps=max(args.recover_steps // 10, 1),
+            distill_weight=args.distill_weight, seed=args.seed)
+    train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+        vocab = int(json.load(f).get("vocab_size", 0))
+    streams = text_streams(tokenizer, val_texts, vocab_size=vocab)
+    train_ids = corpus.encode_documents(tokenizer, train_texts.values())
+    ecfg = EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows)
+
+    start = time.perf_counter()
+    dense, _ = load_hf_checkpoint(args.checkpoint, dtype="float32")
+    base = evaluate_streams(dense, streams, config=ecfg)
+    print(f"dense          {base.bits_per_byte:.4f} bits/byte", flush=True)
+    model = compress.copy_model(dense)
+    calib = train_lib.sample_windows(train_ids, batch=args.calib_windows,
+                                     length=args.seq_len + 1, seed=args.seed + 1, step=0)
+    report = compress.calibrate_and_prune(model, calib, prune_config)
+    if report.empty_experts():
+        print(f"experts without calibration tokens (pruned by magnitude): "
+              f"{report.empty_experts()}", flush=True)
+    results = {"dense": base.bits_per_byte}
+
+    def record(name, result):
+        diff = paired_difference(result, base)
+        results[name] = {"bits_per_byte": result.bits_per_byte, "vs_dense": diff["difference"],
+                         "standard_error": diff["standard_error"]}
+        print(f"{name:<14} {result.bits_per_byte:.4f} bits/byte ({diff['difference']:+.4f} "
+              f"+- {diff['standard_error']:.4f} vs dense)", flush=True)
+
+    record("one-shot", evaluate_streams(model, streams, config=ecfg))
+    if recover_config is not None:
+        model = compress.recover(model, train_ids, recover_config, teacher=dense).model
+        record("recovered", evaluate_streams(model, streams, config=ecfg))
+    compress.to_compressed(model, prune_config)
+    settings = {"prune": dataclasses.asdict(prune_config),
+                "recover": None if recover_config is None else dataclasses.asdict(recover_config),
+                "calibration_windows": int(len(calib)), "results": results,
+                "report": report.as_dict(), "seconds": time.perf_counter() - start}
+    save_converted(model, args.out, source=args.checkpoint, conversion=settings)
+    print(f"saved {args.format} model to {args.out} ({settings['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""Training and sparse recovery of ``MoETransformer`` models (optax, one jit-compiled step).
+
+The loss of one step on token windows ``[b, t + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``):
+
+    loss = (1 - w) * CE(student) + w * T^2 * KL(teacher_T || student_T)     (w = distill_weight)
+         + aux_loss_coef * mean_l LB_l + z_loss_coef * mean_l Z_l
+         + pregate_coef * mean_l KL(softmax(gate_{l+1}) || softmax(pregate_l))
+
+CE is the next-token cross-entropy, LB the Switch / Mixtral load-balancing loss of each block's
+own gate (``routing.load_balancing_loss``), Z the router z-loss, the teacher a frozen model with
+the same vocabulary (knowledge distillation for recovery after pruning), and the last term fits
+each pre-gate to the next block's gate jointly with the rest (the target is not differentiated).
+
+* Parameters are kept in float32 (``param_dtype``); ``dtype="bfloat16"`` computes in bfloat16.
+* Gradient accumulation: a step's ``batch_size`` windows run as ``grad_accum`` micro-batches
+  (``lax.scan``), one optimizer update.
+* ``masks`` fix a sparsity pattern: pruned entries get no gradient and stay exactly zero, so a
+  recovered model converts to a compressed format without pruning again.
+* Checkpoints are Hugging Face directories (``samoyeds_jax.hf_export.save_hf_checkpoint``: f32
+  ``model.safetensors`` + ``config.json``) plus ``train_state.safetensors`` (optimizer state) and
+  ``trainer_state.json`` (step, history), written atomically: a crash leaves the previous
+  checkpoint or the new one. ``resume=True`` continues from ``out_dir/last``; a NaN/Inf loss stops
+  with an error naming the step, before anything is written.
+* Expert compute: ``expert_compute="auto"`` runs every expert on every token (``"all_experts"``,
+  plain einsums) on a CPU, where ``ragged_dot`` is several times slower, and XLA's grouped matmul
+  (``"xla"``) elsewhere; both give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from samoyeds_jax.model import ModelConfig, MoETransformer
+from samoyeds_jax.routing import load_balancing_loss, route_logits, router_z_loss
+
+ExpertCompute = Literal["auto", "xla", "all_experts"]
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LAST = "last"
+TRAIN_STATE = "train_state.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training (or recovery) run.
+
+    Attributes:
+      steps: optimizer steps in total (a resumed run continues up to it).
+      batch_size: windows per step; seq_len: predicted tokens per window.
+      grad_accum: micro-batches per step (``batch_size`` must divide evenly).
+      learning_rate: peak AdamW rate after ``warmup_steps`` linear warmup, then cosine decay to
+        ``min_lr_ratio`` times it. weight_decay: AdamW (not applied to norms and biases).
+      grad_clip: global gradient-norm clip (0 = off).
+      aux_loss_coef, z_loss_coef: load-balancing and router z-loss weights.
+      distill_weight, distill_temperature: weight of the KL to a teacher (needs ``teacher``).
+      pregate_coef: weight of the pre-gate distillation term (models with pre-gates).
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      expert_compute: see the module doc.
+      eval_every: steps between validation losses (0 = only at the end); eval_windows: how many.
+      checkpoint_every: steps between checkpoints in ``out_dir/last`` (0 = only at the end).
+      seed: data order and initialization.
+    """
+
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    pregate_coef: float = 0.0
+    dtype: str = "float32"
+    expert_compute: ExpertCompute = "auto"
+    eval_every: int = 0
+    eval_windows: int = 64
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
+                             f"grad_accum={self.grad_accum}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.expert_compute not in ("auto", "xla", "all_experts"):
+            raise ValueError("expert_compute must be 'auto', 'xla' or 'all_experts', got "
+                             f"{self.expert_compute!r}")
+        for name in ("learning_rate", "distill_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "pregate_coef",
+                     "min_lr_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def expert_backend(expert_compute: ExpertCompute, platform: str | None = None) -> str:
+    """The ``MoEConfig.backend`` that trains fastest: ``"all_experts"`` on a CPU, else ``"xla"``."""
+    if expert_compute != "auto":
+        return expert_compute
+    platform = platform or jax.default_backend()
+    return "all_experts" if platform == "cpu" else "xla"
+
+
+def set_expert_backend(model: MoETransformer, backend: str) -> str:
+    """Switch every MoE layer of ``model`` to ``backend`` in place; returns the previous one."""
+    previous = model.config.moe.backend
+    for block in model.layers:
+        block.mlp.config = block.mlp.config.replace(backend=backend)
+    model.config = model.config.replace(moe=dict(backend=backend))
+    return previous
+
+
+def _set_track_recall(model: MoETransformer, flags: list[bool]) -> None:
+    for block, flag in zip(model.layers, flags):
+        block.mlp.track_recall = flag
+
+
+def training_config(config: ModelConfig, train: TrainConfig) -> ModelConfig:
+    """``config`` as trained: float32 parameters, ``train.dtype`` compute, dense experts, the
+    expert backend of ``train.expert_compute``."""
+    if config.moe.expert_format != "dense":
+        raise ValueError("training runs on dense experts (sparse ones as dense arrays with a "
+                         f"mask); got expert_format={config.moe.expert_format!r}")
+    return config.replace(dtype=_DTYPES[train.dtype], param_dtype=jnp.float32,
+                          moe=dict(backend=expert_backend(train.expert_compute)))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats: logits [b, t, v] float32, targets [b, t] int."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """Mean over positions of ``T^2 KL(softmax(teacher/T) || softmax(student/T))`` (nats)."""
+    t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return temperature ** 2 * jnp.mean(kl)
+
+
+def router_losses(model: MoETransformer, router_logits) -> dict[str, jax.Array]:
+    """Load-balancing, z-loss and pre-gate KL averaged over blocks (float32 scalars)."""
+    moe = model.config.moe
+    lb, z = [], []
+    for logits in router_logits.gate:
+        routing = route_logits(logits, top_k=moe.top_k, norm=moe.router_norm)
+        lb.append(load_balancing_loss(routing, moe.num_experts))
+        z.append(router_z_loss(routing))
+    pre = []
+    for i, p in enumerate(router_logits.pregate):
+        if p is not None and i + 1 < len(router_logits.gate):
+            target = jax.lax.stop_gradient(router_logits.gate[i + 1])
+            pre.append(distill_kl(p, target, 1.0))
+    zero = jnp.zeros((), jnp.float32)
+    return {"load_balance": jnp.mean(jnp.stack(lb)), "z_loss": jnp.mean(jnp.stack(z)),
+            "pregate_kl": jnp.mean(jnp.stack(pre)) if pre else zero}
+
+
+def _losses(model: MoETransformer, windows: jax.Array, train: TrainConfig,
+            teacher_logits: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    logits, _, rl = model(inputs, return_router_logits=True)
+    parts = {"ce": cross_entropy(logits, targets), **router_losses(model, rl),
+             "distill": jnp.zeros((), jnp.float32)}
+    loss = parts["ce"]
+    if teacher_logits is not None:
+        parts["distill"] = distill_kl(logits, teacher_logits, train.distill_temperature)
+        loss = (1 - train.distill_weight) * loss + train.distill_weight * parts["distill"]
+    loss = (loss + train.aux_loss_coef * parts["load_balance"] + train.z_loss_coef * parts["z_loss"]
+            + train.pregate_coef * parts["pregate_kl"])
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------- optimizer, masks
+
+
+def _decay_mask(params: nnx.State) -> Any:
+    """AdamW weight decay on matrices only (not norms, biases)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay and global-norm clipping."""
+    decay_steps = max(train.steps - train.warmup_steps, 1)
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, train.learning_rate, max(train.warmup_steps, 1)),
+        optax.cosine_decay_schedule(train.learning_rate, decay_steps, alpha=train.min_lr_ratio),
+    ], [train.warmup_steps])
+    chain = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    chain.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train.weight_decay,
+                             mask=_decay_mask(params)))
+    return optax.chain(*chain)
+
+
+def sparsity_masks(params: nnx.State) -> Any:
+    """Keep-masks of the routed-expert stacks (``w1/w3/w2`` of every MoE layer): True where the
+    weight is nonzero. Other parameters get a scalar True (trained freely)."""
+    def mask(path, p):
+        names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+        if names and names[-1] == "value":  # nnx.State leaves end in .value
+            names = names[:-1]
+        expert = len(names) >= 2 and names[-2] == "mlp" and names[-1] in ("w1", "w3", "w2")
+        return (p != 0) if expert else jnp.ones((), bool)
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def _apply_masks(tree: Any, masks: Any) -> Any:
+    return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_windows(tokens: np.ndarray, *, batch: int, length: int, seed: int, step: int
+                   ) -> np.ndarray:
+    """``batch`` random windows of ``length`` tokens from ``tokens`` [n] (int32 [batch, length]),
+    a pure function of ``(seed, step)`` so a resumed run sees the same data."""
+    n = len(tokens)
+    if n < length:
+        raise ValueError(f"the token stream has {n} tokens; a window needs {length} "
+                         "(seq_len + 1): use more text or a smaller seq_len")
+    rng = np.random.default_rng((seed, step))
+    starts = rng.integers(0, n - length + 1, size=batch)
+    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
+def eval_windows(tokens: np.ndarray, *, count: int, length: int) -> np.ndarray:
+    """Up to ``count`` evenly spaced, non-overlapping windows [count, length] of ``tokens``."""
+    n = len(tokens)
+    if n < length:
+        raise ValueError(f"validation stream has {n} tokens; need at least {length}")
+    count = min(count, n // length)
+    starts = np.linspace(0, n - length, count).astype(np.int64)
+    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
+def check_tokens(tokens: Any, vocab_size: int, what: str) -> np.ndarray:
+    """A 1-D int32 token stream with ids in ``[0, vocab_size)`` (ValueError otherwise)."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must be a 1-D integer token array, got dtype={arr.dtype}, "
+                         f"shape={arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"{what} holds token ids in [{arr.min()}, {arr.max()}]; the model's "
+                         f"vocabulary is [0, {vocab_size})")
+    return arr.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns: the trained model and its history (one entry per logged step)."""
+
+    model: MoETransformer
+    history: list[dict[str, float]]
+    step: int
+
+
+def _teacher_logits(teacher_graphdef, teacher_state, windows):
+    logits, _ = nnx.merge(teacher_graphdef, teacher_state)(windows[:, :-1])
+    return jax.lax.stop_gradient(logits)
+
+
+# Module-level and keyed on static (hashable) graph definitions and config, so every Trainer of
+# the same model shape and TrainConfig in a process shares one compiled step.
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "train"),
+                   donate_argnums=(0, 1))
+def _update(params, opt_state, rest, windows, teacher_state, masks, *, graphdef,
+            teacher_graphdef, train: TrainConfig):
+    micro = windows.reshape(train.grad_accum, -1, windows.shape[-1])
+
+    def micro_grads(carry, w):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            t_logits = (None if teacher_state is None
+                        else _teacher_logits(teacher_graphdef, teacher_state, w))
+            return _losses(model, w, train, t_logits)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        acc_g, acc_l = carry
+        acc_g = jax.tree.map(jnp.add, acc_g, grads)
+        acc_l = jax.tree.map(jnp.add, acc_l, {"loss": loss, **parts})
+        return (acc_g, acc_l), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_l = {k: jnp.zeros((), jnp.float32) for k in
+               ("loss", "ce", "load_balance", "z_loss", "pregate_kl", "distill")}
+    (grads, losses), _ = jax.lax.scan(micro_grads, (zeros_g, zeros_l), micro)
+    scale = 1.0 / train.grad_accum
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    losses = jax.tree.map(lambda l: l * scale, losses)
+    if masks is not None:
+        grads = _apply_masks(grads, masks)
+    losses["grad_norm"] = optax.tree.norm(grads)
+    optimizer = make_optimizer(train, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if masks is not None:
+        params = _apply_masks(params, masks)
+    return params, opt_state, losses
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _eval_loss(params, rest, windows, *, graphdef):
+    logits, _ = nnx.merge(graphdef, params, rest)(windows[:, :-1])
+    return cross_entropy(logits, windows[:, 1:])
+
+
+class Trainer:
+    """Owns the split model state, the optimizer and the compiled step.
+
+    ``Trainer(model, train, teacher=None, masks=None)``; ``step(windows)`` runs one update and
+    returns the float losses; ``evaluate(windows)`` the mean validation cross-entropy.
+    """
+
+    def __init__(self, model: MoETransformer, train: TrainConfig, *,
+                 teacher: MoETransformer | None = None, masks: Any = None):
+        if train.distill_weight > 0 and teacher is None:
+            raise ValueError("distill_weight > 0 needs a teacher model")
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"teacher vocab_size={teacher.config.vocab_size} != student "
+                             f"vocab_size={model.config.vocab_size}")
+        if train.distill_weight == 0:
+            teacher = None  # no distillation term: skip the teacher's forward
+        self.train = train
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.masks = masks
+        if masks is not None:
+            self.params = _apply_masks(self.params, masks)
+        self.optimizer = make_optimizer(train, self.params)
+        self.opt_state = self.optimizer.init(self.params)
+        self.teacher_graphdef, self.teacher_state = (None, None) if teacher is None else (
+            nnx.split(teacher))
+
+    @property
+    def model(self) -> MoETransformer:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def step(self, windows: np.ndarray) -> dict[str, float]:
+        """One optimizer step on ``windows`` [batch_size, seq_len + 1]; float losses."""
+        self.params, self.opt_state, losses = _update(
+            self.params, self.opt_state, self.rest, jnp.asarray(windows), self.teacher_state,
+            self.masks, graphdef=self.graphdef, teacher_graphdef=self.teacher_graphdef,
+            train=self.train)
+        return {k: float(v) for k, v in losses.items()}
+
+    def evaluate(self, windows: np.ndarray, *, batch: int = 16) -> float:
+        """Mean cross-entropy (nats/token) over ``windows`` [n, seq_len + 1]."""
+        losses = [float(_eval_loss(self.params, self.rest, jnp.asarray(windows[i:i + batch]),
+                                   graphdef=self.graphdef))
+                  for i in range(0, len(windows), batch)]
+        sizes = [len(windows[i:i + batch]) for i in range(0, len(windows), batch)]
+        return float(np.average(losses, weights=sizes))
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Optimizer state as flat named host arrays (safetensors-ready)."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
+        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        out = []
+        for path, ref in leaves:
+            key = jax.tree_util.keystr(path)
+            if key not in arrays:
+                raise ValueError(f"{source}: optimizer state {key!r} is missing")
+            value = arrays[key]
+            if tuple(value.shape) != tuple(np.shape(ref)):
+                raise ValueError(f"{source}: optimizer state {key!r} has shape {value.shape}, "
+                                 f"expected {np.shape(ref)}")
+            out.append(jnp.asarray(value, dtype=jnp.asarray(ref).dtype))
+        self.opt_state = jax.tree_util.tree_unflatten(treedef, out)
+
+
+def save_checkpoint(trainer: Trainer, directory: str, *, step: int,
+                    history: list[dict[str, float]], tokenizer: str | None = None,
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """A Hugging Face directory (f32 weights) + optimizer and trainer state, written atomically."""
+    from safetensors.numpy import save as save_bytes
+
+    from samoyeds_jax.hf_export import save_hf_checkpoint
+
+    state = {"step": step, "train_config": dataclasses.asdict(trainer.train),
+             "history": history, **(extra or {})}
+    save_hf_checkpoint(trainer.model, directory, dtype="float32", tokenizer=tokenizer,
+                       extra_files={TRAIN_STATE: save_bytes(trainer.state_dict()),
+                                    TRAINER_STATE: json.dumps(state, indent=1)})
+
+
+def load_trainer_state(trainer: Trainer, directory: str) -> dict[str, Any]:
+    """Load the optimizer state of a checkpoint into ``trainer``; returns trainer_state.json."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(directory, TRAINER_STATE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a training checkpoint: no {TRAINER_STATE}")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    trainer.load_state_dict(load_file(os.path.join(directory, TRAIN_STATE)),
+                            os.path.join(directory, TRAIN_STATE))
+    return state
+
+
+def _is_finite(losses: Mapping[str, float]) -> bool:
+    return all(math.isfinite(v) for v in losses.values())
+
+
+def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, *,
+          val_tokens: np.ndarray | None = None, out_dir: str | None = None,
+          resume: bool = False, teacher: MoETransformer | None = None, masks: Any = None,
+          tokenizer: str | None = None, progress: bool | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model`` (built with ``training_config``) on the token stream ``tokens`` [n].
+
+    Args:
+      val_tokens: validation stream; its mean cross-entropy is logged every ``eval_every``
+        steps and at the end (``val_ce``, nats/token).
+      out_dir: checkpoints go to ``out_dir/last`` (every ``checkpoint_every`` steps and at the
+        end); None: nothing written.
+      resume: continue from ``out_dir/last`` when it exists (same ``TrainConfig`` required).
+      teacher, masks: distillation teacher and fixed sparsity masks (``sparsity_masks``).
+      tokenizer: path of a ``tokenizer.json`` copied into every checkpoint.
+      on_step: called with ``(step, losses)`` after every step.
+    Returns:
+      ``TrainResult`` with the trained model and the history.
+    Raises:
+      ValueError: bad tokens, a non-finite loss (names the step; no checkpoint is written after
+        it, so ``out_dir/last`` keeps the last good one), a resumed run with another config.
+    """
+    cfg = model.config
+    tokens = check_tokens(tokens, cfg.vocab_size, "training tokens")
+    if val_tokens is not None:
+        val_tokens = check_tokens(val_tokens, cfg.vocab_size, "validation tokens")
+    if cfg.moe.expert_format != "dense":
+        raise ValueError(f"training needs dense experts (a pruned model as dense arrays with "
+                         f"zeros and masks); got expert_format={cfg.moe.expert_format!r}")
+    # The training step uses the fastest expert compute; the model gets its own back after.
+    backend = set_expert_backend(model, expert_backend(train_config.expert_compute))
+    tracking = [block.mlp.track_recall for block in model.layers]
+    _set_track_recall(model, [False] * len(tracking))  # no recall counters inside the step
+    trainer = Trainer(model, train_config, teacher=teacher, masks=masks)
+    history: list[dict[str, float]] = []
+    start = 0
+    last = None if out_dir is None else os.path.join(out_dir, LAST)
+    if resume and last is not None and os.path.isfile(os.path.join(last, TRAINER_STATE)):
+        from samoyeds_jax.checkpoints import load_hf_checkpoint
+
+        loaded, _ = load_hf_checkpoint(last, dtype="float32",
+                                       pregate=cfg.moe.pregate)
+        _, loaded_params, _ = nnx.split(loaded, nnx.Param, ...)
+        trainer.params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), trainer.params,
+                                      loaded_params)
+        state = load_trainer_state(trainer, last)
+        if state["train_config"] != dataclasses.asdict(train_config):
+            raise ValueError(f"{last} was written by another TrainConfig; resume with the same "
+                             f"one or another out_dir (stored: {state['train_config']})")
+        start, history = int(state["step"]), list(state["history"])
+    val = None if val_tokens is None else eval_windows(
+        val_tokens, count=train_config.eval_windows, length=train_config.seq_len + 1)
+
+    def checkpoint(step):
+        if last is not None:
+            save_checkpoint(trainer, last, step=step, history=history, tokenizer=tokenizer)
+
+    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
+               desc="training", unit="step", disable=None if progress is None else not progress)
+    for step in bar:
+        windows = sample_windows(tokens, batch=train_config.batch_size,
+                                 length=train_config.seq_len + 1, seed=train_config.seed, step=step)
+        losses = trainer.step(windows)
+        if not _is_finite(losses):
+            bar.close()
+            raise ValueError(f"non-finite loss at step {step + 1}: {losses}; the last good "
+                             f"checkpoint ({last or 'none written'}) is kept")
+        done = step + 1
+        entry = {"step": done, **losses}
+        at_end = done == train_config.steps
+        if val is not None and (at_end or (train_config.eval_every
+                                           and done % train_config.eval_every == 0)):
+            entry["val_ce"] = trainer.evaluate(val)
+        history.append(entry)
+        bar.set_postfix(loss=f"{losses['ce']:.3f}",
+                        **({"val": f"{entry['val_ce']:.3f}"} if "val_ce" in entry else {}))
+        if at_end or (train_config.checkpoint_every and done % train_config.checkpoint_every == 0):
+            checkpoint(done)
+        if on_step is not None:
+            on_step(done, entry)
+    trained = trainer.model
+    for m in (trained, model):
+        set_expert_backend(m, backend)
+        _set_track_recall(m, tracking)
+    return TrainResult(model=trained, history=history, step=train_config.steps)
+
+
+def new_model(config: ModelConfig, train_config: TrainConfig) -> MoETransformer:
+    """A freshly initialized model for ``train`` (``training_config`` applied)."""
+    return MoETransformer(training_config(config, train_config), rngs=nnx.Rngs(train_config.seed))

@@ -1,0 +1,146 @@
+"""Routing-aware, layer-by-layer pruning of a whole model; recovery; conversion; the CLI."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from samoyeds_jax import compress, corpus, pruning
+from samoyeds_jax.cli import compress_main
+from samoyeds_jax.hf_export import save_hf_checkpoint
+from samoyeds_jax.model import ModelConfig, MoETransformer
+
+
+def _windows(n=6, t=17, seed=None):
+    return np.random.default_rng(seed).integers(0, 512, (n, t)).astype(np.int32)
+
+
+def test_routed_inputs_are_exactly_each_experts_tokens():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    idx = np.array([[0, 1], [1, 2], [0, 2], [1, 0], [2, 1], [1, 2]])
+    out, counts = compress.routed_inputs(x, idx, 4)
+    assert counts == [3, 5, 4, 0]
+    assert out.shape == (4, 5, 2)
+    np.testing.assert_array_equal(out[0, :3], x[[0, 2, 3]])
+    np.testing.assert_array_equal(out[1], x[[0, 1, 3, 4, 5]])
+    assert not out[0, 3:].any() and not out[3].any()  # zero padding, an empty expert
+
+
+def test_layer_l_is_calibrated_on_the_pruned_blocks_before_it(monkeypatch):
+    model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    windows = _windows()
+    seen = {}
+    real = pruning.prune_experts
+
+    def spy(params, config, calibration, **kw):
+        seen.update({k: np.asarray(v) for k, v in calibration.items()})
+        return real(params, config, calibration, **kw)
+
+    monkeypatch.setattr(pruning, "prune_experts", spy)
+    cfg = pruning.PruneConfig(format="nm", method="wanda", output="dense")
+    report = compress.calibrate_and_prune(model, windows, cfg, progress=False)
+    assert [sum(t) for t in report.expert_tokens] == [windows.size * 2] * 2
+
+    # Independently: block 1's MoE input is the output of the pruned block 0 (own-gate routing).
+    from samoyeds_jax.model import KVCache, step_positions
+    b, t = windows.shape
+    pos, _, mask = step_positions(KVCache.init(model.config, b, t), jnp.ones((b, t), bool))
+    x = model.embed_tokens(jnp.asarray(windows))
+    h0, xm0 = compress._moe_input(model.layers[0], x, pos, mask)
+    x1 = compress._moe_output(model.layers[0], h0, xm0)
+    _, xm1 = compress._moe_input(model.layers[1], x1, pos, mask)
+    idx = np.asarray(model.layers[1].mlp.route(xm1).topk_idx)
+    expected, _ = compress.routed_inputs(np.asarray(xm1), idx, 4)
+    np.testing.assert_allclose(seen["layers/1"], expected, rtol=2e-5, atol=2e-5)
+    # ... and not that of the dense model
+    dense = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    h0d, xm0d = compress._moe_input(dense.layers[0], x, pos, mask)
+    _, xm1d = compress._moe_input(dense.layers[1], compress._moe_output(dense.layers[0], h0d, xm0d),
+                                  pos, mask)
+    assert not np.allclose(np.asarray(xm1d), np.asarray(xm1), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt, kw", [("nm", {}), ("samoyeds", {}),
+                                     ("unstructured", {"sparsity": 0.75})])
+def test_prune_then_convert_is_exact(fmt, kw):
+    model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(1))
+    windows = _windows()
+    cfg = pruning.PruneConfig(format=fmt, method="magnitude", output="dense", **kw)
+    compress.calibrate_and_prune(model, windows, cfg, progress=False)
+    before, _ = model(jnp.asarray(windows))
+    compress.to_compressed(model, cfg)
+    assert model.config.moe.expert_format == fmt
+    assert all(b.mlp.config.expert_format == fmt for b in model.layers)
+    assert hasattr(model.layers[0].mlp.w1.get_value(), "to_dense")
+    after, _ = model(jnp.asarray(windows))
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already stored"):
+        compress.to_compressed(model, cfg)
+
+
+def test_bad_inputs():
+    model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    cfg = pruning.PruneConfig(format="nm", output="dense")
+    with pytest.raises(ValueError, match="output='dense'"):
+        compress.calibrate_and_prune(model, _windows(), pruning.PruneConfig(format="nm"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        compress.calibrate_and_prune(model, _windows() + 600, cfg)
+    with pytest.raises(ValueError, match=r"\[n, t\]"):
+        compress.calibrate_and_prune(model, np.zeros((0, 5), np.int32), cfg)
+    with pytest.raises(ValueError, match="integer"):
+        compress.calibrate_and_prune(model, np.zeros((2, 5)), cfg)
+
+
+def _tiny_checkpoint_and_corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "my", "lord", "good", "night", "sweet", "prince", "and", "the"]
+    root = tmp_path / "corpus"
+    (root / "texts").mkdir(parents=True)
+    for name in ("hamlet", "macbeth", "tempest", "twelfth_night", "lear", "othello"):
+        text = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(80))
+        (root / "texts" / f"{name}_gut.txt").write_text(text)
+    train, _ = corpus.split_texts(corpus.read_texts(str(root)))
+    tok = corpus.train_tokenizer(train.values(), vocab_size=300)
+    model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    tok_path = tmp_path / "tokenizer.json"
+    tok.save(str(tok_path))
+    ckpt = tmp_path / "dense"
+    save_hf_checkpoint(model, str(ckpt), tokenizer=str(tok_path))
+    return str(ckpt), str(root)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
+    out = str(tmp_path / "samoyeds")
+    args = ["--checkpoint", ckpt, "--corpus", root, "--out", out, "--format", "samoyeds",
+            "--method", "sparsegpt", "--calib-windows", "4", "--recover-steps", "2",
+            "--batch-size", "2", "--seq-len", "32", "--eval-windows", "4"]
+    assert compress_main(args) == 0
+    text = capsys.readouterr().out
+    for word in ("dense", "one-shot", "recovered", "saved samoyeds model"):
+        assert word in text
+    meta = json.load(open(os.path.join(out, "samoyeds_config.json")))
+    results = meta["conversion"]["results"]
+    assert set(results) == {"dense", "one-shot", "recovered"}
+    assert all(np.isfinite(r["bits_per_byte"]) for k, r in results.items() if k != "dense")
+    from samoyeds_jax.checkpoints import load_converted
+    loaded, config = load_converted(out)
+    assert config.moe.expert_format == "samoyeds"
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    # a second run refuses to overwrite
+    assert compress_main(args) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_checks_before_loading(tmp_path, capsys):
+    ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
+    os.remove(os.path.join(ckpt, "tokenizer.json"))
+    assert compress_main(["--checkpoint", ckpt, "--corpus", root,
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert compress_main(["--checkpoint", str(tmp_path / "nope"), "--corpus", root,
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
