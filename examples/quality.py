@@ -25,7 +25,7 @@ import numpy as np
 
 FORMATS = {
     "2:4": dict(format="nm", n=2, m=4),
-    "samoyeds": dict(format="samoyeds"),
+    "samoyeds": dict(format="samoyeds", shared_w1_w3=False),
     "samoyeds_shared": dict(format="samoyeds", shared_w1_w3=True),
     "unstructured50": dict(format="unstructured", sparsity=0.5),
     "unstructured75": dict(format="unstructured", sparsity=0.75),

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="samoyeds", choices=sorted(FORMATS))
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed (unstructured)")
     p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
-    p.add_argument("--shared-w1-w3", action="store_true",
-                   help="Samoyeds: one column choice for each expert's w1 and w3")
+    p.add_argument("--separate-w1-w3", action="store_true",
+                   help="Samoyeds: choose w1's and w3's columns separately (default: one "
+                        "shared choice, which measured better)")
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--recover-steps", type=int, default=400, help="0: one-shot only")
     p.add_argument("--recover-lr", type=float, default=3e-4)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out) and os.listdir(args.out):
         raise ValueError(f"--out {args.out} exists and is not empty; pick a new directory")
     prune_config = pruning.PruneConfig(
-        method=args.method, output="dense", shared_w1_w3=args.shared_w1_w3,
+        method=args.method, output="dense",
+        shared_w1_w3=None if not args.separate_w1_w3 else False,
         **dict(FORMATS[args.format], **({"sparsity": args.sparsity}
                                         if args.format == "unstructured" else {})))
     recover_config = None

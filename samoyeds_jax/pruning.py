@@ -504,8 +504,9 @@ class PruneConfig:
       tile_k, tile_n: TiledSparse tile size of format "unstructured" (None: its defaults).
       shared_w1_w3: format "samoyeds" only: each expert's w1 and w3 (same input, outputs
         multiplied in SwiGLU) keep the same columns per slab, chosen by their summed scores
-        (``samoyeds_mask_shared``; for sparsegpt, summed OBS savings). Other formats have no
-        column choice to share, so True raises ValueError there.
+        (``samoyeds_mask_shared``; for sparsegpt, summed OBS savings). None (default): True
+        for "samoyeds", where it measured better for every method (benchmarks/quality.md),
+        else False. Other formats have no column choice to share, so True raises ValueError.
       damp, block_size: method "sparsegpt"'s dampening (fraction of mean(diag H)) and rows per
         lazy-update block (a multiple of m for "nm"; Samoyeds uses v).
     """
@@ -521,7 +522,7 @@ class PruneConfig:
     output: Output = "compressed"
     tile_k: int | None = None
     tile_n: int | None = None
-    shared_w1_w3: bool = False
+    shared_w1_w3: bool | None = None
     damp: float = 0.01
     block_size: int = 128
 
@@ -532,6 +533,8 @@ class PruneConfig:
         if self.method not in ("magnitude", "wanda", "sparsegpt"):
             raise ValueError(f"method={self.method!r} must be 'magnitude', 'wanda' or "
                              "'sparsegpt'")
+        if self.shared_w1_w3 is None:
+            object.__setattr__(self, "shared_w1_w3", self.format == "samoyeds")
         if not isinstance(self.shared_w1_w3, bool):
             raise ValueError(f"shared_w1_w3 must be a bool; given {self.shared_w1_w3!r}")
         if self.shared_w1_w3 and self.format != "samoyeds":

@@ -473,60 +473,67 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
         raise ValueError(f"training needs dense experts (a pruned model as dense arrays with "
                          f"zeros and masks); got expert_format={cfg.moe.expert_format!r}")
     # The training step uses the fastest expert compute; the model gets its own back after.
-    backend = set_expert_backend(model, expert_backend(train_config.expert_compute))
+    fast = expert_backend(train_config.expert_compute)
+    backend = set_expert_backend(model, fast)
+    teacher_backend = None if teacher is None else set_expert_backend(teacher, fast)
     tracking = [block.mlp.track_recall for block in model.layers]
     _set_track_recall(model, [False] * len(tracking))  # no recall counters inside the step
-    trainer = Trainer(model, train_config, teacher=teacher, masks=masks)
-    history: list[dict[str, float]] = []
-    start = 0
-    last = None if out_dir is None else os.path.join(out_dir, LAST)
-    if resume and last is not None and os.path.isfile(os.path.join(last, TRAINER_STATE)):
-        from samoyeds_jax.checkpoints import load_hf_checkpoint
+    try:
+        trainer = Trainer(model, train_config, teacher=teacher, masks=masks)
+        history: list[dict[str, float]] = []
+        start = 0
+        last = None if out_dir is None else os.path.join(out_dir, LAST)
+        if resume and last is not None and os.path.isfile(os.path.join(last, TRAINER_STATE)):
+            from samoyeds_jax.checkpoints import load_hf_checkpoint
 
-        loaded, _ = load_hf_checkpoint(last, dtype="float32",
-                                       pregate=cfg.moe.pregate)
-        _, loaded_params, _ = nnx.split(loaded, nnx.Param, ...)
-        trainer.params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), trainer.params,
-                                      loaded_params)
-        state = load_trainer_state(trainer, last)
-        if state["train_config"] != dataclasses.asdict(train_config):
-            raise ValueError(f"{last} was written by another TrainConfig; resume with the same "
-                             f"one or another out_dir (stored: {state['train_config']})")
-        start, history = int(state["step"]), list(state["history"])
-    val = None if val_tokens is None else eval_windows(
-        val_tokens, count=train_config.eval_windows, length=train_config.seq_len + 1)
+            loaded, _ = load_hf_checkpoint(last, dtype="float32",
+                                           pregate=cfg.moe.pregate)
+            _, loaded_params, _ = nnx.split(loaded, nnx.Param, ...)
+            trainer.params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), trainer.params,
+                                          loaded_params)
+            state = load_trainer_state(trainer, last)
+            if state["train_config"] != dataclasses.asdict(train_config):
+                raise ValueError(f"{last} was written by another TrainConfig; resume with the same "
+                                 f"one or another out_dir (stored: {state['train_config']})")
+            start, history = int(state["step"]), list(state["history"])
+        val = None if val_tokens is None else eval_windows(
+            val_tokens, count=train_config.eval_windows, length=train_config.seq_len + 1)
 
-    def checkpoint(step):
-        if last is not None:
-            save_checkpoint(trainer, last, step=step, history=history, tokenizer=tokenizer)
+        def checkpoint(step):
+            if last is not None:
+                save_checkpoint(trainer, last, step=step, history=history, tokenizer=tokenizer)
 
-    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
-               desc="training", unit="step", disable=None if progress is None else not progress)
-    for step in bar:
-        windows = sample_windows(tokens, batch=train_config.batch_size,
-                                 length=train_config.seq_len + 1, seed=train_config.seed, step=step)
-        losses = trainer.step(windows)
-        if not _is_finite(losses):
-            bar.close()
-            raise ValueError(f"non-finite loss at step {step + 1}: {losses}; the last good "
-                             f"checkpoint ({last or 'none written'}) is kept")
-        done = step + 1
-        entry = {"step": done, **losses}
-        at_end = done == train_config.steps
-        if val is not None and (at_end or (train_config.eval_every
-                                           and done % train_config.eval_every == 0)):
-            entry["val_ce"] = trainer.evaluate(val)
-        history.append(entry)
-        bar.set_postfix(loss=f"{losses['ce']:.3f}",
-                        **({"val": f"{entry['val_ce']:.3f}"} if "val_ce" in entry else {}))
-        if at_end or (train_config.checkpoint_every and done % train_config.checkpoint_every == 0):
-            checkpoint(done)
-        if on_step is not None:
-            on_step(done, entry)
+        bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
+                   desc="training", unit="step", disable=None if progress is None else not progress)
+        for step in bar:
+            windows = sample_windows(tokens, batch=train_config.batch_size,
+                                     length=train_config.seq_len + 1, seed=train_config.seed, step=step)
+            losses = trainer.step(windows)
+            if not _is_finite(losses):
+                bar.close()
+                raise ValueError(f"non-finite loss at step {step + 1}: {losses}; the last good "
+                                 f"checkpoint ({last or 'none written'}) is kept")
+            done = step + 1
+            entry = {"step": done, **losses}
+            at_end = done == train_config.steps
+            if val is not None and (at_end or (train_config.eval_every
+                                               and done % train_config.eval_every == 0)):
+                entry["val_ce"] = trainer.evaluate(val)
+            history.append(entry)
+            bar.set_postfix(loss=f"{losses['ce']:.3f}",
+                            **({"val": f"{entry['val_ce']:.3f}"} if "val_ce" in entry else {}))
+            if at_end or (train_config.checkpoint_every and done % train_config.checkpoint_every == 0):
+                checkpoint(done)
+            if on_step is not None:
+                on_step(done, entry)
+    finally:  # the caller's models get their own expert compute and counters back
+        set_expert_backend(model, backend)
+        _set_track_recall(model, tracking)
+        if teacher is not None:
+            set_expert_backend(teacher, teacher_backend)
     trained = trainer.model
-    for m in (trained, model):
-        set_expert_backend(m, backend)
-        _set_track_recall(m, tracking)
+    set_expert_backend(trained, backend)
+    _set_track_recall(trained, tracking)
     return TrainResult(model=trained, history=history, step=train_config.steps)
 
 

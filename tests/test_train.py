@@ -158,11 +158,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
     poisoned.calls = []
     monkeypatch.setattr(T.Trainer, "step", poisoned)
+    model = MoETransformer(_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="non-finite loss at step 3"):
-        T.train(MoETransformer(_config(), rngs=nnx.Rngs(0)), tokens, tc, out_dir=out,
-                progress=False)
+        T.train(model, tokens, tc, out_dir=out, progress=False)
     state = json.loads(open(os.path.join(out, T.LAST, T.TRAINER_STATE)).read())
     assert state["step"] == 2
+    assert model.config.moe.backend == "xla" and model.layers[0].mlp.track_recall
 
 
 @pytest.mark.parametrize("bad, match", [
