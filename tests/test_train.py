@@ -29,6 +29,7 @@ def _small(**kw):
     return T.TrainConfig(**{**base, **kw})
 
 
+@jax.default_matmul_precision("highest")  # the same math; GPUs default to TF32 matmuls
 def test_expert_compute_paths_give_same_loss_and_gradients():
     seed = np.random.SeedSequence().entropy % 2**31
     windows = jnp.asarray(_tokens(4 * 17, seed).reshape(4, 17))
@@ -65,6 +66,7 @@ def test_loss_decreases_and_backend_restored():
     assert all(b.mlp.config.backend == "xla" for b in result.model.layers)
 
 
+@jax.default_matmul_precision("highest")
 def test_grad_accumulation_matches_one_batch():
     tokens = _tokens()
     windows = T.sample_windows(tokens, batch=4, length=17, seed=1, step=0)
@@ -115,6 +117,7 @@ def test_pregate_loss_trains_pregates():
     assert not np.allclose(before, after)
 
 
+@jax.default_matmul_precision("highest")
 def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     tokens = _tokens()
     tc = _small(steps=4, checkpoint_every=2)
