@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows)
 
     start = time.perf_counter()
-    dense, _ = load_hf_checkpoint(args.checkpoint, dtype="float32")
+    # Speculative mode computes exactly as standard and keeps the checkpoint's pre-gates (or
+    # copies of the next gates), so the converted model can run pregated offloading.
+    dense, _ = load_hf_checkpoint(args.checkpoint, dtype="float32", pregate="speculative")
     base = evaluate_streams(dense, streams, config=ecfg)
     print(f"dense          {base.bits_per_byte:.4f} bits/byte", flush=True)
     model = compress.copy_model(dense)

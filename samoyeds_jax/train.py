@@ -478,6 +478,9 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
     teacher_backend = None if teacher is None else set_expert_backend(teacher, fast)
     tracking = [block.mlp.track_recall for block in model.layers]
     _set_track_recall(model, [False] * len(tracking))  # no recall counters inside the step
+    teacher_tracking = None if teacher is None else [b.mlp.track_recall for b in teacher.layers]
+    if teacher is not None:
+        _set_track_recall(teacher, [False] * len(teacher_tracking))
     try:
         trainer = Trainer(model, train_config, teacher=teacher, masks=masks)
         history: list[dict[str, float]] = []
@@ -531,6 +534,7 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
         _set_track_recall(model, tracking)
         if teacher is not None:
             set_expert_backend(teacher, teacher_backend)
+            _set_track_recall(teacher, teacher_tracking)
     trained = trainer.model
     set_expert_backend(trained, backend)
     _set_track_recall(trained, tracking)

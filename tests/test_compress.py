@@ -129,6 +129,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     from samoyeds_jax.checkpoints import load_converted
     loaded, config = load_converted(out)
     assert config.moe.expert_format == "samoyeds"
+    assert config.moe.pregate == "speculative" and loaded.layers[0].mlp.pregate is not None
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     # a second run refuses to overwrite
     assert compress_main(args) == 2

@@ -193,3 +193,12 @@ def test_too_short_stream_and_bad_configs():
     with pytest.raises(ValueError, match="dense experts"):
         T.train(MoETransformer(ModelConfig.tiny(expert_format="nm"), rngs=nnx.Rngs(0)),
                 _tokens(), _small(), progress=False)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = T.new_model(_config(), _small(dtype="bfloat16"))
+    assert model.config.dtype == jnp.bfloat16 and model.config.param_dtype == jnp.float32
+    result = T.train(model, _tokens(), _small(steps=2, dtype="bfloat16"), progress=False)
+    assert all(np.isfinite(h["ce"]) for h in result.history)
+    leaves = jax.tree.leaves(nnx.state(result.model, nnx.Param))
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
