@@ -379,9 +379,11 @@ class MoE(nnx.Module):
         """Prune the routed experts and store them in ``config.expert_format``, in place.
 
         Uses ``samoyeds_jax.pruning.prune_experts`` with ``config.sparsity``'s pattern.
-        ``method``: ``"magnitude"`` or ``"wanda"`` (needs ``calibration``: this block's inputs
-        [t, d], or per-expert routed inputs [e, t, d]). Returns the ``pruning.PruneReport``
-        (None when the format is dense or the weights are already stored sparse).
+        ``method``: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need
+        ``calibration``: this block's inputs [t, d], or per-expert routed inputs [e, t, d]).
+        Returns the ``pruning.PruneReport`` (None when the format is dense or the weights are
+        already stored sparse). A whole model is pruned best with
+        ``samoyeds_jax.compress.calibrate_and_prune`` (routing-aware, block by block).
         """
         fmt = self.config.expert_format
         if fmt == "dense" or hasattr(self.w1.get_value(), "to_dense"):
