@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from samoyeds_jax import train as train_lib
     from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
     from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, paired_difference
-    from samoyeds_jax.evaluate import pregate_recall, text_streams
+    from samoyeds_jax.evaluate import text_streams
 
     if args.quick:
         args.seq_len, args.max_windows, args.calib_windows = 64, 8, 8
@@ -201,41 +201,6 @@ def pregate_section(args, dense, streams, train_ids, evaluate, diff, base, rcfg,
         log(f"   pregated     fine-tuned: {r.bits_per_byte:.4f} bits/byte, exact top-k "
             f"{rec.exact_match:.3f}, pair recall {rec.pair_recall:.3f}")
     return out
-
-
-def render(results: dict, title: str) -> str:
-    """Markdown tables of one results JSON: pruning (bits/byte, difference to the dense model and
-    to the dense control, paired standard errors) and pre-gating."""
-    dense = results["dense"]["bits_per_byte"]
-    lines = [f"### {title}", "",
-             f"Dense: **{dense:.4f}** bits/byte on {results['dense']['windows']} validation "
-             f"windows ({results['dense']['bytes']:,} bytes)."]
-    control = results.get("dense_control")
-    if control:
-        d = control["vs_dense"]
-        lines.append(f"Dense control (the same recovery training): {control['bits_per_byte']:.4f} "
-                     f"({d['difference']:+.4f} +- {d['standard_error']:.4f}).")
-    lines += ["", "| experts | method | one-shot | vs dense | recovered | vs dense control |",
-              "|---|---|---|---|---|---|"]
-    for run in results["runs"]:
-        one = run["one_shot"]
-        cells = [run["format"], run["method"], f"{one['bits_per_byte']:.4f}",
-                 f"{one['vs_dense']['difference']:+.3f} +- {one['vs_dense']['standard_error']:.3f}"]
-        rec = run.get("recovered")
-        cells += ([f"{rec['bits_per_byte']:.4f}", f"{rec['vs_control']['difference']:+.3f} +- "
-                   f"{rec['vs_control']['standard_error']:.3f}"] if rec else ["-", "-"])
-        lines.append("| " + " | ".join(cells) + " |")
-    pre = results.get("pregate")
-    if pre:
-        lines += ["", "| mode | pre-gates | bits/byte | vs standard | exact top-k match | "
-                  "pair recall |", "|---|---|---|---|---|---|"]
-        for key, r in pre.items():
-            mode, name = key.split("/")
-            d = r["vs_standard"]
-            lines.append(f"| {mode} | {name.replace('_', ' ')} | {r['bits_per_byte']:.4f} | "
-                         f"{d['difference']:+.3f} +- {d['standard_error']:.3f} | "
-                         f"{r['exact_match']:.3f} | {r['pair_recall']:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ __all__ = [
     "load_model",
     "load_or_convert",
     "load_tokenizer",
+    "read_converted_meta",
+    "read_hf_config",
     "save_converted",
 ]
 
@@ -248,7 +250,8 @@ def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
         dtype=jnp.dtype(d["dtype"]), param_dtype=jnp.dtype(d["param_dtype"]))
 
 
-def _read_hf_config(directory: str) -> dict[str, Any]:
+def read_hf_config(directory: str) -> dict[str, Any]:
+    """``directory/config.json`` as a dict (FileNotFoundError / ValueError naming the file)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     path = os.path.join(directory, "config.json")
@@ -438,7 +441,7 @@ def load_hf_checkpoint(
       ValueError: unsupported architecture/option, unreadable shard, missing, unexpected or
         mis-shaped tensor (named, with expected vs found shape), non-finite expert weights.
     """
-    hf = _read_hf_config(directory)
+    hf = read_hf_config(directory)
     if expert_format is None:
         expert_format = prune.format if prune is not None else "dense"
     dtype = _as_dtype(dtype)
@@ -565,12 +568,17 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
                         os.path.join(directory, "tokenizer.json"))
 
 
-def _read_converted_meta(directory: str) -> dict[str, Any]:
+def read_converted_meta(directory: str) -> dict[str, Any]:
+    """The metadata of a converted model (``samoyeds_config.json``: format version, config,
+    sparse fields, conversion settings); FileNotFoundError / ValueError naming the file."""
     path = os.path.join(directory, CONVERTED_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a directory written by save_converted")
     with open(path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
     if meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not the "
                          f"supported {_FORMAT_VERSION}")
@@ -584,7 +592,7 @@ def load_converted(directory: str, *, backend: MoEBackend | None = None
     ``backend`` overrides the stored expert backend. Raises FileNotFoundError for missing
     files and ValueError for missing, unexpected or mis-shaped tensors.
     """
-    meta = _read_converted_meta(directory)
+    meta = read_converted_meta(directory)
     config = config_from_dict(meta["config"])
     if backend is not None:
         config = config.replace(moe=dict(backend=backend))
@@ -634,7 +642,7 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
                 "prune": None if prune is None else dataclasses.asdict(prune),
                 "dtype": None if dtype is None else jnp.dtype(_as_dtype(dtype)).name}
     if is_converted(converted):
-        stored = _read_converted_meta(converted)["conversion"]
+        stored = read_converted_meta(converted)["conversion"]
         differs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
         if differs:
             raise ValueError(f"{converted} holds a conversion with other settings "

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from samoyeds_jax import pruning
 from samoyeds_jax.config import SparsityConfig
-from samoyeds_jax.model import DecoderBlock, KVCache, MoETransformer, step_positions
+from samoyeds_jax.layers import attention_mask
+from samoyeds_jax.model import DecoderBlock, MoETransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +130,11 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
     windows = _check_windows(model, windows)
     batches = [jnp.asarray(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
     xs, pos_masks = [], []
-    for tokens in batches:
+    for tokens in batches:  # full windows from an empty cache: positions 0..t-1, causal mask
         b, t = tokens.shape
-        mask = jnp.ones((b, t), bool)
-        positions, _, attn_mask = step_positions(
-            KVCache.init(model.config, b, t), mask,
-            sliding_window=model.config.attention.sliding_window)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        attn_mask = attention_mask(jnp.ones((b, t), bool), jnp.zeros((), jnp.int32), t,
+                                   sliding_window=model.config.attention.sliding_window)
         xs.append(model.embed_tokens(tokens))
         pos_masks.append((positions, attn_mask))
     e = model.config.moe.num_experts

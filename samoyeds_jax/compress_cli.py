@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -66,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from samoyeds_jax import compress, corpus, pruning
     from samoyeds_jax import train as train_lib
-    from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer, save_converted
+    from samoyeds_jax.checkpoints import (load_hf_checkpoint, load_tokenizer, read_hf_config,
+                                          save_converted)
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
                                        text_streams)
 
     # Everything cheap first: files, settings, tokenizer, text.
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no config.json there")
+    hf_config = read_hf_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no tokenizer.json (needed to "
@@ -91,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=args.recover_lr, warmup_steps=max(args.recover_steps // 10, 1),
             distill_weight=args.distill_weight, seed=args.seed)
     train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        vocab = int(json.load(f).get("vocab_size", 0))
-    streams = text_streams(tokenizer, val_texts, vocab_size=vocab)
+    streams = text_streams(tokenizer, val_texts, vocab_size=int(hf_config.get("vocab_size", 0)))
     train_ids = corpus.encode_documents(tokenizer, train_texts.values())
     ecfg = EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows)
 

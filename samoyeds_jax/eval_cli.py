@@ -89,30 +89,19 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"--checkpoint {path!r}: no such directory (expected config.json "
                                 "+ *.safetensors, or a converted model)")
     if checkpoints.is_converted(path):
-        meta_path = os.path.join(path, checkpoints.CONVERTED_CONFIG)
-        with open(meta_path) as f:
-            try:
-                cfg = json.load(f)["config"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{meta_path}: expected JSON with a 'config' object ({err})"
-                                 ) from None
+        cfg = checkpoints.read_converted_meta(path).get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{os.path.join(path, checkpoints.CONVERTED_CONFIG)}: expected a "
+                             "'config' object")
         if not os.path.isfile(os.path.join(path, checkpoints.CONVERTED_WEIGHTS)):
             raise FileNotFoundError(f"{os.path.join(path, checkpoints.CONVERTED_WEIGHTS)} not "
-                                    f"found (listed by {meta_path})")
+                                    f"found (listed by {checkpoints.CONVERTED_CONFIG})")
         return {"converted": True, "vocab_size": int(cfg["vocab_size"]),
                 "format": cfg["moe"]["expert_format"], "pregate": cfg["moe"]["pregate"],
                 "dtype": cfg["param_dtype"], "architecture": cfg["architecture"]}
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: --checkpoint needs a Hugging Face "
-                                "model directory or a converted model directory")
-    with open(config_path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    hf = checkpoints.read_hf_config(path)
     if "vocab_size" not in hf:
-        raise ValueError(f"{config_path} is missing 'vocab_size'")
+        raise ValueError(f"{os.path.join(path, 'config.json')} is missing 'vocab_size'")
     # Opening the shards reads only their headers: missing or unreadable shards fail here.
     with checkpoints.ShardReader(path) as reader:
         stored_pregates = any(k.endswith(".pregate.weight") for k in reader.keys())

@@ -360,8 +360,8 @@ class Trainer:
         self.masks = masks
         if masks is not None:
             self.params = _apply_masks(self.params, masks)
-        self.optimizer = make_optimizer(train, self.params)
-        self.opt_state = self.optimizer.init(self.params)
+        # The step rebuilds the same optimizer from ``train`` (a static jit argument).
+        self.opt_state = make_optimizer(train, self.params).init(self.params)
         self.teacher_graphdef, self.teacher_state = (None, None) if teacher is None else (
             nnx.split(teacher))
 

@@ -152,6 +152,9 @@ def plot_history(history: list[dict[str, float]], path: str, title: str) -> bool
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import jax
+    from flax import nnx
+
     from samoyeds_jax import train as train_lib
     from samoyeds_jax.hf_export import save_hf_checkpoint
 
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = tokenizer.get_vocab_size()
     config = preset_config(args.preset, vocab_size=vocab, pregate=args.pregate)
     model = train_lib.new_model(config, cfg)
-    n_params = sum(int(np.prod(x.shape)) for x in _param_leaves(model))
+    n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, vocab {vocab}, "
           f"train {len(train_ids):,} tokens, validation {len(val_ids):,} tokens, "
           f"experts computed by {model.config.moe.backend!r}", file=sys.stderr)
@@ -197,13 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {seconds:.0f} s: train ce {last['ce']:.4f}, validation ce "
           f"{last.get('val_ce', float('nan')):.4f} nats/token; model in {final}")
     return 0
-
-
-def _param_leaves(model) -> list:
-    from flax import nnx
-    import jax
-
-    return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
 if __name__ == "__main__":
