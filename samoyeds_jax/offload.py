@@ -795,7 +795,8 @@ class SimpleMoEBlock:
     ``x @ router``, next block's routing from ``x @ pregate`` (params [d, e]).
     back: ``h + sum_k p[t, k] * expert_{idx[t, k]}(x[t])`` with ``expert_mlp``. The experts of
     the block are visited in ascending expert id, each on all t tokens masked by its combine
-    weight, so the arithmetic does not depend on which cache slot holds which expert.
+    weight, so the arithmetic does not depend on which cache slot holds which expert, nor
+    on how many slots there are (bit-identical to ``gpu_only``, on the GPU too).
     Work: (distinct experts of the block) x t tokens.
     """
 
@@ -845,6 +846,9 @@ class SimpleMoEBlock:
             hit = routing.topk_idx == used[u]                                    # [t, k]
             slot = jnp.max(jnp.where(hit, slot_idx, -1))
             w = jax.tree_util.tree_map(lambda b: b[jnp.maximum(slot, 0)], buffers)
+            # The copy out of the slot buffer is kept apart from the matmuls: fused in, its
+            # shape (the slot count) could steer the GPU compiler to another GEMM kernel.
+            w = jax.lax.optimization_barrier(w)
             comb = jnp.sum(jnp.where(hit, routing.topk_weights, 0.0), axis=1)    # [t]
             out = expert_mlp(w, x, dtype=self.dtype)                             # [t, d]
             # select, not multiply: an unused (possibly poisoned) slot never leaks NaN

@@ -180,11 +180,13 @@ def test_cli_rejects_text_prompt_without_tokenizer():
 
 
 def test_cli_auto_backend(capsys):
-    """--backend auto (the default): xla off a GPU; the Hopper layout only for bfloat16 2:4 /
+    """--backend auto (the default): xla off a GPU, pallas on one; the Hopper layout only for bfloat16 2:4 /
     Samoyeds experts on one Hopper device without offloading."""
-    assert main(["--random-tiny", "--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
-    assert "backend=xla" in capsys.readouterr().out
+    from pallas_kernels import backend as backend_lib
     from samoyeds_jax.generate_cli import auto_hopper
+    assert main(["--random-tiny", "--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
+    expected = "pallas" if backend_lib.platform() == "gpu" else "xla"
+    assert f"backend={expected}" in capsys.readouterr().out
     base = dict(on_hopper=True, expert_format="samoyeds", dtype="bfloat16", offload=False,
                 devices=1)
     assert auto_hopper(**base) and auto_hopper(**dict(base, expert_format="nm"))
