@@ -1,14 +1,59 @@
-"""Console entry points."""
+"""Console entry points, and what their parsers share."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except for required options, flags and None
+    defaults (whose help text says what they mean)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  argv: Sequence[str]) -> set[str]:
+    """The destinations of ``args`` that ``argv`` sets itself (not left at their defaults):
+    ``argv`` parsed again into a namespace that already holds a marker for each (argparse
+    fills in defaults only where a destination is absent)."""
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args),
+                                                                                 unset)))
+    return {k for k, v in vars(probe).items() if v is not unset}
+
+
+def refuse_unless(condition: bool, given: set[str], options: dict[str, str], why: str) -> None:
+    """ValueError when ``condition`` is false and one of ``options`` (destination -> flag) was
+    given: such an option would have no effect; ``why`` says what it needs."""
+    if condition:
+        return
+    named = [flag for dest, flag in options.items() if dest in given]
+    if named:
+        raise ValueError(f"{', '.join(named)} {'has' if len(named) == 1 else 'have'} no effect "
+                         f"here: {why}")
 
 
 def gpu_check_main(argv: list[str] | None = None) -> int:
+    """``samoyeds-gpu-check``: 0 when a GPU is visible and every Pallas GPU backend matches its
+    reference, 1 when one fails, 2 when jax sees no GPU."""
+    argparse.ArgumentParser(
+        prog="samoyeds-gpu-check",
+        description="Print the device, jax version and memory kinds, and run a tiny kernel "
+                    "through each Pallas GPU backend (Triton, Mosaic GPU) against its reference. "
+                    "Exit status: 0 all passed on a GPU, 1 a backend failed, 2 no GPU visible "
+                    "to jax.").parse_args(sys.argv[1:] if argv is None else argv)
     from samoyeds_jax.diagnostics import gpu_check
 
-    return 0 if gpu_check()["ok"] else 1
+    report = gpu_check()
+    if not report["gpu"]:
+        return 2
+    return 0 if report["ok"] else 1
 
 
 def _run(name: str, main, argv: list[str] | None) -> int:

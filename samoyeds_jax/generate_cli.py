@@ -18,6 +18,7 @@ dispatch, never compilation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import backend as backend_lib
+from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
 DEFAULT_TEXT_PROMPT = "The capital of France is"
@@ -38,56 +40,66 @@ REFERENCE_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shakespeare
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="samoyeds-generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Generate with an MoE model (jit-compiled prefill + decode). Without "
                     "--checkpoint, the reference model shipped with the library (trained on "
-                    "Shakespeare) is used.")
+                    "Shakespeare) is used. Options that would have no effect in the combination "
+                    "given are refused.")
     p.add_argument("--checkpoint", metavar="DIR", default=None,
-                   help="Hugging Face model directory (config.json + *.safetensors); "
-                        "default: the shipped reference model")
+                   help="Hugging Face model directory (config.json + *.safetensors) or a "
+                        "converted model directory; default: the shipped reference model")
     p.add_argument("--random-tiny", action="store_true",
                    help="instead of a checkpoint, build a tiny random-weight model in-process "
                         "(token-id prompts; for smoke runs)")
     p.add_argument("--converted", metavar="DIR", default=None,
-                   help="keep the converted model (experts in --format) in DIR: load it from "
-                        "there when present, else import --checkpoint, convert, and save it there")
+                   help="with --checkpoint: keep the converted model (experts in --format) in "
+                        "DIR: load it from there when present, else import --checkpoint, "
+                        "convert, and save it there")
     p.add_argument("--format", dest="expert_format", default=None,
                    choices=("dense", "nm", "samoyeds", "unstructured"),
                    help="storage format of the expert weights (pruned by magnitude when sparse); "
                         "default: dense, or as stored for a converted model")
     p.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas", "hopper"),
-                   help="expert compute: XLA grouped matmul, the Pallas routed-token kernel, or "
-                        "'hopper': 2:4 / Samoyeds experts moved to the Hopper layout and run "
-                        "on the sparse tensor cores by the Mosaic GPU kernels (needs --format "
-                        "nm or samoyeds). 'auto' (default): xla off a GPU; on a GPU pallas, "
-                        "or hopper for bfloat16 2:4 / Samoyeds experts on a Hopper GPU (one "
-                        "device, no --offload)")
+                   help="expert compute: XLA grouped matmul, the Pallas routed-token kernel "
+                        "(interpret mode without a GPU), or 'hopper': 2:4 / Samoyeds experts "
+                        "moved to the Hopper layout and run on the sparse tensor cores by the "
+                        "Mosaic GPU kernels (needs --format nm or samoyeds; without a GPU the "
+                        "kernels' jnp reference runs). 'auto': xla without a GPU; on a GPU "
+                        "pallas, or hopper for bfloat16 2:4 / Samoyeds experts on a Hopper GPU "
+                        "(one device, no --offload)")
     p.add_argument("--offload", action="store_true",
-                   help="keep the routed experts in pinned host memory and cache them in device "
-                        "slots, fetched per --offload-policy")
+                   help="keep the routed experts in host memory (pinned on a GPU) and cache "
+                        "them in device slots, fetched per --offload-policy")
     p.add_argument("--offload-policy", default=None,
                    choices=("gpu_only", "on_demand", "prefetch_all", "pregated", "speculative"),
-                   help="expert fetch policy (default: pregated for a pre-gated model, "
-                        "speculative for a speculative one, else on_demand)")
+                   help="with --offload: expert fetch policy (default: pregated for a pre-gated "
+                        "model, speculative for a speculative one, else on_demand)")
     p.add_argument("--slots", type=int, default=None,
-                   help="device expert slots shared by all layers (default: two blocks' worth)")
+                   help="with --offload: device expert slots shared by all layers (default: "
+                        "two blocks' worth)")
     p.add_argument("--pregate", default="standard", choices=("standard", "pregated", "speculative"),
-                   help="pre-gating mode of the reference or random tiny model (block i picks "
-                        "block i+1's experts; the reference model ships trained pre-gates); a "
-                        "converted checkpoint keeps its own")
+                   help="pre-gating mode (block i picks block i+1's experts; the reference model "
+                        "ships trained pre-gates): pregated computes with the pre-gates' choice; "
+                        "speculative computes as standard and only tells --offload what to "
+                        "prefetch. A converted model keeps the mode it is stored with")
     p.add_argument("--devices", type=int, default=1,
-                   help="split the routed experts over this many devices (expert parallelism)")
+                   help="split the routed experts over this many devices (expert parallelism; "
+                        "on a CPU, fake devices come from XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N)")
     p.add_argument("--prompt", default=None,
-                   help="text when the checkpoint has tokenizer.json, else token ids "
+                   help="text when the model has a tokenizer.json, else token ids "
                         "separated by spaces or commas (default: "
                         f"{DEFAULT_REFERENCE_PROMPT!r} for the reference model, "
-                        f"{DEFAULT_TINY_PROMPT!r} for --random-tiny)")
+                        f"{DEFAULT_TINY_PROMPT!r} for --random-tiny, {DEFAULT_TEXT_PROMPT!r} "
+                        "for a checkpoint with a tokenizer, else its BOS token)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated together")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per row")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling and random weights")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens "
+                   "(0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="PRNG seed for sampling (--temperature > 0) and --random-tiny weights")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute/parameter dtype (default: float32 for the reference and tiny "
                         "models, the checkpoint's torch_dtype otherwise)")
@@ -98,52 +110,188 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(args) -> tuple[Any, str, Any]:
-    """(model, description, tokenizer or None)."""
+@dataclasses.dataclass
+class _Plan:
+    """What the cheap checks found, before any weight is read."""
+
+    config: Any                  # ModelConfig of the model to load (experts as stored/dense)
+    expert_format: str           # the experts' format once loaded
+    pregate: str                 # the pre-gating mode once loaded
+    tokenizer: Any               # tokenizers.Tokenizer or None
+    ids: list[int]               # the prompt's token ids
+    offload: Any = None          # OffloadConfig with --offload
+
+
+def _model_source(args, given: set[str]) -> tuple[Any, str, str, str | None, bool]:
+    """(config, expert format, pre-gate mode, tokenizer directory or None, read_shards) of the
+    model ``args`` name, from its config files only."""
+    from samoyeds_jax import checkpoints
+    from samoyeds_jax.model import ModelConfig
+
+    fmt = args.expert_format or "dense"
+    if args.random_tiny:
+        return ModelConfig.tiny(pregate=args.pregate), fmt, args.pregate, None, False
+    if args.checkpoint is None:
+        hf = checkpoints.read_hf_config(REFERENCE_MODEL)
+        return (ModelConfig.from_hf(hf, pregate=args.pregate), fmt, args.pregate,
+                REFERENCE_MODEL, False)
+    path = args.checkpoint
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint {path!r}: expected a directory with config.json "
+                                "and *.safetensors, found no such directory")
+    stored = None  # a converted model: (directory, its config)
+    if checkpoints.is_converted(path):
+        if args.converted is not None:
+            raise ValueError(f"--converted {args.converted!r}: --checkpoint {path!r} is already "
+                             "a converted model; drop --converted")
+        stored = path, checkpoints.config_from_dict(checkpoints.read_converted_meta(path)["config"])
+    elif args.converted is not None and checkpoints.is_converted(args.converted):
+        stored = args.converted, checkpoints.config_from_dict(
+            checkpoints.read_converted_meta(args.converted)["config"])
+    elif (args.converted is not None and os.path.exists(args.converted)
+          and (not os.path.isdir(args.converted) or os.listdir(args.converted))):
+        raise ValueError(f"--converted {args.converted!r} exists but holds no converted model "
+                         f"({checkpoints.CONVERTED_CONFIG}); expected a new or empty directory")
+    if stored is not None:
+        where, config = stored
+        m = config.moe
+        if args.expert_format is not None and args.expert_format != m.expert_format:
+            raise ValueError(f"{where} stores {m.expert_format!r} experts; requested --format "
+                             f"{args.expert_format!r} (convert the original checkpoint again "
+                             "for another format)")
+        dtype = jnp.dtype(config.param_dtype).name
+        if args.dtype is not None and args.dtype != dtype:
+            raise ValueError(f"{where} stores {dtype} weights; requested --dtype {args.dtype}")
+        if "pregate" in given and args.pregate != m.pregate:
+            raise ValueError(f"{where} stores a pregate={m.pregate!r} model; requested --pregate "
+                             f"{args.pregate!r} (a converted model keeps its pre-gating mode)")
+        return config, m.expert_format, m.pregate, path, False
+    config = ModelConfig.from_hf(checkpoints.read_hf_config(path), pregate=args.pregate)
+    if args.converted is not None and args.pregate != "standard":
+        raise ValueError(f"--pregate {args.pregate}: a model converted into --converted is "
+                         "stored with pregate='standard'; drop --pregate or --converted")
+    return config, fmt, args.pregate, path, True
+
+
+def _check(args, given: set[str]) -> _Plan:
+    """Every check that reads no weights: option values and combinations, the files named,
+    the tokenizer and the prompt. Raises ValueError / FileNotFoundError."""
+    for flag, value in (("--batch", args.batch), ("--max-new-tokens", args.max_new_tokens),
+                        ("--devices", args.devices), ("--slots", args.slots)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.random_tiny and (args.checkpoint is not None or args.converted is not None):
+        raise ValueError("--random-tiny builds its own model; drop --checkpoint/--converted")
+    if args.converted is not None and args.checkpoint is None:
+        raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
+    refuse_unless(args.offload, given, {"offload_policy": "--offload-policy", "slots": "--slots"},
+                  "it sets up --offload, which is not given")
+    refuse_unless(not args.no_eos, given, {"eos_id": "--eos-id"}, "--no-eos ignores EOS")
+    greedy = args.temperature == 0
+    refuse_unless(not greedy, given, {"top_k": "--top-k", "top_p": "--top-p"},
+                  "--temperature 0 (the default) picks the likeliest token; give --temperature "
+                  "> 0 to sample")
+    refuse_unless(not greedy or args.random_tiny, given, {"seed": "--seed"},
+                  "nothing is random: greedy decoding (--temperature 0) of a model that is not "
+                  "--random-tiny")
+    if args.backend == "hopper":
+        if args.dtype == "float32":
+            raise ValueError("--backend hopper runs bfloat16 (tensor-core) kernels; drop "
+                             "--dtype float32 or pass --dtype bfloat16")
+        if args.offload or args.devices > 1:
+            raise ValueError("--backend hopper cannot be combined with --offload or --devices")
+    if args.devices > 1:
+        if args.offload:
+            raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
+        present = jax.devices()
+        if args.devices > len(present):
+            hint = (f"; on a CPU, fake devices come from the environment: XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={args.devices} samoyeds-generate "
+                    f"--devices {args.devices} ..."
+                    if backend_lib.platform() == "cpu" else "")
+            raise ValueError(f"num_devices={args.devices} (--devices): expected at most "
+                             f"{len(present)}, the {backend_lib.platform()} devices present"
+                             f"{hint}")
+
+    config, fmt, pregate, tokenizer_dir, read_shards = _model_source(args, given)
+    if args.backend == "hopper" and fmt not in ("nm", "samoyeds"):
+        raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "
+                         f"samoyeds), got format {fmt!r}")
+    e = config.moe.num_experts
+    if e % args.devices:
+        raise ValueError(f"--devices {args.devices}: the model's {e} routed experts must split "
+                         f"evenly, so --devices must divide {e}")
+    offload = None
+    if args.offload:
+        offload = _offload_config(args, pregate, given)
+        if args.slots is not None:
+            from samoyeds_jax.offload import resolve_slots
+
+            try:
+                resolve_slots(offload, num_layers=config.num_layers, num_experts=e,
+                              top_k=config.moe.top_k, max_tokens=1)
+            except ValueError as err:
+                raise ValueError(f"--slots {args.slots}: {err}") from None
+    else:
+        refuse_unless(pregate != "speculative", given, {"pregate": "--pregate speculative"},
+                      "a speculative model computes exactly as a standard one; its pre-gates "
+                      "only tell --offload (policy speculative) which experts to prefetch")
+    if read_shards:  # the shards exist and their headers read (no tensor data)
+        from samoyeds_jax import checkpoints
+
+        with checkpoints.ShardReader(tokenizer_dir):
+            pass
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from samoyeds_jax import checkpoints
+
+        # A missing 'tokenizers' package is reported as a warning; prompts are then token ids.
+        tokenizer = checkpoints.load_tokenizer(tokenizer_dir)
+    ids = _prompt_ids(args, tokenizer, config.bos_token_id)
+    bad = [i for i in ids if not 0 <= i < config.vocab_size]
+    if bad:
+        raise ValueError(f"--prompt token ids must be in [0, {config.vocab_size}), got {bad}")
+    return _Plan(config=config, expert_format=fmt, pregate=pregate, tokenizer=tokenizer, ids=ids,
+                 offload=offload)
+
+
+def _load_model(args, plan: _Plan) -> tuple[Any, str]:
+    """(model, description): the weights read, imported or converted."""
     from flax import nnx
 
     from samoyeds_jax.model import ModelConfig, MoETransformer
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
     if args.random_tiny:
-        if args.checkpoint is not None or args.converted is not None:
-            raise ValueError("--random-tiny builds its own model; drop --checkpoint/--converted")
-        cfg = ModelConfig.tiny(expert_format=args.expert_format or "dense", backend=args.backend,
+        cfg = ModelConfig.tiny(expert_format=plan.expert_format, backend=args.backend,
                                pregate=args.pregate,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
-        return model, desc, None
-    if args.checkpoint is None:
-        if args.converted is not None:
-            raise ValueError("--converted needs --checkpoint (the checkpoint to convert)")
-        from samoyeds_jax import checkpoints
+        return model, desc
+    from samoyeds_jax import checkpoints
 
+    if args.checkpoint is None:
         model, _ = checkpoints.load_hf_checkpoint(
-            REFERENCE_MODEL, dtype=args.dtype or "float32",
-            expert_format=args.expert_format or "dense", backend=args.backend,
-            pregate=args.pregate)
+            REFERENCE_MODEL, dtype=args.dtype or "float32", expert_format=plan.expert_format,
+            backend=args.backend, pregate=args.pregate)
         desc = ("reference MoE trained on Shakespeare (shipped with the library; sparse formats "
                 "pruned by magnitude at load: samoyeds-compress prunes with calibration and "
                 "recovery)")
-        return model, desc, checkpoints.load_tokenizer(REFERENCE_MODEL)
-
+        return model, desc
     path = args.checkpoint
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint {path!r}: expected a directory with config.json "
-                                "and *.safetensors, found no such directory")
-    from samoyeds_jax import checkpoints
-
     if args.converted is not None:
         model, _ = checkpoints.load_or_convert(path, args.converted,
                                                expert_format=args.expert_format,
                                                dtype=args.dtype, backend=args.backend)
-    else:
+    elif checkpoints.is_converted(path):
         model = checkpoints.load_model(path, expert_format=args.expert_format,
                                        backend=args.backend, dtype=dtype)
-    # A missing 'tokenizers' package is reported as a warning; prompts are then token ids.
-    tokenizer = checkpoints.load_tokenizer(path)
-    return model, f"{model.config.architecture} from {path}", tokenizer
+    else:
+        model, _ = checkpoints.load_hf_checkpoint(path, dtype=dtype,
+                                                  expert_format=args.expert_format,
+                                                  backend=args.backend, pregate=args.pregate)
+    return model, f"{model.config.architecture} from {path}"
 
 
 def _prompt_ids(args, tokenizer, bos: int | None) -> list[int]:
@@ -168,16 +316,21 @@ def _prompt_ids(args, tokenizer, bos: int | None) -> list[int]:
     return ids
 
 
-def _offload_generator(args, model, sampling, eos):
-    from samoyeds_jax.generate_offload import OffloadGenerator
+def _offload_config(args, mode: str, given: set[str]):
+    """The ``OffloadConfig`` of --offload for a model of pre-gating ``mode``."""
     from samoyeds_jax.offload import OffloadConfig
 
-    mode = model.config.moe.pregate
     policy = args.offload_policy or {"pregated": "pregated", "speculative": "speculative"}.get(
         mode, "on_demand")
+    if policy in ("pregated", "speculative") and mode != policy:
+        raise ValueError(f"--offload-policy {policy} needs a pregate={policy!r} model, got "
+                         f"pregate={mode!r} (--pregate {policy} for the reference or "
+                         "--random-tiny model or a Hugging Face checkpoint)")
+    if "pregate" in given and mode == "speculative" and policy != "speculative":
+        raise ValueError(f"--pregate speculative has no effect here: --offload-policy {policy} "
+                         "never reads the pre-gates' predictions (only policy speculative does)")
     source = "pregate" if mode == "pregated" else "router"
-    config = OffloadConfig(policy=policy, slots=args.slots, routing_source=source)
-    return OffloadGenerator(model, offload=config, sampling=sampling, eos_id=eos, pad_id=0)
+    return OffloadConfig(policy=policy, slots=args.slots, routing_source=source)
 
 
 def _fmt_rate(tokens: float, seconds: float) -> str:
@@ -195,43 +348,42 @@ def auto_hopper(*, on_hopper: bool, expert_format: str, dtype: Any, offload: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, build or load the model, generate, print text/ids and speeds. Returns 0."""
-    args = build_parser().parse_args(argv)
-    if args.batch < 1 or args.max_new_tokens < 1:
-        raise ValueError(f"--batch and --max-new-tokens must be >= 1, got {args.batch=}, "
-                         f"{args.max_new_tokens=}")
+    """Parse ``argv``, check everything cheap, build or load the model, generate, print
+    text/ids and speeds. Returns 0; bad options or inputs raise ValueError / FileNotFoundError
+    before any weight is read."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_options(parser, args, argv)
     from samoyeds_jax.generate import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    auto = args.backend == "auto"
-    if auto:
-        args.backend = "pallas" if backend_lib.platform() == "gpu" else "xla"
-    hopper = args.backend == "hopper"
-    if hopper:
-        args.backend = "pallas"  # the model's backend; the layout changes below
+    if args.backend == "hopper":
         if args.dtype == "float32":
             raise ValueError("--backend hopper runs bfloat16 (tensor-core) kernels; drop "
                              "--dtype float32 or pass --dtype bfloat16")
         args.dtype = "bfloat16"
-    model, desc, tokenizer = _load_model(args)
+    plan = _check(args, given)
+    auto = args.backend == "auto"
+    hopper = args.backend == "hopper"
+    if auto:
+        args.backend = "pallas" if backend_lib.platform() == "gpu" else "xla"
+    if hopper:
+        args.backend = "pallas"  # the model's backend; the layout changes below
+    model, desc = _load_model(args, plan)
+    tokenizer, ids = plan.tokenizer, plan.ids
     hopper = hopper or (auto and auto_hopper(
         on_hopper=backend_lib.is_hopper(), expert_format=model.config.moe.expert_format,
         dtype=model.config.dtype, offload=args.offload, devices=args.devices))
     if hopper:
-        if model.config.moe.expert_format not in ("nm", "samoyeds"):
-            raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "
-                             f"samoyeds), got format {model.config.moe.expert_format!r}")
-        if args.offload or args.devices > 1:
-            raise ValueError("--backend hopper cannot be combined with --offload or --devices")
         for block in model.layers:
             block.mlp.use_hopper_layout()
-        desc += "; experts in the Hopper decode layout (Mosaic GPU kernels)"
+        desc += ("; experts in the Hopper decode layout (Mosaic GPU kernels)"
+                 if backend_lib.platform() == "gpu" else
+                 "; experts in the Hopper decode layout (no GPU: the Mosaic GPU kernels' jnp "
+                 "reference runs instead)")
     cfg = model.config
     vocab = cfg.vocab_size
-    ids = _prompt_ids(args, tokenizer, cfg.bos_token_id)
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"--prompt token ids must be in [0, {vocab}), got {bad}")
     eos = None if args.no_eos else (args.eos_id if args.eos_id is not None else cfg.eos_token_id)
 
     a, m = cfg.attention, cfg.moe
@@ -242,15 +394,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, "
           f"vocab {vocab}, "
           f"{jnp.dtype(cfg.dtype).name}")
-    print(f"  experts  format={m.expert_format}, backend={m.backend}, pregate={m.pregate}")
+    interpreted = (" (Pallas interpret mode: no GPU)"
+                   if m.backend == "pallas" and backend_lib.interpret_mode() else "")
+    print(f"  experts  format={m.expert_format}, backend={m.backend}{interpreted}, "
+          f"pregate={m.pregate}")
     print(f"  device   {device.platform} ({device.device_kind})")
     print(f"  sampling {'greedy' if sampling.temperature == 0 else sampling}, seed {args.seed}, "
           f"eos {eos}")
     print(f"  prompt   {len(ids)} tokens x batch {args.batch}: {ids}")
 
     if args.devices > 1:
-        if args.offload:
-            raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
         from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 
         use_expert_parallel(model, ExpertParallel(mesh=make_expert_mesh(args.devices),
@@ -258,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  parallel routed experts split over {args.devices} devices "
               f"({m.num_experts // args.devices} each)")
     if args.offload:
-        gen = _offload_generator(args, model, sampling, eos)
+        from samoyeds_jax.generate_offload import OffloadGenerator
+
+        gen = OffloadGenerator(model, offload=plan.offload, sampling=sampling, eos_id=eos,
+                               pad_id=0)
         del model  # the experts now live in host memory; drop their device copies
         oc = gen.offload
+        where = ("pinned host memory" if device.platform == "gpu" else
+                 f"host memory (memory kind 'pinned_host'; on {device.platform} an ordinary "
+                 "buffer, nothing page-locked)")
         print(f"  offload  policy={oc.policy}, routing from {oc.routing_source}, "
-              f"eviction={oc.eviction}, experts {gen.store.nbytes / 2**20:,.1f} MiB in pinned host "
-              "memory")
+              f"eviction={oc.eviction}, experts {gen.store.nbytes / 2**20:,.1f} MiB in {where}")
     else:
         gen = Generator(model, sampling=sampling, eos_id=eos, pad_id=0)
     stream = None
@@ -273,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     res = gen.generate([ids] * args.batch, max_new_tokens=args.max_new_tokens,
                        key=jax.random.key(args.seed), stream=stream)
 
-    for r in range(args.batch if args.batch <= 4 else 1):
+    for r in range(args.batch):
         out = res.tokens[r, :res.lengths[r]].tolist()
         label = "output" if args.batch == 1 else f"output {r}"
         print(f"  {label:8} {out}")

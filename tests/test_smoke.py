@@ -27,14 +27,30 @@ def test_smoke_rejects_bad_shapes():
         smoke.smoke_triton(x, jnp.ones((32, 64)), jnp.ones((64,)))
 
 
-def test_gpu_check_reports_every_backend():
+def test_gpu_check_reports_every_backend(capsys):
     report = gpu_check()
-    assert report["ok"]
     assert report["jax"] == jax.__version__
-    assert "triton" in report["backends"]
-    if jax.default_backend() == "cpu":
+    assert "triton" in report["backends"] and report["backends"]["triton"]["ok"]
+    out = capsys.readouterr().out
+    if jax.default_backend() == "gpu":
+        assert report["gpu"] and report["ok"] and "mosaic_gpu" in report["backends"]
+    else:
+        # Without a GPU the check cannot pass: it says so, and the kernel ran interpreted.
+        assert not report["gpu"] and not report["ok"]
         assert "pinned_host" in report["memory_kinds"]
         assert np.isclose(report["backends"]["triton"]["rel_err"], 0.0, atol=2e-2)
+        assert "interpret mode" in out and "no GPU visible to jax" in out
+        assert "ok: True" not in out
+
+
+def test_gpu_check_command_exit_status(capsys):
+    from samoyeds_jax.cli import gpu_check_main
+
+    assert gpu_check_main([]) == (0 if jax.default_backend() == "gpu" else 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        gpu_check_main(["--help"])
+    assert exc.value.code == 0 and "Exit status" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
