@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
+
 FORMATS = {
     "2:4": dict(format="nm", n=2, m=4),
     "samoyeds": dict(format="samoyeds"),
@@ -34,46 +36,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = TrainConfig(steps=1)
     p = argparse.ArgumentParser(
-        prog="samoyeds-compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="samoyeds-compress", formatter_class=HelpFormatter,
         description="Prune a dense MoE checkpoint with calibration, recover it by distillation, "
-                    "evaluate it and save it converted.")
+                    "evaluate it and save it converted. Options that would have no effect in "
+                    "the combination given are refused.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="dense Hugging Face checkpoint with tokenizer.json")
     p.add_argument("--corpus", required=True, metavar="DIR",
                    help="corpus directory (samoyeds-corpus fetch DIR): calibration and recovery "
                         "use its training split, evaluation its validation split")
     p.add_argument("--out", required=True, metavar="DIR", help="converted model directory")
-    p.add_argument("--format", default="samoyeds", choices=sorted(FORMATS))
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed (unstructured)")
-    p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--format", default="samoyeds", choices=sorted(FORMATS),
+                   help="sparsity pattern of the experts (2:4, Samoyeds 1:2:128 + 2:4, or "
+                        "unstructured)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction zeroed (--format unstructured only)")
+    p.add_argument("--method", default="sparsegpt", choices=("magnitude", "wanda", "sparsegpt"),
+                   help="pruning criterion")
     p.add_argument("--separate-w1-w3", action="store_true",
-                   help="Samoyeds: choose w1's and w3's columns separately (default: one "
-                        "shared choice, which measured better)")
-    p.add_argument("--calib-windows", type=int, default=64)
-    p.add_argument("--recover-steps", type=int, default=400, help="0: one-shot only")
-    p.add_argument("--recover-lr", type=float, default=3e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+                   help="--format samoyeds only: choose w1's and w3's columns separately "
+                        "(default: one shared choice, which measured better)")
+    p.add_argument("--calib-windows", type=int, default=64,
+                   help="training-split windows the pruning is calibrated on")
+    p.add_argument("--recover-steps", type=int, default=400,
+                   help="fine-tuning steps with the sparsity fixed (0: one-shot only)")
+    p.add_argument("--recover-lr", type=float, default=3e-4, help="recovery learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="recovery windows per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="tokens per window (calibration, recovery and evaluation)")
     p.add_argument("--distill-weight", type=float, default=1.0,
-                   help="weight of the KL to the dense model (the rest: next-token loss)")
-    p.add_argument("--eval-windows", type=int, default=None, help="default: all")
-    p.add_argument("--seed", type=int, default=0)
+                   help="recovery: weight of the KL to the dense model (the rest: next-token "
+                        "loss)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="validation windows evaluated (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="calibration and recovery data order")
     return p
 
 
+def _check_options(args, given: set[str]) -> None:
+    """Refuse options that have no effect with the others given, and bad numbers."""
+    refuse_unless(args.format == "unstructured", given, {"sparsity": "--sparsity"},
+                  f"--format {args.format} fixes its own density; --sparsity is for --format "
+                  "unstructured")
+    refuse_unless(args.format == "samoyeds", given, {"separate_w1_w3": "--separate-w1-w3"},
+                  f"--format {args.format} has no column choice (only --format samoyeds does)")
+    refuse_unless(args.recover_steps > 0, given,
+                  {"recover_lr": "--recover-lr", "batch_size": "--batch-size",
+                   "distill_weight": "--distill-weight"},
+                  "--recover-steps 0 skips recovery, the only step that uses them")
+    for flag, value in (("--calib-windows", args.calib_windows), ("--seq-len", args.seq_len),
+                        ("--eval-windows", args.eval_windows)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.recover_steps < 0:
+        raise ValueError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(args, given_options(parser, args, argv))
     from samoyeds_jax import compress, corpus, pruning
     from samoyeds_jax import train as train_lib
-    from samoyeds_jax.checkpoints import (load_hf_checkpoint, load_tokenizer, read_hf_config,
-                                          save_converted)
+    from samoyeds_jax.checkpoints import (ShardReader, is_converted, load_hf_checkpoint,
+                                          load_tokenizer, read_hf_config, save_converted)
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
                                        text_streams)
 
     # Everything cheap first: files, settings, tokenizer, text.
+    if is_converted(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint} is a converted model; expected the "
+                         "dense Hugging Face checkpoint (config.json + *.safetensors) to prune")
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no config.json there")
     hf_config = read_hf_config(args.checkpoint)
+    with ShardReader(args.checkpoint):  # the shards exist; only their headers are read
+        pass
     tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no tokenizer.json (needed to "

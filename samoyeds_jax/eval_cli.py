@@ -25,26 +25,18 @@ from typing import Any, get_args
 
 import numpy as np
 
+from samoyeds_jax.cli import HelpFormatter
 from samoyeds_jax.config import MoEBackend
 
 _FORMATS = ("dense", "nm", "samoyeds", "unstructured")
 _PREGATES = ("standard", "pregated", "speculative")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except for required options and None (whose help says what it means)."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="samoyeds-eval",
         description="Bits per byte, perplexity and pre-gate recall of an MoE model on text.",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", required=True,
                    help="Hugging Face model directory (config.json + *.safetensors + "
                         "tokenizer.json) or a converted model directory (samoyeds_config.json)")
@@ -65,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a Hugging Face checkpoint speculative when it holds pre-gate tensors, "
                         "else standard)")
     p.add_argument("--backend", default="xla", choices=get_args(MoEBackend),
-                   help="expert compute")
+                   help="expert compute (pallas: the Pallas kernels, in interpret mode "
+                        "without a GPU)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute/parameter dtype (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens predicted per window")

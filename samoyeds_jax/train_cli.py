@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from samoyeds_jax.layers import AttentionConfig
+from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
 from samoyeds_jax.config import MoEConfig
+from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig
 
 PRESETS = {
@@ -65,37 +66,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = TrainConfig(steps=1)
     p = argparse.ArgumentParser(
-        prog="samoyeds-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a Mixtral-architecture MoE language model on the reference corpus.")
+        prog="samoyeds-train", formatter_class=HelpFormatter,
+        description="Train a Mixtral-architecture MoE language model on the reference corpus. "
+                    "Options that would have no effect in the combination given are refused.")
     p.add_argument("--corpus", required=True, metavar="DIR",
-                   help="corpus directory (python -m samoyeds_jax.corpus fetch DIR)")
+                   help="corpus directory (samoyeds-corpus fetch DIR fetches it)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", metavar="FILE", default=None,
                    help="tokenizer.json to use; default: train a byte-level BPE on the train split")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training one")
-    p.add_argument("--preset", default="reference", choices=sorted(PRESETS))
+    p.add_argument("--vocab-size", type=int, default=2048,
+                   help="BPE vocabulary when training one (not with --tokenizer)")
+    p.add_argument("--preset", default="reference", choices=sorted(PRESETS),
+                   help="model size: " + "; ".join(
+                       f"{k}: {v['num_layers']} layers, d={v['d_model']}, {v['num_experts']} "
+                       f"experts top-{v['top_k']}" for k, v in sorted(PRESETS.items())))
     p.add_argument("--pregate", default="speculative", choices=("standard", "speculative", "pregated"),
                    help="pre-gating mode trained in (speculative: own gates decide, pre-gates "
                         "are fit jointly by --pregate-coef)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--lr", type=float, default=d.learning_rate)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
-    p.add_argument("--pregate-coef", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per optimizer step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens predicted per window")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per step (must divide --batch-size)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay")
+    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,
+                   help="weight of the load-balancing loss")
+    p.add_argument("--pregate-coef", type=float, default=0.1,
+                   help="weight of the pre-gate loss (not with --pregate standard)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     p.add_argument("--expert-compute", default=d.expert_compute,
-                   choices=("auto", "xla", "all_experts"))
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+                   choices=("auto", "xla", "all_experts"),
+                   help="expert compute in the training step (auto: the fastest here)")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="steps between validation losses (0: only at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="steps between OUT/last checkpoints (0: only at the end)")
     p.add_argument("--save-dtype", default="bfloat16", choices=("float32", "bfloat16"),
                    help="dtype of the final model's weights")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in OUT/last (same settings)")
+    p.add_argument("--seed", type=int, default=0, help="initialization and data order")
     return p
 
 
@@ -150,8 +164,37 @@ def plot_history(history: list[dict[str, float]], path: str, title: str) -> bool
     return True
 
 
+def _check(args, given: set[str]) -> None:
+    """Every check that needs no corpus reading and no model: option combinations, the files
+    and directories named. Raises ValueError / FileNotFoundError."""
+    from samoyeds_jax import train as train_lib
+
+    refuse_unless(args.tokenizer is None, given, {"vocab_size": "--vocab-size"},
+                  f"--tokenizer {args.tokenizer} brings its own vocabulary")
+    refuse_unless(args.pregate != "standard", given, {"pregate_coef": "--pregate-coef"},
+                  "--pregate standard trains no pre-gates")
+    if not os.path.isdir(args.corpus):
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such directory (fetch it with "
+                                f"samoyeds-corpus fetch {args.corpus})")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: expected a tokenizer.json file, "
+                                "found no such file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: expected a directory, found a file")
+    state = os.path.join(args.out, train_lib.LAST, train_lib.TRAINER_STATE)
+    if args.resume and not os.path.isfile(state):
+        raise FileNotFoundError(f"--resume: expected a checkpoint to continue from, found no "
+                                f"{state}; drop --resume to start a new run")
+    if not args.resume and os.path.isfile(state):
+        raise ValueError(f"--out {args.out} holds a checkpoint ({state}); pass --resume to "
+                         "continue it, or pick another --out (a new run would overwrite it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, given_options(parser, args, argv))
     import jax
     from flax import nnx
 
@@ -165,9 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         pregate_coef=args.pregate_coef if args.pregate != "standard" else 0.0,
         dtype=args.dtype, expert_compute=args.expert_compute, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed)
-    if not os.path.isdir(args.corpus):
-        raise FileNotFoundError(f"--corpus {args.corpus}: no such directory (fetch it with "
-                                f"python -m samoyeds_jax.corpus fetch {args.corpus})")
     os.makedirs(args.out, exist_ok=True)
     tokenizer, tok_path, train_ids, val_ids = load_tokens(args.corpus, args.tokenizer,
                                                           args.vocab_size, args.out)
@@ -184,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     final = os.path.join(args.out, "model")
     record = {
-        "command": "samoyeds-train " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "samoyeds-train " + shlex.join(argv),
         "preset": args.preset, "parameters": n_params, "train_config": dataclasses.asdict(cfg),
         "train_tokens": int(len(train_ids)), "validation_tokens": int(len(val_ids)),
         "seconds": seconds, "history": result.history,
