@@ -14,3 +14,33 @@ def test_readme_moe_example_runs(capsys):
     recall = scope["block1"].recall()
     assert 0.0 <= recall["recall"] <= 1.0 and recall["set_recall"] == 1.0
     assert "recall" in capsys.readouterr().out
+
+
+def test_readme_generate_examples_pass_the_cli_checks():
+    """Each `scripts/bootstrap.sh generate ...` example of the README is accepted by
+    samoyeds-generate's checks (those that need a downloaded checkpoint are left out)."""
+    import shlex
+
+    from samoyeds_jax.cli import given_options
+    from samoyeds_jax.generate_cli import _check, build_parser
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if "scripts/bootstrap.sh" not in words:
+                continue
+            job = words.index("scripts/bootstrap.sh") + 1
+            if words[job:job + 1] == ["generate"]:
+                commands.append(words[job + 1:])
+    checked = 0
+    for argv in commands:
+        if any("~" in w for w in argv):
+            continue
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        plan = _check(args, given_options(parser, args, argv))
+        assert plan.ids, argv
+        checked += 1
+    assert checked >= 4
