@@ -282,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     print("samoyeds-eval")
     print(f"  model       {cfg.architecture} from {args.checkpoint}: {cfg.num_layers} layers, "
           f"{m.num_experts} experts top-{m.top_k}, vocab {cfg.vocab_size}, {dtype}")
-    print(f"  experts     format={m.expert_format}, backend={m.backend}, pregate={m.pregate}")
+    from pallas_kernels import backend as backend_lib
+
+    interpreted = (" (Pallas interpret mode: no GPU)"
+                   if m.backend == "pallas" and backend_lib.interpret_mode() else "")
+    print(f"  experts     format={m.expert_format}, backend={m.backend}{interpreted}, "
+          f"pregate={m.pregate}")
     print(f"  text        {source}: {text_bytes:,} bytes -> {text_tokens:,} tokens")
     print(f"  windows     {result.windows} x {result.seq_len} tokens (batch {config.batch_size}"
           f"{'' if config.max_windows is None else f', at most {config.max_windows}'}): "

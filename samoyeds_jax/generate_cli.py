@@ -114,17 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 class _Plan:
     """What the cheap checks found, before any weight is read."""
 
-    config: Any                  # ModelConfig of the model to load (experts as stored/dense)
     expert_format: str           # the experts' format once loaded
-    pregate: str                 # the pre-gating mode once loaded
     tokenizer: Any               # tokenizers.Tokenizer or None
     ids: list[int]               # the prompt's token ids
     offload: Any = None          # OffloadConfig with --offload
 
 
 def _model_source(args, given: set[str]) -> tuple[Any, str, str, str | None, bool]:
-    """(config, expert format, pre-gate mode, tokenizer directory or None, read_shards) of the
-    model ``args`` name, from its config files only."""
+    """(config, expert format, pre-gate mode, directory, read_shards) of the model ``args``
+    name, from its config files only. ``directory``: where the tokenizer (and, when
+    ``read_shards``, the safetensors shards to import) are; None for --random-tiny."""
     from samoyeds_jax import checkpoints
     from samoyeds_jax.model import ModelConfig
 
@@ -194,12 +193,8 @@ def _check(args, given: set[str]) -> _Plan:
     refuse_unless(not greedy or args.random_tiny, given, {"seed": "--seed"},
                   "nothing is random: greedy decoding (--temperature 0) of a model that is not "
                   "--random-tiny")
-    if args.backend == "hopper":
-        if args.dtype == "float32":
-            raise ValueError("--backend hopper runs bfloat16 (tensor-core) kernels; drop "
-                             "--dtype float32 or pass --dtype bfloat16")
-        if args.offload or args.devices > 1:
-            raise ValueError("--backend hopper cannot be combined with --offload or --devices")
+    if args.backend == "hopper" and (args.offload or args.devices > 1):
+        raise ValueError("--backend hopper cannot be combined with --offload or --devices")
     if args.devices > 1:
         if args.offload:
             raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
@@ -213,7 +208,7 @@ def _check(args, given: set[str]) -> _Plan:
                              f"{len(present)}, the {backend_lib.platform()} devices present"
                              f"{hint}")
 
-    config, fmt, pregate, tokenizer_dir, read_shards = _model_source(args, given)
+    config, fmt, pregate, directory, read_shards = _model_source(args, given)
     if args.backend == "hopper" and fmt not in ("nm", "samoyeds"):
         raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "
                          f"samoyeds), got format {fmt!r}")
@@ -236,23 +231,20 @@ def _check(args, given: set[str]) -> _Plan:
         refuse_unless(pregate != "speculative", given, {"pregate": "--pregate speculative"},
                       "a speculative model computes exactly as a standard one; its pre-gates "
                       "only tell --offload (policy speculative) which experts to prefetch")
-    if read_shards:  # the shards exist and their headers read (no tensor data)
-        from samoyeds_jax import checkpoints
-
-        with checkpoints.ShardReader(tokenizer_dir):
-            pass
     tokenizer = None
-    if tokenizer_dir is not None:
+    if directory is not None:
         from samoyeds_jax import checkpoints
 
+        if read_shards:  # the shards exist and their headers read (no tensor data)
+            with checkpoints.ShardReader(directory):
+                pass
         # A missing 'tokenizers' package is reported as a warning; prompts are then token ids.
-        tokenizer = checkpoints.load_tokenizer(tokenizer_dir)
+        tokenizer = checkpoints.load_tokenizer(directory)
     ids = _prompt_ids(args, tokenizer, config.bos_token_id)
     bad = [i for i in ids if not 0 <= i < config.vocab_size]
     if bad:
         raise ValueError(f"--prompt token ids must be in [0, {config.vocab_size}), got {bad}")
-    return _Plan(config=config, expert_format=fmt, pregate=pregate, tokenizer=tokenizer, ids=ids,
-                 offload=offload)
+    return _Plan(expert_format=fmt, tokenizer=tokenizer, ids=ids, offload=offload)
 
 
 def _load_model(args, plan: _Plan) -> tuple[Any, str]:

@@ -36,11 +36,11 @@ ensure_installed() {
   local extra=$1 spec=. stamp_file want
   [ -n "$extra" ] && spec=".[$extra]"
   stamp_file=".venv/.samoyeds-install-${extra:-base}"
-  want=$(install_stamp "$extra")
+  want=$(install_stamp "$extra") || return
   if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
     return 0
   fi
-  .venv/bin/python -m pip install -q -e "$spec"
+  .venv/bin/python -m pip install -q -e "$spec" || return  # no stamp for a failed install
   echo "$want" > "$stamp_file"
 }
 

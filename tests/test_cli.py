@@ -264,6 +264,14 @@ def test_bootstrap_installs_only_when_pyproject_or_extra_changes(tmp_path):
     assert len(install("test")) == 3                      # pyproject.toml changed
     os.remove(tmp_path / ".venv" / ".samoyeds-install-test")
     assert len(install("test")) == 4                      # stamp missing
+    # a failed install leaves no stamp, so the next run tries again
+    python.write_text(python.read_text().replace("exit 0; fi", "exit 1; fi"))
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '3'\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        install("test")
+    with pytest.raises(subprocess.CalledProcessError):
+        install("test")
+    assert len((tmp_path / "pip.log").read_text().splitlines()) == 6
 
 
 def test_bootstrap_rejects_an_unknown_job():
@@ -278,3 +286,18 @@ def test_gpu_test_script_needs_a_gpu():
                          env=dict(os.environ, PYTHON=sys.executable))
     assert res.returncode == 2
     assert "no GPU visible to jax" in res.stderr and "passed" not in res.stdout
+
+
+# ----------------------------------------------------------------------------- samoyeds-eval
+
+
+@pytest.mark.skipif(ON_GPU, reason="what is printed without a GPU")
+def test_eval_says_pallas_is_interpreted_without_gpu(tmp_path, capsys):
+    from samoyeds_jax.eval_cli import main as evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text("KING.\nWhat news? " * 20)
+    assert evaluate(["--checkpoint", str(ROOT / "samoyeds_jax" / "assets" / "shakespeare-moe"),
+                     "--text", str(text), "--backend", "pallas", "--seq-len", "16",
+                     "--batch-size", "1", "--max-windows", "1"]) == 0
+    assert "backend=pallas (Pallas interpret mode: no GPU)" in capsys.readouterr().out
