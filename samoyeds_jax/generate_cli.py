@@ -10,6 +10,10 @@ by ``samoyeds_jax.checkpoints`` (it may also be a directory written by ``--conve
 ``--converted DIR`` keeps the model with its experts already in ``--format`` in DIR, so pruning
 and conversion run once.
 
+Everything cheap is checked before any weight is read: option values and combinations (an
+option that would have no effect with the others given is refused), the files named, the
+tokenizer and the prompt.
+
 Reported speeds: executables are compiled ahead of time and compile time is printed separately;
 prefill and decode wall times stop at ``block_until_ready``, so they are device time plus
 dispatch, never compilation.
