@@ -131,7 +131,7 @@ def _swap_in(staged: str, target: str) -> None:
             shutil.rmtree(old)
         except OSError as err:  # only the old copy lingers
             warnings.warn(f"saved {target}, but could not delete the previous copy at {old}: "
-                          f"{err}", stacklevel=4)
+                          f"{err}", stacklevel=5)
 
 
 @contextlib.contextmanager

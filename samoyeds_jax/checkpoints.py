@@ -53,8 +53,8 @@ are a directory with:
   byte size and, for the weights, every stored array (each field of each sparse expert stack)
   with its shape, dtype, byte size and CRC-32; the small files have a CRC-32 of the whole file.
 
-CRC-32 (``zlib.crc32``, about 4 GB/s on one core, twice SHA-256) is there to catch
-accidental damage: it detects every burst error up to 32 bits, so any flipped byte, and
+CRC-32 (``zlib.crc32``: several GB/s on one core, about twice SHA-256's speed) is there to
+catch accidental damage: it detects every burst error up to 32 bits, so any flipped byte, and
 truncation is caught by the sizes already. A cryptographic hash would buy nothing against a
 deliberate edit, since whoever can rewrite a tensor can rewrite the manifest next to it.
 
@@ -814,8 +814,9 @@ def _read_tensor(reader: ShardReader, key: str, entry: Mapping[str, Any], path: 
                          f"bytes) as listed by {CONVERTED_MANIFEST}, found {array.dtype.name} "
                          f"({array.nbytes} bytes)")
     if _crc32(array) != entry["crc32"]:
-        raise ValueError(f"tensor {key!r} in {path}: expected crc32 {entry['crc32']:08x} (listed by "
-                         f"{CONVERTED_MANIFEST}), found {_crc32(array):08x}: the file is corrupt")
+        raise ValueError(f"tensor {key!r} in {path}: expected crc32 {entry['crc32']:08x} (listed "
+                         f"by {CONVERTED_MANIFEST}), found {_crc32(array):08x}: the file is "
+                         "corrupt")
     return jnp.asarray(array)
 
 

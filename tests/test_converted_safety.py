@@ -214,6 +214,17 @@ def test_save_refuses_parameters_that_disagree_with_the_config(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("fmt", ["nm", "samoyeds", "unstructured"])
+def test_bfloat16_round_trip_of_every_sparse_format(tmp_path, fmt):
+    config = ModelConfig.tiny(expert_format=fmt, dtype="bfloat16", param_dtype="bfloat16")
+    model = MoETransformer(config, rngs=nnx.Rngs(4))
+    save_converted(model, str(tmp_path / fmt))
+    loaded, loaded_config = load_converted(str(tmp_path / fmt))
+    assert loaded_config == config
+    assert type(loaded.layers[1].mlp.w2.get_value()) is type(model.layers[1].mlp.w2.get_value())
+    assert _same(_leaves(loaded), _leaves(model))
+
+
 # ----------------------------------------------------------------------------- damaged files
 
 
@@ -229,7 +240,8 @@ def test_manifest_lists_every_stored_array(models, saved):
     stored = load_file(os.path.join(saved, CONVERTED_WEIGHTS))
     entries = files[CONVERTED_WEIGHTS]["tensors"]
     assert set(entries) == set(stored)
-    assert {"layers.0.mlp.w1.values", "layers.0.mlp.w1.meta", "layers.1.mlp.w2.meta"} <= set(entries)
+    sparse_fields = {"layers.0.mlp.w1.values", "layers.0.mlp.w1.meta", "layers.1.mlp.w2.meta"}
+    assert sparse_fields <= set(entries)
     for key, array in stored.items():
         assert entries[key] == {"shape": list(array.shape), "dtype": array.dtype.name,
                                 "bytes": array.nbytes,
@@ -259,7 +271,8 @@ def test_a_flipped_byte_is_refused(saved, name, key):
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x10]))
     where = rf"tensor '{key}' in .*/{name}" if key else rf".*/{name}"
-    with pytest.raises(ValueError, match=rf"{where}: expected crc32 \w{{8}}.*found \w{{8}}.*corrupt"):
+    with pytest.raises(ValueError,
+                       match=rf"{where}: expected crc32 \w{{8}}.*found \w{{8}}.*corrupt"):
         load_converted(saved)
 
 
@@ -350,7 +363,8 @@ def test_a_tensor_the_manifest_does_not_list_is_refused(saved):
     with open(os.path.join(saved, CONVERTED_MANIFEST), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(ValueError, match=rf".*/{CONVERTED_WEIGHTS} does not hold the tensors "
-                                         rf"{CONVERTED_MANIFEST} lists: not listed \['norm.scale'\]"):
+                                         rf"{CONVERTED_MANIFEST} lists: not listed "
+                                         r"\['norm.scale'\]"):
         load_converted(saved)
 
 
