@@ -6,7 +6,8 @@ leaves, the sizes static, so a format object passes through ``jit``, ``tree.map`
 expert off a stack keeps it a valid format) and ``device_put`` like an array.
 
 Common API: ``from_dense`` (host-side, checks that W already has the pattern and raises
-``ValueError`` naming the first offending group; it never prunes), ``to_dense()`` (jnp, traceable),
+``ValueError`` naming the first offending group; it never prunes), ``abstract`` (the layout
+``from_dense`` gives a dense shape and dtype, without data), ``to_dense()`` (jnp, traceable),
 ``shape`` (dense shape), ``dtype``, ``nbytes``, ``density``.
 
 NMSparse, n:m along K (``n``:``m`` in (2,4), (1,4), (2,8), (4,8))::
@@ -294,6 +295,20 @@ class NMSparse:
         return cls(values=jnp.asarray(values),
                    meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])), n=n, m=m, k=k)
 
+    @classmethod
+    def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n: int = 2, m: int = 4) -> NMSparse:
+        """The ``from_dense`` result for a W of ``shape`` [..., K, N] and ``dtype``, its arrays
+        ``jax.ShapeDtypeStruct`` (no data): the layout a stored weight must have."""
+        _check_nm(n, m)
+        *lead, k, cols = shape
+        if k % nm_k_multiple(n, m):
+            raise ValueError(f"K={k} must be a multiple of {nm_k_multiple(n, m)} for {n}:{m}")
+        kept = k * n // m
+        return cls(values=jax.ShapeDtypeStruct((*lead, kept, cols), jnp.dtype(dtype)),
+                   meta=jax.ShapeDtypeStruct((*lead, kept // values_per_word(m), cols),
+                                             jnp.int32),
+                   n=n, m=m, k=k)
+
     def positions(self) -> jax.Array:
         """[..., K*n//m, N] int32: position 0..m-1 of each kept value inside its group."""
         return unpack_meta(self.meta, self.n, self.m)
@@ -438,6 +453,22 @@ class SamoyedsSparse:
         return cls(values=jnp.asarray(values),
                    meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])),
                    sel=jnp.asarray(sel.reshape(*lead, *sel.shape[1:])),
+                   n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
+
+    @classmethod
+    def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n_sel: int = 1, m_sel: int = 2,
+                 v: int = 128) -> SamoyedsSparse:
+        """The ``from_dense`` result for a W of ``shape`` [..., K, N] and ``dtype``, its arrays
+        ``jax.ShapeDtypeStruct`` (no data): the layout a stored weight must have."""
+        _check_samoyeds(n_sel, m_sel, v)
+        *lead, k, n_out = shape
+        if k % v or n_out % m_sel:
+            raise ValueError(f"K={k} must be a multiple of v={v} and N={n_out} one of "
+                             f"m_sel={m_sel}")
+        nc = n_out // m_sel * n_sel
+        return cls(values=jax.ShapeDtypeStruct((*lead, k // 2, nc), jnp.dtype(dtype)),
+                   meta=jax.ShapeDtypeStruct((*lead, k // 32, nc), jnp.int32),
+                   sel=jax.ShapeDtypeStruct((*lead, k // v, nc), jnp.int8),
                    n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
 
     @property

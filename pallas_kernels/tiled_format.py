@@ -87,6 +87,24 @@ def _rows_dtype(tile_k: int) -> np.dtype:
     return np.dtype(np.uint8) if tile_k <= 256 else np.dtype(np.uint16)
 
 
+def _tiles(k: int, n: int, tile_k: int | None, tile_n: int | None,
+           slot_align: int) -> tuple[int, int]:
+    """The tile sizes for a [K, N] weight (defaults filled in), after checking they fit."""
+    tile_k = _default_tile_k(k) if tile_k is None else int(tile_k)
+    tile_n = _default_tile_n(n) if tile_n is None else int(tile_n)
+    if not 1 <= tile_k <= MAX_TILE_K:
+        raise ValueError(f"{tile_k=} must be in [1, {MAX_TILE_K}]")
+    if k % tile_k:
+        raise ValueError(f"K={k} must be a multiple of {tile_k=}")
+    if tile_n < 1 or tile_n & (tile_n - 1):
+        raise ValueError(f"{tile_n=} must be a power of two")
+    if n % tile_n:
+        raise ValueError(f"N={n} must be a multiple of {tile_n=}")
+    if slot_align < 1:
+        raise ValueError(f"{slot_align=} must be >= 1")
+    return tile_k, tile_n
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TiledSparse:
@@ -194,18 +212,7 @@ class TiledSparse:
         *batch, k, n = arr.shape
         if k == 0 or n == 0:
             raise ValueError(f"K and N must be positive, got shape {arr.shape}")
-        tile_k = _default_tile_k(k) if tile_k is None else int(tile_k)
-        tile_n = _default_tile_n(n) if tile_n is None else int(tile_n)
-        if not 1 <= tile_k <= MAX_TILE_K:
-            raise ValueError(f"{tile_k=} must be in [1, {MAX_TILE_K}]")
-        if k % tile_k:
-            raise ValueError(f"K={k} must be a multiple of {tile_k=}")
-        if tile_n < 1 or tile_n & (tile_n - 1):
-            raise ValueError(f"{tile_n=} must be a power of two")
-        if n % tile_n:
-            raise ValueError(f"N={n} must be a multiple of {tile_n=}")
-        if slot_align < 1:
-            raise ValueError(f"{slot_align=} must be >= 1")
+        tile_k, tile_n = _tiles(k, n, tile_k, tile_n, slot_align)
         bad = ~_finite_mask(arr)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -230,6 +237,20 @@ class TiledSparse:
             rows=jnp.asarray(rows.reshape(bshape + rows.shape[1:])),
             offsets=jnp.asarray(offsets.reshape(bshape + offsets.shape[1:]), jnp.int32),
             k=k, n=n, tile_k=tile_k, tile_n=tile_n, slot_align=slot_align)
+
+    @classmethod
+    def abstract(cls, shape: tuple[int, ...], dtype: Any, *, num_slots: int,
+                 tile_k: int | None = None, tile_n: int | None = None,
+                 slot_align: int = 1) -> TiledSparse:
+        """The layout ``from_dense`` gives a W of ``shape`` [..., K, N] and ``dtype`` with
+        ``num_slots`` slot rows (S depends on the data), its arrays ``jax.ShapeDtypeStruct``."""
+        *batch, k, n = shape
+        tile_k, tile_n = _tiles(k, n, tile_k, tile_n, slot_align)
+        slots = (*batch, num_slots, tile_n)
+        return cls(values=jax.ShapeDtypeStruct(slots, jnp.dtype(dtype)),
+                   rows=jax.ShapeDtypeStruct(slots, _rows_dtype(tile_k)),
+                   offsets=jax.ShapeDtypeStruct((*batch, n // tile_n, k // tile_k + 1), jnp.int32),
+                   k=k, n=n, tile_k=tile_k, tile_n=tile_n, slot_align=slot_align)
 
     def to_dense(self) -> jax.Array:
         """The dense weight [..., K, N] in ``self.dtype`` (traceable)."""

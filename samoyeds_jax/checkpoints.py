@@ -47,11 +47,28 @@ are a directory with:
   ``layers.0.mlp.w1.meta``;
 - ``samoyeds_config.json``: ``{"format_version", "config" (the ModelConfig), "sparse"
   (path -> format class and static fields), "conversion" (source and pruning settings)}``;
-- ``tokenizer.json`` copied from the source when it had one.
+- ``tokenizer.json`` copied from the source when it had one;
+- ``samoyeds_manifest.json``, written last: ``{"format": "samoyeds_jax.converted",
+  "format_version", "checksum": "crc32", "files"}``, where ``files`` gives each other file's
+  byte size and, for the weights, every stored array (each field of each sparse expert stack)
+  with its shape, dtype, byte size and CRC-32; the small files have a CRC-32 of the whole file.
 
-Errors: a missing directory, ``config.json`` or shard raises FileNotFoundError naming it; an
-unreadable (e.g. truncated) shard, a missing, unexpected or mis-shaped tensor raises ValueError
-naming the tensor, its file and the expected vs found shape.
+CRC-32 (``zlib.crc32``: several GB/s on one core, about twice SHA-256's speed) is there to
+catch accidental damage: it detects every burst error up to 32 bits, so any flipped byte, and
+truncation is caught by the sizes already. A cryptographic hash would buy nothing against a
+deliberate edit, since whoever can rewrite a tensor can rewrite the manifest next to it.
+
+The directory is written as a whole, in a sibling, and swapped in (``samoyeds_jax.atomic``):
+readers see the previous model or the new one, never weights of one under the metadata of
+the other. ``load_converted`` refuses a directory whose manifest is missing or of another
+format, whose files differ from it (size, checksum, tensor list, shape or dtype), or whose
+arrays differ from the layout the stored config implies (dense shapes, sparse format and
+static fields, every field's shape and dtype).
+
+Errors: a missing directory, ``config.json``, shard or listed file raises FileNotFoundError
+naming it; an unreadable (e.g. truncated) shard, a missing, unexpected, mis-shaped, corrupt or
+non-finite (imports only) tensor raises ValueError naming the tensor, its file and what was
+expected vs found.
 """
 
 from __future__ import annotations
@@ -60,8 +77,8 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,13 +91,15 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from pallas_kernels import formats, tiled_format
-from samoyeds_jax import pruning
-from samoyeds_jax.config import ExpertFormat, MoEBackend, MoEConfig, PregateMode, SparsityConfig
+from samoyeds_jax import atomic, pruning
+from samoyeds_jax.config import (ExpertFormat, MoEBackend, MoEConfig, PregateMode, SparsityConfig,
+                                 _check_literal)
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
 __all__ = [
     "CONVERTED_CONFIG",
+    "CONVERTED_MANIFEST",
     "CONVERTED_WEIGHTS",
     "ShardReader",
     "config_from_dict",
@@ -98,11 +117,15 @@ __all__ = [
 
 CONVERTED_CONFIG = "samoyeds_config.json"
 CONVERTED_WEIGHTS = "samoyeds_model.safetensors"
-_FORMAT_VERSION = 1
+CONVERTED_MANIFEST = "samoyeds_manifest.json"
+_CONVERTED_FILES = (CONVERTED_MANIFEST, CONVERTED_CONFIG, CONVERTED_WEIGHTS)
+_FORMAT = "samoyeds_jax.converted"
+_FORMAT_VERSION = 2
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_SPARSE_CLASSES = {cls.__name__: cls for cls in
-                   (formats.NMSparse, formats.SamoyedsSparse, tiled_format.TiledSparse)}
+_FORMAT_CLASSES = {"nm": formats.NMSparse, "samoyeds": formats.SamoyedsSparse,
+                   "unstructured": tiled_format.TiledSparse}
+_SPARSE_CLASSES = {cls.__name__: cls for cls in _FORMAT_CLASSES.values()}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 Path = tuple[str | int, ...]
@@ -117,11 +140,13 @@ class ShardReader:
     The files are ``files`` when given, else ``model.safetensors.index.json``'s ``weight_map``
     when the index exists, else ``model.safetensors``, else every ``*.safetensors`` in the
     directory. Missing shards raise FileNotFoundError on construction; unreadable ones
-    ValueError. Use as a context manager.
+    ValueError. With ``finite`` (the default), ``get`` refuses floating-point tensors holding
+    NaN or Inf. Use as a context manager.
     """
 
-    def __init__(self, directory: str, files: list[str] | None = None):
+    def __init__(self, directory: str, files: list[str] | None = None, *, finite: bool = True):
         self.directory = directory
+        self.finite = finite
         index = os.path.join(directory, _INDEX)
         self._where: dict[str, str] = {}
         if files is not None:
@@ -206,23 +231,31 @@ class ShardReader:
         return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
 
     def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Tensor ``key`` as a numpy array, after checking it has ``shape``.
+        """Tensor ``key`` as a numpy array, after checking it has ``shape`` (and, with
+        ``finite``, no NaN or Inf).
 
-        Raises ValueError naming the tensor (and its file) when it is missing or mis-shaped.
+        Raises ValueError naming the tensor and its file when it is missing, mis-shaped,
+        unreadable or not finite.
         """
         if key not in self._where:
             raise ValueError(f"tensor {key!r} (expected shape {shape}) is missing from the "
                              f"checkpoint in {self.directory}")
-        name = self._where[key]
+        path = os.path.join(self.directory, self._where[key])
         found = self.shape(key)
         if found != tuple(shape):
-            raise ValueError(f"tensor {key!r} in {name}: expected shape {tuple(shape)} from "
-                             f"config.json, found {found}")
+            raise ValueError(f"tensor {key!r} in {path}: expected shape {tuple(shape)}, found "
+                             f"{found}")
         try:
-            array = self._handles[name].get_tensor(key)
+            array = self._handles[self._where[key]].get_tensor(key)
         except SafetensorError as err:
-            raise ValueError(f"cannot read tensor {key!r} from {os.path.join(self.directory, name)}"
-                             f" ({err})") from None
+            raise ValueError(f"cannot read tensor {key!r} from {path} ({err})") from None
+        if self.finite and jnp.issubdtype(array.dtype, jnp.floating):
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"tensor {key!r} in {path}: expected finite weights, found "
+                                 f"{int(bad.sum())} NaN/Inf values (the first, {array[index]}, at "
+                                 f"index {index})")
         self._used.add(key)
         return array
 
@@ -439,7 +472,8 @@ def load_hf_checkpoint(
     Raises:
       FileNotFoundError: missing directory, config.json or shard.
       ValueError: unsupported architecture/option, unreadable shard, missing, unexpected or
-        mis-shaped tensor (named, with expected vs found shape), non-finite expert weights.
+        mis-shaped tensor (named, with expected vs found shape), a tensor with NaN or Inf
+        values (named, with its file).
     """
     hf = read_hf_config(directory)
     if expert_format is None:
@@ -463,7 +497,8 @@ def load_hf_checkpoint(
     loaded: dict[Path, Any] = {}
 
     def put(path: Path, array: Any) -> None:
-        if not isinstance(array, np.ndarray | jax.Array):  # a sparse format pytree
+        if _is_sparse(array):
+            _check_layout(config, path, variables[path].get_value(), array, "the conversion")
             loaded[path] = array
             return
         if tuple(array.shape) != shapes[path]:  # a mapping error here, never a user error
@@ -523,8 +558,9 @@ def load_hf_checkpoint(
 
 
 def is_converted(directory: str) -> bool:
-    """Whether ``directory`` holds a model written by ``save_converted``."""
-    return os.path.isfile(os.path.join(directory, CONVERTED_CONFIG))
+    """Whether ``directory`` holds a model written by ``save_converted``, or part of one (any of
+    its manifest, metadata or weights files); ``load_converted`` checks that it is complete."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in _CONVERTED_FILES)
 
 
 def _static_fields(obj: Any) -> dict[str, Any]:
@@ -537,94 +573,304 @@ def _array_fields(obj: Any) -> dict[str, Any]:
             if not f.metadata.get("static")}
 
 
+def _is_sparse(value: Any) -> bool:
+    return hasattr(value, "to_dense")
+
+
+def _describe(value: Any) -> str:
+    """A parameter value's layout: ``float32[4, 64, 64]``, or the sparse format's class, static
+    fields and every array field, e.g. ``NMSparse(n=2, m=4, k=64; values float32[4, 32, 64],
+    meta int32[4, 2, 64])``."""
+    if not _is_sparse(value):
+        return f"{jnp.dtype(value.dtype).name}{list(value.shape)}"
+    if not dataclasses.is_dataclass(value):
+        return type(value).__name__
+    static = ", ".join(f"{k}={v}" for k, v in _static_fields(value).items())
+    arrays = ", ".join(f"{k} {_describe(v)}" for k, v in _array_fields(value).items())
+    return f"{type(value).__name__}({static}; {arrays})"
+
+
+def _expected(config: ModelConfig, path: Path, dense: Any, stored: Any) -> Any:
+    """The layout ``config`` implies for parameter ``path`` of abstract dense value ``dense``:
+    ``dense`` itself, or for routed experts in a sparse format the format's ``abstract`` value.
+    A TiledSparse takes its tile sizes and slot count, which the config leaves open, from
+    ``stored``. ValueError when the config admits no layout for it."""
+    fmt = config.moe.expert_format
+    if fmt == "dense" or path[:1] != ("layers",) or path[2:] not in (("mlp", "w1"), ("mlp", "w3"),
+                                                                      ("mlp", "w2")):
+        return dense
+    sp, cls = config.moe.sparsity, _FORMAT_CLASSES[fmt]
+    if fmt == "nm":
+        return cls.abstract(dense.shape, dense.dtype, n=sp.n, m=sp.m)
+    if fmt == "samoyeds":
+        return cls.abstract(dense.shape, dense.dtype, n_sel=sp.n_sel, m_sel=sp.m_sel, v=sp.v)
+    if not isinstance(stored, cls):
+        return cls.abstract(dense.shape, dense.dtype, num_slots=1)
+    return cls.abstract(dense.shape, dense.dtype, num_slots=stored.num_slots,
+                        tile_k=stored.tile_k, tile_n=stored.tile_n, slot_align=stored.slot_align)
+
+
+def _check_layout(config: ModelConfig, path: Path, dense: Any, value: Any, where: str) -> Any:
+    """The layout ``config`` implies for parameter ``path`` (see ``_expected``), after checking
+    that ``value`` has it: format, static fields, every array's shape and dtype (ValueError
+    naming the parameter and ``where`` it comes from otherwise)."""
+    name = _dotted(path)
+    try:
+        expected = _expected(config, path, dense, value)
+    except ValueError as err:
+        raise ValueError(f"parameter {name} in {where}: {_describe(value)} fits no layout of the "
+                         f"config ({err})") from None
+    if _describe(value) != _describe(expected):
+        if type(value) is not type(expected) and _is_sparse(expected):
+            want = f"{type(expected).__name__} (expert_format={config.moe.expert_format!r})"
+        else:
+            want = _describe(expected)
+        raise ValueError(f"parameter {name} in {where}: expected {want} from the config, found "
+                         f"{_describe(value)}")
+    return expected
+
+
+def _crc32(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1) + "\n").encode()
+
+
 def save_converted(model: MoETransformer, directory: str, *, source: str | None = None,
                    conversion: Mapping[str, Any] | None = None) -> None:
-    """Write ``model`` (any expert format) to ``directory`` for ``load_converted``.
+    """Write ``model`` (any expert format) to ``directory`` for ``load_converted``, atomically.
 
-    ``source``: a checkpoint directory whose ``tokenizer.json`` (if any) is copied along and
-    which is recorded in the metadata with ``conversion`` (free-form, JSON-serializable).
+    The files (see the module doc) are written to a fresh sibling directory that then takes the
+    place of ``directory`` (``samoyeds_jax.atomic``): readers find the previous version or the
+    new one, complete, never a mix. ``directory`` must be absent, empty or a converted model
+    (replaced as a whole). ``source``: a checkpoint directory whose ``tokenizer.json`` (if any)
+    is copied along and which is recorded in the metadata with ``conversion`` (free-form,
+    JSON-serializable).
+
+    Raises ValueError for a parameter whose layout is not the one its config implies (shape,
+    dtype, sparse format and fields; e.g. experts in a Hopper layout), or a ``directory`` that
+    is a file or a non-empty directory of another kind.
     """
-    os.makedirs(directory, exist_ok=True)
+    config = model.config
+    specs = {p: v.get_value() for p, v in _variables(_abstract_model(config)).items()
+             if isinstance(v, nnx.Param)}
+    params = {p: v.get_value() for p, v in _variables(model).items() if isinstance(v, nnx.Param)}
+    if params.keys() != specs.keys():
+        raise ValueError(f"the model's parameters differ from those of its config: unexpected "
+                         f"{sorted(map(_dotted, params.keys() - specs.keys()))}, missing "
+                         f"{sorted(map(_dotted, specs.keys() - params.keys()))}")
     tensors: dict[str, np.ndarray] = {}
     sparse: dict[str, Any] = {}
-    for path, var in _variables(model).items():
-        if not isinstance(var, nnx.Param):
-            continue
-        value, name = var.get_value(), _dotted(path)
-        if isinstance(value, tuple(_SPARSE_CLASSES.values())):
+    for path, value in params.items():
+        _check_layout(config, path, specs[path], value, "the model")
+        name = _dotted(path)
+        if _is_sparse(value):
             sparse[name] = {"class": type(value).__name__, "static": _static_fields(value)}
             for field, array in _array_fields(value).items():
                 tensors[f"{name}.{field}"] = np.asarray(array)
         else:
             tensors[name] = np.asarray(value)
-    meta = {"format_version": _FORMAT_VERSION, "config": config_to_dict(model.config),
+    meta = {"format_version": _FORMAT_VERSION, "config": config_to_dict(config),
             "sparse": sparse, "conversion": dict(conversion or {}, source=source)}
-    save_file(tensors, os.path.join(directory, CONVERTED_WEIGHTS),
-              metadata={"format": "samoyeds_jax"})
-    with open(os.path.join(directory, CONVERTED_CONFIG), "w") as f:
-        json.dump(meta, f, indent=1)
+    try:
+        files = {CONVERTED_CONFIG: _json_bytes(meta)}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"conversion settings are not JSON-serializable ({err})") from None
     if source is not None and os.path.isfile(os.path.join(source, "tokenizer.json")):
-        shutil.copyfile(os.path.join(source, "tokenizer.json"),
-                        os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(source, "tokenizer.json"), "rb") as f:
+            files["tokenizer.json"] = f.read()
+    entries = {key: {"shape": list(a.shape), "dtype": a.dtype.name, "bytes": int(a.nbytes),
+                     "crc32": _crc32(a)} for key, a in tensors.items()}
+    listed = {name: {"bytes": len(data), "crc32": zlib.crc32(data)} for name, data in files.items()}
+    with atomic.replace_directory(directory, markers=_CONVERTED_FILES,
+                                  what="converted model") as staged:
+        weights = os.path.join(staged, CONVERTED_WEIGHTS)
+        save_file(tensors, weights, metadata={"format": _FORMAT})
+        atomic.fsync_file(weights)
+        for name, data in files.items():
+            atomic.write_file(os.path.join(staged, name), data)
+        listed[CONVERTED_WEIGHTS] = {"bytes": os.path.getsize(weights), "tensors": entries}
+        manifest = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "checksum": "crc32",
+                    "files": listed}
+        atomic.write_file(os.path.join(staged, CONVERTED_MANIFEST), _json_bytes(manifest))
+
+
+def _read_converted(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, manifest) of a converted model, after checking the manifest's format, that
+    every file it lists is there with its size, and the checksums of all but the weights."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"converted model directory {directory!r} does not exist")
+    path = os.path.join(directory, CONVERTED_MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a complete converted model (save_converted "
+            "writes the manifest last; an interrupted save or an older samoyeds-jax leaves none)")
+    with open(path, "rb") as f:
+        try:
+            manifest = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+    found = ((manifest.get("format"), manifest.get("format_version"))
+             if isinstance(manifest, dict) else (type(manifest).__name__, None))
+    if found != (_FORMAT, _FORMAT_VERSION):
+        raise ValueError(f"{path}: expected format {_FORMAT!r} version {_FORMAT_VERSION}, found "
+                         f"{found[0]!r} version {found[1]!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files.keys() >= {CONVERTED_CONFIG, CONVERTED_WEIGHTS}:
+        raise ValueError(f"{path}: expected 'files' listing {CONVERTED_CONFIG} and "
+                         f"{CONVERTED_WEIGHTS}, found {json.dumps(files)[:200]}")
+    contents = {}
+    for name, entry in files.items():
+        key, kind = ("tensors", dict) if name == CONVERTED_WEIGHTS else ("crc32", int)
+        if name not in (CONVERTED_CONFIG, CONVERTED_WEIGHTS, "tokenizer.json") or not (
+                isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get(key), kind)):
+            raise ValueError(f"{path}: expected entries with 'bytes' and 'crc32' ('tensors' for "
+                             f"{CONVERTED_WEIGHTS}) for {CONVERTED_CONFIG}, {CONVERTED_WEIGHTS} "
+                             f"and tokenizer.json, found {name!r}: {json.dumps(entry)[:200]}")
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} not found (listed by {path})")
+        if os.path.getsize(file) != entry["bytes"]:
+            raise ValueError(f"{file}: expected {entry['bytes']} bytes (listed by {path}), found "
+                             f"{os.path.getsize(file)}: the file is truncated or was replaced")
+        if name != CONVERTED_WEIGHTS:
+            with open(file, "rb") as f:
+                contents[name] = f.read()
+            if zlib.crc32(contents[name]) != entry["crc32"]:
+                raise ValueError(f"{file}: expected crc32 {entry['crc32']:08x} (listed by {path}), "
+                                 f"found {zlib.crc32(contents[name]):08x}: the file is corrupt or "
+                                 "from another save")
+    meta_path = os.path.join(directory, CONVERTED_CONFIG)
+    try:
+        meta = json.loads(contents[CONVERTED_CONFIG])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: expected an object with format_version {_FORMAT_VERSION}, "
+                         f"found {json.dumps(meta)[:100]}")
+    return meta, manifest
 
 
 def read_converted_meta(directory: str) -> dict[str, Any]:
     """The metadata of a converted model (``samoyeds_config.json``: format version, config,
-    sparse fields, conversion settings); FileNotFoundError / ValueError naming the file."""
-    path = os.path.join(directory, CONVERTED_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: not a directory written by save_converted")
-    with open(path) as f:
+    sparse fields, conversion settings), after checking the manifest (format, file sizes,
+    checksums of all but the weights); FileNotFoundError / ValueError naming the file."""
+    return _read_converted(directory)[0]
+
+
+def _stored_layouts(meta: Mapping[str, Any], entries: Mapping[str, Any], meta_path: str,
+                    manifest_path: str) -> dict[str, Any]:
+    """Every stored parameter as the manifest and metadata describe it: a ShapeDtypeStruct,
+    or a sparse-format value of them."""
+
+    def spec(key: str) -> jax.ShapeDtypeStruct:
+        entry = entries[key]
         try:
-            meta = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not the "
-                         f"supported {_FORMAT_VERSION}")
-    return meta
+            if not isinstance(entry["bytes"], int) or not isinstance(entry["crc32"], int):
+                raise TypeError("'bytes' and 'crc32' must be integers")
+            return jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{manifest_path}: expected shape, dtype, bytes and crc32 for tensor "
+                             f"{key!r}, found {entry!r} ({type(err).__name__}: {err})") from None
+
+    out: dict[str, Any] = {}
+    fields: set[str] = set()
+    for name, info in meta.get("sparse", {}).items():
+        cls = _SPARSE_CLASSES.get(info.get("class"))
+        if cls is None:
+            raise ValueError(f"{meta_path}: sparse parameter {name} has class "
+                             f"{info.get('class')!r}; expected one of {sorted(_SPARSE_CLASSES)}")
+        arrays = {}
+        for field in (f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")):
+            key = f"{name}.{field}"
+            if key not in entries:
+                raise ValueError(f"tensor {key!r} of sparse parameter {name} ({cls.__name__}) is "
+                                 f"not listed by {manifest_path}")
+            arrays[field] = spec(key)
+            fields.add(key)
+        try:
+            out[name] = cls(**arrays, **info.get("static", {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{meta_path}: sparse parameter {name}: static fields "
+                             f"{info.get('static')} do not make a {cls.__name__} ({err})") from None
+    for key in entries:
+        if key not in fields:
+            if key in out:
+                raise ValueError(f"{manifest_path}: {key!r} is listed both as a tensor and as a "
+                                 "sparse parameter")
+            out[key] = spec(key)
+    return out
+
+
+def _read_tensor(reader: ShardReader, key: str, entry: Mapping[str, Any], path: str
+                 ) -> jax.Array:
+    """Tensor ``key`` after checking its shape, dtype, size and crc32 against the manifest."""
+    array = reader.get(key, tuple(entry["shape"]))
+    if (array.dtype.name, array.nbytes) != (entry["dtype"], entry["bytes"]):
+        raise ValueError(f"tensor {key!r} in {path}: expected {entry['dtype']} ({entry['bytes']} "
+                         f"bytes) as listed by {CONVERTED_MANIFEST}, found {array.dtype.name} "
+                         f"({array.nbytes} bytes)")
+    if _crc32(array) != entry["crc32"]:
+        raise ValueError(f"tensor {key!r} in {path}: expected crc32 {entry['crc32']:08x} (listed "
+                         f"by {CONVERTED_MANIFEST}), found {_crc32(array):08x}: the file is "
+                         "corrupt")
+    return jnp.asarray(array)
 
 
 def load_converted(directory: str, *, backend: MoEBackend | None = None
                    ) -> tuple[MoETransformer, ModelConfig]:
     """Load a model written by ``save_converted``: ``(model, config)``.
 
-    ``backend`` overrides the stored expert backend. Raises FileNotFoundError for missing
-    files and ValueError for missing, unexpected or mis-shaped tensors.
+    ``backend`` overrides the stored expert backend. Every file is checked against the manifest
+    (size; crc32 of each tensor and of the small files), and every stored array, sparse-format
+    fields included, against the layout the stored config implies (shape, dtype, format and its
+    static fields). Raises FileNotFoundError for a missing directory or file and ValueError for
+    anything else that does not match, naming the file and tensor, what was expected and what
+    was found.
     """
-    meta = read_converted_meta(directory)
-    config = config_from_dict(meta["config"])
+    meta, manifest = _read_converted(directory)
+    meta_path = os.path.join(directory, CONVERTED_CONFIG)
+    try:
+        config = config_from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path}: the stored config is not a valid ModelConfig "
+                         f"({type(err).__name__}: {err})") from None
     if backend is not None:
         config = config.replace(moe=dict(backend=backend))
     model = _abstract_model(config)
     variables = _variables(model)
     weights = os.path.join(directory, CONVERTED_WEIGHTS)
-    with ShardReader(directory, files=[CONVERTED_WEIGHTS]) as reader:
+    entries = manifest["files"][CONVERTED_WEIGHTS]["tensors"]
+    stored = _stored_layouts(meta, entries, meta_path, os.path.join(directory, CONVERTED_MANIFEST))
+    with ShardReader(directory, files=[CONVERTED_WEIGHTS], finite=False) as reader:
+        unlisted = sorted(set(reader.keys()) - set(entries))
+        absent = sorted(set(entries) - set(reader.keys()))
+        if unlisted or absent:
+            raise ValueError(f"{weights} does not hold the tensors {CONVERTED_MANIFEST} lists: "
+                             f"not listed {unlisted[:3]}, absent {absent[:3]}")
         for path, var in variables.items():
             if not isinstance(var, nnx.Param):
                 continue
-            name, abstract = _dotted(path), var.get_value()
-            if name in meta["sparse"]:
-                info = meta["sparse"][name]
-                cls = _SPARSE_CLASSES[info["class"]]
-                arrays = {}
-                for field in (f.name for f in dataclasses.fields(cls)
-                              if not f.metadata.get("static")):
-                    key = f"{name}.{field}"
-                    if key not in reader:
-                        raise ValueError(f"tensor {key!r} of sparse parameter {name} "
-                                         f"({info['class']}) is missing from {weights}")
-                    arrays[field] = jnp.asarray(reader.get(key, reader.shape(key)))
-                value = cls(**arrays, **info["static"])
-                if tuple(value.shape) != tuple(abstract.shape):
-                    raise ValueError(f"sparse parameter {name} in {weights}: expected dense shape "
-                                     f"{tuple(abstract.shape)}, found {tuple(value.shape)}")
+            name, dense = _dotted(path), var.get_value()
+            if name not in stored:
+                raise ValueError(f"parameter {name} ({_describe(dense)} dense) is missing from "
+                                 f"{weights}")
+            expected = _check_layout(config, path, dense, stored.pop(name),
+                                     f"{weights} (as listed by {CONVERTED_MANIFEST})")
+            if _is_sparse(expected):
+                value = type(expected)(**{f: _read_tensor(reader, f"{name}.{f}",
+                                                          entries[f"{name}.{f}"], weights)
+                                          for f in _array_fields(expected)},
+                                       **_static_fields(expected))
             else:
-                value = jnp.asarray(reader.get(name, tuple(abstract.shape)), dtype=abstract.dtype)
+                value = _read_tensor(reader, name, entries[name], weights)
             var.set_value(value)
-        if reader.unused():
+        if stored:
             raise ValueError(f"{weights} holds tensors the model has no parameter for: "
-                             f"{reader.unused()[:3]}")
+                             f"{sorted(stored)[:3]}")
     _fill_non_params(variables)
     return model, config
 
@@ -633,21 +879,39 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
                     prune: pruning.PruneConfig | None = None, dtype: Any = None,
                     backend: MoEBackend | None = None, progress: bool | None = None
                     ) -> tuple[MoETransformer, ModelConfig]:
-    """Load ``converted`` if it exists, else import ``checkpoint`` and save it there.
+    """Load ``converted`` if it holds a complete conversion, else import ``checkpoint`` and save
+    it there.
 
-    An existing conversion must match the requested ``expert_format`` and ``prune`` settings
-    (ValueError otherwise), so conversion runs once per setting and directory.
+    An existing conversion must match the requested ``expert_format``, ``prune`` and ``dtype``
+    settings (ValueError otherwise), so conversion runs once per setting and directory. A
+    ``converted`` directory that ``load_converted`` refuses (an interrupted save, a corrupt or
+    truncated file, another format version) is converted again, with a warning saying why.
+    Only an absent or empty ``converted`` or a (partial) converted model is written to: any
+    other directory is refused with ValueError before converting.
     """
+    if backend is not None:
+        _check_literal("backend", backend, MoEBackend)
     settings = {"expert_format": expert_format or (prune.format if prune else "dense"),
                 "prune": None if prune is None else dataclasses.asdict(prune),
                 "dtype": None if dtype is None else jnp.dtype(_as_dtype(dtype)).name}
     if is_converted(converted):
-        stored = read_converted_meta(converted)["conversion"]
-        differs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-        if differs:
-            raise ValueError(f"{converted} holds a conversion with other settings "
-                             f"(stored, requested): {differs}; pick another directory")
-        return load_converted(converted, backend=backend)
+        try:
+            stored = read_converted_meta(converted)["conversion"]
+        except (FileNotFoundError, ValueError) as err:
+            reason = err
+        else:
+            differs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            if differs:
+                raise ValueError(f"{converted} holds a conversion with other settings "
+                                 f"(stored, requested): {differs}; pick another directory")
+            try:
+                return load_converted(converted, backend=backend)
+            except (FileNotFoundError, ValueError) as err:
+                reason = err
+        warnings.warn(f"{converted} holds no usable converted model ({reason}); converting "
+                      f"{checkpoint} into it again", stacklevel=2)
+    else:
+        atomic.check_target(converted, _CONVERTED_FILES, "converted model")
     model, config = load_hf_checkpoint(checkpoint, dtype=dtype, expert_format=expert_format,
                                        prune=prune, backend=backend or "xla", progress=progress)
     save_converted(model, converted, source=checkpoint, conversion=settings)

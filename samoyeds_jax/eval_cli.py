@@ -86,9 +86,6 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
         if not isinstance(cfg, dict):
             raise ValueError(f"{os.path.join(path, checkpoints.CONVERTED_CONFIG)}: expected a "
                              "'config' object")
-        if not os.path.isfile(os.path.join(path, checkpoints.CONVERTED_WEIGHTS)):
-            raise FileNotFoundError(f"{os.path.join(path, checkpoints.CONVERTED_WEIGHTS)} not "
-                                    f"found (listed by {checkpoints.CONVERTED_CONFIG})")
         return {"converted": True, "vocab_size": int(cfg["vocab_size"]),
                 "format": cfg["moe"]["expert_format"], "pregate": cfg["moe"]["pregate"],
                 "dtype": cfg["param_dtype"], "architecture": cfg["architecture"]}

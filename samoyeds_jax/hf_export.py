@@ -30,14 +30,10 @@ float16; every tensor is cast to it (round to nearest even). The safetensors fil
 here, tensor by tensor, so host memory holds at most one densified expert stack besides the
 model (``safetensors.numpy.save_file`` would need a host copy of every tensor at once).
 
-Replacement is atomic: the files go to a fresh sibling directory ``.{name}.tmp-*``, each file
-and the directory are fsync'd, then the sibling takes the place of ``directory``. On Linux one
-``renameat2(RENAME_EXCHANGE)`` swaps the two, so ``directory`` holds the old checkpoint or the
-new one, complete, at every instant; elsewhere (or on a file system without the exchange) the
-old directory is first renamed aside to ``.{name}.old-*``, and a crash between that rename and
-the next leaves both complete copies under those sibling names, ``directory`` itself absent.
-The old copy is deleted last. A crash while writing can leave a ``.{name}.tmp-*`` sibling
-behind; it is never read and can be deleted.
+Replacement is atomic (``samoyeds_jax.atomic``): the files go to a fresh sibling directory
+``.{name}.tmp-*``, each file and the directory are fsync'd, then the sibling takes the place of
+``directory`` (on Linux in one atomic exchange), so ``directory`` holds the old checkpoint or
+the new one, complete; the old copy is deleted last.
 
 Architectures: a config of architecture ``"tiny"`` (``ModelConfig.tiny``) has Mixtral's
 layout (no q/k norm, no attention bias, top-k-then-softmax routing, no shared experts) and is
@@ -48,17 +44,11 @@ norms on a Mixtral, a shared expert on a Qwen3-MoE) raises ValueError naming eve
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import json
 import math
 import os
-import secrets
-import shutil
 import struct
-import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from samoyeds_jax import atomic
 from samoyeds_jax.checkpoints import _abstract_model, _dotted, _moe_names
 from samoyeds_jax.model import SUPPORTED_ARCHITECTURES, ModelConfig, MoETransformer
 
@@ -304,24 +295,6 @@ def _dense(source: Any, dtype: np.dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------- file writing
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a directory's entries (created, renamed files) durable; POSIX only."""
-    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_safetensors(path: str, tensors: list[_Tensor], dtype: str,
                        metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` in ``dtype`` as one safetensors file, one tensor in memory at a time.
@@ -359,82 +332,6 @@ def _write_safetensors(path: str, tensors: list[_Tensor], dtype: str,
             f.write(array.view(word).astype(little, copy=False).data)
         f.flush()
         os.fsync(f.fileno())
-
-
-# ----------------------------------------------------------------------------- atomic swap
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the platform or file system cannot; raises OSError for other errors.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28)
-        return False
-    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint)
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), a, None, b)
-
-
-def _sibling(target: str, kind: str) -> str:
-    """A fresh hidden path next to ``target``: ``.{name}.{kind}-{random}``."""
-    parent, name = os.path.split(target)
-    return os.path.join(parent, f".{name}.{kind}-{secrets.token_hex(6)}")
-
-
-def _check_target(directory: str) -> str:
-    """The absolute path to write, after refusing anything but a checkpoint or empty dir."""
-    target = os.path.realpath(directory)  # a symlink keeps pointing at the new checkpoint
-    if os.path.exists(target):
-        if not os.path.isdir(target):
-            raise ValueError(f"{directory!r} exists and is not a directory; refusing to replace it")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, _CONFIG)):
-            raise ValueError(f"{directory!r} is a non-empty directory without {_CONFIG}: it does "
-                             "not look like a checkpoint; refusing to replace it")
-    return target
-
-
-def _swap_in(staged: str, target: str) -> None:
-    """Put the complete directory ``staged`` at ``target``, then delete the old one (if any)."""
-    parent = os.path.dirname(target)
-    if not os.path.exists(target):
-        os.rename(staged, target)
-        _fsync_dir(parent)
-        return
-    if _exchange(staged, target):
-        old = staged  # the exchange left the old checkpoint at the staging path
-    else:
-        old = _sibling(target, "old")
-        os.rename(target, old)
-        try:
-            os.rename(staged, target)
-        except BaseException as err:
-            try:
-                os.rename(old, target)
-            except OSError:
-                err.add_note(f"the previous checkpoint of {target} is at {old}")
-            raise
-    try:
-        _fsync_dir(parent)
-    finally:  # the new checkpoint is in place: the old copy goes even if the fsync failed
-        try:
-            shutil.rmtree(old)
-        except OSError as err:  # only the old copy lingers
-            warnings.warn(f"saved {target}, but could not delete the previous copy at {old}: "
-                          f"{err}", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- small files
@@ -547,18 +444,8 @@ def save_hf_checkpoint(
     hf = config_to_hf(config, dtype=dtype_name)
     tensors = _plan(model, hf["model_type"])
     files = _small_files(config, hf, tokenizer, generation_config, extra_files)
-    target = _check_target(directory)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-
-    staged = _sibling(target, "tmp")
-    os.mkdir(staged)
-    try:
+    with atomic.replace_directory(directory, markers=(_CONFIG,), what="checkpoint") as staged:
         _write_safetensors(os.path.join(staged, HF_WEIGHTS), tensors, dtype_name,
                            metadata={"format": "pt"})
         for name, data in files.items():
-            _write_file(os.path.join(staged, name), data)
-        _fsync_dir(staged)
-        _swap_in(staged, target)
-    finally:
-        # After a failure: the partial new checkpoint; after an exchange: already deleted.
-        shutil.rmtree(staged, ignore_errors=True)
+            atomic.write_file(os.path.join(staged, name), data)

@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from samoyeds_jax import hf_export
+from samoyeds_jax import atomic, hf_export
 from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
 from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
 from samoyeds_jax.layers import AttentionConfig
@@ -283,7 +283,7 @@ def test_exchange_swaps_two_directories(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("a")
     (tmp_path / "b").mkdir()
-    if not hf_export._exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+    if not atomic.exchange(str(tmp_path / "a"), str(tmp_path / "b")):
         pytest.skip("no renameat2(RENAME_EXCHANGE) on this platform / file system")
     assert os.listdir(tmp_path / "a") == [] and os.listdir(tmp_path / "b") == ["x"]
 
@@ -329,14 +329,14 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, rng,
     new = _snapshot(str(tmp_path / "reference"))
     shutil.rmtree(tmp_path / "reference")
     if not exchange:
-        monkeypatch.setattr(hf_export, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
 
     def save():
         save_hf_checkpoint(new_model, target)
         save_hf_checkpoint(old_model, target)  # back to the old one for the next crash
 
     crash_points = [(hf_export, "_dense", 3)]  # in the middle of the weights
-    for owner, name in ((os, "fsync"), (os, "rename"), (hf_export, "_exchange")):
+    for owner, name in ((os, "fsync"), (os, "rename"), (atomic, "exchange")):
         crash_points += [(owner, name, n) for n in range(_count_calls(monkeypatch, owner, name,
                                                                       save) // 2)]
     assert len(crash_points) >= 7  # weights, 3 files + staging dir + parent fsync'd, swap

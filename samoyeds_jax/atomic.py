@@ -1,0 +1,151 @@
+"""Atomic replacement of a whole directory (Hugging Face exports and converted models).
+
+``replace_directory(directory, markers=..., what=...)`` yields a fresh sibling directory
+``.{name}.tmp-*``; the caller writes every file there (``write_file`` and ``fsync_file`` make
+each one durable). When the block ends without an exception the sibling directory is fsync'd
+and takes the place of ``directory``: on Linux one ``renameat2(RENAME_EXCHANGE)`` swaps the two,
+so ``directory`` holds the old version or the new one, complete, at every instant; elsewhere (or
+on a file system without the exchange) the old directory is first renamed aside to
+``.{name}.old-*``, then the new one is renamed into place (an error in between renames the old
+one back). A crash between those two renames leaves both complete copies under their sibling
+names and ``directory`` itself absent. The old copy is deleted last. A crash while writing can
+leave a ``.{name}.tmp-*`` sibling behind; it is never read and can be deleted. When the block
+raises, the sibling is deleted and ``directory`` is untouched.
+
+Only an absent or empty ``directory``, or one holding one of the ``markers`` files (a previous
+version of the same kind), is replaced: anything else raises ValueError before a byte is
+written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+
+__all__ = ["check_target", "exchange", "fsync_dir", "fsync_file", "replace_directory",
+           "write_file"]
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (created, renamed files) durable; POSIX only."""
+    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    """Make a file written by other code (e.g. a library's ``save_file``) durable."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system cannot; raises OSError for other errors.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28)
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _sibling(target: str, kind: str) -> str:
+    """A fresh hidden path next to ``target``: ``.{name}.{kind}-{random}``."""
+    parent, name = os.path.split(target)
+    return os.path.join(parent, f".{name}.{kind}-{secrets.token_hex(6)}")
+
+
+def check_target(directory: str, markers: tuple[str, ...], what: str) -> str:
+    """The absolute path ``replace_directory`` would write, after refusing anything but an
+    absent or empty directory or one holding one of the ``markers`` files (a ``what``)."""
+    target = os.path.realpath(directory)  # a symlink keeps pointing at the new version
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise ValueError(f"{directory!r} exists and is not a directory; refusing to replace it")
+        if os.listdir(target) and not any(os.path.isfile(os.path.join(target, m))
+                                          for m in markers):
+            raise ValueError(f"{directory!r} is a non-empty directory without "
+                             f"{' or '.join(markers)}: it does not look like a {what}; refusing "
+                             "to replace it")
+    return target
+
+
+def _swap_in(staged: str, target: str) -> None:
+    """Put the complete directory ``staged`` at ``target``, then delete the old one (if any)."""
+    parent = os.path.dirname(target)
+    if not os.path.exists(target):
+        os.rename(staged, target)
+        fsync_dir(parent)
+        return
+    if exchange(staged, target):
+        old = staged  # the exchange left the old version at the staging path
+    else:
+        old = _sibling(target, "old")
+        os.rename(target, old)
+        try:
+            os.rename(staged, target)
+        except BaseException as err:
+            try:
+                os.rename(old, target)
+            except OSError:
+                err.add_note(f"the previous version of {target} is at {old}")
+            raise
+    try:
+        fsync_dir(parent)
+    finally:  # the new version is in place: the old copy goes even if the fsync failed
+        try:
+            shutil.rmtree(old)
+        except OSError as err:  # only the old copy lingers
+            warnings.warn(f"saved {target}, but could not delete the previous copy at {old}: "
+                          f"{err}", stacklevel=5)
+
+
+@contextlib.contextmanager
+def replace_directory(directory: str, *, markers: tuple[str, ...], what: str) -> Iterator[str]:
+    """Yield a fresh staging directory; on a clean exit it atomically replaces ``directory``
+    (created with its parents if missing). See the module doc."""
+    target = check_target(directory, markers, what)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staged = _sibling(target, "tmp")
+    os.mkdir(staged)
+    try:
+        yield staged
+        fsync_dir(staged)
+        _swap_in(staged, target)
+    finally:
+        # After a failure: the partial new version; after an exchange: already deleted.
+        shutil.rmtree(staged, ignore_errors=True)
