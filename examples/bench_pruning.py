@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -109,7 +110,19 @@ def main() -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"layer: {args.experts} experts, d={d}, f={f}; routed tokens per expert {counts}")
 
-    rows = []
+    rows, per_matrix = [], []
+
+    def write():  # after every row: a cut-off run keeps what it measured
+        if not args.out:
+            return
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(dict(args=vars(args), device=device.device_kind,
+                           backend=jax.default_backend(), jax=jax.__version__,
+                           shapes=dict(experts=args.experts, d=d, f=f), tokens_per_expert=counts,
+                           layer=rows, per_matrix=per_matrix), fh, indent=1)
+        os.replace(tmp, args.out)
+
     for fmt in args.formats.split(","):
         for method in args.methods.split(","):
             config = pruning.PruneConfig(method=method, output="dense", **FORMATS[fmt])
@@ -118,8 +131,8 @@ def main() -> None:
             print(f"{fmt:<16} {method:<10} {row['seconds']:8.2f} s/layer  (first run "
                   f"{row['seconds_first_run']:.1f} s)  mean output error "
                   f"{row['mean_output_rel_error']:.4f}", flush=True)
+            write()
 
-    per_matrix = []
     if "sparsegpt" in args.methods.split(","):
         h1 = sg.hessian(calib[0])
         x0 = calib[0].astype(jnp.float32)  # expert 0's tokens: w2 reads silu(x w1) * (x w3)
@@ -134,19 +147,15 @@ def main() -> None:
                                        seconds=seconds))
                 print(f"sparsegpt_prune {fmt:<16} {name} {list(w.shape)}: {seconds:.3f} s",
                       flush=True)
+                write()
 
     print(f"\n{'format':<16} " + " ".join(f"{m:>10}" for m in args.methods.split(",")))
     for fmt in args.formats.split(","):
         cells = {r["method"]: r["seconds"] for r in rows if r["format"] == fmt}
         print(f"{fmt:<16} " + " ".join(f"{cells[m]:>9.2f}s" for m in args.methods.split(",")))
+    write()
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(dict(args=vars(args), device=device.device_kind,
-                           backend=jax.default_backend(), jax=jax.__version__,
-                           shapes=dict(experts=args.experts, d=d, f=f), tokens_per_expert=counts,
-                           layer=rows, per_matrix=per_matrix), fh, indent=1)
         print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()
