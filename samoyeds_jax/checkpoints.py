@@ -91,9 +91,10 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from pallas_kernels import formats, tiled_format
-from samoyeds_jax import atomic, pruning
+from samoyeds_jax import atomic, families, pruning
 from samoyeds_jax.config import (ExpertFormat, MoEBackend, MoEConfig, PregateMode, SparsityConfig,
                                  _check_literal)
+from samoyeds_jax.families import Family
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
@@ -331,74 +332,70 @@ def _fill_non_params(variables: Mapping[Path, nnx.Variable]) -> None:
             var.set_value(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), var.get_value()))
 
 
-def _moe_names(arch: str) -> tuple[str, tuple[str, str, str]]:
-    """(MoE module name, (gate, up, down) expert projection names) of an architecture."""
-    if arch == "mixtral":
-        return "block_sparse_moe", ("w1", "w3", "w2")
-    return "mlp", ("gate_proj", "up_proj", "down_proj")
-
-
 def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.ndarray:
     """A torch linear weight [out, in] read as [in, out]."""
     return reader.get(key, tuple(reversed(shape_in_out))).T
 
 
-def _load_experts(reader: ShardReader, prefix: str, names: tuple[str, str, str],
+def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,
                   e: int, d: int, f: int) -> dict[str, np.ndarray]:
-    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of one MoE block (per-expert or fused layout)."""
-    fused_gate_up, fused_down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of block i (per-expert or fused layout)."""
+    fused_gate_up, fused_down = family.fused_expert_names(i, moe)
     if fused_gate_up in reader:
         gate_up = reader.get(fused_gate_up, (e, 2 * f, d)).transpose(0, 2, 1)  # [e, d, 2f]
         down = reader.get(fused_down, (e, d, f)).transpose(0, 2, 1)  # [e, f, d]
         return {"w1": gate_up[..., :f], "w3": gate_up[..., f:], "w2": down}
-    gate, up, down = names
     out = {}
-    for ours, theirs, shape in (("w1", gate, (d, f)), ("w3", up, (d, f)), ("w2", down, (f, d))):
-        out[ours] = np.stack([_linear(reader, f"{prefix}.experts.{j}.{theirs}.weight", shape)
-                              for j in range(e)])
+    for w, shape in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d))):
+        path = ("layers", i, "mlp", w)
+        out[w] = np.stack([_linear(reader, family.tensor_name(path, expert=j, moe=moe), shape)
+                           for j in range(e)])
     return out
+
+
+def _moe_name(reader: ShardReader, family: Family, i: int) -> str:
+    """The name block i's MoE module has in the checkpoint: the first of the family's
+    ``moe_names`` whose gate is there (else the written one)."""
+    gate = ("layers", i, "mlp", "gate", "kernel")
+    return next((name for name in family.moe_names
+                 if family.tensor_name(gate, moe=name) in reader), family.moe_names[0])
 
 
 def _layer_tensors(reader: ShardReader, config: ModelConfig, i: int,
                    shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, np.ndarray]:
     """Every parameter of block i except the pre-gate, under its module path."""
-    arch = config.architecture
-    hf = f"model.layers.{i}"
+    family = families.family(config.architecture)
+    hf_name = family.tensor_name
+    layer = ("layers", i)
     out: dict[Path, np.ndarray] = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[("layers", i, norm, "scale")] = reader.get(f"{hf}.{norm}.weight", (config.d_model,))
+        path = layer + (norm, "scale")
+        out[path] = reader.get(hf_name(path), (config.d_model,))
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        path = ("layers", i, "self_attn", proj)
-        out[path + ("kernel",)] = _linear(reader, f"{hf}.self_attn.{proj}.weight",
+        path = layer + ("self_attn", proj)
+        out[path + ("kernel",)] = _linear(reader, hf_name(path + ("kernel",)),
                                           shapes[path + ("kernel",)])
         if path + ("bias",) in shapes:
-            out[path + ("bias",)] = reader.get(f"{hf}.self_attn.{proj}.bias",
-                                               shapes[path + ("bias",)])
+            out[path + ("bias",)] = reader.get(hf_name(path + ("bias",)), shapes[path + ("bias",)])
     for norm in ("q_norm", "k_norm"):
-        path = ("layers", i, "self_attn", norm, "scale")
+        path = layer + ("self_attn", norm, "scale")
         if path in shapes:
-            out[path] = reader.get(f"{hf}.self_attn.{norm}.weight", shapes[path])
+            out[path] = reader.get(hf_name(path), shapes[path])
 
-    moe_name, names = _moe_names(arch)
-    if f"{hf}.{moe_name}.gate.weight" not in reader and f"{hf}.mlp.gate.weight" in reader:
-        moe_name = "mlp"  # Mixtral as transformers >= 5 names it in memory
-    prefix = f"{hf}.{moe_name}"
-    mlp = ("layers", i, "mlp")
+    moe = _moe_name(reader, family, i)
+    mlp = layer + ("mlp",)
     m = config.moe
-    out[mlp + ("gate", "kernel")] = _linear(reader, f"{prefix}.gate.weight",
+    out[mlp + ("gate", "kernel")] = _linear(reader, hf_name(mlp + ("gate", "kernel"), moe=moe),
                                             (m.d_model, m.num_experts))
-    experts = _load_experts(reader, prefix, names, m.num_experts, m.d_model, m.d_ff)
+    experts = _load_experts(reader, family, i, moe, m.num_experts, m.d_model, m.d_ff)
     out.update({mlp + (k,): v for k, v in experts.items()})
     if mlp + ("shared", "w1") in shapes:
         s = m.shared_width
-        for ours, theirs, shape in (("w1", "gate_proj", (m.d_model, s)),
-                                    ("w3", "up_proj", (m.d_model, s)),
-                                    ("w2", "down_proj", (s, m.d_model))):
-            out[mlp + ("shared", ours)] = _linear(
-                reader, f"{prefix}.shared_expert.{theirs}.weight", shape)
+        for w, shape in (("w1", (m.d_model, s)), ("w3", (m.d_model, s)), ("w2", (s, m.d_model))):
+            out[mlp + ("shared", w)] = _linear(reader, hf_name(mlp + ("shared", w), moe=moe), shape)
         if mlp + ("shared", "gate_kernel") in shapes:
-            out[mlp + ("shared", "gate_kernel")] = _linear(
-                reader, f"{prefix}.shared_expert_gate.weight", (m.d_model, 1))
+            path = mlp + ("shared", "gate_kernel")
+            out[path] = _linear(reader, hf_name(path, moe=moe), (m.d_model, 1))
     return out
 
 
@@ -406,13 +403,14 @@ def _pregate_key(reader: ShardReader, config: ModelConfig, i: int) -> str | None
     """Name of block i's pre-gate tensor [e, d] when the checkpoint holds one, else None.
 
     Only blocks before the last have a pre-gate; a pre-gate tensor of the last block is left
-    unread, so the importer refuses it as an unknown weight.
+    unread, so the importer refuses it as an unknown weight. Any of the family's MoE module
+    names is accepted, as for its gate.
     """
     if i >= config.num_layers - 1:
         return None
-    moe_name, _ = _moe_names(config.architecture)
-    for name in dict.fromkeys((moe_name, "mlp")):  # Mixtral: either name, as for its gate
-        key = f"model.layers.{i}.{name}.pregate.weight"
+    family = families.family(config.architecture)
+    for moe in family.moe_names:
+        key = family.tensor_name(("layers", i, "mlp", "pregate", "kernel"), moe=moe)
         if key in reader:
             return key
     return None
@@ -507,7 +505,9 @@ def load_hf_checkpoint(
 
     with ShardReader(directory) as reader:
         v, d = config.vocab_size, config.d_model
-        put(("embed_tokens", "embedding"), reader.get("model.embed_tokens.weight", (v, d)))
+        hf_name = families.family(config.architecture).tensor_name
+        put(("embed_tokens", "embedding"),
+            reader.get(hf_name(("embed_tokens", "embedding")), (v, d)))
         bar = tqdm(range(config.num_layers), unit="layer",
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
@@ -530,11 +530,11 @@ def load_hf_checkpoint(
                     put(path, _linear(reader, key, shapes[path]))
                 else:  # standard routing needs no pre-gate: skipped on purpose, not dropped
                     reader.mark_used(key)
-        put(("norm", "scale"), reader.get("model.norm.weight", (d,)))
-        if config.tie_word_embeddings:
-            reader.mark_used("lm_head.weight")  # some exports keep the tied copy; unused here
+        put(("norm", "scale"), reader.get(hf_name(("norm", "scale")), (d,)))
+        if config.tie_word_embeddings:  # some exports keep the tied copy; unused here
+            reader.mark_used(hf_name(("lm_head", "kernel")))
         else:
-            put(("lm_head", "kernel"), _linear(reader, "lm_head.weight", (d, v)))
+            put(("lm_head", "kernel"), _linear(reader, hf_name(("lm_head", "kernel")), (d, v)))
         unused = [k for k in reader.unused() if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise ValueError(

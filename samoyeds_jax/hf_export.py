@@ -56,9 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from samoyeds_jax import atomic
-from samoyeds_jax.checkpoints import _abstract_model, _dotted, _moe_names
-from samoyeds_jax.model import SUPPORTED_ARCHITECTURES, ModelConfig, MoETransformer
+from samoyeds_jax import atomic, families
+from samoyeds_jax.checkpoints import _abstract_model, _dotted
+from samoyeds_jax.families import Family
+from samoyeds_jax.model import ModelConfig, MoETransformer
 
 __all__ = ["HF_WEIGHTS", "config_to_hf", "save_hf_checkpoint"]
 
@@ -70,10 +71,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 # dtype name -> safetensors header code.
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_CAUSAL_LM = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
-# The q/k norm each family's attention has (``ModelConfig.from_hf`` sets it by family).
-_QK_NORM = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head", "olmoe": "full"}
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -88,36 +85,6 @@ def _dtype_name(dtype: Any) -> str:
     if name not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_SAFETENSORS_DTYPES)}, got {dtype!r}")
     return name
-
-
-def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
-    """Every way ``config`` differs from what a ``config.json`` of family ``arch`` can say."""
-    a, m = config.attention, config.moe
-    problems = []
-    if a.norm_eps != config.norm_eps:
-        problems.append(f"attention.norm_eps={a.norm_eps} != norm_eps={config.norm_eps} "
-                        "(one rms_norm_eps serves both)")
-    if a.qk_norm != _QK_NORM[arch]:
-        problems.append(f"attention.qk_norm={a.qk_norm!r} (the family has {_QK_NORM[arch]!r})")
-    if a.qkv_bias and arch != "qwen2_moe":
-        # Mixtral has no attention bias; Qwen3-MoE's and OLMoE's attention_bias adds an
-        # o_proj bias as well, which this model does not have.
-        problems.append("attention.qkv_bias=True (only qwen2_moe has q/k/v biases alone)")
-    if arch in ("qwen2_moe", "olmoe") and a.num_heads * a.head_dim != a.d_model:
-        problems.append(f"head_dim={a.head_dim} != d_model / num_heads = "
-                        f"{a.d_model}/{a.num_heads} (the family derives head_dim)")
-    if arch == "olmoe" and a.sliding_window is not None:
-        problems.append(f"attention.sliding_window={a.sliding_window} (OLMoE has none)")
-    if arch == "mixtral" and m.router_norm != "topk_softmax":
-        problems.append(f"moe.router_norm={m.router_norm!r} (Mixtral routes 'topk_softmax')")
-    if arch == "qwen2_moe":
-        if m.num_shared_experts > 1 or (m.num_shared_experts and m.shared_gate != "sigmoid"):
-            problems.append(f"moe.num_shared_experts={m.num_shared_experts}, "
-                            f"shared_gate={m.shared_gate!r} (Qwen2-MoE has at most one shared "
-                            "expert, with a sigmoid gate)")
-    elif m.num_shared_experts:
-        problems.append(f"moe.num_shared_experts={m.num_shared_experts} (the family has none)")
-    return problems
 
 
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
@@ -142,62 +109,13 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
       ValueError: an unknown architecture, a config no family can express (every mismatch is
         named), or an unsupported dtype.
     """
-    arch = "mixtral" if config.architecture == "tiny" else config.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"architecture {config.architecture!r} has no Hugging Face layout here; "
-                         f"expected one of {SUPPORTED_ARCHITECTURES} or 'tiny'")
-    problems = _inexpressible(config, arch)
+    family = families.family_of(config.architecture)
+    problems = family.inexpressible(config)
     if problems:
-        raise ValueError(f"a {arch} config.json cannot express this config (architecture "
-                         f"{config.architecture!r}): " + "; ".join(problems))
+        raise ValueError(f"a {family.model_type} config.json cannot express this config "
+                         f"(architecture {config.architecture!r}): " + "; ".join(problems))
     dtype_name = _dtype_name(config.param_dtype if dtype is None else dtype)
-    a, m = config.attention, config.moe
-    theta = float(a.rope_theta)
-    hf: dict[str, Any] = {
-        "architectures": [_CAUSAL_LM[arch]],
-        "model_type": arch,
-        "vocab_size": config.vocab_size,
-        "hidden_size": a.d_model,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.num_kv_heads,
-        "head_dim": a.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.norm_eps,
-        # transformers < 5 reads rope_theta, later versions rope_parameters.
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "num_experts_per_tok": m.top_k,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "output_router_logits": False,
-        "use_cache": True,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
-    }
-    window = a.sliding_window
-    if arch == "mixtral":
-        hf.update(intermediate_size=m.d_ff, num_local_experts=m.num_experts,
-                  sliding_window=window, router_jitter_noise=0.0)
-        return hf
-    hf.update(num_experts=m.num_experts, norm_topk_prob=m.router_norm == "topk_softmax")
-    if arch == "olmoe":
-        hf.update(intermediate_size=m.d_ff, attention_bias=False, clip_qkv=None)
-        return hf
-    # Qwen2-MoE / Qwen3-MoE: every layer is a MoE layer; the window (if any) applies to the
-    # layers from max_window_layers on, so 0 puts it on all of them.
-    hf.update(moe_intermediate_size=m.d_ff, intermediate_size=m.d_ff, decoder_sparse_step=1,
-              mlp_only_layers=[], use_sliding_window=window is not None, sliding_window=window,
-              max_window_layers=0 if window is not None else config.num_layers)
-    if arch == "qwen2_moe":
-        hf.update(qkv_bias=a.qkv_bias, shared_expert_intermediate_size=m.shared_width)
-    else:
-        hf.update(attention_bias=False)
-    return hf
+    return family.config_to_hf(config) | {"torch_dtype": dtype_name, "dtype": dtype_name}
 
 
 # ----------------------------------------------------------------------------- tensor plan
@@ -222,15 +140,12 @@ class _Tensor:
         return shape[::-1] if self.transpose else shape
 
 
-def _plan(model: MoETransformer, arch: str) -> list[_Tensor]:
+def _plan(model: MoETransformer, family: Family) -> list[_Tensor]:
     """Every parameter of ``model`` as Hugging Face tensors, in module order.
 
     Raises ValueError for parameters with no Hugging Face name (e.g. a custom MoE module) or
     whose shapes differ from what ``model.config`` describes.
     """
-    moe, (gate, up, down) = _moe_names(arch)
-    experts = {"w1": gate, "w3": up, "w2": down}
-    shared = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     expected = {path: tuple(var.get_value().shape)
                 for path, var in nnx.iter_graph(_abstract_model(model.config))
                 if isinstance(var, nnx.Param)}
@@ -243,43 +158,18 @@ def _plan(model: MoETransformer, arch: str) -> list[_Tensor]:
         want = expected.pop(path, None)
         if want != tuple(value.shape):
             misshaped.append(f"{_dotted(path)} {tuple(value.shape)} (config: {want})")
-        layer = f"model.layers.{path[1]}" if path[0] == "layers" else ""
-        match path:
-            case ("embed_tokens", "embedding"):
-                plan.append(_Tensor(name="model.embed_tokens.weight", source=value))
-            case ("norm", "scale"):
-                plan.append(_Tensor(name="model.norm.weight", source=value))
-            case ("lm_head", "kernel"):
-                plan.append(_Tensor(name="lm_head.weight", source=value, transpose=True))
-            case ("layers", int(), "input_layernorm" | "post_attention_layernorm" as norm, "scale"):
-                plan.append(_Tensor(name=f"{layer}.{norm}.weight", source=value))
-            case ("layers", int(), "self_attn", "q_proj" | "k_proj" | "v_proj" | "o_proj" as proj,
-                  "kernel"):
-                plan.append(_Tensor(name=f"{layer}.self_attn.{proj}.weight", source=value,
-                                    transpose=True))
-            case ("layers", int(), "self_attn", "q_proj" | "k_proj" | "v_proj" as proj, "bias"):
-                plan.append(_Tensor(name=f"{layer}.self_attn.{proj}.bias", source=value))
-            case ("layers", int(), "self_attn", "q_norm" | "k_norm" as norm, "scale"):
-                plan.append(_Tensor(name=f"{layer}.self_attn.{norm}.weight", source=value))
-            case ("layers", int(), "mlp", "gate" | "pregate" as router, "kernel"):
-                plan.append(_Tensor(name=f"{layer}.{moe}.{router}.weight", source=value,
-                                    transpose=True))
-            case ("layers", int(), "mlp", "w1" | "w3" | "w2" as w):
-                plan.extend(_Tensor(name=f"{layer}.{moe}.experts.{j}.{experts[w]}.weight",
-                                    source=value, expert=j, transpose=True)
-                            for j in range(value.shape[0]))
-            case ("layers", int(), "mlp", "shared", "w1" | "w3" | "w2" as w):
-                plan.append(_Tensor(name=f"{layer}.mlp.shared_expert.{shared[w]}.weight",
-                                    source=value, transpose=True))
-            case ("layers", int(), "mlp", "shared", "gate_kernel"):
-                plan.append(_Tensor(name=f"{layer}.mlp.shared_expert_gate.weight", source=value,
-                                    transpose=True))
-            case _:
-                unmapped.append(_dotted(path))
+        # Routed experts: one tensor per expert, the layout every transformers version loads.
+        experts = range(value.shape[0]) if families.routed(path) else [None]
+        names = [family.tensor_name(path, expert=j) for j in experts]
+        if None in names:
+            unmapped.append(_dotted(path))
+            continue
+        plan.extend(_Tensor(name=name, source=value, expert=j, transpose=families.transposed(path))
+                    for name, j in zip(names, experts))
     missing = [_dotted(p) for p in expected]
     if unmapped or misshaped or missing:
         raise ValueError(
-            f"the model's parameters do not match the {arch} layout of its config: "
+            f"the model's parameters do not match the {family.model_type} layout of its config: "
             f"no Hugging Face name for {unmapped}, shapes other than the config's (None: not "
             f"in the config's model) {misshaped}, absent {missing}")
     return plan
@@ -442,7 +332,7 @@ def save_hf_checkpoint(
                          f"{type(model).__name__}")
     dtype_name = _dtype_name(config.param_dtype if dtype is None else dtype)
     hf = config_to_hf(config, dtype=dtype_name)
-    tensors = _plan(model, hf["model_type"])
+    tensors = _plan(model, families.family(hf["model_type"]))
     files = _small_files(config, hf, tokenizer, generation_config, extra_files)
     with atomic.replace_directory(directory, markers=(_CONFIG,), what="checkpoint") as staged:
         _write_safetensors(os.path.join(staged, HF_WEIGHTS), tensors, dtype_name,

@@ -34,13 +34,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from samoyeds_jax import families
 from samoyeds_jax.config import ExpertFormat, MoEBackend, MoEConfig, PregateMode
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
 from samoyeds_jax.moe import MoE
 
 LogitsFor = Literal["all", "last"]
 
-SUPPORTED_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_ARCHITECTURES = families.SUPPORTED_ARCHITECTURES
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -119,21 +120,16 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any], *, expert_format: ExpertFormat = "dense",
                 backend: MoEBackend = "xla", pregate: PregateMode = "standard",
                 dtype: Any = None, param_dtype: Any = None) -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+        """Build from a Hugging Face ``config.json`` dict of a family of ``samoyeds_jax.families``
+        (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
         ``dtype``/``param_dtype`` default to the config's ``torch_dtype`` (float32 if absent).
         Raises ValueError naming the field for unsupported architectures or options.
         """
-        arch = hf.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture model_type={arch!r}; "
-                f"expected one of {SUPPORTED_ARCHITECTURES}")
+        family = families.family(hf.get("model_type"))  # ValueError naming the supported ones
 
         def need(key: str):
-            if key not in hf:
-                raise ValueError(f"config.json of model_type={arch!r} is missing {key!r}")
-            return hf[key]
+            return families.need(hf, key)
 
         d = need("hidden_size")
         heads = need("num_attention_heads")
@@ -147,32 +143,9 @@ class ModelConfig:
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
         if hf.get("clip_qkv") is not None:
             raise ValueError(f"clip_qkv={hf['clip_qkv']!r} is not supported (only None)")
-        if arch in ("qwen2_moe", "qwen3_moe"):
-            if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-                raise ValueError(
-                    "dense (non-MoE) layers are not supported: need decoder_sparse_step=1 and empty "
-                    f"mlp_only_layers, got {hf.get('decoder_sparse_step')=}, "
-                    f"{hf.get('mlp_only_layers')=}")
-            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        else:
-            window = hf.get("sliding_window")
-
-        if arch == "mixtral":
-            d_ff, experts = need("intermediate_size"), need("num_local_experts")
-            router_norm = "topk_softmax"
-        else:
-            d_ff = need("intermediate_size" if arch == "olmoe" else "moe_intermediate_size")
-            # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts.
-            experts = hf["num_experts"] if "num_experts" in hf else need("num_local_experts")
-            router_norm = "topk_softmax" if hf.get("norm_topk_prob", False) else "softmax_topk"
-        shared = {}
-        if arch == "qwen2_moe" and hf.get("shared_expert_intermediate_size", 0):
-            shared = dict(num_shared_experts=1, shared_d_ff=hf["shared_expert_intermediate_size"],
-                          shared_gate="sigmoid")
-
-        qk_norm = {"qwen3_moe": "per_head", "olmoe": "full"}.get(arch, "none")
-        qkv_bias = (bool(hf.get("qkv_bias", True)) if arch == "qwen2_moe"
-                    else bool(hf.get("attention_bias", False)))
+        # The family's fields: q/k norm, q/k/v bias, window, expert width and count, routing,
+        # shared expert.
+        pieces = family.config_from_hf(hf)
         if dtype is None or param_dtype is None:
             # transformers < 5 writes "torch_dtype", later versions "dtype".
             name = str(hf.get("torch_dtype", hf.get("dtype", "float32")))
@@ -183,14 +156,14 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         return cls(
-            architecture=arch, vocab_size=need("vocab_size"), num_layers=need("num_hidden_layers"),
+            architecture=family.model_type, vocab_size=need("vocab_size"),
+            num_layers=need("num_hidden_layers"),
             attention=AttentionConfig(
                 d_model=d, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                rope_theta=theta, qkv_bias=qkv_bias,
-                qk_norm=qk_norm, norm_eps=eps, sliding_window=window),
-            moe=MoEConfig(d_model=d, d_ff=d_ff, num_experts=experts,
-                          top_k=need("num_experts_per_tok"), router_norm=router_norm,
-                          expert_format=expert_format, backend=backend, pregate=pregate, **shared),
+                rope_theta=theta, norm_eps=eps, **pieces["attention"]),
+            moe=MoEConfig(d_model=d, top_k=need("num_experts_per_tok"),
+                          expert_format=expert_format, backend=backend, pregate=pregate,
+                          **pieces["moe"]),
             norm_eps=eps, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
