@@ -30,8 +30,9 @@ Hugging Face                                                         here
 ``lm_head.weight`` [v, d] (absent or ignored when tied)              ``lm_head.kernel`` [d, v]
 ===================================================================  ==================================
 
-``{moe}`` is ``block_sparse_moe`` with expert names ``w1/w3/w2`` for Mixtral, ``mlp`` with
-``gate_proj/up_proj/down_proj`` for the others. A pre-gate (``pregate != "standard"``) of block
+Each family's names come from ``samoyeds_jax.families`` (the exporter uses the same): ``{moe}``
+is ``block_sparse_moe`` (or ``mlp``, as transformers >= 5 saves it) with expert names
+``w1/w3/w2`` for Mixtral, ``mlp`` with ``gate_proj/up_proj/down_proj`` for the others. A pre-gate (``pregate != "standard"``) of block
 i is read from ``...{moe}.pregate.weight`` when the checkpoint has that tensor (written by
 ``samoyeds_jax.hf_export``; transformers skips it), else starts as a copy of block i+1's gate.
 A model built without pre-gates (``pregate="standard"``) skips those tensors.

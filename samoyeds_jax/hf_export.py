@@ -35,11 +35,13 @@ Replacement is atomic (``samoyeds_jax.atomic``): the files go to a fresh sibling
 ``directory`` (on Linux in one atomic exchange), so ``directory`` holds the old checkpoint or
 the new one, complete; the old copy is deleted last.
 
-Architectures: a config of architecture ``"tiny"`` (``ModelConfig.tiny``) has Mixtral's
-layout (no q/k norm, no attention bias, top-k-then-softmax routing, no shared experts) and is
-written as ``"mixtral"``; ``ModelConfig.from_hf`` then gives it back with
-``architecture="mixtral"``. A config that no family's ``config.json`` can express (e.g. q/k
-norms on a Mixtral, a shared expert on a Qwen3-MoE) raises ValueError naming every mismatch.
+Architectures: the config's family (``samoyeds_jax.families``) gives the ``config.json``
+fields and every tensor name, the same names the importer reads. A config of architecture
+``"tiny"`` (``ModelConfig.tiny``) has Mixtral's layout (no q/k norm, no attention bias,
+top-k-then-softmax routing, no shared experts) and is written as ``"mixtral"``;
+``ModelConfig.from_hf`` then gives it back with ``architecture="mixtral"``. A config that its
+family's ``config.json`` cannot express (e.g. q/k norms on a Mixtral, a shared expert on a
+Qwen3-MoE) raises ValueError naming every mismatch.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
     and ``architecture="tiny"``, which comes back as ``"mixtral"``.
 
     Args:
-      config: the model config; architecture "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", or
-        "tiny" (written as "mixtral").
+      config: the model config; architecture a ``model_type`` of ``families.FAMILIES``
+        ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") or an alias of one ("tiny", written as
+        "mixtral").
       dtype: the weights' dtype ("float32", "bfloat16", "float16"), written as both
         ``torch_dtype`` (transformers < 5) and ``dtype`` (transformers >= 5); None: the
         config's ``param_dtype``.
