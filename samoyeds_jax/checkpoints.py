@@ -362,10 +362,9 @@ def _moe_name(reader: ShardReader, family: Family, i: int) -> str:
                  if family.tensor_name(gate, moe=name) in reader), family.moe_names[0])
 
 
-def _layer_tensors(reader: ShardReader, config: ModelConfig, i: int,
+def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: int,
                    shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, np.ndarray]:
     """Every parameter of block i except the pre-gate, under its module path."""
-    family = families.family(config.architecture)
     hf_name = family.tensor_name
     layer = ("layers", i)
     out: dict[Path, np.ndarray] = {}
@@ -400,7 +399,8 @@ def _layer_tensors(reader: ShardReader, config: ModelConfig, i: int,
     return out
 
 
-def _pregate_key(reader: ShardReader, config: ModelConfig, i: int) -> str | None:
+def _pregate_key(reader: ShardReader, family: Family, config: ModelConfig, i: int
+                 ) -> str | None:
     """Name of block i's pre-gate tensor [e, d] when the checkpoint holds one, else None.
 
     Only blocks before the last have a pre-gate; a pre-gate tensor of the last block is left
@@ -409,7 +409,6 @@ def _pregate_key(reader: ShardReader, config: ModelConfig, i: int) -> str | None
     """
     if i >= config.num_layers - 1:
         return None
-    family = families.family(config.architecture)
     for moe in family.moe_names:
         key = family.tensor_name(("layers", i, "mlp", "pregate", "kernel"), moe=moe)
         if key in reader:
@@ -506,14 +505,15 @@ def load_hf_checkpoint(
 
     with ShardReader(directory) as reader:
         v, d = config.vocab_size, config.d_model
-        hf_name = families.family(config.architecture).tensor_name
+        family = families.family(config.architecture)
+        hf_name = family.tensor_name
         put(("embed_tokens", "embedding"),
             reader.get(hf_name(("embed_tokens", "embedding")), (v, d)))
         bar = tqdm(range(config.num_layers), unit="layer",
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
         for i in bar:
-            tensors = _layer_tensors(reader, config, i, shapes)
+            tensors = _layer_tensors(reader, family, config, i, shapes)
             expert_paths = {("layers", i, "mlp", k): k for k in ("w1", "w3", "w2")}
             experts = {}
             for path, array in tensors.items():
@@ -524,7 +524,7 @@ def load_hf_checkpoint(
             del tensors
             for name, w in _convert_experts(experts, i, prune).items():
                 put(("layers", i, "mlp", name), w)
-            key = _pregate_key(reader, config, i)
+            key = _pregate_key(reader, family, config, i)
             if key is not None:
                 path = ("layers", i, "mlp", "pregate", "kernel")
                 if path in shapes:

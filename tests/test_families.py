@@ -185,7 +185,7 @@ def test_a_registered_family_works_with_import_and_export(toy, tmp_path, rng):
     assert not any(".mlp." in n or ".self_attn." in n for n in written)
 
 
-def test_an_unregistered_family_is_refused(tmp_path):
+def test_an_unregistered_family_is_refused():
     hf = config_to_hf(_config(FAMILIES["mixtral"]))
     with pytest.raises(ValueError, match="unsupported architecture model_type='toy_moe'"):
         ModelConfig.from_hf(dict(hf, model_type="toy_moe"))
