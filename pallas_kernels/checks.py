@@ -121,10 +121,18 @@ def expect_positive_ints(owner: str, **values: Any) -> None:
             raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
 
 
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True entry of ``bad`` (``()`` for a scalar)."""
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+
+
 def _at(where: tuple[int, ...], axes: tuple[str, ...] | None) -> str:
+    """" at token 3, slot 1" (with ``axes``) or " at index (3, 1)"; "" for a scalar."""
+    if not where:
+        return ""
     if axes is None:
-        return f"index {where}"
-    return ", ".join(f"{axis} {i}" for axis, i in zip(axes, where))
+        return f" at index {where}"
+    return " at " + ", ".join(f"{axis} {i}" for axis, i in zip(axes, where))
 
 
 def check_ids(ids: Any, size: int, name: str, axes: tuple[str, ...] | None = None) -> None:
@@ -136,11 +144,11 @@ def check_ids(ids: Any, size: int, name: str, axes: tuple[str, ...] | None = Non
                          f"{jnp.result_type(ids)}")
     if is_concrete(ids):
         arr = np.asarray(ids)
-        bad = np.argwhere((arr < 0) | (arr >= size))
-        if bad.size:
-            where = tuple(int(i) for i in bad[0])
-            raise ValueError(f"{name} must lie in [0, {size}); got {arr[where]} at "
-                             f"{_at(where, axes)} ({len(bad)} out-of-range entries)")
+        bad = (arr < 0) | (arr >= size)
+        if bad.any():
+            where = _first(bad)
+            raise ValueError(f"{name} must lie in [0, {size}); got {arr[where]}"
+                             f"{_at(where, axes)} ({int(bad.sum())} out-of-range entries)")
     elif checking_enabled():
         ids = jnp.asarray(ids)
         checkify.check(jnp.all((ids >= 0) & (ids < size)),
@@ -152,11 +160,11 @@ def check_finite(x: Any, name: str, axes: tuple[str, ...] | None = None) -> None
     """Finite floating ``x``: eagerly when concrete, under ``checked`` when traced."""
     if is_concrete(x):
         arr = np.asarray(x, np.float32)
-        bad = np.argwhere(~np.isfinite(arr))
-        if bad.size:
-            where = tuple(int(i) for i in bad[0])
-            raise ValueError(f"{name} must be finite; got {arr[where]} at {_at(where, axes)} "
-                             f"({len(bad)} non-finite entries)")
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            where = _first(bad)
+            raise ValueError(f"{name} must be finite; got {arr[where]}{_at(where, axes)} "
+                             f"({int(bad.sum())} non-finite entries)")
     elif checking_enabled():
         checkify.check(jnp.all(jnp.isfinite(x)),
                        _escape(f"{name} must be finite; got ") + "{count} non-finite entries",

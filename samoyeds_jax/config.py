@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from pallas_kernels.checks import expect_positive_ints
+from pallas_kernels.checks import expect_kind, expect_positive_ints
 
 RouterNorm = Literal["softmax_topk", "topk_softmax"]
 """How router logits [t, e] become top-k weights [t, k].
@@ -155,8 +155,7 @@ class MoEConfig:
         if self.num_shared_experts == 0 and self.shared_gate != "none":
             raise ValueError(
                 f"shared_gate={self.shared_gate!r} needs num_shared_experts > 0, got 0")
-        if not isinstance(self.sparsity, SparsityConfig):
-            raise ValueError(f"sparsity must be a SparsityConfig, got {type(self.sparsity)}")
+        expect_kind("sparsity", self.sparsity, SparsityConfig, "a SparsityConfig")
         if self.expert_format != "dense":
             d, f = self.d_model, self.d_ff
             self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")

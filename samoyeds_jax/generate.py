@@ -139,7 +139,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: in
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"prompts[{i}] must be a flat sequence of integer token ids, got "
                              f"shape {arr.shape} and dtype {arr.dtype}")
-        if vocab_size is not None:
+        if vocab_size is not None and arr.size:
             check_ids(arr, vocab_size, f"prompts[{i}] token ids")
         rows.append(arr)
     if not rows:
