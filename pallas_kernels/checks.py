@@ -6,7 +6,7 @@ Two kinds of check:
   ``ValueError`` at once, traced or not. Pytree classes run them only when their leaves are
   arrays: tree utilities may rebuild a pytree with placeholder leaves (``object()``, None,
   ints for ``vmap`` axes).
-* Value checks (ids inside a range, finite weights, consistent counts) need the values. On
+* Value checks (ids inside a range, finite weights) need the values. On
   concrete arrays they raise ``ValueError`` eagerly. On traced values they are left out, so
   jitted code carries no extra operation, except under ``checked``, which adds them as
   ``jax.experimental.checkify`` user checks and raises ``ValueError`` when one fails.
@@ -121,61 +121,6 @@ def expect_positive_ints(owner: str, **values: Any) -> None:
             raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
 
 
-def _first(bad: np.ndarray) -> tuple[int, ...]:
-    """Index of the first True entry of ``bad`` (``()`` for a scalar)."""
-    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
-
-
-def _at(where: tuple[int, ...], axes: tuple[str, ...] | None) -> str:
-    """" at token 3, slot 1" (with ``axes``) or " at index (3, 1)"; "" for a scalar."""
-    if not where:
-        return ""
-    if axes is None:
-        return f" at index {where}"
-    return " at " + ", ".join(f"{axis} {i}" for axis, i in zip(axes, where))
-
-
-def check_ids(ids: Any, size: int, name: str, axes: tuple[str, ...] | None = None) -> None:
-    """Integer ``ids`` in ``[0, size)``: the dtype always; the values eagerly when concrete,
-    under ``checked`` when traced (ValueError naming ``name``, the range and the first
-    offender, its position named by ``axes``, e.g. ``("token", "slot")``)."""
-    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-        raise ValueError(f"{name} must be integer ids in [0, {size}), got dtype "
-                         f"{jnp.result_type(ids)}")
-    if is_concrete(ids):
-        arr = np.asarray(ids)
-        bad = (arr < 0) | (arr >= size)
-        if bad.any():
-            where = _first(bad)
-            raise ValueError(f"{name} must lie in [0, {size}); got {arr[where]}"
-                             f"{_at(where, axes)} ({int(bad.sum())} out-of-range entries)")
-    elif checking_enabled():
-        ids = jnp.asarray(ids)
-        checkify.check(jnp.all((ids >= 0) & (ids < size)),
-                       _escape(f"{name} must lie in [0, {size}); got values in ") + "[{lo}, {hi}]",
-                       lo=jnp.min(ids), hi=jnp.max(ids))
-
-
-def check_finite(x: Any, name: str, axes: tuple[str, ...] | None = None) -> None:
-    """Finite floating ``x``: eagerly when concrete, under ``checked`` when traced."""
-    if is_concrete(x):
-        arr = np.asarray(x, np.float32)
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            where = _first(bad)
-            raise ValueError(f"{name} must be finite; got {arr[where]}{_at(where, axes)} "
-                             f"({int(bad.sum())} non-finite entries)")
-    elif checking_enabled():
-        checkify.check(jnp.all(jnp.isfinite(x)),
-                       _escape(f"{name} must be finite; got ") + "{count} non-finite entries",
-                       count=jnp.sum(~jnp.isfinite(x)))
-
-
-def _escape(text: str) -> str:
-    """``text`` as a literal inside a ``str.format`` template."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
 def dim(x: Any, axis: int) -> int | None:
     """``x.shape[axis]`` when ``x`` is an array with that axis, else None."""
     shape = getattr(x, "shape", ())
@@ -215,3 +160,58 @@ def expect_multiple(owner: str, name: str, value: Any, step: int) -> int:
     if value % step:
         raise ValueError(f"{owner}: {name}={value} must be a multiple of {step}")
     return int(value)
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True entry of ``bad`` (``()`` for a scalar)."""
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+
+
+def _at(where: tuple[int, ...], axes: tuple[str, ...] | None) -> str:
+    """" at token 3, slot 1" (with ``axes``) or " at index (3, 1)"; "" for a scalar."""
+    if not where:
+        return ""
+    if axes is None:
+        return f" at index {where}"
+    return " at " + ", ".join(f"{axis} {i}" for axis, i in zip(axes, where))
+
+
+def check_ids(ids: Any, size: int, name: str, axes: tuple[str, ...] | None = None) -> None:
+    """Integer ``ids`` in ``[0, size)``: the dtype always; the values eagerly when concrete,
+    under ``checked`` when traced (ValueError naming ``name``, the range and the first
+    offender, its position named by ``axes``, e.g. ``("token", "slot")``)."""
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise ValueError(f"{name} must be integer ids in [0, {size}), got dtype "
+                         f"{jnp.result_type(ids)}")
+    if is_concrete(ids):
+        arr = np.asarray(ids)
+        bad = (arr < 0) | (arr >= size)
+        if bad.any():
+            where = _first(bad)
+            raise ValueError(f"{name} must lie in [0, {size}); got {arr[where]}"
+                             f"{_at(where, axes)} ({int(bad.sum())} out-of-range entries)")
+    elif checking_enabled() and np.size(ids):
+        ids = jnp.asarray(ids)
+        checkify.check(jnp.all((ids >= 0) & (ids < size)),
+                       _escape(f"{name} must lie in [0, {size}); got values in ") + "[{lo}, {hi}]",
+                       lo=jnp.min(ids), hi=jnp.max(ids))
+
+
+def check_finite(x: Any, name: str, axes: tuple[str, ...] | None = None) -> None:
+    """Finite floating ``x``: eagerly when concrete, under ``checked`` when traced."""
+    if is_concrete(x):
+        arr = np.asarray(x, np.float32)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            where = _first(bad)
+            raise ValueError(f"{name} must be finite; got {arr[where]}{_at(where, axes)} "
+                             f"({int(bad.sum())} non-finite entries)")
+    elif checking_enabled() and np.size(x):
+        checkify.check(jnp.all(jnp.isfinite(x)),
+                       _escape(f"{name} must be finite; got ") + "{count} non-finite entries",
+                       count=jnp.sum(~jnp.isfinite(x)))
+
+
+def _escape(text: str) -> str:
+    """``text`` as a literal inside a ``str.format`` template."""
+    return text.replace("{", "{{").replace("}", "}}")

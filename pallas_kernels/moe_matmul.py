@@ -294,7 +294,8 @@ def _layout_of(name: str, w: ExpertWeights, num_experts: int) -> tuple[_Layout, 
                   w.meta.reshape(e * w.meta.shape[1], w.meta.shape[2]))
         return layout, arrays
     if not hasattr(w, "ndim"):
-        raise TypeError(f"{name} must be an array, NMSparse or SamoyedsSparse, got {type(w).__name__}")
+        raise TypeError(f"{name} must be an array, NMSparse or SamoyedsSparse, got "
+                        f"{type(w).__name__}")
     if w.ndim != 3 or w.shape[0] != num_experts:
         raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {w.shape}")
     e, k, n_out = w.shape

@@ -78,7 +78,8 @@ class RoutingPlan:
         expect_positive_ints("RoutingPlan", top_k=self.top_k, num_experts=self.num_experts,
                              block_t=self.block_t)
         if not isinstance(self.num_tokens, (int, np.integer)) or self.num_tokens < 0:
-            raise ValueError(f"RoutingPlan: num_tokens must be an int >= 0, got {self.num_tokens!r}")
+            raise ValueError(
+                f"RoutingPlan: num_tokens must be an int >= 0, got {self.num_tokens!r}")
         if self.block_t & (self.block_t - 1):
             raise ValueError(f"RoutingPlan: block_t must be a power of two, got {self.block_t}")
         fields = (("sorted_ids", (self.capacity,), jnp.int32),

@@ -147,9 +147,9 @@ class MoEConfig:
         _check_literal("expert_format", self.expert_format, ExpertFormat)
         _check_literal("backend", self.backend, MoEBackend)
         _check_literal("pregate", self.pregate, PregateMode)
-        if (isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int)
-                or self.num_shared_experts < 0):
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        shared = self.num_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {shared!r}")
         if self.shared_d_ff is not None:
             expect_positive_ints("MoEConfig", shared_d_ff=self.shared_d_ff)
         if self.num_shared_experts == 0 and self.shared_gate != "none":

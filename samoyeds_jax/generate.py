@@ -280,7 +280,8 @@ class Generator:
         """Generate for a batch of token-id prompts.
 
         Args:
-          prompts: b lists of token ids (lengths may differ).
+          prompts: b lists of token ids in ``[0, vocab_size)`` (lengths may differ; checked as
+            in ``pad_prompts``).
           max_new_tokens: new tokens per row, at most.
           key: PRNG key for sampling (default ``jax.random.key(0)``).
           stream: optional ``stream(position, tokens [b])`` called on the host for every new

@@ -41,7 +41,8 @@ class Routing:
         if not are_arrays(idx, w):
             return
         if not jnp.issubdtype(idx.dtype, jnp.integer):
-            raise ValueError(f"Routing: topk_idx must hold integer expert ids, got dtype {idx.dtype}")
+            raise ValueError(
+                f"Routing: topk_idx must hold integer expert ids, got dtype {idx.dtype}")
         if not jnp.issubdtype(w.dtype, jnp.floating):
             raise ValueError(f"Routing: topk_weights must be floating, got dtype {w.dtype}")
         if tuple(w.shape) != tuple(idx.shape):

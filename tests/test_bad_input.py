@@ -274,7 +274,8 @@ GENERATE_CASES = [
          "prompts[0] token ids must lie in [0, 5); got 9 at index (1,)"),
     case("sampling_temperature", lambda: SamplingConfig(temperature=-1.0), VE,
          "temperature must be >= 0, got -1.0"),
-    case("sampling_top_p", lambda: SamplingConfig(top_p=0.0), VE, "top_p must be in (0, 1], got 0.0"),
+    case("sampling_top_p", lambda: SamplingConfig(top_p=0.0), VE,
+         "top_p must be in (0, 1], got 0.0"),
     case("sampling_top_k", lambda: SamplingConfig(top_k=-2), VE, "top_k must be >= 0, got -2"),
     case("offload_generate_past_vocab", lambda: OffloadGenerator(
         model(), offload=OffloadConfig(policy="on_demand", routing_source="router")).generate(

@@ -2,9 +2,9 @@
 
 One parametrized case per bad input (exception type and a message fragment naming the
 argument and value) over the formats' ``from_dense`` and constructors, the matmul entry
-points, ``RoutingPlan``, ``Routing``, pruning and SparseGPT; then the same pytrees still rebuild from placeholder
-leaves (tree utilities, ``jit``, ``eval_shape``, ``grad``, ``vmap``). The layers, model,
-generation and configs are in ``test_bad_input.py``.
+points, ``RoutingPlan``, ``Routing``, pruning and SparseGPT; then the same pytrees still
+rebuild from placeholder leaves (tree utilities, ``jit``, ``eval_shape``, ``grad``, ``vmap``).
+The layers, model, generation and configs are in ``test_bad_input.py``.
 """
 
 from __future__ import annotations
@@ -170,8 +170,9 @@ FORMAT_CASES = [
     case("tiled_rows_dtype",
          lambda: dataclasses.replace(tiled(), rows=tiled().rows.astype(jnp.int32)), VE,
          "TiledSparse: rows must be uint8, got int32"),
-    case("tiled_offsets_shape", lambda: dataclasses.replace(tiled(), offsets=tiled().offsets[:, :2]),
-         VE, "TiledSparse: offsets must have shape (1, 3), got (1, 2)"),
+    case("tiled_offsets_shape",
+         lambda: dataclasses.replace(tiled(), offsets=tiled().offsets[:, :2]), VE,
+         "TiledSparse: offsets must have shape (1, 3), got (1, 2)"),
     case("tiled_k", lambda: dataclasses.replace(tiled(), k=40), VE,
          "TiledSparse: k=40 must be a multiple of 16"),
     case("tiled_tile_k_max", lambda: dataclasses.replace(tiled(), tile_k=70000, k=70000), VE,
@@ -264,7 +265,7 @@ MATMUL_CASES = [
          "w1 must be an expert stack [e, K, N]: an array, NMSparse, SamoyedsSparse, "
          "TransposedSparse or WgmmaSparseA, got list"),
     case("moe_ffn_w2_tiled", lambda: mm.moe_ffn(x(3, 32), plan(), *(jnp.zeros((E, 32, 32)),) * 2,
-                                                TiledSparse.from_dense(zeros((E, 32, 32), np.float32))),
+                                                TiledSparse.from_dense(zeros((E, 32, 32)))),
          TE, "w2 must be an expert stack [e, K, N]"),
     case("moe_ffn_tokens", lambda: mm.moe_ffn(x(2), plan(), *(jnp.zeros((E, D, F)),) * 2,
                                               jnp.zeros((E, F, D))), VE,
@@ -327,8 +328,8 @@ PLAN_CASES = [
          "RoutingPlan: top_k must be a positive int, got 0"),
     case("plan_static_tokens", lambda: replace_plan(num_tokens=-1), VE,
          "RoutingPlan: num_tokens must be an int >= 0, got -1"),
-    case("plan_sorted_ids_dtype", lambda: replace_plan(sorted_ids=plan().sorted_ids.astype(jnp.int16)),
-         VE,
+    case("plan_sorted_ids_dtype",
+         lambda: replace_plan(sorted_ids=plan().sorted_ids.astype(jnp.int16)), VE,
          "RoutingPlan: sorted_ids must be int32"),
 ]
 
