@@ -4,6 +4,7 @@ Pure array functions; no Flax, and never an import of ``samoyeds_jax``.
 """
 
 from pallas_kernels.backend import Backend, interpret_mode, resolve_backend
+from pallas_kernels.checks import checked, checking
 from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, nm_k_multiple,
                                     pack_meta, unpack_meta)
 # Likewise ``mgpu_matmul`` the function: ``from pallas_kernels.mgpu_matmul import mgpu_matmul``.
@@ -23,6 +24,7 @@ from pallas_kernels.unstructured import (UnstructuredConfig, unstructured_matmul
 
 __all__ = [
     "Backend", "interpret_mode", "resolve_backend",
+    "checked", "checking",
     "NM_PATTERNS", "NMSparse", "SamoyedsSparse", "nm_k_multiple", "pack_meta", "unpack_meta",
     "TiledBitmap", "TiledSparse", "TransposedSparse",
     "RoutingPlan",

@@ -52,6 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.checks import check_layout, dim, expect_multiple, expect_positive_ints
+from pallas_kernels.nm_select import gather_slots, nm_compress, select_positions
+
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
@@ -176,66 +179,15 @@ def _host_matrix_stack(w: Any, name: str = "w") -> tuple[np.ndarray, np.ndarray,
     return arr, bits, abs_mask
 
 
-def _matrix_label(lead_index: tuple[int, ...]) -> str:
-    return f"matrix w[{', '.join(map(str, lead_index))}], " if lead_index else ""
+def _matrix_label(i: int, lead: list[int]) -> str:
+    """Names flat matrix ``i`` of a stack with leading dims ``lead`` ("" for one matrix)."""
+    index = ", ".join(str(int(j)) for j in np.unravel_index(i, lead))
+    return f"matrix w[{index}], " if lead else ""
 
 
-def _select(nz: list[np.ndarray], count: np.ndarray, n: int) -> list[np.ndarray]:
-    """Ascending positions of n entries per group: every nonzero, then the lowest unused ones.
-
-    Args:
-      nz: m bool arrays (one per position in the group), each of the group grid's shape.
-      count: nonzeros per group (<= n), the grid's shape.
-
-    Returns:
-      n uint8 arrays of the grid's shape: the s-th chosen position of each group.
-    """
-    need = (n - count).astype(np.uint8)  # zero entries to take per group
-    zeros_seen = np.zeros(count.shape, np.uint8)
-    taken = np.zeros(count.shape, np.uint8)
-    pos = [np.zeros(count.shape, np.uint8) for _ in range(n)]
-    for j, z in enumerate(nz):
-        take = z | (zeros_seen < need)
-        for s in range(n):
-            np.copyto(pos[s], np.uint8(j), where=take & (taken == s))
-        taken += take
-        zeros_seen += ~z
-    return pos
-
-
-def _gather_slots(groups: np.ndarray, pos: list[np.ndarray], axis: int) -> np.ndarray:
-    """out[..., s, ...] = groups[..., pos[s], ...] along ``axis``; pos[s] broadcasts to a slice."""
-    axis %= groups.ndim
-    m, n = groups.shape[axis], len(pos)
-    out = np.zeros(groups.shape[:axis] + (n,) + groups.shape[axis + 1:], groups.dtype)
-    lead = (slice(None),) * axis
-    for s, p in enumerate(pos):
-        dst = out[lead + (s,)]  # a view
-        for j in range(s, m - n + s + 1):  # ascending distinct positions: slot s in s..m-n+s
-            np.copyto(dst, groups[lead + (j,)], where=np.broadcast_to(p == j, dst.shape))
-    return out
-
-
-def _nm_compress(bits: np.ndarray, abs_mask: int, n: int,
-                 m: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-    """One matrix's bit view [K, N] -> (values bits [K*n/m, N], positions [K*n/m, N], first_bad).
-
-    first_bad is None, or (group, column, nonzeros found, number of offending groups).
-    """
-    k, cols = bits.shape
-    g = k // m
-    wg = bits.reshape(g, m, cols)
-    nz = [(wg[:, j, :] & bits.dtype.type(abs_mask)) != 0 for j in range(m)]  # m x [g, N]
-    count = np.zeros((g, cols), np.uint8)
-    for z in nz:
-        count += z
-    bad = count > n
-    if bad.any():
-        gi, ci = (int(i) for i in np.argwhere(bad)[0])
-        return bits, bits, (gi, ci, int(count[gi, ci]), int(bad.sum()))
-    pos = _select(nz, count, n)  # n x [g, N]
-    values = _gather_slots(wg, pos, axis=1)  # [g, n, N]
-    return values.reshape(g * n, cols), np.stack(pos, axis=1).reshape(g * n, cols), None
+def _stacked(flat: np.ndarray, lead: list[int]) -> jax.Array:
+    """Host [B, ...] -> jnp [*lead, ...]."""
+    return jnp.asarray(flat.reshape(*lead, *flat.shape[1:]))
 
 
 # --------------------------------------------------------------------------------- NMSparse
@@ -258,8 +210,12 @@ class NMSparse:
     m: int = dataclasses.field(metadata=dict(static=True))
     k: int = dataclasses.field(metadata=dict(static=True))
 
-    def __post_init__(self):
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
         _check_nm(self.n, self.m)
+        kept = expect_multiple("NMSparse", "k", self.k, nm_k_multiple(self.n, self.m)) // self.m
+        kept, words = kept * self.n, kept * self.n // values_per_word(self.m)
+        check_layout("NMSparse", values=(self.values, (kept, None), "floating"),
+                     meta=(self.meta, (words, dim(self.values, -1)), jnp.int32))
 
     @classmethod
     def from_dense(cls, w: Any, *, n: int = 2, m: int = 4) -> NMSparse:
@@ -282,18 +238,16 @@ class NMSparse:
         values = np.empty((flat.shape[0], k * n // m, cols), bits.dtype)
         meta = np.empty((flat.shape[0], k * n // m // values_per_word(m), cols), np.int32)
         for i, mat in enumerate(flat):
-            vals, pos, bad = _nm_compress(mat, abs_mask, n, m)
+            vals, pos, bad = nm_compress(mat, abs_mask, n, m)
             if bad is not None:
                 g, c, found, total = bad
-                lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
                 raise ValueError(
-                    f"w is not {n}:{m} along K: {_matrix_label(lead_index)}rows "
+                    f"w is not {n}:{m} along K: {_matrix_label(i, lead)}rows "
                     f"{g * m}..{g * m + m - 1} (group {g}), column {c} has {found} nonzeros, "
                     f"at most {n} allowed ({total} such groups in this matrix)")
             values[i], meta[i] = vals, _pack_meta_np(pos, m)
-        values = values.view(a.dtype).reshape(*lead, *values.shape[1:])
-        return cls(values=jnp.asarray(values),
-                   meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])), n=n, m=m, k=k)
+        return cls(values=_stacked(values.view(a.dtype), lead), meta=_stacked(meta, lead), n=n, m=m,
+                   k=k)
 
     @classmethod
     def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n: int = 2, m: int = 4) -> NMSparse:
@@ -362,9 +316,7 @@ def _nm_to_dense(values: jax.Array, meta: jax.Array, n: int, m: int) -> jax.Arra
 
 
 def _check_samoyeds(n_sel: int, m_sel: int, v: int) -> None:
-    for name, val in (("n_sel", n_sel), ("m_sel", m_sel), ("v", v)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    expect_positive_ints("SamoyedsSparse", n_sel=n_sel, m_sel=m_sel, v=v)
     if not n_sel <= m_sel <= 127:
         raise ValueError(f"need 1 <= n_sel <= m_sel <= 127 (sel is int8), got {n_sel=}, {m_sel=}")
     if v % 32:
@@ -392,8 +344,14 @@ class SamoyedsSparse:
     k: int = dataclasses.field(metadata=dict(static=True))
     n_out: int = dataclasses.field(metadata=dict(static=True))
 
-    def __post_init__(self):
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
         _check_samoyeds(self.n_sel, self.m_sel, self.v)
+        k = expect_multiple("SamoyedsSparse", "k", self.k, self.v)
+        nc = expect_multiple("SamoyedsSparse", "n_out", self.n_out, self.m_sel) // self.m_sel
+        nc *= self.n_sel
+        check_layout("SamoyedsSparse", values=(self.values, (k // 2, nc), "floating"),
+                     meta=(self.meta, (k // 32, nc), jnp.int32),
+                     sel=(self.sel, (k // self.v, nc), (jnp.int8, jnp.int16)))
 
     @classmethod
     def from_dense(cls, w: Any, *, n_sel: int = 1, m_sel: int = 2, v: int = 128) -> SamoyedsSparse:
@@ -421,7 +379,6 @@ class SamoyedsSparse:
         meta = np.empty((flat.shape[0], k // 32, nc), np.int32)
         sel = np.empty((flat.shape[0], slabs, nc), np.int8)
         for i, mat in enumerate(flat):
-            lead_index = tuple(int(j) for j in np.unravel_index(i, lead)) if lead else ()
             w4 = mat.reshape(slabs, v, groups, m_sel)
             col_nz = ((w4 & bits.dtype.type(abs_mask)) != 0).any(axis=1)  # [slabs, groups, m_sel]
             count = col_nz.sum(axis=-1, dtype=np.uint8)  # [slabs, groups]
@@ -430,30 +387,28 @@ class SamoyedsSparse:
                 s, g = (int(j) for j in np.argwhere(bad)[0])
                 offs = np.flatnonzero(col_nz[s, g]).tolist()
                 raise ValueError(
-                    f"w is not {n_sel}:{m_sel}:{v} column-selected: {_matrix_label(lead_index)}"
+                    f"w is not {n_sel}:{m_sel}:{v} column-selected: {_matrix_label(i, lead)}"
                     f"slab {s} (rows {s * v}..{s * v + v - 1}), column group {g} (columns "
                     f"{g * m_sel}..{g * m_sel + m_sel - 1}) has {int(count[s, g])} nonzero "
                     f"columns (offsets {offs}), at most {n_sel} allowed ({int(bad.sum())} such "
                     "groups in this matrix)")
-            chosen = _select([col_nz[..., j] for j in range(m_sel)], count, n_sel)  # [slabs, groups]
+            # n_sel x [slabs, groups]
+            chosen = select_positions([col_nz[..., j] for j in range(m_sel)], count, n_sel)
             chosen = [c[:, None, :] for c in chosen]  # broadcast over the slab's rows
-            wc = _gather_slots(w4, chosen, axis=-1)  # [slabs, v, groups, n_sel]
-            vals, pos, bad24 = _nm_compress(wc.reshape(k, nc), abs_mask, 2, 4)
+            wc = gather_slots(w4, chosen, axis=-1)  # [slabs, v, groups, n_sel]
+            vals, pos, bad24 = nm_compress(wc.reshape(k, nc), abs_mask, 2, 4)
             if bad24 is not None:
                 g4, c, found, total = bad24
                 s = g4 * 4 // v
                 col = (c // n_sel) * m_sel + int(chosen[c % n_sel][s, 0, c // n_sel])
                 raise ValueError(
-                    f"kept columns of w are not 2:4 along K: {_matrix_label(lead_index)}slab {s}, "
+                    f"kept columns of w are not 2:4 along K: {_matrix_label(i, lead)}slab {s}, "
                     f"rows {g4 * 4}..{g4 * 4 + 3}, column {col} (compressed column {c}) has "
                     f"{found} nonzeros, at most 2 allowed ({total} such groups in this matrix)")
             values[i], meta[i] = vals, _pack_meta_np(pos, 4)
             sel[i] = np.stack([c[:, 0, :] for c in chosen], axis=-1).reshape(slabs, nc)
-        values = values.view(a.dtype).reshape(*lead, *values.shape[1:])
-        return cls(values=jnp.asarray(values),
-                   meta=jnp.asarray(meta.reshape(*lead, *meta.shape[1:])),
-                   sel=jnp.asarray(sel.reshape(*lead, *sel.shape[1:])),
-                   n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
+        return cls(values=_stacked(values.view(a.dtype), lead), meta=_stacked(meta, lead),
+                   sel=_stacked(sel, lead), n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
 
     @classmethod
     def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n_sel: int = 1, m_sel: int = 2,

@@ -51,11 +51,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import decompress, mgpu_moe
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.launch import launch
 from pallas_kernels.routing_plan import RoutingPlan
@@ -63,6 +65,7 @@ from pallas_kernels.sparse_mma_layout import WgmmaSparseA
 from pallas_kernels.transposed_format import TransposedSparse
 
 ExpertWeights = jax.Array | NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA
+_WEIGHT_KINDS = (jax.Array, np.ndarray, NMSparse, SamoyedsSparse, TransposedSparse, WgmmaSparseA)
 
 # ----------------------------------------------------------------------------- configs
 
@@ -291,7 +294,8 @@ def _layout_of(name: str, w: ExpertWeights, num_experts: int) -> tuple[_Layout, 
                   w.meta.reshape(e * w.meta.shape[1], w.meta.shape[2]))
         return layout, arrays
     if not hasattr(w, "ndim"):
-        raise ValueError(f"{name} must be an array, NMSparse or SamoyedsSparse, got {type(w)}")
+        raise TypeError(f"{name} must be an array, NMSparse or SamoyedsSparse, got "
+                        f"{type(w).__name__}")
     if w.ndim != 3 or w.shape[0] != num_experts:
         raise ValueError(f"{name} must be a stack [e={num_experts}, K, N], got shape {w.shape}")
     e, k, n_out = w.shape
@@ -464,8 +468,8 @@ def combine(out_rows: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 
 def _check_inputs(x: jax.Array, plan: RoutingPlan, w1, w3, w2) -> None:
-    if not isinstance(plan, RoutingPlan):
-        raise ValueError(f"plan must be a RoutingPlan, got {type(plan)}")
+    expect_kind("plan", plan, RoutingPlan, "a RoutingPlan (RoutingPlan.build)")
+    expect_kind("x", x, (jax.Array, np.ndarray), "an array [t, d]")
     if x.ndim != 2:
         raise ValueError(f"x must be [t, d], got shape {x.shape}")
     if x.shape[0] != plan.num_tokens:
@@ -475,7 +479,7 @@ def _check_inputs(x: jax.Array, plan: RoutingPlan, w1, w3, w2) -> None:
         raise ValueError(f"x must be floating, got {x.dtype}")
     d = x.shape[1]
     e = plan.num_experts
-    s1, s3, s2 = _shape(w1), _shape(w3), _shape(w2)
+    s1, s3, s2 = _shape("w1", w1), _shape("w3", w3), _shape("w2", w2)
     if len(s1) != 3 or s1[0] != e or s1[1] != d:
         raise ValueError(f"w1 must be [e={e}, d={d}, f], got {s1}")
     f = s1[2]
@@ -485,9 +489,9 @@ def _check_inputs(x: jax.Array, plan: RoutingPlan, w1, w3, w2) -> None:
         raise ValueError(f"w2 must be [e={e}, f={f}, d={d}], got {s2}")
 
 
-def _shape(w) -> tuple[int, ...]:
-    if not hasattr(w, "shape"):
-        raise ValueError(f"expert weights must be arrays, NMSparse or SamoyedsSparse, got {type(w)}")
+def _shape(name: str, w) -> tuple[int, ...]:
+    expect_kind(name, w, _WEIGHT_KINDS, "an expert stack [e, K, N]: an array, NMSparse, "
+                "SamoyedsSparse, TransposedSparse or WgmmaSparseA")
     return tuple(w.shape)
 
 

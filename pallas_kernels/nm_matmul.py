@@ -31,6 +31,8 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import decompress
 from pallas_kernels import tuning
+from pallas_kernels.checks import expect_kind
+from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.launch import launch
 
 Method = Literal["pallas", "dense"]
@@ -348,30 +350,22 @@ def _out_dtype(x: jax.Array, out_dtype: Any) -> jnp.dtype:
 
 
 def _check_nm(w: Any) -> tuple[int, int, int, int]:
+    # The array shapes are checked when an NMSparse is built.
+    expect_kind("nm_matmul: w", w, NMSparse,
+                "an NMSparse (formats.NMSparse.from_dense converts a pruned dense weight)")
     n, m, k = int(w.n), int(w.m), int(w.k)
     if (n, m) not in decompress.SUPPORTED_NM:
         raise ValueError(f"unsupported N:M pattern {n}:{m}; expected one of {decompress.SUPPORTED_NM}")
-    n_cols = w.values.shape[-1]
-    per_word = decompress.meta_per_word(m)
-    if w.values.shape != (k * n // m, n_cols):
-        raise ValueError(f"values shape {w.values.shape} != expected {(k * n // m, n_cols)}")
-    if w.meta.shape != (k * n // m // per_word, n_cols) or w.meta.dtype != jnp.int32:
-        raise ValueError(
-            f"meta must be int32 {(k * n // m // per_word, n_cols)}, got {w.meta.dtype} "
-            f"{w.meta.shape}")
-    return n, m, k, n_cols
+    return n, m, k, w.values.shape[-1]
 
 
 def _check_samoyeds(w: Any) -> tuple[int, int, int, int, int, int]:
+    # The array shapes are checked when a SamoyedsSparse is built.
+    expect_kind("samoyeds_matmul: w", w, SamoyedsSparse,
+                "a SamoyedsSparse (formats.SamoyedsSparse.from_dense converts a pruned dense "
+                "weight)")
     n_sel, m_sel, v, k, n_out = int(w.n_sel), int(w.m_sel), int(w.v), int(w.k), int(w.n_out)
-    nc = n_out * n_sel // m_sel
-    if w.values.shape != (k // 2, nc):
-        raise ValueError(f"values shape {w.values.shape} != expected {(k // 2, nc)}")
-    if w.meta.shape != (k // 32, nc) or w.meta.dtype != jnp.int32:
-        raise ValueError(f"meta must be int32 {(k // 32, nc)}, got {w.meta.dtype} {w.meta.shape}")
-    if w.sel.shape != (k // v, nc):
-        raise ValueError(f"sel shape {w.sel.shape} != expected {(k // v, nc)}")
-    return n_sel, m_sel, v, k, n_out, nc
+    return n_sel, m_sel, v, k, n_out, n_out * n_sel // m_sel
 
 
 # --------------------------------------------------------------------------- dense expansion
@@ -559,6 +553,7 @@ def nm_matmul_reference(
     ``config`` and ``backend`` are accepted for signature parity and ignored.
     """
     del config, backend
+    _check_nm(w)
     dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)
@@ -575,6 +570,7 @@ def samoyeds_matmul_reference(
 ) -> jax.Array:
     """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype)."""
     del config, backend
+    _check_samoyeds(w)
     dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)

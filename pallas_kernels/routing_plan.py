@@ -24,9 +24,13 @@ recompiling per routing decision.
 
 Out-of-range expert ids: :meth:`RoutingPlan.build` raises ``ValueError`` when ``topk_idx`` is
 concrete. Under ``jit`` the values cannot be inspected; ids outside ``[0, e)`` are then the
-caller's contract. Such assignments are left out of every expert's rows (never clamped onto a
-wrong expert) and are counted by :meth:`RoutingPlan.num_invalid`, so
-``plan.num_invalid() == 0`` is a cheap traced check a caller can assert on.
+caller's contract, checked only inside ``pallas_kernels.checks.checked``. Such assignments are
+left out of every expert's rows (never clamped onto a wrong expert) and are counted by
+:meth:`RoutingPlan.num_invalid`, so ``plan.num_invalid() == 0`` is a cheap traced check a
+caller can assert on.
+
+A plan's fields are checked against each other on construction (shapes against the capacity
+rule, dtypes, static sizes); with traced arrays only these static properties are checked.
 """
 
 from __future__ import annotations
@@ -38,13 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.checks import (are_arrays, check_finite, check_ids, expect_dtype,
+                                   expect_positive_ints, expect_shape)
+
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 @jax.tree_util.register_dataclass
@@ -70,6 +73,27 @@ class RoutingPlan:
     top_k: int = dataclasses.field(metadata=dict(static=True))
     num_experts: int = dataclasses.field(metadata=dict(static=True))
     block_t: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        expect_positive_ints("RoutingPlan", top_k=self.top_k, num_experts=self.num_experts,
+                             block_t=self.block_t)
+        if not isinstance(self.num_tokens, (int, np.integer)) or self.num_tokens < 0:
+            raise ValueError(
+                f"RoutingPlan: num_tokens must be an int >= 0, got {self.num_tokens!r}")
+        if self.block_t & (self.block_t - 1):
+            raise ValueError(f"RoutingPlan: block_t must be a power of two, got {self.block_t}")
+        fields = (("sorted_ids", (self.capacity,), jnp.int32),
+                  ("weights", (self.capacity,), jnp.float32),
+                  ("block_expert", (self.num_tiles,), jnp.int32),
+                  ("num_blocks", (), jnp.int32),
+                  ("group_sizes", (self.num_experts,), jnp.int32))
+        if not are_arrays(*(getattr(self, name) for name, _, _ in fields)):
+            return  # placeholder leaves (tree utilities)
+        for name, shape, dtype in fields:
+            owner = (f"RoutingPlan (t={self.num_tokens}, k={self.top_k}, e={self.num_experts}, "
+                     f"block_t={self.block_t}: capacity {self.capacity} rows)")
+            expect_shape(owner, name, getattr(self, name), shape)
+            expect_dtype("RoutingPlan", name, getattr(self, name), dtype)
 
     # ----------------------------------------------------------------------------- static sizes
 
@@ -138,8 +162,8 @@ class RoutingPlan:
           ValueError: bad shapes, dtypes, ``num_experts`` or ``block_t``; and, when the inputs are
             concrete, expert ids out of range or non-finite weights.
         """
-        num_experts = _check_positive_int("num_experts", num_experts)
-        block_t = _check_positive_int("block_t", block_t)
+        expect_positive_ints("RoutingPlan.build", num_experts=num_experts, block_t=block_t)
+        num_experts, block_t = int(num_experts), int(block_t)
         if block_t & (block_t - 1):
             raise ValueError(f"block_t must be a power of two, got {block_t=}")
         idx_shape, w_shape = np.shape(topk_idx), np.shape(topk_weights)
@@ -156,30 +180,12 @@ class RoutingPlan:
             raise ValueError(f"topk_idx must have an integer dtype (int32), got {idx_dtype}")
         if not jnp.issubdtype(w_dtype, jnp.floating):
             raise ValueError(f"topk_weights must have a floating dtype, got {w_dtype}")
-        if _is_concrete(topk_idx) and t * k:
-            ids = np.asarray(topk_idx)
-            bad = np.argwhere((ids < 0) | (ids >= num_experts))
-            if bad.size:
-                tok, slot = (int(i) for i in bad[0])
-                raise ValueError(
-                    f"topk_idx must lie in [0, {num_experts}); got {int(ids[tok, slot])} at "
-                    f"token {tok}, slot {slot} ({len(bad)} out-of-range entries)")
-        if _is_concrete(topk_weights) and t * k:
-            w = np.asarray(topk_weights, np.float32)
-            bad = np.argwhere(~np.isfinite(w))
-            if bad.size:
-                tok, slot = (int(i) for i in bad[0])
-                raise ValueError(
-                    f"topk_weights must be finite; got {w[tok, slot]} at token {tok}, slot {slot}")
+        if t * k:
+            check_ids(topk_idx, num_experts, "topk_idx", ("token", "slot"))
+            check_finite(topk_weights, "topk_weights", ("token", "slot"))
         return _build(jnp.asarray(topk_idx).astype(jnp.int32),
                       jnp.asarray(topk_weights).astype(jnp.float32),
                       num_experts=num_experts, block_t=block_t)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _round_up_array(x: jax.Array, multiple: int) -> jax.Array:

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import formats
+from pallas_kernels.checks import are_arrays, check_layout, dim, expect_multiple
 
 WGMMA_M = 64  # rows of A (= output columns N_out) per instruction
 WGMMA_K = 32  # dense K per bf16/f16 sparse instruction (16 kept)
@@ -94,6 +95,21 @@ class WgmmaSparseA:
     sel: jax.Array | None = None
     k: int = dataclasses.field(metadata=dict(static=True))
     v: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
+        k = expect_multiple("WgmmaSparseA", "k", self.k, WGMMA_K)
+        rows = dim(self.values, -2)
+        fields = dict(values=(self.values, (None, k // 2), "floating"),
+                      meta=(self.meta, ((rows or 0) // WGMMA_M, k // WGMMA_K, META_SLOTS),
+                            jnp.int32))
+        if are_arrays(self.sel):  # Samoyeds: one column choice per slab of v rows
+            v = expect_multiple("WgmmaSparseA", "v", self.v, WGMMA_K)
+            if k % v:
+                raise ValueError(f"WgmmaSparseA: k={k} must be a multiple of v={v}")
+            fields["sel"] = (self.sel, (k // v, rows), jnp.int16)
+        if rows is not None and rows % WGMMA_M:
+            raise ValueError(f"WgmmaSparseA: rows of A ({rows}) must be a multiple of {WGMMA_M}")
+        check_layout("WgmmaSparseA", **fields)
 
     @property
     def paired(self) -> bool:
@@ -199,10 +215,6 @@ def to_wgmma_sp(w: formats.NMSparse | formats.SamoyedsSparse) -> WgmmaSparseA:
 
 def from_wgmma_sp(a: WgmmaSparseA) -> formats.NMSparse:
     """Exact inverse of ``to_wgmma_sp`` for 2:4 (jnp); for Samoyeds, its 2:4 matrix Wc."""
-    mt, kw, slots = a.meta.shape[-3:]
-    if slots != META_SLOTS or a.values.shape[-2] != mt * WGMMA_M or a.k != kw * WGMMA_K:
-        raise ValueError(
-            f"inconsistent WgmmaSparseA: values {a.values.shape}, meta {a.meta.shape}, k={a.k}")
     return formats.NMSparse(values=jnp.swapaxes(a.values, -1, -2),
                             meta=jax.lax.bitcast_convert_type(_nm_words(a), jnp.int32), n=2,
                             m=4, k=a.k)

@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.checks import check_layout, dim, expect_multiple, expect_positive_ints
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MAX_TILE_K = 65536
 DEFAULT_TILE_K = 256
@@ -127,6 +129,18 @@ class TiledSparse:
     tile_k: int = dataclasses.field(metadata=dict(static=True))
     tile_n: int = dataclasses.field(metadata=dict(static=True))
     slot_align: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
+        expect_positive_ints("TiledSparse", tile_k=self.tile_k, tile_n=self.tile_n,
+                             slot_align=self.slot_align)
+        if self.tile_k > MAX_TILE_K:
+            raise ValueError(f"TiledSparse: tile_k={self.tile_k} must be <= {MAX_TILE_K}")
+        k = expect_multiple("TiledSparse", "k", self.k, self.tile_k)
+        n = expect_multiple("TiledSparse", "n", self.n, self.tile_n)
+        check_layout("TiledSparse", values=(self.values, (None, self.tile_n), "floating"),
+                     rows=(self.rows, (dim(self.values, -2), self.tile_n),
+                           _rows_dtype(self.tile_k)),
+                     offsets=(self.offsets, (n // self.tile_n, k // self.tile_k + 1), jnp.int32))
 
     # ---------------------------------------------------------------- properties
     @property
@@ -359,6 +373,16 @@ class TiledBitmap:
     k: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     tile_n: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
+        expect_positive_ints("TiledBitmap", k=self.k, tile_n=self.tile_n)
+        n = expect_multiple("TiledBitmap", "n", self.n, 32)
+        if self.tile_n < 32 or self.tile_n & (self.tile_n - 1) or n % self.tile_n:
+            raise ValueError(f"TiledBitmap: tile_n={self.tile_n} must be a power of two >= 32 "
+                             f"dividing n={n}")
+        check_layout("TiledBitmap", words=(self.words, (self.k, n // 32), jnp.int32),
+                     woff=(self.woff, (self.k, n // 32), jnp.int32),
+                     values=(self.values, (None,), "floating"))
 
     @property
     def batch_shape(self) -> tuple[int, ...]:

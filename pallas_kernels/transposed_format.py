@@ -38,6 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.checks import check_layout, expect_multiple
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, unpack_meta
 
 TILE_KS: tuple[int, ...] = (128, 256, 512)  # C = 8, 16 or 32 groups per chunk
@@ -60,6 +61,16 @@ class TransposedSparse:
     n_out: int = dataclasses.field(metadata=dict(static=True))
     tk: int = dataclasses.field(metadata=dict(static=True))
     paired: bool = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):  # static checks only: leaves may be tracers or placeholders
+        if self.tk not in TILE_KS or not isinstance(self.paired, bool):
+            raise ValueError(f"TransposedSparse: tk must be one of {TILE_KS} and paired a bool, "
+                             f"got tk={self.tk!r}, paired={self.paired!r}")
+        kt = expect_multiple("TransposedSparse", "k", self.k, self.tk) // self.tk
+        rows = expect_multiple("TransposedSparse", "n_out", self.n_out, 2 if self.paired else 1)
+        rows //= 2 if self.paired else 1
+        check_layout("TransposedSparse", values=(self.values, (kt, rows, self.tk // 2), "floating"),
+                     meta=(self.meta, (kt, rows, self.tk // 16), jnp.int16))
 
     @property
     def shape(self) -> tuple[int, ...]:

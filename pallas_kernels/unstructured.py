@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.launch import launch
 from pallas_kernels.tiled_format import SUPPORTED_DTYPES, TiledBitmap, TiledSparse
 
@@ -290,8 +291,8 @@ def _launch(kernel, name: str, args: list, grid: tuple[int, int, int],
 
 
 def _validate(x: jax.Array, w: TiledSparse | TiledBitmap) -> None:
-    if not isinstance(w, (TiledSparse, TiledBitmap)):
-        raise ValueError(f"w must be a TiledSparse or TiledBitmap, got {type(w).__name__}")
+    expect_kind("unstructured_matmul: w", w, (TiledSparse, TiledBitmap),
+                "a TiledSparse or TiledBitmap (their from_dense converts a pruned dense weight)")
     if w.batch_shape:
         raise ValueError(f"w must be one matrix [K, N], got a stack of shape {w.shape}; "
                          "map over the leading dims with jax.vmap")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from pallas_kernels.checks import expect_kind, expect_positive_ints
+
 RouterNorm = Literal["softmax_topk", "topk_softmax"]
 """How router logits [t, e] become top-k weights [t, k].
 
@@ -135,10 +137,8 @@ class MoEConfig:
     pregate: PregateMode = "standard"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        expect_positive_ints("MoEConfig", d_model=self.d_model, d_ff=self.d_ff,
+                             num_experts=self.num_experts, top_k=self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
@@ -147,15 +147,15 @@ class MoEConfig:
         _check_literal("expert_format", self.expert_format, ExpertFormat)
         _check_literal("backend", self.backend, MoEBackend)
         _check_literal("pregate", self.pregate, PregateMode)
-        if self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.shared_d_ff is not None and self.shared_d_ff <= 0:
-            raise ValueError(f"shared_d_ff must be positive, got {self.shared_d_ff}")
+        shared = self.num_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {shared!r}")
+        if self.shared_d_ff is not None:
+            expect_positive_ints("MoEConfig", shared_d_ff=self.shared_d_ff)
         if self.num_shared_experts == 0 and self.shared_gate != "none":
             raise ValueError(
                 f"shared_gate={self.shared_gate!r} needs num_shared_experts > 0, got 0")
-        if not isinstance(self.sparsity, SparsityConfig):
-            raise ValueError(f"sparsity must be a SparsityConfig, got {type(self.sparsity)}")
+        expect_kind("sparsity", self.sparsity, SparsityConfig, "a SparsityConfig")
         if self.expert_format != "dense":
             d, f = self.d_model, self.d_ff
             self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.checks import check_ids, expect_positive_ints
 from samoyeds_jax.model import KVCache, MoETransformer
 
 
@@ -111,23 +112,46 @@ def output_lengths(tokens: np.ndarray, steps: int, eos_id: int | Sequence[int] |
     return lengths
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: int = 16
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: int = 16,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad prompts to one length, rounded up to a multiple of ``bucket``.
 
     Returns:
       ``(tokens [b, T] int32, mask [b, T] bool)``, padding on the left, mask False there.
+
+    Raises:
+      TypeError: ``prompts`` is not a sequence of token-id sequences (text, say).
+      ValueError: no prompt, an empty prompt, non-integer ids, or (given ``vocab_size``) a
+        token id or ``pad_id`` outside ``[0, vocab_size)``.
     """
-    if not prompts:
+    expect_positive_ints("pad_prompts", bucket=bucket)
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be a sequence of token-id sequences, got text; encode it "
+                        "with the tokenizer first")
+    if vocab_size is not None:
+        check_ids(np.asarray(pad_id), vocab_size, "pad_id")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+            raise TypeError(f"prompts[{i}] must be a sequence of token ids, got "
+                            f"{type(p).__name__}")
+        arr = np.asarray(p)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"prompts[{i}] must be a flat sequence of integer token ids, got "
+                             f"shape {arr.shape} and dtype {arr.dtype}")
+        if vocab_size is not None and arr.size:
+            check_ids(arr, vocab_size, f"prompts[{i}] token ids")
+        rows.append(arr)
+    if not rows:
         raise ValueError("need at least one prompt, got none")
-    lengths = [len(p) for p in prompts]
+    lengths = [len(p) for p in rows]
     if min(lengths) == 0:
         raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
     width = -(-max(lengths) // bucket) * bucket
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = np.asarray(p, np.int32)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, p in enumerate(rows):
+        tokens[i, width - len(p):] = p
         mask[i, width - len(p):] = True
     return tokens, mask
 
@@ -256,7 +280,8 @@ class Generator:
         """Generate for a batch of token-id prompts.
 
         Args:
-          prompts: b lists of token ids (lengths may differ).
+          prompts: b lists of token ids in ``[0, vocab_size)`` (lengths may differ; checked as
+            in ``pad_prompts``).
           max_new_tokens: new tokens per row, at most.
           key: PRNG key for sampling (default ``jax.random.key(0)``).
           stream: optional ``stream(position, tokens [b])`` called on the host for every new
@@ -264,10 +289,10 @@ class Generator:
         Returns:
           a ``GenerationResult``.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        expect_positive_ints("generate", max_new_tokens=max_new_tokens)
         key = jax.random.key(0) if key is None else key
-        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket)
+        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket,
+                                   vocab_size=self.config.vocab_size)
         b, width = tokens.shape
         cache = KVCache.init(self.config, b, width + max_new_tokens)
         key, k0 = jax.random.split(key)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.checks import expect_positive_ints
 from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
                                    pad_prompts, sample)
 from samoyeds_jax.model import KVCache, MoETransformer, step_positions
@@ -219,10 +220,10 @@ class OffloadGenerator:
         ``warmup``: first run the same shapes once (compiles every block function), then start
         the timed run with an empty expert cache. Without it, compile time is inside the timings.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        expect_positive_ints("generate", max_new_tokens=max_new_tokens)
         key = jax.random.key(0) if key is None else key
-        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket)
+        tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket,
+                                   vocab_size=self.config.vocab_size)
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
         max_tokens = int(tokens.size)
         compile_s = 0.0

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.checks import expect_positive_ints
+
 QKNorm = Literal["none", "per_head", "full"]
 
 
@@ -121,9 +123,18 @@ class AttentionConfig:
     sliding_window: int | None = None
 
     def __post_init__(self):
+        expect_positive_ints("AttentionConfig", d_model=self.d_model, num_heads=self.num_heads,
+                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (rotary embedding)")
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta=}, "
+                             f"{self.norm_eps=}")
+        if self.sliding_window is not None:
+            expect_positive_ints("AttentionConfig", sliding_window=self.sliding_window)
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ValueError(f"qk_norm must be 'none', 'per_head' or 'full', got {self.qk_norm!r}")
 

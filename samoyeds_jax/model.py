@@ -32,8 +32,10 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from pallas_kernels.checks import are_arrays, check_ids, expect_kind, expect_positive_ints
 from samoyeds_jax import families
 from samoyeds_jax.config import ExpertFormat, MoEBackend, MoEConfig, PregateMode
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
@@ -77,10 +79,9 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.vocab_size <= 0 or self.num_layers <= 0:
-            raise ValueError(
-                "vocab_size and num_layers must be positive, got "
-                f"{self.vocab_size=}, {self.num_layers=}")
+        expect_positive_ints("ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers)
+        expect_kind("attention", self.attention, AttentionConfig, "an AttentionConfig")
+        expect_kind("moe", self.moe, MoEConfig, "a MoEConfig")
         if self.attention.d_model != self.moe.d_model:
             raise ValueError(
                 f"attention d_model={self.attention.d_model} != moe d_model={self.moe.d_model}")
@@ -134,6 +135,10 @@ class ModelConfig:
         d = need("hidden_size")
         heads = need("num_attention_heads")
         kv_heads = hf.get("num_key_value_heads") or heads
+        expect_positive_ints("config.json", hidden_size=d, num_attention_heads=heads)
+        if not hf.get("head_dim") and d % heads:
+            raise ValueError(f"config.json: num_attention_heads={heads} must divide "
+                             f"hidden_size={d} (no head_dim given)")
         head_dim = hf.get("head_dim") or d // heads
         eps = hf.get("rms_norm_eps", 1e-6)
         # Older configs: rope_theta + rope_scaling; newer ones: rope_parameters holding both.
@@ -318,7 +323,9 @@ class MoETransformer(nnx.Module):
         """Run ``t`` new tokens per row through the model.
 
         Args:
-          tokens: ``[b, t]`` int token ids.
+          tokens: ``[b, t]`` int token ids in ``[0, vocab_size)``: checked when concrete; under
+            ``jit`` only inside ``pallas_kernels.checks.checked`` (an id past the vocabulary
+            embeds as NaN, a negative one wraps around).
           mask: ``[b, t]`` bool, False for padding (left padding); default all True.
           cache: the KV cache to extend; its slots ``index .. index + t - 1`` are written.
           logits_for: "all" -> logits ``[b, t, v]``; "last" -> only the last position ``[b, v]``.
@@ -327,9 +334,16 @@ class MoETransformer(nnx.Module):
         Returns:
           ``(logits float32, updated cache)``, or ``(logits, cache, RouterLogits)``.
         """
+        expect_kind("tokens", tokens, (jax.Array, np.ndarray), "a [b, t] integer array")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [b, t] token ids, got shape {tokens.shape}")
+        check_ids(tokens, self.config.vocab_size, "tokens")
         b, t = tokens.shape
         if mask is None:
             mask = jnp.ones((b, t), bool)
+        elif not are_arrays(mask) or tuple(mask.shape) != (b, t):
+            raise ValueError(f"mask must be [b, t] = {(b, t)} like tokens, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
         if cache is None:
             cache = KVCache.init(self.config, b, t)
         if cache.valid.shape[0] != b:

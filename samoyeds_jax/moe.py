@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.checks import are_arrays, expect_kind
 from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm, SparsityConfig
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
@@ -68,7 +69,13 @@ class ExpertWeights:
         return self.w1.shape[0]
 
     def check(self, d_model: int) -> None:
-        """ValueError unless w1/w3 are [e, d_model, f] and w2 is [e, f, d_model]."""
+        """ValueError unless w1/w3 are [e, d_model, f] and w2 is [e, f, d_model] (TypeError for
+        something that is not a weight)."""
+        for name in ("w1", "w3", "w2"):
+            w = getattr(self, name)
+            if not (are_arrays(w) or hasattr(w, "to_dense")):
+                raise TypeError(f"experts.{name} must be an array or a sparse weight format, "
+                                f"got {type(w).__name__}")
         s1, s3, s2 = (tuple(w.shape) for w in (self.w1, self.w3, self.w2))
         if len(s1) != 3 or s1[1] != d_model or s3 != s1:
             raise ValueError(f"w1 and w3 must both be [e, d_model={d_model}, f], got {s1} and {s3}")
@@ -121,18 +128,6 @@ def hopper_layout(experts: ExpertWeights, *, kernel: str | None = None,
         return TransposedSparse.from_samoyeds(w, tk=tk)
 
     return ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
-
-
-def _check_indices(topk_idx: jax.Array, num_experts: int) -> None:
-    """ValueError if concrete routing indices fall outside [0, num_experts) (skipped under jit,
-    where an out-of-range index would silently contribute nothing)."""
-    if isinstance(topk_idx, jax.core.Tracer) or topk_idx.size == 0:
-        return
-    lo, hi = int(jnp.min(topk_idx)), int(jnp.max(topk_idx))
-    if lo < 0 or hi >= num_experts:
-        raise ValueError(
-            f"routing indices must be in [0, {num_experts}) (experts or cache slots), "
-            f"got values in [{lo}, {hi}]")
 
 
 def _as_dense(w, dtype: Dtype) -> jax.Array:
@@ -335,8 +330,7 @@ class MoE(nnx.Module):
     def __init__(self, config: MoEConfig, *, block_index: int = 0, num_blocks: int = 1,
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                  track_recall: bool = True, rngs: nnx.Rngs):
-        if not isinstance(config, MoEConfig):
-            raise ValueError(f"config must be a MoEConfig, got {type(config).__name__}")
+        expect_kind("config", config, MoEConfig, "a MoEConfig")
         if not 0 <= block_index < num_blocks:
             raise ValueError(f"need 0 <= block_index < num_blocks, got {block_index=}, {num_blocks=}")
         self.config = config
@@ -449,7 +443,8 @@ class MoE(nnx.Module):
         self._check_input(x)
         t = x.size // x.shape[-1]
         if routing is not None:
-            routing.check_num_tokens(t)
+            expect_kind("routing", routing, Routing, "a Routing")
+            routing.check_num_tokens(t).check(self.config.num_experts)
         if mode == "standard":
             if routing is not None:
                 raise ValueError(
@@ -482,6 +477,10 @@ class MoE(nnx.Module):
     # -- compute
 
     def _check_input(self, x: jax.Array) -> None:
+        if not are_arrays(x):
+            raise TypeError(f"input x must be an array [..., d_model], got {type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"input x must be floating, got dtype {x.dtype}")
         if x.ndim < 1 or x.shape[-1] != self.config.d_model:
             raise ValueError(
                 f"input must be [..., d_model={self.config.d_model}], got shape {x.shape}")
@@ -501,18 +500,25 @@ class MoE(nnx.Module):
 
         ``experts`` overrides the stored routed-expert weights (``ExpertWeights`` or a tuple
         ``(w1, w3, w2)``), e.g. cache-slot stacks with ``routing`` remapped to slots.
+        ``routing``'s ids must index ``experts`` and its weights be finite: checked eagerly when
+        concrete; under ``jit`` only inside ``pallas_kernels.checks.checked``, else an
+        out-of-range id contributes nothing.
         """
         if experts is None:
             experts = self.expert_weights()
         else:
-            if isinstance(experts, tuple):
+            if isinstance(experts, tuple) and len(experts) == 3:
                 experts = ExpertWeights(*experts)
+            expect_kind("experts", experts, ExpertWeights, "ExpertWeights or a tuple (w1, w3, w2)")
             experts.check(self.config.d_model)
         self._check_input(x)
+        expect_kind("routing", routing, Routing, "a Routing")
+        routing.check_num_tokens(x.size // x.shape[-1]).check(experts.num_experts)
+        return self._apply(x, routing, experts)
+
+    def _apply(self, x: jax.Array, routing: Routing, experts: ExpertWeights) -> jax.Array:
         lead, d = x.shape[:-1], x.shape[-1]
         xt = x.reshape(-1, d)  # [t, d]
-        routing.check_num_tokens(xt.shape[0])
-        _check_indices(routing.topk_idx, experts.num_experts)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         y = self.routed_experts(xt, routing, experts, dtype=dtype)
         if self.shared is not None:
@@ -530,8 +536,8 @@ class MoE(nnx.Module):
         """
         if self.capture_inputs:  # hidden states for pre-gate training
             self.sow(nnx.Intermediate, "inputs", x.reshape(-1, x.shape[-1]))
-        used = self.select_routing(x, routing)
-        y = self.apply_experts(x, used)
+        used = self.select_routing(x, routing)  # checks the input and a received routing
+        y = self._apply(x, used, self.expert_weights())
         next_routing = self.predict_next(x)
         if not return_gate_logits:
             return y, next_routing

@@ -368,7 +368,9 @@ class ExpertCache:
 
         ``demand``: True when the block needs them now (counted as misses), False for a
         prefetch. Entries in ``protect`` and all of ``experts`` are never chosen as victims.
+        ValueError for a layer or expert id outside the store.
         """
+        experts = self._check_ids(layer, experts)
         keep = set(protect) | {(layer, int(e)) for e in experts}
         if len(keep) > self.slots:
             raise ValueError(f"block {layer} needs {len(keep)} experts resident at once "
@@ -402,6 +404,19 @@ class ExpertCache:
             for (slot, _), tree in zip(new, moved):
                 self._pending[slot] = tree
 
+    def _check_ids(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """``experts`` as ints, after checking them and ``layer`` against the store's sizes."""
+        store = self.store
+        if (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+                or not 0 <= layer < store.num_layers):
+            raise ValueError(f"layer must be an int in [0, {store.num_layers}), got {layer!r}")
+        ids = np.asarray(list(experts))
+        if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
+                         or ids.min() < 0 or ids.max() >= store.num_experts):
+            raise ValueError(f"experts of layer {layer} must be ints in [0, {store.num_experts}), "
+                             f"got {ids.tolist()}")
+        return [int(e) for e in ids]
+
     def commit(self, layer: int | None = None) -> None:
         """Write fetched experts (of ``layer``, or all) into their slots (queued on the device)."""
         slots = [s for s in sorted(self._pending)
@@ -421,7 +436,7 @@ class ExpertCache:
         Every expert must be resident and written (``fetch`` + ``commit``): a read of a
         non-resident expert raises instead of returning stale weights.
         """
-        for e in experts:
+        for e in self._check_ids(layer, experts):
             key = (layer, int(e))
             slot = self.slot_of.get(key)
             if slot is None:

@@ -15,6 +15,7 @@ from typing import get_args
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.checks import are_arrays, check_finite, check_ids
 from samoyeds_jax.config import RouterNorm
 
 
@@ -32,6 +33,33 @@ class Routing:
     topk_idx: jax.Array
     topk_weights: jax.Array
     logits: jax.Array | None = None
+
+    def __post_init__(self):
+        # Static checks only, on array leaves (tree utilities rebuild with placeholders); the
+        # leading dims may be stacked or sliced together, so shapes are compared, not ranks.
+        idx, w = self.topk_idx, self.topk_weights
+        if not are_arrays(idx, w):
+            return
+        if not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise ValueError(
+                f"Routing: topk_idx must hold integer expert ids, got dtype {idx.dtype}")
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"Routing: topk_weights must be floating, got dtype {w.dtype}")
+        if tuple(w.shape) != tuple(idx.shape):
+            raise ValueError(f"Routing: topk_weights {tuple(w.shape)} must have the shape of "
+                             f"topk_idx [t, k] {tuple(idx.shape)}")
+        lg = self.logits
+        if are_arrays(lg) and (lg.ndim != idx.ndim or lg.shape[:-1] != idx.shape[:-1]):
+            raise ValueError(f"Routing: logits {tuple(lg.shape)} must be [t, e] for the "
+                             f"{tuple(idx.shape)} topk_idx")
+
+    def check(self, num_experts: int) -> Routing:
+        """This routing, after checking its values: ids in ``[0, num_experts)`` (experts or cache
+        slots) and finite weights. ValueError when concrete; traced, only under
+        ``pallas_kernels.checks.checked`` (otherwise no extra operation)."""
+        check_ids(self.topk_idx, num_experts, "routing.topk_idx (expert ids)", ("token", "slot"))
+        check_finite(self.topk_weights, "routing.topk_weights", ("token", "slot"))
+        return self
 
     @property
     def num_tokens(self) -> int:

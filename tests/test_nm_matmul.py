@@ -187,9 +187,10 @@ def test_errors(rng):
         nmm.nm_matmul(x, w, config=nmm.SparseMatmulConfig(method="sparse"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend"):
         nmm.nm_matmul(x, w, backend="cuda")  # type: ignore[arg-type]
-    bad = dataclasses.replace(w, meta=w.meta[:1])
-    with pytest.raises(ValueError, match="meta must be int32"):
-        nmm.nm_matmul(x, bad)
+    with pytest.raises(ValueError, match=r"NMSparse: meta must have shape"):
+        dataclasses.replace(w, meta=w.meta[:1])
+    with pytest.raises(TypeError, match="w must be an NMSparse"):
+        nmm.nm_matmul(x, w.to_dense())
     with pytest.raises(ValueError, match="K=64 but w has K=128"):
         nmm.nm_matmul(x, make_nm(rng, 128, 16))
     with pytest.raises(ValueError, match="block_k=32 must hold whole meta words"):

@@ -155,7 +155,7 @@ def test_rejects_bad_input(rng):
         U.unstructured_matmul(jnp.ones((2, K), jnp.int32), w)
     with pytest.raises(ValueError, match="does not apply to TiledSparse"):
         U.unstructured_matmul(x, w, config=U.UnstructuredConfig(method="expand"))
-    with pytest.raises(ValueError, match="must be a TiledSparse"):
+    with pytest.raises(TypeError, match="must be a TiledSparse"):
         U.unstructured_matmul(x, jnp.ones((K, N), jnp.bfloat16))
     stack = TiledSparse.from_dense(np.ones((2, K, N), np.float32), tile_k=TILE_K)
     with pytest.raises(ValueError, match="one matrix"):
