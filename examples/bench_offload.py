@@ -207,7 +207,6 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
     ``sync``: read the pre-gate's expert ids on the host after each block (the cost of the
     per-block host sync of the pregated policy).
     """
-    import jax.numpy as jnp
     import numpy as np_
     from samoyeds_jax import offload as off
     cache = off.ExpertCache(store, slots=store.num_experts, top_k=top_k)
@@ -234,7 +233,6 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
         step(hs[i % len(hs)]).block_until_ready()
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    del cache
     return _median(times)
 
 

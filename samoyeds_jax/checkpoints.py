@@ -763,7 +763,7 @@ def read_converted_meta(directory: str) -> dict[str, Any]:
 
 
 def _stored_layouts(meta: Mapping[str, Any], entries: Mapping[str, Any], meta_path: str,
-                    manifest_path: str) -> dict[str, Any]:
+                    manifest_path: str, weights_path: str) -> dict[str, Any]:
     """Every stored parameter as the manifest and metadata describe it: a ShapeDtypeStruct,
     or a sparse-format value of them."""
 
@@ -795,8 +795,10 @@ def _stored_layouts(meta: Mapping[str, Any], entries: Mapping[str, Any], meta_pa
         try:
             out[name] = cls(**arrays, **info.get("static", {}))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{meta_path}: sparse parameter {name}: static fields "
-                             f"{info.get('static')} do not make a {cls.__name__} ({err})") from None
+            raise ValueError(f"parameter {name} in {weights_path}: its stored fields "
+                             f"{ {k: _describe(v) for k, v in arrays.items()} } with "
+                             f"{info.get('static')} (from {meta_path}) do not make a "
+                             f"{cls.__name__} ({err})") from None
     for key in entries:
         if key not in fields:
             if key in out:
@@ -845,7 +847,8 @@ def load_converted(directory: str, *, backend: MoEBackend | None = None
     variables = _variables(model)
     weights = os.path.join(directory, CONVERTED_WEIGHTS)
     entries = manifest["files"][CONVERTED_WEIGHTS]["tensors"]
-    stored = _stored_layouts(meta, entries, meta_path, os.path.join(directory, CONVERTED_MANIFEST))
+    stored = _stored_layouts(meta, entries, meta_path, os.path.join(directory, CONVERTED_MANIFEST),
+                             weights)
     with ShardReader(directory, files=[CONVERTED_WEIGHTS], finite=False) as reader:
         unlisted = sorted(set(reader.keys()) - set(entries))
         absent = sorted(set(entries) - set(reader.keys()))

@@ -202,15 +202,6 @@ def _check(args, given: set[str]) -> _Plan:
     if args.devices > 1:
         if args.offload:
             raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
-        present = jax.devices()
-        if args.devices > len(present):
-            hint = (f"; on a CPU, fake devices come from the environment: XLA_FLAGS="
-                    f"--xla_force_host_platform_device_count={args.devices} samoyeds-generate "
-                    f"--devices {args.devices} ..."
-                    if backend_lib.platform() == "cpu" else "")
-            raise ValueError(f"num_devices={args.devices} (--devices): expected at most "
-                             f"{len(present)}, the {backend_lib.platform()} devices present"
-                             f"{hint}")
 
     config, fmt, pregate, directory, read_shards = _model_source(args, given)
     if args.backend == "hopper" and fmt not in ("nm", "samoyeds"):
@@ -220,6 +211,14 @@ def _check(args, given: set[str]) -> _Plan:
     if e % args.devices:
         raise ValueError(f"--devices {args.devices}: the model's {e} routed experts must split "
                          f"evenly, so --devices must divide {e}")
+    present = jax.devices()
+    if args.devices > len(present):
+        hint = (f"; on a CPU, fake devices come from the environment: XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={args.devices} samoyeds-generate "
+                f"--devices {args.devices} ..."
+                if backend_lib.platform() == "cpu" else "")
+        raise ValueError(f"num_devices={args.devices} (--devices): expected at most "
+                         f"{len(present)}, the {backend_lib.platform()} devices present{hint}")
     offload = None
     if args.offload:
         offload = _offload_config(args, pregate, given)

@@ -46,10 +46,13 @@ def moe_config(**kw) -> MoEConfig:
     return MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, **kw)
 
 
+# Cached, and built with concrete parameters even when first asked for inside a jit trace
+# (a module built there would hold tracers that leak into later calls).
 @functools.cache
 def moe(pregate: str = "standard", block_index: int = 0) -> MoE:
-    return MoE(moe_config(pregate=pregate), block_index=block_index, num_blocks=2,
-               track_recall=False, rngs=nnx.Rngs(0))
+    with jax.ensure_compile_time_eval():
+        return MoE(moe_config(pregate=pregate), block_index=block_index, num_blocks=2,
+                   track_recall=False, rngs=nnx.Rngs(0))
 
 
 def routing(idx=((0, 1), (2, 3), (1, 0)), w=None) -> Routing:
@@ -70,7 +73,8 @@ def model_config(**moe_kw) -> ModelConfig:
 
 @functools.cache
 def model(pregate: str = "standard") -> MoETransformer:
-    return MoETransformer(model_config(pregate=pregate), rngs=nnx.Rngs(0))
+    with jax.ensure_compile_time_eval():
+        return MoETransformer(model_config(pregate=pregate), rngs=nnx.Rngs(0))
 
 
 @functools.cache

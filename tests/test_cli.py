@@ -113,8 +113,10 @@ def test_generate_refuses_before_reading_weights(no_weights, argv, message):
 
 
 def test_generate_devices_beyond_the_machine_explain_fake_devices(no_weights, capsys):
-    n = len(jax.devices()) * 2
-    assert generate_main(["--random-tiny", "--devices", str(n), "--max-new-tokens", "1"]) == 2
+    n = 8  # the shipped model's expert count: --devices 8 divides it
+    if len(jax.devices()) >= n:
+        pytest.skip(f"{len(jax.devices())} devices present: --devices {n} is not too many")
+    assert generate_main(["--devices", str(n), "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert f"expected at most {len(jax.devices())}" in err
     if jax.default_backend() == "cpu":

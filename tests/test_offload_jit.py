@@ -1,7 +1,7 @@
 """Experts fetched from pinned host inside one jitted decode step (``offload_jit``).
 
-Every policy must give exactly (bit for bit) the outputs of ``gpu_only`` with the same
-block functions, compile once per token count, and lower (for CUDA) to one
+Every policy must give the outputs of ``gpu_only`` with the same block functions (bit for
+bit on CPU, within ``assert_matches_gpu_only``'s bound on a GPU), compile once per token count, and lower (for CUDA) to one
 ``annotate_device_placement`` per fetched slot and leaf.
 """
 
@@ -51,6 +51,16 @@ def _run(fns, params, stacks, h0, *, steps=2, **config):
         h = dec.step(h)
         outs.append(np.asarray(h))
     return np.stack(outs), dec
+
+
+def assert_matches_gpu_only(got, ref, err_msg=""):
+    """Bit for bit on CPU. On a GPU each policy is its own XLA program, and the compiler may
+    pick another kernel for the same float32 product: measured differences up to 7.6e-5
+    relative, 3.8e-6 absolute (H100); the bound tested is 4x that."""
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref, err_msg=err_msg)
+    else:
+        np.testing.assert_allclose(got, ref, rtol=3e-4, atol=1.5e-5, err_msg=err_msg)
 
 
 def _inputs(rng, t):
@@ -176,8 +186,8 @@ CASES = [("on_demand", "pregate"), ("pregated", "pregate"), ("on_demand", "route
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("t", [1, 3])
-def test_policies_match_gpu_only_bit_exact(rng, top_k, t):
-    """t in {1, 3}, top-1 and top-2, 2 steps, one trace each: equal to gpu_only bit for bit."""
+def test_policies_match_gpu_only(rng, top_k, t):
+    """t in {1, 3}, top-1 and top-2, 2 steps, one trace each: equal to gpu_only."""
     block, params, stacks = _model(rng, top_k=top_k)
     h0 = _inputs(rng, t)
     ref = {}
@@ -187,7 +197,7 @@ def test_policies_match_gpu_only_bit_exact(rng, top_k, t):
         assert np.isfinite(ref[src]).all() and dec.traces == 1
     for policy, src in CASES:
         got, dec = _run(block.fns(), params, stacks, h0, policy=policy, routing_source=src)
-        np.testing.assert_array_equal(got, ref[src], err_msg=f"{policy=} {src=}")
+        assert_matches_gpu_only(got, ref[src], err_msg=f"{policy=} {src=}")
         assert dec.traces == 1, f"{policy=} retraced: {dec.traces}"
         assert dec.bytes_per_step(t, top_k) == L * min(t * top_k, E) * 3 * D * F * 4
 
@@ -196,13 +206,13 @@ def _barriers(dec, h0) -> int:
     return dec.lower(h0).as_text().count("optimization_barrier")
 
 
-def test_tied_prefetch_is_bit_exact(rng):
+def test_tied_prefetch_matches_gpu_only(rng):
     """tie_prefetch only adds an optimization_barrier: the outputs stay those of gpu_only."""
     block, params, stacks = _model(rng, top_k=2)
     h0 = _inputs(rng, 1)   # 2 slots of 4: per-slot fetches, whose ids need no barrier
     ref, gpu_only = _run(block.fns(), params, stacks, h0, policy="gpu_only")
     got, dec = _run(block.fns(), params, stacks, h0, policy="pregated", tie_prefetch=True)
-    np.testing.assert_array_equal(got, ref)
+    assert_matches_gpu_only(got, ref)
     # L - 1 ties, and block 0's on-demand fetch held before its experts (beyond the barriers
     # the block's own expert compute has under gpu_only too)
     assert _barriers(dec, h0) - _barriers(gpu_only, h0) == (L - 1) + 1
@@ -257,7 +267,7 @@ def test_sparse_experts_pregated_match_gpu_only(rng):
     h0 = _inputs(rng, 3)
     ref, _ = _run(block.fns(), params, stacks, h0, policy="gpu_only")
     got, _ = _run(block.fns(), params, stacks, h0, policy="pregated")
-    np.testing.assert_array_equal(got, ref)
+    assert_matches_gpu_only(got, ref)
 
 
 # ----------------------------------------------------------------------------- lowering
