@@ -91,7 +91,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from pallas_kernels import formats, tiled_format
+from pallas_kernels.format_registry import FORMATS, get_format
 from samoyeds_jax import atomic, families, pruning
 from samoyeds_jax.config import (ExpertFormat, MoEBackend, MoEConfig, PregateMode, SparsityConfig,
                                  _check_literal)
@@ -125,9 +125,6 @@ _FORMAT = "samoyeds_jax.converted"
 _FORMAT_VERSION = 2
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_FORMAT_CLASSES = {"nm": formats.NMSparse, "samoyeds": formats.SamoyedsSparse,
-                   "unstructured": tiled_format.TiledSparse}
-_SPARSE_CLASSES = {cls.__name__: cls for cls in _FORMAT_CLASSES.values()}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 Path = tuple[str | int, ...]
@@ -427,11 +424,10 @@ def _prune_config(config: ModelConfig, expert_format: ExpertFormat,
             raise ValueError("prune.output must be 'compressed' to store the experts in their "
                              f"format, got {prune.output!r}")
         return prune
-    if expert_format == "dense":
+    if not get_format(expert_format, "expert_format").classes:
         return None
-    sp = config.moe.sparsity
-    return pruning.PruneConfig(format=expert_format, n=sp.n, m=sp.m, n_sel=sp.n_sel,
-                               m_sel=sp.m_sel, v=sp.v, sparsity=1.0 - sp.density)
+    return pruning.PruneConfig(format=expert_format,
+                               **config.moe.sparsity.format_params(expert_format))
 
 
 def _convert_experts(experts: dict[str, jax.Array], i: int,
@@ -596,19 +592,13 @@ def _expected(config: ModelConfig, path: Path, dense: Any, stored: Any) -> Any:
     ``dense`` itself, or for routed experts in a sparse format the format's ``abstract`` value.
     A TiledSparse takes its tile sizes and slot count, which the config leaves open, from
     ``stored``. ValueError when the config admits no layout for it."""
-    fmt = config.moe.expert_format
-    if fmt == "dense" or path[:1] != ("layers",) or path[2:] not in (("mlp", "w1"), ("mlp", "w3"),
-                                                                      ("mlp", "w2")):
+    name = config.moe.expert_format
+    fmt = get_format(name)
+    if not fmt.classes or path[:1] != ("layers",) or path[2:] not in (
+            ("mlp", "w1"), ("mlp", "w3"), ("mlp", "w2")):
         return dense
-    sp, cls = config.moe.sparsity, _FORMAT_CLASSES[fmt]
-    if fmt == "nm":
-        return cls.abstract(dense.shape, dense.dtype, n=sp.n, m=sp.m)
-    if fmt == "samoyeds":
-        return cls.abstract(dense.shape, dense.dtype, n_sel=sp.n_sel, m_sel=sp.m_sel, v=sp.v)
-    if not isinstance(stored, cls):
-        return cls.abstract(dense.shape, dense.dtype, num_slots=1)
-    return cls.abstract(dense.shape, dense.dtype, num_slots=stored.num_slots,
-                        tile_k=stored.tile_k, tile_n=stored.tile_n, slot_align=stored.slot_align)
+    return fmt.abstract(dense.shape, dense.dtype, like=stored,
+                        **config.moe.sparsity.format_params(name))
 
 
 def _check_layout(config: ModelConfig, path: Path, dense: Any, value: Any, where: str) -> Any:
@@ -780,10 +770,12 @@ def _stored_layouts(meta: Mapping[str, Any], entries: Mapping[str, Any], meta_pa
     out: dict[str, Any] = {}
     fields: set[str] = set()
     for name, info in meta.get("sparse", {}).items():
-        cls = _SPARSE_CLASSES.get(info.get("class"))
+        stored_classes = {f.classes[0].__name__: f.classes[0] for f in FORMATS.values()
+                          if f.classes}
+        cls = stored_classes.get(info.get("class"))
         if cls is None:
             raise ValueError(f"{meta_path}: sparse parameter {name} has class "
-                             f"{info.get('class')!r}; expected one of {sorted(_SPARSE_CLASSES)}")
+                             f"{info.get('class')!r}; expected one of {sorted(stored_classes)}")
         arrays = {}
         for field in (f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")):
             key = f"{name}.{field}"

@@ -24,6 +24,8 @@ import time
 
 from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
 
+# Command-line names of pruning presets: a format of ``pallas_kernels.format_registry`` and
+# its parameters.
 FORMATS = {
     "2:4": dict(format="nm", n=2, m=4),
     "samoyeds": dict(format="samoyeds"),
@@ -73,13 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _weight_format(preset: str):
+    from pallas_kernels.format_registry import get_format
+
+    return get_format(FORMATS[preset]["format"])
+
+
+def _presets_where(test) -> str:
+    return " or ".join(f"--format {p}" for p in FORMATS if test(_weight_format(p)))
+
+
 def _check_options(args, given: set[str]) -> None:
     """Refuse options that have no effect with the others given, and bad numbers."""
-    refuse_unless(args.format == "unstructured", given, {"sparsity": "--sparsity"},
-                  f"--format {args.format} fixes its own density; --sparsity is for --format "
-                  "unstructured")
-    refuse_unless(args.format == "samoyeds", given, {"separate_w1_w3": "--separate-w1-w3"},
-                  f"--format {args.format} has no column choice (only --format samoyeds does)")
+    fmt = _weight_format(args.format)
+    refuse_unless("sparsity" in fmt.params, given, {"sparsity": "--sparsity"},
+                  f"--format {args.format} fixes its own density; --sparsity is for "
+                  f"{_presets_where(lambda f: 'sparsity' in f.params)}")
+    refuse_unless(fmt.pattern_shares_choice, given, {"separate_w1_w3": "--separate-w1-w3"},
+                  f"--format {args.format} has no column choice (only "
+                  f"{_presets_where(lambda f: f.pattern_shares_choice)} does)")
     refuse_unless(args.recover_steps > 0, given,
                   {"recover_lr": "--recover-lr", "batch_size": "--batch-size",
                    "distill_weight": "--distill-weight"},
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method, output="dense",
         shared_w1_w3=None if not args.separate_w1_w3 else False,
         **dict(FORMATS[args.format], **({"sparsity": args.sparsity}
-                                        if args.format == "unstructured" else {})))
+                                        if "sparsity" in _weight_format(args.format).params
+                                        else {})))
     recover_config = None
     if args.recover_steps > 0:
         recover_config = train_lib.TrainConfig(

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from pallas_kernels.checks import expect_kind, expect_positive_ints
+from pallas_kernels.format_registry import format_names, get_format
 
 RouterNorm = Literal["softmax_topk", "topk_softmax"]
 """How router logits [t, e] become top-k weights [t, k].
@@ -25,7 +26,9 @@ RouterNorm = Literal["softmax_topk", "topk_softmax"]
 
 ExpertFormat = Literal["dense", "nm", "samoyeds", "unstructured"]
 """How the expert weight stacks are stored: dense arrays, N:M along K (``NMSparse``),
-vector-wise N:M:V + 2:4 (``SamoyedsSparse``), or tiled unstructured sparsity."""
+vector-wise N:M:V + 2:4 (``SamoyedsSparse``), or tiled unstructured sparsity. For typing only:
+``MoEConfig`` accepts any name of ``pallas_kernels.format_registry.FORMATS`` (a test keeps this
+alias equal to the built-in ones)."""
 
 MoEBackend = Literal["xla", "pallas", "all_experts"]
 """``"xla"``: dense grouped matmul (``jax.lax.ragged_dot``; sparse formats are expanded first).
@@ -81,27 +84,21 @@ class SparsityConfig:
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density=}")
 
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights zeroed for ``"unstructured"``: 1 - density."""
+        return 1.0 - self.density
+
+    def format_params(self, fmt: ExpertFormat) -> dict:
+        """The parameters of format ``fmt`` (``format_registry``) this config sets."""
+        return get_format(fmt).params_of(self)
+
     def check_weight(self, fmt: ExpertFormat, k: int, n: int, what: str) -> None:
         """Raise ValueError if a [k, n] weight (y = x @ W) cannot be stored in ``fmt``."""
-        if fmt == "nm":
-            per_word = 32 // (2 if self.m == 4 else 4)
-            kept = k * self.n // self.m if k % self.m == 0 else None
-            if k % self.m or kept % per_word:
-                mult = self.m * per_word // self.n
-                raise ValueError(
-                    f"{what}: {self.n}:{self.m} sparsity needs the reduction dim to be a multiple of "
-                    f"{mult} (m={self.m}, {per_word} metadata entries per int32 word), got {k}")
-        elif fmt == "samoyeds":
-            if k % self.v:
-                raise ValueError(
-                    f"{what}: samoyeds format needs the reduction dim to be a multiple of "
-                    f"v={self.v}, got {k}")
-            if n % self.m_sel:
-                raise ValueError(
-                    f"{what}: samoyeds format needs the output dim to be a multiple of "
-                    f"m_sel={self.m_sel}, got {n}")
-            if (n * self.n_sel) % self.m_sel:
-                raise ValueError(f"{what}: n * n_sel must be divisible by m_sel, got {n=}")
+        try:
+            get_format(fmt).check_shape(k, n, **self.format_params(fmt))
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,7 +141,9 @@ class MoEConfig:
                 f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         _check_literal("router_norm", self.router_norm, RouterNorm)
         _check_literal("shared_gate", self.shared_gate, SharedGate)
-        _check_literal("expert_format", self.expert_format, ExpertFormat)
+        if self.expert_format not in format_names():
+            raise ValueError(f"expert_format must be one of {format_names()}, got "
+                             f"{self.expert_format!r}")
         _check_literal("backend", self.backend, MoEBackend)
         _check_literal("pregate", self.pregate, PregateMode)
         shared = self.num_shared_experts
@@ -156,10 +155,9 @@ class MoEConfig:
             raise ValueError(
                 f"shared_gate={self.shared_gate!r} needs num_shared_experts > 0, got 0")
         expect_kind("sparsity", self.sparsity, SparsityConfig, "a SparsityConfig")
-        if self.expert_format != "dense":
-            d, f = self.d_model, self.d_ff
-            self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")
-            self.sparsity.check_weight(self.expert_format, f, d, "w2 [e, d_ff, d_model]")
+        d, f = self.d_model, self.d_ff
+        self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")
+        self.sparsity.check_weight(self.expert_format, f, d, "w2 [e, d_ff, d_model]")
 
     @property
     def shared_width(self) -> int:

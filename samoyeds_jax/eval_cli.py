@@ -25,10 +25,10 @@ from typing import Any, get_args
 
 import numpy as np
 
+from pallas_kernels.format_registry import format_names
 from samoyeds_jax.cli import HelpFormatter
 from samoyeds_jax.config import MoEBackend
 
-_FORMATS = ("dense", "nm", "samoyeds", "unstructured")
 _PREGATES = ("standard", "pregated", "speculative")
 
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--corpus", metavar="DIR",
                         help="corpus directory as samoyeds_jax.corpus fetches it (DIR/texts/"
                         "<name>_gut.txt): its validation split is evaluated")
-    p.add_argument("--format", dest="expert_format", default=None, choices=_FORMATS,
+    p.add_argument("--format", dest="expert_format", default=None, choices=format_names(),
                    help="storage format of the expert weights, pruned by magnitude when sparse "
                         "(default: dense for a Hugging Face checkpoint, as stored for a "
                         "converted one)")

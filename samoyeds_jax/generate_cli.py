@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels.format_registry import format_names
 from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR: load it from there when present, else import --checkpoint, "
                         "convert, and save it there")
     p.add_argument("--format", dest="expert_format", default=None,
-                   choices=("dense", "nm", "samoyeds", "unstructured"),
+                   choices=format_names(),
                    help="storage format of the expert weights (pruned by magnitude when sparse); "
                         "default: dense, or as stored for a converted model")
     p.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas", "hopper"),

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.checks import are_arrays, expect_kind
+from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm, SparsityConfig
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
@@ -358,7 +359,7 @@ class MoE(nnx.Module):
         self.recall_stats = RecallStats(RecallCounts.zeros())
         # Set by ``samoyeds_jax.parallel.use_expert_parallel``: routed experts split over devices.
         self.expert_parallel = None
-        if c.expert_format != "dense" and not isinstance(self.w1[...], jax.core.Tracer):
+        if get_format(c.expert_format).classes and not isinstance(self.w1[...], jax.core.Tracer):
             # Magnitude pruning of the initial weights; under abstract evaluation
             # (nnx.eval_shape) the experts stay dense. Load real weights, then ``sparsify()``.
             self.sparsify()
@@ -380,14 +381,12 @@ class MoE(nnx.Module):
         ``samoyeds_jax.compress.calibrate_and_prune`` (routing-aware, block by block).
         """
         fmt = self.config.expert_format
-        if fmt == "dense" or hasattr(self.w1.get_value(), "to_dense"):
+        if get_format(fmt).classes == () or hasattr(self.w1.get_value(), "to_dense"):
             return None
         from samoyeds_jax import pruning
 
-        sp = self.config.sparsity
-        prune_config = pruning.PruneConfig(
-            format=fmt, method=method, n=sp.n, m=sp.m, n_sel=sp.n_sel, m_sel=sp.m_sel, v=sp.v,
-            sparsity=1.0 - sp.density)
+        prune_config = pruning.PruneConfig(format=fmt, method=method,
+                                           **self.config.sparsity.format_params(fmt))
         w = self.expert_weights()
         params = {"experts": {"w1": w.w1, "w3": w.w3, "w2": w.w2}}
         calib = None if calibration is None else {"experts": calibration}

@@ -48,7 +48,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pallas_kernels import formats, tiled_format
+from pallas_kernels import format_registry
+from pallas_kernels.formats import NM_PATTERNS
+from pallas_kernels.prune_masks import (check_ints as _check_ints, check_nm as _check_nm,
+                                        check_samoyeds as _check_samoyeds,
+                                        check_sparsity as _check_sparsity,
+                                        count_kept as _n_keep, nm_keep as _nm_mask,
+                                        samoyeds_keep as _samoyeds_mask,
+                                        samoyeds_keep_shared as _samoyeds_mask_shared,
+                                        select_for as _select_for, top_n_along as _top_n_along,
+                                        unstructured_keep as _unstructured_mask)
 
 __all__ = [
     "SUPPORTED_NM",
@@ -71,8 +80,9 @@ __all__ = [
 ]
 
 # The N:M patterns NMSparse stores; 2:4 is the one sparse tensor cores run.
-SUPPORTED_NM: tuple[tuple[int, int], ...] = formats.NM_PATTERNS
+SUPPORTED_NM: tuple[tuple[int, int], ...] = NM_PATTERNS
 
+# For typing; the formats are those of ``format_registry.FORMATS`` (a test keeps the two equal).
 Format = Literal["dense", "nm", "samoyeds", "unstructured"]
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 Output = Literal["compressed", "dense"]
@@ -131,42 +141,6 @@ def _check_score(score: Any, w: jax.Array) -> jax.Array:
         raise ValueError(f"score must be real-valued; given score.dtype={score.dtype}")
     _check_finite(score, "score")
     return score
-
-
-def _check_ints(**values: Any) -> None:
-    for name, val in values.items():
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
-            raise ValueError(f"{name} must be an int; given {name}={val!r}")
-
-
-def _check_nm(n: int, m: int, k: int | None = None) -> None:
-    _check_ints(n=n, m=m)
-    if (n, m) not in SUPPORTED_NM:
-        raise ValueError(f"(n, m)=({n}, {m}) is not a supported N:M pattern; expected one of "
-                         f"{', '.join(f'{a}:{b}' for a, b in SUPPORTED_NM)}")
-    if k is not None and k % m:
-        raise ValueError(f"K={k} (w.shape[-2]) must be a multiple of m={m}")
-
-
-def _check_samoyeds(n_sel: int, m_sel: int, v: int, k: int | None = None,
-                    n_out: int | None = None) -> None:
-    _check_ints(n_sel=n_sel, m_sel=m_sel, v=v)
-    if not 1 <= m_sel <= 127:  # the format stores each kept column's group offset as int8
-        raise ValueError(f"m_sel={m_sel} must be in [1, 127]")
-    if not 1 <= n_sel <= m_sel:
-        raise ValueError(f"n_sel={n_sel} must be in [1, m_sel={m_sel}]")
-    if v <= 0 or v % 4:
-        raise ValueError(f"v={v} must be a positive multiple of 4 (2:4 groups inside a slab)")
-    if k is not None and k % v:
-        raise ValueError(f"K={k} (w.shape[-2]) must be a multiple of v={v}")
-    if n_out is not None and n_out % m_sel:
-        raise ValueError(f"N={n_out} (w.shape[-1]) must be a multiple of m_sel={m_sel}")
-
-
-def _check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float, np.floating))
-                                          and 0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,120 +209,6 @@ def _wanda(w: jax.Array, x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _top_n_along(s: jax.Array, n: int, axis: int) -> jax.Array:
-    """Keep-mask of the n highest entries of every line of ``s`` along ``axis``.
-
-    rank(i) = #{j: s_j > s_i} + #{j < i: s_j == s_i} is a permutation of 0..m-1 per line, so
-    exactly n entries are kept and ties go to the lower index. O(m) passes, no sort.
-    """
-    axis = axis % s.ndim
-    m = s.shape[axis]
-    idx_shape = [1] * s.ndim
-    idx_shape[axis] = m
-    idx = jnp.arange(m, dtype=jnp.int32).reshape(idx_shape)
-    rank = jnp.zeros(s.shape, jnp.int32)
-    for j in range(m):
-        s_j = jax.lax.index_in_dim(s, j, axis, keepdims=True)
-        rank += ((s_j > s) | ((s_j == s) & (j < idx))).astype(jnp.int32)
-    return rank < n
-
-
-@functools.partial(jax.jit, static_argnames=("n", "m"))
-def _nm_mask(score: jax.Array, *, n: int, m: int) -> jax.Array:
-    *lead, k, n_out = score.shape
-    groups = score.reshape(*lead, k // m, m, n_out)  # [..., K/m, m, N]
-    return _top_n_along(groups, n, axis=-2).reshape(score.shape)
-
-
-def _samoyeds_inner(score: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
-    """(2:4 mask along K [..., K, N], per-slab sum of the kept scores [..., K/V, N])."""
-    *lead, k, n_out = score.shape
-    inner = _nm_mask(score, n=2, m=4)  # [..., K, N] 2:4 along K per column
-    kept = jnp.where(inner, score, 0.0)
-    return inner, kept.reshape(*lead, k // v, v, n_out).sum(axis=-2)
-
-
-def _samoyeds_columns(slab: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
-    """Per slab, the n_sel best of every m_sel columns: slab [..., K/V, N] -> mask [..., K, N]."""
-    *lead, slabs, n_out = slab.shape
-    groups = slab.reshape(*lead, slabs, n_out // m_sel, m_sel)  # [..., K/V, N/m_sel, m_sel]
-    cols = _top_n_along(groups, n_sel, axis=-1).reshape(*lead, slabs, 1, n_out)
-    return jnp.broadcast_to(cols, (*lead, slabs, v, n_out)).reshape(*lead, slabs * v, n_out)
-
-
-@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
-def _samoyeds_mask(score: jax.Array, *, n_sel: int, m_sel: int, v: int) -> jax.Array:
-    inner, slab = _samoyeds_inner(score, v)
-    return inner & _samoyeds_columns(slab, n_sel=n_sel, m_sel=m_sel, v=v)
-
-
-@functools.partial(jax.jit, static_argnames=("n_sel", "m_sel", "v"))
-def _samoyeds_mask_shared(score1: jax.Array, score3: jax.Array, *, n_sel: int, m_sel: int,
-                          v: int) -> tuple[jax.Array, jax.Array]:
-    inner1, slab1 = _samoyeds_inner(score1, v)
-    inner3, slab3 = _samoyeds_inner(score3, v)
-    cols = _samoyeds_columns(slab1 + slab3, n_sel=n_sel, m_sel=m_sel, v=v)
-    return inner1 & cols, inner3 & cols
-
-
-def _order_key(x: jax.Array) -> jax.Array:
-    """float32 -> uint32 with the same order (a < b iff key(a) < key(b)); -0.0 counts as 0.0."""
-    x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    sign = jnp.uint32(0x80000000)
-    return jnp.where(bits & sign, ~bits, bits | sign)
-
-
-def _select_digit(digits: jax.Array, need: jax.Array, bins: int) -> tuple[jax.Array, jax.Array]:
-    """Per row, the largest digit d with #{digits >= d} >= need, and #{digits > d}.
-
-    digits: [B, S] int32 in [0, bins] (bins itself: excluded entries); need: [B, 1] int32 >= 1.
-    """
-    b = digits.shape[0]
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None] * (bins + 1)
-    hist = jnp.bincount((digits + rows).reshape(-1), length=b * (bins + 1))
-    hist = hist.reshape(b, bins + 1)[:, :bins].astype(jnp.int32)  # [B, bins]
-    at_least = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # [B, bins]: #{digits >= d}
-    digit = jnp.sum(at_least >= need, axis=-1, dtype=jnp.int32, keepdims=True) - 1  # [B, 1]
-    above = jnp.take_along_axis(at_least, jnp.minimum(digit + 1, bins - 1), axis=-1)
-    above = jnp.where(digit + 1 >= bins, 0, above)
-    return digit, above
-
-
-# Matrices above this many entries find their threshold by radix select instead of a sort
-# (a full sort of a 4096 x 14336 matrix takes over a minute on CPU; the select, a few seconds).
-_RADIX_SELECT_MIN_SIZE = 1 << 20
-
-
-@functools.partial(jax.jit, static_argnames=("n_keep", "select"))
-def _unstructured_mask(score: jax.Array, *, n_keep: int,
-                       select: Literal["sort", "radix"] = "sort") -> jax.Array:
-    *lead, k, n_out = score.shape
-    if n_keep == 0:
-        return jnp.zeros(score.shape, jnp.bool_)
-    key = _order_key(score.astype(jnp.float32).reshape(-1, k * n_out))  # [B, S] uint32
-    need = jnp.full((key.shape[0], 1), n_keep, jnp.int32)
-    if select == "sort":
-        thr = jnp.sort(key, axis=-1)[:, key.shape[-1] - n_keep, None]  # [B, 1]
-    else:  # the n_keep-th largest key, in two 16-bit digits (two histogram passes)
-        hi = (key >> 16).astype(jnp.int32)
-        hi_thr, above_hi = _select_digit(hi, need, 1 << 16)
-        lo = jnp.where(hi == hi_thr, (key & 0xFFFF).astype(jnp.int32), 1 << 16)
-        lo_thr, _ = _select_digit(lo, need - above_hi, 1 << 16)
-        thr = (hi_thr.astype(jnp.uint32) << 16) | lo_thr.astype(jnp.uint32)  # [B, 1]
-    # Everything above the threshold is kept; of the entries equal to it, the first ones in
-    # row-major order until n_keep.
-    greater = key > thr
-    equal = key == thr
-    need_eq = need - jnp.sum(greater, axis=-1, dtype=jnp.int32, keepdims=True)  # [B, 1]
-    first_equal = equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= need_eq)
-    return (greater | first_equal).reshape(score.shape)
-
-
-def _select_for(size: int) -> Literal["sort", "radix"]:
-    return "radix" if size >= _RADIX_SELECT_MIN_SIZE else "sort"
-
-
 def nm_mask(score: jax.Array, *, n: int = 2, m: int = 4) -> jax.Array:
     """Boolean keep-mask [..., K, N]: the n highest scores of every m consecutive rows of K."""
     score = jnp.asarray(score)
@@ -386,10 +246,6 @@ def samoyeds_mask_shared(score1: jax.Array, score3: jax.Array, *, n_sel: int = 1
     return _samoyeds_mask_shared(score1, score3, n_sel=n_sel, m_sel=m_sel, v=v)
 
 
-def _n_keep(sparsity: float, size: int) -> int:
-    return size - int(round(sparsity * size))
-
-
 def unstructured_mask(score: jax.Array, *, sparsity: float) -> jax.Array:
     """Boolean keep-mask [..., K, N] of the top ``round((1-sparsity)*K*N)`` scores per matrix."""
     score = jnp.asarray(score)
@@ -406,22 +262,20 @@ def unstructured_mask(score: jax.Array, *, sparsity: float) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-# A pattern is a hashable tuple: ("nm", n, m), ("samoyeds", n_sel, m_sel, v),
-# ("unstructured", n_keep) or ("dense",).
+# A pattern is a hashable tuple ``(format name, *args)`` (``WeightFormat.pattern``):
+# ("nm", n, m), ("samoyeds", n_sel, m_sel, v), ("unstructured", n_keep) or ("dense",).
 Pattern = tuple
 
 
+def _masks(scores: tuple[jax.Array, ...], pattern: Pattern) -> list[jax.Array]:
+    """Keep-masks of ``pattern`` from scores (one shared choice where the format has one)."""
+    name, *args = pattern
+    scores = tuple(s.astype(jnp.float32) for s in scores)
+    return format_registry.get_format(name, "pattern[0]").keep_masks(scores, *args)
+
+
 def _mask(score: jax.Array, pattern: Pattern) -> jax.Array:
-    kind, *args = pattern
-    score = score.astype(jnp.float32)
-    if kind == "nm":
-        return _nm_mask(score, n=args[0], m=args[1])
-    if kind == "samoyeds":
-        return _samoyeds_mask(score, n_sel=args[0], m_sel=args[1], v=args[2])
-    if kind == "unstructured":
-        return _unstructured_mask(score, n_keep=args[0],
-                                  select=_select_for(score.shape[-2] * score.shape[-1]))
-    return jnp.ones(score.shape, jnp.bool_)
+    return _masks((score,), pattern)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("pattern",))
@@ -527,17 +381,17 @@ class PruneConfig:
     block_size: int = 128
 
     def __post_init__(self):
-        if self.format not in ("dense", "nm", "samoyeds", "unstructured"):
-            raise ValueError(f"format={self.format!r} must be one of 'dense', 'nm', 'samoyeds', "
-                             "'unstructured'")
+        if self.format not in format_registry.FORMATS:
+            raise ValueError(f"format={self.format!r} must be one of "
+                             f"{', '.join(map(repr, format_registry.format_names()))}")
         if self.method not in ("magnitude", "wanda", "sparsegpt"):
             raise ValueError(f"method={self.method!r} must be 'magnitude', 'wanda' or "
                              "'sparsegpt'")
         if self.shared_w1_w3 is None:
-            object.__setattr__(self, "shared_w1_w3", self.format == "samoyeds")
+            object.__setattr__(self, "shared_w1_w3", self._shares_columns())
         if not isinstance(self.shared_w1_w3, bool):
             raise ValueError(f"shared_w1_w3 must be a bool; given {self.shared_w1_w3!r}")
-        if self.shared_w1_w3 and self.format != "samoyeds":
+        if self.shared_w1_w3 and not self._shares_columns():
             raise ValueError(f"shared_w1_w3=True applies to format='samoyeds' only (the one "
                              f"format with a column choice to share); given format="
                              f"{self.format!r}")
@@ -553,30 +407,38 @@ class PruneConfig:
         for name in ("tile_k", "tile_n"):
             if getattr(self, name) is not None:
                 _check_ints(**{name: getattr(self, name)})
-        if self.output == "compressed" and self.format == "samoyeds" and self.v % 32:
-            raise ValueError(f"v={self.v} must be a multiple of 32 for SamoyedsSparse (whole 2:4 "
-                             "meta words per slab); use output='dense' for other v")
+        if self.output == "compressed":
+            try:
+                self.weight_format.check_params(**self.format_params())
+            except ValueError as err:
+                raise ValueError(f"format={self.format!r} cannot store these parameters: {err}; "
+                                 "use output='dense' to keep the pruned weights dense") from None
+
+    @property
+    def weight_format(self) -> format_registry.WeightFormat:
+        """The registry entry of ``format``."""
+        return format_registry.get_format(self.format)
+
+    def format_params(self) -> dict[str, Any]:
+        """The parameters of ``format`` set by this config (e.g. n and m for "nm")."""
+        return self.weight_format.params_of(self)
 
     def pattern(self, k: int, n_out: int) -> Pattern:
         """The hashable pattern of one [K, N] matrix (validates K and N against it, and
         against the compressed format's layout when ``output == "compressed"``)."""
-        if self.format == "nm":
-            _check_nm(self.n, self.m, k)
-            step = formats.nm_k_multiple(self.n, self.m)
-            if self.output == "compressed" and k % step:
-                raise ValueError(f"K={k} must be a multiple of {step} to store {self.n}:{self.m} "
-                                 "as NMSparse (whole meta words); use output='dense'")
-            return ("nm", self.n, self.m)
-        if self.format == "samoyeds":
-            _check_samoyeds(self.n_sel, self.m_sel, self.v, k, n_out)
-            return ("samoyeds", self.n_sel, self.m_sel, self.v)
-        if self.format == "unstructured":
-            if self.output == "compressed" and self.tile_k is not None and k % self.tile_k:
-                raise ValueError(f"K={k} must be a multiple of tile_k={self.tile_k}")
-            if self.output == "compressed" and self.tile_n is not None and n_out % self.tile_n:
-                raise ValueError(f"N={n_out} must be a multiple of tile_n={self.tile_n}")
-            return ("unstructured", _n_keep(self.sparsity, k * n_out))
-        return ("dense",)
+        fmt, params = self.weight_format, self.format_params()
+        pattern = fmt.pattern(k, n_out, **params)
+        if self.output == "compressed":
+            try:
+                fmt.check_shape(k, n_out, **params)
+            except ValueError as err:
+                raise ValueError(f"[K={k}, N={n_out}] cannot be stored as {self.format!r}: {err}; "
+                                 "use output='dense'") from None
+        return pattern
+
+    def _shares_columns(self) -> bool:
+        """Whether two matrices pruned together (w1 and w3) share one choice in ``format``."""
+        return self.weight_format.pattern_shares_choice
 
     def sparsegpt_config(self):
         """The ``sparsegpt.SparseGPTConfig`` of this config's damp and block_size."""
@@ -599,19 +461,12 @@ class PruneConfig:
 def convert(w: jax.Array, config: PruneConfig) -> Any:
     """Pruned dense weight [..., K, N] -> the compressed format of ``config.format``.
 
-    "nm" -> ``formats.NMSparse``, "samoyeds" -> ``formats.SamoyedsSparse``, "unstructured" ->
-    ``tiled_format.TiledSparse``; "dense" returns ``w`` unchanged. Exact:
-    ``convert(w, c).to_dense() == w``. Raises ValueError (from the format) if ``w`` does not
-    satisfy the pattern.
+    The format's ``from_dense`` (``format_registry``): "nm" -> ``formats.NMSparse``,
+    "samoyeds" -> ``formats.SamoyedsSparse``, "unstructured" -> ``tiled_format.TiledSparse``;
+    "dense" returns ``w`` as an array. Exact: ``convert(w, c).to_dense() == w``. Raises
+    ValueError (from the format) if ``w`` does not satisfy the pattern.
     """
-    if config.format == "nm":
-        return formats.NMSparse.from_dense(w, n=config.n, m=config.m)
-    if config.format == "samoyeds":
-        return formats.SamoyedsSparse.from_dense(w, n_sel=config.n_sel, m_sel=config.m_sel,
-                                                 v=config.v)
-    if config.format == "unstructured":
-        return tiled_format.TiledSparse.from_dense(w, tile_k=config.tile_k, tile_n=config.tile_n)
-    return w
+    return config.weight_format.from_dense(w, **config.format_params())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -803,11 +658,7 @@ def _prune_matrices(ws: tuple[jax.Array, ...], x: jax.Array | None, *, pattern: 
         if method == "wanda":  # all-zero activations would make every Wanda score 0
             fallback = jnp.logical_not(jnp.any(x != 0))
             scores = [jnp.where(fallback, s, _wanda(w, x)) for s, w in zip(scores, ws)]
-        if len(ws) == 2 and pattern[0] == "samoyeds":
-            masks = _samoyeds_mask_shared(*scores, n_sel=pattern[1], m_sel=pattern[2],
-                                          v=pattern[3])
-        else:
-            masks = [_mask(s, pattern) for s in scores]
+        masks = _masks(tuple(scores), pattern)
         ps = tuple(jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(masks, ws))
     sums = []
     hi = jax.lax.Precision.HIGHEST

@@ -365,13 +365,8 @@ def _obs_pass(w: jax.Array, u: jax.Array, *, pattern: tuple, block_size: int, pa
 
 def _magnitude(ws: tuple[jax.Array, ...], pattern: tuple) -> tuple[jax.Array, ...]:
     """The magnitude pruning of ``pruning`` (shared column choice for a Samoyeds pair)."""
-    if len(ws) == 2 and pattern[0] == "samoyeds":
-        m1, m3 = pruning._samoyeds_mask_shared(
-            jnp.abs(ws[0]).astype(jnp.float32), jnp.abs(ws[1]).astype(jnp.float32),
-            n_sel=pattern[1], m_sel=pattern[2], v=pattern[3])
-        return (jnp.where(m1, ws[0], jnp.zeros((), ws[0].dtype)),
-                jnp.where(m3, ws[1], jnp.zeros((), ws[1].dtype)))
-    return tuple(pruning._prune(w, None, pattern=pattern) for w in ws)
+    masks = pruning._masks(tuple(jnp.abs(w) for w in ws), pattern)
+    return tuple(jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(masks, ws))
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "config"))
