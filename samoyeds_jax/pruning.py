@@ -56,7 +56,7 @@ from pallas_kernels.prune_masks import (check_ints as _check_ints, check_nm as _
                                         count_kept as _n_keep, nm_keep as _nm_mask,
                                         samoyeds_keep as _samoyeds_mask,
                                         samoyeds_keep_shared as _samoyeds_mask_shared,
-                                        select_for as _select_for, top_n_along as _top_n_along,
+                                        select_for as _select_for,
                                         unstructured_keep as _unstructured_mask)
 
 __all__ = [

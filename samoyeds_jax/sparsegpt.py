@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.prune_masks import top_n_along
 from samoyeds_jax import pruning
 
 __all__ = [
@@ -246,7 +247,7 @@ def _block_pass(wb: jax.Array, ub: jax.Array, *, period: int, n_keep_rows: int,
         for r in range(g):  # unrolled: g is small and static
             if keep is None and r % period == 0:  # choose the next period's mask from W now
                 sal = jnp.square(wg[r:r + period] / dg[r:r + period, None])
-                kg_p = pruning._top_n_along(sal, n_keep_rows, axis=0)  # [period, N]
+                kg_p = top_n_along(sal, n_keep_rows, axis=0)  # [period, N]
             k_r = kg[r] if keep is not None else kg_p[r % period]
             q = jnp.where(k_r, wg[r], 0.0)
             e = (wg[r] - q) / dg[r]
@@ -281,7 +282,7 @@ def _samoyeds_slab(wb: jax.Array, ub: jax.Array, *, n_sel: int, m_sel: int,
     n_total = saving.shape[0]
     if pair:
         saving = saving[:n_total // 2] + saving[n_total // 2:]
-    cols = pruning._top_n_along(saving.reshape(-1, m_sel), n_sel, axis=-1).reshape(-1)
+    cols = top_n_along(saving.reshape(-1, m_sel), n_sel, axis=-1).reshape(-1)
     if pair:
         cols = jnp.concatenate([cols, cols])
     q = jnp.where(cols[None, :], q24, 0.0)
