@@ -121,7 +121,8 @@ def test_generate_cli_with_expert_parallelism(capsys):
     from samoyeds_jax.cli import generate_main
 
     assert generate_main(["--random-tiny", "--devices", "99", "--max-new-tokens", "1"]) == 2
-    assert "samoyeds-generate: error: num_devices=99" in capsys.readouterr().err
+    assert ("samoyeds-generate: error: --devices 99: the model's 4 routed experts must split "
+            "evenly") in capsys.readouterr().err
 
 
 def test_pallas_backend_expert_parallel(rng):
