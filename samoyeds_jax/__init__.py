@@ -4,15 +4,16 @@ The drop-in layer is ``MoE`` (config ``MoEConfig``); the model is ``MoETransform
 (config ``ModelConfig``, from a Hugging Face ``config.json``); generation is ``Generator``.
 """
 
-from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
-                                      load_or_convert, load_tokenizer, save_converted)
+from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.compress import calibrate_and_prune, recover, to_compressed
 from samoyeds_jax.config import MoEConfig, SparsityConfig
+from samoyeds_jax.converted_io import load_converted, save_converted
 from samoyeds_jax.evaluate import (EvalConfig, EvalResult, PregateRecall, evaluate_streams,
                                    evaluate_texts, evaluate_tokens, paired_difference,
                                    pregate_recall)
 from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, sample
 from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer, RouterLogits
