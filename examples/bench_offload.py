@@ -165,7 +165,7 @@ def _median(xs):
 
 
 def _mem(device) -> dict[str, int]:
-    from samoyeds_jax.offload import device_memory_stats
+    from samoyeds_jax.expert_store import device_memory_stats
     s = device_memory_stats(device) or {}
     return {k: int(s[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in s}
 
@@ -174,7 +174,7 @@ def copy_rate(store, device, *, total_bytes: int) -> dict[str, float]:
     """Pinned-host -> device copy rates: one large array, and whole experts back to back."""
     import jax
     import jax.numpy as jnp
-    from samoyeds_jax.offload import device_sharding, pinned_host_sharding
+    from samoyeds_jax.expert_store import device_sharding, pinned_host_sharding
     dev, host = device_sharding(device), pinned_host_sharding(device)
     n = max(1, total_bytes // 2)
     big = jax.device_put(jnp.ones((n,), jnp.bfloat16), host)
@@ -209,7 +209,8 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
     """
     import numpy as np_
     from samoyeds_jax import offload as off
-    cache = off.ExpertCache(store, slots=store.num_experts, top_k=top_k)
+    from samoyeds_jax.expert_cache import ExpertCache
+    cache = ExpertCache(store, slots=store.num_experts, top_k=top_k)
     cache.fetch(0, range(store.num_experts), demand=True)
     cache.commit(0)
     table, layer0 = cache.device_table, cache.layer_index(0)
@@ -360,6 +361,8 @@ def run_case(case: Case, out_dir: str, *, smoke: bool) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     from samoyeds_jax import offload as off
+    from samoyeds_jax.expert_store import ExpertStore, tree_nbytes
+    from samoyeds_jax.simple_moe_block import SimpleMoEBlock
     device = jax.devices()[0]
     dtype = jnp.bfloat16
     t0 = time.perf_counter()
@@ -370,20 +373,20 @@ def run_case(case: Case, out_dir: str, *, smoke: bool) -> dict[str, Any]:
             print(f"[{case.name}] building block {l} ({time.perf_counter() - t0:.1f} s)", flush=True)
         return make(l, e)
 
-    store = off.ExpertStore.from_fn(make_logged, num_layers=case.layers,
-                                    num_experts=case.experts, device=device)
+    store = ExpertStore.from_fn(make_logged, num_layers=case.layers,
+                                num_experts=case.experts, device=device)
     build_s = time.perf_counter() - t0
     NM24, have_formats = _nm24_class()
     print(f"[{case.name}] store {store.nbytes / 1e9:.2f} GB pinned host in {build_s:.1f} s, "
           f"expert {store.expert_nbytes / 1e6:.1f} MB", flush=True)
-    block = off.SimpleMoEBlock(num_experts=case.experts, top_k=case.top_k, dtype=dtype)
+    block = SimpleMoEBlock(num_experts=case.experts, top_k=case.top_k, dtype=dtype)
     keys = jax.random.split(jax.random.key(7), case.layers)
     params = [block.init_params(k, d_model=case.d_model, attn_width=case.attn_width,
                                 device=device) for k in keys]
     # pre-gate of block l starts as block l+1's router (as Pre-gated MoE initializes it)
     for l in range(case.layers - 1):
         params[l]["pregate"] = params[l + 1]["router"]
-    dense_params_bytes = sum(off.tree_nbytes(p) for p in params)
+    dense_params_bytes = sum(tree_nbytes(p) for p in params)
     result = {"case": dataclasses.asdict(case), "device": str(device.device_kind),
               "store_bytes": store.nbytes, "expert_bytes": store.expert_nbytes,
               "store_build_s": build_s, "resident_params_bytes": dense_params_bytes,

@@ -39,6 +39,9 @@ import numpy as np  # noqa: E402
 
 from samoyeds_jax import offload as off  # noqa: E402
 from samoyeds_jax import offload_jit as oj  # noqa: E402
+from samoyeds_jax.expert_store import (device_memory_stats, pinned_host_sharding,  # noqa: E402
+                                       tree_nbytes)
+from samoyeds_jax.simple_moe_block import SimpleMoEBlock  # noqa: E402
 
 SHAPES = {  # layers, d, f, experts, top_k, attn_width, gated
     "switch": (12, 768, 3072, 8, 1, 2304, False),
@@ -58,18 +61,18 @@ def _median_time(fn, inputs, steps: int) -> tuple[float, list[float]]:
 
 
 def _peak(device) -> int | None:
-    stats = off.device_memory_stats(device) or {}
+    stats = device_memory_stats(device) or {}
     return stats.get("peak_bytes_in_use")
 
 
 def build(case: str, device):
     layers, d, f, e, k, width, gated = SHAPES[case]
-    block = off.SimpleMoEBlock(num_experts=e, top_k=k, dtype=jnp.bfloat16)
+    block = SimpleMoEBlock(num_experts=e, top_k=k, dtype=jnp.bfloat16)
     keys = jax.random.split(jax.random.key(7), layers)
     params = [block.init_params(kk, d_model=d, attn_width=width, device=device) for kk in keys]
     for l in range(layers - 1):   # pre-gate of block l starts as block l+1's router
         params[l]["pregate"] = params[l + 1]["router"]
-    host = off.pinned_host_sharding(device)
+    host = pinned_host_sharding(device)
     stacks = []
     for l in range(layers):   # one layer at a time on the device, then to pinned host
         ks = jax.random.split(jax.random.key(100 + l), 3)
@@ -98,8 +101,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]
     block, params, stacks, (L, d, E, k) = build(case, device)
-    store_bytes = sum(off.tree_nbytes(s) for s in stacks)
-    limit = (off.device_memory_stats(device) or {}).get("bytes_limit")
+    store_bytes = sum(tree_nbytes(s) for s in stacks)
+    limit = (device_memory_stats(device) or {}).get("bytes_limit")
     fits = limit is None or store_bytes < 0.8 * limit
     print(f"[{case}] {L} blocks, experts {store_bytes / 1e9:.2f} GB pinned host, "
           f"device {device.device_kind}", flush=True)

@@ -1,7 +1,7 @@
 """Build tiny random Hugging Face MoE checkpoints and record their logits and greedy generations.
 
 The fixtures under ``tests/fixtures/<family>/`` pin the checkpoint import of
-``samoyeds_jax.checkpoints`` to the reference implementation in ``transformers``:
+``samoyeds_jax.hf_import`` to the reference implementation in ``transformers``:
 
 - ``config.json`` + ``*.safetensors`` (+ ``model.safetensors.index.json`` for the sharded one):
   ``save_pretrained`` of a tiny random model (2 layers, d=64, 4 experts top-2, v=128, float32);

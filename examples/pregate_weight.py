@@ -34,7 +34,8 @@ def main(argv=None) -> int:
 
     from samoyeds_jax import compress, corpus
     from samoyeds_jax import train as train_lib
-    from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
+    from samoyeds_jax.checkpoints import load_tokenizer
+    from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
                                        pregate_recall, text_streams)
 

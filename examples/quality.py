@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from samoyeds_jax import compress, corpus, pruning
     from samoyeds_jax import train as train_lib
-    from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
+    from samoyeds_jax.checkpoints import load_tokenizer
+    from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, paired_difference
     from samoyeds_jax.evaluate import text_streams
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
 def pregate_section(args, dense, streams, train_ids, evaluate, diff, base, rcfg, log):
     """Recall and bits/byte of each pre-gate mode: next-gate copies, trained, fine-tuned."""
     from samoyeds_jax import compress
-    from samoyeds_jax.checkpoints import load_hf_checkpoint
+    from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.evaluate import EvalConfig, pregate_recall
     from samoyeds_jax.pregate import moe_blocks
 

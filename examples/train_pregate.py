@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - t0:.1f}s total)")
 
     if args.save:
-        from samoyeds_jax import checkpoints
-        checkpoints.save_converted(pregated, args.save)
+        from samoyeds_jax import converted_io
+        converted_io.save_converted(pregated, args.save)
         print(f"saved the pregated model to {args.save}")
     if args.out:
         result = dict(report.as_dict(), next_token_agreement=agree, config=vars(args))

@@ -4,21 +4,23 @@ The drop-in layer is ``MoE`` (config ``MoEConfig``); the model is ``MoETransform
 (config ``ModelConfig``, from a Hugging Face ``config.json``); generation is ``Generator``.
 """
 
-from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
-                                      load_or_convert, load_tokenizer, save_converted)
+from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.compress import calibrate_and_prune, recover, to_compressed
 from samoyeds_jax.config import MoEConfig, SparsityConfig
+from samoyeds_jax.converted_io import load_converted, save_converted
 from samoyeds_jax.evaluate import (EvalConfig, EvalResult, PregateRecall, evaluate_streams,
                                    evaluate_texts, evaluate_tokens, paired_difference,
                                    pregate_recall)
+from samoyeds_jax.expert_cache import ExpertCache
+from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, sample
 from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer, RouterLogits
 from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, hopper_layout, moe_linen
-from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
-                                  OffloadDecoder)
+from samoyeds_jax.offload import BlockScheduler, OffloadConfig, OffloadDecoder
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 from samoyeds_jax.pregate import PregateTrainConfig, train_pregates

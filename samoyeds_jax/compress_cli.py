@@ -10,7 +10,7 @@
 4. evaluates validation bits/byte of the dense, one-shot and recovered models, with paired
    standard errors (``evaluate``);
 5. stores the experts in their compressed format and saves the converted model to ``--out``
-   (``checkpoints.save_converted``; load it with ``samoyeds-generate --checkpoint OUT``); its
+   (``converted_io.save_converted``; load it with ``samoyeds-generate --checkpoint OUT``); its
    metadata holds the settings, the pruning report and the results.
 """
 
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     _check_options(args, given_options(parser, args, argv))
     from samoyeds_jax import compress, corpus, pruning
     from samoyeds_jax import train as train_lib
-    from samoyeds_jax.checkpoints import (ShardReader, is_converted, load_hf_checkpoint,
-                                          load_tokenizer, read_hf_config, save_converted)
+    from samoyeds_jax.checkpoints import load_tokenizer
+    from samoyeds_jax.converted_io import is_converted, save_converted
+    from samoyeds_jax.hf_import import ShardReader, load_hf_checkpoint, read_hf_config
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
                                        text_streams)
 

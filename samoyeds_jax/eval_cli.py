@@ -76,24 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _checkpoint_info(path: str) -> dict[str, Any]:
     """What the checkpoint directory holds, without reading weights: kind, vocab size, stored
     expert format, dtype and pre-gate mode (converted models)."""
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import converted_io, hf_import
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path!r}: no such directory (expected config.json "
                                 "+ *.safetensors, or a converted model)")
-    if checkpoints.is_converted(path):
-        cfg = checkpoints.read_converted_meta(path).get("config")
+    if converted_io.is_converted(path):
+        cfg = converted_io.read_converted_meta(path).get("config")
         if not isinstance(cfg, dict):
-            raise ValueError(f"{os.path.join(path, checkpoints.CONVERTED_CONFIG)}: expected a "
+            raise ValueError(f"{os.path.join(path, converted_io.CONVERTED_CONFIG)}: expected a "
                              "'config' object")
         return {"converted": True, "vocab_size": int(cfg["vocab_size"]),
                 "format": cfg["moe"]["expert_format"], "pregate": cfg["moe"]["pregate"],
                 "dtype": cfg["param_dtype"], "architecture": cfg["architecture"]}
-    hf = checkpoints.read_hf_config(path)
+    hf = hf_import.read_hf_config(path)
     if "vocab_size" not in hf:
         raise ValueError(f"{os.path.join(path, 'config.json')} is missing 'vocab_size'")
     # Opening the shards reads only their headers: missing or unreadable shards fail here.
-    with checkpoints.ShardReader(path) as reader:
+    with hf_import.ShardReader(path) as reader:
         stored_pregates = any(k.endswith(".pregate.weight") for k in reader.keys())
     # Pre-gates saved with the checkpoint (samoyeds_jax.hf_export) are measured by default;
     # speculative routing leaves the scores those of the model without them.
@@ -182,7 +182,7 @@ def _set_pregate(model, mode: str) -> None:
 
 
 def _load(args, info: dict[str, Any]):
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import checkpoints, hf_import
 
     if info["converted"]:
         model = checkpoints.load_model(args.checkpoint, expert_format=args.expert_format,
@@ -190,7 +190,7 @@ def _load(args, info: dict[str, Any]):
         if args.pregate is not None:
             _set_pregate(model, args.pregate)
         return model
-    model, _ = checkpoints.load_hf_checkpoint(
+    model, _ = hf_import.load_hf_checkpoint(
         args.checkpoint, dtype=args.dtype, expert_format=args.expert_format,
         backend=args.backend, pregate=args.pregate or info["pregate"])
     return model

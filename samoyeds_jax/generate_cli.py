@@ -5,8 +5,8 @@ Without ``--checkpoint`` it runs the reference model shipped with the library
 plays, with its ``tokenizer.json``), so text in, text out works with nothing downloaded;
 ``--random-tiny`` builds a smaller random-weight model in-process instead (smoke runs).
 With ``--checkpoint DIR`` (a Hugging Face model directory) the weights are imported
-by ``samoyeds_jax.checkpoints`` (it may also be a directory written by ``--converted`` or
-``checkpoints.save_converted``); a ``tokenizer.json`` there lets ``--prompt`` be text.
+by ``samoyeds_jax.hf_import`` (it may also be a directory written by ``--converted`` or
+``converted_io.save_converted``); a ``tokenizer.json`` there lets ``--prompt`` be text.
 ``--converted DIR`` keeps the model with its experts already in ``--format`` in DIR, so pruning
 and conversion run once.
 
@@ -129,14 +129,14 @@ def _model_source(args, given: set[str]) -> tuple[Any, str, str, str | None, boo
     """(config, expert format, pre-gate mode, directory, read_shards) of the model ``args``
     name, from its config files only. ``directory``: where the tokenizer (and, when
     ``read_shards``, the safetensors shards to import) are; None for --random-tiny."""
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import converted_io, hf_import
     from samoyeds_jax.model import ModelConfig
 
     fmt = args.expert_format or "dense"
     if args.random_tiny:
         return ModelConfig.tiny(pregate=args.pregate), fmt, args.pregate, None, False
     if args.checkpoint is None:
-        hf = checkpoints.read_hf_config(REFERENCE_MODEL)
+        hf = hf_import.read_hf_config(REFERENCE_MODEL)
         return (ModelConfig.from_hf(hf, pregate=args.pregate), fmt, args.pregate,
                 REFERENCE_MODEL, False)
     path = args.checkpoint
@@ -144,18 +144,19 @@ def _model_source(args, given: set[str]) -> tuple[Any, str, str, str | None, boo
         raise FileNotFoundError(f"--checkpoint {path!r}: expected a directory with config.json "
                                 "and *.safetensors, found no such directory")
     stored = None  # a converted model: (directory, its config)
-    if checkpoints.is_converted(path):
+    if converted_io.is_converted(path):
         if args.converted is not None:
             raise ValueError(f"--converted {args.converted!r}: --checkpoint {path!r} is already "
                              "a converted model; drop --converted")
-        stored = path, checkpoints.config_from_dict(checkpoints.read_converted_meta(path)["config"])
-    elif args.converted is not None and checkpoints.is_converted(args.converted):
-        stored = args.converted, checkpoints.config_from_dict(
-            checkpoints.read_converted_meta(args.converted)["config"])
+        stored = path, converted_io.config_from_dict(
+            converted_io.read_converted_meta(path)["config"])
+    elif args.converted is not None and converted_io.is_converted(args.converted):
+        stored = args.converted, converted_io.config_from_dict(
+            converted_io.read_converted_meta(args.converted)["config"])
     elif (args.converted is not None and os.path.exists(args.converted)
           and (not os.path.isdir(args.converted) or os.listdir(args.converted))):
         raise ValueError(f"--converted {args.converted!r} exists but holds no converted model "
-                         f"({checkpoints.CONVERTED_CONFIG}); expected a new or empty directory")
+                         f"({converted_io.CONVERTED_CONFIG}); expected a new or empty directory")
     if stored is not None:
         where, config = stored
         m = config.moe
@@ -170,7 +171,7 @@ def _model_source(args, given: set[str]) -> tuple[Any, str, str, str | None, boo
             raise ValueError(f"{where} stores a pregate={m.pregate!r} model; requested --pregate "
                              f"{args.pregate!r} (a converted model keeps its pre-gating mode)")
         return config, m.expert_format, m.pregate, path, False
-    config = ModelConfig.from_hf(checkpoints.read_hf_config(path), pregate=args.pregate)
+    config = ModelConfig.from_hf(hf_import.read_hf_config(path), pregate=args.pregate)
     if args.converted is not None and args.pregate != "standard":
         raise ValueError(f"--pregate {args.pregate}: a model converted into --converted is "
                          "stored with pregate='standard'; drop --pregate or --converted")
@@ -237,10 +238,10 @@ def _check(args, given: set[str]) -> _Plan:
                       "only tell --offload (policy speculative) which experts to prefetch")
     tokenizer = None
     if directory is not None:
-        from samoyeds_jax import checkpoints
+        from samoyeds_jax import checkpoints, hf_import
 
         if read_shards:  # the shards exist and their headers read (no tensor data)
-            with checkpoints.ShardReader(directory):
+            with hf_import.ShardReader(directory):
                 pass
         # A missing 'tokenizers' package is reported as a warning; prompts are then token ids.
         tokenizer = checkpoints.load_tokenizer(directory)
@@ -265,10 +266,10 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
         return model, desc
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import checkpoints, converted_io, hf_import
 
     if args.checkpoint is None:
-        model, _ = checkpoints.load_hf_checkpoint(
+        model, _ = hf_import.load_hf_checkpoint(
             REFERENCE_MODEL, dtype=args.dtype or "float32", expert_format=plan.expert_format,
             backend=args.backend, pregate=args.pregate)
         desc = ("reference MoE trained on Shakespeare (shipped with the library; sparse formats "
@@ -280,13 +281,13 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
         model, _ = checkpoints.load_or_convert(path, args.converted,
                                                expert_format=args.expert_format,
                                                dtype=args.dtype, backend=args.backend)
-    elif checkpoints.is_converted(path):
+    elif converted_io.is_converted(path):
         model = checkpoints.load_model(path, expert_format=args.expert_format,
                                        backend=args.backend, dtype=dtype)
     else:
-        model, _ = checkpoints.load_hf_checkpoint(path, dtype=dtype,
-                                                  expert_format=args.expert_format,
-                                                  backend=args.backend, pregate=args.pregate)
+        model, _ = hf_import.load_hf_checkpoint(path, dtype=dtype,
+                                                expert_format=args.expert_format,
+                                                backend=args.backend, pregate=args.pregate)
     return model, f"{model.config.architecture} from {path}"
 
 

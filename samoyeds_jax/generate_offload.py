@@ -38,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.checks import expect_positive_ints
+from samoyeds_jax.expert_cache import ExpertCache
+from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
                                    pad_prompts, sample)
 from samoyeds_jax.model import KVCache, MoETransformer, step_positions
 from samoyeds_jax.moe import ExpertWeights, expert_ffn
-from samoyeds_jax.offload import (BlockScheduler, ExpertCache, ExpertStore, OffloadConfig,
-                                  make_cache, resolve_slots)
+from samoyeds_jax.offload import BlockScheduler, OffloadConfig, make_cache, resolve_slots
 from samoyeds_jax.routing import Routing
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint export: the inverse of ``checkpoints.load_hf_checkpoint``.
+"""Hugging Face checkpoint export: the inverse of ``hf_import.load_hf_checkpoint``.
 
 ``save_hf_checkpoint(model, directory)`` writes a directory that transformers'
 ``AutoModelForCausalLM.from_pretrained`` and ``load_hf_checkpoint`` both read:
@@ -10,7 +10,7 @@
   ``generation_config`` entries (``pad_token_id`` from there also goes into ``config.json``);
 - the tokenizer files, when a tokenizer is given, and any ``extra_files``.
 
-Tensor mapping: the table in ``samoyeds_jax.checkpoints`` read from right to left. Routed
+Tensor mapping: the table in ``samoyeds_jax.hf_import`` read from right to left. Routed
 experts are written one tensor per expert (``...experts.{j}.w1.weight`` [f, d]; the layout on
 the Hub, which every transformers version loads), never the fused ``gate_up_proj`` layout;
 ``lm_head.weight`` is left out when the embeddings are tied. Experts stored in a sparse format
@@ -59,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from samoyeds_jax import atomic, families
-from samoyeds_jax.checkpoints import _abstract_model, _dotted
+from samoyeds_jax.param_layout import _abstract_model, _dotted
 from samoyeds_jax.families import Family
 from samoyeds_jax.model import ModelConfig, MoETransformer
 

@@ -16,7 +16,7 @@ and the expert ids never leave the device:
   ``device``), the pattern XLA's host offloader turns into a host->device copy that its
   scheduler can make asynchronous. A traced gather (``host_stack[ids]``) with device-side
   ids is refused by jax ("memory_space of all inputs passed to `gather` must be the same").
-* ``decode_step`` runs every block with ``BlockFns`` (``offload.SimpleMoEBlock.fns()``
+* ``decode_step`` runs every block with ``BlockFns`` (``simple_moe_block.SimpleMoEBlock.fns()``
   or ``offload.MOE_BLOCK_FNS`` for ``samoyeds_jax.moe.MoE`` stacks): for ``pregated``,
   the copy of block l+1's pre-gated experts is issued right after block l's
   router/pre-gate and before block l's expert compute; it depends only on the pre-gate
@@ -62,8 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samoyeds_jax.offload import (BlockFns, ExpertStore, RoutingSource, check_routing_source,
-                                  device_sharding, pinned_host_sharding, tree_nbytes)
+from samoyeds_jax.expert_store import (ExpertStore, device_sharding, pinned_host_sharding,
+                                       tree_nbytes)
+from samoyeds_jax.offload import BlockFns, RoutingSource, check_routing_source
 from samoyeds_jax.routing import Routing
 
 PyTree = Any
@@ -112,7 +113,7 @@ def pinned_host_stacks(layers: Sequence[PyTree], *,
 
 
 def stacks_from_store(store: ExpertStore) -> list[PyTree]:
-    """The experts of an ``offload.ExpertStore`` restacked [e, ...] per layer in pinned host.
+    """The experts of an ``expert_store.ExpertStore`` restacked [e, ...] per layer in pinned host.
 
     Goes through host numpy arrays once per layer (setup cost, not per step); the store
     can be dropped afterwards.

@@ -487,7 +487,7 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
         start = 0
         last = None if out_dir is None else os.path.join(out_dir, LAST)
         if resume and last is not None and os.path.isfile(os.path.join(last, TRAINER_STATE)):
-            from samoyeds_jax.checkpoints import load_hf_checkpoint
+            from samoyeds_jax.hf_import import load_hf_checkpoint
 
             loaded, _ = load_hf_checkpoint(last, dtype="float32",
                                            pregate=cfg.moe.pregate)

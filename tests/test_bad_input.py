@@ -23,12 +23,14 @@ from pallas_kernels.checks import checked, checking
 from pallas_kernels.routing_plan import RoutingPlan
 from samoyeds_jax import corpus, evaluate, train
 from samoyeds_jax.config import MoEConfig, SparsityConfig
+from samoyeds_jax.expert_cache import ExpertCache
+from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import Generator, SamplingConfig, generate, pad_prompts
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
 from samoyeds_jax.moe import MoE
-from samoyeds_jax.offload import ExpertCache, ExpertStore, OffloadConfig
+from samoyeds_jax.offload import OffloadConfig
 from samoyeds_jax.pregate import PregateTrainConfig
 from samoyeds_jax.routing import Routing
 

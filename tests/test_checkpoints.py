@@ -20,9 +20,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pallas_kernels import formats
-from samoyeds_jax import checkpoints, pruning
-from samoyeds_jax.checkpoints import (load_converted, load_hf_checkpoint, load_model,
-                                      load_or_convert, load_tokenizer, save_converted)
+from samoyeds_jax import converted_io, hf_import, pruning
+from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
+from samoyeds_jax.converted_io import load_converted, save_converted
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.generate_cli import main
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -250,13 +251,13 @@ def test_converted_round_trip(tmp_path, family, prune):
 def test_load_or_convert_converts_once(tmp_path, monkeypatch):
     out = str(tmp_path / "nm")
     model, _ = load_or_convert(_fixture("mixtral"), out, expert_format="nm")
-    assert checkpoints.is_converted(out)
+    assert converted_io.is_converted(out)
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
     def fail(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(checkpoints, "load_hf_checkpoint", fail)
+    monkeypatch.setattr(hf_import, "load_hf_checkpoint", fail)
     again, config = load_or_convert(_fixture("mixtral"), out, expert_format="nm")
     assert isinstance(again.layers[1].mlp.w2.get_value(), formats.NMSparse)
     with pytest.raises(ValueError, match="other settings"):
@@ -377,4 +378,4 @@ def test_cli_generates_the_recorded_tokens_and_keeps_the_conversion(tmp_path, ca
     printed = capsys.readouterr().out
     assert "qwen3_moe from" in printed and "format=dense" in printed
     assert f"output   {meta['greedy'][0]}" in printed
-    assert checkpoints.is_converted(out)
+    assert converted_io.is_converted(out)

@@ -14,7 +14,7 @@ import jax
 import pytest
 from flax import nnx
 
-from samoyeds_jax import checkpoints
+from samoyeds_jax import checkpoints, converted_io, hf_import
 from samoyeds_jax import model as model_lib
 from samoyeds_jax.cli import compress_main, generate_main, given_options, train_main
 from samoyeds_jax.generate_cli import main as generate
@@ -31,8 +31,9 @@ def no_weights(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("weights were read before the cheap checks refused the command")
 
-    for name in ("load_hf_checkpoint", "load_model", "load_or_convert", "load_converted"):
-        monkeypatch.setattr(checkpoints, name, fail)
+    for module, name in ((hf_import, "load_hf_checkpoint"), (checkpoints, "load_model"),
+                         (checkpoints, "load_or_convert"), (converted_io, "load_converted")):
+        monkeypatch.setattr(module, name, fail)
     monkeypatch.setattr(model_lib.MoETransformer, "__init__", fail)
 
 
@@ -40,7 +41,7 @@ def no_weights(monkeypatch):
 def converted(tmp_path_factory) -> str:
     """A converted tiny model (dense experts, pregate standard, float32)."""
     path = str(tmp_path_factory.mktemp("converted"))
-    checkpoints.save_converted(model_lib.MoETransformer(model_lib.ModelConfig.tiny(),
+    converted_io.save_converted(model_lib.MoETransformer(model_lib.ModelConfig.tiny(),
                                                         rngs=nnx.Rngs(0)), path)
     return path
 

@@ -126,7 +126,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     results = meta["conversion"]["results"]
     assert set(results) == {"dense", "one-shot", "recovered"}
     assert all(np.isfinite(r["bits_per_byte"]) for k, r in results.items() if k != "dense")
-    from samoyeds_jax.checkpoints import load_converted
+    from samoyeds_jax.converted_io import load_converted
     loaded, config = load_converted(out)
     assert config.moe.expert_format == "samoyeds"
     assert config.moe.pregate == "speculative" and loaded.layers[0].mlp.pregate is not None

@@ -22,10 +22,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pallas_kernels import formats, tiled_format
-from samoyeds_jax import atomic, checkpoints, pruning
-from samoyeds_jax.checkpoints import (CONVERTED_CONFIG, CONVERTED_MANIFEST, CONVERTED_WEIGHTS,
-                                      load_converted, load_hf_checkpoint, load_or_convert,
-                                      save_converted)
+from samoyeds_jax import atomic, converted_io, hf_import, param_layout, pruning
+from samoyeds_jax.checkpoints import load_or_convert
+from samoyeds_jax.converted_io import (CONVERTED_CONFIG, CONVERTED_MANIFEST, CONVERTED_WEIGHTS,
+                                       load_converted, save_converted)
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mixtral")  # has tokenizer.json
@@ -289,7 +290,7 @@ def test_a_truncated_file_is_refused(saved):
 @pytest.mark.parametrize("name", [CONVERTED_MANIFEST, CONVERTED_WEIGHTS, CONVERTED_CONFIG])
 def test_a_missing_file_is_refused(saved, name):
     os.remove(os.path.join(saved, name))
-    assert checkpoints.is_converted(saved)  # still recognised, so load_model refuses it too
+    assert converted_io.is_converted(saved)  # still recognised, so load_model refuses it too
     with pytest.raises(FileNotFoundError, match=rf".*/{name} not found"):
         load_converted(saved)
 
@@ -385,7 +386,7 @@ def test_abstract_layout_is_the_one_from_dense_gives(rng, fmt, kwargs):
     real = cls.from_dense(w, **kwargs)
     extra = {"num_slots": real.num_slots} if fmt == "unstructured" else {}
     abstract = cls.abstract(w.shape, w.dtype, **kwargs, **extra)
-    assert checkpoints._describe(abstract) == checkpoints._describe(real)
+    assert param_layout._describe(abstract) == param_layout._describe(real)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
         lambda a: (a.shape, a.dtype), real)
 
@@ -454,7 +455,7 @@ def test_load_or_convert_keeps_directories_it_did_not_write(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("converted although the result could not be saved")
 
-    monkeypatch.setattr(checkpoints, "load_hf_checkpoint", fail)
+    monkeypatch.setattr(hf_import, "load_hf_checkpoint", fail)
     with pytest.raises(ValueError, match="does not look like a converted model"):
         load_or_convert(FIXTURE, str(out), expert_format="nm")
     assert os.listdir(out) == ["model.safetensors"]

@@ -351,7 +351,7 @@ def checkpoint(tmp_path, rng):
 
 
 def test_cli_end_to_end_and_converted_pregate_modes(checkpoint, tmp_path, capsys, rng):
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import checkpoints, converted_io, hf_import
     from samoyeds_jax.eval_cli import main
 
     ckpt, files = checkpoint
@@ -378,7 +378,7 @@ def test_cli_end_to_end_and_converted_pregate_modes(checkpoint, tmp_path, capsys
     assert 0.0 <= pairs[0]["exact_match"] <= pairs[0]["pair_recall"] <= 1.0
 
     # The same numbers from the library on the same checkpoint.
-    model, _ = checkpoints.load_hf_checkpoint(ckpt, pregate="speculative")
+    model, _ = hf_import.load_hf_checkpoint(ckpt, pregate="speculative")
     direct = evaluate.evaluate_texts(model, tokenizer, texts,
                                      config=EvalConfig(seq_len=16, batch_size=2))
     np.testing.assert_allclose(res["bits_per_byte"], direct.bits_per_byte, rtol=1e-6)
@@ -413,7 +413,7 @@ def test_cli_end_to_end_and_converted_pregate_modes(checkpoint, tmp_path, capsys
 
     # A converted model keeps its pre-gates; --pregate switches the mode or drops them.
     conv = str(tmp_path / "conv")
-    checkpoints.save_converted(model, conv, source=ckpt)
+    converted_io.save_converted(model, conv, source=ckpt)
     runs = {}
     for mode in ("pregated", "standard"):
         out = str(tmp_path / f"{mode}.json")
@@ -450,14 +450,15 @@ def test_set_pregate_creates_copies_of_the_next_gate(rng):
 
 
 def test_cli_errors_before_loading(checkpoint, tmp_path, monkeypatch):
-    from samoyeds_jax import checkpoints
+    from samoyeds_jax import checkpoints, converted_io, hf_import
     from samoyeds_jax.eval_cli import main
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the cheap checks failed")
 
-    for name in ("load_hf_checkpoint", "load_model", "load_converted"):
-        monkeypatch.setattr(checkpoints, name, no_loading)
+    for module, name in ((hf_import, "load_hf_checkpoint"), (checkpoints, "load_model"),
+                         (converted_io, "load_converted")):
+        monkeypatch.setattr(module, name, no_loading)
     ckpt, files = checkpoint
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(FileNotFoundError, match="nope.txt"):

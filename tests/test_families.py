@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from samoyeds_jax import families, model as model_module
-from samoyeds_jax.checkpoints import load_hf_checkpoint
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.families import FAMILIES, Family
 from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
 from samoyeds_jax.model import ModelConfig, MoETransformer

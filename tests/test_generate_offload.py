@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from samoyeds_jax import generate_offload
+from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.offload import ExpertCache, OffloadConfig
+from samoyeds_jax.offload import OffloadConfig
 
 PROMPTS = [[5, 9, 13], [7, 1, 3, 200, 11]]
 NEW = 5

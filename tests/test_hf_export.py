@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from samoyeds_jax import atomic, hf_export
-from samoyeds_jax.checkpoints import load_hf_checkpoint, load_tokenizer
+from samoyeds_jax.checkpoints import load_tokenizer
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 
 from samoyeds_jax import offload as off
+from samoyeds_jax.expert_cache import ExpertCache
+from samoyeds_jax.expert_store import ExpertStore, device_sharding, pinned_host_sharding
+from samoyeds_jax.routing import Routing
+from samoyeds_jax.simple_moe_block import SimpleMoEBlock, expert_mlp
 
 L, E, D, F = 2, 3, 16, 32
 
@@ -30,14 +34,14 @@ def _experts(rng, *, layers=L, experts=E, gated=True):
 
 
 # Shared block instances: decoders with the same block functions share compilations.
-_BLOCKS = {k: off.SimpleMoEBlock(num_experts=E, top_k=k, dtype=jnp.float32) for k in (1, 2)}
+_BLOCKS = {k: SimpleMoEBlock(num_experts=E, top_k=k, dtype=jnp.float32) for k in (1, 2)}
 
 
 def _model(rng, *, top_k, layers=L, experts=E, gated=True):
     block = _BLOCKS[top_k]
     keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), layers)
     params = [block.init_params(k, d_model=D, attn_width=24) for k in keys]
-    store = off.ExpertStore.from_stacked(_experts(rng, layers=layers, experts=experts, gated=gated))
+    store = ExpertStore.from_stacked(_experts(rng, layers=layers, experts=experts, gated=gated))
     return block, params, store
 
 
@@ -63,7 +67,7 @@ def _inputs(rng, steps_tokens):
 
 def test_store_is_pinned_host_and_round_trips(rng):
     layers = _experts(rng)
-    store = off.ExpertStore.from_stacked(layers)
+    store = ExpertStore.from_stacked(layers)
     assert (store.num_layers, store.num_experts) == (L, E)
     assert store.expert_nbytes == 4 * (2 * D * F + F * D)
     assert store.nbytes == store.expert_nbytes * L * E
@@ -81,20 +85,20 @@ def test_store_is_pinned_host_and_round_trips(rng):
 def test_store_rejects_bad_inputs(rng):
     layers = _experts(rng)
     with pytest.raises(ValueError, match="leading expert axis"):
-        off.ExpertStore.from_stacked([{"w1": layers[0]["w1"], "w2": layers[0]["w2"][:2]}])
+        ExpertStore.from_stacked([{"w1": layers[0]["w1"], "w2": layers[0]["w2"][:2]}])
     with pytest.raises(ValueError, match="pinned_host"):
-        off.ExpertStore([[{"w": jnp.zeros((2, 2))}]])          # device memory, not pinned host
-    host = off.pinned_host_sharding()
+        ExpertStore([[{"w": jnp.zeros((2, 2))}]])              # device memory, not pinned host
+    host = pinned_host_sharding()
     a = jax.device_put(jnp.zeros((2, 2)), host)
     b = jax.device_put(jnp.zeros((2, 3)), host)
     with pytest.raises(ValueError, match="expected"):
-        off.ExpertStore([[{"w": a}, {"w": b}]])               # experts of different shapes
+        ExpertStore([[{"w": a}, {"w": b}]])                   # experts of different shapes
     with pytest.raises(ValueError, match="experts"):
-        off.ExpertStore([[{"w": a}, {"w": a}], [{"w": a}]])   # layers of different sizes
+        ExpertStore([[{"w": a}, {"w": a}], [{"w": a}]])       # layers of different sizes
 
 
 def test_store_from_fn_builds_one_expert_at_a_time():
-    store = off.ExpertStore.from_fn(
+    store = ExpertStore.from_fn(
         lambda l, e: {"w": jnp.full((4, 4), 10 * l + e, jnp.bfloat16)}, num_layers=2, num_experts=3)
     assert store.expert(1, 2)["w"].sharding.memory_kind == "pinned_host"
     assert float(np.asarray(store.expert(1, 2)["w"], np.float32)[0, 0]) == 12.0
@@ -113,11 +117,11 @@ def test_nm_sparse_experts_are_offloaded(rng):
     top_k, d, f = 1, 32, 64
     layers = [{"w1": NMSparse.from_dense(_nm24_stack(rng, E, d, f)),
                "w2": NMSparse.from_dense(_nm24_stack(rng, E, f, d))} for _ in range(L)]
-    store = off.ExpertStore.from_stacked(layers)
+    store = ExpertStore.from_stacked(layers)
     leaf = store.expert(0, 1)["w1"]
     assert isinstance(leaf, NMSparse) and leaf.values.sharding.memory_kind == "pinned_host"
     assert leaf.values.shape == (d // 2, f) and leaf.k == d
-    on_device = jax.device_put(leaf, off.device_sharding())   # no compute on host memory
+    on_device = jax.device_put(leaf, device_sharding())   # no compute on host memory
     np.testing.assert_array_equal(np.asarray(on_device.to_dense()),
                                   np.asarray(layers[0]["w1"].to_dense()[1]))
     block = _BLOCKS[top_k]
@@ -136,14 +140,14 @@ def test_nm_sparse_experts_are_offloaded(rng):
 
 
 def test_cache_size_errors(rng):
-    store = off.ExpertStore.from_stacked(_experts(rng))
+    store = ExpertStore.from_stacked(_experts(rng))
     with pytest.raises(ValueError, match="at least one slot"):
-        off.ExpertCache(store, slots=0, top_k=1)
+        ExpertCache(store, slots=0, top_k=1)
     with pytest.raises(ValueError, match="slots >= top_k"):
-        off.ExpertCache(store, slots=1, top_k=2)
+        ExpertCache(store, slots=1, top_k=2)
     with pytest.raises(ValueError, match="eviction"):
-        off.ExpertCache(store, slots=2, top_k=1, eviction="fifo")
-    cache = off.ExpertCache(store, slots=2, top_k=2)
+        ExpertCache(store, slots=2, top_k=1, eviction="fifo")
+    cache = ExpertCache(store, slots=2, top_k=2)
     with pytest.raises(ValueError, match="3 experts resident at once"):
         cache.fetch(0, [0, 1, 2], demand=True)
 
@@ -159,8 +163,8 @@ def _fill(cache, layer, experts):
 
 
 def test_lru_evicts_least_recently_used(rng):
-    store = off.ExpertStore.from_stacked(_experts(rng))
-    cache = off.ExpertCache(store, slots=2, top_k=1, eviction="lru")
+    store = ExpertStore.from_stacked(_experts(rng))
+    cache = ExpertCache(store, slots=2, top_k=1, eviction="lru")
     _fill(cache, 0, [0])
     _fill(cache, 0, [1])
     cache.use(0, [0])          # expert 1 is now the least recently used
@@ -170,8 +174,8 @@ def test_lru_evicts_least_recently_used(rng):
 
 
 def test_lfu_evicts_least_frequently_used(rng):
-    store = off.ExpertStore.from_stacked(_experts(rng))
-    cache = off.ExpertCache(store, slots=2, top_k=1, eviction="lfu")
+    store = ExpertStore.from_stacked(_experts(rng))
+    cache = ExpertCache(store, slots=2, top_k=1, eviction="lfu")
     _fill(cache, 0, [0])
     cache.use(0, [0])
     cache.use(0, [0])          # expert 0: 3 uses
@@ -182,8 +186,8 @@ def test_lfu_evicts_least_frequently_used(rng):
 
 def test_evicted_expert_is_poisoned_and_never_served(rng):
     layers = _experts(rng)
-    store = off.ExpertStore.from_stacked(layers)
-    cache = off.ExpertCache(store, slots=1, top_k=1, poison_evicted=True)
+    store = ExpertStore.from_stacked(layers)
+    cache = ExpertCache(store, slots=1, top_k=1, poison_evicted=True)
     table = _fill(cache, 0, [0])
     slot = int(table[0])
     np.testing.assert_array_equal(np.asarray(cache.buffers["w1"][slot]), layers[0]["w1"][0])
@@ -256,8 +260,8 @@ def test_gpu_only_matches_dense_reference(rng):
         use = own if routing is None else routing
         stacked = store.stacked(l)
         combine = use.combine_weights(E)                                  # [t, e]
-        outs = jnp.stack([off.expert_mlp({k: v[e] for k, v in stacked.items()}, x,
-                                         dtype=jnp.float32) for e in range(E)])  # [e, t, d]
+        outs = jnp.stack([expert_mlp({k: v[e] for k, v in stacked.items()}, x,
+                                     dtype=jnp.float32) for e in range(E)])  # [e, t, d]
         h, routing = h + jnp.einsum("etd,te->td", outs, combine), pregate
     chex.assert_trees_all_close(got[0], np.asarray(h), rtol=1e-5, atol=1e-5)
 
@@ -318,9 +322,9 @@ def test_config_errors(rng):
                            config=off.OffloadConfig(policy="on_demand", slots=0))
     with pytest.raises(ValueError, match="layer params"):
         off.OffloadDecoder(block.fns(), params[:1], store, top_k=1)
-    sched = off.BlockScheduler(off.ExpertCache(store, slots=2, top_k=1),
+    sched = off.BlockScheduler(ExpertCache(store, slots=2, top_k=1),
                                off.OffloadConfig(policy="on_demand"))
-    r = off.Routing(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32))
+    r = Routing(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32))
     with pytest.raises(ValueError, match="pre-gate routing of block 0"):
         sched.prepare(1, r, r)
 

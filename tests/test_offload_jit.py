@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 from samoyeds_jax import offload as off
+from samoyeds_jax.expert_store import ExpertStore
+from samoyeds_jax.simple_moe_block import SimpleMoEBlock
 from samoyeds_jax import offload_jit as oj
 
 L, E, D, F = 3, 4, 16, 32
 
 # Shared block instances (one per top_k) so decoders reuse the same block functions.
-_BLOCKS = {k: off.SimpleMoEBlock(num_experts=E, top_k=k, dtype=jnp.float32) for k in (1, 2)}
+_BLOCKS = {k: SimpleMoEBlock(num_experts=E, top_k=k, dtype=jnp.float32) for k in (1, 2)}
 
 
 def _experts(rng, *, gated=True):
@@ -103,7 +105,7 @@ def test_config_errors():
 
 def test_stacks_from_store_match(rng):
     layers = _experts(rng, gated=False)
-    store = off.ExpertStore.from_stacked(layers)
+    store = ExpertStore.from_stacked(layers)
     stacks = oj.stacks_from_store(store)
     for s, ref in zip(stacks, layers):
         assert s["w1"].sharding.memory_kind == "pinned_host"
@@ -233,7 +235,7 @@ def test_pregated_matches_host_driven_decoder(rng):
     layers = [jax.device_get(s) for s in stacks]
     h0 = _inputs(rng, 3)
     got, _ = _run(block.fns(), params, stacks, h0, steps=1, policy="pregated")
-    dec = off.OffloadDecoder(block.fns(), params, off.ExpertStore.from_stacked(layers), top_k=2,
+    dec = off.OffloadDecoder(block.fns(), params, ExpertStore.from_stacked(layers), top_k=2,
                              config=off.OffloadConfig(policy="pregated"), max_tokens=3)
     ref = np.asarray(dec.step(h0))
     np.testing.assert_allclose(got[0], ref, rtol=1e-6, atol=1e-6)

@@ -4,7 +4,7 @@
 holds everything family-specific: the ``config.json`` mapping both ways
 (``ModelConfig.from_hf`` and ``hf_export.config_to_hf`` call it), what a config of the
 family cannot express, and the tensor names that both the importer
-(``checkpoints.load_hf_checkpoint``) and the exporter (``hf_export.save_hf_checkpoint``) use.
+(``hf_import.load_hf_checkpoint``) and the exporter (``hf_export.save_hf_checkpoint``) use.
 Nothing else branches on the family.
 
 Adding a family is one new file here, a ``Family`` subclass overriding what differs from

@@ -1,0 +1,458 @@
+"""Hugging Face checkpoint import: lazy safetensors reading (``ShardReader``) and
+``load_hf_checkpoint``, which maps a checkpoint's tensors onto ``MoETransformer`` and converts
+its experts.
+
+Import (``load_hf_checkpoint``) reads a Hugging Face model directory:
+
+- ``config.json`` -> ``ModelConfig.from_hf`` (Mixtral, Qwen2-MoE / Qwen1.5-MoE, Qwen3-MoE, OLMoE);
+- ``model.safetensors``, or the shards listed by ``model.safetensors.index.json``, or every
+  ``*.safetensors`` file of the directory; tensors are read lazily (memory-mapped), one layer at
+  a time, so host memory holds at most one layer's dense experts besides the result.
+
+Tensor mapping (``model.`` prefix as in the checkpoints; see ``samoyeds_jax.model`` for the
+module names). Torch linear weights ``[out, in]`` are transposed to ``[in, out]`` (``y = x @ W``):
+
+===================================================================  ==================================
+Hugging Face                                                         here
+===================================================================  ==================================
+``model.embed_tokens.weight`` [v, d]                                 ``embed_tokens.embedding`` [v, d]
+``model.layers.{i}.{input,post_attention}_layernorm.weight`` [d]     ``layers.{i}.*_layernorm.scale``
+``...self_attn.{q,k,v,o}_proj.weight`` (+ ``.bias``)                 ``...self_attn.*_proj.kernel`` (+ bias)
+``...self_attn.{q,k}_norm.weight``                                   ``...self_attn.{q,k}_norm.scale``
+``...{moe}.gate.weight`` [e, d]                                      ``layers.{i}.mlp.gate.kernel`` [d, e]
+``...{moe}.experts.{j}.{gate}.weight`` [f, d], j = 0..e-1            ``layers.{i}.mlp.w1`` [e, d, f]
+``...{moe}.experts.{j}.{up}.weight`` [f, d]                          ``layers.{i}.mlp.w3`` [e, d, f]
+``...{moe}.experts.{j}.{down}.weight`` [d, f]                        ``layers.{i}.mlp.w2`` [e, f, d]
+``...mlp.experts.gate_up_proj`` [e, 2f, d] (fused layout)            ``w1`` = first f rows, ``w3`` = rest
+``...mlp.experts.down_proj`` [e, d, f] (fused layout)                ``layers.{i}.mlp.w2`` [e, f, d]
+``...mlp.shared_expert.{gate,up,down}_proj.weight`` (Qwen2-MoE)      ``layers.{i}.mlp.shared.{w1,w3,w2}``
+``...mlp.shared_expert_gate.weight`` [1, d] (Qwen2-MoE)              ``layers.{i}.mlp.shared.gate_kernel``
+``...{moe}.pregate.weight`` [e, d], i < l-1 (transformers skips it)  ``layers.{i}.mlp.pregate.kernel`` [d, e]
+``model.norm.weight``                                                ``norm.scale``
+``lm_head.weight`` [v, d] (absent or ignored when tied)              ``lm_head.kernel`` [d, v]
+===================================================================  ==================================
+
+Each family's names come from ``samoyeds_jax.families`` (the exporter uses the same): ``{moe}``
+is ``block_sparse_moe`` (or ``mlp``, as transformers >= 5 saves it) with expert names
+``w1/w3/w2`` for Mixtral, ``mlp`` with ``gate_proj/up_proj/down_proj`` for the others. A pre-gate (``pregate != "standard"``) of block
+i is read from ``...{moe}.pregate.weight`` when the checkpoint has that tensor (written by
+``samoyeds_jax.hf_export``; transformers skips it), else starts as a copy of block i+1's gate.
+A model built without pre-gates (``pregate="standard"``) skips those tensors.
+
+The routed experts are then pruned and stored in ``expert_format`` (``samoyeds_jax.pruning``),
+layer by layer under a progress bar.
+
+Errors: a missing directory, ``config.json``, shard or listed file raises FileNotFoundError
+naming it; an unreadable (e.g. truncated) shard, a missing, unexpected, mis-shaped or
+non-finite tensor raises ValueError naming the tensor, its file and what was expected vs found.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from pallas_kernels.format_registry import get_format
+from samoyeds_jax import families, pruning
+from samoyeds_jax.config import ExpertFormat, MoEBackend, PregateMode, SparsityConfig
+from samoyeds_jax.families import Family
+from samoyeds_jax.model import ModelConfig, MoETransformer
+from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _dotted,
+                                       _fill_non_params, _is_sparse, _variables)
+
+__all__ = ["ShardReader", "load_hf_checkpoint", "read_hf_config"]
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- shard reading
+
+
+class ShardReader:
+    """Lazy tensor access over the safetensors files of one directory.
+
+    The files are ``files`` when given, else ``model.safetensors.index.json``'s ``weight_map``
+    when the index exists, else ``model.safetensors``, else every ``*.safetensors`` in the
+    directory. Missing shards raise FileNotFoundError on construction; unreadable ones
+    ValueError. With ``finite`` (the default), ``get`` refuses floating-point tensors holding
+    NaN or Inf. Use as a context manager.
+    """
+
+    def __init__(self, directory: str, files: list[str] | None = None, *, finite: bool = True):
+        self.directory = directory
+        self.finite = finite
+        index = os.path.join(directory, _INDEX)
+        self._where: dict[str, str] = {}
+        if files is not None:
+            for name in files:
+                if not os.path.isfile(os.path.join(directory, name)):
+                    raise FileNotFoundError(f"{os.path.join(directory, name)} not found")
+            weight_map = None
+        elif os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({err})"
+                                     ) from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(directory, name)):
+                    raise FileNotFoundError(
+                        f"shard {name!r} listed in {index} is missing from {directory}")
+        else:
+            files = ([_SINGLE] if os.path.isfile(os.path.join(directory, _SINGLE)) else
+                     sorted(os.path.basename(p)
+                            for p in glob.glob(os.path.join(directory, "*.safetensors"))))
+            if not files:
+                raise FileNotFoundError(
+                    f"no weights in {directory}: expected {_SINGLE}, {_INDEX} with its shards, "
+                    "or *.safetensors files")
+            weight_map = None
+        self._handles: dict[str, Any] = {}
+        for name in files:
+            handle = self._open(name)
+            for key in handle.keys():
+                if weight_map is None or weight_map.get(key) == name:
+                    if key in self._where and weight_map is None:
+                        raise ValueError(f"tensor {key!r} is in both {self._where[key]} and {name} "
+                                         f"of {directory}")
+                    self._where[key] = name
+        if weight_map is not None:
+            absent = sorted(k for k, name in weight_map.items() if self._where.get(k) != name)
+            if absent:
+                raise ValueError(f"{index} lists {len(absent)} tensors that their shards do not "
+                                 f"hold, e.g. {absent[0]!r} in {weight_map[absent[0]]}")
+        self._used: set[str] = set()
+
+    def _open(self, name: str):
+        path = os.path.join(self.directory, name)
+        try:
+            handle = safe_open(path, framework="numpy")
+            handle.__enter__()
+        except SafetensorError as err:
+            raise ValueError(f"cannot read safetensors shard {path} ({err}); the file may be "
+                             "truncated or not a safetensors file") from None
+        self._handles[name] = handle
+        return handle
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def mark_used(self, key: str) -> None:
+        """Count ``key`` as consumed without reading it (deliberately ignored tensors)."""
+        self._used.add(key)
+
+    def unused(self) -> list[str]:
+        """Tensors never read by ``get``."""
+        return sorted(set(self._where) - self._used)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor ``key`` as a numpy array, after checking it has ``shape`` (and, with
+        ``finite``, no NaN or Inf).
+
+        Raises ValueError naming the tensor and its file when it is missing, mis-shaped,
+        unreadable or not finite.
+        """
+        if key not in self._where:
+            raise ValueError(f"tensor {key!r} (expected shape {shape}) is missing from the "
+                             f"checkpoint in {self.directory}")
+        path = os.path.join(self.directory, self._where[key])
+        found = self.shape(key)
+        if found != tuple(shape):
+            raise ValueError(f"tensor {key!r} in {path}: expected shape {tuple(shape)}, found "
+                             f"{found}")
+        try:
+            array = self._handles[self._where[key]].get_tensor(key)
+        except SafetensorError as err:
+            raise ValueError(f"cannot read tensor {key!r} from {path} ({err})") from None
+        if self.finite and jnp.issubdtype(array.dtype, jnp.floating):
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"tensor {key!r} in {path}: expected finite weights, found "
+                                 f"{int(bad.sum())} NaN/Inf values (the first, {array[index]}, at "
+                                 f"index {index})")
+        self._used.add(key)
+        return array
+
+
+# ----------------------------------------------------------------------------- config and dtype
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    """``directory/config.json`` as a dict (FileNotFoundError / ValueError naming the file)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs "
+                                "config.json next to its *.safetensors")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+def _as_dtype(dtype: Any) -> Any:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.ndarray:
+    """A torch linear weight [out, in] read as [in, out]."""
+    return reader.get(key, tuple(reversed(shape_in_out))).T
+
+
+def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,
+                  e: int, d: int, f: int) -> dict[str, np.ndarray]:
+    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of block i (per-expert or fused layout)."""
+    fused_gate_up, fused_down = family.fused_expert_names(i, moe)
+    if fused_gate_up in reader:
+        gate_up = reader.get(fused_gate_up, (e, 2 * f, d)).transpose(0, 2, 1)  # [e, d, 2f]
+        down = reader.get(fused_down, (e, d, f)).transpose(0, 2, 1)  # [e, f, d]
+        return {"w1": gate_up[..., :f], "w3": gate_up[..., f:], "w2": down}
+    out = {}
+    for w, shape in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d))):
+        path = ("layers", i, "mlp", w)
+        out[w] = np.stack([_linear(reader, family.tensor_name(path, expert=j, moe=moe), shape)
+                           for j in range(e)])
+    return out
+
+
+def _moe_name(reader: ShardReader, family: Family, i: int) -> str:
+    """The name block i's MoE module has in the checkpoint: the first of the family's
+    ``moe_names`` whose gate is there (else the written one)."""
+    gate = ("layers", i, "mlp", "gate", "kernel")
+    return next((name for name in family.moe_names
+                 if family.tensor_name(gate, moe=name) in reader), family.moe_names[0])
+
+
+def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: int,
+                   shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, np.ndarray]:
+    """Every parameter of block i except the pre-gate, under its module path."""
+    hf_name = family.tensor_name
+    layer = ("layers", i)
+    out: dict[Path, np.ndarray] = {}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        path = layer + (norm, "scale")
+        out[path] = reader.get(hf_name(path), (config.d_model,))
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        path = layer + ("self_attn", proj)
+        out[path + ("kernel",)] = _linear(reader, hf_name(path + ("kernel",)),
+                                          shapes[path + ("kernel",)])
+        if path + ("bias",) in shapes:
+            out[path + ("bias",)] = reader.get(hf_name(path + ("bias",)), shapes[path + ("bias",)])
+    for norm in ("q_norm", "k_norm"):
+        path = layer + ("self_attn", norm, "scale")
+        if path in shapes:
+            out[path] = reader.get(hf_name(path), shapes[path])
+
+    moe = _moe_name(reader, family, i)
+    mlp = layer + ("mlp",)
+    m = config.moe
+    out[mlp + ("gate", "kernel")] = _linear(reader, hf_name(mlp + ("gate", "kernel"), moe=moe),
+                                            (m.d_model, m.num_experts))
+    experts = _load_experts(reader, family, i, moe, m.num_experts, m.d_model, m.d_ff)
+    out.update({mlp + (k,): v for k, v in experts.items()})
+    if mlp + ("shared", "w1") in shapes:
+        s = m.shared_width
+        for w, shape in (("w1", (m.d_model, s)), ("w3", (m.d_model, s)), ("w2", (s, m.d_model))):
+            out[mlp + ("shared", w)] = _linear(reader, hf_name(mlp + ("shared", w), moe=moe), shape)
+        if mlp + ("shared", "gate_kernel") in shapes:
+            path = mlp + ("shared", "gate_kernel")
+            out[path] = _linear(reader, hf_name(path, moe=moe), (m.d_model, 1))
+    return out
+
+
+def _pregate_key(reader: ShardReader, family: Family, config: ModelConfig, i: int
+                 ) -> str | None:
+    """Name of block i's pre-gate tensor [e, d] when the checkpoint holds one, else None.
+
+    Only blocks before the last have a pre-gate; a pre-gate tensor of the last block is left
+    unread, so the importer refuses it as an unknown weight. Any of the family's MoE module
+    names is accepted, as for its gate.
+    """
+    if i >= config.num_layers - 1:
+        return None
+    for moe in family.moe_names:
+        key = family.tensor_name(("layers", i, "mlp", "pregate", "kernel"), moe=moe)
+        if key in reader:
+            return key
+    return None
+
+
+def _prune_config(config: ModelConfig, expert_format: ExpertFormat,
+                  prune: pruning.PruneConfig | None) -> pruning.PruneConfig | None:
+    """The pruning settings of a conversion (None for dense)."""
+    if prune is not None:
+        if prune.format != expert_format:
+            raise ValueError(f"prune.format={prune.format!r} disagrees with "
+                             f"expert_format={expert_format!r}")
+        if prune.output != "compressed":
+            raise ValueError("prune.output must be 'compressed' to store the experts in their "
+                             f"format, got {prune.output!r}")
+        return prune
+    if not get_format(expert_format, "expert_format").classes:
+        return None
+    return pruning.PruneConfig(format=expert_format,
+                               **config.moe.sparsity.format_params(expert_format))
+
+
+def _convert_experts(experts: dict[str, jax.Array], i: int,
+                     prune: pruning.PruneConfig | None) -> dict[str, Any]:
+    if prune is None:
+        return experts
+    converted, _ = pruning.prune_experts({"layers": {str(i): experts}}, prune, progress=False)
+    return converted["layers"][str(i)]
+
+
+def load_hf_checkpoint(
+    directory: str,
+    *,
+    dtype: Any = None,
+    expert_format: ExpertFormat | None = None,
+    prune: pruning.PruneConfig | None = None,
+    backend: MoEBackend = "xla",
+    pregate: PregateMode = "standard",
+    progress: bool | None = None,
+) -> tuple[MoETransformer, ModelConfig]:
+    """Import a Hugging Face MoE checkpoint directory and convert its experts.
+
+    Args:
+      directory: holds ``config.json`` and the ``*.safetensors`` weights (see the module doc).
+      dtype: compute and parameter dtype ("float32", "bfloat16", "float16" or a jnp dtype);
+        None: the config's ``torch_dtype``/``dtype`` (float32 if absent).
+      expert_format: storage of the routed experts; None: ``prune.format``, else "dense".
+      prune: the ``pruning.PruneConfig`` (method, pattern) used for a sparse format; None:
+        magnitude pruning with the pattern of ``MoEConfig.sparsity``'s defaults.
+      backend: expert compute of the model ("xla" or "pallas").
+      pregate: pre-gating mode; pre-gates are read from the checkpoint's ``...pregate.weight``
+        tensors when present, else start as copies of the next block's gate.
+      progress: tqdm bar over the layers; None shows it on a terminal.
+    Returns:
+      ``(model, config)``.
+    Raises:
+      FileNotFoundError: missing directory, config.json or shard.
+      ValueError: unsupported architecture/option, unreadable shard, missing, unexpected or
+        mis-shaped tensor (named, with expected vs found shape), a tensor with NaN or Inf
+        values (named, with its file).
+    """
+    hf = read_hf_config(directory)
+    if expert_format is None:
+        expert_format = prune.format if prune is not None else "dense"
+    dtype = _as_dtype(dtype)
+    if dtype is None:
+        dtype = _DTYPES.get(str(hf.get("torch_dtype", hf.get("dtype", "float32"))), jnp.float32)
+    config = ModelConfig.from_hf(hf, expert_format="dense", backend=backend, pregate=pregate,
+                                 dtype=dtype, param_dtype=dtype)
+    prune = _prune_config(config, expert_format, prune)
+    if prune is not None:
+        sparsity = SparsityConfig(n=prune.n, m=prune.m, n_sel=prune.n_sel, m_sel=prune.m_sel,
+                                  v=prune.v, density=1.0 - prune.sparsity)
+        config = config.replace(moe=dict(expert_format=expert_format, sparsity=sparsity))
+
+    model = _abstract_model(config)
+    variables = _variables(model)
+    shapes = {p: tuple(v.get_value().shape) for p, v in variables.items()
+              if isinstance(v, nnx.Param)}
+    param_dtype = config.param_dtype
+    loaded: dict[Path, Any] = {}
+
+    def put(path: Path, array: Any) -> None:
+        if _is_sparse(array):
+            _check_layout(config, path, variables[path].get_value(), array, "the conversion")
+            loaded[path] = array
+            return
+        if tuple(array.shape) != shapes[path]:  # a mapping error here, never a user error
+            raise AssertionError(f"{_dotted(path)}: mapped shape {array.shape} != {shapes[path]}")
+        loaded[path] = jnp.asarray(array, dtype=param_dtype)
+
+    with ShardReader(directory) as reader:
+        v, d = config.vocab_size, config.d_model
+        family = families.family(config.architecture)
+        hf_name = family.tensor_name
+        put(("embed_tokens", "embedding"),
+            reader.get(hf_name(("embed_tokens", "embedding")), (v, d)))
+        bar = tqdm(range(config.num_layers), unit="layer",
+                   desc=f"importing {config.architecture} ({expert_format} experts)",
+                   disable=None if progress is None else not progress)  # None: only on a tty
+        for i in bar:
+            tensors = _layer_tensors(reader, family, config, i, shapes)
+            expert_paths = {("layers", i, "mlp", k): k for k in ("w1", "w3", "w2")}
+            experts = {}
+            for path, array in tensors.items():
+                if path in expert_paths:
+                    experts[expert_paths[path]] = jnp.asarray(array, dtype=param_dtype)
+                else:
+                    put(path, array)
+            del tensors
+            for name, w in _convert_experts(experts, i, prune).items():
+                put(("layers", i, "mlp", name), w)
+            key = _pregate_key(reader, family, config, i)
+            if key is not None:
+                path = ("layers", i, "mlp", "pregate", "kernel")
+                if path in shapes:
+                    put(path, _linear(reader, key, shapes[path]))
+                else:  # standard routing needs no pre-gate: skipped on purpose, not dropped
+                    reader.mark_used(key)
+        put(("norm", "scale"), reader.get(hf_name(("norm", "scale")), (d,)))
+        if config.tie_word_embeddings:  # some exports keep the tied copy; unused here
+            reader.mark_used(hf_name(("lm_head", "kernel")))
+        else:
+            put(("lm_head", "kernel"), _linear(reader, hf_name(("lm_head", "kernel")), (d, v)))
+        unused = [k for k in reader.unused() if not k.endswith("rotary_emb.inv_freq")]
+        if unused:
+            raise ValueError(
+                f"{len(unused)} tensors of {directory} are not part of the {config.architecture} "
+                f"layout this importer maps (e.g. {unused[:3]}); refusing to drop weights")
+
+    for i in range(config.num_layers - 1):  # pre-gates not in the file: the next block's gate
+        path = ("layers", i, "mlp", "pregate", "kernel")
+        if path in shapes and path not in loaded:
+            loaded[path] = loaded[("layers", i + 1, "mlp", "gate", "kernel")]
+    missing = sorted(_dotted(p) for p in shapes if p not in loaded)
+    if missing:  # a mapping gap: fail loudly instead of leaving abstract leaves behind
+        raise AssertionError(f"parameters not filled from the checkpoint: {missing}")
+    for path, value in loaded.items():
+        variables[path].set_value(value)
+    _fill_non_params(variables)
+    return model, config

@@ -1,0 +1,102 @@
+"""Parameter layouts shared by the checkpoint importer, the converted-model format and the
+exporter: the abstract (nothing allocated) model of a config, its variables by module path,
+and the layout a config implies for each parameter (dense shape and dtype, or a sparse format
+with its static fields and array fields), with checks naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.format_registry import get_format
+from samoyeds_jax.model import ModelConfig, MoETransformer
+
+Path = tuple[str | int, ...]
+
+
+def _abstract_model(config: ModelConfig) -> MoETransformer:
+    """The model with ShapeDtypeStruct leaves (nothing allocated); experts are dense shapes."""
+    return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
+
+
+def _variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _fill_non_params(variables: Mapping[Path, nnx.Variable]) -> None:
+    """Non-parameter state (counters) starts at zero."""
+    for var in variables.values():
+        if not isinstance(var, nnx.Param):
+            var.set_value(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), var.get_value()))
+
+
+
+def _static_fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if f.metadata.get("static")}
+
+
+def _array_fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if not f.metadata.get("static")}
+
+
+def _is_sparse(value: Any) -> bool:
+    return hasattr(value, "to_dense")
+
+
+def _describe(value: Any) -> str:
+    """A parameter value's layout: ``float32[4, 64, 64]``, or the sparse format's class, static
+    fields and every array field, e.g. ``NMSparse(n=2, m=4, k=64; values float32[4, 32, 64],
+    meta int32[4, 2, 64])``."""
+    if not _is_sparse(value):
+        return f"{jnp.dtype(value.dtype).name}{list(value.shape)}"
+    if not dataclasses.is_dataclass(value):
+        return type(value).__name__
+    static = ", ".join(f"{k}={v}" for k, v in _static_fields(value).items())
+    arrays = ", ".join(f"{k} {_describe(v)}" for k, v in _array_fields(value).items())
+    return f"{type(value).__name__}({static}; {arrays})"
+
+
+def _expected(config: ModelConfig, path: Path, dense: Any, stored: Any) -> Any:
+    """The layout ``config`` implies for parameter ``path`` of abstract dense value ``dense``:
+    ``dense`` itself, or for routed experts in a sparse format the format's ``abstract`` value.
+    A TiledSparse takes its tile sizes and slot count, which the config leaves open, from
+    ``stored``. ValueError when the config admits no layout for it."""
+    name = config.moe.expert_format
+    fmt = get_format(name)
+    if not fmt.classes or path[:1] != ("layers",) or path[2:] not in (
+            ("mlp", "w1"), ("mlp", "w3"), ("mlp", "w2")):
+        return dense
+    return fmt.abstract(dense.shape, dense.dtype, like=stored,
+                        **config.moe.sparsity.format_params(name))
+
+
+def _check_layout(config: ModelConfig, path: Path, dense: Any, value: Any, where: str) -> Any:
+    """The layout ``config`` implies for parameter ``path`` (see ``_expected``), after checking
+    that ``value`` has it: format, static fields, every array's shape and dtype (ValueError
+    naming the parameter and ``where`` it comes from otherwise)."""
+    name = _dotted(path)
+    try:
+        expected = _expected(config, path, dense, value)
+    except ValueError as err:
+        raise ValueError(f"parameter {name} in {where}: {_describe(value)} fits no layout of the "
+                         f"config ({err})") from None
+    if _describe(value) != _describe(expected):
+        if type(value) is not type(expected) and _is_sparse(expected):
+            want = f"{type(expected).__name__} (expert_format={config.moe.expert_format!r})"
+        else:
+            want = _describe(expected)
+        raise ValueError(f"parameter {name} in {where}: expected {want} from the config, found "
+                         f"{_describe(value)}")
+    return expected
