@@ -11,6 +11,8 @@ A weight format is how a dense weight W [..., K, N] (``y = x @ W``) is stored. I
 * ``from_dense(w, **params)`` (W already pruned to the pattern), ``to_dense(w)``,
   ``astype(w, dtype)``, ``abstract(shape, dtype, like=None, **params)`` (the layout without data;
   ``like``: a stored weight giving the fields the parameters leave open);
+* ``random(key, shape, dtype, **params)``: a random weight drawn directly in the format (the
+  initialization of a sparse layer; see ``WeightFormat.random``);
 * its pruning pattern: ``pattern(k, n, **params)``, a hashable ``(name, *args)`` tuple, and
   ``keep_masks(scores, *args)``, the boolean keep-masks of that pattern from float32 scores
   (several scores: one choice shared by all, where the format has such a choice).
@@ -32,12 +34,17 @@ and a ``values`` array field) and a ``WeightFormat`` subclass, plus one line in 
     FORMATS = {..., "halved": HalvedFormat()}
 
 Configs, pruning, checkpoints and the command lines then accept ``"halved"``; pruning to it keeps
-every entry unless ``pattern`` and ``keep_masks`` say otherwise.
+every entry unless ``pattern`` and ``keep_masks`` say otherwise. A layer is created in it once
+the entry draws random weights (``_draw``); without one, build the layer dense and convert it
+(``MoE.to_format``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -103,6 +110,37 @@ class WeightFormat:
         self.check_params(**params)
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
+    # -- random initialization
+
+    def random(self, key: jax.Array, shape: Sequence[int], dtype: Any, **params: Any) -> Any:
+        """A random W of dense ``shape`` [..., K, N] and ``dtype``, stored in this format.
+
+        Dense: the fan-in truncated normal (``jax.nn.initializers.variance_scaling(1.0,
+        "fan_in", "truncated_normal")``, variance 1/K per entry). Sparse formats draw the stored
+        arrays directly (jnp, under one ``jit``; no pruning): the kept entries uniformly at random
+        among the format's patterns, the kept values from the same truncated normal with
+        variance 1/(K * density), so that ``x @ W`` has the dense init's expected output variance
+        (a magnitude-pruned dense draw keeps less of it). Kept values are never exactly 0 (a 0
+        would read as a dropped entry): ``from_dense(to_dense(w))`` gives back ``w``.
+        """
+        shape = tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape must be [..., K, N], got {shape}")
+        self.check_shape(*shape[-2:], **params)
+        return _jit_draw(self, key, shape, jnp.dtype(dtype),
+                         tuple(self.check_params(**params).items()))
+
+    def _draw(self, key: jax.Array, shape: tuple[int, ...], dtype: Any, **params: Any) -> Any:
+        """``random`` after its checks (traced: ``params`` are static)."""
+        if self.classes:
+            raise NotImplementedError(
+                f"format {self.name!r} has no random init; build the weights dense and "
+                "convert them (e.g. MoE.to_format)")
+        init = jax.nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+            batch_axis=tuple(range(len(shape) - 2)))
+        return init(key, shape, dtype)
+
     # -- pruning
 
     def pattern(self, k: int, n: int, /, **params: Any) -> tuple:
@@ -146,6 +184,13 @@ class NMFormat(WeightFormat):
         p = self.check_params(**params)
         return formats.NMSparse.abstract(tuple(shape), dtype, n=p["n"], m=p["m"])
 
+    def _draw(self, key, shape, dtype, n, m):
+        *lead, k, cols = shape
+        kv, km = jax.random.split(key)
+        values = _kept_values(kv, (*lead, k * n // m, cols), dtype, k * n / m)
+        return formats.NMSparse(values=values, meta=_random_nm_meta(km, shape, n, m), n=n, m=m,
+                                k=k)
+
     def pattern(self, k, n, /, **params):
         p = self.check_params(**params)
         prune_masks.check_nm(p["n"], p["m"], k)
@@ -184,6 +229,19 @@ class SamoyedsFormat(WeightFormat):
 
     def abstract(self, shape, dtype, *, like=None, **params):
         return formats.SamoyedsSparse.abstract(tuple(shape), dtype, **self.check_params(**params))
+
+    def _draw(self, key, shape, dtype, n_sel, m_sel, v):
+        """Per slab and column group n_sel of the m_sel columns, then 2:4 along K in each kept
+        column (independently for each matrix: no choice shared between w1 and w3)."""
+        *lead, k, cols = shape
+        nc = cols // m_sel * n_sel
+        kv, km, ks = jax.random.split(key, 3)
+        sel = _random_subsets(ks, (*lead, k // v, cols // m_sel), n_sel, m_sel)
+        return formats.SamoyedsSparse(
+            values=_kept_values(kv, (*lead, k // 2, nc), dtype, k * n_sel / m_sel / 2),
+            meta=_random_nm_meta(km, (*lead, k, nc), 2, 4),
+            sel=sel.reshape(*lead, k // v, nc).astype(jnp.int8),
+            n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=cols)
 
     def pattern(self, k, n, /, **params):
         p = {**self.params, **params}  # the mask alone takes any v % 4 (dense output)
@@ -232,6 +290,24 @@ class UnstructuredFormat(WeightFormat):
         return cls.abstract(tuple(shape), dtype, num_slots=like.num_slots, tile_k=like.tile_k,
                             tile_n=like.tile_n, slot_align=like.slot_align)
 
+    def _draw(self, key, shape, dtype, sparsity, tile_k, tile_n):
+        """Every column of every tile keeps the same number of rows, round(tile_k * (1 -
+        sparsity)) (at least 1), chosen uniformly: a ``TiledSparse`` without padding slots."""
+        *lead, k, n = shape
+        tile_k, tile_n = tiled_format._tiles(k, n, tile_k, tile_n, 1)
+        kt, nt = k // tile_k, n // tile_n
+        per_col = max(1, round(tile_k * (1 - sparsity)))
+        kv, kr = jax.random.split(key)
+        rows = _random_subsets(kr, (*lead, kt, nt, tile_n), per_col, tile_k)  # [.., KT, NT, tn, c]
+        rows = jnp.swapaxes(jnp.swapaxes(rows, -4, -3), -1, -2)  # [..., NT, KT, c, tn]
+        rows = rows.reshape(*lead, nt * kt * per_col, tile_n)
+        offsets = per_col * (kt * jnp.arange(nt)[:, None] + jnp.arange(kt + 1)[None, :])
+        return tiled_format.TiledSparse(
+            values=_kept_values(kv, rows.shape, dtype, k * per_col / tile_k),
+            rows=rows.astype(tiled_format._rows_dtype(tile_k)),
+            offsets=jnp.broadcast_to(offsets.astype(jnp.int32), (*lead, nt, kt + 1)),
+            k=k, n=n, tile_k=tile_k, tile_n=tile_n)
+
     def pattern(self, k, n, /, **params):
         p = self.check_params(**params)
         return (self.name, prune_masks.count_kept(p["sparsity"], k * n))
@@ -240,6 +316,46 @@ class UnstructuredFormat(WeightFormat):
         return [prune_masks.unstructured_keep(
             s, n_keep=n_keep, select=prune_masks.select_for(s.shape[-2] * s.shape[-1]))
             for s in scores]
+
+
+# -- random draws
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _jit_draw(fmt: WeightFormat, key: jax.Array, shape: tuple[int, ...], dtype: Any,
+              params: tuple[tuple[str, Any], ...]) -> Any:
+    return fmt._draw(key, shape, dtype, **dict(params))
+
+
+# Standard deviation of a standard normal truncated to [-2, 2] (as in jax's variance_scaling).
+_TRUNCATED_STD = 0.87962566103423978
+# n-of-m choices with at most this many subsets index a table of them; larger ones take a top_k.
+_MAX_SUBSET_TABLE = 256
+
+
+def _kept_values(key: jax.Array, shape: tuple[int, ...], dtype: Any, fan_in: float) -> jax.Array:
+    """Truncated normal in [-2, 2] standard deviations, variance 1/fan_in, drawn in float32;
+    an exact 0 (a rare draw, or an underflow in ``dtype``) becomes the smallest normal."""
+    std = (1.0 / fan_in) ** 0.5 / _TRUNCATED_STD
+    values = (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+    return jnp.where(values == 0, jnp.finfo(dtype).smallest_normal, values)
+
+
+def _random_subsets(key: jax.Array, shape: tuple[int, ...], n: int, m: int) -> jax.Array:
+    """[*shape, n] int32: n distinct positions of range(m) in ascending order, each of the
+    C(m, n) choices equally likely, independently for every index of ``shape``."""
+    if math.comb(m, n) <= _MAX_SUBSET_TABLE:
+        table = jnp.asarray(list(itertools.combinations(range(m), n)), jnp.int32)
+        return table[jax.random.randint(key, shape, 0, table.shape[0])]
+    top = jax.lax.top_k(jax.random.uniform(key, (*shape, m)), n)[1]
+    return jnp.sort(top, axis=-1).astype(jnp.int32)
+
+
+def _random_nm_meta(key: jax.Array, shape: tuple[int, ...], n: int, m: int) -> jax.Array:
+    """Packed meta (``formats.NMSparse.meta``) of a random n:m pattern along K of [..., K, N]."""
+    *lead, k, cols = shape
+    pos = _random_subsets(key, (*lead, k // m, cols), n, m)  # [..., K/m, N, n]
+    return formats.pack_meta(jnp.swapaxes(pos, -1, -2).reshape(*lead, k * n // m, cols), n, m)
 
 
 FORMATS: dict[str, WeightFormat] = {

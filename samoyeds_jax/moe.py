@@ -42,9 +42,7 @@ from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_log
 
 Dtype = Any
 
-# y = x @ W with W [..., in, out]: scale by fan-in, stacked experts share one init scale.
-_expert_init = nnx.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+# y = x @ W with W [in, out]: scale by fan-in (routed experts: ``WeightFormat.random``).
 _linear_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
@@ -324,8 +322,8 @@ class MoE(nnx.Module):
       rngs: keyword-only ``nnx.Rngs`` for initialization.
 
     Params: ``gate.kernel [d, e]``, ``pregate.kernel [d, e]`` (if any), ``w1/w3 [e, d, f]``,
-    ``w2 [e, f, d]`` (dense arrays, or sparse format pytrees for a sparse ``expert_format``),
-    ``shared.*`` (if ``num_shared_experts > 0``).
+    ``w2 [e, f, d]`` (dense arrays, or sparse format pytrees drawn in a sparse ``expert_format``
+    by ``WeightFormat.random``), ``shared.*`` (if ``num_shared_experts > 0``).
     """
 
     def __init__(self, config: MoEConfig, *, block_index: int = 0, num_blocks: int = 1,
@@ -350,19 +348,21 @@ class MoE(nnx.Module):
                                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                         if has_pregate else None)
         e, d, f = c.num_experts, c.d_model, c.d_ff
-        self.w1 = nnx.Param(_expert_init(rngs.params(), (e, d, f), param_dtype))
-        self.w3 = nnx.Param(_expert_init(rngs.params(), (e, d, f), param_dtype))
-        self.w2 = nnx.Param(_expert_init(rngs.params(), (e, f, d), param_dtype))
+        keys = [rngs.params() for _ in range(3)]
+        # Under abstract evaluation (nnx.eval_shape) the experts keep the dense layout that
+        # real weights are loaded into (then ``sparsify()``); else they are drawn in the format.
+        fmt = "dense" if isinstance(keys[0], jax.core.Tracer) else c.expert_format
+        draw = functools.partial(get_format(fmt).random, dtype=param_dtype,
+                                 **c.sparsity.format_params(fmt))
+        self.w1 = nnx.Param(draw(keys[0], (e, d, f)))
+        self.w3 = nnx.Param(draw(keys[1], (e, d, f)))
+        self.w2 = nnx.Param(draw(keys[2], (e, f, d)))
         self.shared = (SharedExperts(d, c.shared_width, gate=c.shared_gate, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
                        if c.num_shared_experts else None)
         self.recall_stats = RecallStats(RecallCounts.zeros())
         # Set by ``samoyeds_jax.parallel.use_expert_parallel``: routed experts split over devices.
         self.expert_parallel = None
-        if get_format(c.expert_format).classes and not isinstance(self.w1[...], jax.core.Tracer):
-            # Magnitude pruning of the initial weights; under abstract evaluation
-            # (nnx.eval_shape) the experts stay dense. Load real weights, then ``sparsify()``.
-            self.sparsify()
 
     # -- weights
 

@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pallas_kernels import format_registry as fr
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.tiled_format import TiledBitmap, TiledSparse
 from samoyeds_jax import eval_cli, generate_cli, pruning
 from samoyeds_jax.config import ExpertFormat, MoEConfig, SparsityConfig
+from samoyeds_jax.moe import MoE
 
 
 def test_typing_aliases_match_the_registry():
@@ -157,6 +159,9 @@ def test_a_registered_format_works_everywhere(halved):
                                          "reduction dim, got 65"):
         MoEConfig(d_model=64, d_ff=65, num_experts=2, top_k=1, expert_format="halved",
                   sparsity=SparsityConfig())
+    # No random draw in it: a layer is built dense and converted.
+    with pytest.raises(NotImplementedError, match="format 'halved' has no random init.*to_format"):
+        MoE(cfg, rngs=nnx.Rngs(0))
 
     # Pruning: the pattern comes from the registry, and the default keeps every entry.
     config = pruning.PruneConfig(format="halved")

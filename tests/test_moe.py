@@ -275,8 +275,8 @@ def test_bad_sparsity_configs():
 
 @pytest.mark.parametrize("fmt, d, f", [("nm", 32, 32), ("samoyeds", 128, 128)])
 def test_sparse_formats(rng, fmt, d, f):
-    """Samoyeds: experts pruned at init; N:M: dense experts converted with ``to_format``. The xla
-    and pallas paths match the dense reference of the stored (pruned) weights."""
+    """Samoyeds: experts drawn in the format; N:M: dense experts converted with ``to_format``.
+    The xla and pallas paths match the dense reference of the stored weights."""
     from pallas_kernels import formats
 
     cfg = MoEConfig(d_model=d, d_ff=f, num_experts=2, top_k=1,
@@ -302,3 +302,32 @@ def test_sparse_formats(rng, fmt, d, f):
         moe.config = cfg.replace(backend=backend)
         y, _ = nnx.jit(lambda m, x: m(x))(moe, x)
         np.testing.assert_allclose(_np(y), ref, rtol=1e-4, atol=1e-5, err_msg=backend)
+
+
+@pytest.mark.parametrize("fmt", ["nm", "samoyeds", "unstructured"])
+def test_sparse_experts_are_drawn_in_the_format_without_pruning(monkeypatch, fmt):
+    """No pruning and no host compression at init; the layer's outputs keep the dense layer's
+    scale; abstract evaluation keeps the dense layout that checkpoints are loaded into."""
+    from pallas_kernels import format_registry, prune_masks
+    from samoyeds_jax import pruning
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pruning called at init")
+
+    for module, name in ((pruning, "prune_experts"), (prune_masks, "nm_keep"),
+                         (prune_masks, "samoyeds_keep"), (prune_masks, "samoyeds_keep_shared"),
+                         (prune_masks, "unstructured_keep")):
+        monkeypatch.setattr(module, name, refuse)
+    kind = format_registry.get_format(fmt).classes[0]
+    monkeypatch.setattr(kind, "from_dense", refuse)
+    cfg = MoEConfig(d_model=128, d_ff=128, num_experts=2, top_k=1, expert_format=fmt)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    assert all(isinstance(w, kind) for w in (moe.w1.get_value(), moe.w3.get_value(),
+                                             moe.w2.get_value()))
+    x = jax.random.normal(jax.random.key(1), (256, 128), jnp.float32)
+    dense = MoE(cfg.replace(expert_format="dense"), rngs=nnx.Rngs(0))
+    ratio = float(jnp.std(moe(x)[0]) / jnp.std(dense(x)[0]))
+    assert 0.5 < ratio < 2.0, ratio
+    abstract = nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0)))
+    assert abstract.w1.get_value().shape == (2, 128, 128)
+    assert isinstance(abstract.w1.get_value(), jax.ShapeDtypeStruct)
