@@ -366,6 +366,13 @@ FORMATS: dict[str, WeightFormat] = {
 }
 
 
+def as_dense(w: Any, dtype: Any) -> jax.Array:
+    """A dense [..., K, N] array of ``dtype`` from an array or a sparse-format pytree."""
+    if hasattr(w, "to_dense"):
+        w = w.to_dense()
+    return jnp.asarray(w).astype(dtype)
+
+
 def format_names() -> tuple[str, ...]:
     """The registered format names, in registration order."""
     return tuple(FORMATS)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.checks import are_arrays, expect_kind
-from pallas_kernels.format_registry import get_format
+from pallas_kernels.format_registry import as_dense, get_format
 from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm, SparsityConfig
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
@@ -129,13 +129,6 @@ def hopper_layout(experts: ExpertWeights, *, kernel: str | None = None,
     return ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
 
 
-def _as_dense(w, dtype: Dtype) -> jax.Array:
-    """A dense [..., K, N] array of ``dtype`` from an array or a sparse format pytree."""
-    if hasattr(w, "to_dense"):
-        w = w.to_dense()
-    return jnp.asarray(w).astype(dtype)
-
-
 # ----------------------------------------------------------------------------- expert math
 
 
@@ -149,7 +142,7 @@ def expert_ffn_ragged(x: jax.Array, routing: Routing, experts: ExpertWeights,
     (deterministic combine, no scatter-add).
     """
     t, k = routing.topk_idx.shape
-    w1, w3, w2 = (_as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
+    w1, w3, w2 = (as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
     e = w1.shape[0]
     flat_idx = routing.topk_idx.reshape(t * k)  # [t*k]
     order = jnp.argsort(flat_idx, stable=True)  # [t*k] assignment ids grouped by expert
@@ -170,7 +163,7 @@ def expert_ffn_loop(x: jax.Array, routing: Routing, experts: ExpertWeights,
 
     Same signature and result as ``expert_ffn_ragged``; O(t * e) work, for tests and tiny e.
     """
-    w1, w3, w2 = (_as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
+    w1, w3, w2 = (as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
     combine = routing.combine_weights(w1.shape[0])  # [t, e]
     x = x.astype(dtype)
     gate = jnp.einsum("td,edf->etf", x, w1, preferred_element_type=jnp.float32)
@@ -223,7 +216,7 @@ def _kernel_weight(w, dtype):
     from pallas_kernels.transposed_format import TransposedSparse
     if isinstance(w, NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA):
         return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
-    return _as_dense(w, dtype)
+    return as_dense(w, dtype)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -1,6 +1,6 @@
 """A self-contained pre-gated MoE decoder block for the offload engines: ``SimpleMoEBlock``
-(random parameters, ``BlockFns`` halves) and its pieces ``expert_mlp``, ``topk_routing`` and
-``as_dense``. Benchmarks, tests and examples drive ``OffloadDecoder`` and ``InJitDecoder``
+(random parameters, ``BlockFns`` halves) and its pieces ``expert_mlp`` and ``topk_routing``.
+Benchmarks, tests and examples drive ``OffloadDecoder`` and ``InJitDecoder``
 with it.
 """
 
@@ -13,16 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.format_registry import as_dense
 from samoyeds_jax.expert_store import device_sharding
 from samoyeds_jax.offload import BlockFns
 from samoyeds_jax.routing import Routing
-
-
-def as_dense(w: Any, dtype: Any) -> jax.Array:
-    """Dense [..., K, N] ``dtype`` array from an array or a sparse-format pytree (``to_dense``)."""
-    if hasattr(w, "to_dense"):
-        w = w.to_dense()
-    return jnp.asarray(w).astype(dtype)
 
 
 def expert_mlp(w: dict[str, Any], x: jax.Array, *, dtype: Any) -> jax.Array:
