@@ -24,8 +24,10 @@ from samoyeds_jax.offload import BlockScheduler, OffloadConfig, OffloadDecoder
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 from samoyeds_jax.pregate import PregateTrainConfig, train_pregates
-from samoyeds_jax.pruning import (PruneConfig, PruneReport, magnitude_score, prune_experts,
-                                  prune_nm, prune_samoyeds, prune_unstructured, wanda_score)
+from samoyeds_jax.prune_report import PruneReport
+from samoyeds_jax.prune_weights import (magnitude_score, prune_nm, prune_samoyeds,
+                                        prune_unstructured, wanda_score)
+from samoyeds_jax.pruning import PruneConfig, prune_experts
 from samoyeds_jax.routing import Routing, route_logits, topk_recall
 from samoyeds_jax.train import TrainConfig, Trainer
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
 from samoyeds_jax.model import DecoderBlock, MoETransformer
@@ -42,7 +42,7 @@ class CompressReport:
     """Per block: the ``PruneReport`` and the calibration tokens each expert received."""
 
     config: pruning.PruneConfig
-    blocks: tuple[pruning.PruneReport, ...]
+    blocks: tuple[prune_report.PruneReport, ...]
     expert_tokens: tuple[tuple[int, ...], ...]
 
     def as_dict(self) -> dict[str, Any]:

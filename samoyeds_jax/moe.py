@@ -369,8 +369,8 @@ class MoE(nnx.Module):
         Uses ``samoyeds_jax.pruning.prune_experts`` with ``config.sparsity``'s pattern.
         ``method``: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need
         ``calibration``: this block's inputs [t, d], or per-expert routed inputs [e, t, d]).
-        Returns the ``pruning.PruneReport`` (None when the format is dense or the weights are
-        already stored sparse). A whole model is pruned best with
+        Returns the ``prune_report.PruneReport`` (None when the format is dense or the weights
+        are already stored sparse). A whole model is pruned best with
         ``samoyeds_jax.compress.calibrate_and_prune`` (routing-aware, block by block).
         """
         fmt = self.config.expert_format
@@ -401,7 +401,8 @@ class MoE(nnx.Module):
         """Convert dense experts to ``expert_format`` (updates ``config``), in place.
 
         ``sparsity`` defaults to the current ``config.sparsity``; the new config is validated
-        (e.g. d_ff must suit the format). Returns the ``pruning.PruneReport`` (None for dense).
+        (e.g. d_ff must suit the format). Returns the ``prune_report.PruneReport`` (None for
+        dense).
         """
         if hasattr(self.w1.get_value(), "to_dense"):
             raise ValueError(

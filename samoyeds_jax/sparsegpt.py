@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.prune_masks import top_n_along
-from samoyeds_jax import pruning
+from pallas_kernels.prune_masks import check_ints as _check_ints, top_n_along
+from samoyeds_jax import prune_weights
 
 __all__ = [
     "SparseGPTConfig",
@@ -90,7 +90,7 @@ class SparseGPTConfig:
     damp: float = 0.01
 
     def __post_init__(self):
-        pruning._check_ints(block_size=self.block_size)
+        _check_ints(block_size=self.block_size)
         if self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size} must be positive")
         if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float, np.floating))
@@ -117,7 +117,7 @@ def hessian(x: jax.Array) -> jax.Array:
                          f"x.shape={tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"calibration activations must be floating; given x.dtype={x.dtype}")
-    pruning._check_finite(x, "x")
+    prune_weights._check_finite(x, "x")
     return _hessian(x)
 
 
@@ -139,12 +139,12 @@ def _check_h(h: Any, k: int) -> jax.Array:
                          f"given h.shape={tuple(h.shape)}")
     if not jnp.issubdtype(h.dtype, jnp.floating):
         raise ValueError(f"h must be floating; given h.dtype={h.dtype}")
-    pruning._check_finite(h, "h")
+    prune_weights._check_finite(h, "h")
     return h
 
 
 def _check_matrix(w: Any, name: str) -> jax.Array:
-    w = pruning._check_weight(w, name)
+    w = prune_weights._check_weight(w, name)
     if w.ndim != 2:
         raise ValueError(f"{name} must be one matrix [K, N] (loop over experts for a stack); "
                          f"given {name}.shape={tuple(w.shape)}")
@@ -158,14 +158,14 @@ def _check_pattern(pattern: Any, k: int, n_out: int, config: SparseGPTConfig) ->
                          f"('unstructured', n_keep) or ('dense',); given {pattern!r}")
     kind, *args = pattern
     if kind == "nm" and len(args) == 2:
-        pruning._check_nm(args[0], args[1], k)
+        prune_weights._check_nm(args[0], args[1], k)
         if config.block_size % args[1]:
             raise ValueError(f"block_size={config.block_size} must be a multiple of m={args[1]} "
                              "(N:M groups may not straddle blocks)")
     elif kind == "samoyeds" and len(args) == 3:
-        pruning._check_samoyeds(args[0], args[1], args[2], k, n_out)
+        prune_weights._check_samoyeds(args[0], args[1], args[2], k, n_out)
     elif kind == "unstructured" and len(args) == 1:
-        pruning._check_ints(n_keep=args[0])
+        _check_ints(n_keep=args[0])
         if not 0 <= args[0] <= k * n_out:
             raise ValueError(f"n_keep={args[0]} must be in [0, K*N={k * n_out}]")
     elif kind != "dense" or args:
@@ -365,8 +365,8 @@ def _obs_pass(w: jax.Array, u: jax.Array, *, pattern: tuple, block_size: int, pa
 
 
 def _magnitude(ws: tuple[jax.Array, ...], pattern: tuple) -> tuple[jax.Array, ...]:
-    """The magnitude pruning of ``pruning`` (shared column choice for a Samoyeds pair)."""
-    masks = pruning._masks(tuple(jnp.abs(w) for w in ws), pattern)
+    """The magnitude pruning of ``prune_weights`` (shared column choice for a Samoyeds pair)."""
+    masks = prune_weights._masks(tuple(jnp.abs(w) for w in ws), pattern)
     return tuple(jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(masks, ws))
 
 

@@ -26,7 +26,7 @@ from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.sparse_mma_layout import WgmmaSparseA, to_wgmma_sp
 from pallas_kernels.tiled_format import TiledBitmap, TiledSparse
 from pallas_kernels.transposed_format import TransposedSparse
-from samoyeds_jax import pruning, sparsegpt
+from samoyeds_jax import prune_weights, pruning, sparsegpt
 from samoyeds_jax.routing import Routing
 
 D, F, E = 16, 32, 4
@@ -364,23 +364,26 @@ PRUNE_CASES = [
          "method='random' must be 'magnitude', 'wanda' or"),
     case("prune_config_shared", lambda: pruning.PruneConfig(format="nm", shared_w1_w3=True), VE,
          "shared_w1_w3=True applies to format='samoyeds' only"),
-    case("prune_nm_pattern", lambda: pruning.prune_nm(w8, n=3, m=4), VE,
+    case("prune_nm_pattern", lambda: prune_weights.prune_nm(w8, n=3, m=4), VE,
          "(n, m)=(3, 4) is not a supported N:M pattern"),
-    case("prune_nm_k", lambda: pruning.prune_nm(np.ones((6, 8), np.float32)), VE,
+    case("prune_nm_k", lambda: prune_weights.prune_nm(np.ones((6, 8), np.float32)), VE,
          "K=6 (w.shape[-2]) must be a multiple of m=4"),
-    case("prune_nm_nan", lambda: pruning.prune_nm(np.where(eye8 > 0, np.float32(np.nan), eye8)), VE,
+    case("prune_nm_nan",
+         lambda: prune_weights.prune_nm(np.where(eye8 > 0, np.float32(np.nan), eye8)), VE,
          "w must be finite (no NaN/Inf); found nan"),
-    case("prune_nm_1d", lambda: pruning.prune_nm(np.ones(8, np.float32)), VE,
+    case("prune_nm_1d", lambda: prune_weights.prune_nm(np.ones(8, np.float32)), VE,
          "w must be a matrix [..., K, N] (ndim >= 2)"),
-    case("prune_samoyeds_v", lambda: pruning.prune_samoyeds(w8, v=6), VE,
+    case("prune_samoyeds_v", lambda: prune_weights.prune_samoyeds(w8, v=6), VE,
          "v=6 must be a positive multiple of 4"),
-    case("prune_unstructured_sparsity", lambda: pruning.prune_unstructured(w8, sparsity=1.0), VE,
+    case("prune_unstructured_sparsity",
+         lambda: prune_weights.prune_unstructured(w8, sparsity=1.0), VE,
          "sparsity=1.0 must be a number in [0, 1)"),
     case("prune_experts_wanda_calibration", lambda: pruning.prune_experts(
         {"experts": {"w1": np.ones((E, 32, 8), np.float32)}},
         pruning.PruneConfig(format="nm", method="wanda"), progress=False), VE,
          "method='wanda' needs calibration activations"),
-    case("prune_score_shape", lambda: pruning.prune_nm(w8, score=np.ones((4, 8), np.float32)), VE,
+    case("prune_score_shape",
+         lambda: prune_weights.prune_nm(w8, score=np.ones((4, 8), np.float32)), VE,
          "score must have the weight's shape; expected (8, 8)"),
     case("sparsegpt_block", lambda: sparsegpt.SparseGPTConfig(block_size=0), VE,
          "block_size=0 must be positive"),

@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pallas_kernels import formats
-from samoyeds_jax import converted_io, hf_import, pruning
+from samoyeds_jax import converted_io, hf_import, prune_weights, pruning
 from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.converted_io import load_converted, save_converted
 from samoyeds_jax.hf_import import load_hf_checkpoint
@@ -210,7 +210,7 @@ def test_nm_import_prunes_experts(loaded, capsys):
         for name in ("w1", "w3", "w2"):
             w = getattr(model.layers[i].mlp, name).get_value()
             assert isinstance(w, formats.NMSparse)
-            want = pruning.prune_nm(getattr(dense.layers[i].mlp, name)[...], n=2, m=4)
+            want = prune_weights.prune_nm(getattr(dense.layers[i].mlp, name)[...], n=2, m=4)
             np.testing.assert_array_equal(np.asarray(w.to_dense()), np.asarray(want))
     # Attention and router weights are untouched.
     np.testing.assert_array_equal(np.asarray(model.layers[0].mlp.gate.kernel[...]),

@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pallas_kernels import formats, tiled_format
-from samoyeds_jax import atomic, converted_io, hf_import, param_layout, pruning
+from samoyeds_jax import atomic, converted_io, hf_import, param_layout, prune_weights
 from samoyeds_jax.checkpoints import load_or_convert
 from samoyeds_jax.converted_io import (CONVERTED_CONFIG, CONVERTED_MANIFEST, CONVERTED_WEIGHTS,
                                        load_converted, save_converted)
@@ -378,9 +378,9 @@ def test_abstract_layout_is_the_one_from_dense_gives(rng, fmt, kwargs):
     cls = {"nm": formats.NMSparse, "samoyeds": formats.SamoyedsSparse,
            "unstructured": tiled_format.TiledSparse}[fmt]
     if fmt == "nm":
-        w = np.asarray(pruning.prune_nm(w, **kwargs))
+        w = np.asarray(prune_weights.prune_nm(w, **kwargs))
     elif fmt == "samoyeds":
-        w = np.asarray(pruning.prune_samoyeds(w, **kwargs))
+        w = np.asarray(prune_weights.prune_samoyeds(w, **kwargs))
     else:
         w[w < 0.5] = 0
     real = cls.from_dense(w, **kwargs)

@@ -11,15 +11,15 @@ import pytest
 from pallas_kernels import mgpu_matmul as mg
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.transposed_format import TransposedSparse
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights
 
 
 def _native(rng, k, n, kind, tk=256, dtype=jnp.bfloat16):
     w = jnp.asarray(rng.standard_normal((k, n)), dtype)
     if kind == "nm":
-        dense = np.asarray(pruning.prune_nm(w))
+        dense = np.asarray(prune_weights.prune_nm(w))
         return dense, TransposedSparse.from_nm(NMSparse.from_dense(dense), tk=tk)
-    dense = np.asarray(pruning.prune_samoyeds(w))
+    dense = np.asarray(prune_weights.prune_samoyeds(w))
     return dense, TransposedSparse.from_samoyeds(SamoyedsSparse.from_dense(dense), tk=tk)
 
 

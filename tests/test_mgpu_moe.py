@@ -18,7 +18,7 @@ from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_reference
 from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.sparse_mma_layout import WgmmaSparseA, to_wgmma_sp
 from pallas_kernels.transposed_format import TransposedSparse
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights
 
 D, F = 256, 512
 
@@ -29,9 +29,9 @@ KINDS = ["nm", "samoyeds", "nm_sp", "samoyeds_sp"]  # *_sp: WgmmaSparseA, else T
 def _stack(rng, e, k_in, n_out, kind):
     w = jnp.asarray(rng.standard_normal((e, k_in, n_out)) * k_in ** -0.5, jnp.bfloat16)
     if kind.startswith("nm"):
-        sparse = NMSparse.from_dense(np.asarray(pruning.prune_nm(w)))
+        sparse = NMSparse.from_dense(np.asarray(prune_weights.prune_nm(w)))
     else:
-        sparse = SamoyedsSparse.from_dense(np.asarray(pruning.prune_samoyeds(w)))
+        sparse = SamoyedsSparse.from_dense(np.asarray(prune_weights.prune_samoyeds(w)))
     if kind.endswith("_sp"):
         return to_wgmma_sp(sparse)
     if kind == "nm":
@@ -129,7 +129,7 @@ def test_moe_layer_hopper_layout_matches_xla(rng, kind, kernel, layout):
     from samoyeds_jax.routing import Routing
 
     e, t, k = 8, 5, 2
-    prune = pruning.prune_nm if kind == "nm" else pruning.prune_samoyeds
+    prune = prune_weights.prune_nm if kind == "nm" else prune_weights.prune_samoyeds
     fmt = NM if kind == "nm" else SS
 
     def stack(shape):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights, pruning
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -42,11 +42,11 @@ def _random_weight(rng, shape, dtype=jnp.float32):
 # ---------------------------------------------------------------------------- N:M
 
 
-@pytest.mark.parametrize("n,m,dtype", [(n, m, jnp.float32) for n, m in pruning.SUPPORTED_NM]
+@pytest.mark.parametrize("n,m,dtype", [(n, m, jnp.float32) for n, m in prune_weights.SUPPORTED_NM]
                          + [(2, 4, jnp.bfloat16), (2, 4, jnp.float16)])
 def test_nm_pattern_and_values(rng, n, m, dtype):
     w = _random_weight(rng, (2, 8 * m, 24), dtype)
-    p = pruning.prune_nm(w, n=n, m=m)
+    p = prune_weights.prune_nm(w, n=n, m=m)
     assert p.dtype == w.dtype and p.shape == w.shape
     pn, wn = _np(p), _np(w)
     np.testing.assert_array_equal(_nm_counts(pn, m), n)
@@ -56,7 +56,7 @@ def test_nm_pattern_and_values(rng, n, m, dtype):
 
 def test_nm_keeps_the_highest_scores(rng):
     w = _random_weight(rng, (32, 16))
-    p = _np(pruning.prune_nm(w, n=2, m=4))
+    p = _np(prune_weights.prune_nm(w, n=2, m=4))
     a = np.abs(_np(w)).reshape(8, 4, 16)
     kept = (p != 0).reshape(8, 4, 16)
     min_kept = np.where(kept, a, np.inf).min(axis=1)
@@ -66,23 +66,23 @@ def test_nm_keeps_the_highest_scores(rng):
 
 def test_nm_ties_keep_lower_rows_deterministically():
     w = jnp.ones((8, 3), jnp.float32)
-    p = _np(pruning.prune_nm(w, n=2, m=4))
+    p = _np(prune_weights.prune_nm(w, n=2, m=4))
     expected = np.tile(np.array([1, 1, 0, 0], np.float32)[:, None], (2, 3))
     np.testing.assert_array_equal(p, expected)
-    np.testing.assert_array_equal(_np(pruning.prune_nm(w, n=2, m=4)), p)
+    np.testing.assert_array_equal(_np(prune_weights.prune_nm(w, n=2, m=4)), p)
 
 
 def test_nm_custom_score_overrides_magnitude():
     w = jnp.asarray([[4.0], [3.0], [2.0], [1.0]])
     score = jnp.asarray([[0.0], [0.0], [1.0], [2.0]])
-    p = _np(pruning.prune_nm(w, n=2, m=4, score=score))
+    p = _np(prune_weights.prune_nm(w, n=2, m=4, score=score))
     np.testing.assert_array_equal(p[:, 0], [0, 0, 2, 1])
 
 
 def test_nm_is_idempotent(rng):
     w = _random_weight(rng, (16, 8), jnp.bfloat16)
-    p = pruning.prune_nm(w, n=1, m=4)
-    chex.assert_trees_all_equal(pruning.prune_nm(p, n=1, m=4), p)
+    p = prune_weights.prune_nm(w, n=1, m=4)
+    chex.assert_trees_all_equal(prune_weights.prune_nm(p, n=1, m=4), p)
 
 
 # ---------------------------------------------------------------------------- Samoyeds
@@ -110,7 +110,7 @@ def _samoyeds_numpy(score: np.ndarray, n_sel: int, m_sel: int, v: int) -> np.nda
     (1, 2, 32, jnp.bfloat16), (1, 2, 32, jnp.float16)])
 def test_samoyeds_pattern(rng, dtype, n_sel, m_sel, v):
     w = _random_weight(rng, (3, 2 * v, 4 * m_sel), dtype)
-    p = pruning.prune_samoyeds(w, n_sel=n_sel, m_sel=m_sel, v=v)
+    p = prune_weights.prune_samoyeds(w, n_sel=n_sel, m_sel=m_sel, v=v)
     assert p.dtype == w.dtype and p.shape == w.shape
     pn = _np(p)
     np.testing.assert_array_equal(_samoyeds_cols(pn, v, m_sel), n_sel)
@@ -125,15 +125,15 @@ def test_samoyeds_pattern(rng, dtype, n_sel, m_sel, v):
 
 def test_samoyeds_default_density_is_a_quarter(rng):
     w = _random_weight(rng, (256, 64))
-    p = _np(pruning.prune_samoyeds(w))
+    p = _np(prune_weights.prune_samoyeds(w))
     assert np.count_nonzero(p) == 256 * 64 // 4
 
 
 def test_samoyeds_matches_numpy_reference_with_wanda(rng):
     w = _random_weight(rng, (2, 64, 16))
     x = rng.standard_normal((5, 64)).astype(np.float32) * rng.uniform(0.1, 10, 64)[None, :]
-    score = pruning.wanda_score(w, jnp.asarray(x))
-    p = _np(pruning.prune_samoyeds(w, v=32, score=score))
+    score = prune_weights.wanda_score(w, jnp.asarray(x))
+    p = _np(prune_weights.prune_samoyeds(w, v=32, score=score))
     for e in range(2):
         ref = _samoyeds_numpy(_np(score)[e], 1, 2, 32)
         np.testing.assert_array_equal(p[e] != 0, ref)
@@ -144,7 +144,7 @@ def test_samoyeds_selects_the_heavier_column_per_slab():
     w = np.ones((8, 2), np.float32)
     w[:4, 1] = 5.0
     w[4:, 0] = 5.0
-    p = _np(pruning.prune_samoyeds(jnp.asarray(w), v=4))
+    p = _np(prune_weights.prune_samoyeds(jnp.asarray(w), v=4))
     np.testing.assert_array_equal(p[:4, 0], 0)
     np.testing.assert_array_equal(p[4:, 1], 0)
     np.testing.assert_array_equal(p[:4, 1], [5, 5, 0, 0])  # 2:4 tie: lower rows
@@ -152,7 +152,7 @@ def test_samoyeds_selects_the_heavier_column_per_slab():
 
 
 def test_samoyeds_ties_keep_lower_columns():
-    p = _np(pruning.prune_samoyeds(jnp.ones((32, 4)), v=32))
+    p = _np(prune_weights.prune_samoyeds(jnp.ones((32, 4)), v=32))
     assert np.all(p[:, 1] == 0) and np.all(p[:, 3] == 0)
     np.testing.assert_array_equal(p[:, 0], np.tile([1, 1, 0, 0], 8))
 
@@ -165,7 +165,7 @@ def test_samoyeds_ties_keep_lower_columns():
                                             (0.5, jnp.float16)])
 def test_unstructured_counts_and_order(rng, sparsity, dtype):
     w = _random_weight(rng, (2, 24, 20), dtype)
-    p = _np(pruning.prune_unstructured(w, sparsity=sparsity))
+    p = _np(prune_weights.prune_unstructured(w, sparsity=sparsity))
     n_keep = 24 * 20 - round(sparsity * 24 * 20)
     a = np.abs(_np(w))
     for e in range(2):
@@ -176,7 +176,7 @@ def test_unstructured_counts_and_order(rng, sparsity, dtype):
 
 
 def test_unstructured_ties_keep_lower_flat_positions():
-    p = _np(pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=0.75))
+    p = _np(prune_weights.prune_unstructured(jnp.ones((4, 4)), sparsity=0.75))
     np.testing.assert_array_equal(p.reshape(-1), [1] * 4 + [0] * 12)
 
 
@@ -188,7 +188,8 @@ def test_unstructured_matches_stable_argsort_with_many_ties(rng):
     for sparsity, select in ((0.3, "sort"), (0.5, "sort"), (0.99, "sort"), (0.5, "radix")):
         n_keep = 16 * 12 - round(sparsity * 16 * 12)
         # Large matrices take the radix-select path: run it here on a small one.
-        got = _np(pruning._unstructured_mask(jnp.asarray(score), n_keep=n_keep, select=select))
+        got = _np(prune_weights._unstructured_mask(jnp.asarray(score), n_keep=n_keep,
+                                                   select=select))
         for e in range(3):
             order = np.argsort(-score[e].reshape(-1), kind="stable")[:n_keep]
             expected = np.zeros(16 * 12, np.float32)
@@ -201,26 +202,26 @@ def test_unstructured_radix_select_matches_sort(rng):
     score = score.at[0, :8].set(0.25).at[0, 8:10].set(-0.0)  # ties and signed zeros
     for n_keep in (17, 3072):
         chex.assert_trees_all_equal(
-            pruning._unstructured_mask(score, n_keep=n_keep, select="radix"),
-            pruning._unstructured_mask(score, n_keep=n_keep, select="sort"))
+            prune_weights._unstructured_mask(score, n_keep=n_keep, select="radix"),
+            prune_weights._unstructured_mask(score, n_keep=n_keep, select="sort"))
 
 
 def test_unstructured_keeps_nothing_when_rounding_says_so():
-    p = pruning.prune_unstructured(jnp.ones((1, 1)), sparsity=0.6)
+    p = prune_weights.prune_unstructured(jnp.ones((1, 1)), sparsity=0.6)
     np.testing.assert_array_equal(_np(p), [[0.0]])
 
 
 def test_unstructured_zero_sign_ties():
     score = jnp.asarray([[-0.0, 0.0], [0.0, 1.0]])
-    p = _np(pruning.prune_unstructured(jnp.ones((2, 2)), sparsity=0.5, score=score))
+    p = _np(prune_weights.prune_unstructured(jnp.ones((2, 2)), sparsity=0.5, score=score))
     np.testing.assert_array_equal(p, [[1, 0], [0, 1]])
 
 
 def test_prune_under_jit_matches_eager(rng):
     w = _random_weight(rng, (2, 64, 8), jnp.bfloat16)
-    for fn in (lambda a: pruning.prune_nm(a, n=2, m=4),
-               lambda a: pruning.prune_samoyeds(a, v=32),
-               lambda a: pruning.prune_unstructured(a, sparsity=0.75)):
+    for fn in (lambda a: prune_weights.prune_nm(a, n=2, m=4),
+               lambda a: prune_weights.prune_samoyeds(a, v=32),
+               lambda a: prune_weights.prune_unstructured(a, sparsity=0.75)):
         chex.assert_trees_all_equal(jax.jit(fn)(w), fn(w))
 
 
@@ -228,9 +229,9 @@ def test_prune_under_jit_matches_eager(rng):
 
 
 @pytest.mark.parametrize("fn", [
-    lambda w: pruning.prune_nm(w, n=2, m=8),
-    lambda w: pruning.prune_samoyeds(w, v=32),
-    lambda w: pruning.prune_unstructured(w, sparsity=0.6),
+    lambda w: prune_weights.prune_nm(w, n=2, m=8),
+    lambda w: prune_weights.prune_samoyeds(w, v=32),
+    lambda w: prune_weights.prune_unstructured(w, sparsity=0.6),
 ])
 def test_leading_dims_prune_each_matrix(rng, fn):
     w = _random_weight(rng, (2, 3, 64, 8))
@@ -246,11 +247,11 @@ def test_leading_dims_prune_each_matrix(rng, fn):
 def test_wanda_hand_checked():
     w = jnp.asarray([[4.0, -1.0], [3.0, 1.0], [2.0, -2.0], [1.0, 3.0]])  # [K=4, N=2]
     x = jnp.asarray([[0.1, 0.1, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])  # [t=2, K=4]
-    score = pruning.wanda_score(w, x)
+    score = prune_weights.wanda_score(w, x)
     np.testing.assert_allclose(_np(score), [[0.4, 0.1], [0.3, 0.1], [20.0, 20.0], [10.0, 30.0]],
                                rtol=1e-6)
-    p_mag = _np(pruning.prune_nm(w, n=2, m=4))
-    p_wanda = _np(pruning.prune_nm(w, n=2, m=4, score=score))
+    p_mag = _np(prune_weights.prune_nm(w, n=2, m=4))
+    p_wanda = _np(prune_weights.prune_nm(w, n=2, m=4, score=score))
     np.testing.assert_array_equal(p_mag, [[4, 0], [3, 0], [0, -2], [0, 3]])
     np.testing.assert_array_equal(p_wanda, [[0, 0], [0, 0], [2, -2], [1, 3]])
 
@@ -258,27 +259,28 @@ def test_wanda_hand_checked():
 def test_wanda_differs_from_magnitude_on_skewed_norms(rng):
     w = _random_weight(rng, (64, 32))
     x = rng.standard_normal((16, 64)).astype(np.float32) * np.geomspace(1e-2, 1e2, 64)[None, :]
-    score = pruning.wanda_score(w, jnp.asarray(x))
-    for prune in (lambda s: pruning.prune_nm(w, score=s),
-                  lambda s: pruning.prune_samoyeds(w, v=32, score=s),
-                  lambda s: pruning.prune_unstructured(w, sparsity=0.5, score=s)):
+    score = prune_weights.wanda_score(w, jnp.asarray(x))
+    for prune in (lambda s: prune_weights.prune_nm(w, score=s),
+                  lambda s: prune_weights.prune_samoyeds(w, v=32, score=s),
+                  lambda s: prune_weights.prune_unstructured(w, sparsity=0.5, score=s)):
         assert np.any((_np(prune(None)) != 0) != (_np(prune(score)) != 0))
     # Wanda keeps the high-norm channels: the pruned |w| * ||x_channel|| mass (the output
     # error on x without its cross-channel terms, which 16 random rows make noisy) is lower
     # than magnitude pruning's. Exact: 2:4 by score keeps each group's two largest scores.
     def pruned_mass(p):
         return float(np.sum(np.where(_np(p) == 0, _np(score), 0.0) ** 2))
-    assert pruned_mass(pruning.prune_nm(w, score=score)) < pruned_mass(pruning.prune_nm(w))
+    assert (pruned_mass(prune_weights.prune_nm(w, score=score))
+            < pruned_mass(prune_weights.prune_nm(w)))
 
 
 def test_wanda_per_expert_activations(rng):
     w = _random_weight(rng, (2, 8, 4))
     x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
-    score = pruning.wanda_score(w, x)
+    score = prune_weights.wanda_score(w, x)
     for e in range(2):
-        chex.assert_trees_all_close(score[e], pruning.wanda_score(w[e], x[e]), rtol=1e-6)
-    shared = pruning.wanda_score(w, x[0])
-    chex.assert_trees_all_close(shared[1], pruning.wanda_score(w[1], x[0]), rtol=1e-6)
+        chex.assert_trees_all_close(score[e], prune_weights.wanda_score(w[e], x[e]), rtol=1e-6)
+    shared = prune_weights.wanda_score(w, x[0])
+    chex.assert_trees_all_close(shared[1], prune_weights.wanda_score(w[1], x[0]), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -291,33 +293,36 @@ def _nan_at(shape, where, value=np.nan):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: pruning.prune_nm(jnp.ones((6, 4)), n=2, m=4), r"K=6 .* multiple of m=4"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=3, m=4), r"\(n, m\)=\(3, 4\).*2:4"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=2, m=16), r"not a supported N:M"),
-    (lambda: pruning.prune_nm(jnp.ones((8,))), r"ndim >= 2.*\(8,\)"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4), jnp.int32)), r"floating dtype.*int32"),
-    (lambda: pruning.prune_nm(_nan_at((8, 4), (5, 2))), r"finite.*nan at index \(5, 2\)"),
-    (lambda: pruning.prune_nm(_nan_at((2, 8, 4), (1, 0, 3), np.inf)),
+    (lambda: prune_weights.prune_nm(jnp.ones((6, 4)), n=2, m=4), r"K=6 .* multiple of m=4"),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4)), n=3, m=4), r"\(n, m\)=\(3, 4\).*2:4"),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4)), n=2, m=16), r"not a supported N:M"),
+    (lambda: prune_weights.prune_nm(jnp.ones((8,))), r"ndim >= 2.*\(8,\)"),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4), jnp.int32)), r"floating dtype.*int32"),
+    (lambda: prune_weights.prune_nm(_nan_at((8, 4), (5, 2))), r"finite.*nan at index \(5, 2\)"),
+    (lambda: prune_weights.prune_nm(_nan_at((2, 8, 4), (1, 0, 3), np.inf)),
      r"finite.*inf at index \(1, 0, 3\)"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4)), score=jnp.ones((4, 8))),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4)), score=jnp.ones((4, 8))),
      r"expected \(8, 4\), given score.shape=\(4, 8\)"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4)), score=_nan_at((8, 4), (0, 0))),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4)), score=_nan_at((8, 4), (0, 0))),
      r"score must be finite"),
-    (lambda: pruning.prune_nm(jnp.ones((8, 4)), n=2.0, m=4), r"n must be an int; given n=2.0"),
-    (lambda: pruning.prune_samoyeds(jnp.ones((96, 4)), v=64), r"K=96 .* multiple of v=64"),
-    (lambda: pruning.prune_samoyeds(jnp.ones((128, 3))), r"N=3 .* multiple of m_sel=2"),
-    (lambda: pruning.prune_samoyeds(jnp.ones((128, 4)), v=30), r"v=30 must be a positive"),
-    (lambda: pruning.prune_samoyeds(jnp.ones((128, 4)), n_sel=3, m_sel=2), r"n_sel=3"),
-    (lambda: pruning.prune_samoyeds(_nan_at((128, 4), (100, 1), -np.inf)),
+    (lambda: prune_weights.prune_nm(jnp.ones((8, 4)), n=2.0, m=4),
+     r"n must be an int; given n=2.0"),
+    (lambda: prune_weights.prune_samoyeds(jnp.ones((96, 4)), v=64), r"K=96 .* multiple of v=64"),
+    (lambda: prune_weights.prune_samoyeds(jnp.ones((128, 3))), r"N=3 .* multiple of m_sel=2"),
+    (lambda: prune_weights.prune_samoyeds(jnp.ones((128, 4)), v=30), r"v=30 must be a positive"),
+    (lambda: prune_weights.prune_samoyeds(jnp.ones((128, 4)), n_sel=3, m_sel=2), r"n_sel=3"),
+    (lambda: prune_weights.prune_samoyeds(_nan_at((128, 4), (100, 1), -np.inf)),
      r"-inf at index \(100, 1\)"),
-    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=1.0), r"sparsity=1.0.*\[0, 1\)"),
-    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=-0.1), r"sparsity=-0.1"),
-    (lambda: pruning.prune_unstructured(jnp.ones((4, 4)), sparsity=float("nan")), r"sparsity=nan"),
-    (lambda: pruning.wanda_score(jnp.ones((8, 4)), jnp.ones((3, 5))),
+    (lambda: prune_weights.prune_unstructured(jnp.ones((4, 4)), sparsity=1.0),
+     r"sparsity=1.0.*\[0, 1\)"),
+    (lambda: prune_weights.prune_unstructured(jnp.ones((4, 4)), sparsity=-0.1), r"sparsity=-0.1"),
+    (lambda: prune_weights.prune_unstructured(jnp.ones((4, 4)), sparsity=float("nan")),
+     r"sparsity=nan"),
+    (lambda: prune_weights.wanda_score(jnp.ones((8, 4)), jnp.ones((3, 5))),
      r"must be \[t, 8\].*given x.shape=\(3, 5\)"),
-    (lambda: pruning.wanda_score(jnp.ones((2, 8, 4)), jnp.ones((3, 3, 8))),
+    (lambda: prune_weights.wanda_score(jnp.ones((2, 8, 4)), jnp.ones((3, 3, 8))),
      r"\[t, 8\] or \[2, 't', 8\]"),
-    (lambda: pruning.wanda_score(jnp.ones((8, 4)), _nan_at((3, 8), (2, 7))),
+    (lambda: prune_weights.wanda_score(jnp.ones((8, 4)), _nan_at((3, 8), (2, 7))),
      r"x must be finite.*\(2, 7\)"),
     (lambda: pruning.PruneConfig(format="2:4"), r"format='2:4' must be one of"),
     (lambda: pruning.PruneConfig(format="nm", method="obs"), r"method='obs'"),
@@ -452,8 +457,8 @@ def test_prune_experts_wanda_with_calibration(rng):
     # w1 sees x directly: Wanda gives the lower output error there.
     err_w = rep_w.layers["layers/0/w1"].output_rel_error
     assert err_w < rep_m.layers["layers/0/w1"].output_rel_error
-    expected_w1 = pruning.prune_nm(params["layers"][0]["w1"],
-                                   score=pruning.wanda_score(params["layers"][0]["w1"], x))
+    expected_w1 = prune_weights.prune_nm(params["layers"][0]["w1"],
+                                   score=prune_weights.wanda_score(params["layers"][0]["w1"], x))
     chex.assert_trees_all_equal(out_w["layers"][0]["w1"], expected_w1)
     assert rep_w.mean_output_rel_error is not None
     # Output errors against numpy: w1 sees x, w2 sees silu(x p1) * (x p3) of the pruned w1, w3.

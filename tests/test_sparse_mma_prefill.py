@@ -12,7 +12,7 @@ from pallas_kernels import sparse_mma_matmul as sm
 from pallas_kernels import sparse_mma_prefill as sp
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.sparse_mma_layout import to_wgmma_sp
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights
 
 P = sp.SpPrefillConfig
 
@@ -20,9 +20,9 @@ P = sp.SpPrefillConfig
 def _weights(rng, k, n, op="nm"):
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     if op == "nm":
-        dense = np.asarray(pruning.prune_nm(w))
+        dense = np.asarray(prune_weights.prune_nm(w))
         return dense, to_wgmma_sp(NMSparse.from_dense(dense))
-    dense = np.asarray(pruning.prune_samoyeds(w))
+    dense = np.asarray(prune_weights.prune_samoyeds(w))
     return dense, to_wgmma_sp(SamoyedsSparse.from_dense(dense))
 
 

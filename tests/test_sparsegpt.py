@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights, pruning
 from samoyeds_jax import sparsegpt as sg
 
 K, N = 256, 64  # two 128-row Samoyeds slabs, two 128-row blocks
@@ -116,12 +116,12 @@ def test_samoyeds_pair_shares_columns(rng):
         pruning.convert(p, _config(pattern))
     # Magnitude/Wanda: one column choice from the summed slab scores.
     s1, s3 = jnp.abs(w1).astype(jnp.float32), jnp.abs(w3).astype(jnp.float32)
-    m1, m3 = pruning.samoyeds_mask_shared(s1, s3)
+    m1, m3 = prune_weights.samoyeds_mask_shared(s1, s3)
     np.testing.assert_array_equal(np.asarray(m1).reshape(2, 128, N).any(1),
                                   np.asarray(m3).reshape(2, 128, N).any(1))
-    np.testing.assert_array_equal(m1 & pruning.nm_mask(s1), m1)  # 2:4 by its own score
-    same, _ = pruning.samoyeds_mask_shared(s1, s1)
-    np.testing.assert_array_equal(same, pruning.samoyeds_mask(s1))
+    np.testing.assert_array_equal(m1 & prune_weights.nm_mask(s1), m1)  # 2:4 by its own score
+    same, _ = prune_weights.samoyeds_mask_shared(s1, s1)
+    np.testing.assert_array_equal(same, prune_weights.samoyeds_mask(s1))
 
 
 # ---------------------------------------------------------------------------- quality
@@ -140,7 +140,7 @@ def test_lower_output_error_than_wanda_and_magnitude(rng, name):
         x = _correlated(rng, 2 * K, K)
         p, _ = sg.sparsegpt_prune(w, sg.hessian(x), pattern)
         config = _config(pattern)
-        wanda = config.prune(w, score=pruning.wanda_score(w, x))
+        wanda = config.prune(w, score=prune_weights.wanda_score(w, x))
         magnitude = config.prune(w)
         err = _output_error(x, w, p)
         baseline = min(_output_error(x, w, wanda), _output_error(x, w, magnitude))
@@ -274,7 +274,7 @@ def test_prune_experts_sparsegpt_sequential_and_fallback(rng):
     np.testing.assert_array_equal(_np(p1).reshape(e, 2, 32, -1).any(2),
                                   _np(p3).reshape(e, 2, 32, -1).any(2))
     # Expert 2: magnitude, with the shared column choice.
-    m1, _ = pruning.samoyeds_mask_shared(jnp.abs(params["layers"][0]["w1"][2]),
+    m1, _ = prune_weights.samoyeds_mask_shared(jnp.abs(params["layers"][0]["w1"][2]),
                                          jnp.abs(params["layers"][0]["w3"][2]), v=32)
     np.testing.assert_array_equal(_np(p1[2]) != 0, np.asarray(m1))
     # Expert 1, w2: pruned on the Hessian of the hidden state of the PRUNED w1/w3, padding
@@ -336,7 +336,7 @@ def test_prune_experts_sparsegpt_beats_wanda_compressed(rng):
      r"shared_w1_w3=True applies to format='samoyeds' only"),
     (lambda: pruning.PruneConfig(format="nm", method="sparsegpt", m=8, block_size=100),
      r"block_size=100 must be a multiple of m=8"),
-    (lambda: pruning.samoyeds_mask_shared(jnp.ones((32, 4)), jnp.ones((32, 2)), v=32),
+    (lambda: prune_weights.samoyeds_mask_shared(jnp.ones((32, 4)), jnp.ones((32, 2)), v=32),
      r"one shape"),
 ])
 def test_bad_input_raises(call, match):

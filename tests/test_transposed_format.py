@@ -12,15 +12,15 @@ import pytest
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.transposed_format import (TransposedSparse, expand_tile, permute_x,
                                               transposed_nbytes)
-from samoyeds_jax import pruning
+from samoyeds_jax import prune_weights
 
 
 def _weights(rng, shape, kind: str):
     w = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     if kind == "nm":
-        dense = np.asarray(pruning.prune_nm(w))
+        dense = np.asarray(prune_weights.prune_nm(w))
         return dense, NMSparse.from_dense(dense)
-    dense = np.asarray(pruning.prune_samoyeds(w))
+    dense = np.asarray(prune_weights.prune_samoyeds(w))
     return dense, SamoyedsSparse.from_dense(dense)
 
 
@@ -91,7 +91,7 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="needs 2:4 weights, got 1:4"):
         TransposedSparse.from_nm(NMSparse.from_dense(w14, n=1, m=4))
     w = jnp.asarray(rng.standard_normal((512, 64)), jnp.bfloat16)
-    sam = SamoyedsSparse.from_dense(np.asarray(pruning.prune_samoyeds(w, n_sel=1, m_sel=4)),
+    sam = SamoyedsSparse.from_dense(np.asarray(prune_weights.prune_samoyeds(w, n_sel=1, m_sel=4)),
                                     n_sel=1, m_sel=4)
     with pytest.raises(ValueError, match="1:2 column selection, got 1:4"):
         TransposedSparse.from_samoyeds(sam)
