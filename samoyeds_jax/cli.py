@@ -39,6 +39,16 @@ def refuse_unless(condition: bool, given: set[str], options: dict[str, str], why
                          f"here: {why}")
 
 
+def describe_experts(moe) -> str:
+    """``format=..., backend=..., pregate=...`` of a ``MoEConfig``, saying when the Pallas
+    kernels run in interpret mode (no GPU)."""
+    from pallas_kernels import backend as backend_lib
+
+    interpreted = (" (Pallas interpret mode: no GPU)"
+                   if moe.backend == "pallas" and backend_lib.interpret_mode() else "")
+    return f"format={moe.expert_format}, backend={moe.backend}{interpreted}, pregate={moe.pregate}"
+
+
 def gpu_check_main(argv: list[str] | None = None) -> int:
     """``samoyeds-gpu-check``: 0 when a GPU is visible and every Pallas GPU backend matches its
     reference, 1 when one fails, 2 when jax sees no GPU."""

@@ -26,7 +26,7 @@ from typing import Any, get_args
 import numpy as np
 
 from pallas_kernels.format_registry import format_names
-from samoyeds_jax.cli import HelpFormatter
+from samoyeds_jax.cli import HelpFormatter, describe_experts
 from samoyeds_jax.config import MoEBackend
 
 _PREGATES = ("standard", "pregated", "speculative")
@@ -279,12 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print("samoyeds-eval")
     print(f"  model       {cfg.architecture} from {args.checkpoint}: {cfg.num_layers} layers, "
           f"{m.num_experts} experts top-{m.top_k}, vocab {cfg.vocab_size}, {dtype}")
-    from pallas_kernels import backend as backend_lib
-
-    interpreted = (" (Pallas interpret mode: no GPU)"
-                   if m.backend == "pallas" and backend_lib.interpret_mode() else "")
-    print(f"  experts     format={m.expert_format}, backend={m.backend}{interpreted}, "
-          f"pregate={m.pregate}")
+    print(f"  experts     {describe_experts(m)}")
     print(f"  text        {source}: {text_bytes:,} bytes -> {text_tokens:,} tokens")
     print(f"  windows     {result.windows} x {result.seq_len} tokens (batch {config.batch_size}"
           f"{'' if config.max_windows is None else f', at most {config.max_windows}'}): "

@@ -34,7 +34,7 @@ import numpy as np
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels.format_registry import format_names
-from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
+from samoyeds_jax.cli import HelpFormatter, describe_experts, given_options, refuse_unless
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
 DEFAULT_TEXT_PROMPT = "The capital of France is"
@@ -391,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, "
           f"vocab {vocab}, "
           f"{jnp.dtype(cfg.dtype).name}")
-    interpreted = (" (Pallas interpret mode: no GPU)"
-                   if m.backend == "pallas" and backend_lib.interpret_mode() else "")
-    print(f"  experts  format={m.expert_format}, backend={m.backend}{interpreted}, "
-          f"pregate={m.pregate}")
+    print(f"  experts  {describe_experts(m)}")
     print(f"  device   {device.platform} ({device.device_kind})")
     print(f"  sampling {'greedy' if sampling.temperature == 0 else sampling}, seed {args.seed}, "
           f"eos {eos}")
