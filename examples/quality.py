@@ -97,10 +97,11 @@ def main(argv=None) -> int:
     def evaluate(model):
         return evaluate_streams(model, streams, config=ecfg)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
     t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
     base = evaluate(dense)
     results["dense"] = {"bits_per_byte": base.bits_per_byte, "tokens": base.tokens,
                         "bytes": base.bytes, "windows": base.windows}

@@ -112,10 +112,13 @@ def test_dense_random_is_the_fan_in_truncated_normal():
     init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                                 out_axis=-1, batch_axis=(0,))
     key = jax.random.key(5)
+    # The same draw, jitted like ``random``: eager and jitted programs may round the last bit
+    # differently on a GPU (fused multiplies), never the draw itself.
+    jinit = jax.jit(init, static_argnums=(1, 2))
     for dtype in (jnp.float32, jnp.bfloat16):
         np.testing.assert_array_equal(
             np.asarray(fr.get_format("dense").random(key, (3, 32, 16), dtype)),
-            np.asarray(init(key, (3, 32, 16), dtype)))
+            np.asarray(jinit(key, (3, 32, 16), dtype)))
 
 
 @pytest.mark.parametrize("name, shape, params, match", [
