@@ -32,19 +32,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from samoyeds_jax import compress, corpus
+    from samoyeds_jax import bpe_tokenizer, compress, corpus
     from samoyeds_jax import train as train_lib
     from samoyeds_jax.checkpoints import load_tokenizer
     from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
-                                       pregate_recall, text_streams)
+                                       text_streams)
+    from samoyeds_jax.pregate_eval import pregate_recall
 
     tokenizer = load_tokenizer(args.model)
     train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
     dense, config = load_hf_checkpoint(args.model, dtype="float32")
     streams = text_streams(tokenizer, val_texts, vocab_size=config.vocab_size)
     tokens = {name: ids for name, (ids, _) in streams.items()}
-    train_ids = corpus.encode_documents(tokenizer, train_texts.values())
+    train_ids = bpe_tokenizer.encode_documents(tokenizer, train_texts.values())
     ecfg = EvalConfig(seq_len=256, batch_size=16, max_windows=args.max_windows)
     base = evaluate_streams(dense, streams, config=ecfg)
     results = {"dense_bits_per_byte": base.bits_per_byte, "steps": args.steps,

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from samoyeds_jax import compress, corpus, pruning
+    from samoyeds_jax import bpe_tokenizer, compress, corpus, pruning
     from samoyeds_jax import train as train_lib
+    from samoyeds_jax import train_data
     from samoyeds_jax.checkpoints import load_tokenizer
     from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, paired_difference
@@ -75,14 +76,14 @@ def main(argv=None) -> int:
     train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
     dense, config = load_hf_checkpoint(args.model, dtype="float32")
     streams = text_streams(tokenizer, val_texts, vocab_size=config.vocab_size)
-    train_ids = corpus.encode_documents(tokenizer, train_texts.values())
+    train_ids = bpe_tokenizer.encode_documents(tokenizer, train_texts.values())
     ecfg = EvalConfig(seq_len=args.seq_len, batch_size=args.eval_batch,
                       max_windows=args.max_windows)
     rcfg = train_lib.TrainConfig(
         steps=args.recover_steps, batch_size=args.recover_batch, seq_len=args.seq_len,
         learning_rate=args.recover_lr, warmup_steps=max(args.recover_steps // 10, 1),
         distill_weight=args.distill_weight, seed=1)
-    calib = train_lib.sample_windows(train_ids, batch=args.calib_windows,
+    calib = train_data.sample_windows(train_ids, batch=args.calib_windows,
                                      length=args.seq_len + 1, seed=123, step=0)
     results = {"model": args.model, "argv": sys.argv[1:] if argv is None else argv,
                "eval": dataclasses.asdict(ecfg), "recover": dataclasses.asdict(rcfg),
@@ -165,8 +166,9 @@ def pregate_section(args, dense, streams, train_ids, evaluate, diff, base, rcfg,
     """Recall and bits/byte of each pre-gate mode: next-gate copies, trained, fine-tuned."""
     from samoyeds_jax import compress
     from samoyeds_jax.hf_import import load_hf_checkpoint
-    from samoyeds_jax.evaluate import EvalConfig, pregate_recall
+    from samoyeds_jax.evaluate import EvalConfig
     from samoyeds_jax.pregate import moe_blocks
+    from samoyeds_jax.pregate_eval import pregate_recall
 
     ecfg = EvalConfig(seq_len=args.seq_len, batch_size=args.eval_batch,
                       max_windows=args.max_windows)

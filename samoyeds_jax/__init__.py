@@ -8,9 +8,8 @@ from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.compress import calibrate_and_prune, recover, to_compressed
 from samoyeds_jax.config import MoEConfig, SparsityConfig
 from samoyeds_jax.converted_io import load_converted, save_converted
-from samoyeds_jax.evaluate import (EvalConfig, EvalResult, PregateRecall, evaluate_streams,
-                                   evaluate_texts, evaluate_tokens, paired_difference,
-                                   pregate_recall)
+from samoyeds_jax.evaluate import (EvalConfig, EvalResult, evaluate_streams, evaluate_texts,
+                                   evaluate_tokens, paired_difference)
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import GenerationResult, Generator, SamplingConfig, sample
@@ -24,12 +23,14 @@ from samoyeds_jax.offload import BlockScheduler, OffloadConfig, OffloadDecoder
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 from samoyeds_jax.pregate import PregateTrainConfig, train_pregates
+from samoyeds_jax.pregate_eval import PregateRecall, pregate_recall
 from samoyeds_jax.prune_report import PruneReport
 from samoyeds_jax.prune_weights import (magnitude_score, prune_nm, prune_samoyeds,
                                         prune_unstructured, wanda_score)
 from samoyeds_jax.pruning import PruneConfig, prune_experts
 from samoyeds_jax.routing import Routing, route_logits, topk_recall
-from samoyeds_jax.train import TrainConfig, Trainer
+from samoyeds_jax.train import TrainConfig
+from samoyeds_jax.trainer import Trainer
 
 __version__ = "0.1.0"
 

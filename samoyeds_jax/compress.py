@@ -7,7 +7,7 @@ runs the calibration windows through the already-pruned blocks < l, takes the Mo
 experts with ``pruning.prune_experts`` (magnitude, Wanda or SparseGPT; w2 sees the hidden state
 of the already-pruned w1/w3), and moves on with the pruned block's output. The experts stay dense
 arrays with exact zeros, so ``recover`` can fine-tune them with the mask fixed
-(``train.sparsity_masks``) and ``to_compressed`` stores them in the format afterwards without
+(``train_optim.sparsity_masks``) and ``to_compressed`` stores them in the format afterwards without
 pruning again.
 
 The whole pipeline (``samoyeds-compress``)::
@@ -188,9 +188,10 @@ def recover(model: MoETransformer, tokens: np.ndarray, train_config, *,
     distilling from ``teacher`` when ``train_config.distill_weight > 0``; returns the
     ``train.TrainResult`` (its ``model`` is the recovered one)."""
     from samoyeds_jax import train as train_lib
+    from samoyeds_jax.train_optim import sparsity_masks
 
     params = nnx.state(model, nnx.Param)
-    masks = train_lib.sparsity_masks(params)
+    masks = sparsity_masks(params)
     return train_lib.train(model, tokens, train_config, val_tokens=val_tokens, teacher=teacher,
                            masks=masks, progress=progress)
 

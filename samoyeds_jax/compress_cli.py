@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_options(args, given_options(parser, args, argv))
-    from samoyeds_jax import compress, corpus, pruning
+    from samoyeds_jax import bpe_tokenizer, compress, corpus, pruning
     from samoyeds_jax import train as train_lib
+    from samoyeds_jax import train_data
     from samoyeds_jax.checkpoints import load_tokenizer
     from samoyeds_jax.converted_io import is_converted, save_converted
     from samoyeds_jax.hf_import import ShardReader, load_hf_checkpoint, read_hf_config
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             distill_weight=args.distill_weight, seed=args.seed)
     train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
     streams = text_streams(tokenizer, val_texts, vocab_size=int(hf_config.get("vocab_size", 0)))
-    train_ids = corpus.encode_documents(tokenizer, train_texts.values())
+    train_ids = bpe_tokenizer.encode_documents(tokenizer, train_texts.values())
     ecfg = EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows)
 
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     base = evaluate_streams(dense, streams, config=ecfg)
     print(f"dense          {base.bits_per_byte:.4f} bits/byte", flush=True)
     model = compress.copy_model(dense)
-    calib = train_lib.sample_windows(train_ids, batch=args.calib_windows,
+    calib = train_data.sample_windows(train_ids, batch=args.calib_windows,
                                      length=args.seq_len + 1, seed=args.seed + 1, step=0)
     report = compress.calibrate_and_prune(model, calib, prune_config)
     if report.empty_experts():

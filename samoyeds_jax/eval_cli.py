@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("--max-windows", args.max_windows)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    from samoyeds_jax import evaluate
+    from samoyeds_jax import evaluate, pregate_eval
 
     config = evaluate.EvalConfig(seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate.evaluate_streams(model, streams, config=config)
     t_eval = time.perf_counter() - t0
     recall = None
-    if evaluate.has_pregates(model):
+    if pregate_eval.has_pregates(model):
         tokens = {name: ids for name, (ids, _) in streams.items()}
-        recall = evaluate.pregate_recall(model, tokens, config=config)
+        recall = pregate_eval.pregate_recall(model, tokens, config=config)
 
     cfg = model.config
     m = cfg.moe

@@ -1,8 +1,8 @@
-"""Language-model evaluation: bits per byte, perplexity, and pre-gate recall on token streams.
+"""Language-model evaluation: bits per byte and perplexity on token streams.
 
 A token stream (``ids [n]`` with ``nbytes [n]``, the UTF-8 bytes each token stands for, e.g.
-from ``samoyeds_jax.corpus.token_bytes``) is cut into non-overlapping windows of ``seq_len + 1``
-tokens; consecutive windows share one boundary token::
+from ``samoyeds_jax.bpe_tokenizer.token_bytes``) is cut into non-overlapping windows of
+``seq_len + 1`` tokens; consecutive windows share one boundary token::
 
     ids       t0 t1 t2 t3 t4 t5 t6 t7 t8      (n = 9, seq_len = 4)
     window 0  t0 t1 t2 t3 t4                  inputs t0..t3, predicts t1..t4
@@ -27,16 +27,15 @@ and the per-window values give paired comparisons of two models on the same wind
 bytes differ only by those of each stream's first token, which is context only); per-token
 numbers depend on the tokenizer.
 
-``pregate_recall`` runs the same windows with ``return_router_logits=True`` and compares the
-top-k experts that block i's pre-gate predicts with those block i+1's own gate picks.
+Cutting streams into windows lives in ``samoyeds_jax.eval_windows``; pre-gate recall on the
+same windows in ``samoyeds_jax.pregate_eval``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -44,28 +43,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from samoyeds_jax.moe import MoE
-from samoyeds_jax.routing import topk_mask
+from samoyeds_jax.eval_windows import Stream, _make_windows
 
 __all__ = [
     "EvalConfig",
     "EvalResult",
-    "PairRecall",
-    "PregateRecall",
     "evaluate_streams",
     "evaluate_texts",
     "evaluate_tokens",
-    "has_pregates",
     "paired_difference",
-    "pregate_recall",
     "text_streams",
 ]
 
 _LN2 = math.log(2.0)
-_PAD_ID = 0  # any valid id works: padded positions are masked and never seen by real ones
-
-Stream = tuple[Any, Any]
-"""``(ids [n] int, nbytes [n] int)``: token ids and the bytes of text each token stands for."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,111 +83,6 @@ class EvalConfig:
             raise ValueError(
                 f"max_windows must be None or a positive int, got {self.max_windows!r}")
 
-
-# ----------------------------------------------------------------------------- windows
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Windows:
-    """w windows of L positions, host arrays.
-
-    inputs, targets: [w, L] int32 (target = next token; padding holds ``_PAD_ID``);
-    valid: [w, L] bool (a real prediction); nbytes: [w] int64 bytes of the predicted tokens;
-    names: [w] stream name of each window; starts: [w] stream offset of each window's first input.
-    """
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    valid: np.ndarray
-    nbytes: np.ndarray
-    names: tuple[str, ...]
-    starts: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return self.inputs.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.inputs.shape[1]
-
-    def describe(self, w: int) -> str:
-        """Where window ``w`` lies: its stream and predicted token range."""
-        start, stop = int(self.starts[w]), int(self.starts[w]) + int(self.valid[w].sum())
-        return f"window {w} (stream {self.names[w]!r}, predicting tokens {start + 1}..{stop})"
-
-    def digest(self) -> str:
-        """A fingerprint of the windows' tokens, masks and bytes (equal iff the same windows)."""
-        h = hashlib.sha256()
-        for a in (self.inputs, self.targets, self.valid, self.nbytes):
-            h.update(np.ascontiguousarray(a).tobytes())
-            h.update(str(a.shape).encode())
-        return h.hexdigest()[:16]
-
-    def batches(self, batch_size: int
-                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """``(first window, inputs, targets, valid)`` of each batch, the last one filled up with
-        masked windows so every batch has the shape [batch_size, L]."""
-        for lo in range(0, self.count, batch_size):
-            hi = min(lo + batch_size, self.count)
-            fill = batch_size - (hi - lo)
-            pad = ((0, fill), (0, 0))
-            yield (lo, np.pad(self.inputs[lo:hi], pad, constant_values=_PAD_ID),
-                   np.pad(self.targets[lo:hi], pad, constant_values=_PAD_ID),
-                   np.pad(self.valid[lo:hi], pad, constant_values=False))
-
-
-def _check_stream(name: str, ids: Any, nbytes: Any, vocab_size: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    ids, nbytes = np.asarray(ids), np.asarray(nbytes)
-    if ids.ndim != 1 or nbytes.shape != ids.shape:
-        raise ValueError(f"stream {name!r}: ids and nbytes must both be [n], got shapes "
-                         f"{ids.shape} and {nbytes.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"stream {name!r}: token ids must be integers, got dtype {ids.dtype}")
-    if ids.size < 2:
-        raise ValueError(f"stream {name!r}: need at least 2 tokens (the first is context only), "
-                         f"got {ids.size} token{'' if ids.size == 1 else 's'}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"stream {name!r}: token ids must be in [0, {vocab_size}) for the "
-                         f"model's vocab_size={vocab_size}, got ids in [{lo}, {hi}] (a tokenizer "
-                         f"with a vocabulary of at least {hi + 1} tokens?)")
-    if nbytes.size and (not np.issubdtype(nbytes.dtype, np.integer) or int(nbytes.min()) < 0):
-        raise ValueError(f"stream {name!r}: nbytes must be non-negative integers, got dtype "
-                         f"{nbytes.dtype} with minimum {nbytes.min()}")
-    return ids.astype(np.int32), nbytes.astype(np.int64)
-
-
-def _make_windows(streams: Mapping[str, Stream], config: EvalConfig, vocab_size: int) -> _Windows:
-    """Cut every stream into windows (see the module doc); ValueError for bad streams."""
-    if not streams:
-        raise ValueError("no token streams to evaluate (got an empty mapping)")
-    checked = {name: _check_stream(name, ids, nb, vocab_size)
-               for name, (ids, nb) in streams.items()}
-    # Short streams only: one window of the longest stream's length instead of seq_len.
-    length = min(config.seq_len, max(ids.size - 1 for ids, _ in checked.values()))
-    inputs, targets, valid, nbytes, names, starts = [], [], [], [], [], []
-    limit = config.max_windows
-    for name, (ids, nb) in checked.items():
-        n = ids.size
-        for start in range(0, n - 1, length):
-            if limit is not None and len(names) == limit:
-                break
-            stop = min(start + length, n - 1)  # inputs ids[start:stop], targets one later
-            m = stop - start
-            row_in = np.full(length, _PAD_ID, np.int32)
-            row_tg = np.full(length, _PAD_ID, np.int32)
-            row_in[:m], row_tg[:m] = ids[start:stop], ids[start + 1:stop + 1]
-            inputs.append(row_in)
-            targets.append(row_tg)
-            valid.append(np.arange(length) < m)
-            nbytes.append(int(nb[start + 1:stop + 1].sum()))
-            names.append(name)
-            starts.append(start)
-    return _Windows(inputs=np.stack(inputs), targets=np.stack(targets), valid=np.stack(valid),
-                    nbytes=np.asarray(nbytes, np.int64), names=tuple(names),
-                    starts=np.asarray(starts, np.int64))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -345,11 +230,11 @@ def _check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
 def text_streams(tokenizer: Any, texts: Mapping[str, str], *, vocab_size: int
                  ) -> dict[str, Stream]:
     """Tokenize ``texts`` (name -> text) into streams with exact byte counts
-    (``samoyeds_jax.corpus.token_bytes``), after checking that the tokenizer (a
+    (``samoyeds_jax.bpe_tokenizer.token_bytes``), after checking that the tokenizer (a
     ``tokenizers.Tokenizer``) fits a model of ``vocab_size``. Raises ValueError naming both
     sizes when it does not, and naming the text when one has fewer than 2 tokens."""
     _check_tokenizer(tokenizer, vocab_size)
-    from samoyeds_jax.corpus import token_bytes
+    from samoyeds_jax.bpe_tokenizer import token_bytes
 
     streams = {}
     for name, text in texts.items():
@@ -410,165 +295,3 @@ def paired_difference(a: EvalResult, b: EvalResult) -> dict[str, float]:
         se = math.nan
     return {"difference": diff, "standard_error": se, "bits_per_byte_a": a.bits_per_byte,
             "bits_per_byte_b": b.bits_per_byte, "windows": w, "bytes": int(total)}
-
-
-# ----------------------------------------------------------------------------- pre-gate recall
-
-
-def has_pregates(model: nnx.Module) -> bool:
-    """Whether any MoE block of ``model`` has a pre-gate (``MoEConfig.pregate != "standard"``)."""
-    return any(isinstance(m, MoE) and m.pregate is not None for _, m in nnx.iter_modules(model))
-
-
-def _window_router_counts(graphdef, state, inputs, valid, *, top_k: int, num_experts: int):
-    """Per block with a pre-gate: (exact matches [], hits [e], actual [e]) int32 counts over the
-    valid positions of inputs [b, L]; None for blocks without one."""
-    model = nnx.merge(graphdef, state)
-    _, _, router = model(inputs, return_router_logits=True)
-    real = valid.reshape(-1)  # [b*L]
-    out = []
-    for i, pre in enumerate(router.pregate):
-        if pre is None or i + 1 >= len(router.gate):
-            out.append(None)
-            continue
-        pred = topk_mask(jax.lax.top_k(pre, top_k)[1], num_experts)  # [b*L, e]
-        act = topk_mask(jax.lax.top_k(router.gate[i + 1], top_k)[1], num_experts)  # [b*L, e]
-        act = act & real[:, None]
-        exact = jnp.all(pred == act, axis=-1) & real
-        out.append((jnp.sum(exact, dtype=jnp.int32),
-                    jnp.sum(pred & act, axis=0, dtype=jnp.int32),
-                    jnp.sum(act, axis=0, dtype=jnp.int32)))
-    return tuple(out)
-
-
-_window_router_counts_jit = jax.jit(_window_router_counts, static_argnums=0,
-                                    static_argnames=("top_k", "num_experts"))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class PairRecall:
-    """How well block ``block``'s pre-gate predicted block ``block + 1``'s top-k experts.
-
-    Attributes:
-      block: i, the predicting block.
-      tokens: positions compared.
-      top_k: k of both sets.
-      exact: tokens whose predicted top-k set equals the actual one.
-      expert_hits: [e] int64, tokens that selected expert j and had it predicted.
-      expert_actual: [e] int64, tokens that selected expert j (block i+1's own gate).
-    """
-
-    block: int
-    tokens: int
-    top_k: int
-    exact: int
-    expert_hits: np.ndarray
-    expert_actual: np.ndarray
-
-    @property
-    def exact_match(self) -> float:
-        """Share of tokens whose whole top-k set was predicted."""
-        return self.exact / self.tokens if self.tokens else math.nan
-
-    @property
-    def pair_recall(self) -> float:
-        """Hit (token, expert) pairs / actual pairs (= precision: both sets have k experts)."""
-        actual = int(self.expert_actual.sum())
-        return int(self.expert_hits.sum()) / actual if actual else math.nan
-
-    @property
-    def expert_recall(self) -> np.ndarray:
-        """[e] float64 hits / times selected per expert of block i+1 (nan: never selected)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.expert_actual > 0,
-                            self.expert_hits / np.maximum(self.expert_actual, 1), np.nan)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"block": self.block, "next_block": self.block + 1, "tokens": self.tokens,
-                "top_k": self.top_k, "exact_match": self.exact_match,
-                "pair_recall": self.pair_recall,
-                "expert_recall": [None if math.isnan(x) else float(x) for x in self.expert_recall],
-                "expert_hits": self.expert_hits.tolist(),
-                "expert_actual": self.expert_actual.tolist()}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class PregateRecall:
-    """Pre-gate recall of every block pair (i -> i+1) that has a pre-gate, and overall."""
-
-    pairs: tuple[PairRecall, ...]
-
-    @property
-    def tokens(self) -> int:
-        """Compared (token, block pair) cases."""
-        return sum(p.tokens for p in self.pairs)
-
-    @property
-    def exact_match(self) -> float:
-        """Exact top-k set matches over all pairs / compared cases."""
-        return sum(p.exact for p in self.pairs) / self.tokens if self.tokens else math.nan
-
-    @property
-    def pair_recall(self) -> float:
-        """Hit (token, expert) pairs / actual pairs, over all block pairs."""
-        actual = sum(int(p.expert_actual.sum()) for p in self.pairs)
-        hits = sum(int(p.expert_hits.sum()) for p in self.pairs)
-        return hits / actual if actual else math.nan
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"exact_match": self.exact_match, "pair_recall": self.pair_recall,
-                "tokens": self.tokens, "pairs": [p.as_dict() for p in self.pairs]}
-
-
-def pregate_recall(model: nnx.Module, tokens: Any, *, config: EvalConfig = EvalConfig()
-                   ) -> PregateRecall:
-    """Compare each pre-gate's top-k prediction with the next block's own gate, token by token.
-
-    The model runs the windows of ``tokens`` (as ``evaluate_streams`` cuts them: every
-    position that is an input of a window counts once; padding never does) with
-    ``return_router_logits=True``. For block i with a pre-gate, the predicted set is the top-k
-    of its pre-gate logits and the actual set the top-k of block i+1's own gate logits on
-    block i+1's input. In ``"pregated"`` mode block i+1 computes with the predicted set,
-    which changes the hidden states after it; the comparison is always with what block i+1's
-    own gate would pick on its input.
-
-    Args:
-      model: a ``MoETransformer`` with pre-gates (``pregate`` "pregated" or "speculative").
-      tokens: ids [n] int, or a mapping name -> ids [n] (several documents).
-      config: windows and batching, as for scoring.
-    Returns:
-      ``PregateRecall`` with one ``PairRecall`` per block pair.
-    Raises:
-      ValueError: the model has no pre-gates, or bad token input (as ``evaluate_streams``).
-    """
-    if not has_pregates(model):
-        raise ValueError("pregate_recall needs a model with pre-gates (MoEConfig.pregate "
-                         f"'pregated' or 'speculative'); this one has pregate="
-                         f"{model.config.moe.pregate!r} and no pre-gate modules")
-    if isinstance(tokens, Mapping):
-        streams = {name: (ids, np.zeros(np.shape(ids), np.int64)) for name, ids in tokens.items()}
-    else:
-        streams = {"tokens": (tokens, np.zeros(np.shape(tokens), np.int64))}
-    windows = _make_windows(streams, config, int(model.config.vocab_size))
-    moe = model.config.moe
-    graphdef, state = nnx.split(model)
-    pending = [_window_router_counts_jit(graphdef, state, jnp.asarray(inputs), jnp.asarray(valid),
-                                         top_k=moe.top_k, num_experts=moe.num_experts)
-               for _, inputs, _, valid in windows.batches(config.batch_size)]
-    totals: list[list[np.ndarray] | None] | None = None
-    for out in jax.device_get(pending):
-        if totals is None:
-            totals = [None if c is None else [np.zeros(np.shape(x), np.int64) for x in c]
-                      for c in out]
-        for acc, c in zip(totals, out):
-            if c is not None:
-                for x, y in zip(acc, c):
-                    x += np.asarray(y, np.int64)
-    compared = int(windows.valid.sum())
-    pairs = tuple(PairRecall(block=i, tokens=compared, top_k=moe.top_k, exact=int(c[0]),
-                             expert_hits=c[1], expert_actual=c[2])
-                  for i, c in enumerate(totals) if c is not None)
-    if not pairs:
-        raise ValueError("pregate_recall: the forward returned no pre-gate logits for any block "
-                         "pair (is the only pre-gate on the last block?)")
-    return PregateRecall(pairs=pairs)

@@ -29,7 +29,6 @@ each pre-gate to the next block's gate jointly with the rest (the target is not 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -39,12 +38,12 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.routing import load_balancing_loss, route_logits, router_z_loss
+from samoyeds_jax.train_data import check_tokens, eval_windows, sample_windows
+from samoyeds_jax.trainer import Trainer
 
 ExpertCompute = Literal["auto", "xla", "all_experts"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -153,132 +152,7 @@ def training_config(config: ModelConfig, train: TrainConfig) -> ModelConfig:
                           moe=dict(backend=expert_backend(train.expert_compute)))
 
 
-# ----------------------------------------------------------------------------- losses
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats: logits [b, t, v] float32, targets [b, t] int."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-
-def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
-    """Mean over positions of ``T^2 KL(softmax(teacher/T) || softmax(student/T))`` (nats)."""
-    t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
-    s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-    return temperature ** 2 * jnp.mean(kl)
-
-
-def router_losses(model: MoETransformer, router_logits) -> dict[str, jax.Array]:
-    """Load-balancing, z-loss and pre-gate KL averaged over blocks (float32 scalars)."""
-    moe = model.config.moe
-    lb, z = [], []
-    for logits in router_logits.gate:
-        routing = route_logits(logits, top_k=moe.top_k, norm=moe.router_norm)
-        lb.append(load_balancing_loss(routing, moe.num_experts))
-        z.append(router_z_loss(routing))
-    pre = []
-    for i, p in enumerate(router_logits.pregate):
-        if p is not None and i + 1 < len(router_logits.gate):
-            target = jax.lax.stop_gradient(router_logits.gate[i + 1])
-            pre.append(distill_kl(p, target, 1.0))
-    zero = jnp.zeros((), jnp.float32)
-    return {"load_balance": jnp.mean(jnp.stack(lb)), "z_loss": jnp.mean(jnp.stack(z)),
-            "pregate_kl": jnp.mean(jnp.stack(pre)) if pre else zero}
-
-
-def _losses(model: MoETransformer, windows: jax.Array, train: TrainConfig,
-            teacher_logits: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    logits, _, rl = model(inputs, return_router_logits=True)
-    parts = {"ce": cross_entropy(logits, targets), **router_losses(model, rl),
-             "distill": jnp.zeros((), jnp.float32)}
-    loss = parts["ce"]
-    if teacher_logits is not None:
-        parts["distill"] = distill_kl(logits, teacher_logits, train.distill_temperature)
-        loss = (1 - train.distill_weight) * loss + train.distill_weight * parts["distill"]
-    loss = (loss + train.aux_loss_coef * parts["load_balance"] + train.z_loss_coef * parts["z_loss"]
-            + train.pregate_coef * parts["pregate_kl"])
-    return loss, parts
-
-
-# ----------------------------------------------------------------------------- optimizer, masks
-
-
-def _decay_mask(params: nnx.State) -> Any:
-    """AdamW weight decay on matrices only (not norms, biases)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(train: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay and global-norm clipping."""
-    decay_steps = max(train.steps - train.warmup_steps, 1)
-    schedule = optax.join_schedules([
-        optax.linear_schedule(0.0, train.learning_rate, max(train.warmup_steps, 1)),
-        optax.cosine_decay_schedule(train.learning_rate, decay_steps, alpha=train.min_lr_ratio),
-    ], [train.warmup_steps])
-    chain = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
-    chain.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=train.weight_decay,
-                             mask=_decay_mask(params)))
-    return optax.chain(*chain)
-
-
-def sparsity_masks(params: nnx.State) -> Any:
-    """Keep-masks of the routed-expert stacks (``w1/w3/w2`` of every MoE layer): True where the
-    weight is nonzero. Other parameters get a scalar True (trained freely)."""
-    def mask(path, p):
-        names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-        if names and names[-1] == "value":  # nnx.State leaves end in .value
-            names = names[:-1]
-        expert = len(names) >= 2 and names[-2] == "mlp" and names[-1] in ("w1", "w3", "w2")
-        return (p != 0) if expert else jnp.ones((), bool)
-    return jax.tree_util.tree_map_with_path(mask, params)
-
-
-def _apply_masks(tree: Any, masks: Any) -> Any:
-    return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, masks)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def sample_windows(tokens: np.ndarray, *, batch: int, length: int, seed: int, step: int
-                   ) -> np.ndarray:
-    """``batch`` random windows of ``length`` tokens from ``tokens`` [n] (int32 [batch, length]),
-    a pure function of ``(seed, step)`` so a resumed run sees the same data."""
-    n = len(tokens)
-    if n < length:
-        raise ValueError(f"the token stream has {n} tokens; a window needs {length} "
-                         "(seq_len + 1): use more text or a smaller seq_len")
-    rng = np.random.default_rng((seed, step))
-    starts = rng.integers(0, n - length + 1, size=batch)
-    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
-
-
-def eval_windows(tokens: np.ndarray, *, count: int, length: int) -> np.ndarray:
-    """Up to ``count`` evenly spaced, non-overlapping windows [count, length] of ``tokens``."""
-    n = len(tokens)
-    if n < length:
-        raise ValueError(f"validation stream has {n} tokens; need at least {length}")
-    count = min(count, n // length)
-    starts = np.linspace(0, n - length, count).astype(np.int64)
-    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
-
-
-def check_tokens(tokens: Any, vocab_size: int, what: str) -> np.ndarray:
-    """A 1-D int32 token stream with ids in ``[0, vocab_size)`` (ValueError otherwise)."""
-    arr = np.asarray(tokens)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what} must be a 1-D integer token array, got dtype={arr.dtype}, "
-                         f"shape={arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(f"{what} holds token ids in [{arr.min()}, {arr.max()}]; the model's "
-                         f"vocabulary is [0, {vocab_size})")
-    return arr.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------- the trainer
+# ----------------------------------------------------------------------------- training runs
 
 
 @dataclasses.dataclass
@@ -288,123 +162,6 @@ class TrainResult:
     model: MoETransformer
     history: list[dict[str, float]]
     step: int
-
-
-def _teacher_logits(teacher_graphdef, teacher_state, windows):
-    logits, _ = nnx.merge(teacher_graphdef, teacher_state)(windows[:, :-1])
-    return jax.lax.stop_gradient(logits)
-
-
-# Module-level and keyed on static (hashable) graph definitions and config, so every Trainer of
-# the same model shape and TrainConfig in a process shares one compiled step.
-@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "train"),
-                   donate_argnums=(0, 1))
-def _update(params, opt_state, rest, windows, teacher_state, masks, *, graphdef,
-            teacher_graphdef, train: TrainConfig):
-    micro = windows.reshape(train.grad_accum, -1, windows.shape[-1])
-
-    def micro_grads(carry, w):
-        def loss_fn(p):
-            model = nnx.merge(graphdef, p, rest)
-            t_logits = (None if teacher_state is None
-                        else _teacher_logits(teacher_graphdef, teacher_state, w))
-            return _losses(model, w, train, t_logits)
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        acc_g, acc_l = carry
-        acc_g = jax.tree.map(jnp.add, acc_g, grads)
-        acc_l = jax.tree.map(jnp.add, acc_l, {"loss": loss, **parts})
-        return (acc_g, acc_l), None
-
-    zeros_g = jax.tree.map(jnp.zeros_like, params)
-    zeros_l = {k: jnp.zeros((), jnp.float32) for k in
-               ("loss", "ce", "load_balance", "z_loss", "pregate_kl", "distill")}
-    (grads, losses), _ = jax.lax.scan(micro_grads, (zeros_g, zeros_l), micro)
-    scale = 1.0 / train.grad_accum
-    grads = jax.tree.map(lambda g: g * scale, grads)
-    losses = jax.tree.map(lambda l: l * scale, losses)
-    if masks is not None:
-        grads = _apply_masks(grads, masks)
-    losses["grad_norm"] = optax.tree.norm(grads)
-    optimizer = make_optimizer(train, params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    if masks is not None:
-        params = _apply_masks(params, masks)
-    return params, opt_state, losses
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _eval_loss(params, rest, windows, *, graphdef):
-    logits, _ = nnx.merge(graphdef, params, rest)(windows[:, :-1])
-    return cross_entropy(logits, windows[:, 1:])
-
-
-class Trainer:
-    """Owns the split model state, the optimizer and the compiled step.
-
-    ``Trainer(model, train, teacher=None, masks=None)``; ``step(windows)`` runs one update and
-    returns the float losses; ``evaluate(windows)`` the mean validation cross-entropy.
-    """
-
-    def __init__(self, model: MoETransformer, train: TrainConfig, *,
-                 teacher: MoETransformer | None = None, masks: Any = None):
-        if train.distill_weight > 0 and teacher is None:
-            raise ValueError("distill_weight > 0 needs a teacher model")
-        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"teacher vocab_size={teacher.config.vocab_size} != student "
-                             f"vocab_size={model.config.vocab_size}")
-        if train.distill_weight == 0:
-            teacher = None  # no distillation term: skip the teacher's forward
-        self.train = train
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.masks = masks
-        if masks is not None:
-            self.params = _apply_masks(self.params, masks)
-        # The step rebuilds the same optimizer from ``train`` (a static jit argument).
-        self.opt_state = make_optimizer(train, self.params).init(self.params)
-        self.teacher_graphdef, self.teacher_state = (None, None) if teacher is None else (
-            nnx.split(teacher))
-
-    @property
-    def model(self) -> MoETransformer:
-        return nnx.merge(self.graphdef, self.params, self.rest)
-
-    def step(self, windows: np.ndarray) -> dict[str, float]:
-        """One optimizer step on ``windows`` [batch_size, seq_len + 1]; float losses."""
-        self.params, self.opt_state, losses = _update(
-            self.params, self.opt_state, self.rest, jnp.asarray(windows), self.teacher_state,
-            self.masks, graphdef=self.graphdef, teacher_graphdef=self.teacher_graphdef,
-            train=self.train)
-        return {k: float(v) for k, v in losses.items()}
-
-    def evaluate(self, windows: np.ndarray, *, batch: int = 16) -> float:
-        """Mean cross-entropy (nats/token) over ``windows`` [n, seq_len + 1]."""
-        losses = [float(_eval_loss(self.params, self.rest, jnp.asarray(windows[i:i + batch]),
-                                   graphdef=self.graphdef))
-                  for i in range(0, len(windows), batch)]
-        sizes = [len(windows[i:i + batch]) for i in range(0, len(windows), batch)]
-        return float(np.average(losses, weights=sizes))
-
-    # -- checkpoints
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Optimizer state as flat named host arrays (safetensors-ready)."""
-        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
-        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-    def load_state_dict(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
-        out = []
-        for path, ref in leaves:
-            key = jax.tree_util.keystr(path)
-            if key not in arrays:
-                raise ValueError(f"{source}: optimizer state {key!r} is missing")
-            value = arrays[key]
-            if tuple(value.shape) != tuple(np.shape(ref)):
-                raise ValueError(f"{source}: optimizer state {key!r} has shape {value.shape}, "
-                                 f"expected {np.shape(ref)}")
-            out.append(jnp.asarray(value, dtype=jnp.asarray(ref).dtype))
-        self.opt_state = jax.tree_util.tree_unflatten(treedef, out)
 
 
 def save_checkpoint(trainer: Trainer, directory: str, *, step: int,

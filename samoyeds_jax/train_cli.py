@@ -116,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_tokens(corpus: str, tokenizer_path: str | None, vocab_size: int, out: str
                 ) -> tuple[Any, str, np.ndarray, np.ndarray]:
     """(tokenizer, its path, train ids, validation ids) of the corpus split."""
+    from samoyeds_jax import bpe_tokenizer
     from samoyeds_jax import corpus as corpus_lib
 
     texts = corpus_lib.read_texts(corpus)
     train_texts, val_texts = corpus_lib.split_texts(texts)
     if tokenizer_path is None:
-        tokenizer = corpus_lib.train_tokenizer(train_texts.values(), vocab_size=vocab_size)
+        tokenizer = bpe_tokenizer.train_tokenizer(train_texts.values(), vocab_size=vocab_size)
         tokenizer_path = os.path.join(out, "tokenizer.json")
         tmp = tokenizer_path + ".tmp"
         tokenizer.save(tmp)
@@ -132,8 +133,8 @@ def load_tokens(corpus: str, tokenizer_path: str | None, vocab_size: int, out: s
         if not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"--tokenizer {tokenizer_path}: no such file")
         tokenizer = Tokenizer.from_file(tokenizer_path)
-    train_ids = corpus_lib.encode_documents(tokenizer, train_texts.values())
-    val_ids = corpus_lib.encode_documents(tokenizer, val_texts.values())
+    train_ids = bpe_tokenizer.encode_documents(tokenizer, train_texts.values())
+    val_ids = bpe_tokenizer.encode_documents(tokenizer, val_texts.values())
     return tokenizer, tokenizer_path, train_ids, val_ids
 
 

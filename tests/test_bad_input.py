@@ -21,7 +21,7 @@ from flax import nnx
 
 from pallas_kernels.checks import checked, checking
 from pallas_kernels.routing_plan import RoutingPlan
-from samoyeds_jax import corpus, evaluate, train
+from samoyeds_jax import bpe_tokenizer, corpus, evaluate, train, train_data
 from samoyeds_jax.config import MoEConfig, SparsityConfig
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
@@ -95,7 +95,7 @@ HF = dict(model_type="mixtral", hidden_size=64, num_attention_heads=4, num_key_v
 
 @functools.cache
 def tokenizer():
-    return corpus.train_tokenizer(["to be or not to be, that is the question"] * 4,
+    return bpe_tokenizer.train_tokenizer(["to be or not to be, that is the question"] * 4,
                                   vocab_size=300, min_frequency=1)
 
 
@@ -344,7 +344,8 @@ EVAL_TRAIN_CASES = [
          "distill_weight must be in [0, 1], got 2.0"),
     case("train_lr", lambda: train.TrainConfig(steps=1, learning_rate=0.0), VE,
          "learning_rate must be > 0, got 0.0"),
-    case("train_check_tokens", lambda: train.check_tokens(np.array([0, V]), V, "train stream"), VE,
+    case("train_check_tokens",
+         lambda: train_data.check_tokens(np.array([0, V]), V, "train stream"), VE,
          "train stream holds token ids in [0, 50]; the model's vocabulary is [0, 50)"),
     case("pregate_config_loss", lambda: PregateTrainConfig(loss="mse"), VE,
          "loss must be 'kl' or 'topk', got 'mse'"),
@@ -353,15 +354,17 @@ EVAL_TRAIN_CASES = [
 ]
 
 CORPUS_CASES = [
-    case("tokenizer_empty_texts", lambda: corpus.train_tokenizer(["", ""], vocab_size=300), VE,
+    case("tokenizer_empty_texts",
+         lambda: bpe_tokenizer.train_tokenizer(["", ""], vocab_size=300), VE,
          "tokenizer training needs some text; got 2 documents, all empty"),
-    case("tokenizer_no_texts", lambda: corpus.train_tokenizer([], vocab_size=300), VE,
+    case("tokenizer_no_texts", lambda: bpe_tokenizer.train_tokenizer([], vocab_size=300), VE,
          "tokenizer training needs some text; got 0 documents"),
-    case("tokenizer_vocab", lambda: corpus.train_tokenizer(["abc"], vocab_size=100), VE,
+    case("tokenizer_vocab", lambda: bpe_tokenizer.train_tokenizer(["abc"], vocab_size=100), VE,
          "vocab_size=100 is too small for byte-level BPE"),
-    case("tokenizer_not_str", lambda: corpus.train_tokenizer(["abc", 3], vocab_size=300), VE,
+    case("tokenizer_not_str", lambda: bpe_tokenizer.train_tokenizer(["abc", 3], vocab_size=300), VE,
          "texts[1] should be a str, got int"),
-    case("encode_eos", lambda: corpus.encode_documents(tokenizer(), ["abc"], eos_id=10_000), VE,
+    case("encode_eos",
+         lambda: bpe_tokenizer.encode_documents(tokenizer(), ["abc"], eos_id=10_000), VE,
          "eos_id=10000 is outside the tokenizer's vocabulary"),
     case("text_streams_empty", lambda: evaluate.text_streams(tokenizer(), {"empty": ""},
                                                              vocab_size=300), VE,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from samoyeds_jax import compress, corpus, pruning
+from samoyeds_jax import bpe_tokenizer, compress, corpus, pruning
 from samoyeds_jax.cli import compress_main
 from samoyeds_jax.hf_export import save_hf_checkpoint
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -103,7 +103,7 @@ def _tiny_checkpoint_and_corpus(tmp_path):
         text = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(80))
         (root / "texts" / f"{name}_gut.txt").write_text(text)
     train, _ = corpus.split_texts(corpus.read_texts(str(root)))
-    tok = corpus.train_tokenizer(train.values(), vocab_size=300)
+    tok = bpe_tokenizer.train_tokenizer(train.values(), vocab_size=300)
     model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
     tok_path = tmp_path / "tokenizer.json"
     tok.save(str(tok_path))

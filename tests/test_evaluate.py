@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from samoyeds_jax import corpus, evaluate, pregate
+from samoyeds_jax import bpe_tokenizer, corpus, evaluate, pregate, pregate_eval
 from samoyeds_jax.evaluate import EvalConfig, EvalResult
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
@@ -204,7 +204,7 @@ def test_pregate_recall_is_one_for_next_gate_copies_on_an_unchanged_state(rng, m
     _silence_blocks(model)
     pregate.init_pregates_from_next_gates(pregate.moe_blocks(model))
     ids = rng.integers(0, V, 30)
-    rec = evaluate.pregate_recall(model, ids, config=CONFIG)  # windows of 8, 8, 8 and 5
+    rec = pregate_eval.pregate_recall(model, ids, config=CONFIG)  # windows of 8, 8, 8 and 5
     assert [p.block for p in rec.pairs] == [0, 1]
     assert rec.exact_match == 1.0 and rec.pair_recall == 1.0 and rec.tokens == 2 * 29
     for p in rec.pairs:
@@ -227,7 +227,7 @@ def test_pregate_recall_matches_brute_force(rng):
     model = _tiny(int(rng.integers(1 << 30)), pregate_mode="pregated", layers=3)  # random pre-gates
     n = 8 * 2 + 1  # two windows of 8 inputs (padding is covered by the test above)
     ids = rng.integers(0, V, n).astype(np.int32)
-    rec = evaluate.pregate_recall(model, ids, config=CONFIG)
+    rec = pregate_eval.pregate_recall(model, ids, config=CONFIG)
 
     batches = [jnp.asarray(ids[:-1].reshape(2, 8))]
     inputs = pregate.collect_moe_inputs(model, lambda m, b: m(b), batches)  # [n - 1, d] per block
@@ -249,7 +249,7 @@ def test_pregate_recall_matches_brute_force(rng):
 def test_pregate_recall_needs_pregates(rng):
     model = _tiny(int(rng.integers(1 << 30)))
     with pytest.raises(ValueError, match="pre-gates"):
-        evaluate.pregate_recall(model, rng.integers(0, V, 10))
+        pregate_eval.pregate_recall(model, rng.integers(0, V, 10))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -339,7 +339,7 @@ def checkpoint(tmp_path, rng):
     """(checkpoint dir, [text files]) with a tokenizer trained on synthetic text."""
     ckpt = str(tmp_path / "ckpt")
     _write_mixtral(ckpt, rng)
-    tokenizer = corpus.train_tokenizer([_synthetic_text(rng, 200) for _ in range(20)],
+    tokenizer = bpe_tokenizer.train_tokenizer([_synthetic_text(rng, 200) for _ in range(20)],
                                        vocab_size=300, min_frequency=1)
     tokenizer.save(os.path.join(ckpt, "tokenizer.json"))
     files = []
@@ -367,7 +367,7 @@ def test_cli_end_to_end_and_converted_pregate_modes(checkpoint, tmp_path, capsys
     for name in files:
         with open(name, encoding="utf-8") as fh:
             texts[name] = fh.read()
-    streams = [corpus.token_bytes(tokenizer, text) for text in texts.values()]
+    streams = [bpe_tokenizer.token_bytes(tokenizer, text) for text in texts.values()]
     res = report["result"]
     assert res["tokens"] == sum(len(ids) - 1 for ids, _ in streams)
     assert res["bytes"] == sum(int(np.sum(nb[1:])) for _, nb in streams)
@@ -438,7 +438,7 @@ def test_set_pregate_creates_copies_of_the_next_gate(rng):
     from samoyeds_jax.eval_cli import _set_pregate
 
     model = _tiny(int(rng.integers(1 << 30)), layers=3)
-    assert not evaluate.has_pregates(model)
+    assert not pregate_eval.has_pregates(model)
     _set_pregate(model, "pregated")
     moes = pregate.moe_blocks(model)
     assert model.config.moe.pregate == "pregated" and moes[2].pregate is None
@@ -446,7 +446,7 @@ def test_set_pregate_creates_copies_of_the_next_gate(rng):
         assert moes[i].config.pregate == "pregated"
         np.testing.assert_array_equal(moes[i].pregate.kernel[...], moes[i + 1].gate.kernel[...])
     _set_pregate(model, "standard")
-    assert not evaluate.has_pregates(model) and moes[0].config.pregate == "standard"
+    assert not pregate_eval.has_pregates(model) and moes[0].config.pregate == "standard"
 
 
 def test_cli_errors_before_loading(checkpoint, tmp_path, monkeypatch):

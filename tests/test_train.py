@@ -12,6 +12,10 @@ from flax import nnx
 
 from samoyeds_jax import train as T
 from samoyeds_jax.model import ModelConfig, MoETransformer
+from samoyeds_jax.train_data import sample_windows
+from samoyeds_jax.train_losses import _losses, distill_kl
+from samoyeds_jax.train_optim import sparsity_masks
+from samoyeds_jax.trainer import Trainer
 
 
 def _config(**moe):
@@ -40,7 +44,7 @@ def test_expert_compute_paths_give_same_loss_and_gradients():
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p):
-            return T._losses(nnx.merge(graphdef, p, rest), windows, tc, None)[0]
+            return _losses(nnx.merge(graphdef, p, rest), windows, tc, None)[0]
 
         grads[backend] = jax.value_and_grad(loss_fn)(params)
     (l1, g1), (l2, g2) = grads["xla"], grads["all_experts"]
@@ -69,11 +73,11 @@ def test_loss_decreases_and_backend_restored():
 @jax.default_matmul_precision("highest")
 def test_grad_accumulation_matches_one_batch():
     tokens = _tokens()
-    windows = T.sample_windows(tokens, batch=4, length=17, seed=1, step=0)
+    windows = sample_windows(tokens, batch=4, length=17, seed=1, step=0)
     out = []
     for accum in (1, 2):
         model = MoETransformer(_config(), rngs=nnx.Rngs(3))
-        trainer = T.Trainer(model, _small(grad_accum=accum))
+        trainer = Trainer(model, _small(grad_accum=accum))
         losses = trainer.step(windows)
         out.append((losses, nnx.state(trainer.model, nnx.Param)))
     np.testing.assert_allclose(out[0][0]["ce"], out[1][0]["ce"], rtol=1e-5)
@@ -87,7 +91,7 @@ def test_masks_keep_pruned_weights_exactly_zero():
             w = getattr(block.mlp, name).get_value()
             keep = jax.random.bernoulli(jax.random.key(1), 0.5, w.shape)
             getattr(block.mlp, name).set_value(jnp.where(keep, w, 0.0))
-    masks = T.sparsity_masks(nnx.state(model, nnx.Param))
+    masks = sparsity_masks(nnx.state(model, nnx.Param))
     before = [np.asarray(b.mlp.w1.get_value()) != 0 for b in model.layers]
     result = T.train(model, _tokens(), _small(steps=3, learning_rate=1e-2), masks=masks,
                      progress=False)
@@ -102,9 +106,9 @@ def test_masks_keep_pruned_weights_exactly_zero():
 
 def test_distillation_from_itself_is_zero_kl():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
-    assert float(T.distill_kl(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_kl(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
     other = logits + jax.random.normal(jax.random.key(1), logits.shape)
-    assert float(T.distill_kl(other, logits, 1.0)) > 0.01
+    assert float(distill_kl(other, logits, 1.0)) > 0.01
 
 
 def test_pregate_loss_trains_pregates():
@@ -154,7 +158,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     tokens = _tokens()
     out = str(tmp_path / "run")
     tc = _small(steps=4, checkpoint_every=1)
-    real_step = T.Trainer.step
+    real_step = Trainer.step
 
     def poisoned(self, windows):
         losses = real_step(self, windows)
@@ -164,7 +168,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return losses
 
     poisoned.calls = []
-    monkeypatch.setattr(T.Trainer, "step", poisoned)
+    monkeypatch.setattr(Trainer, "step", poisoned)
     model = MoETransformer(_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="non-finite loss at step 3"):
         T.train(model, tokens, tc, out_dir=out, progress=False)
@@ -193,7 +197,7 @@ def test_too_short_stream_and_bad_configs():
     with pytest.raises(ValueError, match="steps"):
         T.TrainConfig(steps=0)
     with pytest.raises(ValueError, match="teacher"):
-        T.Trainer(MoETransformer(_config(), rngs=nnx.Rngs(0)), _small(distill_weight=0.5))
+        Trainer(MoETransformer(_config(), rngs=nnx.Rngs(0)), _small(distill_weight=0.5))
     with pytest.raises(ValueError, match="dense experts"):
         T.train(MoETransformer(ModelConfig.tiny(expert_format="nm"), rngs=nnx.Rngs(0)),
                 _tokens(), _small(), progress=False)
