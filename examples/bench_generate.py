@@ -1,6 +1,6 @@
 """End-to-end generation speed of a Mixtral-8x7B-shaped model: dense vs 2:4 vs Samoyeds experts.
 
-For each expert format and backend it builds the model (random weights of the Mixtral-8x7B
+For each expert format and implementation it builds the model (random weights of the Mixtral-8x7B
 shapes, ``--layers`` decoder blocks; sparse formats are magnitude-pruned from the same dense
 initialization) and measures with ``samoyeds_jax.generate.Generator``:
 
@@ -8,8 +8,8 @@ initialization) and measures with ``samoyeds_jax.generate.Generator``:
   (``--new-tokens`` tokens, EOS ignored), timed from dispatch to ``block_until_ready``,
   compilation excluded (ahead-of-time compiled); median of ``--repeats`` runs;
 * prefill tokens/s: ``--prefill-batch`` prompts of ``--prefill-len`` tokens;
-* correctness in the same run: for every format, the logits of one forward with the Pallas
-  backend against the XLA backend (same weights), and whether their greedy tokens agree;
+* correctness in the same run: for every format, the logits of one forward with each expert
+  implementation against ``xla`` (same weights), and whether their greedy tokens agree;
 * peak device memory after each format.
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
@@ -42,32 +42,26 @@ MIXTRAL_8X7B = {
     "rope_theta": 1e6, "torch_dtype": "bfloat16", "eos_token_id": 2,
 }
 
-# format/backend pairs timed by default; the dense XLA grouped matmul is the baseline.
-# Backend "hopper": the pallas backend with the experts in the Hopper decode layout
-# (``MoE.use_hopper_layout``: Mosaic GPU kernels; Hopper GPUs only).
-DEFAULT_VARIANTS = "dense/xla,dense/pallas,nm/pallas,samoyeds/pallas"
+# format/implementation pairs timed by default (``pallas_kernels.expert_op``); the dense XLA
+# grouped matmul is the baseline. ``mosaic_sparse_mma`` / ``mosaic_expand`` put the experts in a
+# Hopper layout (Mosaic GPU kernels; Hopper GPUs only).
+DEFAULT_VARIANTS = "dense/xla,dense/triton,nm/triton,samoyeds/triton"
 
 
-def _config(args, fmt: str, backend: str) -> ModelConfig:
+def _config(args, fmt: str) -> ModelConfig:
     if args.tiny:
-        return ModelConfig.tiny(expert_format=fmt, backend=backend)
+        return ModelConfig.tiny(expert_format=fmt)
     hf = dict(MIXTRAL_8X7B, num_hidden_layers=args.layers)
-    return ModelConfig.from_hf(hf, expert_format=fmt, backend=backend)
+    return ModelConfig.from_hf(hf, expert_format=fmt)
 
 
-def _with_backend(model: MoETransformer, backend: str) -> MoETransformer:
-    """The same weights under another expert backend (a new graph, shared arrays)."""
-    cfg = model.config.replace(moe=dict(backend=backend))
-    abstract = nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract)
-    return nnx.merge(graphdef, nnx.state(model))
-
-
-def _with_hopper(model: MoETransformer) -> MoETransformer:
-    """Pallas backend with the experts in the Hopper decode layout (own copies of the params)."""
-    out = nnx.clone(_with_backend(model, "pallas"))
+def _with_implementation(model: MoETransformer, implementation: str) -> MoETransformer:
+    """The same weights computed by another expert implementation: a new graph sharing the
+    arrays, each MoE layer prepared for ``implementation`` (a layout change copies)."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
     for block in out.layers:
-        block.mlp.use_hopper_layout()
+        block.mlp.prepare(implementation)
     return out
 
 
@@ -102,8 +96,8 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="comma-separated format/backend pairs (formats: dense, nm, samoyeds, "
-                        "unstructured; backends: xla, pallas)")
+                   help="comma-separated format/implementation pairs (formats: dense, nm, "
+                        "samoyeds, unstructured; implementations: pallas_kernels.expert_op)")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     args = p.parse_args()
     if args.tiny:
@@ -115,39 +109,34 @@ def main() -> None:
     results, checks = [], []
     report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                   jax=jax.__version__, model="tiny" if args.tiny else "mixtral-8x7b-shaped",
-                  layers=_config(args, "dense", "xla").num_layers, args=vars(args),
+                  layers=_config(args, "dense").num_layers, args=vars(args),
                   timing="AOT-compiled; decode = one jitted while_loop per run, dispatch to "
                          "block_until_ready; median of repeats; compile excluded",
                   results=results, checks=checks)
 
     for fmt in formats:
         t0 = time.perf_counter()
-        base = MoETransformer(_config(args, fmt, "xla"), rngs=nnx.Rngs(0))
+        base = MoETransformer(_config(args, fmt), rngs=nnx.Rngs(0))
         jax.block_until_ready(nnx.state(base))
         build_s = time.perf_counter() - t0
         vocab = base.config.vocab_size
         probe = jnp.asarray(np.random.default_rng(7).integers(3, vocab, (2, 16)), jnp.int32)
-        logits_by_backend, greedy_by_backend = {}, {}
-        backends = [b for f, b in variants if f == fmt]
-        for backend in ["xla"] + [b for b in backends if b != "xla"]:
-            if backend == "xla":
-                model = base
-            elif backend == "hopper":  # pallas backend, experts in a Hopper layout
-                model = _with_hopper(base)
-            else:
-                model = _with_backend(base, backend)
+        logits_by_impl, greedy_by_impl = {}, {}
+        impls = [b for f, b in variants if f == fmt]
+        for impl in ["xla"] + [b for b in impls if b != "xla"]:
             try:
+                model = _with_implementation(base, impl)
                 logits, _ = jax.jit(lambda m, t: m(t))(model, probe)
-                logits_by_backend[backend] = np.asarray(logits, np.float32)
-            except Exception as err:  # a backend that cannot run this format: record, go on
-                checks.append(dict(format=fmt, backend=backend, error=repr(err)[:500]))
-                print(f"{fmt}/{backend}: forward failed: {err!r}"[:300], flush=True)
+                logits_by_impl[impl] = np.asarray(logits, np.float32)
+            except Exception as err:  # cannot run this format: record, go on
+                checks.append(dict(format=fmt, implementation=impl, error=repr(err)[:500]))
+                print(f"{fmt}/{impl}: forward failed: {err!r}"[:300], flush=True)
                 continue
-            if backend not in backends:
+            if impl not in impls:
                 continue  # the XLA forward only as the reference of the check
             gen = Generator(model, sampling=SamplingConfig(), eos_id=None, bucket=16)
             for b in batches:
-                # The same prompts for every format and backend (greedy tokens are compared).
+                # The same prompts for every format and implementation (greedy tokens are compared).
                 prng = np.random.default_rng(b)
                 prompts = [prng.integers(3, vocab, args.prompt_len).tolist() for _ in range(b)]
                 runs = [gen.generate(prompts, max_new_tokens=args.new_tokens)
@@ -155,15 +144,15 @@ def main() -> None:
                 timed = runs[1:] if len(runs) > 1 else runs
                 rates = [r.decode_tokens_per_second for r in timed]
                 if b == batches[0]:
-                    greedy_by_backend[backend] = runs[-1].tokens
+                    greedy_by_impl[impl] = runs[-1].tokens
                 results.append(dict(
-                    kind="decode", format=fmt, backend=backend, batch=b,
+                    kind="decode", format=fmt, implementation=impl, batch=b,
                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                     decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
                     step_ms=1e3 / statistics.median(rates) * b,
                     compile_s=runs[0].compile_seconds))
                 _write(args.out, report)
-                print(f"{fmt:9s} {backend:6s} batch {b:3d}: decode {statistics.median(rates):10.1f} tok/s "
+                print(f"{fmt:9s} {impl:6s} batch {b:3d}: decode {statistics.median(rates):10.1f} tok/s "
                       f"({results[-1]['step_ms']:.2f} ms/step), compile {runs[0].compile_seconds:.1f} s",
                       flush=True)
             prng = np.random.default_rng(1000)
@@ -171,24 +160,24 @@ def main() -> None:
                        for _ in range(args.prefill_batch)]
             runs = [gen.generate(prompts, max_new_tokens=1) for _ in range(args.repeats + 1)]
             rates = [r.prefill_tokens_per_second for r in runs[1:] or runs]
-            results.append(dict(kind="prefill", format=fmt, backend=backend,
+            results.append(dict(kind="prefill", format=fmt, implementation=impl,
                                 batch=args.prefill_batch, prompt_len=args.prefill_len,
                                 prefill_tok_s=statistics.median(rates), prefill_tok_s_runs=rates))
-            print(f"{fmt:9s} {backend:6s} prefill {args.prefill_batch}x{args.prefill_len}: "
+            print(f"{fmt:9s} {impl:6s} prefill {args.prefill_batch}x{args.prefill_len}: "
                   f"{statistics.median(rates):10.1f} tok/s", flush=True)
             del gen, model
             gc.collect()
-        if "xla" in logits_by_backend:
-            ref = logits_by_backend["xla"]
-            for backend, lg in logits_by_backend.items():
-                if backend == "xla":
+        if "xla" in logits_by_impl:
+            ref = logits_by_impl["xla"]
+            for impl, lg in logits_by_impl.items():
+                if impl == "xla":
                     continue
                 rel = float(np.linalg.norm(lg - ref) / max(np.linalg.norm(ref), 1e-30))
-                same = (bool(np.array_equal(greedy_by_backend.get(backend), greedy_by_backend.get("xla")))
-                        if backend in greedy_by_backend and "xla" in greedy_by_backend else None)
-                checks.append(dict(format=fmt, backend=backend, logits_rel_err_vs_xla=rel,
+                same = (bool(np.array_equal(greedy_by_impl.get(impl), greedy_by_impl.get("xla")))
+                        if impl in greedy_by_impl and "xla" in greedy_by_impl else None)
+                checks.append(dict(format=fmt, implementation=impl, logits_rel_err_vs_xla=rel,
                                    greedy_tokens_equal_xla=same))
-                print(f"{fmt:9s} {backend}: logits rel err vs xla {rel:.2e}, greedy equal {same}",
+                print(f"{fmt:9s} {impl}: logits rel err vs xla {rel:.2e}, greedy equal {same}",
                       flush=True)
         report.setdefault("expert_mib", {})[fmt] = _expert_bytes(base) / 2**20
         report.setdefault("peak_mib_after", {})[fmt] = _peak_mib()
@@ -200,11 +189,11 @@ def main() -> None:
     for r in results:
         if r["kind"] != "decode" or r["format"] == "dense":
             continue
-        for base_backend in ("xla", "pallas"):
+        for base_impl in ("xla", "triton"):
             dense = [d for d in results if d["kind"] == "decode" and d["format"] == "dense"
-                     and d["backend"] == base_backend and d["batch"] == r["batch"]]
+                     and d["implementation"] == base_impl and d["batch"] == r["batch"]]
             if dense:
-                speedups[f"{r['format']}/{r['backend']} vs dense/{base_backend} batch {r['batch']}"] = (
+                speedups[f"{r['format']}/{r['implementation']} vs dense/{base_impl} batch {r['batch']}"] = (
                     r["decode_tok_s"] / dense[0]["decode_tok_s"])
     report["decode_speedup"] = speedups
     for k, v in speedups.items():

@@ -2,7 +2,7 @@
 
 For each model shape (../shared/model_shapes.json values, copied below) and token count:
 
-  (a) ``rd``        dense experts, ``moe_ffn_ragged_dot`` (sorted copy + 3 x jax.lax.ragged_dot)
+  (a) ``rd``        dense experts, the ``xla`` expert op (``expert_op.ragged_dot_experts``: sorted copy + 3 x jax.lax.ragged_dot)
   (b) ``fused``     dense experts, ``moe_ffn`` (our fused gather kernels: the honest dense baseline)
   (c) ``nm24``      2:4 experts (``NMSparse``), ``moe_ffn``
   (d) ``samoyeds``  1:2:128 + 2:4 experts (``SamoyedsSparse``), ``moe_ffn``
@@ -12,7 +12,7 @@ weights in turn (rotating past the 50 MB L2), with a cheap RMS renormalisation b
 so values stay away from 0 and inf. Reported: median over repeats of (call time / calls),
 routing plan built once outside the loop (the same input for every variant). Random uniform
 top-k routing. Correctness: at one token count per model every Pallas variant is compared with
-``moe_ffn_ragged_dot`` on the same (densified) weights.
+the ``xla`` expert op on the same (densified) weights.
 
 Also: the largest decode batch that fits in GPU memory at sequence lengths 1024 and 4096 with
 dense vs Samoyeds experts, COMPUTED from parameter/KV-cache bytes and the device's total
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels import expert_op, mgpu_moe
 from pallas_kernels import moe_matmul as mm
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, pack_meta
 from pallas_kernels.routing_plan import RoutingPlan
@@ -290,7 +291,9 @@ def main() -> int:
                                                                   error=str(exc)))
                     print(f"   {v} skipped: {exc}", flush=True)
         fns = {v: mm.moe_ffn for v in VARIANTS}
-        fns["rd"] = mm.moe_ffn_ragged_dot
+        fns.update({v: mgpu_moe.moe_ffn_mgpu for v in HOPPER})
+        fns["rd"] = lambda x, plan, w1, w3, w2, config: expert_op.ragged_dot_experts(
+            x, plan, w1, w3, w2)
         for t in args.tokens:
             if time.perf_counter() - start > args.budget_s:
                 print(f"   budget reached, skipping {model} t={t}", flush=True)
@@ -362,7 +365,7 @@ def main() -> int:
                     if v == "rd":
                         continue
                     dense_w = [densify(w) for w in weights[v][0]]
-                    ref = mm.moe_ffn_ragged_dot(x, plan, *dense_w)
+                    ref = expert_op.ragged_dot_experts(x, plan, *dense_w)
                     y32 = np.asarray(y, np.float32)
                     check = dict(model=model, tokens=t, variant=v, rel_err=rel_err(y, ref),
                                  finite=bool(np.isfinite(y32).all()))

@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import bench_moe as bm  # noqa: E402
 import trace_summary  # noqa: E402
+from pallas_kernels import mgpu_moe  # noqa: E402
 from pallas_kernels import moe_matmul as mm  # noqa: E402
 from pallas_kernels.routing_plan import RoutingPlan  # noqa: E402
 
@@ -46,9 +47,10 @@ def main() -> None:
         topk_w, topk_idx = jax.lax.top_k(jax.random.uniform(jax.random.key(2), (t, e)), k)
         bt = mm.default_block_t(t, k, e)
         plan = RoutingPlan.build(topk_idx, jax.nn.softmax(topk_w, -1), num_experts=e, block_t=bt)
-        for name, layers, config in (("fused", dense, mm.default_config(t * k, d, f, block_t=bt)),
-                                     ("samoyeds_sp", sparse, None)):
-            run = bm.make_loop(mm.moe_ffn, config)
+        for name, fn, layers, config in (
+                ("fused", mm.moe_ffn, dense, mm.default_config(t * k, d, f, block_t=bt)),
+                ("samoyeds_sp", mgpu_moe.moe_ffn_mgpu, sparse, None)):
+            run = bm.make_loop(fn, config)
             jax.block_until_ready(run(x, plan, layers, 2))  # compile + warm
             with tempfile.TemporaryDirectory() as tmp:
                 with jax.profiler.trace(tmp, create_perfetto_trace=True):

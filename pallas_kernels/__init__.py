@@ -10,8 +10,9 @@ from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, nm_k_
 # Likewise ``mgpu_matmul`` the function: ``from pallas_kernels.mgpu_matmul import mgpu_matmul``.
 from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
                                         mgpu_grouped_matmul_reference, mgpu_matmul_reference)
+from pallas_kernels.expert_op import ExpertOp, plan_for, resolve
 from pallas_kernels.mgpu_moe import moe_ffn_mgpu
-from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_ragged_dot, moe_ffn_reference
+from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_reference
 # ``nm_matmul`` the function stays in its module: a package attribute of the same name would
 # shadow the submodule ``pallas_kernels.nm_matmul``.
 from pallas_kernels.nm_matmul import (SparseMatmulConfig, samoyeds_matmul,
@@ -30,7 +31,8 @@ __all__ = [
     "RoutingPlan",
     "SparseMatmulConfig", "samoyeds_matmul", "samoyeds_matmul_reference",
     "UnstructuredConfig", "unstructured_matmul", "unstructured_matmul_reference",
-    "moe_ffn", "moe_ffn_ragged_dot", "moe_ffn_reference",
+    "ExpertOp", "plan_for", "resolve",
+    "moe_ffn", "moe_ffn_reference",
     "MgpuMatmulConfig", "mgpu_matmul_reference", "mgpu_grouped_matmul",
     "mgpu_grouped_matmul_reference", "moe_ffn_mgpu",
 ]

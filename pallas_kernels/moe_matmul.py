@@ -33,9 +33,9 @@ partial product is routed into one of ``m_sel`` accumulator sets by the slab's c
 selection (``decompress.route_partial``), and the sets are stored interleaved (stride
 ``m_sel`` columns). Only compressed bytes cross HBM.
 
-References with the same signature: :func:`moe_ffn_reference` (a readable per-expert loop,
-f32) and :func:`moe_ffn_ragged_dot` (dense ``jax.lax.ragged_dot`` over a sorted copy of the
-routed rows, the XLA baseline; ``backend="xla"`` of :func:`moe_ffn`).
+Reference with the same signature: :func:`moe_ffn_reference` (a readable per-expert loop, f32;
+it also reads the Hopper layouts). The XLA baseline, ``jax.lax.ragged_dot`` over the plan's
+rows, is the ``xla`` expert op (``expert_op.ragged_dot_experts``).
 
 Build the plan with ``block_t = default_block_t(t, k, e)``; tiles default to
 :func:`default_config`. Measured speed and its limits: benchmarks/moe.md (on H100 the dense
@@ -56,8 +56,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import backend as backend_lib
-from pallas_kernels import decompress, mgpu_moe
+from pallas_kernels import decompress
 from pallas_kernels.checks import expect_kind
+from pallas_kernels.expert_op import check_inputs
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.launch import launch
 from pallas_kernels.routing_plan import RoutingPlan
@@ -65,7 +66,7 @@ from pallas_kernels.sparse_mma_layout import WgmmaSparseA
 from pallas_kernels.transposed_format import TransposedSparse
 
 ExpertWeights = jax.Array | NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA
-_WEIGHT_KINDS = (jax.Array, np.ndarray, NMSparse, SamoyedsSparse, TransposedSparse, WgmmaSparseA)
+_KERNEL_KINDS = (jax.Array, np.ndarray, NMSparse, SamoyedsSparse)
 
 # ----------------------------------------------------------------------------- configs
 
@@ -467,34 +468,6 @@ def combine(out_rows: jax.Array, plan: RoutingPlan) -> jax.Array:
     return rows.reshape(t, k, d).sum(axis=1).astype(out_rows.dtype)
 
 
-def _check_inputs(x: jax.Array, plan: RoutingPlan, w1, w3, w2) -> None:
-    expect_kind("plan", plan, RoutingPlan, "a RoutingPlan (RoutingPlan.build)")
-    expect_kind("x", x, (jax.Array, np.ndarray), "an array [t, d]")
-    if x.ndim != 2:
-        raise ValueError(f"x must be [t, d], got shape {x.shape}")
-    if x.shape[0] != plan.num_tokens:
-        raise ValueError(f"x has {x.shape[0]} tokens but the plan was built for "
-                         f"{plan.num_tokens}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be floating, got {x.dtype}")
-    d = x.shape[1]
-    e = plan.num_experts
-    s1, s3, s2 = _shape("w1", w1), _shape("w3", w3), _shape("w2", w2)
-    if len(s1) != 3 or s1[0] != e or s1[1] != d:
-        raise ValueError(f"w1 must be [e={e}, d={d}, f], got {s1}")
-    f = s1[2]
-    if s3 != s1:
-        raise ValueError(f"w3 must be [e={e}, d={d}, f={f}] like w1, got {s3}")
-    if s2 != (e, f, d):
-        raise ValueError(f"w2 must be [e={e}, f={f}, d={d}], got {s2}")
-
-
-def _shape(name: str, w) -> tuple[int, ...]:
-    expect_kind(name, w, _WEIGHT_KINDS, "an expert stack [e, K, N]: an array, NMSparse, "
-                "SamoyedsSparse, TransposedSparse or WgmmaSparseA")
-    return tuple(w.shape)
-
-
 def _dense(w: ExpertWeights) -> jax.Array:
     return w.to_dense() if hasattr(w, "to_dense") else w
 
@@ -503,22 +476,17 @@ def _dense(w: ExpertWeights) -> jax.Array:
 
 
 def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
-            w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
-            config: MoeFfnConfig | None = None) -> jax.Array:
-    """One MoE layer's experts: ``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))``.
+            w2: ExpertWeights, *, config: MoeFfnConfig | None = None) -> jax.Array:
+    """One MoE layer's experts: ``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))``, by the
+    routed-token Pallas kernels (interpret mode on CPU). The model reaches it through the
+    ``triton`` expert op (``expert_op_triton``).
 
     Args:
       x: [t, d] hidden states (f32, bf16 or f16), unpermuted.
       plan: routing plan of the t tokens (``RoutingPlan.build``); ``block_t`` is the row tile.
       w1, w3: gate and up stacks [e, d, f], both dense arrays, both ``NMSparse`` or both
-        ``SamoyedsSparse`` (same format), in x's dtype; or all three ``WgmmaSparseA`` or all
-        three ``TransposedSparse`` (the Hopper layouts: ``mgpu_moe.moe_ffn_mgpu``, the Mosaic
-        GPU kernels).
+        ``SamoyedsSparse`` (same format), in x's dtype.
       w2: down stack [e, f, d], any of the three formats, in x's dtype.
-      backend: ``"triton"`` (Pallas kernels; interpret mode on CPU; the default) or
-        ``"xla"`` (:func:`moe_ffn_ragged_dot`, sparse weights expanded to dense first);
-        Hopper-layout weights run ``"mosaic_gpu"`` (off GPU: the same glue around the
-        kernel's jnp reference).
       config: kernel tiles; ``None`` picks :func:`default_config`.
 
     Returns:
@@ -527,22 +495,10 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
     Raises:
       ValueError: shapes, formats, dtypes or tiles that do not fit.
     """
-    _check_inputs(x, plan, w1, w3, w2)
-    if backend != "xla" and isinstance(w1, (TransposedSparse, WgmmaSparseA)):
-        # The Hopper layout is read by the Mosaic GPU kernel only; off GPU the same gather and
-        # combine run around the kernel's jnp reference.
-        if backend not in (None, "mosaic_gpu"):
-            raise ValueError(f"{type(w1).__name__} experts run with backend 'mosaic_gpu' or "
-                             f"'xla', got {backend!r}")
-        if backend_lib.interpret_mode():
-            return mgpu_moe.moe_ffn_mgpu_emulated(x, plan, w1, w3, w2)
-        return mgpu_moe.moe_ffn_mgpu(x, plan, w1, w3, w2)
-    backend = backend_lib.resolve_backend(backend)
-    if backend == "xla":
-        return moe_ffn_ragged_dot(x, plan, w1, w3, w2)
-    if backend != "triton":
-        raise ValueError(f"moe_ffn supports backend 'triton' or 'xla', got {backend!r}")
+    check_inputs(x, plan, w1, w3, w2)
     for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        expect_kind(name, w, _KERNEL_KINDS, "an expert stack [e, K, N]: an array, NMSparse or "
+                    "SamoyedsSparse (Hopper layouts run through the mosaic expert ops)")
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
     t, d = x.shape
@@ -554,15 +510,13 @@ def moe_ffn(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeight
 
 
 def moe_ffn_reference(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
-                      w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
-                      config: MoeFfnConfig | None = None) -> jax.Array:
+                      w2: ExpertWeights, *, config: MoeFfnConfig | None = None) -> jax.Array:
     """Readable per-expert loop in float32 (every expert runs on every token, then masked).
 
-    Same signature as :func:`moe_ffn`; ``backend`` and ``config`` are ignored.
-    Returns [t, d] in x.dtype.
+    Same signature as :func:`moe_ffn`; ``config`` is ignored. Returns [t, d] in x.dtype.
     """
-    del backend, config
-    _check_inputs(x, plan, w1, w3, w2)
+    del config
+    check_inputs(x, plan, w1, w3, w2)
     t, _ = x.shape
     e = plan.num_experts
     # coef[t, e]: routing weight of token t for expert e (0 where not chosen); padding rows
@@ -581,32 +535,3 @@ def moe_ffn_reference(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: Ex
 
     y = jax.lax.fori_loop(0, e, expert, jnp.zeros(x.shape, jnp.float32))
     return y.astype(x.dtype)
-
-
-def moe_ffn_ragged_dot(x: jax.Array, plan: RoutingPlan, w1: ExpertWeights, w3: ExpertWeights,
-                       w2: ExpertWeights, *, backend: backend_lib.Backend | None = None,
-                       config: MoeFfnConfig | None = None) -> jax.Array:
-    """Dense XLA baseline: sorted copy of the routed rows, three ``jax.lax.ragged_dot``.
-
-    Same signature as :func:`moe_ffn`; ``backend`` and ``config`` are ignored. Rows are the
-    plan's assignments without its padding (t*k rows, grouped by expert), as MaxText does
-    with argsort + take. Sparse weights are expanded to dense. Returns [t, d] in x.dtype.
-    """
-    del backend, config
-    _check_inputs(x, plan, w1, w3, w2)
-    t, _ = x.shape
-    n = plan.sentinel  # t*k
-    valid = plan.row_valid()  # [P]
-    # Compact the plan rows (drop padding): row r of the compact order is valid row number r.
-    dest = jnp.where(valid, jnp.cumsum(valid) - 1, n)
-    ids = jnp.full((n,), n, jnp.int32).at[dest].set(plan.sorted_ids, mode="drop")  # [t*k]
-    p = jnp.zeros((n,), jnp.float32).at[dest].set(plan.weights, mode="drop")  # [t*k]
-    xs = x[jnp.minimum(ids // plan.top_k, t - 1)]  # [t*k, d] permuted copy
-    sizes = plan.group_sizes
-    w1d, w3d, w2d = (_dense(w).astype(x.dtype) for w in (w1, w3, w2))
-    g = jax.lax.ragged_dot(xs, w1d, sizes, preferred_element_type=jnp.float32)
-    u = jax.lax.ragged_dot(xs, w3d, sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
-    y = jax.lax.ragged_dot(h, w2d, sizes, preferred_element_type=jnp.float32) * p[:, None]
-    out = jnp.zeros((n, x.shape[1]), jnp.float32).at[ids].set(y, mode="drop")
-    return out.reshape(t, plan.top_k, x.shape[1]).sum(axis=1).astype(x.dtype)

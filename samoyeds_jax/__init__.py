@@ -18,7 +18,7 @@ from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenerator
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer, RouterLogits
-from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, hopper_layout, moe_linen
+from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, moe_linen
 from samoyeds_jax.offload import BlockScheduler, OffloadConfig, OffloadDecoder
 from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
@@ -37,7 +37,6 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "MoEConfig", "SparsityConfig", "MoE", "Router", "PreGatedRouter", "SharedExperts", "moe_linen",
-    "hopper_layout",
     "Routing", "route_logits", "topk_recall",
     "PregateTrainConfig", "train_pregates",
     "PruneConfig", "PruneReport", "prune_experts", "prune_nm", "prune_samoyeds",

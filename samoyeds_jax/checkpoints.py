@@ -16,7 +16,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from samoyeds_jax import atomic, converted_io, hf_import, pruning
-from samoyeds_jax.config import ExpertFormat, MoEBackend, _check_literal
+from pallas_kernels.expert_op import check_implementation
+from samoyeds_jax.config import ExpertFormat, ExpertImplementation
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
 __all__ = ["load_model", "load_or_convert", "load_tokenizer"]
@@ -24,7 +25,8 @@ __all__ = ["load_model", "load_or_convert", "load_tokenizer"]
 
 def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFormat | None = None,
                     prune: pruning.PruneConfig | None = None, dtype: Any = None,
-                    backend: MoEBackend | None = None, progress: bool | None = None
+                    implementation: ExpertImplementation = None,
+                    progress: bool | None = None
                     ) -> tuple[MoETransformer, ModelConfig]:
     """Load ``converted`` if it holds a complete conversion, else import ``checkpoint`` and save
     it there.
@@ -36,8 +38,7 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
     Only an absent or empty ``converted`` or a (partial) converted model is written to: any
     other directory is refused with ValueError before converting.
     """
-    if backend is not None:
-        _check_literal("backend", backend, MoEBackend)
+    check_implementation(implementation)
     settings = {"expert_format": expert_format or (prune.format if prune else "dense"),
                 "prune": None if prune is None else dataclasses.asdict(prune),
                 "dtype": None if dtype is None else jnp.dtype(hf_import._as_dtype(dtype)).name}
@@ -52,7 +53,7 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
                 raise ValueError(f"{converted} holds a conversion with other settings "
                                  f"(stored, requested): {differs}; pick another directory")
             try:
-                return converted_io.load_converted(converted, backend=backend)
+                return converted_io.load_converted(converted, implementation=implementation)
             except (FileNotFoundError, ValueError) as err:
                 reason = err
         warnings.warn(f"{converted} holds no usable converted model ({reason}); converting "
@@ -61,20 +62,21 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
         atomic.check_target(converted, converted_io._CONVERTED_FILES, "converted model")
     model, config = hf_import.load_hf_checkpoint(checkpoint, dtype=dtype,
                                                  expert_format=expert_format, prune=prune,
-                                                 backend=backend or "xla", progress=progress)
+                                                 implementation=implementation,
+                                                 progress=progress)
     converted_io.save_converted(model, converted, source=checkpoint, conversion=settings)
     return model, config
 
 
 def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
-               backend: MoEBackend | None = None, dtype: Any = None,
+               implementation: ExpertImplementation = None, dtype: Any = None,
                prune: pruning.PruneConfig | None = None, progress: bool | None = None
                ) -> MoETransformer:
     """The model in ``directory``: a converted model (``is_converted``) or a Hugging Face
     checkpoint. For a converted one, ``expert_format``/``dtype`` must match what is stored (or
     be None)."""
     if converted_io.is_converted(directory):
-        model, config = converted_io.load_converted(directory, backend=backend)
+        model, config = converted_io.load_converted(directory, implementation=implementation)
         fmt = config.moe.expert_format
         if expert_format is not None and expert_format != fmt:
             raise ValueError(f"{directory} stores {fmt!r} experts; requested {expert_format!r} "
@@ -85,7 +87,7 @@ def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
                              f"requested {requested.name}")
         return model
     model, _ = hf_import.load_hf_checkpoint(directory, dtype=dtype, expert_format=expert_format,
-                                            prune=prune, backend=backend or "xla",
+                                            prune=prune, implementation=implementation,
                                             progress=progress)
     return model
 

@@ -39,14 +39,13 @@ def refuse_unless(condition: bool, given: set[str], options: dict[str, str], why
                          f"here: {why}")
 
 
-def describe_experts(moe) -> str:
-    """``format=..., backend=..., pregate=...`` of a ``MoEConfig``, saying when the Pallas
-    kernels run in interpret mode (no GPU)."""
-    from pallas_kernels import backend as backend_lib
-
-    interpreted = (" (Pallas interpret mode: no GPU)"
-                   if moe.backend == "pallas" and backend_lib.interpret_mode() else "")
-    return f"format={moe.expert_format}, backend={moe.backend}{interpreted}, pregate={moe.pregate}"
+def describe_experts(model) -> str:
+    """``format=..., implementation=..., pregate=...`` of a ``MoETransformer``: the expert
+    implementation that runs (``MoE.implementation``), saying when it expands a sparse format
+    or runs without a GPU."""
+    moe = model.config.moe
+    return (f"format={moe.expert_format}, implementation={model.layers[0].mlp.implementation()}, "
+            f"pregate={moe.pregate}")
 
 
 def gpu_check_main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 ``MoEConfig`` holds the shape of one MoE block (d, f, e, k), how router scores become
 routing weights, the optional shared experts, how expert weights are stored
-(``SparsityConfig``), which backend computes the experts, and the pre-gating mode.
+(``SparsityConfig``), which implementation computes the experts, and the pre-gating mode.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from pallas_kernels.checks import expect_kind, expect_positive_ints
+from pallas_kernels.expert_op import check_implementation
 from pallas_kernels.format_registry import format_names, get_format
 
 RouterNorm = Literal["softmax_topk", "topk_softmax"]
@@ -30,11 +31,12 @@ vector-wise N:M:V + 2:4 (``SamoyedsSparse``), or tiled unstructured sparsity. Fo
 ``MoEConfig`` accepts any name of ``pallas_kernels.format_registry.FORMATS`` (a test keeps this
 alias equal to the built-in ones)."""
 
-MoEBackend = Literal["xla", "pallas", "all_experts"]
-"""``"xla"``: dense grouped matmul (``jax.lax.ragged_dot``; sparse formats are expanded first).
-``"pallas"``: the fused routed-token kernel ``pallas_kernels.moe_matmul.moe_ffn``.
-``"all_experts"``: every expert on every token, weighted by the (sparse) combine weights: plain
-einsums, the fast way to train a small model on a CPU (``samoyeds_jax.train``)."""
+ExpertImplementation = str | tuple[str, ...] | None
+"""Which implementation computes the routed experts (``pallas_kernels.expert_op``): a name
+(``"xla"``, ``"all_experts"``, ``"triton"``, ``"mosaic_sparse_mma"``, ``"mosaic_expand"``), a
+sequence of names (the first that runs the weights), or None: the fastest that applies on this
+device (``expert_op.DEFAULT_ORDER`` on a GPU, ``"xla"`` elsewhere). A runtime choice: it is not
+stored with a model. ``MoE.implementation()`` says which one runs."""
 
 PregateMode = Literal["standard", "pregated", "speculative"]
 """* ``"standard"``: each block's own gate routes; no pre-gate.
@@ -116,7 +118,7 @@ class MoEConfig:
       shared_d_ff: hidden width of each shared expert (default ``d_ff``).
       shared_gate: see ``SharedGate``.
       expert_format: see ``ExpertFormat``; ``sparsity`` holds its parameters.
-      backend: see ``MoEBackend``.
+      implementation: see ``ExpertImplementation``.
       pregate: see ``PregateMode``.
     """
 
@@ -130,7 +132,7 @@ class MoEConfig:
     shared_gate: SharedGate = "none"
     expert_format: ExpertFormat = "dense"
     sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
-    backend: MoEBackend = "xla"
+    implementation: ExpertImplementation = None
     pregate: PregateMode = "standard"
 
     def __post_init__(self) -> None:
@@ -144,7 +146,9 @@ class MoEConfig:
         if self.expert_format not in format_names():
             raise ValueError(f"expert_format must be one of {format_names()}, got "
                              f"{self.expert_format!r}")
-        _check_literal("backend", self.backend, MoEBackend)
+        if isinstance(self.implementation, list):
+            object.__setattr__(self, "implementation", tuple(self.implementation))
+        check_implementation(self.implementation)
         _check_literal("pregate", self.pregate, PregateMode)
         shared = self.num_shared_experts
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:

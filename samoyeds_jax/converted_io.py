@@ -49,7 +49,7 @@ from safetensors.numpy import save_file
 
 from pallas_kernels.format_registry import FORMATS
 from samoyeds_jax import atomic
-from samoyeds_jax.config import MoEBackend, MoEConfig, SparsityConfig
+from samoyeds_jax.config import ExpertImplementation, MoEConfig, SparsityConfig
 from samoyeds_jax.hf_import import ShardReader
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -74,7 +74,7 @@ CONVERTED_WEIGHTS = "samoyeds_model.safetensors"
 CONVERTED_MANIFEST = "samoyeds_manifest.json"
 _CONVERTED_FILES = (CONVERTED_MANIFEST, CONVERTED_CONFIG, CONVERTED_WEIGHTS)
 _FORMAT = "samoyeds_jax.converted"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 
 # ----------------------------------------------------------------------------- config I/O
@@ -83,6 +83,7 @@ _FORMAT_VERSION = 2
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """A JSON-ready dict of ``config`` (dtypes by name)."""
     d = dataclasses.asdict(config)
+    del d["moe"]["implementation"]  # a runtime choice, not part of the model
     d["dtype"] = jnp.dtype(config.dtype).name
     d["param_dtype"] = jnp.dtype(config.param_dtype).name
     return d
@@ -303,11 +304,11 @@ def _read_tensor(reader: ShardReader, key: str, entry: Mapping[str, Any], path: 
     return jnp.asarray(array)
 
 
-def load_converted(directory: str, *, backend: MoEBackend | None = None
+def load_converted(directory: str, *, implementation: ExpertImplementation = None
                    ) -> tuple[MoETransformer, ModelConfig]:
     """Load a model written by ``save_converted``: ``(model, config)``.
 
-    ``backend`` overrides the stored expert backend. Every file is checked against the manifest
+    ``implementation``: the expert implementation (``MoEConfig.implementation``; not stored). Every file is checked against the manifest
     (size; crc32 of each tensor and of the small files), and every stored array, sparse-format
     fields included, against the layout the stored config implies (shape, dtype, format and its
     static fields). Raises FileNotFoundError for a missing directory or file and ValueError for
@@ -321,8 +322,8 @@ def load_converted(directory: str, *, backend: MoEBackend | None = None
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: the stored config is not a valid ModelConfig "
                          f"({type(err).__name__}: {err})") from None
-    if backend is not None:
-        config = config.replace(moe=dict(backend=backend))
+    if implementation is not None:
+        config = config.replace(moe=dict(implementation=implementation))
     model = _abstract_model(config)
     variables = _variables(model)
     weights = os.path.join(directory, CONVERTED_WEIGHTS)

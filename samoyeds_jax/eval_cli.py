@@ -21,13 +21,13 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
+from pallas_kernels.expert_op import implementation_names
 from pallas_kernels.format_registry import format_names
 from samoyeds_jax.cli import HelpFormatter, describe_experts
-from samoyeds_jax.config import MoEBackend
 
 _PREGATES = ("standard", "pregated", "speculative")
 
@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the next block's gate (default: as stored for a converted model; for "
                         "a Hugging Face checkpoint speculative when it holds pre-gate tensors, "
                         "else standard)")
-    p.add_argument("--backend", default="xla", choices=get_args(MoEBackend),
-                   help="expert compute (pallas: the Pallas kernels, in interpret mode "
-                        "without a GPU)")
+    p.add_argument("--implementation", default="auto", choices=("auto",) + implementation_names(),
+                   help="expert implementation (pallas_kernels.expert_op; 'auto': the fastest "
+                        "that applies, xla without a GPU; triton runs the Pallas kernels in "
+                        "interpret mode without a GPU)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute/parameter dtype (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens predicted per window")
@@ -186,13 +187,15 @@ def _load(args, info: dict[str, Any]):
 
     if info["converted"]:
         model = checkpoints.load_model(args.checkpoint, expert_format=args.expert_format,
-                                       backend=args.backend, dtype=args.dtype)
+                                       dtype=args.dtype)
         if args.pregate is not None:
             _set_pregate(model, args.pregate)
-        return model
-    model, _ = hf_import.load_hf_checkpoint(
-        args.checkpoint, dtype=args.dtype, expert_format=args.expert_format,
-        backend=args.backend, pregate=args.pregate or info["pregate"])
+    else:
+        model, _ = hf_import.load_hf_checkpoint(
+            args.checkpoint, dtype=args.dtype, expert_format=args.expert_format,
+            pregate=args.pregate or info["pregate"])
+    for block in model.layers:
+        block.mlp.prepare(None if args.implementation == "auto" else args.implementation)
     return model
 
 
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     print("samoyeds-eval")
     print(f"  model       {cfg.architecture} from {args.checkpoint}: {cfg.num_layers} layers, "
           f"{m.num_experts} experts top-{m.top_k}, vocab {cfg.vocab_size}, {dtype}")
-    print(f"  experts     {describe_experts(m)}")
+    print(f"  experts     {describe_experts(model)}")
     print(f"  text        {source}: {text_bytes:,} bytes -> {text_tokens:,} tokens")
     print(f"  windows     {result.windows} x {result.seq_len} tokens (batch {config.batch_size}"
           f"{'' if config.max_windows is None else f', at most {config.max_windows}'}): "
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         write_json_atomic(args.json, {
             "checkpoint": args.checkpoint, "architecture": cfg.architecture,
-            "format": m.expert_format, "pregate": m.pregate, "backend": m.backend,
+            "format": m.expert_format, "pregate": m.pregate,
+            "implementation": model.layers[0].mlp.implementation(),
             "dtype": dtype, "source": source,
             "texts": {name: len(t.encode()) for name, t in texts.items()},
             "config": {"seq_len": config.seq_len, "batch_size": config.batch_size,

@@ -34,6 +34,7 @@ import numpy as np
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels.format_registry import format_names
+from pallas_kernels.expert_op import implementation_names
 from samoyeds_jax.cli import HelpFormatter, describe_experts, given_options, refuse_unless
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
@@ -64,14 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=format_names(),
                    help="storage format of the expert weights (pruned by magnitude when sparse); "
                         "default: dense, or as stored for a converted model")
-    p.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas", "hopper"),
-                   help="expert compute: XLA grouped matmul, the Pallas routed-token kernel "
-                        "(interpret mode without a GPU), or 'hopper': 2:4 / Samoyeds experts "
-                        "moved to the Hopper layout and run on the sparse tensor cores by the "
-                        "Mosaic GPU kernels (needs --format nm or samoyeds; without a GPU the "
-                        "kernels' jnp reference runs). 'auto': xla without a GPU; on a GPU "
-                        "pallas, or hopper for bfloat16 2:4 / Samoyeds experts on a Hopper GPU "
-                        "(one device, no --offload)")
+    p.add_argument("--implementation", default="auto", choices=("auto",) + implementation_names(),
+                   help="expert implementation (pallas_kernels.expert_op): xla (grouped matmul; "
+                        "sparse formats expanded), all_experts, triton (the routed-token Pallas "
+                        "kernels; interpret mode without a GPU), mosaic_sparse_mma / "
+                        "mosaic_expand (2:4 or Samoyeds experts moved to a Hopper layout, run by "
+                        "the Mosaic GPU kernels; without a GPU their jnp reference runs). "
+                        "'auto': the fastest that applies (xla without a GPU; on a Hopper GPU "
+                        "mosaic_sparse_mma for bfloat16 2:4 / Samoyeds experts on one device "
+                        "without --offload, else triton, else xla)")
     p.add_argument("--offload", action="store_true",
                    help="keep the routed experts in host memory (pinned on a GPU) and cache "
                         "them in device slots, fetched per --offload-policy")
@@ -199,16 +201,18 @@ def _check(args, given: set[str]) -> _Plan:
     refuse_unless(not greedy or args.random_tiny, given, {"seed": "--seed"},
                   "nothing is random: greedy decoding (--temperature 0) of a model that is not "
                   "--random-tiny")
-    if args.backend == "hopper" and (args.offload or args.devices > 1):
-        raise ValueError("--backend hopper cannot be combined with --offload or --devices")
+    mosaic = args.implementation.startswith("mosaic")
+    if mosaic and (args.offload or args.devices > 1):
+        raise ValueError(f"--implementation {args.implementation} cannot be combined with "
+                         "--offload or --devices")
     if args.devices > 1:
         if args.offload:
             raise ValueError("--devices > 1 (expert parallelism) and --offload cannot be combined")
 
     config, fmt, pregate, directory, read_shards = _model_source(args, given)
-    if args.backend == "hopper" and fmt not in ("nm", "samoyeds"):
-        raise ValueError("--backend hopper needs 2:4 or Samoyeds experts (--format nm or "
-                         f"samoyeds), got format {fmt!r}")
+    if mosaic and fmt not in ("nm", "samoyeds"):
+        raise ValueError(f"--implementation {args.implementation} needs 2:4 or Samoyeds experts "
+                         f"(--format nm or samoyeds), got format {fmt!r}")
     e = config.moe.num_experts
     if e % args.devices:
         raise ValueError(f"--devices {args.devices}: the model's {e} routed experts must split "
@@ -260,7 +264,7 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
     if args.random_tiny:
-        cfg = ModelConfig.tiny(expert_format=plan.expert_format, backend=args.backend,
+        cfg = ModelConfig.tiny(expert_format=plan.expert_format,
                                pregate=args.pregate,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
         model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
@@ -271,7 +275,7 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
     if args.checkpoint is None:
         model, _ = hf_import.load_hf_checkpoint(
             REFERENCE_MODEL, dtype=args.dtype or "float32", expert_format=plan.expert_format,
-            backend=args.backend, pregate=args.pregate)
+            pregate=args.pregate)
         desc = ("reference MoE trained on Shakespeare (shipped with the library; sparse formats "
                 "pruned by magnitude at load: samoyeds-compress prunes with calibration and "
                 "recovery)")
@@ -280,14 +284,14 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
     if args.converted is not None:
         model, _ = checkpoints.load_or_convert(path, args.converted,
                                                expert_format=args.expert_format,
-                                               dtype=args.dtype, backend=args.backend)
+                                               dtype=args.dtype)
     elif converted_io.is_converted(path):
         model = checkpoints.load_model(path, expert_format=args.expert_format,
-                                       backend=args.backend, dtype=dtype)
+                                       dtype=dtype)
     else:
         model, _ = hf_import.load_hf_checkpoint(path, dtype=dtype,
                                                 expert_format=args.expert_format,
-                                                backend=args.backend, pregate=args.pregate)
+                                                pregate=args.pregate)
     return model, f"{model.config.architecture} from {path}"
 
 
@@ -335,13 +339,13 @@ def _fmt_rate(tokens: float, seconds: float) -> str:
     return f"{tokens:.0f} tokens in {seconds * 1e3:.2f} ms = {rate:,.1f} tokens/s"
 
 
-def auto_hopper(*, on_hopper: bool, expert_format: str, dtype: Any, offload: bool,
-                devices: int) -> bool:
-    """``--backend auto``: put the experts in the Hopper layout (sparse tensor cores)? Yes on a
-    Hopper GPU for bfloat16 2:4 / Samoyeds experts on one device without offloading (the
-    fastest decode path measured, benchmarks/generate.md); else the Pallas kernels stay."""
-    return (on_hopper and expert_format in ("nm", "samoyeds")
-            and jnp.dtype(dtype) == jnp.bfloat16 and not offload and devices == 1)
+def implementation_for(args) -> Any:
+    """``MoEConfig.implementation`` of ``--implementation``: a name, or for ``auto`` None (the
+    fastest that applies), without the Hopper layouts when experts are offloaded or split over
+    devices (those engines take stacks in a stored format)."""
+    if args.implementation != "auto":
+        return args.implementation
+    return None if not args.offload and args.devices == 1 else ("triton", "xla")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,30 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     from samoyeds_jax.generate import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.backend == "hopper":
+    if args.implementation == "mosaic_sparse_mma":
         if args.dtype == "float32":
-            raise ValueError("--backend hopper runs bfloat16 (tensor-core) kernels; drop "
-                             "--dtype float32 or pass --dtype bfloat16")
+            raise ValueError("--implementation mosaic_sparse_mma runs bfloat16 (tensor-core) "
+                             "kernels; drop --dtype float32 or pass --dtype bfloat16")
         args.dtype = "bfloat16"
     plan = _check(args, given)
-    auto = args.backend == "auto"
-    hopper = args.backend == "hopper"
-    if auto:
-        args.backend = "pallas" if backend_lib.platform() == "gpu" else "xla"
-    if hopper:
-        args.backend = "pallas"  # the model's backend; the layout changes below
     model, desc = _load_model(args, plan)
     tokenizer, ids = plan.tokenizer, plan.ids
-    hopper = hopper or (auto and auto_hopper(
-        on_hopper=backend_lib.is_hopper(), expert_format=model.config.moe.expert_format,
-        dtype=model.config.dtype, offload=args.offload, devices=args.devices))
-    if hopper:
-        for block in model.layers:
-            block.mlp.use_hopper_layout()
-        desc += ("; experts in the Hopper decode layout (Mosaic GPU kernels)"
-                 if backend_lib.platform() == "gpu" else
-                 "; experts in the Hopper decode layout (no GPU: the Mosaic GPU kernels' jnp "
-                 "reference runs instead)")
+    implementation = implementation_for(args)
+    for block in model.layers:
+        block.mlp.prepare(implementation)
     cfg = model.config
     vocab = cfg.vocab_size
     eos = None if args.no_eos else (args.eos_id if args.eos_id is not None else cfg.eos_token_id)
@@ -391,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.num_kv_heads} kv heads, {m.num_experts} experts top-{m.top_k}, f={m.d_ff}, "
           f"vocab {vocab}, "
           f"{jnp.dtype(cfg.dtype).name}")
-    print(f"  experts  {describe_experts(m)}")
+    print(f"  experts  {describe_experts(model)}")
     print(f"  device   {device.platform} ({device.device_kind})")
     print(f"  sampling {'greedy' if sampling.temperature == 0 else sampling}, seed {args.seed}, "
           f"eos {eos}")

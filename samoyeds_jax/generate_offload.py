@@ -62,12 +62,12 @@ def _front(parts, h, positions, mask, cache_k, cache_v, index):
     return h, x, gate(x), (pregate(x) if pregate is not None else None), cache_k, cache_v
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "dtype"))
-def _back(shared, h, x, routing: Routing, table, layer, buffers, *, backend, dtype):
+@functools.partial(jax.jit, static_argnames=("implementation", "dtype"))
+def _back(shared, h, x, routing: Routing, table, layer, buffers, *, implementation, dtype):
     """Routed experts over the cache slots (+ shared experts) and the residual: ``h [b, t, d]``."""
     slots = Routing(table[layer][routing.topk_idx], routing.topk_weights)  # expert id -> slot
     experts = ExpertWeights(buffers["w1"], buffers["w3"], buffers["w2"])
-    y = expert_ffn(x, slots, experts, backend=backend, dtype=dtype)
+    y = expert_ffn(x, slots, experts, implementation=implementation, dtype=dtype)
     if shared is not None:
         y = y + shared(x).astype(dtype)
     return h + y.reshape(h.shape).astype(h.dtype)
@@ -172,7 +172,7 @@ class OffloadGenerator:
                 self.parts[l], h, positions, attn_mask, keys[l], values[l], kv.index)
             routing = sched.prepare(l, own, pregate)
             h = _back(self.shared[l], h, x, routing, cache.device_table, cache.layer_index(l),
-                      cache.buffers, backend=self.config.moe.backend, dtype=self.dtype)
+                      cache.buffers, implementation=self.config.moe.implementation, dtype=self.dtype)
             sched.finish(l)
         self._host_syncs += sched.stats.host_syncs
         self._sync_s += sched.stats.sync_s

@@ -92,9 +92,9 @@ def _dtype_name(dtype: Any) -> str:
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     """The Hugging Face ``config.json`` dict of ``config``.
 
-    ``ModelConfig.from_hf(config_to_hf(c), expert_format=..., backend=..., pregate=...)``
+    ``ModelConfig.from_hf(config_to_hf(c), expert_format=..., implementation=..., pregate=...)``
     equals ``c`` up to what a ``config.json`` does not hold: the expert storage and compute
-    settings (``moe.expert_format``, ``moe.sparsity``, ``moe.backend``, ``moe.pregate``; the
+    settings (``moe.expert_format``, ``moe.sparsity``, ``moe.implementation``, ``moe.pregate``; the
     arguments of ``from_hf``), ``dtype`` and ``param_dtype`` (both become the written dtype),
     and ``architecture="tiny"``, which comes back as ``"mixtral"``.
 

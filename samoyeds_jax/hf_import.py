@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax import families, pruning
-from samoyeds_jax.config import ExpertFormat, MoEBackend, PregateMode, SparsityConfig
+from samoyeds_jax.config import ExpertFormat, ExpertImplementation, PregateMode, SparsityConfig
 from samoyeds_jax.families import Family
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _dotted,
@@ -351,7 +351,7 @@ def load_hf_checkpoint(
     dtype: Any = None,
     expert_format: ExpertFormat | None = None,
     prune: pruning.PruneConfig | None = None,
-    backend: MoEBackend = "xla",
+    implementation: ExpertImplementation = None,
     pregate: PregateMode = "standard",
     progress: bool | None = None,
 ) -> tuple[MoETransformer, ModelConfig]:
@@ -364,7 +364,7 @@ def load_hf_checkpoint(
       expert_format: storage of the routed experts; None: ``prune.format``, else "dense".
       prune: the ``pruning.PruneConfig`` (method, pattern) used for a sparse format; None:
         magnitude pruning with the pattern of ``MoEConfig.sparsity``'s defaults.
-      backend: expert compute of the model ("xla" or "pallas").
+      implementation: the expert implementation (``MoEConfig.implementation``).
       pregate: pre-gating mode; pre-gates are read from the checkpoint's ``...pregate.weight``
         tensors when present, else start as copies of the next block's gate.
       progress: tqdm bar over the layers; None shows it on a terminal.
@@ -382,7 +382,8 @@ def load_hf_checkpoint(
     dtype = _as_dtype(dtype)
     if dtype is None:
         dtype = _DTYPES.get(str(hf.get("torch_dtype", hf.get("dtype", "float32"))), jnp.float32)
-    config = ModelConfig.from_hf(hf, expert_format="dense", backend=backend, pregate=pregate,
+    config = ModelConfig.from_hf(hf, expert_format="dense", implementation=implementation,
+                                 pregate=pregate,
                                  dtype=dtype, param_dtype=dtype)
     prune = _prune_config(config, expert_format, prune)
     if prune is not None:

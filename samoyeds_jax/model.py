@@ -37,7 +37,7 @@ from flax import nnx
 
 from pallas_kernels.checks import are_arrays, check_ids, expect_kind, expect_positive_ints
 from samoyeds_jax import families
-from samoyeds_jax.config import ExpertFormat, MoEBackend, MoEConfig, PregateMode
+from samoyeds_jax.config import ExpertFormat, ExpertImplementation, MoEConfig, PregateMode
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
 from samoyeds_jax.moe import MoE
 
@@ -57,7 +57,7 @@ class ModelConfig:
       vocab_size: v.
       num_layers: l.
       attention: per-block attention config (d, heads, kv heads, head_dim, rope theta, q/k norm).
-      moe: per-block MoE config (d, f, e, k, router norm, shared expert, format, backend, pre-gate).
+      moe: per-block MoE config (d, f, e, k, router norm, shared expert, format, implementation, pre-gate).
       norm_eps: RMSNorm epsilon.
       tie_word_embeddings: the output projection reuses ``embed_tokens``.
       max_position_embeddings: longest sequence the model was trained for (informational).
@@ -99,7 +99,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def tiny(cls, *, expert_format: ExpertFormat = "dense", backend: MoEBackend = "xla",
+    def tiny(cls, *, expert_format: ExpertFormat = "dense",
+             implementation: ExpertImplementation = None,
              pregate: PregateMode = "standard", dtype: Any = jnp.float32,
              param_dtype: Any = jnp.float32) -> ModelConfig:
         """A small Mixtral-like model (d=128, 2 layers, 4 experts top-2, f=256, GQA 4/2 heads, v=512).
@@ -113,13 +114,14 @@ class ModelConfig:
                                       rope_theta=10_000.0, norm_eps=1e-6),
             moe=MoEConfig(d_model=d, d_ff=256, num_experts=4, top_k=2,
                           router_norm="topk_softmax", expert_format=expert_format,
-                          backend=backend, pregate=pregate),
+                          implementation=implementation, pregate=pregate),
             norm_eps=1e-6, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
             dtype=dtype, param_dtype=param_dtype)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], *, expert_format: ExpertFormat = "dense",
-                backend: MoEBackend = "xla", pregate: PregateMode = "standard",
+                implementation: ExpertImplementation = None,
+                pregate: PregateMode = "standard",
                 dtype: Any = None, param_dtype: Any = None) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict of a family of ``samoyeds_jax.families``
         (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
@@ -167,7 +169,8 @@ class ModelConfig:
                 d_model=d, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                 rope_theta=theta, norm_eps=eps, **pieces["attention"]),
             moe=MoEConfig(d_model=d, top_k=need("num_experts_per_tok"),
-                          expert_format=expert_format, backend=backend, pregate=pregate,
+                          expert_format=expert_format, implementation=implementation,
+                          pregate=pregate,
                           **pieces["moe"]),
             norm_eps=eps, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),

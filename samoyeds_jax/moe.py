@@ -21,8 +21,9 @@ block i+1. ``__call__`` returns that routing as ``next_routing``; pass it to blo
 Every block keeps its own gate (the pretrained router) so recall of the received routing
 can be measured in every mode; ``track_recall=False`` skips that bookkeeping.
 
-The expert computation goes through one function, ``expert_ffn``, which picks the XLA
-grouped matmul (``jax.lax.ragged_dot``) or the Pallas routed-token kernel.
+The experts are computed by one op, ``pallas_kernels.expert_op``, whose implementation
+``MoEConfig.implementation`` names (or the fastest that applies); ``MoE.prepare()`` puts the
+weights in the layout of the chosen one once, and ``MoE.implementation()`` says which runs.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import expert_op
 from pallas_kernels.checks import are_arrays, expect_kind
-from pallas_kernels.format_registry import as_dense, get_format
-from samoyeds_jax.config import MoEBackend, MoEConfig, RouterNorm, SparsityConfig
+from pallas_kernels.format_registry import get_format
+from samoyeds_jax.config import ExpertImplementation, MoEConfig, RouterNorm, SparsityConfig
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
 Dtype = Any
@@ -82,141 +84,22 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [e={s1[0]}, f={s1[2]}, d_model={d_model}], got {s2}")
 
 
-HOPPER_KERNELS = ("sparse_mma", "expand")
-
-
-def hopper_layout(experts: ExpertWeights, *, kernel: str | None = None,
-                  tk: int | None = None) -> ExpertWeights:
-    """The same experts with 2:4 / Samoyeds stacks in a Hopper kernel layout (convert once, at
-    load). The ``"pallas"`` backend then runs the Hopper kernels (``pallas_kernels.mgpu_moe``:
-    Mosaic GPU, one launch per projection for all experts). Dense and other formats are kept.
-
-    kernel: ``"sparse_mma"`` (``WgmmaSparseA``: the compressed tiles go straight into the sparse
-      tensor cores, ``wgmma.mma_async.sp``; bfloat16), ``"expand"`` (``TransposedSparse``:
-      expanded in registers, dense ``wgmma``; bfloat16 or float16; ``tk`` its K tile); None:
-      ``"sparse_mma"`` for bfloat16 experts, else ``"expand"``.
-
-    Raises ``ValueError`` for an unknown kernel, mixed formats, a dtype the kernel does not take,
-    or shapes the layout cannot hold (K % 32 / tk, W^T rows % 64).
-    """
-    from pallas_kernels.formats import NMSparse, SamoyedsSparse
-    from pallas_kernels.sparse_mma_layout import to_wgmma_sp
-    from pallas_kernels.transposed_format import TransposedSparse
-
-    sparse = [w for w in (experts.w1, experts.w3, experts.w2)
-              if isinstance(w, NMSparse | SamoyedsSparse)]
-    if sparse and len(sparse) < 3:
-        raise ValueError(f"hopper_layout needs w1, w3 and w2 all 2:4 or Samoyeds, got "
-                         f"{[type(w).__name__ for w in (experts.w1, experts.w3, experts.w2)]}")
-    if kernel is None:
-        bf16 = all(w.dtype == jnp.bfloat16 for w in sparse)
-        kernel = "sparse_mma" if bf16 else "expand"
-    if kernel not in HOPPER_KERNELS:
-        raise ValueError(f"kernel must be one of {HOPPER_KERNELS}, got {kernel!r}")
-    if kernel == "sparse_mma" and any(w.dtype != jnp.bfloat16 for w in sparse):
-        raise ValueError(f"kernel 'sparse_mma' takes bfloat16 experts, got "
-                         f"{sorted({str(w.dtype) for w in sparse})}; use kernel='expand'")
-
-    def convert(w):
-        if not isinstance(w, NMSparse | SamoyedsSparse):
-            return w
-        if kernel == "sparse_mma":
-            return to_wgmma_sp(w)
-        if isinstance(w, NMSparse):
-            return TransposedSparse.from_nm(w, tk=tk)
-        return TransposedSparse.from_samoyeds(w, tk=tk)
-
-    return ExpertWeights(w1=convert(experts.w1), w3=convert(experts.w3), w2=convert(experts.w2))
-
-
 # ----------------------------------------------------------------------------- expert math
 
 
-def expert_ffn_ragged(x: jax.Array, routing: Routing, experts: ExpertWeights,
-                      *, dtype: Dtype) -> jax.Array:
-    """Routed SwiGLU experts with ``jax.lax.ragged_dot`` (grouped matmul, XLA).
-
-    x [t, d]; routing [t, k]; experts dense or sparse (expanded here). Returns [t, d] ``dtype``.
-    Assignments (token, slot) are sorted by expert, rows gathered, three grouped matmuls run
-    with f32 accumulation, and results go back to their assignment rows and are summed over k
-    (deterministic combine, no scatter-add).
-    """
-    t, k = routing.topk_idx.shape
-    w1, w3, w2 = (as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
-    e = w1.shape[0]
-    flat_idx = routing.topk_idx.reshape(t * k)  # [t*k]
-    order = jnp.argsort(flat_idx, stable=True)  # [t*k] assignment ids grouped by expert
-    group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)  # [e]
-    xs = x.astype(dtype)[order // k]  # [t*k, d]
-    gate = jax.lax.ragged_dot(xs, w1, group_sizes, preferred_element_type=jnp.float32)
-    up = jax.lax.ragged_dot(xs, w3, group_sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(gate) * up).astype(dtype)  # [t*k, f]
-    out = jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)
-    out = out * routing.topk_weights.reshape(t * k)[order][:, None].astype(jnp.float32)
-    rows = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [t*k, d]
-    return rows.reshape(t, k, w2.shape[-1]).sum(axis=1).astype(dtype)
-
-
-def expert_ffn_loop(x: jax.Array, routing: Routing, experts: ExpertWeights,
-                    *, dtype: Dtype) -> jax.Array:
-    """Readable reference: every expert runs on every token, weighted by its combine weight.
-
-    Same signature and result as ``expert_ffn_ragged``; O(t * e) work, for tests and tiny e.
-    """
-    w1, w3, w2 = (as_dense(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
-    combine = routing.combine_weights(w1.shape[0])  # [t, e]
-    x = x.astype(dtype)
-    gate = jnp.einsum("td,edf->etf", x, w1, preferred_element_type=jnp.float32)
-    up = jnp.einsum("td,edf->etf", x, w3, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(gate) * up).astype(dtype)  # [e, t, f]
-    out = jnp.einsum("etf,efd->etd", h, w2, preferred_element_type=jnp.float32)
-    return jnp.einsum("etd,te->td", out, combine).astype(dtype)
-
-
 def expert_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
-               backend: MoEBackend, dtype: Dtype) -> jax.Array:
-    """The one switch between expert implementations. x [t, d] -> [t, d] ``dtype``.
+               implementation: ExpertImplementation = None, dtype: Dtype) -> jax.Array:
+    """The routed SwiGLU experts on a routing: x [t, d] -> [t, d] ``dtype``.
 
-    ``"xla"``: ``expert_ffn_ragged`` (sparse formats expanded to dense first).
-    ``"pallas"``: ``pallas_kernels.moe_matmul.moe_ffn`` on a ``RoutingPlan``; weights stay in
-    their stored format.
-    ``"all_experts"``: ``expert_ffn_loop``, every expert on every token weighted by its combine
-    weight (zero off the top-k): e/k times the work, but plain einsums, which train faster than
-    ``ragged_dot`` on a CPU for small models. Same result and gradients as ``"xla"``.
+    The op ``pallas_kernels.expert_op.resolve`` picks for ``implementation`` and the stored
+    weights runs on the ``RoutingPlan`` of ``routing`` with the row tile it wants.
     """
+    op = expert_op.resolve(implementation, experts.w1, experts.w3, experts.w2)
     if x.shape[0] == 0:  # no tokens: nothing to route (kernels need at least one row)
         return jnp.zeros(x.shape, dtype)
-    if backend == "xla":
-        return expert_ffn_ragged(x, routing, experts, dtype=dtype)
-    if backend == "pallas":
-        return _expert_ffn_pallas(x, routing, experts, dtype)
-    if backend == "all_experts":
-        return expert_ffn_loop(x, routing, experts, dtype=dtype)
-    raise ValueError(f"backend must be 'xla', 'pallas' or 'all_experts', got {backend!r}")
-
-
-def _expert_ffn_pallas(x, routing, experts, dtype):
-    # Imported here: the XLA path never loads Pallas.
-    from pallas_kernels.moe_matmul import default_block_t, moe_ffn
-    from pallas_kernels.routing_plan import RoutingPlan
-
-    e = experts.num_experts
-    plan = RoutingPlan.build(routing.topk_idx, routing.topk_weights, num_experts=e,
-                             block_t=default_block_t(x.shape[0], routing.top_k, e))
-    w1, w3, w2 = (_kernel_weight(w, dtype) for w in (experts.w1, experts.w3, experts.w2))
-    return moe_ffn(x.astype(dtype), plan, w1, w3, w2).astype(dtype)
-
-
-def _kernel_weight(w, dtype):
-    """A weight the routed-token kernels take, in ``dtype``: dense, NMSparse, SamoyedsSparse or
-    a Hopper layout (TransposedSparse, WgmmaSparseA) with cast values; other formats (tiled
-    unstructured) are expanded to dense."""
-    from pallas_kernels.formats import NMSparse, SamoyedsSparse
-    from pallas_kernels.sparse_mma_layout import WgmmaSparseA
-    from pallas_kernels.transposed_format import TransposedSparse
-    if isinstance(w, NMSparse | SamoyedsSparse | TransposedSparse | WgmmaSparseA):
-        return w if w.values.dtype == dtype else dataclasses.replace(w, values=w.values.astype(dtype))
-    return as_dense(w, dtype)
+    plan = expert_op.plan_for(op, routing.topk_idx, routing.topk_weights,
+                              num_experts=experts.num_experts)
+    return op(x.astype(dtype), plan, experts.w1, experts.w3, experts.w2).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -388,13 +271,27 @@ class MoE(nnx.Module):
             getattr(self, name).set_value(converted["experts"][name])
         return report
 
-    def use_hopper_layout(self, *, kernel: str | None = None, tk: int | None = None) -> None:
-        """Store the 2:4 / Samoyeds experts in a Hopper kernel layout (``hopper_layout``), in
-        place: the ``"pallas"`` backend then runs the Mosaic GPU kernels. The layouts are for
-        decode (few tokens per expert); prefill through them is slower than dense."""
-        converted = hopper_layout(self.expert_weights(), kernel=kernel, tk=tk)
-        for name in ("w1", "w3", "w2"):
-            getattr(self, name).set_value(getattr(converted, name))
+    def implementation(self) -> str:
+        """The expert implementation that runs the stored weights on this device, with what it
+        does to them when it expands a sparse format to dense (``expert_op.describe``)."""
+        w = self.expert_weights()
+        op = expert_op.resolve(self.config.implementation, w.w1, w.w3, w.w2)
+        return expert_op.describe(op, w.w1, w.w3, w.w2)
+
+    def prepare(self, implementation: ExpertImplementation = None) -> str:
+        """Choose the expert implementation (``implementation``, default
+        ``config.implementation``: a name, a sequence, or None for the fastest that applies) and
+        put the experts in its layout once, in place (e.g. the Hopper sparse-tensor-core layout
+        for ``mosaic_sparse_mma``). ``config.implementation`` becomes the chosen name. Returns
+        ``implementation()``."""
+        if implementation is None:
+            implementation = self.config.implementation
+        w = self.expert_weights()
+        op = expert_op.resolve(implementation, w.w1, w.w3, w.w2, prepared=False)
+        for name, value in zip(("w1", "w3", "w2"), op.prepare(w.w1, w.w3, w.w2)):
+            getattr(self, name).set_value(value)
+        self.config = self.config.replace(implementation=op.name)
+        return self.implementation()
 
     def to_format(self, expert_format: str, *, sparsity: SparsityConfig | None = None,
                   method: str = "magnitude", calibration: jax.Array | None = None):
@@ -483,9 +380,10 @@ class MoE(nnx.Module):
         """The routed experts alone: x [t, d] -> [t, d] ``dtype``, on this device or split over a
         mesh axis when ``expert_parallel`` is set (``samoyeds_jax.parallel``)."""
         if self.expert_parallel is not None:
-            return self.expert_parallel.ffn(x, routing, experts, backend=self.config.backend,
-                                            dtype=dtype)
-        return expert_ffn(x, routing, experts, backend=self.config.backend, dtype=dtype)
+            return self.expert_parallel.ffn(x, routing, experts,
+                                            implementation=self.config.implementation, dtype=dtype)
+        return expert_ffn(x, routing, experts, implementation=self.config.implementation,
+                          dtype=dtype)
 
     def apply_experts(self, x: jax.Array, routing: Routing,
                       experts: ExpertWeights | tuple | None = None) -> jax.Array:

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samoyeds_jax.config import MoEBackend
+from samoyeds_jax.config import ExpertImplementation
 from samoyeds_jax.moe import ExpertWeights, MoE, expert_ffn
 from samoyeds_jax.routing import Routing
 
@@ -65,9 +65,11 @@ class ExpertParallel:
         if self.tokens not in ("sharded", "replicated"):
             raise ValueError(f"tokens must be 'sharded' or 'replicated', got {self.tokens!r}")
 
-    def ffn(self, x, routing, experts, *, backend: MoEBackend = "xla", dtype: Any = None):
+    def ffn(self, x, routing, experts, *, implementation: ExpertImplementation = None,
+            dtype: Any = None):
         """``expert_parallel_ffn`` on this placement (what ``MoE.routed_experts`` calls)."""
-        return expert_parallel_ffn(x, routing, experts, ep=self, backend=backend, dtype=dtype)
+        return expert_parallel_ffn(x, routing, experts, ep=self, implementation=implementation,
+                                   dtype=dtype)
 
     @property
     def size(self) -> int:
@@ -115,7 +117,7 @@ def local_routing(routing: Routing, first: jax.Array, num_local: int) -> Routing
 
 
 def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, *,
-                        ep: ExpertParallel, backend: MoEBackend = "xla",
+                        ep: ExpertParallel, implementation: ExpertImplementation = None,
                         dtype: Any = None) -> jax.Array:
     """Routed experts with e split over ``ep.axis``. x [t, d] -> [t, d] ``dtype``.
 
@@ -141,7 +143,7 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, 
             x, idx, w = (jax.lax.all_gather(a, axis, tiled=True) for a in (x, idx, w))
         first = jax.lax.axis_index(axis) * num_local
         mine = local_routing(Routing(idx, w), first, num_local)
-        y = expert_ffn(x, mine, local_experts, backend=backend, dtype=dtype).astype(jnp.float32)
+        y = expert_ffn(x, mine, local_experts, implementation=implementation, dtype=dtype).astype(jnp.float32)
         if ep.tokens == "sharded":
             y = jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True)
         else:

@@ -120,20 +120,22 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def expert_backend(expert_compute: ExpertCompute, platform: str | None = None) -> str:
-    """The ``MoEConfig.backend`` that trains fastest: ``"all_experts"`` on a CPU, else ``"xla"``."""
+def expert_implementation(expert_compute: ExpertCompute, platform: str | None = None) -> str:
+    """The ``MoEConfig.implementation`` that trains fastest (and has gradients):
+    ``"all_experts"`` on a CPU, else ``"xla"``."""
     if expert_compute != "auto":
         return expert_compute
     platform = platform or jax.default_backend()
     return "all_experts" if platform == "cpu" else "xla"
 
 
-def set_expert_backend(model: MoETransformer, backend: str) -> str:
-    """Switch every MoE layer of ``model`` to ``backend`` in place; returns the previous one."""
-    previous = model.config.moe.backend
+def set_expert_implementation(model: MoETransformer, implementation: Any) -> Any:
+    """Switch every MoE layer of ``model`` to ``implementation`` in place; returns the previous
+    one."""
+    previous = model.config.moe.implementation
     for block in model.layers:
-        block.mlp.config = block.mlp.config.replace(backend=backend)
-    model.config = model.config.replace(moe=dict(backend=backend))
+        block.mlp.config = block.mlp.config.replace(implementation=implementation)
+    model.config = model.config.replace(moe=dict(implementation=implementation))
     return previous
 
 
@@ -144,12 +146,12 @@ def _set_track_recall(model: MoETransformer, flags: list[bool]) -> None:
 
 def training_config(config: ModelConfig, train: TrainConfig) -> ModelConfig:
     """``config`` as trained: float32 parameters, ``train.dtype`` compute, dense experts, the
-    expert backend of ``train.expert_compute``."""
+    expert implementation of ``train.expert_compute``."""
     if config.moe.expert_format != "dense":
         raise ValueError("training runs on dense experts (sparse ones as dense arrays with a "
                          f"mask); got expert_format={config.moe.expert_format!r}")
     return config.replace(dtype=_DTYPES[train.dtype], param_dtype=jnp.float32,
-                          moe=dict(backend=expert_backend(train.expert_compute)))
+                          moe=dict(implementation=expert_implementation(train.expert_compute)))
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -230,9 +232,9 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
         raise ValueError(f"training needs dense experts (a pruned model as dense arrays with "
                          f"zeros and masks); got expert_format={cfg.moe.expert_format!r}")
     # The training step uses the fastest expert compute; the model gets its own back after.
-    fast = expert_backend(train_config.expert_compute)
-    backend = set_expert_backend(model, fast)
-    teacher_backend = None if teacher is None else set_expert_backend(teacher, fast)
+    fast = expert_implementation(train_config.expert_compute)
+    implementation = set_expert_implementation(model, fast)
+    teacher_implementation = None if teacher is None else set_expert_implementation(teacher, fast)
     tracking = [block.mlp.track_recall for block in model.layers]
     _set_track_recall(model, [False] * len(tracking))  # no recall counters inside the step
     teacher_tracking = None if teacher is None else [b.mlp.track_recall for b in teacher.layers]
@@ -287,13 +289,13 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
             if on_step is not None:
                 on_step(done, entry)
     finally:  # the caller's models get their own expert compute and counters back
-        set_expert_backend(model, backend)
+        set_expert_implementation(model, implementation)
         _set_track_recall(model, tracking)
         if teacher is not None:
-            set_expert_backend(teacher, teacher_backend)
+            set_expert_implementation(teacher, teacher_implementation)
             _set_track_recall(teacher, teacher_tracking)
     trained = trainer.model
-    set_expert_backend(trained, backend)
+    set_expert_implementation(trained, implementation)
     _set_track_recall(trained, tracking)
     return TrainResult(model=trained, history=history, step=train_config.steps)
 

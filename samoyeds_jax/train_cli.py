@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"{args.preset}: {n_params / 1e6:.2f}M parameters, vocab {vocab}, "
           f"train {len(train_ids):,} tokens, validation {len(val_ids):,} tokens, "
-          f"experts computed by {model.config.moe.backend!r}", file=sys.stderr)
+          f"experts computed by {model.layers[0].mlp.implementation()!r}", file=sys.stderr)
     start = time.perf_counter()
     result = train_lib.train(model, train_ids, cfg, val_tokens=val_ids, out_dir=args.out,
                              resume=args.resume, tokenizer=tok_path)

@@ -120,8 +120,9 @@ CONFIG_CASES = [
          "router_norm must be one of ('softmax_topk', 'topk_softmax'), got 'softmax'"),
     case("moe_expert_format", lambda: moe_config().replace(expert_format="2:4"), VE,
          "expert_format must be one of"),
-    case("moe_backend", lambda: moe_config().replace(backend="cuda"), VE,
-         "backend must be one of ('xla', 'pallas', 'all_experts'), got 'cuda'"),
+    case("moe_implementation", lambda: moe_config().replace(implementation="cuda"), VE,
+         "expert implementation must be one of ['all_experts', 'mosaic_expand', "
+         "'mosaic_sparse_mma', 'triton', 'xla'], got 'cuda'"),
     case("moe_shared_negative", lambda: moe_config().replace(num_shared_experts=-1), VE,
          "num_shared_experts must be an int >= 0, got -1"),
     case("moe_shared_d_ff", lambda: moe_config().replace(num_shared_experts=1, shared_d_ff=0), VE,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import expert_op
 from pallas_kernels import moe_matmul as mm
 from pallas_kernels import nm_matmul as nmm
 from pallas_kernels import unstructured as um
@@ -279,9 +280,9 @@ MATMUL_CASES = [
     case("moe_ffn_reference_x_list",
          lambda: mm.moe_ffn_reference([[1.0] * D] * 3, plan(), *(jnp.zeros((E, D, F)),) * 2,
                                       jnp.zeros((E, F, D))), TE, "x must be an array [t, d]"),
-    case("moe_ffn_ragged_dot_mixed",
-         lambda: mm.moe_ffn_ragged_dot(x(3, 32), plan(), nm_stack(), jnp.zeros((E, 16, 16)),
-                                       jnp.zeros((E, 16, 32))), VE,
+    case("xla_expert_op_mixed",
+         lambda: expert_op.get_op("xla")(x(3, 32), plan(), nm_stack(), jnp.zeros((E, 16, 16)),
+                                         jnp.zeros((E, 16, 32))), VE,
          "w3 must be [e=4, d=32, f=16] like w1, got (4, 16, 16)"),
 ]
 

@@ -104,9 +104,10 @@ def test_help_shows_every_default(module):
     (["--random-tiny", "--devices", "0"], "--devices must be >= 1, got 0"),
     (["--random-tiny", "--devices", "3"], "--devices must divide 4"),
     (["--random-tiny", "--devices", "2", "--offload"], "cannot be combined"),
-    (["--random-tiny", "--backend", "hopper"], "--backend hopper needs 2:4 or Samoyeds experts"),
-    (["--random-tiny", "--backend", "hopper", "--format", "nm", "--offload"],
-     "--backend hopper cannot be combined with --offload"),
+    (["--random-tiny", "--implementation", "mosaic_expand"],
+     "--implementation mosaic_expand needs 2:4 or Samoyeds experts"),
+    (["--random-tiny", "--implementation", "mosaic_sparse_mma", "--format", "nm", "--offload"],
+     "--implementation mosaic_sparse_mma cannot be combined with --offload"),
 ])
 def test_generate_refuses_before_reading_weights(no_weights, argv, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -178,10 +179,10 @@ def test_generate_hugging_face_checkpoint_takes_pregate(capsys):
 
 @pytest.mark.skipif(ON_GPU, reason="what is printed without a GPU")
 def test_generate_without_gpu_claims_no_gpu(capsys):
-    assert generate(["--random-tiny", "--backend", "pallas", "--offload", "--max-new-tokens",
-                     "1", "--prompt", "1,2"]) == 0
+    assert generate(["--random-tiny", "--implementation", "triton", "--offload",
+                     "--max-new-tokens", "1", "--prompt", "1,2"]) == 0
     out = capsys.readouterr().out
-    assert "backend=pallas (Pallas interpret mode: no GPU)" in out
+    assert "implementation=triton (Pallas interpret mode: no GPU)" in out
     assert "pinned host memory" not in out and "nothing page-locked" in out
     assert "memory   peak GPU memory: n/a on cpu" in out
 
@@ -301,6 +302,6 @@ def test_eval_says_pallas_is_interpreted_without_gpu(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("KING.\nWhat news? " * 20)
     assert evaluate(["--checkpoint", str(ROOT / "samoyeds_jax" / "assets" / "shakespeare-moe"),
-                     "--text", str(text), "--backend", "pallas", "--seq-len", "16",
+                     "--text", str(text), "--implementation", "triton", "--seq-len", "16",
                      "--batch-size", "1", "--max-windows", "1"]) == 0
-    assert "backend=pallas (Pallas interpret mode: no GPU)" in capsys.readouterr().out
+    assert "implementation=triton (Pallas interpret mode: no GPU)" in capsys.readouterr().out

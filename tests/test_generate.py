@@ -179,34 +179,33 @@ def test_cli_rejects_text_prompt_without_tokenizer():
         main(["--random-tiny", "--prompt", "hello world", "--max-new-tokens", "1"])
 
 
-def test_cli_auto_backend(capsys):
-    """--backend auto (the default): xla off a GPU, pallas on one; the Hopper layout only for bfloat16 2:4 /
-    Samoyeds experts on one Hopper device without offloading."""
+def test_cli_auto_implementation(capsys):
+    """--implementation auto (the default): xla off a GPU; on one the fastest that applies (dense
+    float32 experts: triton); the choice is printed. Offloaded experts never get a Hopper
+    layout."""
     from pallas_kernels import backend as backend_lib
-    from samoyeds_jax.generate_cli import auto_hopper
+    from samoyeds_jax.generate_cli import build_parser, implementation_for
     assert main(["--random-tiny", "--max-new-tokens", "1", "--no-eos", "--prompt", "1,2"]) == 0
-    expected = "pallas" if backend_lib.platform() == "gpu" else "xla"
-    assert f"backend={expected}" in capsys.readouterr().out
-    base = dict(on_hopper=True, expert_format="samoyeds", dtype="bfloat16", offload=False,
-                devices=1)
-    assert auto_hopper(**base) and auto_hopper(**dict(base, expert_format="nm"))
-    for change in (dict(on_hopper=False), dict(expert_format="dense"),
-                   dict(expert_format="unstructured"), dict(dtype="float32"),
-                   dict(offload=True), dict(devices=2)):
-        assert not auto_hopper(**dict(base, **change)), change
+    expected = "triton" if backend_lib.platform() == "gpu" else "xla"
+    assert f"implementation={expected}," in capsys.readouterr().out
+    p = build_parser()
+    assert implementation_for(p.parse_args(["--random-tiny"])) is None
+    assert implementation_for(p.parse_args(["--random-tiny", "--offload"])) == ("triton", "xla")
+    assert implementation_for(p.parse_args(["--random-tiny", "--devices", "2"])) == ("triton", "xla")
+    assert implementation_for(p.parse_args(["--implementation", "xla"])) == "xla"
 
 
 def test_cli_hopper_layout_runs(capsys):
-    """--backend hopper: Samoyeds experts moved to the Hopper layout (on CPU the Mosaic GPU
-    product runs as its jnp reference); a dense model is refused with a clear error."""
-    assert main(["--random-tiny", "--format", "samoyeds", "--backend", "hopper",
+    """--implementation mosaic_sparse_mma: Samoyeds experts moved to the Hopper layout (on CPU the
+    Mosaic GPU product runs as its jnp reference); a dense model is refused with a clear error."""
+    assert main(["--random-tiny", "--format", "samoyeds", "--implementation", "mosaic_sparse_mma",
                  "--max-new-tokens", "2", "--no-eos", "--prompt", "1,2,3"]) == 0
     out = capsys.readouterr().out
-    assert "Hopper decode layout" in out
+    assert "implementation=mosaic_sparse_mma" in out
     if jax.default_backend() != "gpu":
-        assert "no GPU: the Mosaic GPU kernels' jnp reference runs instead" in out
-    with pytest.raises(ValueError, match="--backend hopper needs 2:4 or Samoyeds experts"):
-        main(["--random-tiny", "--backend", "hopper", "--max-new-tokens", "1"])
+        assert "no GPU: the Mosaic GPU kernels' jnp reference runs" in out
+    with pytest.raises(ValueError, match="mosaic_sparse_mma needs 2:4 or Samoyeds experts"):
+        main(["--random-tiny", "--implementation", "mosaic_sparse_mma", "--max-new-tokens", "1"])
 
 
 def test_cli_reference_model_text_in_text_out(capsys):

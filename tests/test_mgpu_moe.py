@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import expert_op
 from pallas_kernels import mgpu_matmul as mg
 from pallas_kernels import mgpu_moe
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
@@ -49,8 +50,14 @@ def _plan(idx, e, bt=8):
     return RoutingPlan.build(idx, wts, num_experts=e, block_t=bt)
 
 
+def _op(ws):
+    """The mosaic expert op of the stacks' layout."""
+    return expert_op.get_op("mosaic_sparse_mma" if isinstance(ws[0], WgmmaSparseA)
+                            else "mosaic_expand")
+
+
 def _check(x, plan, ws):
-    got = np.asarray(moe_ffn(x, plan, *ws), np.float32)
+    got = np.asarray(_op(ws)(x, plan, *ws), np.float32)
     want = np.asarray(moe_ffn_reference(x, plan, *ws), np.float32)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
@@ -85,8 +92,8 @@ def test_bad_input(rng):
     ws = _layer(rng, 8, "nm")
     x = jnp.asarray(rng.standard_normal((3, D)), jnp.bfloat16)
     plan = _plan(np.zeros((3, 2), np.int32) + [0, 1], 8)
-    with pytest.raises(ValueError, match="backend 'mosaic_gpu' or 'xla', got 'triton'"):
-        moe_ffn(x, plan, *ws, backend="triton")
+    with pytest.raises(TypeError, match="Hopper layouts run through the mosaic expert ops"):
+        moe_ffn(x, plan, *ws)
     with pytest.raises(ValueError, match="w1 dtype bfloat16 must equal x dtype float16"):
         mgpu_moe.moe_ffn_mgpu(x.astype(jnp.float16), plan, *ws)
     with pytest.raises(ValueError, match=r"x must be \[n\*8, K=256\], got \(12, 256\)"):
@@ -120,10 +127,11 @@ def test_kernel_matches_reference_on_gpu(rng, kind, t, k, e):
 
 
 @pytest.mark.parametrize("kind,kernel,layout", [
-    ("nm", None, WgmmaSparseA), ("samoyeds", "expand", TransposedSparse),
-    ("samoyeds", "sparse_mma", WgmmaSparseA)])
+    ("nm", "mosaic_sparse_mma", WgmmaSparseA), ("samoyeds", "mosaic_expand", TransposedSparse),
+    ("samoyeds", "mosaic_sparse_mma", WgmmaSparseA)])
 def test_moe_layer_hopper_layout_matches_xla(rng, kind, kernel, layout):
-    """samoyeds_jax: experts converted with ``hopper_layout`` run the same layer math."""
+    """Experts prepared by a mosaic expert op run the same layer math as xla."""
+    from pallas_kernels import expert_op
     from pallas_kernels.formats import NMSparse as NM, SamoyedsSparse as SS
     from samoyeds_jax import moe
     from samoyeds_jax.routing import Routing
@@ -137,30 +145,30 @@ def test_moe_layer_hopper_layout_matches_xla(rng, kind, kernel, layout):
         return fmt.from_dense(np.asarray(prune(w)))
 
     experts = moe.ExpertWeights(w1=stack((e, D, F)), w3=stack((e, D, F)), w2=stack((e, F, D)))
-    hop = moe.hopper_layout(experts, kernel=kernel)  # None: sparse_mma for bfloat16
+    op = expert_op.get_op(kernel)
+    hop = moe.ExpertWeights(*op.prepare(experts.w1, experts.w3, experts.w2))
     assert isinstance(hop.w2, layout) and hop.w2.shape == (e, F, D)
     x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
     routing = Routing(topk_idx=idx, topk_weights=jnp.full((t, k), 0.5, jnp.float32))
-    got = moe.expert_ffn(x, routing, hop, backend="pallas", dtype=jnp.bfloat16)
-    want = moe.expert_ffn(x, routing, experts, backend="xla", dtype=jnp.bfloat16)
+    got = moe.expert_ffn(x, routing, hop, implementation=kernel, dtype=jnp.bfloat16)
+    want = moe.expert_ffn(x, routing, experts, implementation="xla", dtype=jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
-    mixed = moe.ExpertWeights(w1=experts.w1, w3=experts.w3, w2=experts.w2.to_dense())
-    with pytest.raises(ValueError, match="all 2:4 or Samoyeds"):
-        moe.hopper_layout(mixed)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        moe.hopper_layout(experts, kernel="dense")
+    with pytest.raises(ValueError, match=f"{kernel!r} takes 2:4 or Samoyeds experts"):
+        op.prepare(experts.w1, experts.w3, experts.w2.to_dense())
     half = jax.tree.map(lambda a: a.astype(jnp.float16) if a.dtype == jnp.bfloat16 else a,
                         experts)
-    with pytest.raises(ValueError, match="'sparse_mma' takes bfloat16 experts"):
-        moe.hopper_layout(half, kernel="sparse_mma")
-    assert isinstance(moe.hopper_layout(half).w1, TransposedSparse)  # f16: expand
+    sparse_mma = expert_op.get_op("mosaic_sparse_mma")
+    with pytest.raises(ValueError, match=r"takes 2:4 or Samoyeds experts in \['bfloat16'\]"):
+        sparse_mma.prepare(half.w1, half.w3, half.w2)
+    assert isinstance(expert_op.get_op("mosaic_expand").prepare(half.w1, half.w3, half.w2)[0],
+                      TransposedSparse)  # f16: expand
 
 
 def test_model_with_hopper_layout_matches_xla():
     """A whole (small) Mixtral-style model: experts moved to the Hopper layout in place give the
-    logits of the XLA backend on the same weights."""
+    logits of the xla implementation on the same weights."""
     from flax import nnx
 
     from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -169,13 +177,11 @@ def test_model_with_hopper_layout_matches_xla():
           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
           "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 97,
           "rms_norm_eps": 1e-5, "rope_theta": 1e4, "torch_dtype": "bfloat16"}
-    ref = MoETransformer(ModelConfig.from_hf(hf, expert_format="nm", backend="xla"),
+    ref = MoETransformer(ModelConfig.from_hf(hf, expert_format="nm", implementation="xla"),
                          rngs=nnx.Rngs(0))
-    cfg = ref.config.replace(moe=dict(backend="pallas"))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
-    hop = nnx.clone(nnx.merge(graphdef, nnx.state(ref)))
+    hop = nnx.clone(ref)
     for block in hop.layers:
-        block.mlp.use_hopper_layout()
+        assert block.mlp.prepare("mosaic_sparse_mma").startswith("mosaic_sparse_mma")
     assert isinstance(hop.layers[0].mlp.w2.get_value(), WgmmaSparseA)
     assert not isinstance(ref.layers[0].mlp.w2.get_value(), WgmmaSparseA)
     tokens = jnp.asarray(np.arange(2 * 7).reshape(2, 7) % 97, jnp.int32)

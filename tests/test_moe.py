@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from samoyeds_jax.config import MoEConfig, SparsityConfig
-from samoyeds_jax.moe import MoE, expert_ffn_loop, expert_ffn_ragged, moe_linen
+from samoyeds_jax.moe import MoE, expert_ffn, moe_linen
 from samoyeds_jax.routing import Routing
 
 D, F, E, K = 16, 32, 4, 2
@@ -77,8 +77,8 @@ def test_matches_loop_reference_bf16(rng):
     ref = loop_reference(x, routing.topk_idx, routing.topk_weights,
                          moe.w1[...], moe.w3[...], moe.w2[...])
     # The same computation in plain bf16 jnp (every expert on every token, then masked).
-    plain = _np(jax.jit(expert_ffn_loop, static_argnames="dtype")(
-        x, routing, moe.expert_weights(), dtype=jnp.bfloat16))
+    plain = _np(jax.jit(expert_ffn, static_argnames=("implementation", "dtype"))(
+        x, routing, moe.expert_weights(), implementation="all_experts", dtype=jnp.bfloat16))
     scale = np.abs(ref).max()
     err = np.abs(_np(y) - ref).max() / scale
     plain_err = np.abs(plain - ref).max() / scale
@@ -100,8 +100,8 @@ def test_ragged_and_loop_implementations_agree(rng):
     moe = MoE(_config(), rngs=nnx.Rngs(1))
     x = jnp.asarray(rng.standard_normal((7, D)), jnp.float32)
     routing = moe.route(x)
-    a = expert_ffn_ragged(x, routing, moe.expert_weights(), dtype=jnp.float32)
-    b = expert_ffn_loop(x, routing, moe.expert_weights(), dtype=jnp.float32)
+    a, b = (expert_ffn(x, routing, moe.expert_weights(), implementation=name, dtype=jnp.float32)
+            for name in ("xla", "all_experts"))
     np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +252,8 @@ def test_mode_contracts(rng):
     (dict(top_k=5), "top_k=5 must be <= num_experts=4"),
     (dict(d_model=0), "d_model must be a positive int"),
     (dict(router_norm="softmax"), "router_norm must be one of"),
-    (dict(backend="cuda"), "backend must be one of"),
+    (dict(implementation="cuda"), "expert implementation must be one of"),
+    (dict(implementation=()), "implementation must be a name, a non-empty sequence"),
     (dict(pregate="always"), "pregate must be one of"),
     (dict(shared_gate="sigmoid"), "needs num_shared_experts > 0"),
     (dict(expert_format="nm", d_ff=48), "multiple of 32"),
@@ -298,10 +299,10 @@ def test_sparse_formats(rng, fmt, d, f):
     assert float(jnp.mean(dense[0] != 0)) == pytest.approx(expected, abs=0.02)
     ref = loop_reference(x, routing.topk_idx, routing.topk_weights, *dense)
     # Samoyeds on xla is only ``to_dense`` (checked above); its kernel path is the one to wire.
-    for backend in ("xla", "pallas") if fmt == "nm" else ("pallas",):
-        moe.config = cfg.replace(backend=backend)
+    for implementation in ("xla", "triton") if fmt == "nm" else ("triton",):
+        moe.config = cfg.replace(implementation=implementation)
         y, _ = nnx.jit(lambda m, x: m(x))(moe, x)
-        np.testing.assert_allclose(_np(y), ref, rtol=1e-4, atol=1e-5, err_msg=backend)
+        np.testing.assert_allclose(_np(y), ref, rtol=1e-4, atol=1e-5, err_msg=implementation)
 
 
 @pytest.mark.parametrize("fmt", ["nm", "samoyeds", "unstructured"])

@@ -33,7 +33,7 @@ def test_matches_single_device_f32(rng, tokens, t, devices):
     x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
     routing, experts = _routing(rng, t, e, k), _experts(rng, e, d, f, jnp.float32)
     ep = ExpertParallel(mesh=make_expert_mesh(devices), tokens=tokens)
-    want = expert_ffn(x, routing, experts, backend="xla", dtype=jnp.float32)
+    want = expert_ffn(x, routing, experts, implementation="xla", dtype=jnp.float32)
     got = jax.jit(lambda x, r, w: expert_parallel_ffn(x, r, w, ep=ep))(
         x, routing, shard_experts(experts, ep))
     # Same math; only f32 rounding differs (the local matmuls see other row counts).
@@ -49,7 +49,7 @@ def test_matches_single_device_bf16_top6_all_on_one_device(rng):
                       routing.topk_weights)
     experts = _experts(rng, e, d, f, jnp.bfloat16)
     ep = ExpertParallel(mesh=make_expert_mesh(2))
-    want = expert_ffn(x, routing, experts, backend="xla", dtype=jnp.bfloat16)
+    want = expert_ffn(x, routing, experts, implementation="xla", dtype=jnp.bfloat16)
     got = expert_parallel_ffn(x, routing, shard_experts(experts, ep), ep=ep)
     chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32),
                                 rtol=2e-2, atol=2e-2)
@@ -125,13 +125,13 @@ def test_generate_cli_with_expert_parallelism(capsys):
             "evenly") in capsys.readouterr().err
 
 
-def test_pallas_backend_expert_parallel(rng):
+def test_triton_expert_parallel(rng):
     """The routed-token Pallas kernel inside shard_map: assignments to other devices' experts
     are out of range locally and left out of every row tile."""
     e, d, f, k, t = 4, 32, 64, 2, 6
     x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
     routing, experts = _routing(rng, t, e, k), _experts(rng, e, d, f, jnp.float32)
     ep = ExpertParallel(mesh=make_expert_mesh(2), tokens="replicated")
-    want = expert_ffn(x, routing, experts, backend="xla", dtype=jnp.float32)
-    got = expert_parallel_ffn(x, routing, shard_experts(experts, ep), ep=ep, backend="pallas")
+    want = expert_ffn(x, routing, experts, implementation="xla", dtype=jnp.float32)
+    got = expert_parallel_ffn(x, routing, shard_experts(experts, ep), ep=ep, implementation="triton")
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

@@ -39,35 +39,35 @@ def test_expert_compute_paths_give_same_loss_and_gradients():
     windows = jnp.asarray(_tokens(4 * 17, seed).reshape(4, 17))
     tc = _small()
     grads = {}
-    for backend in ("xla", "all_experts"):
-        model = MoETransformer(_config(backend=backend), rngs=nnx.Rngs(seed))
+    for implementation in ("xla", "all_experts"):
+        model = MoETransformer(_config(implementation=implementation), rngs=nnx.Rngs(seed))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p):
             return _losses(nnx.merge(graphdef, p, rest), windows, tc, None)[0]
 
-        grads[backend] = jax.value_and_grad(loss_fn)(params)
+        grads[implementation] = jax.value_and_grad(loss_fn)(params)
     (l1, g1), (l2, g2) = grads["xla"], grads["all_experts"]
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     chex.assert_trees_all_close(g1, g2, rtol=2e-4, atol=1e-6)
 
 
 def test_auto_expert_compute_by_platform():
-    assert T.expert_backend("auto", "cpu") == "all_experts"
-    assert T.expert_backend("auto", "gpu") == "xla"
-    assert T.expert_backend("xla", "cpu") == "xla"
+    assert T.expert_implementation("auto", "cpu") == "all_experts"
+    assert T.expert_implementation("auto", "gpu") == "xla"
+    assert T.expert_implementation("xla", "cpu") == "xla"
 
 
-def test_loss_decreases_and_backend_restored():
-    model = MoETransformer(_config(), rngs=nnx.Rngs(0))
+def test_loss_decreases_and_implementation_restored():
+    model = MoETransformer(_config(implementation=("triton", "xla")), rngs=nnx.Rngs(0))
     tokens = _tokens()
     result = T.train(model, tokens, _small(steps=30, learning_rate=1e-2), val_tokens=tokens[:600],
                      progress=False)
     hist = result.history
     assert hist[-1]["ce"] < hist[0]["ce"] - 0.5
     assert "val_ce" in hist[-1] and np.isfinite(hist[-1]["val_ce"])
-    assert result.model.config.moe.backend == "xla"
-    assert all(b.mlp.config.backend == "xla" for b in result.model.layers)
+    assert result.model.config.moe.implementation == ("triton", "xla")
+    assert all(b.mlp.config.implementation == ("triton", "xla") for b in result.model.layers)
 
 
 @jax.default_matmul_precision("highest")
@@ -174,7 +174,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         T.train(model, tokens, tc, out_dir=out, progress=False)
     state = json.loads(open(os.path.join(out, T.LAST, T.TRAINER_STATE)).read())
     assert state["step"] == 2
-    assert model.config.moe.backend == "xla" and model.layers[0].mlp.track_recall
+    assert model.config.moe.implementation is None and model.layers[0].mlp.track_recall
 
 
 @pytest.mark.parametrize("bad, match", [
