@@ -231,7 +231,7 @@ def test_bfloat16_round_trip_of_every_sparse_format(tmp_path, fmt):
 
 def test_manifest_lists_every_stored_array(models, saved):
     manifest = _read_json(saved, CONVERTED_MANIFEST)
-    assert (manifest["format"], manifest["format_version"]) == ("samoyeds_jax.converted", 2)
+    assert (manifest["format"], manifest["format_version"]) == ("samoyeds_jax.converted", 3)
     files = manifest["files"]
     assert set(files) == {CONVERTED_CONFIG, CONVERTED_WEIGHTS, "tokenizer.json"}
     for name in (CONVERTED_CONFIG, "tokenizer.json"):
@@ -296,7 +296,7 @@ def test_a_missing_file_is_refused(saved, name):
 
 
 @pytest.mark.parametrize("change,found", [
-    ({"format": "pt"}, r"found 'pt' version 2"),
+    ({"format": "pt"}, r"found 'pt' version 3"),
     ({"format_version": 1}, r"found 'samoyeds_jax.converted' version 1"),
 ])
 def test_a_manifest_of_another_format_is_refused(saved, change, found):
@@ -305,7 +305,7 @@ def test_a_manifest_of_another_format_is_refused(saved, change, found):
     with open(os.path.join(saved, CONVERTED_MANIFEST), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(ValueError, match=rf".*/{CONVERTED_MANIFEST}: expected format "
-                                         rf"'samoyeds_jax.converted' version 2, {found}"):
+                                         rf"'samoyeds_jax.converted' version 3, {found}"):
         load_converted(saved)
 
 
