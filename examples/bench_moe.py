@@ -43,6 +43,7 @@ import numpy as np
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import expert_op, mgpu_moe
 from pallas_kernels import moe_matmul as mm
+from pallas_kernels import moe_tiles as mt
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, pack_meta
 from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.sparse_mma_layout import to_wgmma_sp
@@ -180,18 +181,18 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def with_expand(config: mm.MoeFfnConfig, expand: str) -> mm.MoeFfnConfig:
+def with_expand(config: mt.MoeFfnConfig, expand: str) -> mt.MoeFfnConfig:
     """``config`` with ``MoeTiles.expand`` set in both kernels (dense weights ignore it)."""
-    return mm.MoeFfnConfig(gate_up=dataclasses.replace(config.gate_up, expand=expand),
+    return mt.MoeFfnConfig(gate_up=dataclasses.replace(config.gate_up, expand=expand),
                            down=dataclasses.replace(config.down, expand=expand))
 
 
-def sweep_configs(t: int) -> dict[str, tuple[int | None, mm.MoeFfnConfig]]:
+def sweep_configs(t: int) -> dict[str, tuple[int | None, mt.MoeFfnConfig]]:
     """Alternative (block_t or None = default, tiles) tried with --sweep-*.
 
     Names: bt row tile, g gate/up (block_n, block_k, warps w, stages s), d down likewise.
     """
-    T = mm.MoeTiles
+    T = mt.MoeTiles
     if t <= 64:
         specs = {"g128k128_d32k128": (None, (128, 128, 4, 3), (32, 128, 4, 3)),
                  "g32k128_d32k128": (None, (32, 128, 4, 3), (32, 128, 4, 3)),
@@ -201,7 +202,7 @@ def sweep_configs(t: int) -> dict[str, tuple[int | None, mm.MoeFfnConfig]]:
                  "bt128_g128k64w8s2_d128k64w8s2": (128, (128, 64, 8, 2), (128, 64, 8, 2)),
                  "bt64_g64k64w4s3_d128k64w4s3": (64, (64, 64, 4, 3), (128, 64, 4, 3)),
                  "bt64_g128k64w8s3_d128k64w8s3": (64, (128, 64, 8, 3), (128, 64, 8, 3))}
-    return {name: (bt, mm.MoeFfnConfig(
+    return {name: (bt, mt.MoeFfnConfig(
         gate_up=T(block_n=g[0], block_k=g[1], num_warps=g[2], num_stages=g[3]),
         down=T(block_n=dn[0], block_k=dn[1], num_warps=dn[2], num_stages=dn[3])))
         for name, (bt, g, dn) in specs.items()}
@@ -303,7 +304,7 @@ def main() -> int:
             scores = jax.random.uniform(k2, (t, e))
             topk_w, topk_idx = jax.lax.top_k(scores, k)  # k distinct uniform experts per token
             topk_w = jax.nn.softmax(topk_w, axis=-1)
-            bt = mm.default_block_t(t, k, e)
+            bt = mt.default_block_t(t, k, e)
 
             def build(block_t, topk_idx=topk_idx, topk_w=topk_w):
                 return jax.jit(RoutingPlan.build, static_argnames=("num_experts", "block_t"))(
@@ -317,9 +318,9 @@ def main() -> int:
                     config = None
                 else:
                     kw = overrides.get(v, {}).get(str(t))
-                    config = (mm.MoeFfnConfig(gate_up=mm.MoeTiles(**kw["gate_up"]),
-                                              down=mm.MoeTiles(**kw["down"]))
-                              if kw else mm.default_config(t * k, d, f, block_t=bt))
+                    config = (mt.MoeFfnConfig(gate_up=mt.MoeTiles(**kw["gate_up"]),
+                                              down=mt.MoeTiles(**kw["down"]))
+                              if kw else mt.default_config(t * k, d, f, block_t=bt))
                     config = with_expand(config, args.expand)
                 if v not in weights:
                     continue

@@ -24,6 +24,7 @@ import bench_moe as bm  # noqa: E402
 import trace_summary  # noqa: E402
 from pallas_kernels import mgpu_moe  # noqa: E402
 from pallas_kernels import moe_matmul as mm  # noqa: E402
+from pallas_kernels import moe_tiles as mt  # noqa: E402
 from pallas_kernels.routing_plan import RoutingPlan  # noqa: E402
 
 ROUNDS, LAYERS = 10, 2
@@ -45,10 +46,10 @@ def main() -> None:
                   for layer in bm.make_layers("samoyeds", key, LAYERS, e, d, f)]
         x = jax.random.normal(key, (t, d), jnp.float32).astype(jnp.bfloat16)
         topk_w, topk_idx = jax.lax.top_k(jax.random.uniform(jax.random.key(2), (t, e)), k)
-        bt = mm.default_block_t(t, k, e)
+        bt = mt.default_block_t(t, k, e)
         plan = RoutingPlan.build(topk_idx, jax.nn.softmax(topk_w, -1), num_experts=e, block_t=bt)
         for name, fn, layers, config in (
-                ("fused", mm.moe_ffn, dense, mm.default_config(t * k, d, f, block_t=bt)),
+                ("fused", mm.moe_ffn, dense, mt.default_config(t * k, d, f, block_t=bt)),
                 ("samoyeds_sp", mgpu_moe.moe_ffn_mgpu, sparse, None)):
             run = bm.make_loop(fn, config)
             jax.block_until_ready(run(x, plan, layers, 2))  # compile + warm

@@ -68,7 +68,7 @@ class _MosaicExperts(ExpertOp):
         return True
 
     def block_t(self, num_tokens, top_k, num_experts):
-        from pallas_kernels.moe_matmul import default_block_t
+        from pallas_kernels.moe_tiles import default_block_t
         return default_block_t(num_tokens, top_k, num_experts)
 
     def compute(self, x, plan, w1, w3, w2):

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 from pallas_kernels.expert_op import ExpertOp, register
 from pallas_kernels.format_registry import format_of
-from pallas_kernels.moe_matmul import default_block_t, moe_ffn
+from pallas_kernels.moe_matmul import moe_ffn
+from pallas_kernels.moe_tiles import default_block_t
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import expert_op
 from pallas_kernels import moe_matmul as mm
+from pallas_kernels import moe_tiles as mt
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.routing_plan import RoutingPlan
 
@@ -137,8 +138,8 @@ def test_sparse_weights_match_reference(rng, gate_up_fmt, down_fmt):
     plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
     # The first case loads sparse tiles by rows (default), the second as contiguous blocks.
     expand = "rows" if gate_up_fmt == "nm" else "block"
-    tiles = mm.MoeTiles(block_n=64, block_k=64, expand=expand)
-    y = _moe_ffn(x, plan, *ws, config=mm.MoeFfnConfig(gate_up=tiles, down=tiles))
+    tiles = mt.MoeTiles(block_n=64, block_k=64, expand=expand)
+    y = _moe_ffn(x, plan, *ws, config=mt.MoeFfnConfig(gate_up=tiles, down=tiles))
     ref = mm.moe_ffn_reference(x, plan, *ws)
     y_xla = _xla(x, plan, *ws)
     _check(y, ref, y_xla, BF16)
@@ -158,10 +159,10 @@ def test_bad_inputs_raise(rng):
         mm.moe_ffn(x, plan, w1, w3, w2[:3])
     with pytest.raises(ValueError, match="dtype"):
         mm.moe_ffn(x.astype(BF16), plan, w1, w3, w2)
-    bad = mm.MoeFfnConfig(gate_up=mm.MoeTiles(block_n=256, block_k=64))
+    bad = mt.MoeFfnConfig(gate_up=mt.MoeTiles(block_n=256, block_k=64))
     with pytest.raises(ValueError, match="block_n"):
         mm.moe_ffn(x, plan, w1, w3, w2, config=bad)
-    bad = mm.MoeFfnConfig(down=mm.MoeTiles(block_n=64, block_k=48))
+    bad = mt.MoeFfnConfig(down=mt.MoeTiles(block_n=64, block_k=48))
     with pytest.raises(ValueError, match="power of two"):
         mm.moe_ffn(x, plan, w1, w3, w2, config=bad)
     s1 = NMSparse.from_dense(jnp.asarray(_prune_24(np.asarray(w1))), n=2, m=4)
@@ -189,11 +190,11 @@ def test_kernels_lower_for_h100(rng, fmt, expand, monkeypatch):
               for w in dense]
     idx, p = _routing(rng, t, k, np.arange(e))
 
-    tiles = mm.MoeTiles(block_n=64, block_k=128, expand=expand)
+    tiles = mt.MoeTiles(block_n=64, block_k=128, expand=expand)
 
     def fn(x, idx, p, ws):
         plan = RoutingPlan.build(idx, p, num_experts=e, block_t=16)
-        return mm.moe_ffn(x, plan, *ws, config=mm.MoeFfnConfig(gate_up=tiles, down=tiles))
+        return mm.moe_ffn(x, plan, *ws, config=mt.MoeFfnConfig(gate_up=tiles, down=tiles))
 
     device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
@@ -206,16 +207,16 @@ def test_default_tiles_fit_model_shapes():
     """default_block_t / default_config give legal tiles for every benchmarked shape and format."""
     shapes = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8),
               "deepseek": (2048, 1408, 64, 6), "qwen1.5": (2048, 1408, 60, 4)}
-    assert mm.default_block_t(1, 2, 8) == 16
-    assert mm.default_block_t(4096, 2, 8) == 64
-    assert mm.default_block_t(256, 6, 64) == 32
+    assert mt.default_block_t(1, 2, 8) == 16
+    assert mt.default_block_t(4096, 2, 8) == 64
+    assert mt.default_block_t(256, 6, 64) == 32
     for d, f, e, k in shapes.values():
         for t in (1, 64, 4096):
-            bt = mm.default_block_t(t, k, e)
-            config = mm.default_config(t * k, d, f, block_t=bt)
+            bt = mt.default_block_t(t, k, e)
+            config = mt.default_config(t * k, d, f, block_t=bt)
             for kind in ("dense", "nm", "samoyeds"):
-                up = mm._Layout(kind, d, f, n=2, m=4, m_sel=2 if kind == "samoyeds" else 1,
+                up = mt.Layout(kind, d, f, n=2, m=4, m_sel=2 if kind == "samoyeds" else 1,
                                 v=128)
                 down = dataclasses.replace(up, k=f, n_out=d)
-                mm._check_tiles("w1", up, config.gate_up, bt)
-                mm._check_tiles("w2", down, config.down, bt)
+                mt.check_tiles("w1", up, config.gate_up, bt)
+                mt.check_tiles("w2", down, config.down, bt)
