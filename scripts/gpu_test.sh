@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a machine with an NVIDIA GPU: the Pallas kernels are compiled for the
 # GPU (not interpreted) and the @pytest.mark.gpu tests run.
-#   scripts/gpu_test.sh [pytest args]     PYTHON: the interpreter (default python3, with this
+#   scripts/gpu_test.sh [test paths] [pytest args]   PYTHON: the interpreter (default python3, with this
 #                                         project's dependencies and jax[cuda13] installed);
 #                                         JOBS: pytest-xdist workers (default 8)
 # Exits 2 without running anything when jax sees no GPU.
@@ -28,4 +28,7 @@ then
 fi
 # Each pytest worker allocates GPU memory as it goes instead of 75% of the card up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-exec "$py" -m pytest -q -n "${JOBS:-8}" -p no:cacheprovider -rf tests/ "$@"
+# Test paths among the arguments replace the default, the whole suite (tests/).
+paths=(tests/)
+for arg in "$@"; do [[ $arg == -* ]] || paths=(); done
+exec "$py" -m pytest -q -n "${JOBS:-8}" -p no:cacheprovider -rf "${paths[@]}" "$@"
