@@ -31,18 +31,18 @@ keep-mask is chosen adaptively from the already updated weights:
     costs gave the same or up to 1% lower output error, for one triangular solve per slab.)
     With ``column_sweeps`` > 0 the greedy choice is then revised slab by slab, each slab's
     columns re-chosen with the other slabs' fixed and priced by full passes
-    (``_samoyeds_sweeps``; about K/v passes per sweep, off by default).
+    (``sparsegpt_refit._samoyeds_sweeps``; about K/v passes per sweep, off by default).
 
 - Refit (``refit_iters``, on by default): the sequential reconstruction is not the optimum of
   the mask it chose: a kept row never moves after it is visited, so it cannot absorb the
   errors of the rows pruned after it. Once the mask is fixed, the kept weights of every column
   are refit to the least-squares optimum ``H'_SS p_S = (H' w)_S`` on its kept rows S by
-  conjugate gradients (``_refit``; never worse than the sequential result). The mask and the
-  pattern stay the same. On the reference model (benchmarks/quality.md "One-shot": 128
-  calibration windows, 96 validation windows, dense 2.0693 bits/byte; CPU) this took Samoyeds
-  with the shared w1/w3 choice from 2.6266 (+0.557) to 2.3424 (+0.273) and, with one column
-  sweep, 2.3141 (+0.245; two sweeps the same); Samoyeds with separate w1/w3 choices from
-  +0.667 to +0.324, unstructured 75% from +0.126 to +0.060 and 2:4 from +0.018 to +0.005.
+  conjugate gradients (``sparsegpt_refit._refit``; never worse than the sequential result).
+  The mask and the pattern stay the same. On the reference model (benchmarks/quality.md
+  "One-shot": 128 calibration windows, 96 validation windows, dense 2.0693 bits/byte; CPU) this
+  took Samoyeds with the shared w1/w3 choice from 2.6266 (+0.557) to 2.3424 (+0.273) and, with
+  one column sweep, 2.3141 (+0.245; two sweeps the same); Samoyeds with separate w1/w3 choices
+  from +0.667 to +0.324, unstructured 75% from +0.126 to +0.060 and 2:4 from +0.018 to +0.005.
   The objective on the experts' calibration tokens fell 1.1x-12x (most for block 0's w1/w3,
   least for w2 and later blocks). It pays most at high sparsity, with activations near a low-rank
   subspace (the kept channels can rebuild the pruned ones): on isotropic AR(1) test data the
@@ -78,8 +78,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.prune_masks import check_ints as _check_ints, top_n_along
+from pallas_kernels.prune_masks import check_ints as _check_ints
 from samoyeds_jax import prune_weights
+from samoyeds_jax.sparsegpt_obs import _HI, MaskChoice, _inverse_factor, _obs_pass, choice_of
+from samoyeds_jax.sparsegpt_refit import _refit, _samoyeds_sweeps
 
 __all__ = [
     "SparseGPTConfig",
@@ -88,8 +90,6 @@ __all__ = [
     "sparsegpt_prune",
     "sparsegpt_prune_pair",
 ]
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,12 +103,13 @@ class SparseGPTConfig:
       damp: added to H's diagonal as a fraction of mean(diag H) (0.01 as in SparseGPT); > 0,
         so a rank-deficient H (fewer tokens than channels) still has an inverse.
       refit_iters: conjugate-gradient iterations of the final refit of the kept weights to the
-        least-squares optimum on the chosen mask (``_refit``); 0 keeps SparseGPT's sequential
-        reconstruction. CG on a column with s kept entries is exact after s iterations in exact
-        arithmetic; converged columns stop early.
+        least-squares optimum on the chosen mask (``sparsegpt_refit._refit``); 0 keeps
+        SparseGPT's sequential reconstruction. CG on a column with s kept entries is exact after
+        s iterations in exact arithmetic; converged columns stop early.
       column_sweeps: format "samoyeds" only: coordinate-descent sweeps that re-choose every
-        slab's columns with the other slabs' choices fixed (``_samoyeds_sweeps``). Each sweep
-        costs about K/v full passes, so 0 by default.
+        slab's columns with the other slabs' choices fixed
+        (``sparsegpt_refit._samoyeds_sweeps``). Each sweep costs about K/v full passes, so 0 by
+        default.
     """
 
     block_size: int = 128
@@ -187,299 +188,12 @@ def _check_pattern(pattern: Any, k: int, n_out: int, config: SparseGPTConfig) ->
     if not isinstance(pattern, tuple) or not pattern:
         raise ValueError(f"pattern must be a tuple such as ('nm', 2, 4), ('samoyeds', 1, 2, 128), "
                          f"('unstructured', n_keep) or ('dense',); given {pattern!r}")
-    kind, *args = pattern
-    if kind == "nm" and len(args) == 2:
-        prune_weights._check_nm(args[0], args[1], k)
-        if config.block_size % args[1]:
-            raise ValueError(f"block_size={config.block_size} must be a multiple of m={args[1]} "
-                             "(N:M groups may not straddle blocks)")
-    elif kind == "samoyeds" and len(args) == 3:
-        prune_weights._check_samoyeds(args[0], args[1], args[2], k, n_out)
-    elif kind == "unstructured" and len(args) == 1:
-        _check_ints(n_keep=args[0])
-        if not 0 <= args[0] <= k * n_out:
-            raise ValueError(f"n_keep={args[0]} must be in [0, K*N={k * n_out}]")
-    elif kind != "dense" or args:
+    choice = choice_of(pattern)
+    if choice is None:
         raise ValueError(f"unknown pattern {pattern!r}; expected ('nm', n, m), "
                          "('samoyeds', n_sel, m_sel, v), ('unstructured', n_keep) or ('dense',)")
+    choice.check(k, n_out, config.block_size)
     return pattern
-
-
-# ----------------------------------------------------------------------------------------------
-# Factorization.
-# ----------------------------------------------------------------------------------------------
-
-
-def _inverse_factor(h: jax.Array, damp: float) -> dict[str, jax.Array]:
-    """U [K, K] upper triangular with (H')^-1 = U^T U, H' = H dampened, dead inputs set to 1
-    (returned too, as "h").
-
-    With P the reversal permutation, P H' P = L L^T (Cholesky) gives H' = V V^T with
-    V = P L P upper, so (H')^-1 = V^-T V^-1 and U = V^-1 = P L^-1 P: one Cholesky and one
-    triangular inverse, no explicit inverse of H.
-    """
-    k = h.shape[0]
-    diag = jnp.diagonal(h)
-    dead = diag == 0
-    zero = jnp.all(h == 0)
-    lam = damp * jnp.mean(diag)  # dead inputs count as 0: the same for any scale of H
-    eye = jnp.eye(k, dtype=jnp.float32)
-    live = jnp.logical_not(dead)
-    h = jnp.where(live[:, None] & live[None, :], h, 0.0)  # a dead input's row is zero anyway
-    h = h + eye * jnp.where(dead, 1.0, lam)[:, None]
-    lower = jnp.linalg.cholesky(h[::-1, ::-1])
-    u = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
-    ok = jnp.all(jnp.isfinite(u))
-    return dict(u=jnp.where(ok, u, eye), dead=dead, zero=zero, ok=ok, h=h)
-
-
-# ----------------------------------------------------------------------------------------------
-# The OBS pass: a block of rows, then all blocks.
-# ----------------------------------------------------------------------------------------------
-
-
-def _group_rows(bs: int, period: int) -> int:
-    """Rows per unrolled step inside a block: a multiple of the mask period dividing bs.
-
-    Larger steps mean fewer passes over the block (one rank-g update per step); 16 rows keep
-    the unrolled code small."""
-    for g in (16, 8, 4, 2, 1):
-        if bs % g == 0 and g % period == 0:
-            return g
-    raise AssertionError(f"no step for block {bs} and period {period}")  # period divides bs
-
-
-def _block_pass(wb: jax.Array, ub: jax.Array, *, period: int, n_keep_rows: int,
-                keep: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """OBS over the rows of one block, in order.
-
-    Args:
-      wb: [bs, N] float32, the block's rows, already updated by every earlier block.
-      ub: [bs, bs] the block's diagonal block of U.
-      period, n_keep_rows: with ``keep`` None, every ``period`` rows each column keeps its
-        ``n_keep_rows`` most salient entries (N:M, the 2:4 inside Samoyeds).
-      keep: [bs, N] bool, a fixed keep-mask for the block (unstructured, given masks).
-
-    Returns:
-      (q [bs, N] the block's final rows, pruned entries exactly 0; e [bs, N] the scaled errors
-      ``(w - q) / U_ii`` that the later rows must absorb; loss [N] sum of e^2 per column).
-    """
-    bs, n = wb.shape
-    g = _group_rows(bs, 1 if keep is not None else period)
-
-    def step(i, carry):
-        wb, qb, eb = carry
-        r0 = i * g
-        wg = jax.lax.dynamic_slice_in_dim(wb, r0, g, 0)  # [g, N] current rows
-        ug = jax.lax.dynamic_slice(ub, (r0, r0), (g, g))  # [g, g]
-        dg = jnp.diagonal(ug)
-        if keep is not None:
-            kg = jax.lax.dynamic_slice_in_dim(keep, r0, g, 0)  # [g, N]
-        rows_q, rows_e = [], []
-        for r in range(g):  # unrolled: g is small and static
-            if keep is None and r % period == 0:  # choose the next period's mask from W now
-                sal = jnp.square(wg[r:r + period] / dg[r:r + period, None])
-                kg_p = top_n_along(sal, n_keep_rows, axis=0)  # [period, N]
-            k_r = kg[r] if keep is not None else kg_p[r % period]
-            q = jnp.where(k_r, wg[r], 0.0)
-            e = (wg[r] - q) / dg[r]
-            if r + 1 < g:
-                wg = wg.at[r + 1:].add(-ug[r, r + 1:, None] * e[None, :])
-            rows_q.append(q)
-            rows_e.append(e)
-        qg, eg = jnp.stack(rows_q), jnp.stack(rows_e)  # [g, N]
-        urows = jax.lax.dynamic_slice_in_dim(ub, r0, g, 0)  # [g, bs]; zero left of r0
-        wb = wb - jnp.einsum("gb,gn->bn", urows, eg, precision=_HI)
-        qb = jax.lax.dynamic_update_slice_in_dim(qb, qg, r0, 0)
-        eb = jax.lax.dynamic_update_slice_in_dim(eb, eg, r0, 0)
-        return wb, qb, eb
-
-    zeros = jnp.zeros((bs, n), jnp.float32)
-    _, qb, eb = jax.lax.fori_loop(0, bs // g, step, (wb, zeros, zeros))
-    return qb, eb, jnp.sum(eb * eb, axis=0)
-
-
-def _samoyeds_slab(wb: jax.Array, ub: jax.Array, *, n_sel: int, m_sel: int,
-                   pair: bool, cols: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One v-row slab of the Samoyeds pattern: column choice by OBS cost, 2:4 inside.
-
-    ``pair``: wb is [v, 2N] = [w1 | w3] slab; both halves keep the same columns (summed
-    savings). ``cols`` [N] (or [2N]) bool: a fixed column choice instead. Returns (q, e, loss)
-    as ``_block_pass`` and the kept columns.
-    """
-    q24, e24, loss24 = _block_pass(wb, ub, period=4, n_keep_rows=2, keep=None)
-    # Pruning all v entries of a column: errors e with U_SS^T e = w (forward substitution).
-    e_all = jax.scipy.linalg.solve_triangular(ub, wb, trans=1, lower=False)
-    loss_all = jnp.sum(e_all * e_all, axis=0)
-    if cols is None:
-        saving = loss_all - loss24  # [N] (or [2N])
-        n_total = saving.shape[0]
-        if pair:
-            saving = saving[:n_total // 2] + saving[n_total // 2:]
-        cols = top_n_along(saving.reshape(-1, m_sel), n_sel, axis=-1).reshape(-1)
-        if pair:
-            cols = jnp.concatenate([cols, cols])
-    q = jnp.where(cols[None, :], q24, 0.0)
-    e = jnp.where(cols[None, :], e24, e_all)
-    return q, e, jnp.where(cols, loss24, loss_all), cols
-
-
-def _unstructured_keep(wb: jax.Array, ub: jax.Array, valid: jax.Array,
-                       n_keep: jax.Array) -> jax.Array:
-    """[bs, N] mask of the block's n_keep most salient entries (ties: lower flat position)."""
-    sal = jnp.square(wb / jnp.diagonal(ub)[:, None])
-    sal = jnp.where(valid[:, None], sal, -jnp.inf).reshape(-1)  # padding rows never kept
-    order = jnp.argsort(-sal, stable=True)
-    rank = jnp.zeros(order.shape, jnp.int32).at[order].set(
-        jnp.arange(order.shape[0], dtype=jnp.int32))
-    return (rank < n_keep).reshape(wb.shape)
-
-
-def _obs_pass(w: jax.Array, u: jax.Array, *, pattern: tuple, block_size: int, pair: bool = False,
-              keep: jax.Array | None = None, cols: jax.Array | None = None
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The whole OBS pass over w [K, N] float32 (dead rows already zero) with factor u [K, K].
-
-    ``keep`` [K, N]: a fixed mask (pattern ignored). ``cols`` [K/v, N] bool: Samoyeds only, a
-    fixed column choice per slab (the 2:4 inside is still chosen). Returns (pruned [K, N]
-    float32, loss [N] per column, the kept columns [K/v, N] of a Samoyeds pattern (zeros for
-    other patterns)).
-    """
-    k, n = w.shape
-    kind, *args = pattern
-    if keep is None and kind == "samoyeds":
-        bs = args[2]
-    else:
-        bs = min(block_size, k)
-    kp = -(-k // bs) * bs
-    if kp != k:  # pad to whole blocks: zero rows, decoupled in H (U gets identity rows)
-        w = jnp.pad(w, ((0, kp - k), (0, 0)))
-        u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
-            (jnp.arange(kp) >= k).astype(jnp.float32))
-        if keep is not None:
-            keep = jnp.pad(keep, ((0, kp - k), (0, 0)))
-    nb = kp // bs
-    if keep is None and kind == "unstructured":
-        # The block's share of n_keep, by real rows: cumulative rounding sums to n_keep exactly.
-        rows = np.minimum(bs, k - bs * np.arange(nb))
-        cum = (args[0] * np.cumsum(rows) + k // 2) // k
-        block_keep = jnp.asarray(np.diff(cum, prepend=0), jnp.int32)
-    else:
-        block_keep = jnp.zeros((nb,), jnp.int32)
-
-    cols_xs = jnp.zeros((nb, n), jnp.bool_) if cols is None else cols
-
-    def block(carry, xs):
-        w, loss = carry
-        b, n_keep_b, cols_b = xs
-        cols_out = jnp.zeros((n,), jnp.bool_)
-        r0 = b * bs
-        wb = jax.lax.dynamic_slice_in_dim(w, r0, bs, 0)  # [bs, N]
-        ub = jax.lax.dynamic_slice(u, (r0, r0), (bs, bs))  # [bs, bs]
-        if keep is not None:
-            q, e, l = _block_pass(wb, ub, period=1, n_keep_rows=1,
-                                  keep=jax.lax.dynamic_slice_in_dim(keep, r0, bs, 0))
-        elif kind == "nm":
-            q, e, l = _block_pass(wb, ub, period=args[1], n_keep_rows=args[0], keep=None)
-        elif kind == "samoyeds":
-            q, e, l, cols_out = _samoyeds_slab(wb, ub, n_sel=args[0], m_sel=args[1], pair=pair,
-                                               cols=None if cols is None else cols_b)
-        else:
-            valid = r0 + jnp.arange(bs) < k
-            q, e, l = _block_pass(wb, ub, period=1, n_keep_rows=1,
-                                  keep=_unstructured_keep(wb, ub, valid, n_keep_b))
-        # Lazy update of every later row (U is upper: earlier rows get exactly 0), then the
-        # block's own rows are set to their final values.
-        urows = jax.lax.dynamic_slice_in_dim(u, r0, bs, 0)  # [bs, kp]
-        w = w - jnp.einsum("bk,bn->kn", urows, e, precision=_HI)
-        w = jax.lax.dynamic_update_slice_in_dim(w, q, r0, 0)
-        return (w, loss + l), cols_out
-
-    (w, loss), cols_all = jax.lax.scan(
-        block, (w, jnp.zeros((n,), jnp.float32)),
-        (jnp.arange(nb, dtype=jnp.int32), block_keep, cols_xs))
-    return w[:k], loss, cols_all
-
-
-def _objective(w: jax.Array, p: jax.Array, hd: jax.Array) -> jax.Array:
-    """[N] ``(w_n - p_n)^T H' (w_n - p_n)`` per column."""
-    diff = w - p
-    return jnp.sum(diff * jnp.matmul(hd, diff, precision=_HI), axis=0)
-
-
-def _refit(w: jax.Array, hd: jax.Array, p: jax.Array, iters: int
-           ) -> tuple[jax.Array, jax.Array]:
-    """Refit the kept entries of p [K, N] (its nonzeros) to ``min (w - p)^T H' (w - p)``.
-
-    For a fixed mask every column is a least-squares problem ``H'_SS p_S = (H' w)_S`` on its kept
-    rows S. The sequential pass does not reach it: a pruned row's error only moves the rows
-    after it, and an earlier kept row never sees the later pruning (at 25% density the gap is
-    large: on the reference model's experts the objective came out 1.1x-12x lower after
-    the refit). Solved by conjugate gradients on the masked system, Jacobi-preconditioned, all
-    columns at once (one [K, K] x [K, N] matmul per iteration, at most ``iters``), starting
-    from p. A column stops when its preconditioned residual falls below 1e-5 of the initial
-    one (float32 CG diverged past convergence without it), and keeps p where the refit is not
-    lower (never worse).
-    Returns (refit [K, N], objective [N]).
-    """
-    keep = (p != 0).astype(jnp.float32)
-    dinv = 1.0 / jnp.diagonal(hd)[:, None]
-    r = keep * jnp.matmul(hd, w - p, precision=_HI)  # minus the masked gradient
-    z = dinv * r
-    rz = jnp.sum(r * z, axis=0, keepdims=True)  # [1, N]: per-column scalars
-    tol = 1e-10 * rz  # squared: relative residual 1e-5
-
-    def step(carry):
-        i, q, r, d, rz, active = carry
-        hd_d = keep * jnp.matmul(hd, d, precision=_HI)
-        dhd = jnp.sum(d * hd_d, axis=0, keepdims=True)
-        active = active & (dhd > 0)
-        alpha = jnp.where(active, rz / jnp.where(active, dhd, 1.0), 0.0)
-        q = q + alpha * d
-        r = r - alpha * hd_d
-        z = dinv * r
-        rz_new = jnp.sum(r * z, axis=0, keepdims=True)
-        active = active & (rz_new > tol)
-        beta = jnp.where(active, rz_new / jnp.where(active, rz, 1.0), 0.0)
-        return i + 1, q, r, jnp.where(active, z + beta * d, 0.0), rz_new, active
-
-    def running(carry):
-        return (carry[0] < iters) & jnp.any(carry[-1])
-
-    _, q, *_ = jax.lax.while_loop(running, step, (jnp.int32(0), p, r, z, rz, rz > 0))
-    before, after = _objective(w, p, hd), _objective(w, q, hd)
-    better = jnp.isfinite(after) & (after < before)
-    return jnp.where(better[None, :], q, p), jnp.where(better, after, before)
-
-
-def _samoyeds_sweeps(w: jax.Array, u: jax.Array, cols: jax.Array, *, pattern: tuple,
-                     pair: bool, sweeps: int) -> jax.Array:
-    """Re-choose the Samoyeds columns slab by slab, the other slabs' choices fixed.
-
-    The greedy pass chooses slab s's columns before the later slabs are pruned, as if their
-    rows could absorb its errors at no cost. Here, for slab s, two passes with every other
-    slab's columns fixed give each column's exact sequential-OBS loss kept at s and pruned at
-    s (columns are independent problems, so one pass prices all of them); every group of m_sel
-    keeps the n_sel with the largest difference (a w1/w3 pair: summed). Each step is an exact
-    coordinate minimisation, so the loss never rises. Returns the new cols [K/v, N].
-    """
-    _, n_sel, m_sel, _ = pattern
-    nb = cols.shape[0]
-
-    def step(i, cols):
-        s = i % nb
-        loss_keep = _obs_pass(w, u, pattern=pattern, block_size=0, pair=pair,
-                              cols=cols.at[s].set(True))[1]
-        loss_drop = _obs_pass(w, u, pattern=pattern, block_size=0, pair=pair,
-                              cols=cols.at[s].set(False))[1]
-        saving = loss_drop - loss_keep
-        if pair:
-            saving = saving[:saving.shape[0] // 2] + saving[saving.shape[0] // 2:]
-        c = top_n_along(saving.reshape(-1, m_sel), n_sel, axis=-1).reshape(-1)
-        return cols.at[s].set(jnp.concatenate([c, c]) if pair else c)
-
-    return jax.lax.fori_loop(0, sweeps * nb, step, cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,27 +207,26 @@ def _magnitude(ws: tuple[jax.Array, ...], pattern: tuple) -> tuple[jax.Array, ..
     return tuple(jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(masks, ws))
 
 
-
-
 @functools.partial(jax.jit, static_argnames=("pattern", "config"))
 def _sparsegpt(ws: tuple[jax.Array, ...], h: jax.Array, keep: jax.Array | None, *,
                pattern: tuple, config: SparseGPTConfig):
     """Prune one matrix, or a w1/w3 pair sharing h, in one program (see ``sparsegpt_prune``)."""
+    choice = MaskChoice() if keep is not None else choice_of(pattern)
     f = _inverse_factor(h.astype(jnp.float32), config.damp)
     fallback = f["zero"] | jnp.logical_not(f["ok"])
 
     def obs(ws):
         live = [jnp.where(f["dead"][:, None], 0.0, w.astype(jnp.float32)) for w in ws]
-        pair = pattern[0] == "samoyeds" and len(ws) == 2
+        pair = choice.shares_choice and len(ws) == 2
         mats = [jnp.concatenate(live, axis=1)] if pair else live
         outs = []
         for w in mats:
-            p, loss, cols = _obs_pass(w, f["u"], pattern=pattern, block_size=config.block_size,
+            p, loss, cols = _obs_pass(w, f["u"], choice=choice, block_size=config.block_size,
                                       pair=pair, keep=keep)
-            if pattern[0] == "samoyeds" and keep is None and config.column_sweeps:
-                cols = _samoyeds_sweeps(w, f["u"], cols, pattern=pattern, pair=pair,
+            if choice.chooses_columns and config.column_sweeps:
+                cols = _samoyeds_sweeps(w, f["u"], cols, choice=choice, pair=pair,
                                         sweeps=config.column_sweeps)
-                p, loss, _ = _obs_pass(w, f["u"], pattern=pattern, block_size=0, pair=pair,
+                p, loss, _ = _obs_pass(w, f["u"], choice=choice, block_size=0, pair=pair,
                                        cols=cols)
             if config.refit_iters:
                 p, loss = _refit(w, f["h"], p, config.refit_iters)
@@ -532,7 +245,7 @@ def _sparsegpt(ws: tuple[jax.Array, ...], h: jax.Array, keep: jax.Array | None, 
             ps = _magnitude(ws, pattern)
         return ps, jnp.zeros((len(ws),), jnp.float32)
 
-    if pattern[0] == "dense" and keep is None:
+    if not choice.prunes:
         ps, loss = tuple(ws), jnp.zeros((len(ws),), jnp.float32)
     else:
         ps, loss = jax.lax.cond(fallback, magnitude, obs, tuple(ws))
