@@ -76,6 +76,8 @@ class PruneConfig:
         else False. Other formats have no column choice to share, so True raises ValueError.
       damp, block_size: method "sparsegpt"'s dampening (fraction of mean(diag H)) and rows per
         lazy-update block (a multiple of m for "nm"; Samoyeds uses v).
+      refit_iters, column_sweeps: method "sparsegpt"'s least-squares refit of the kept weights
+        on the chosen mask and Samoyeds column re-choice sweeps (``sparsegpt.SparseGPTConfig``).
     """
 
     format: Format
@@ -92,6 +94,8 @@ class PruneConfig:
     shared_w1_w3: bool | None = None
     damp: float = 0.01
     block_size: int = 128
+    refit_iters: int = 100
+    column_sweeps: int = 0
 
     def __post_init__(self):
         if self.format not in format_registry.FORMATS:
@@ -108,7 +112,7 @@ class PruneConfig:
             raise ValueError(f"shared_w1_w3=True applies to format='samoyeds' only (the one "
                              f"format with a column choice to share); given format="
                              f"{self.format!r}")
-        self.sparsegpt_config()  # validates damp and block_size
+        self.sparsegpt_config()  # validates damp, block_size, refit_iters, column_sweeps
         if self.method == "sparsegpt" and self.format == "nm" and self.block_size % self.m:
             raise ValueError(f"block_size={self.block_size} must be a multiple of m={self.m} "
                              "(N:M groups may not straddle blocks)")
@@ -154,8 +158,11 @@ class PruneConfig:
         return self.weight_format.pattern_shares_choice
 
     def sparsegpt_config(self):
-        """The ``sparsegpt.SparseGPTConfig`` of this config's damp and block_size."""
-        return sparsegpt.SparseGPTConfig(block_size=self.block_size, damp=self.damp)
+        """The ``sparsegpt.SparseGPTConfig`` of this config's damp, block_size, refit_iters and
+        column_sweeps."""
+        return sparsegpt.SparseGPTConfig(block_size=self.block_size, damp=self.damp,
+                                         refit_iters=self.refit_iters,
+                                         column_sweeps=self.column_sweeps)
 
     def prune(self, w: jax.Array, score: jax.Array | None = None) -> jax.Array:
         """Prune one weight [..., K, N] to this config's pattern (dense out, same dtype).
