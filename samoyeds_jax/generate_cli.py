@@ -409,12 +409,12 @@ def main(argv: list[str] | None = None) -> int:
               f"eviction={oc.eviction}, experts {gen.store.nbytes / 2**20:,.1f} MiB in {where}")
     else:
         gen = Generator(model, sampling=sampling, eos_id=eos, pad_id=0)
-    stream = None
-    if args.stream:
-        def stream(pos: int, tokens: np.ndarray) -> None:
-            print(f"  token {pos}: {tokens.tolist()}", flush=True)
+    def print_tokens(pos: int, tokens: np.ndarray) -> None:
+        print(f"  token {pos}: {tokens.tolist()}", flush=True)
+
     res = gen.generate([ids] * args.batch, max_new_tokens=args.max_new_tokens,
-                       key=jax.random.key(args.seed), stream=stream)
+                       key=jax.random.key(args.seed),
+                       stream=print_tokens if args.stream else None)
 
     for r in range(args.batch):
         out = res.tokens[r, :res.lengths[r]].tolist()

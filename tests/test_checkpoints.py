@@ -360,11 +360,8 @@ def test_tokenizer_or_ids(monkeypatch):
 
 
 def _has_tokenizers() -> bool:
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("tokenizers") is not None
 
 
 def test_cli_generates_the_recorded_tokens_and_keeps_the_conversion(tmp_path, capsys):

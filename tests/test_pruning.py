@@ -184,7 +184,6 @@ def test_unstructured_matches_stable_argsort_with_many_ties(rng):
     # Few distinct (also negative) scores: the threshold value is shared by many entries.
     score = rng.integers(-2, 3, size=(3, 16, 12)).astype(np.float32)
     score[1] = 1.0  # one matrix of all-equal scores
-    w = jnp.ones(score.shape, jnp.float32)
     for sparsity, select in ((0.3, "sort"), (0.5, "sort"), (0.99, "sort"), (0.5, "radix")):
         n_keep = 16 * 12 - round(sparsity * 16 * 12)
         # Large matrices take the radix-select path: run it here on a small one.
