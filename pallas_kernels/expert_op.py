@@ -251,10 +251,13 @@ def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
     for op in ops:
         if (op.supports if prepared else op.prepares)(w1, w3, w2):
             return op
-    raise ValueError(
-        f"no expert implementation of {list(check_implementation(implementation) or DEFAULT_ORDER)}"
-        f" runs {describe_weights(w1, w3, w2)} on platform "
-        f"{platform or backend_lib.platform()!r} (applicable here: {[o.name for o in ops]})")
+    platform = platform or backend_lib.platform()
+    asked = list(check_implementation(implementation) or DEFAULT_ORDER)
+    why = [f"{name}: " + (f"runs {', '.join(get_op(name).formats or ('every format',))}"
+                          if get_op(name) in ops else f"does not run on {platform!r}")
+           for name in asked]
+    raise ValueError(f"no expert implementation of {asked} runs "
+                     f"{describe_weights(w1, w3, w2)} on platform {platform!r} ({'; '.join(why)})")
 
 
 def describe(op: ExpertOp, w1: Any, w3: Any, w2: Any) -> str:

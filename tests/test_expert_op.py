@@ -113,8 +113,11 @@ def test_automatic_choice_and_description():
     sp = expert_op.get_op("mosaic_sparse_mma").prepare(*samoyeds)
     if _available("mosaic_sparse_mma"):
         assert expert_op.resolve("mosaic_sparse_mma", *sp).name == "mosaic_sparse_mma"
-    with pytest.raises(ValueError, match="no expert implementation of \\['triton'\\] runs"):
+    with pytest.raises(ValueError, match="no expert implementation of \\['triton'\\] runs "
+                       ".*triton: runs dense, nm, samoyeds"):
         expert_op.resolve("triton", *sp)
+    with pytest.raises(ValueError, match="unstructured experts .*triton: runs dense, nm, samoyeds"):
+        expert_op.resolve("triton", *unstructured)
 
 
 def test_checks_inputs():
