@@ -75,6 +75,10 @@ class ExpertOp:
                              f"{describe_weights(w1, w3, w2)}")
         return w1, w3, w2
 
+    def accepts(self) -> str:
+        """What weights it runs, in words (for refusals)."""
+        return f"runs {', '.join(self.formats or ('every format',))}"
+
     def expands(self, w1: Any, w3: Any, w2: Any) -> bool:
         """Whether it computes sparse weights as dense (reported by ``describe``)."""
         return self.formats is None and any(_format_name(w) not in (None, "dense")
@@ -253,11 +257,11 @@ def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
             return op
     platform = platform or backend_lib.platform()
     asked = list(check_implementation(implementation) or DEFAULT_ORDER)
-    why = [f"{name}: " + (f"runs {', '.join(get_op(name).formats or ('every format',))}"
-                          if get_op(name) in ops else f"does not run on {platform!r}")
-           for name in asked]
-    raise ValueError(f"no expert implementation of {asked} runs "
-                     f"{describe_weights(w1, w3, w2)} on platform {platform!r} ({'; '.join(why)})")
+    why = [f"{name}: " + (get_op(name).accepts() if get_op(name) in ops
+                          else f"does not run on {platform!r}") for name in asked]
+    dtypes = "/".join(sorted({jnp.dtype(w.dtype).name for w in (w1, w3, w2)}))
+    raise ValueError(f"no expert implementation of {asked} runs {describe_weights(w1, w3, w2)} "
+                     f"in {dtypes} on platform {platform!r} ({'; '.join(why)})")
 
 
 def describe(op: ExpertOp, w1: Any, w3: Any, w2: Any) -> str:

@@ -55,10 +55,13 @@ class _MosaicExperts(ExpertOp):
         if not self.prepares(w1, w3, w2):
             dtypes = sorted({str(jnp.dtype(w.dtype)) for w in (w1, w3, w2)})
             raise ValueError(
-                f"expert implementation {self.name!r} takes 2:4 or Samoyeds experts in "
-                f"{[jnp.dtype(d).name for d in self.dtypes]} that its layout can hold; got "
+                f"expert implementation {self.name!r} {self.accepts()}; got "
                 f"{[_format_name(w) or type(w).__name__ for w in (w1, w3, w2)]} in {dtypes}")
         return tuple(self._convert(w) for w in (w1, w3, w2))
+
+    def accepts(self):
+        return (f"takes 2:4 or Samoyeds experts in {[jnp.dtype(d).name for d in self.dtypes]} "
+                "that its layout can hold")
 
     def _fits(self, w) -> bool:
         """Whether the layout holds ``w`` (its checks run on shapes alone)."""
