@@ -60,8 +60,7 @@ def _with_implementation(model: MoETransformer, implementation: str) -> MoETrans
     arrays, each MoE layer prepared for ``implementation`` (a layout change copies)."""
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)
-    for block in out.layers:
-        block.mlp.prepare(implementation)
+    out.prepare(implementation)
     return out
 
 

@@ -236,7 +236,8 @@ def candidates(implementation: Implementation, platform: str | None = None) -> l
     platform = platform or backend_lib.platform()
     if names is None:
         names = DEFAULT_ORDER if platform == "gpu" else ("xla",)
-    return [get_op(n) for n in names if get_op(n).supported_on(platform) or
+    ops = [get_op(n) for n in names]
+    return [op for op in ops if op.supported_on(platform) or
             (implementation is not None and backend_lib.interpret_mode())]
 
 
@@ -248,14 +249,14 @@ def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
 
     Raises ValueError when none applies, naming what was asked and what the weights are.
     """
+    platform = platform or backend_lib.platform()
     ops = candidates(implementation, platform)
     if implementation is None and prepared:  # weights some op prepared run on that op
         ops += [op for op in IMPLEMENTATIONS.values()
-                if op not in ops and op.supported_on(platform or backend_lib.platform())]
+                if op not in ops and op.supported_on(platform)]
     for op in ops:
         if (op.supports if prepared else op.prepares)(w1, w3, w2):
             return op
-    platform = platform or backend_lib.platform()
     asked = list(check_implementation(implementation) or DEFAULT_ORDER)
     why = [f"{name}: " + (get_op(name).accepts() if get_op(name) in ops
                           else f"does not run on {platform!r}") for name in asked]

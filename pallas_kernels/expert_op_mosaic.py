@@ -29,7 +29,6 @@ from pallas_kernels.transposed_format import TransposedSparse
 
 @dataclasses.dataclass(frozen=True)
 class _MosaicExperts(ExpertOp):
-    platforms: ClassVar[tuple[str, ...] | None] = ("gpu",)
     formats: ClassVar[tuple[str, ...] | None] = ("nm", "samoyeds")  # once in its layout
     layout: ClassVar[type] = object
     dtypes: ClassVar[tuple[Any, ...]] = (jnp.bfloat16,)

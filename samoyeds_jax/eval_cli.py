@@ -194,8 +194,7 @@ def _load(args, info: dict[str, Any]):
         model, _ = hf_import.load_hf_checkpoint(
             args.checkpoint, dtype=args.dtype, expert_format=args.expert_format,
             pregate=args.pregate or info["pregate"])
-    for block in model.layers:
-        block.mlp.prepare(None if args.implementation == "auto" else args.implementation)
+    model.prepare(None if args.implementation == "auto" else args.implementation)
     return model
 
 

@@ -367,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = _check(args, given)
     model, desc = _load_model(args, plan)
     tokenizer, ids = plan.tokenizer, plan.ids
-    implementation = implementation_for(args)
-    for block in model.layers:
-        block.mlp.prepare(implementation)
+    model.prepare(implementation_for(args))
     cfg = model.config
     vocab = cfg.vocab_size
     eos = None if args.no_eos else (args.eos_id if args.eos_id is not None else cfg.eos_token_id)

@@ -376,6 +376,15 @@ class MoETransformer(nnx.Module):
             return logits, cache, RouterLogits(gate=tuple(gates), pregate=tuple(pregates))
         return logits, cache
 
+    def prepare(self, implementation: ExpertImplementation = None) -> str:
+        """``MoE.prepare`` for every block: the expert implementation chosen and the weights put
+        in its layout once, in place; ``config.moe.implementation`` becomes the chosen name.
+        Returns the first block's ``MoE.implementation()``."""
+        described = [block.mlp.prepare(implementation) for block in self.layers]
+        self.config = self.config.replace(
+            moe=dict(implementation=self.layers[0].mlp.config.implementation))
+        return described[0]
+
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: ``[..., d]`` -> float32 logits ``[..., v]``."""
         x = self.norm(x)
