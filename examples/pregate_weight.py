@@ -3,11 +3,18 @@
     python examples/pregate_weight.py --model samoyeds_jax/assets/shakespeare-moe \
         --corpus data/shakespeare --weights 1 5 25 100 --out benchmarks/pregate_weight.json
 
-For each weight: the model is fine-tuned in speculative mode (its own gates decide, so the
-pre-gates do not change what it computes) with distillation from the unchanged model plus
-``weight * KL(next gate || pre-gate)``, whose gradient also reaches the hidden states the
-pre-gates read. Reported: validation bits/byte (paired against the unchanged model) and the
-exact top-k / pair recall of the pre-gates.
+For each weight and each gate-agreement weight ``a``: the model is fine-tuned in speculative
+mode (its own gates decide, so the pre-gates do not change what it computes) with distillation
+from the unchanged model plus ``weight * KL(next gate || pre-gate)``, whose gradient also reaches
+the hidden states the pre-gates read, plus ``a * KL(pre-gate || next gate)``, which moves each
+gate toward what the pre-gate predicts (``TrainConfig.gate_agreement_coef``). Reported:
+validation bits/byte (paired against the unchanged model) in speculative mode and, with the same
+weights, in pregated mode (the pre-gates route), and the exact top-k / pair recall of the
+pre-gates.
+
+    python examples/pregate_weight.py --model samoyeds_jax/assets/shakespeare-moe \
+        --corpus data/shakespeare --weights 5 --agreement 0 1 5 \
+        --out benchmarks/pregate_agreement.json
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 5.0, 25.0, 100.0])
+    p.add_argument("--agreement", type=float, nargs="+", default=[0.0],
+                   help="gate-agreement weights (TrainConfig.gate_agreement_coef)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -32,13 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from samoyeds_jax import bpe_tokenizer, compress, corpus
-    from samoyeds_jax import train as train_lib
+    from samoyeds_jax import bpe_tokenizer, corpus
     from samoyeds_jax.checkpoints import load_tokenizer
+    from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, text_streams
     from samoyeds_jax.hf_import import load_hf_checkpoint
-    from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
-                                       text_streams)
-    from samoyeds_jax.pregate_eval import pregate_recall
 
     tokenizer = load_tokenizer(args.model)
     train_texts, val_texts = corpus.split_texts(corpus.read_texts(args.corpus))
@@ -51,25 +57,46 @@ def main(argv=None) -> int:
     results = {"dense_bits_per_byte": base.bits_per_byte, "steps": args.steps,
                "batch": args.batch, "lr": args.lr, "runs": []}
     for weight in args.weights:
-        model, _ = load_hf_checkpoint(args.model, dtype="float32", pregate="speculative")
-        cfg = train_lib.TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=256,
-                                    learning_rate=args.lr, warmup_steps=max(args.steps // 10, 1),
-                                    distill_weight=1.0, pregate_coef=weight, seed=1)
-        start = time.perf_counter()
-        tuned = compress.recover(model, train_ids, cfg, teacher=dense, progress=False).model
-        r = evaluate_streams(tuned, streams, config=ecfg)
-        rec = pregate_recall(tuned, tokens, config=ecfg)
-        run = {"weight": weight, "bits_per_byte": r.bits_per_byte,
-               "vs_dense": paired_difference(r, base), "exact_match": rec.exact_match,
-               "pair_recall": rec.pair_recall, "seconds": time.perf_counter() - start}
-        results["runs"].append(run)
-        print(f"weight {weight:g}: {r.bits_per_byte:.4f} bits/byte, exact top-k "
-              f"{rec.exact_match:.3f}, pair recall {rec.pair_recall:.3f}", flush=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.out)
+        for agreement in args.agreement:
+            run = _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base)
+            results["runs"].append(run)
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(tmp, args.out)
     return 0
+
+
+def _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base):
+    from flax import nnx
+
+    from samoyeds_jax import compress
+    from samoyeds_jax import train as train_lib
+    from samoyeds_jax.evaluate import evaluate_streams, paired_difference
+    from samoyeds_jax.hf_import import load_hf_checkpoint
+    from samoyeds_jax.pregate_eval import pregate_recall
+
+    model, _ = load_hf_checkpoint(args.model, dtype="float32", pregate="speculative")
+    cfg = train_lib.TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=256,
+                                learning_rate=args.lr, warmup_steps=max(args.steps // 10, 1),
+                                distill_weight=1.0, pregate_coef=weight,
+                                gate_agreement_coef=agreement, seed=1)
+    start = time.perf_counter()
+    tuned = compress.recover(model, train_ids, cfg, teacher=dense, progress=False).model
+    r = evaluate_streams(tuned, streams, config=ecfg)
+    rec = pregate_recall(tuned, tokens, config=ecfg)
+    pregated, _ = load_hf_checkpoint(args.model, dtype="float32", pregate="pregated")
+    nnx.update(pregated, nnx.state(tuned, nnx.Param))
+    rp = evaluate_streams(pregated, streams, config=ecfg)
+    run = {"weight": weight, "gate_agreement": agreement, "bits_per_byte": r.bits_per_byte,
+           "vs_dense": paired_difference(r, base), "pregated_bits_per_byte": rp.bits_per_byte,
+           "pregated_vs_speculative": paired_difference(rp, r),
+           "exact_match": rec.exact_match, "pair_recall": rec.pair_recall,
+           "seconds": time.perf_counter() - start}
+    print(f"weight {weight:g}, agreement {agreement:g}: {r.bits_per_byte:.4f} bits/byte "
+          f"(pregated {rp.bits_per_byte:.4f}), exact top-k {rec.exact_match:.3f}, pair recall "
+          f"{rec.pair_recall:.3f}", flush=True)
+    return run
 
 
 if __name__ == "__main__":

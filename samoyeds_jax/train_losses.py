@@ -30,21 +30,24 @@ def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> ja
 
 
 def router_losses(model: MoETransformer, router_logits) -> dict[str, jax.Array]:
-    """Load-balancing, z-loss and pre-gate KL averaged over blocks (float32 scalars)."""
+    """Load-balancing, z-loss, pre-gate KL and gate agreement averaged over blocks (float32
+    scalars)."""
     moe = model.config.moe
     lb, z = [], []
     for logits in router_logits.gate:
         routing = route_logits(logits, top_k=moe.top_k, norm=moe.router_norm)
         lb.append(load_balancing_loss(routing, moe.num_experts))
         z.append(router_z_loss(routing))
-    pre = []
+    pre, agree = [], []
     for i, p in enumerate(router_logits.pregate):
         if p is not None and i + 1 < len(router_logits.gate):
-            target = jax.lax.stop_gradient(router_logits.gate[i + 1])
-            pre.append(distill_kl(p, target, 1.0))
+            gate = router_logits.gate[i + 1]
+            pre.append(distill_kl(p, jax.lax.stop_gradient(gate), 1.0))
+            agree.append(distill_kl(gate, jax.lax.stop_gradient(p), 1.0))
     zero = jnp.zeros((), jnp.float32)
     return {"load_balance": jnp.mean(jnp.stack(lb)), "z_loss": jnp.mean(jnp.stack(z)),
-            "pregate_kl": jnp.mean(jnp.stack(pre)) if pre else zero}
+            "pregate_kl": jnp.mean(jnp.stack(pre)) if pre else zero,
+            "gate_agreement": jnp.mean(jnp.stack(agree)) if agree else zero}
 
 
 def _losses(model: MoETransformer, windows: jax.Array, train: TrainConfig,
@@ -58,5 +61,6 @@ def _losses(model: MoETransformer, windows: jax.Array, train: TrainConfig,
         parts["distill"] = distill_kl(logits, teacher_logits, train.distill_temperature)
         loss = (1 - train.distill_weight) * loss + train.distill_weight * parts["distill"]
     loss = (loss + train.aux_loss_coef * parts["load_balance"] + train.z_loss_coef * parts["z_loss"]
-            + train.pregate_coef * parts["pregate_kl"])
+            + train.pregate_coef * parts["pregate_kl"]
+            + train.gate_agreement_coef * parts["gate_agreement"])
     return loss, parts

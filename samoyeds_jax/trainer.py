@@ -48,7 +48,7 @@ def _update(params, opt_state, rest, windows, teacher_state, masks, *, graphdef,
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
     zeros_l = {k: jnp.zeros((), jnp.float32) for k in
-               ("loss", "ce", "load_balance", "z_loss", "pregate_kl", "distill")}
+               ("loss", "ce", "load_balance", "z_loss", "pregate_kl", "gate_agreement", "distill")}
     (grads, losses), _ = jax.lax.scan(micro_grads, (zeros_g, zeros_l), micro)
     scale = 1.0 / train.grad_accum
     grads = jax.tree.map(lambda g: g * scale, grads)

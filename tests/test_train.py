@@ -13,7 +13,7 @@ from flax import nnx
 from samoyeds_jax import train as T
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.train_data import sample_windows
-from samoyeds_jax.train_losses import _losses, distill_kl
+from samoyeds_jax.train_losses import _losses, distill_kl, router_losses
 from samoyeds_jax.train_optim import sparsity_masks
 from samoyeds_jax.trainer import Trainer
 
@@ -119,6 +119,41 @@ def test_pregate_loss_trains_pregates():
     assert result.history[-1]["pregate_kl"] > 0
     after = np.asarray(result.model.layers[0].mlp.pregate.kernel.get_value())
     assert not np.allclose(before, after)
+
+
+@pytest.mark.parametrize("term,moves,stays", [
+    ("pregate_kl", ("layers", 0, "mlp", "pregate"), ("layers", 1, "mlp", "gate")),
+    ("gate_agreement", ("layers", 1, "mlp", "gate"), ("layers", 0, "mlp", "pregate")),
+])
+def test_pregate_terms_differentiate_one_side(term, moves, stays):
+    """pregate_kl fits the pre-gate to the next gate; gate_agreement the next gate to the
+    pre-gate: each differentiates its own side only."""
+    model = MoETransformer(_config(pregate="speculative"), rngs=nnx.Rngs(0))
+    windows = jnp.asarray(_tokens()[:2 * 17].reshape(2, 17))
+
+    def loss(m):
+        _, _, rl = m(windows[:, :-1], return_router_logits=True)
+        return router_losses(m, rl)[term]
+
+    grads = nnx.grad(loss)(model)
+
+    def kernel_grad(path):
+        node = grads
+        for key in path:
+            node = node[key]
+        return np.asarray(node["kernel"].get_value())
+
+    assert float(loss(model)) > 0
+    assert np.abs(kernel_grad(moves)).max() > 0
+    np.testing.assert_array_equal(kernel_grad(stays), 0.0)
+
+
+def test_gate_agreement_coef_enters_the_loss():
+    model = MoETransformer(_config(pregate="speculative"), rngs=nnx.Rngs(0))
+    result = T.train(model, _tokens(), _small(steps=2, gate_agreement_coef=1.0), progress=False)
+    assert result.history[-1]["gate_agreement"] > 0
+    with pytest.raises(ValueError, match="gate_agreement_coef must be >= 0"):
+        _small(steps=2, gate_agreement_coef=-1.0)
 
 
 @jax.default_matmul_precision("highest")
