@@ -2,7 +2,7 @@
 
 For each MoE weight shape and token count: XLA ``jnp.dot`` on the same pruned dense
 weight (the baseline, same run), the Pallas kernels in one or several tilings, the
-"dense" method (one Pallas expansion kernel, then ``jnp.dot``), and torch's 2:4 (cuSPARSELt) when
+"densify" method (one Pallas expansion kernel, then ``jnp.dot``), and torch's 2:4 (cuSPARSELt) when
 torch is importable. Every op is timed inside one jitted ``fori_loop`` whose body calls
 it on several weight copies (rotating past the 50 MB L2); medians of repeats. The
 measured device copy rate (read + write of a 1 GiB array) turns the compressed bytes
@@ -79,12 +79,12 @@ MID_VARIANTS = {  # t = 256: between memory and arithmetic bound
     "wx_t64n128k128_sp": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=S,
                            order="wx"),
     "xw_t64n128k128_ex": C(block_t=64, block_n=128, block_k=128, num_stages=3, load=E),
-    "dense": C(method="dense"),
+    "densify": C(method="densify"),
 }
 LARGE_VARIANTS = {
     "xw_t128n128k64_ex_w8": C(block_t=128, block_n=128, block_k=64, num_warps=8,
                               num_stages=3, load=E),
-    "dense": C(method="dense"),
+    "densify": C(method="densify"),
 }
 
 
@@ -448,7 +448,7 @@ def write_markdown(result: dict, path: str, command: str) -> None:
         "L2; the dense baseline is XLA `jnp.dot` on the same pruned weight in the same run. "
         "`%copy` = compressed bytes (values + meta (+ sel) + x + y) / time / copy rate. Each "
         "cell shows the fastest tiling of the sweep (the one the tuner writes to "
-        "`pallas_kernels/tuning/configs/`); `dense` = one Pallas expansion kernel + XLA dot.",
+        "`pallas_kernels/tuning/configs/`); `densify` = one Pallas expansion kernel + XLA dot.",
         "",
         "| shape | t | XLA dense us | 2:4 us | 2:4 x dense | 2:4 %copy | 2:4 tiling | "
         "Samoyeds us | Samoyeds x dense | Samoyeds %copy | Samoyeds tiling | torch 2:4 x torch dense |",

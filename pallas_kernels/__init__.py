@@ -3,7 +3,7 @@
 Pure array functions; no Flax, and never an import of ``samoyeds_jax``.
 """
 
-from pallas_kernels.backend import Backend, interpret_mode, resolve_backend
+from pallas_kernels.backend import interpret_mode
 from pallas_kernels.checks import checked, checking
 from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, nm_k_multiple,
                                     pack_meta, unpack_meta)
@@ -11,6 +11,7 @@ from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, nm_k_
 from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
                                         mgpu_grouped_matmul_reference, mgpu_matmul_reference)
 from pallas_kernels.expert_op import ExpertOp, plan_for, resolve
+from pallas_kernels.linear_op import LinearOp, linear
 from pallas_kernels.mgpu_moe import moe_ffn_mgpu
 from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_reference
 # ``nm_matmul`` the function stays in its module: a package attribute of the same name would
@@ -24,7 +25,7 @@ from pallas_kernels.unstructured import (UnstructuredConfig, unstructured_matmul
                                          unstructured_matmul_reference)
 
 __all__ = [
-    "Backend", "interpret_mode", "resolve_backend",
+    "interpret_mode",
     "checked", "checking",
     "NM_PATTERNS", "NMSparse", "SamoyedsSparse", "nm_k_multiple", "pack_meta", "unpack_meta",
     "TiledBitmap", "TiledSparse", "TransposedSparse",
@@ -32,6 +33,7 @@ __all__ = [
     "SparseMatmulConfig", "samoyeds_matmul", "samoyeds_matmul_reference",
     "UnstructuredConfig", "unstructured_matmul", "unstructured_matmul_reference",
     "ExpertOp", "plan_for", "resolve",
+    "LinearOp", "linear",
     "moe_ffn", "moe_ffn_reference",
     "MgpuMatmulConfig", "mgpu_matmul_reference", "mgpu_grouped_matmul",
     "mgpu_grouped_matmul_reference", "moe_ffn_mgpu",

@@ -1,23 +1,15 @@
-"""Which Pallas backend runs a kernel, and whether it runs in interpret mode.
+"""The platform this process computes on, and whether Pallas kernels run in interpret mode.
 
-Kernels take ``backend: Backend | None``. ``None`` picks by device:
-
-* GPU (Ampere, Hopper): ``"triton"`` unless a kernel states that its Mosaic GPU
-    variant is faster for the shape (Hopper only).
-* CPU: ``"triton"`` in Pallas interpret mode, so the kernel body itself is tested.
-
-``"xla"`` always means the pure-jnp reference path (no Pallas).
+Which implementation computes an op is chosen by the op registries (``expert_op``,
+``linear_op``); off a GPU the Pallas kernels run in interpret mode, so their bodies are tested
+on a CPU.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
-
-Backend = Literal["xla", "triton", "mosaic_gpu"]
-BACKENDS: tuple[str, ...] = ("xla", "triton", "mosaic_gpu")
 
 
 def platform() -> str:
@@ -43,16 +35,3 @@ def is_hopper() -> bool:
         return False
     cc = getattr(jax.devices()[0], "compute_capability", "")
     return str(cc).startswith("9")
-
-
-def resolve_backend(backend: str | None) -> Backend:
-    """Validate ``backend`` or pick the default for this device."""
-    if backend is None:
-        return "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "mosaic_gpu" and interpret_mode():
-        raise ValueError(
-            "backend='mosaic_gpu' needs a Hopper GPU; this process has platform "
-            f"{platform()!r}. Use backend='triton' (interpret mode on CPU) or 'xla'.")
-    return backend  # type: ignore[return-value]

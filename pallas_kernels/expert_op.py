@@ -29,16 +29,16 @@ and call ``op(x, plan, w1, w3, w2)`` (``samoyeds_jax.moe.expert_ffn`` does, for 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import backend as backend_lib
 from pallas_kernels.checks import expect_kind
-from pallas_kernels.format_registry import as_dense, format_of
+from pallas_kernels import op_registry
+from pallas_kernels.format_registry import as_dense, format_name as _format_name
+from pallas_kernels.op_registry import OpRegistry
 from pallas_kernels.routing_plan import RoutingPlan
 
 
@@ -127,14 +127,8 @@ def check_inputs(x: Any, plan: Any, w1: Any, w3: Any, w2: Any) -> None:
         raise ValueError(f"w2 must be [e={e}, f={f}, d={d}], got {s2}")
 
 
-def _format_name(w: Any) -> str | None:
-    try:
-        return format_of(w).name
-    except TypeError:
-        return None
-
-
 def describe_weights(w1: Any, w3: Any, w2: Any) -> str:
+    """The expert stacks in words: ``"nm experts"``, or each one's kind when they differ."""
     names = [_format_name(w) or type(w).__name__ for w in (w1, w3, w2)]
     return (f"{names[0]} experts" if len(set(names)) == 1
             else f"experts of mixed kinds (w1 {names[0]}, w3 {names[1]}, w2 {names[2]})")
@@ -189,56 +183,35 @@ class AllExperts(ExpertOp):
 
 # ----------------------------------------------------------------------------- registry
 
-IMPLEMENTATIONS: dict[str, ExpertOp] = {}
 # The automatic choice on a GPU, fastest first (benchmarks/moe.md). Weights already in an op's
 # layout (``prepare``) run on that op whatever the order. ``mosaic_expand``
 # and ``all_experts`` are chosen by name only. Off a GPU the automatic choice is ``xla``.
 DEFAULT_ORDER = ("mosaic_sparse_mma", "triton", "xla")
+REGISTRY = OpRegistry("expert implementation", DEFAULT_ORDER,
+                      ("expert_op_triton", "expert_op_mosaic"), describe_weights)
+IMPLEMENTATIONS: dict[str, ExpertOp] = REGISTRY.ops
+Implementation = op_registry.Implementation
 
 
 def register(op: ExpertOp) -> ExpertOp:
     """Add an implementation (its name in ``DEFAULT_ORDER`` makes it an automatic choice)."""
-    if op.name in IMPLEMENTATIONS:
-        raise ValueError(f"expert implementation {op.name!r} is already registered")
-    IMPLEMENTATIONS[op.name] = op
-    return op
+    return REGISTRY.register(op)
 
 
 def get_op(name: Any) -> ExpertOp:
-    _load_builtin()
-    if not isinstance(name, str) or name not in IMPLEMENTATIONS:
-        raise ValueError(f"expert implementation must be one of {sorted(IMPLEMENTATIONS)}, "
-                         f"got {name!r}")
-    return IMPLEMENTATIONS[name]
-
-
-Implementation = str | Sequence[str] | None
+    """The implementation registered under ``name``."""
+    return REGISTRY.get_op(name)
 
 
 def check_implementation(implementation: Any) -> tuple[str, ...] | None:
     """The names of ``implementation`` (a name, a non-empty sequence of names, or None), each
     checked; ValueError names the bad one."""
-    if implementation is None:
-        return None
-    names = (implementation,) if isinstance(implementation, str) else implementation
-    if not isinstance(names, (tuple, list)) or not names:
-        raise ValueError(f"implementation must be a name, a non-empty sequence of names or None, "
-                         f"got {implementation!r}")
-    for name in names:
-        get_op(name)
-    return tuple(names)
+    return REGISTRY.check_implementation(implementation)
 
 
 def candidates(implementation: Implementation, platform: str | None = None) -> list[ExpertOp]:
     """The ops ``implementation`` allows on ``platform`` (default: this process's), in order."""
-    _load_builtin()
-    names = check_implementation(implementation)
-    platform = platform or backend_lib.platform()
-    if names is None:
-        names = DEFAULT_ORDER if platform == "gpu" else ("xla",)
-    ops = [get_op(n) for n in names]
-    return [op for op in ops if op.supported_on(platform) or
-            (implementation is not None and backend_lib.interpret_mode())]
+    return REGISTRY.candidates(implementation, platform)
 
 
 def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
@@ -249,37 +222,18 @@ def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
 
     Raises ValueError when none applies, naming what was asked and what the weights are.
     """
-    platform = platform or backend_lib.platform()
-    ops = candidates(implementation, platform)
-    if implementation is None and prepared:  # weights some op prepared run on that op
-        ops += [op for op in IMPLEMENTATIONS.values()
-                if op not in ops and op.supported_on(platform)]
-    for op in ops:
-        if (op.supports if prepared else op.prepares)(w1, w3, w2):
-            return op
-    asked = list(check_implementation(implementation) or DEFAULT_ORDER)
-    why = [f"{name}: " + (get_op(name).accepts() if get_op(name) in ops
-                          else f"does not run on {platform!r}") for name in asked]
-    dtypes = "/".join(sorted({jnp.dtype(w.dtype).name for w in (w1, w3, w2)}))
-    raise ValueError(f"no expert implementation of {asked} runs {describe_weights(w1, w3, w2)} "
-                     f"in {dtypes} on platform {platform!r} ({'; '.join(why)})")
+    return REGISTRY.resolve(implementation, w1, w3, w2, platform=platform, prepared=prepared)
 
 
 def describe(op: ExpertOp, w1: Any, w3: Any, w2: Any) -> str:
     """``op.name``, and what it does with these weights when it expands them or runs without a
     GPU."""
-    notes = []
-    if op.expands(w1, w3, w2):
-        notes.append(f"{describe_weights(w1, w3, w2)} expanded to dense")
-    if op.off_gpu and backend_lib.interpret_mode():
-        notes.append(op.off_gpu)
-    return f"{op.name} ({'; '.join(notes)})" if notes else op.name
+    return REGISTRY.describe(op, w1, w3, w2)
 
 
 def implementation_names() -> tuple[str, ...]:
     """The registered implementation names."""
-    _load_builtin()
-    return tuple(IMPLEMENTATIONS)
+    return REGISTRY.implementation_names()
 
 
 def plan_for(op: ExpertOp, topk_idx: jax.Array, topk_weights: jax.Array, *,
@@ -288,19 +242,6 @@ def plan_for(op: ExpertOp, topk_idx: jax.Array, topk_weights: jax.Array, *,
     t, k = topk_idx.shape
     return RoutingPlan.build(topk_idx, topk_weights, num_experts=num_experts,
                              block_t=op.block_t(t, k, num_experts))
-
-
-_LOADED = False
-
-
-def _load_builtin() -> None:
-    """Register the built-in implementations (the kernel modules import on first use)."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for module in ("expert_op_triton", "expert_op_mosaic"):  # each registers its ops
-        importlib.import_module(f"pallas_kernels.{module}")
 
 
 register(ExpertOp())

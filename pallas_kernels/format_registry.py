@@ -399,3 +399,12 @@ def format_of(w: Any) -> WeightFormat:
     known = [c.__name__ for f in FORMATS.values() for c in f.classes]
     raise TypeError(f"expected an array or a weight of a registered format ({', '.join(known)}), "
                     f"got {type(w).__name__}")
+
+
+def format_name(w: Any) -> str | None:
+    """The name of ``w``'s registered format (``"dense"`` for an array), or None for anything
+    else (kernel layouts such as ``TransposedSparse`` included)."""
+    try:
+        return format_of(w).name
+    except TypeError:
+        return None

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
 
@@ -174,9 +175,10 @@ def split_sum(parts: jax.Array, *, paired: bool) -> jax.Array:
 
 def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
                    block_t: int) -> int:
-    if not isinstance(w, TransposedSparse) or w.values.ndim != 4:
-        raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got "
-                         f"{type(w).__name__} of shape {getattr(w, 'shape', None)}")
+    expect_kind("w", w, TransposedSparse, "a TransposedSparse expert stack [e, K, N]")
+    if w.values.ndim != 4:
+        raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got dense "
+                         f"shape {w.shape}")
     if block_t % 8 or not 8 <= block_t <= 128:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
     if x.ndim != 2 or x.shape[1] != w.k or x.shape[0] % block_t:
@@ -221,8 +223,8 @@ def sm_count() -> int:
 
 
 def _check(x: jax.Array, w: TransposedSparse) -> None:
-    if not isinstance(w, TransposedSparse):
-        raise ValueError(f"w must be a TransposedSparse, got {type(w).__name__}")
+    expect_kind("w", w, TransposedSparse,
+                "a TransposedSparse (TransposedSparse.from_nm / from_samoyeds convert)")
     if w.values.ndim != 3:
         raise ValueError(f"w must be one matrix (no leading dims), got dense shape {w.shape}")
     if x.ndim != 2 or x.shape[1] != w.k:

@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
                                         mgpu_grouped_matmul_reference)
 from pallas_kernels.routing_plan import RoutingPlan
@@ -30,6 +31,9 @@ from pallas_kernels.sparse_mma_matmul import (WgmmaSpConfig, wgmma_sp_grouped_ma
 from pallas_kernels.transposed_format import TransposedSparse
 
 HopperExperts = TransposedSparse | WgmmaSparseA
+# Each layout's grouped product: (the Mosaic GPU kernel, its jnp reference).
+_GROUPED = {TransposedSparse: (mgpu_grouped_matmul, mgpu_grouped_matmul_reference),
+            WgmmaSparseA: (wgmma_sp_grouped_matmul, wgmma_sp_grouped_matmul_reference)}
 
 
 def used_tiles(plan: RoutingPlan) -> int:
@@ -51,13 +55,14 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     """
     kind = type(w1)
     for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-        if not isinstance(w, (TransposedSparse, WgmmaSparseA)) or type(w) is not kind:
+        expect_kind(name, w, tuple(_GROUPED), "a TransposedSparse or WgmmaSparseA expert stack")
+        if type(w) is not kind:
             raise ValueError(f"w1, w3 and w2 must be all TransposedSparse or all WgmmaSparseA "
                              f"stacks, got {name} {type(w).__name__} with w1 {kind.__name__}")
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
     if matmul is None:
-        matmul = wgmma_sp_grouped_matmul if kind is WgmmaSparseA else mgpu_grouped_matmul
+        matmul = _GROUPED[kind][0]
     t, d = x.shape
     k, bt = plan.top_k, plan.block_t
     n = used_tiles(plan)
@@ -84,6 +89,5 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
 
 def moe_ffn_mgpu_emulated(x, plan, w1, w3, w2, *, config=None) -> jax.Array:
     """``moe_ffn_mgpu`` with the grouped kernel replaced by its jnp reference (any host)."""
-    ref = (wgmma_sp_grouped_matmul_reference if isinstance(w1, WgmmaSparseA)
-           else mgpu_grouped_matmul_reference)
+    ref = _GROUPED[type(w1)][1] if type(w1) in _GROUPED else None
     return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config, matmul=ref)

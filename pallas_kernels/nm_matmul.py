@@ -5,7 +5,7 @@ and meta (2:4 bf16 moves 0.5625 of the dense bytes, Samoyeds 1:2:128 + 2:4 about
 expand each tile in registers (``pallas_kernels.decompress``) and multiply on tensor cores
 with f32 accumulation. Skinny matmuls (decode) are bound by memory, so fewer bytes is
 the whole speed-up there. For many tokens the product is bound by arithmetic; then a
-config picks ``method="dense"``: expand the weight with one memory-bound kernel (Pallas
+config picks ``method="densify"``: expand the weight with one memory-bound kernel (Pallas
 ``expand_nm_pallas`` for N:M, XLA's fusion of ``SamoyedsSparse.to_dense`` for Samoyeds: the
 faster of each on an H100) and call XLA's ``jnp.dot`` (measured faster than the fused kernel from ~256
 tokens on an H100; see benchmarks/sparse_matmul.md).
@@ -37,7 +37,7 @@ from pallas_kernels.launch import launch
 from pallas_kernels.nm_kernels import _expand_nm_kernel, _nm_matmul_kernel, _samoyeds_matmul_kernel
 from pallas_kernels.nm_matmul_checks import _check_nm, _check_samoyeds, _check_x, _out_dtype
 
-Method = Literal["pallas", "dense"]
+Method = Literal["pallas", "densify"]
 # How a kernel fetches the strided x columns and the per-group meta words of a tile:
 # "gather" = index-vector loads (strided x columns, one meta word load per group);
 # "split" = contiguous loads, then reshape/split/broadcast in registers; "expand" = the
@@ -57,7 +57,7 @@ class SparseMatmulConfig:
     """Tiling of one sparse matmul launch.
 
     Attributes:
-      method: "pallas" runs the kernel; "dense" expands W with XLA and calls ``jnp.dot``
+      method: "pallas" runs the kernel; "densify" expands W and calls ``jnp.dot``
         (wins only when the product is bound by arithmetic, i.e. many tokens).
       block_t: token rows per program (power of two >= 16).
       block_n: output columns per program; for Samoyeds, compressed columns (power of two
@@ -112,7 +112,7 @@ def heuristic_config(t: int, k: int, n_cols: int) -> SparseMatmulConfig:
         return SparseMatmulConfig(block_t=max(16, _next_pow2(t)), block_n=block_n,
                                   block_k=block_k, split_k=split_k, num_warps=4, num_stages=3,
                                   load="split")
-    return SparseMatmulConfig(method="dense")
+    return SparseMatmulConfig(method="densify")
 
 
 def pick_config(op: str, t: int, k: int, n_out: int, n_cols: int) -> SparseMatmulConfig:
@@ -140,8 +140,8 @@ def _fit(cfg: SparseMatmulConfig, *, t: int, k: int, n_cols: int, min_block_k: i
 
 
 def _check_config(cfg: SparseMatmulConfig) -> None:
-    if cfg.method not in ("pallas", "dense"):
-        raise ValueError(f"config.method must be 'pallas' or 'dense', got {cfg.method!r}")
+    if cfg.method not in ("pallas", "densify"):
+        raise ValueError(f"config.method must be 'pallas' or 'densify', got {cfg.method!r}")
     for name in ("block_t", "block_n", "block_k"):
         val = getattr(cfg, name)
         if not _pow2(val) or val < _MIN_DOT:
@@ -161,7 +161,7 @@ def _check_config(cfg: SparseMatmulConfig) -> None:
 
 def expand_nm_pallas(values: jax.Array, meta: jax.Array, *, n: int, m: int,
                      block_k: int = 256, block_n: int = 128) -> jax.Array:
-    """Dense [K, N] from NMSparse arrays with one memory-bound Pallas kernel (the "dense"
+    """Dense [K, N] from NMSparse arrays with one memory-bound Pallas kernel (the "densify"
     method: reads the compressed bytes once, writes the dense bytes once)."""
     kc, n_cols = values.shape
     k = kc * m // n
@@ -209,7 +209,6 @@ def nm_matmul(
     w: Any,
     *,
     config: SparseMatmulConfig | None = None,
-    backend: backend_lib.Backend | None = None,
     out_dtype: Any = None,
     _poison_output: bool = False,
 ) -> jax.Array:
@@ -220,30 +219,21 @@ def nm_matmul(
       w: ``formats.NMSparse`` with dense shape [K, N], same dtype as x, no leading dims.
       config: tiling; None picks a tuned config for this device and token count, else a
         heuristic (``pick_config``).
-      backend: "triton" (default; interpret mode on CPU) or "xla" (the reference).
       out_dtype: output dtype (default x.dtype).
 
     Returns:
       [t, N] in ``out_dtype``, accumulated in float32.
     """
-    backend = backend_lib.resolve_backend(backend)
     n, m, k, n_cols = _check_nm(w)
     _check_x(x, w, k, "nm_matmul")
     out_dt = _out_dtype(x, out_dtype)
     t = x.shape[0]
-    if backend == "xla":
-        return nm_matmul_reference(x, w, out_dtype=out_dt)
-    if backend == "mosaic_gpu":
-        raise ValueError(
-            "nm_matmul reads NMSparse with backend 'triton' or 'xla'; the Mosaic GPU (Hopper) "
-            "kernel reads its own layout: convert once with TransposedSparse.from_nm(w) and "
-            "call pallas_kernels.mgpu_matmul.mgpu_matmul")
     if t == 0:
         return jnp.zeros((0, n_cols), out_dt)
     op = f"nm_matmul_{n}of{m}"
     cfg = config if config is not None else pick_config(op, t, k, n_cols, n_cols)
     _check_config(cfg)
-    if cfg.method == "dense":
+    if cfg.method == "densify":
         return _dense_product(x, expand_nm_pallas(w.values, w.meta, n=n, m=m), out_dt)
     per_word = decompress.meta_per_word(m)
     min_block_k = max(_MIN_DOT * m, per_word * m // n)
@@ -264,7 +254,6 @@ def samoyeds_matmul(
     w: Any,
     *,
     config: SparseMatmulConfig | None = None,
-    backend: backend_lib.Backend | None = None,
     out_dtype: Any = None,
     _poison_output: bool = False,
 ) -> jax.Array:
@@ -279,33 +268,25 @@ def samoyeds_matmul(
       x: [t, K] bfloat16 or float16.
       w: ``formats.SamoyedsSparse`` with dense shape [K, N], same dtype as x; the kernel
         needs V a power of two >= 64.
-      config, backend, out_dtype: as in ``nm_matmul``.
+      config, out_dtype: as in ``nm_matmul``.
 
     Returns:
       [t, N] in ``out_dtype``.
     """
-    backend = backend_lib.resolve_backend(backend)
     n_sel, m_sel, v, k, n_out, nc = _check_samoyeds(w)
     _check_x(x, w, k, "samoyeds_matmul")
     out_dt = _out_dtype(x, out_dtype)
     t = x.shape[0]
-    if backend == "xla":
-        return samoyeds_matmul_reference(x, w, out_dtype=out_dt)
-    if backend == "mosaic_gpu":
-        raise ValueError(
-            "samoyeds_matmul reads SamoyedsSparse with backend 'triton' or 'xla'; the Mosaic GPU "
-            "(Hopper) kernel reads its own layout: convert once with "
-            "TransposedSparse.from_samoyeds(w) and call pallas_kernels.mgpu_matmul.mgpu_matmul")
     if t == 0:
         return jnp.zeros((0, n_out), out_dt)
     op = f"samoyeds_matmul_{n_sel}of{m_sel}v{v}"
     cfg = config if config is not None else pick_config(op, t, k, n_out, nc)
     _check_config(cfg)
-    if cfg.method == "dense":  # XLA's one-fusion expansion: 1.6-1.7x faster than a Pallas one
+    if cfg.method == "densify":  # XLA's one-fusion expansion: 1.6-1.7x faster than a Pallas one
         return _dense_product(x, w.to_dense(), out_dt)
     if not _pow2(v) or v < 4 * _MIN_DOT:
         raise ValueError(f"the Pallas kernel needs v a power of two >= {4 * _MIN_DOT}, got {v=}; "
-                         "use backend='xla'")
+                         "use samoyeds_matmul_reference or the linear op's xla implementation")
     n_groups = nc // n_sel
     block_g = max(_MIN_DOT, cfg.block_n // n_sel)
     cfg = _fit(cfg.replace(block_n=block_g), t=t, k=k, n_cols=n_groups,
@@ -333,14 +314,13 @@ def nm_matmul_reference(
     w: Any,
     *,
     config: SparseMatmulConfig | None = None,
-    backend: backend_lib.Backend | None = None,
     out_dtype: Any = None,
 ) -> jax.Array:
     """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype).
 
-    ``config`` and ``backend`` are accepted for signature parity and ignored.
+    ``config`` is accepted for signature parity and ignored.
     """
-    del config, backend
+    del config
     _check_nm(w)
     dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
@@ -353,11 +333,13 @@ def samoyeds_matmul_reference(
     w: Any,
     *,
     config: SparseMatmulConfig | None = None,
-    backend: backend_lib.Backend | None = None,
     out_dtype: Any = None,
 ) -> jax.Array:
-    """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype)."""
-    del config, backend
+    """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype).
+
+    ``config`` is accepted for signature parity and ignored.
+    """
+    del config
     _check_samoyeds(w)
     dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),

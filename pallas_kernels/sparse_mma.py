@@ -24,6 +24,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA, from_wgmma_sp
 
 A_SWIZZLE = 32  # 16 kept bf16 per A row = 32 bytes: one swizzle-32 atom row per instruction
@@ -134,9 +135,10 @@ def check_common(x: jax.Array, a: WgmmaSparseA) -> None:
 
 def check_matrix(x: jax.Array, a: WgmmaSparseA) -> None:
     """ValueError (expected vs given) unless x [t, K] multiplies one ``WgmmaSparseA`` W [K, N]."""
-    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 2:
-        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got {type(a).__name__} "
-                         f"of shape {getattr(a, 'shape', None)}")
+    expect_kind("a", a, WgmmaSparseA, "one WgmmaSparseA matrix [K, N] (sparse_mma_layout."
+                "to_wgmma_sp converts)")
+    if a.values.ndim != 2:
+        raise ValueError(f"a must be one WgmmaSparseA matrix [K, N], got dense shape {a.shape}")
     if x.ndim != 2 or x.shape[1] != a.k:
         raise ValueError(f"x must be [t, K={a.k}], got {x.shape}")
     check_common(x, a)

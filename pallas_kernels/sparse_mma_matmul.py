@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
@@ -278,9 +279,10 @@ def _static(cfg: WgmmaSpConfig) -> dict:
 
 
 def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_t: int) -> int:
-    if not isinstance(a, WgmmaSparseA) or a.values.ndim != 3:
-        raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got "
-                         f"{type(a).__name__} of shape {getattr(a, 'shape', None)}")
+    expect_kind("a", a, WgmmaSparseA, "a WgmmaSparseA expert stack [e, K, N]")
+    if a.values.ndim != 3:
+        raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got dense shape "
+                         f"{a.shape}")
     if block_t % 8 or not 8 <= block_t <= 256:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
     if x.ndim != 2 or x.shape[1] != a.k or x.shape[0] % block_t:

@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import pathlib
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,7 @@ def _heuristic_config(tokens: int, layout: str = "ell") -> UnstructuredConfig:
 
 
 def _layout(w: TiledSparse | TiledBitmap) -> str:
-    return "bitmap" if isinstance(w, TiledBitmap) else "ell"
+    return _KERNELS[type(w)].layout
 
 
 @functools.cache
@@ -261,6 +261,16 @@ def _expand_matmul(x: jax.Array, w: TiledBitmap, config: UnstructuredConfig,
                    out_dtype, out_init)
 
 
+class _Kernel(NamedTuple):
+    layout: str      # the tuned table's key
+    method: str      # the config method that runs the kernel
+    matmul: Callable  # (x [t, K], w, config, out_dtype) -> [t, N]
+
+
+_KERNELS = {TiledSparse: _Kernel("ell", "gather", _gather_matmul),
+            TiledBitmap: _Kernel("bitmap", "expand", _expand_matmul)}
+
+
 def _pick_splits(k_splits: int | None, count: int, programs: int, what: str,
                  where: str) -> int:
     """k_splits as given (must divide ``count``) or the fewest giving ~512 programs."""
@@ -313,7 +323,6 @@ def _out_dtype(x: jax.Array, out_dtype) -> jnp.dtype:
 
 def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
                         config: UnstructuredConfig | None = None,
-                        backend: backend_lib.Backend | None = None,
                         out_dtype: jnp.dtype | None = None) -> jax.Array:
     """``y = x @ W`` with W unstructured-sparse (``TiledSparse`` or ``TiledBitmap``).
 
@@ -321,46 +330,36 @@ def unstructured_matmul(x: jax.Array, w: TiledSparse | TiledBitmap, *,
       x: [..., K] activations, same dtype as W (f32, bf16, f16).
       w: TiledSparse or TiledBitmap of dense shape [K, N] (no leading batch dims).
       config: kernel config; None picks ``default_config(tokens)``.
-      backend: "triton" (default; interpret mode on CPU) or "xla" (the reference).
       out_dtype: output dtype; default x.dtype. Accumulation is f32 either way.
 
     Returns:
       [..., N] in ``out_dtype``.
     """
     _validate(x, w)
-    backend = backend_lib.resolve_backend(backend)
     out_dtype = _out_dtype(x, out_dtype)
-    if backend == "xla":
-        return unstructured_matmul_reference(x, w, out_dtype=out_dtype)
-    if backend == "mosaic_gpu":
-        raise ValueError("unstructured_matmul has no Mosaic GPU kernel; use backend='triton' "
-                         "or 'xla'")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     t = x2.shape[0]
     if t == 0:
         return jnp.zeros(lead + (w.n,), out_dtype)
     config = default_config(t, w) if config is None else config
-    kernel_method = "expand" if isinstance(w, TiledBitmap) else "gather"
+    kernel = _KERNELS[type(w)]
     if config.method == "densify":
         # straight to out_dtype (f32 accumulation in the GEMM; see nm_matmul._dense_product)
         y = jnp.dot(x2, w.to_dense(), preferred_element_type=out_dtype)
-    elif config.method != kernel_method:
+    elif config.method != kernel.method:
         raise ValueError(f"method={config.method!r} does not apply to {type(w).__name__}; "
-                         f"use {kernel_method!r} or 'densify'")
-    elif kernel_method == "expand":
-        y = _expand_matmul(x2, w, config, out_dtype)
+                         f"use {kernel.method!r} or 'densify'")
     else:
-        y = _gather_matmul(x2, w, config, out_dtype)
+        y = kernel.matmul(x2, w, config, out_dtype)
     return y.reshape(lead + (w.n,))
 
 
 def unstructured_matmul_reference(x: jax.Array, w: TiledSparse | TiledBitmap, *,
                                   config: UnstructuredConfig | None = None,
-                                  backend: backend_lib.Backend | None = None,
                                   out_dtype: jnp.dtype | None = None) -> jax.Array:
     """Pure-jnp ``x @ W``: densify W, f32 accumulate. Same signature as the kernel."""
-    del config, backend
+    del config
     _validate(x, w)
     out_dtype = _out_dtype(x, out_dtype)
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),

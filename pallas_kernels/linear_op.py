@@ -1,0 +1,181 @@
+"""The linear op: ``y = x @ W`` for one weight matrix, and the registry of its implementations.
+
+x is [..., K] floating; W is [K, N], a dense array or a weight of a registered format
+(``format_registry``); the product accumulates in float32 and comes out in ``out_dtype``
+(default x.dtype).
+
+``LinearOp``, this base, is the XLA implementation and the reference of every other: W cast to
+x's dtype (sparse formats expanded to dense first, which ``describe`` says) and one ``jnp.dot``.
+An implementation subclasses it and says where it runs (``supported_on``), which stored
+weights it runs (``supports``) and what one-time layout conversion it wants (``prepare``, at
+load):
+
+=====================  ===============================================  ======================
+name                   computes                                         runs
+=====================  ===============================================  ======================
+``xla``                ``jnp.dot``, sparse expanded (this module)       everywhere; every format
+``triton``             Pallas Triton kernels (``linear_op_triton``)     GPU; 2:4, Samoyeds,
+                                                                        unstructured
+``mosaic_sparse_mma``  sparse tensor cores (``linear_op_mosaic``)       Hopper; 2:4, Samoyeds bf16
+``mosaic_expand``      expanded in registers, dense wgmma               Hopper; 2:4, Samoyeds
+=====================  ===============================================  ======================
+
+``resolve(implementation, w)`` picks the op: ``implementation`` is a name, a sequence of names
+(the first that applies), or None (the fastest that applies on this device:
+``DEFAULT_ORDER``). ``linear(x, w)`` resolves and calls in one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import op_registry
+from pallas_kernels.checks import expect_kind
+from pallas_kernels.format_registry import as_dense, format_name
+from pallas_kernels.op_registry import OpRegistry
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOp:
+    """The XLA implementation (see the module doc) and the interface of every other."""
+
+    name: ClassVar[str] = "xla"
+    # Platforms it runs on (``jax.default_backend()`` names); None: every platform.
+    platforms: ClassVar[tuple[str, ...] | None] = None
+    # Stored formats it runs as they are, without expanding to dense; None: it expands any.
+    formats: ClassVar[tuple[str, ...] | None] = None
+    # What runs instead of the compiled kernels in interpret mode (no GPU), for ``describe``.
+    off_gpu: ClassVar[str] = ""
+
+    def supported_on(self, platform: str) -> bool:
+        """Whether this implementation runs (compiled) on ``platform``."""
+        return self.platforms is None or platform in self.platforms
+
+    def supports(self, w: Any) -> bool:
+        """Whether it runs this stored weight as it is."""
+        if self.formats is None:
+            return format_name(w) is not None
+        return format_name(w) in self.formats
+
+    def prepares(self, w: Any) -> bool:
+        """Whether ``prepare`` can bring this weight into a layout it runs."""
+        return self.supports(w)
+
+    def prepare(self, w: Any) -> Any:
+        """The weight in the layout it runs (once, at load). Here: unchanged."""
+        if not self.prepares(w):
+            raise ValueError(f"linear implementation {self.name!r} does not run "
+                             f"{describe_weight(w)} in {jnp.dtype(w.dtype).name} "
+                             f"({self.accepts()})")
+        return w
+
+    def accepts(self) -> str:
+        """What weights it runs, in words (for refusals)."""
+        return f"runs {', '.join(self.formats or ('every format',))}"
+
+    def expands(self, w: Any) -> bool:
+        """Whether it computes a sparse weight as dense (reported by ``describe``)."""
+        return self.formats is None and format_name(w) not in (None, "dense")
+
+    def __call__(self, x: jax.Array, w: Any, *, out_dtype: Any = None) -> jax.Array:
+        """x [..., K] -> [..., N] in ``out_dtype`` (default x.dtype): ``check_inputs``, then
+        ``compute``."""
+        out_dtype = check_inputs(x, w, out_dtype)
+        return self.compute(x, w, out_dtype)
+
+    def compute(self, x: jax.Array, w: Any, out_dtype: jnp.dtype) -> jax.Array:
+        """The computation on checked inputs (W cast to x.dtype, f32 accumulation)."""
+        # Straight to out_dtype: XLA's GEMMs accumulate bf16/f16 in f32 and round once.
+        return jnp.dot(x, as_dense(w, x.dtype), preferred_element_type=out_dtype)
+
+
+def check_inputs(x: Any, w: Any, out_dtype: Any = None) -> jnp.dtype:
+    """The output dtype (``out_dtype``, default x.dtype), after checking that x is a floating
+    [..., K] array and w a weight [K, N] (an array, a format or a kernel layout); TypeError /
+    ValueError name the argument, what was expected and what was given."""
+    expect_kind("x", x, (jax.Array, np.ndarray), "an array [..., K]")
+    if not (isinstance(w, (jax.Array, np.ndarray)) or hasattr(w, "to_dense")):
+        raise TypeError(f"w must be a weight [K, N] (an array or a sparse weight), got "
+                        f"{type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"w must be one matrix [K, N], got shape {tuple(w.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating, got {x.dtype}")
+    k = w.shape[0]
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must be [..., K={k}] for w of shape {tuple(w.shape)}, got shape "
+                         f"{tuple(x.shape)}")
+    out = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if not jnp.issubdtype(out, jnp.floating):
+        raise ValueError(f"out_dtype must be floating, got {out}")
+    return out
+
+
+def describe_weight(w: Any) -> str:
+    """The weight in words: ``"nm weight"``, ``"dense weight"``, ``"WgmmaSparseA weight"``."""
+    return f"{format_name(w) or type(w).__name__} weight"
+
+
+# ----------------------------------------------------------------------------- registry
+
+# The automatic choice on a GPU, fastest first. Weights already in an op's layout (``prepare``)
+# run on that op whatever the order; ``mosaic_expand`` is chosen by name only. Off a GPU the
+# automatic choice is ``xla``.
+DEFAULT_ORDER = ("mosaic_sparse_mma", "triton", "xla")
+REGISTRY = OpRegistry("linear implementation", DEFAULT_ORDER,
+                      ("linear_op_triton", "linear_op_mosaic"), describe_weight)
+IMPLEMENTATIONS: dict[str, LinearOp] = REGISTRY.ops
+Implementation = op_registry.Implementation
+
+
+def register(op: LinearOp) -> LinearOp:
+    """Add an implementation (its name in ``DEFAULT_ORDER`` makes it an automatic choice)."""
+    return REGISTRY.register(op)
+
+
+def get_op(name: Any) -> LinearOp:
+    """The implementation registered under ``name``."""
+    return REGISTRY.get_op(name)
+
+
+def check_implementation(implementation: Any) -> tuple[str, ...] | None:
+    """The names of ``implementation`` (a name, a non-empty sequence of names, or None), each
+    checked; ValueError names the bad one."""
+    return REGISTRY.check_implementation(implementation)
+
+
+def resolve(implementation: Implementation, w: Any, *, platform: str | None = None,
+            prepared: bool = True) -> LinearOp:
+    """The op that computes ``w``: the first of the ops ``implementation`` allows on
+    ``platform`` that ``supports`` it as stored (``prepared=False``: that ``prepares`` it). A
+    name asked for explicitly also runs off its platform where the kernels have an interpret
+    mode (tests on CPU).
+
+    Raises ValueError when none applies, naming what was asked, what the weight is and why
+    each implementation refused.
+    """
+    return REGISTRY.resolve(implementation, w, platform=platform, prepared=prepared)
+
+
+def describe(op: LinearOp, w: Any) -> str:
+    """``op.name``, and what it does with ``w`` when it expands it or runs without a GPU."""
+    return REGISTRY.describe(op, w)
+
+
+def implementation_names() -> tuple[str, ...]:
+    """The registered implementation names."""
+    return REGISTRY.implementation_names()
+
+
+def linear(x: jax.Array, w: Any, *, implementation: Implementation = None,
+           out_dtype: Any = None) -> jax.Array:
+    """``x @ W`` by the op ``resolve(implementation, w)`` picks (W as stored)."""
+    return resolve(implementation, w)(x, w, out_dtype=out_dtype)
+
+
+register(LinearOp())

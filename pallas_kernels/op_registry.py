@@ -1,0 +1,139 @@
+"""A registry of an op's implementations: names -> op instances, and the choice among them.
+
+One ``OpRegistry`` per op (the expert op, the linear op). An op instance has a ``name``, says
+where it runs (``supported_on(platform)``; optionally ``requires``, in words), what it runs as stored (``supports(*weights)``),
+what ``prepare`` can bring into its layout (``prepares(*weights)``) and, in words, what it
+takes (``accepts()``). The registry holds them by name and picks one for given weights:
+
+- an explicit name, or a sequence of names (the first that applies);
+- None: the fastest that applies on this device, ``default_order`` on a GPU, ``("xla",)``
+  elsewhere (weights already in some op's layout also run on that op).
+
+A name asked for explicitly also runs off its platform where the kernels have an interpret
+mode (no GPU). The built-in implementations live in modules imported on first use
+(``builtin_modules``), each registering its ops.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+
+from pallas_kernels import backend as backend_lib
+
+Implementation = str | Sequence[str] | None
+
+
+class OpRegistry:
+    """The implementations of one op.
+
+    Args:
+      what: the op's name in messages, e.g. ``"expert implementation"``.
+      default_order: the automatic choice on a GPU, fastest first.
+      builtin_modules: modules (``pallas_kernels.<name>``) that register the built-in ops.
+      describe_weights: the weights in words, e.g. ``"nm experts"`` (for refusals).
+    """
+
+    def __init__(self, what: str, default_order: tuple[str, ...],
+                 builtin_modules: tuple[str, ...],
+                 describe_weights: Callable[..., str]):
+        self.what = what
+        self.default_order = default_order
+        self.builtin_modules = builtin_modules
+        self.describe_weights = describe_weights
+        self.ops: dict[str, Any] = {}
+        self._loaded = False
+
+    def register(self, op: Any) -> Any:
+        """Add an implementation (its name in ``default_order`` makes it an automatic choice)."""
+        if op.name in self.ops:
+            raise ValueError(f"{self.what} {op.name!r} is already registered")
+        self.ops[op.name] = op
+        return op
+
+    def get_op(self, name: Any) -> Any:
+        """The op registered under ``name``; ValueError lists the names."""
+        self.load_builtin()
+        if not isinstance(name, str) or name not in self.ops:
+            raise ValueError(f"{self.what} must be one of {sorted(self.ops)}, got {name!r}")
+        return self.ops[name]
+
+    def check_implementation(self, implementation: Any) -> tuple[str, ...] | None:
+        """The names of ``implementation`` (a name, a non-empty sequence of names, or None),
+        each checked; ValueError names the bad one."""
+        if implementation is None:
+            return None
+        names = (implementation,) if isinstance(implementation, str) else implementation
+        if not isinstance(names, (tuple, list)) or not names:
+            raise ValueError(f"implementation must be a name, a non-empty sequence of names or "
+                             f"None, got {implementation!r}")
+        for name in names:
+            self.get_op(name)
+        return tuple(names)
+
+    def candidates(self, implementation: Implementation, platform: str | None = None
+                   ) -> list[Any]:
+        """The ops ``implementation`` allows on ``platform`` (default: this process's), in
+        order."""
+        self.load_builtin()
+        names = self.check_implementation(implementation)
+        platform = platform or backend_lib.platform()
+        if names is None:
+            names = self.default_order if platform == "gpu" else ("xla",)
+        ops = [self.get_op(n) for n in names]
+        return [op for op in ops if op.supported_on(platform) or
+                (implementation is not None and backend_lib.interpret_mode())]
+
+    def resolve(self, implementation: Implementation, *weights: Any,
+                platform: str | None = None, prepared: bool = True) -> Any:
+        """The op that computes these weights: the first of ``candidates`` that ``supports``
+        them as stored (``prepared=False``: that ``prepares`` them).
+
+        Raises ValueError when none applies, naming what was asked, what the weights are and
+        why each asked-for implementation refused.
+        """
+        platform = platform or backend_lib.platform()
+        ops = self.candidates(implementation, platform)
+        if implementation is None and prepared:  # weights some op prepared run on that op
+            ops += [op for op in self.ops.values()
+                    if op not in ops and op.supported_on(platform)]
+        for op in ops:
+            if (op.supports if prepared else op.prepares)(*weights):
+                return op
+        asked = list(self.check_implementation(implementation) or self.default_order)
+        why = [f"{name}: " + (self.get_op(name).accepts() if self.get_op(name) in ops
+                              else _not_here(self.get_op(name), platform)) for name in asked]
+        dtypes = "/".join(sorted({jnp.dtype(w.dtype).name for w in weights
+                                  if hasattr(w, "dtype")}))
+        raise ValueError(f"no {self.what} of {asked} runs {self.describe_weights(*weights)} "
+                         f"in {dtypes} on platform {platform!r} ({'; '.join(why)})")
+
+    def describe(self, op: Any, *weights: Any) -> str:
+        """``op.name``, and what it does with these weights when it expands them or runs
+        without a GPU."""
+        notes = []
+        if op.expands(*weights):
+            notes.append(f"{self.describe_weights(*weights)} expanded to dense")
+        if op.off_gpu and backend_lib.interpret_mode():
+            notes.append(op.off_gpu)
+        return f"{op.name} ({'; '.join(notes)})" if notes else op.name
+
+    def implementation_names(self) -> tuple[str, ...]:
+        """The registered implementation names."""
+        self.load_builtin()
+        return tuple(self.ops)
+
+    def load_builtin(self) -> None:
+        """Register the built-in implementations (their modules import on first use)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self.builtin_modules:  # each registers its ops
+            importlib.import_module(f"pallas_kernels.{module}")
+
+
+def _not_here(op: Any, platform: str) -> str:
+    needs = getattr(op, "requires", "")
+    return f"does not run on {platform!r}" + (f" (needs {needs})" if needs else "")
