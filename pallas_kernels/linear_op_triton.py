@@ -4,7 +4,8 @@ they run in interpret mode when asked for by name).
 The kernel is chosen by the weight's format: ``nm_matmul`` (2:4 and the other N:M patterns the
 kernel expands), ``samoyeds_matmul`` (V a power of two >= 64) and ``unstructured_matmul``
 (``TiledSparse`` gather, ``TiledBitmap`` expand). Each picks its tuned tiling per device and
-token count, and expands to dense for XLA's GEMM where that is faster (many tokens). Dense
+token count, and expands to dense for XLA's GEMM where that is faster (many tokens). The N:M
+kernels take bfloat16 or float16 weights, the unstructured ones float32 too. Dense
 weights are not its work: XLA's GEMM is the dense path (``xla``). The weight is cast to x's
 dtype; x's leading dims are flattened into tokens.
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar, NamedTuple
 
+import jax.numpy as jnp
+
 from pallas_kernels import decompress
 from pallas_kernels.format_registry import format_name, format_of
 from pallas_kernels.linear_op import LinearOp, register
 from pallas_kernels.nm_matmul import nm_matmul, samoyeds_matmul
+from pallas_kernels.tiled_format import SUPPORTED_DTYPES
 from pallas_kernels.unstructured import unstructured_matmul
 
 
@@ -27,16 +31,25 @@ class _Kernel(NamedTuple):
     takes: str                      # what it takes, in words
 
 
-def _v_fits(w: Any) -> bool:
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what the N:M kernels multiply
+
+
+def _nm_fits(w: Any) -> bool:
+    return w.dtype in _HALF and (int(w.n), int(w.m)) in decompress.SUPPORTED_NM
+
+
+def _samoyeds_fits(w: Any) -> bool:
     v = int(w.v)
-    return v >= 64 and v & (v - 1) == 0
+    return w.dtype in _HALF and v >= 64 and v & (v - 1) == 0
 
 
 KERNELS: dict[str, _Kernel] = {
-    "nm": _Kernel(nm_matmul, lambda w: (int(w.n), int(w.m)) in decompress.SUPPORTED_NM,
-                  f"nm with N:M in {list(decompress.SUPPORTED_NM)}"),
-    "samoyeds": _Kernel(samoyeds_matmul, _v_fits, "samoyeds with V a power of two >= 64"),
-    "unstructured": _Kernel(unstructured_matmul, lambda w: True, "unstructured"),
+    "nm": _Kernel(nm_matmul, _nm_fits,
+                  f"nm in bfloat16/float16 with N:M in {list(decompress.SUPPORTED_NM)}"),
+    "samoyeds": _Kernel(samoyeds_matmul, _samoyeds_fits,
+                        "samoyeds in bfloat16/float16 with V a power of two >= 64"),
+    "unstructured": _Kernel(unstructured_matmul, lambda w: w.dtype in SUPPORTED_DTYPES,
+                            "unstructured"),
 }
 
 

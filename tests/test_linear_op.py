@@ -93,12 +93,14 @@ def test_refusals():
                     op.prepare(w)
     # triton given a dense array: XLA's GEMM is the dense path.
     with pytest.raises(ValueError, match=r"no linear implementation of \['triton'\] runs dense "
-                       r"weight in bfloat16 .*triton: runs nm with N:M in"):
+                       r"weight in bfloat16 .*triton: runs nm in bfloat16/float16 with N:M in"):
         linear_op.resolve("triton", ws["dense"])
     # bfloat16 only on the sparse tensor cores; Samoyeds with a V the Triton kernel cannot tile.
     assert not linear_op.get_op("mosaic_sparse_mma").prepares(_weight("nm_2of4", jnp.float32))
     v32 = get_format("samoyeds").random(jax.random.key(0), (K, N), jnp.bfloat16, v=32)
     assert not linear_op.get_op("triton").supports(v32)
+    assert not linear_op.get_op("triton").supports(_weight("nm_2of4", jnp.float32))
+    assert linear_op.get_op("triton").supports(_weight("tiled_sparse", jnp.float32))
     with pytest.raises(ValueError, match="linear implementation must be one of"):
         linear_op.get_op("cuda")
     with pytest.raises(ValueError, match="non-empty sequence"):
