@@ -6,7 +6,9 @@
 For each expert format x pruning method: routing-aware layer-by-layer calibration and one-shot
 pruning (``compress.calibrate_and_prune``), evaluation, recovery with the mask fixed
 (``compress.recover``: distillation from the dense model), evaluation again. A dense control gets
-the same recovery training. Then the pre-gates: recall and bits/byte in the standard,
+the same recovery training. ``--linears 2:4`` prunes the attention projections (and shared
+experts) too, in the same walk; ``--formats dense --linears 2:4`` prunes them alone. Then the
+pre-gates: recall and bits/byte in the standard,
 speculative and pregated modes, with pre-gates copied from the next block's gate (training-free)
 and as trained, and after fine-tuning the model in pregated mode. Every difference comes with its
 paired standard error over validation windows. Runs on CPU (slowly; ``--quick``) or a GPU.
@@ -24,6 +26,7 @@ import time
 import numpy as np
 
 FORMATS = {
+    "dense": None,  # experts left dense (with --linears: the linears alone pruned)
     "2:4": dict(format="nm", n=2, m=4),
     "samoyeds": dict(format="samoyeds", shared_w1_w3=False),
     "samoyeds_shared": dict(format="samoyeds", shared_w1_w3=True),
@@ -39,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="dense Hugging Face model directory")
     p.add_argument("--corpus", required=True, help="corpus directory (samoyeds_jax.corpus)")
     p.add_argument("--out", required=True, help="JSON results")
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", default=",".join(f for f in FORMATS if FORMATS[f]),
+                   help=f"expert patterns, of {sorted(FORMATS)}")
+    p.add_argument("--linears", default=None, choices=sorted(f for f in FORMATS if FORMATS[f]),
+                   help="also prune the attention projections and shared experts to this "
+                        "pattern, same method (default: they stay dense)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--recover-steps", type=int, default=400)
@@ -123,18 +130,24 @@ def main(argv=None) -> int:
 
     for fname in args.formats.split(","):
         for method in args.methods.split(","):
-            cfg = pruning.PruneConfig(method=method, output="dense", **FORMATS[fname])
+            cfg = (None if FORMATS[fname] is None else
+                   pruning.PruneConfig(method=method, output="dense", **FORMATS[fname]))
+            lin = (None if args.linears is None else
+                   pruning.PruneConfig(method=method, output="dense", **FORMATS[args.linears]))
             start = time.perf_counter()
             model = compress.copy_model(dense)
-            report = compress.calibrate_and_prune(model, calib, cfg, progress=False)
+            report = compress.calibrate_and_prune(model, calib, cfg, linears=lin,
+                                                  progress=False)
             prune_s = time.perf_counter() - start
             one = evaluate(model)
-            run = {"format": fname, "method": method, "prune_seconds": prune_s,
-                   "empty_experts": report.empty_experts(),
+            blocks = report.blocks + report.linear_blocks
+            run = {"format": fname, "linears": args.linears, "method": method,
+                   "prune_seconds": prune_s, "empty_experts": report.empty_experts(),
                    "mean_output_rel_error": float(np.mean(
-                       [b.mean_output_rel_error for b in report.blocks])),
+                       [b.mean_output_rel_error for b in blocks])),
                    "one_shot": {"bits_per_byte": one.bits_per_byte, "vs_dense": diff(one, base)}}
-            line = f"{fname:>16} {method:>9}: one-shot {one.bits_per_byte:.4f}"
+            line = (f"{fname:>16}{' + linears ' + args.linears if lin else ''} {method:>9}: "
+                    f"one-shot {one.bits_per_byte:.4f}")
             if not args.no_recover:
                 rec_model = compress.recover(model, train_ids, rcfg, teacher=dense,
                                              progress=False).model
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
                 if method == args.methods.split(",")[-1]:
                     # The recovered model stores in its format without pruning again, and the
                     # stored model computes the same.
-                    compress.to_compressed(rec_model, cfg)
+                    compress.to_compressed(rec_model, cfg, linears=lin)
                     stored = evaluate(rec_model)
                     run["stored_bits_per_byte"] = stored.bits_per_byte
             results["runs"].append(run)

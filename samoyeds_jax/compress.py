@@ -41,14 +41,20 @@ from samoyeds_jax.model import DecoderBlock, MoETransformer
 class CompressReport:
     """Per block: the ``PruneReport`` and the calibration tokens each expert received."""
 
-    config: pruning.PruneConfig
+    config: pruning.PruneConfig | None
     blocks: tuple[prune_report.PruneReport, ...]
     expert_tokens: tuple[tuple[int, ...], ...]
+    linears: pruning.PruneConfig | None = None
+    linear_blocks: tuple[prune_report.PruneReport, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config),
-                "expert_tokens": [list(t) for t in self.expert_tokens],
-                "blocks": [b.as_dict() for b in self.blocks]}
+        out = {"config": None if self.config is None else dataclasses.asdict(self.config),
+               "expert_tokens": [list(t) for t in self.expert_tokens],
+               "blocks": [b.as_dict() for b in self.blocks]}
+        if self.linears is not None:
+            out["linears"] = dataclasses.asdict(self.linears)
+            out["linear_blocks"] = [b.as_dict() for b in self.linear_blocks]
+        return out
 
     def empty_experts(self) -> list[tuple[int, int]]:
         """(block, expert) pairs that received no calibration token."""
@@ -66,6 +72,60 @@ def _moe_input(block: DecoderBlock, x, positions, attn_mask):
                               cache_k=empty, cache_v=empty, index=jnp.zeros((), jnp.int32))
     h = x + a
     return h, block.post_attention_layernorm(h).reshape(b * t, d)
+
+
+@nnx.jit
+def _attention_context(block: DecoderBlock, x, positions, attn_mask):
+    """(the q/k/v input [b*t, d], the o_proj input [b*t, h*hd]) of one block."""
+    b, t, d = x.shape
+    attn = block.self_attn
+    c = attn.config
+    empty = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)
+    xn = block.input_layernorm(x)
+    ctx, _, _ = attn.context(xn, positions=positions, mask=attn_mask, cache_k=empty,
+                             cache_v=empty, index=jnp.zeros((), jnp.int32))
+    return xn.reshape(b * t, d), ctx.reshape(b * t, -1)
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _prune_params(holders: dict[str, Any], config: pruning.PruneConfig,
+                  calibration: dict[str, Any]) -> prune_report.PruneReport:
+    """Prune the ``nnx.Param`` of each ``holders[path]`` (a [K, N] matrix) in place."""
+    params = {path: holder.get_value() for path, holder in holders.items()}
+    pruned, report = pruning.prune_experts(params, config, calibration,
+                                           select=lambda path, leaf: path in holders,
+                                           progress=False)
+    for path, holder in holders.items():
+        holder.set_value(pruned[path])
+    return report
+
+
+def _prune_linears(block: DecoderBlock, i: int, config: pruning.PruneConfig, xs, pos_masks
+                   ) -> prune_report.PruneReport:
+    """Prune block i's attention projections in place, in order: q/k/v on their input, then
+    o_proj on the heads' outputs of the pruned q/k/v (as SparseGPT prunes sequentially)."""
+    attn = block.self_attn
+    xn = jnp.concatenate([_attention_context(block, x, p, m)[0] for x, (p, m) in
+                          zip(xs, pos_masks)])
+    qkv = {f"layers/{i}/self_attn/{n}": getattr(attn, n).kernel for n in _QKV}
+    reports = [_prune_params(qkv, config, {path: xn for path in qkv})]
+    ctx = jnp.concatenate([_attention_context(block, x, p, m)[1] for x, (p, m) in
+                           zip(xs, pos_masks)])
+    o = f"layers/{i}/self_attn/o_proj"
+    reports.append(_prune_params({o: attn.o_proj.kernel}, config, {o: ctx}))
+    return prune_report.PruneReport(config=config, layers={**reports[0].layers,
+                                                           **reports[1].layers})
+
+
+def _prune_shared(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_all
+                  ) -> prune_report.PruneReport:
+    """Prune block i's shared experts in place on every token (w2 on the pruned w1/w3's
+    hidden state)."""
+    shared = block.mlp.shared
+    holders = {f"layers/{i}/mlp/shared/{n}": getattr(shared, n) for n in ("w1", "w3", "w2")}
+    return _prune_params(holders, config, {f"layers/{i}/mlp/shared": x_all})
 
 
 @nnx.jit
@@ -108,23 +168,36 @@ def routed_inputs(x_moe: np.ndarray, topk_idx: np.ndarray, num_experts: int
     return out, counts
 
 
-def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.PruneConfig, *,
-                        batch_size: int = 8, progress: bool | None = None) -> CompressReport:
+def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.PruneConfig | None, *,
+                        linears: pruning.PruneConfig | None = None, batch_size: int = 8,
+                        progress: bool | None = None) -> CompressReport:
     """Prune every block's routed experts in place, calibrated layer by layer on ``windows``.
 
     Args:
       model: a dense-expert model (float32 recommended: calibration statistics are float32).
       windows: ``[n, t]`` int token windows (the calibration set).
       config: the pattern and method; ``output`` must be ``"dense"`` (experts stay dense arrays
-        with exact zeros; ``to_compressed`` converts them).
+        with exact zeros; ``to_compressed`` converts them). None: the experts stay as they are
+        (``linears`` alone).
+      linears: also prune the attention projections and shared experts to this pattern and
+        method (``output="dense"`` too), in the same walk: in each block q/k/v on their input,
+        o_proj on the pruned heads' outputs, then the experts on the pruned attention's output,
+        the shared experts on every token. None: they stay as they are.
       batch_size: windows per forward.
     Returns:
       ``CompressReport`` (per-block pruning reports, routed tokens per expert).
     """
-    if config.output != "dense":
-        raise ValueError("calibrate_and_prune keeps the experts dense with zeros; pass "
-                         "PruneConfig(output='dense') and convert with to_compressed()")
-    if model.config.moe.expert_format != "dense":
+    for what, c in (("config", config), ("linears", linears)):
+        if c is not None and c.output != "dense":
+            raise ValueError(f"calibrate_and_prune keeps the weights dense with zeros; pass "
+                             f"{what}=PruneConfig(output='dense', ...) and convert with "
+                             "to_compressed()")
+    if linears is not None and model.config.linear.is_sparse:
+        raise ValueError(f"the model's linears are already {model.config.linear.format!r}; "
+                         "calibrate_and_prune prunes dense ones")
+    if config is None and linears is None:
+        raise ValueError("nothing to prune: config and linears are both None")
+    if config is not None and model.config.moe.expert_format != "dense":
         raise ValueError(f"the model's experts are already {model.config.moe.expert_format!r}; "
                          "calibrate_and_prune prunes dense experts")
     windows = _check_windows(model, windows)
@@ -138,25 +211,36 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
         xs.append(model.embed_tokens(tokens))
         pos_masks.append((positions, attn_mask))
     e = model.config.moe.num_experts
-    reports, token_counts = [], []
-    bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({config.format}, {config.method})",
+    reports, token_counts, linear_reports = [], [], []
+    named = config or linears
+    bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({named.format}, {named.method})",
                unit="block", disable=None if progress is None else not progress)
     for i, block in bar:
+        if linears is not None:
+            linear_reports.append(_prune_linears(block, i, linears, xs, pos_masks))
         hs, x_moes = zip(*[_moe_input(block, x, p, m) for x, (p, m) in zip(xs, pos_masks)])
         x_all = jnp.concatenate(x_moes)  # [n*t, d]
-        idx = np.asarray(_topk(block, x_all))
-        x_e, counts = routed_inputs(np.asarray(x_all, np.float32), idx, e)
-        mlp = block.mlp
-        params = {"layers": {str(i): {name: getattr(mlp, name).get_value()
-                                      for name in ("w1", "w3", "w2")}}}
-        pruned, report = pruning.prune_experts(params, config, {f"layers/{i}": x_e},
-                                               progress=False)
-        for name, w in pruned["layers"][str(i)].items():
-            getattr(mlp, name).set_value(w)
-        reports.append(report)
-        token_counts.append(tuple(counts))
+        if linears is not None and block.mlp.shared is not None:
+            shared = _prune_shared(block, i, linears, x_all)
+            linear_reports[-1] = prune_report.PruneReport(
+                config=linears, layers={**linear_reports[-1].layers, **shared.layers})
+        if config is not None:
+            reports.append(_prune_experts(block, i, config, x_all, e, token_counts))
         xs = [_moe_output(block, h, xm) for h, xm in zip(hs, x_moes)]
-    return CompressReport(config=config, blocks=tuple(reports), expert_tokens=tuple(token_counts))
+    return CompressReport(config=config, blocks=tuple(reports), expert_tokens=tuple(token_counts),
+                          linears=linears, linear_blocks=tuple(linear_reports))
+
+
+def _prune_experts(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_all, e: int,
+                   token_counts: list) -> prune_report.PruneReport:
+    """Prune block i's routed experts in place, each on the tokens its own gate routes to it
+    (appends the counts to ``token_counts``)."""
+    idx = np.asarray(_topk(block, x_all))
+    x_e, counts = routed_inputs(np.asarray(x_all, np.float32), idx, e)
+    mlp = block.mlp
+    holders = {f"layers/{i}/{name}": getattr(mlp, name) for name in ("w1", "w3", "w2")}
+    token_counts.append(tuple(counts))
+    return _prune_params(holders, config, {f"layers/{i}": x_e})
 
 
 def sparsity_config(config: pruning.PruneConfig) -> SparsityConfig:
@@ -165,9 +249,16 @@ def sparsity_config(config: pruning.PruneConfig) -> SparsityConfig:
                           v=config.v, density=1.0 - config.sparsity)
 
 
-def to_compressed(model: MoETransformer, config: pruning.PruneConfig) -> None:
-    """Store the pruned dense experts in ``config.format``, in place (exact: no re-pruning; the
-    format checks that each weight satisfies the pattern)."""
+def to_compressed(model: MoETransformer, config: pruning.PruneConfig | None, *,
+                  linears: pruning.PruneConfig | None = None) -> None:
+    """Store the pruned dense experts in ``config.format`` (None: experts left as they are)
+    and, with ``linears``, the pruned attention projections and shared experts in
+    ``linears.format``, in place (exact: no re-pruning; the format checks that each weight
+    satisfies the pattern)."""
+    if linears is not None:
+        _linears_to_compressed(model, linears)
+    if config is None:
+        return
     stored = dataclasses.replace(config, output="compressed")
     sparsity = sparsity_config(config)
     for block in model.layers:
@@ -179,6 +270,26 @@ def to_compressed(model: MoETransformer, config: pruning.PruneConfig) -> None:
             getattr(mlp, name).set_value(pruning.convert(w, stored))
         mlp.config = mlp.config.replace(expert_format=config.format, sparsity=sparsity)
     model.config = model.config.replace(moe=dict(expert_format=config.format, sparsity=sparsity))
+
+
+def _linears_to_compressed(model: MoETransformer, config: pruning.PruneConfig) -> None:
+    stored = dataclasses.replace(config, output="compressed")
+    for block in model.layers:
+        holders = [getattr(block.self_attn, n).kernel for n in _QKV + ("o_proj",)]
+        if block.mlp.shared is not None:
+            holders += [getattr(block.mlp.shared, n) for n in ("w1", "w3", "w2")]
+        for holder in holders:
+            w = holder.get_value()
+            if hasattr(w, "to_dense"):
+                raise ValueError(f"linears are already stored as {type(w).__name__}")
+            holder.set_value(pruning.convert(w, stored))
+    linear = model.config.linear.replace(format=config.format, sparsity=sparsity_config(config))
+    for block in model.layers:
+        for lin in (getattr(block.self_attn, n) for n in _QKV + ("o_proj",)):
+            lin.config = linear
+        if block.mlp.shared is not None:
+            block.mlp.shared.linear = linear
+    model.config = model.config.replace(linear=linear)
 
 
 def recover(model: MoETransformer, tokens: np.ndarray, train_config, *,

@@ -5,11 +5,12 @@
 
 1. loads the dense checkpoint (float32) and its ``tokenizer.json``;
 2. prunes every block's experts with routing-aware, layer-by-layer calibration on windows of
-   the corpus' training split (``compress.calibrate_and_prune``);
+   the corpus' training split (``compress.calibrate_and_prune``), and with ``--linears`` the
+   attention projections and shared experts too;
 3. fine-tunes with the sparsity fixed, distilling from the dense model (``compress.recover``);
 4. evaluates validation bits/byte of the dense, one-shot and recovered models, with paired
    standard errors (``evaluate``);
-5. stores the experts in their compressed format and saves the converted model to ``--out``
+5. stores the pruned weights in their compressed format and saves the converted model to ``--out``
    (``converted_io.save_converted``; load it with ``samoyeds-generate --checkpoint OUT``); its
    metadata holds the settings, the pruning report and the results.
 """
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separate-w1-w3", action="store_true",
                    help="--format samoyeds only: choose w1's and w3's columns separately "
                         "(default: one shared choice, which measured better)")
+    p.add_argument("--linears", default=None, choices=sorted(FORMATS),
+                   help="also prune the attention projections and shared experts to this "
+                        "pattern, same method (default: they stay dense)")
+    p.add_argument("--linear-sparsity", type=float, default=0.5,
+                   help="fraction of the linears zeroed (--linears unstructured only)")
     p.add_argument("--calib-windows", type=int, default=64,
                    help="training-split windows the pruning is calibrated on")
     p.add_argument("--recover-steps", type=int, default=400,
@@ -94,6 +100,10 @@ def _check_options(args, given: set[str]) -> None:
     refuse_unless(fmt.pattern_shares_choice, given, {"separate_w1_w3": "--separate-w1-w3"},
                   f"--format {args.format} has no column choice (only "
                   f"{_presets_where(lambda f: f.pattern_shares_choice)} does)")
+    refuse_unless(args.linears is not None and "sparsity" in _weight_format(args.linears).params,
+                  given,
+                  {"linear_sparsity": "--linear-sparsity"},
+                  "--linear-sparsity is for --linears unstructured")
     refuse_unless(args.recover_steps > 0, given,
                   {"recover_lr": "--recover-lr", "batch_size": "--batch-size",
                    "distill_weight": "--distill-weight"},
@@ -104,6 +114,14 @@ def _check_options(args, given: set[str]) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.recover_steps < 0:
         raise ValueError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+
+
+def _prune_config(pruning, args, preset: str, sparsity: float):
+    """The ``PruneConfig`` of a preset (``FORMATS``), with ``sparsity`` where it takes one."""
+    takes = "sparsity" in _weight_format(preset).params
+    return pruning.PruneConfig(method=args.method, output="dense",
+                               shared_w1_w3=None if not args.separate_w1_w3 else False,
+                               **dict(FORMATS[preset], **({"sparsity": sparsity} if takes else {})))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "read the corpus)")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise ValueError(f"--out {args.out} exists and is not empty; pick a new directory")
-    prune_config = pruning.PruneConfig(
-        method=args.method, output="dense",
-        shared_w1_w3=None if not args.separate_w1_w3 else False,
-        **dict(FORMATS[args.format], **({"sparsity": args.sparsity}
-                                        if "sparsity" in _weight_format(args.format).params
-                                        else {})))
+    prune_config = _prune_config(pruning, args, args.format, args.sparsity)
+    linear_config = (None if args.linears is None else
+                     _prune_config(pruning, args, args.linears, args.linear_sparsity))
     recover_config = None
     if args.recover_steps > 0:
         recover_config = train_lib.TrainConfig(
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     model = compress.copy_model(dense)
     calib = train_data.sample_windows(train_ids, batch=args.calib_windows,
                                      length=args.seq_len + 1, seed=args.seed + 1, step=0)
-    report = compress.calibrate_and_prune(model, calib, prune_config)
+    report = compress.calibrate_and_prune(model, calib, prune_config, linears=linear_config)
     if report.empty_experts():
         print(f"experts without calibration tokens (pruned by magnitude): "
               f"{report.empty_experts()}", flush=True)
@@ -178,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if recover_config is not None:
         model = compress.recover(model, train_ids, recover_config, teacher=dense).model
         record("recovered", evaluate_streams(model, streams, config=ecfg))
-    compress.to_compressed(model, prune_config)
+    compress.to_compressed(model, prune_config, linears=linear_config)
     settings = {"prune": dataclasses.asdict(prune_config),
+                "prune_linears": (None if linear_config is None
+                                  else dataclasses.asdict(linear_config)),
                 "recover": None if recover_config is None else dataclasses.asdict(recover_config),
                 "calibration_windows": int(len(calib)), "results": results,
                 "report": report.as_dict(), "seconds": time.perf_counter() - start}

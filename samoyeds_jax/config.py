@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from pallas_kernels.checks import expect_kind, expect_positive_ints
+from pallas_kernels import linear_op
 from pallas_kernels.expert_op import check_implementation
 from pallas_kernels.format_registry import format_names, get_format
 
@@ -101,6 +102,57 @@ class SparsityConfig:
             get_format(fmt).check_shape(k, n, **self.format_params(fmt))
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from None
+
+
+LinearImplementation = str | tuple[str, ...] | None
+"""Which implementation computes a non-expert linear (``pallas_kernels.linear_op``): a name
+(``"xla"``, ``"triton"``, ``"mosaic_sparse_mma"``, ``"mosaic_expand"``), a sequence of names, or
+None: the fastest that applies on this device. A runtime choice: it is not stored with a model."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearConfig:
+    """How the non-expert linears are stored: the attention projections (q, k, v, o) and the
+    shared-expert MLP (w1, w3, w2). Flash-LLM prunes every weight; at decode such a matmul is
+    bound by the bytes of its weight, which a sparse format cuts.
+
+    Attributes:
+      format: a format name of ``pallas_kernels.format_registry`` ("dense", "nm",
+        "samoyeds", "unstructured"); ``sparsity`` holds its parameters.
+      implementation: see ``LinearImplementation``.
+    """
+
+    format: str = "dense"
+    sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
+    implementation: LinearImplementation = None
+
+    def __post_init__(self) -> None:
+        if self.format not in format_names():
+            raise ValueError(f"linear format must be one of {format_names()}, got "
+                             f"{self.format!r}")
+        expect_kind("sparsity", self.sparsity, SparsityConfig, "a SparsityConfig")
+        if isinstance(self.implementation, list):
+            object.__setattr__(self, "implementation", tuple(self.implementation))
+        linear_op.check_implementation(self.implementation)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the format stores the weights compressed (any format but dense)."""
+        return bool(get_format(self.format).classes)
+
+    def check_weight(self, k: int, n: int, what: str) -> None:
+        """Raise ValueError if a [k, n] weight cannot be stored in ``format``."""
+        self.sparsity.check_weight(self.format, k, n, what)
+
+    def random(self, key, shape, dtype):
+        """A random weight of dense ``shape`` [K, N] stored in ``format``
+        (``WeightFormat.random``)."""
+        return get_format(self.format).random(key, shape, dtype,
+                                              **self.sparsity.format_params(self.format))
+
+    def replace(self, **changes) -> LinearConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

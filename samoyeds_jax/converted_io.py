@@ -49,7 +49,7 @@ from safetensors.numpy import save_file
 
 from pallas_kernels.format_registry import FORMATS
 from samoyeds_jax import atomic
-from samoyeds_jax.config import ExpertImplementation, MoEConfig, SparsityConfig
+from samoyeds_jax.config import ExpertImplementation, LinearConfig, MoEConfig, SparsityConfig
 from samoyeds_jax.hf_import import ShardReader
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -83,7 +83,8 @@ _FORMAT_VERSION = 3
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """A JSON-ready dict of ``config`` (dtypes by name)."""
     d = dataclasses.asdict(config)
-    del d["moe"]["implementation"]  # a runtime choice, not part of the model
+    del d["moe"]["implementation"]  # runtime choices, not part of the model
+    del d["linear"]["implementation"]
     d["dtype"] = jnp.dtype(config.dtype).name
     d["param_dtype"] = jnp.dtype(config.param_dtype).name
     return d
@@ -94,10 +95,13 @@ def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     d = dict(d)
     moe = dict(d.pop("moe"))
     sparsity = SparsityConfig(**moe.pop("sparsity"))
+    linear = dict(d.pop("linear", {}))  # absent: written before linears could be sparse
+    linear_sparsity = SparsityConfig(**linear.pop("sparsity", {}))
     return ModelConfig(
         **{k: v for k, v in d.items() if k not in ("attention", "dtype", "param_dtype")},
         attention=AttentionConfig(**d["attention"]),
         moe=MoEConfig(**moe, sparsity=sparsity),
+        linear=LinearConfig(**linear, sparsity=linear_sparsity),
         dtype=jnp.dtype(d["dtype"]), param_dtype=jnp.dtype(d["param_dtype"]))
 
 

@@ -14,7 +14,8 @@ run through one code path with static shapes:
 
 Parameter names follow the Hugging Face checkpoints (``q_proj`` ... ``o_proj``, ``q_norm``,
 ``k_norm``); linear kernels are stored ``[in, out]`` for ``y = x @ W`` (the transpose of the
-Hugging Face ``weight``).
+Hugging Face ``weight``), dense or in the sparse format of a ``LinearConfig``
+(``samoyeds_jax.linear``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.checks import expect_positive_ints
+from samoyeds_jax.config import LinearConfig
+from samoyeds_jax.linear import Linear
 
 QKNorm = Literal["none", "per_head", "full"]
 
@@ -148,21 +151,22 @@ class Attention(nnx.Module):
     ``q_norm.scale``/``k_norm.scale``.
     """
 
-    def __init__(self, config: AttentionConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: AttentionConfig, *, linear: LinearConfig = LinearConfig(),
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
         c = config
         self.config = c
         self.dtype = dtype
         init = nnx.initializers.normal(0.02)
 
-        def linear(k_in, n_out, bias):
-            return nnx.Linear(k_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=init, rngs=rngs)
+        def linear_(k_in, n_out, bias):
+            return Linear(k_in, n_out, config=linear, use_bias=bias, dtype=dtype,
+                          param_dtype=param_dtype, kernel_init=init, rngs=rngs)
 
-        self.q_proj = linear(c.d_model, c.num_heads * c.head_dim, c.qkv_bias)
-        self.k_proj = linear(c.d_model, c.num_kv_heads * c.head_dim, c.qkv_bias)
-        self.v_proj = linear(c.d_model, c.num_kv_heads * c.head_dim, c.qkv_bias)
-        self.o_proj = linear(c.num_heads * c.head_dim, c.d_model, False)
+        self.q_proj = linear_(c.d_model, c.num_heads * c.head_dim, c.qkv_bias)
+        self.k_proj = linear_(c.d_model, c.num_kv_heads * c.head_dim, c.qkv_bias)
+        self.v_proj = linear_(c.d_model, c.num_kv_heads * c.head_dim, c.qkv_bias)
+        self.o_proj = linear_(c.num_heads * c.head_dim, c.d_model, False)
         if c.qk_norm == "per_head":
             self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
             self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -175,7 +179,18 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
                  cache_k: jax.Array, cache_v: jax.Array, index: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Attend ``t`` new tokens to themselves and the cache.
+        """Attend ``t`` new tokens to themselves and the cache: ``o_proj(context(...))``.
+
+        Args: as ``context``. Returns ``(y [b, t, d], cache_k, cache_v)``.
+        """
+        ctx, cache_k, cache_v = self.context(x, positions=positions, mask=mask, cache_k=cache_k,
+                                             cache_v=cache_v, index=index)
+        return self.o_proj(ctx), cache_k, cache_v
+
+    def context(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
+                cache_k: jax.Array, cache_v: jax.Array, index: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The heads' outputs before ``o_proj`` (its input, e.g. for calibration).
 
         Args:
           x: ``[b, t, d]``.
@@ -185,7 +200,7 @@ class Attention(nnx.Module):
             ``index .. index + t - 1``.
           index: ``[]`` int32 first slot written.
         Returns:
-          ``(y [b, t, d], cache_k, cache_v)`` with the updated caches.
+          ``(context [b, t, h * hd], cache_k, cache_v)`` with the updated caches.
         """
         c = self.config
         b, t, _ = x.shape
@@ -216,5 +231,4 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(self.dtype),
                          preferred_element_type=jnp.float32).astype(self.dtype)
-        y = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
-        return y, cache_k, cache_v
+        return out.reshape(b, t, c.num_heads * c.head_dim), cache_k, cache_v

@@ -37,7 +37,8 @@ from flax import nnx
 
 from pallas_kernels.checks import are_arrays, check_ids, expect_kind, expect_positive_ints
 from samoyeds_jax import families
-from samoyeds_jax.config import ExpertFormat, ExpertImplementation, MoEConfig, PregateMode
+from samoyeds_jax.config import (ExpertFormat, ExpertImplementation, LinearConfig, MoEConfig,
+                                 PregateMode)
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
 from samoyeds_jax.moe import MoE
 
@@ -58,6 +59,8 @@ class ModelConfig:
       num_layers: l.
       attention: per-block attention config (d, heads, kv heads, head_dim, rope theta, q/k norm).
       moe: per-block MoE config (d, f, e, k, router norm, shared expert, format, implementation, pre-gate).
+      linear: how the attention projections and shared experts are stored (``LinearConfig``:
+        dense by default, or a sparse format for every one of them).
       norm_eps: RMSNorm epsilon.
       tie_word_embeddings: the output projection reuses ``embed_tokens``.
       max_position_embeddings: longest sequence the model was trained for (informational).
@@ -70,6 +73,7 @@ class ModelConfig:
     num_layers: int
     attention: AttentionConfig
     moe: MoEConfig
+    linear: LinearConfig = dataclasses.field(default_factory=LinearConfig)
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
@@ -85,15 +89,25 @@ class ModelConfig:
         if self.attention.d_model != self.moe.d_model:
             raise ValueError(
                 f"attention d_model={self.attention.d_model} != moe d_model={self.moe.d_model}")
+        expect_kind("linear", self.linear, LinearConfig, "a LinearConfig")
+        a, d = self.attention, self.attention.d_model
+        for what, k, n in (("q_proj", d, a.num_heads * a.head_dim),
+                           ("k_proj/v_proj", d, a.num_kv_heads * a.head_dim),
+                           ("o_proj", a.num_heads * a.head_dim, d)):
+            self.linear.check_weight(k, n, f"attention {what} [{k}, {n}]")
+        if self.moe.shared_width:
+            s = self.moe.shared_width
+            self.linear.check_weight(d, s, f"shared experts w1/w3 [{d}, {s}]")
+            self.linear.check_weight(s, d, f"shared experts w2 [{s}, {d}]")
 
     @property
     def d_model(self) -> int:
         return self.attention.d_model
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with ``changes`` applied; ``moe=dict(...)`` / ``attention=dict(...)`` update
-        only those fields of the sub-configs."""
-        for name in ("moe", "attention"):
+        """A copy with ``changes`` applied; ``moe=dict(...)``, ``attention=dict(...)`` and
+        ``linear=dict(...)`` update only those fields of the sub-configs."""
+        for name in ("moe", "attention", "linear"):
             if isinstance(changes.get(name), Mapping):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
@@ -257,7 +271,8 @@ def step_positions(cache: KVCache, mask: jax.Array, *, sliding_window: int | Non
 def default_mlp(config: ModelConfig, *, block_index: int, rngs: nnx.Rngs) -> nnx.Module:
     """The MoE layer of block ``block_index``, built from ``config.moe``."""
     return MoE(config.moe, block_index=block_index, num_blocks=config.num_layers,
-               dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+               linear=config.linear, dtype=config.dtype, param_dtype=config.param_dtype,
+               rngs=rngs)
 
 
 MlpFactory = Callable[..., nnx.Module]
@@ -272,7 +287,7 @@ class DecoderBlock(nnx.Module):
                  mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
         kw = dict(dtype=config.dtype, param_dtype=config.param_dtype)
         self.input_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
-        self.self_attn = Attention(config.attention, rngs=rngs, **kw)
+        self.self_attn = Attention(config.attention, linear=config.linear, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
         self.mlp = mlp_factory(config, block_index=block_index, rngs=rngs)
 

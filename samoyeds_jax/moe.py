@@ -39,7 +39,9 @@ from flax import nnx
 from pallas_kernels import expert_op
 from pallas_kernels.checks import are_arrays, expect_kind
 from pallas_kernels.format_registry import get_format
-from samoyeds_jax.config import ExpertImplementation, MoEConfig, RouterNorm, SparsityConfig
+from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
+                                 SparsityConfig)
+from samoyeds_jax.linear import apply_kernel, init_kernel
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
 Dtype = Any
@@ -154,28 +156,39 @@ class PreGatedRouter(Router):
 class SharedExperts(nnx.Module):
     """Always-on SwiGLU experts fused into one MLP of width s, with an optional sigmoid gate.
 
-    Params ``w1/w3 [d, s]``, ``w2 [s, d]`` and, for ``gate="sigmoid"`` (Qwen2-MoE),
-    ``gate_kernel [d, 1]``: ``y = sigmoid(x @ gate_kernel) * mlp(x)``.
+    Params ``w1/w3 [d, s]``, ``w2 [s, d]`` (dense, or in the sparse format of ``linear``,
+    computed by ``pallas_kernels.linear_op``) and, for ``gate="sigmoid"`` (Qwen2-MoE),
+    ``gate_kernel [d, 1]`` (dense): ``y = sigmoid(x @ gate_kernel) * mlp(x)``.
     """
 
-    def __init__(self, d_model: int, width: int, *, gate: str = "none", dtype: Dtype | None = None,
+    def __init__(self, d_model: int, width: int, *, gate: str = "none",
+                 linear: LinearConfig = LinearConfig(), dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.w1 = nnx.Param(_linear_init(rngs.params(), (d_model, width), param_dtype))
-        self.w3 = nnx.Param(_linear_init(rngs.params(), (d_model, width), param_dtype))
-        self.w2 = nnx.Param(_linear_init(rngs.params(), (width, d_model), param_dtype))
+        self.linear = linear
+        self.w1 = nnx.Param(init_kernel(linear, rngs.params(), (d_model, width), param_dtype,
+                                        _linear_init))
+        self.w3 = nnx.Param(init_kernel(linear, rngs.params(), (d_model, width), param_dtype,
+                                        _linear_init))
+        self.w2 = nnx.Param(init_kernel(linear, rngs.params(), (width, d_model), param_dtype,
+                                        _linear_init))
         self.gate_kernel = (nnx.Param(_linear_init(rngs.params(), (d_model, 1), param_dtype))
                             if gate == "sigmoid" else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [t, d] -> [t, d] in the compute dtype."""
-        dtype = self.dtype or jnp.result_type(x.dtype, self.w1[...].dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.w1.get_value().dtype)
         x = x.astype(dtype)
-        dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-        h = jax.nn.silu(dot(x, self.w1[...].astype(dtype))) * dot(x, self.w3[...].astype(dtype))
-        y = dot(h.astype(dtype), self.w2[...].astype(dtype))  # [t, d] f32
+        impl = self.linear.implementation
+
+        def dot(a, w, out=jnp.float32):
+            return apply_kernel(a, w, dtype=dtype, implementation=impl, out_dtype=out)
+
+        h = jax.nn.silu(dot(x, self.w1.get_value())) * dot(x, self.w3.get_value())
+        y = dot(h.astype(dtype), self.w2.get_value())  # [t, d] f32
         if self.gate_kernel is not None:
-            y = y * jax.nn.sigmoid(dot(x, self.gate_kernel[...].astype(dtype)))  # [t, 1]
+            g = jnp.dot(x, self.gate_kernel[...].astype(dtype), preferred_element_type=jnp.float32)
+            y = y * jax.nn.sigmoid(g)  # [t, 1]
         return y.astype(dtype)
 
 
@@ -191,6 +204,7 @@ class MoE(nnx.Module):
       block_index: position of this block among the model's MoE blocks (0-based).
       num_blocks: number of MoE blocks in the model. The last one has no pre-gate; in
         ``"pregated"`` mode only block 0 routes with its own gate.
+      linear: how the shared experts' matrices are stored (``LinearConfig``; dense default).
       dtype: compute dtype (None: promote input and params). param_dtype: storage dtype.
         For inference keep them equal (e.g. both bfloat16): otherwise the expert stacks are
         cast on every call, an extra pass over all weights.
@@ -203,8 +217,8 @@ class MoE(nnx.Module):
     """
 
     def __init__(self, config: MoEConfig, *, block_index: int = 0, num_blocks: int = 1,
-                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-                 track_recall: bool = True, rngs: nnx.Rngs):
+                 linear: LinearConfig = LinearConfig(), dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, track_recall: bool = True, rngs: nnx.Rngs):
         expect_kind("config", config, MoEConfig, "a MoEConfig")
         if not 0 <= block_index < num_blocks:
             raise ValueError(f"need 0 <= block_index < num_blocks, got {block_index=}, {num_blocks=}")
@@ -233,8 +247,8 @@ class MoE(nnx.Module):
         self.w1 = nnx.Param(draw(keys[0], (e, d, f)))
         self.w3 = nnx.Param(draw(keys[1], (e, d, f)))
         self.w2 = nnx.Param(draw(keys[2], (e, f, d)))
-        self.shared = (SharedExperts(d, c.shared_width, gate=c.shared_gate, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
+        self.shared = (SharedExperts(d, c.shared_width, gate=c.shared_gate, linear=linear,
+                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                        if c.num_shared_experts else None)
         self.recall_stats = RecallStats(RecallCounts.zeros())
         # Set by ``samoyeds_jax.parallel.use_expert_parallel``: routed experts split over devices.

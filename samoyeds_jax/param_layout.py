@@ -25,6 +25,18 @@ def _abstract_model(config: ModelConfig) -> MoETransformer:
     return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(0)))
 
 
+def abstract_model(config: ModelConfig) -> MoETransformer:
+    """The model of ``config`` with ``jax.ShapeDtypeStruct`` leaves (nothing allocated), each
+    parameter in the layout the config implies (sparse formats' ``abstract`` values): what
+    ``jax.jit(...).lower`` needs to compile for a model without building it. An unstructured
+    weight gets one slot per tile (its slot count depends on the weights)."""
+    model = _abstract_model(config)
+    for path, var in _variables(model).items():
+        if isinstance(var, nnx.Param):
+            var.set_value(_expected(config, path, var.get_value(), None))
+    return model
+
+
 def _variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
 
@@ -70,16 +82,26 @@ def _describe(value: Any) -> str:
 
 def _expected(config: ModelConfig, path: Path, dense: Any, stored: Any) -> Any:
     """The layout ``config`` implies for parameter ``path`` of abstract dense value ``dense``:
-    ``dense`` itself, or for routed experts in a sparse format the format's ``abstract`` value.
+    ``dense`` itself, or for routed experts (``config.moe.expert_format``) and the attention
+    projections and shared experts (``config.linear.format``) in a sparse format the format's
+    ``abstract`` value.
     A TiledSparse takes its tile sizes and slot count, which the config leaves open, from
     ``stored``. ValueError when the config admits no layout for it."""
-    name = config.moe.expert_format
-    fmt = get_format(name)
-    if not fmt.classes or path[:1] != ("layers",) or path[2:] not in (
-            ("mlp", "w1"), ("mlp", "w3"), ("mlp", "w2")):
+    if path[:1] != ("layers",):
         return dense
-    return fmt.abstract(dense.shape, dense.dtype, like=stored,
-                        **config.moe.sparsity.format_params(name))
+    if path[2:] in _EXPERTS:
+        name, sparsity = config.moe.expert_format, config.moe.sparsity
+    elif path[2:] in _LINEARS:
+        name, sparsity = config.linear.format, config.linear.sparsity
+    else:
+        return dense
+    return get_format(name).abstract(dense.shape, dense.dtype, like=stored,
+                                     **sparsity.format_params(name))
+
+
+_EXPERTS = (("mlp", "w1"), ("mlp", "w3"), ("mlp", "w2"))
+_LINEARS = tuple(("self_attn", p, "kernel") for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + \
+    tuple(("mlp", "shared", w) for w in ("w1", "w3", "w2"))
 
 
 def _check_layout(config: ModelConfig, path: Path, dense: Any, value: Any, where: str) -> Any:
@@ -94,7 +116,9 @@ def _check_layout(config: ModelConfig, path: Path, dense: Any, value: Any, where
                          f"config ({err})") from None
     if _describe(value) != _describe(expected):
         if type(value) is not type(expected) and _is_sparse(expected):
-            want = f"{type(expected).__name__} (expert_format={config.moe.expert_format!r})"
+            which = (f"expert_format={config.moe.expert_format!r}" if path[2:] in _EXPERTS
+                     else f"linear format={config.linear.format!r}")
+            want = f"{type(expected).__name__} ({which})"
         else:
             want = _describe(expected)
         raise ValueError(f"parameter {name} in {where}: expected {want} from the config, found "

@@ -240,7 +240,10 @@ def _activation(path: str, leaves: Mapping[str, jax.Array],
 
 @jax.jit
 def _ffn_hidden(x: jax.Array, w1: jax.Array, w3: jax.Array) -> jax.Array:
-    """silu(x @ w1) * (x @ w3) in float32: x [t, d] or [e, t, d], w1/w3 [e, d, f] -> [e, t, f]."""
+    """silu(x @ w1) * (x @ w3) in float32: x [t, d] or [e, t, d], w1/w3 [e, d, f] -> [e, t, f]
+    (w1/w3 [d, f], one FFN: x [t, d] -> [t, f])."""
+    if w1.ndim == 2:  # one FFN (shared experts): [d, f]
+        return _ffn_hidden(x, w1[None], w3[None])[0]
     x = x.astype(jnp.float32)
     if x.ndim == 2:
         x = jnp.broadcast_to(x[None], (w1.shape[0],) + x.shape)

@@ -32,15 +32,22 @@ def make_optimizer(train: TrainConfig, params: nnx.State) -> optax.GradientTrans
     return optax.chain(*chain)
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def sparsity_masks(params: nnx.State) -> Any:
-    """Keep-masks of the routed-expert stacks (``w1/w3/w2`` of every MoE layer): True where the
-    weight is nonzero. Other parameters get a scalar True (trained freely)."""
+    """Keep-masks of the matrices pruning applies to: the routed-expert stacks (``w1/w3/w2``
+    of every MoE layer), the shared experts' ``w1/w3/w2`` and the attention projections'
+    kernels. True where the weight is nonzero (a dense matrix has no exact zeros, so it trains
+    freely). Other parameters (norms, biases, gates, embeddings) get a scalar True."""
     def mask(path, p):
         names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
         if names and names[-1] == "value":  # nnx.State leaves end in .value
             names = names[:-1]
-        expert = len(names) >= 2 and names[-2] == "mlp" and names[-1] in ("w1", "w3", "w2")
-        return (p != 0) if expert else jnp.ones((), bool)
+        ffn = (len(names) >= 2 and names[-2] in ("mlp", "shared")
+               and names[-1] in ("w1", "w3", "w2"))
+        projection = (len(names) >= 2 and names[-2] in _PROJECTIONS and names[-1] == "kernel")
+        return (p != 0) if ffn or projection else jnp.ones((), bool)
     return jax.tree_util.tree_map_with_path(mask, params)
 
 

@@ -116,8 +116,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
     out = str(tmp_path / "samoyeds")
     args = ["--checkpoint", ckpt, "--corpus", root, "--out", out, "--format", "samoyeds",
-            "--method", "sparsegpt", "--calib-windows", "4", "--recover-steps", "2",
-            "--batch-size", "2", "--seq-len", "32", "--eval-windows", "4"]
+            "--method", "sparsegpt", "--linears", "2:4", "--calib-windows", "4",
+            "--recover-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-windows", "4"]
     assert compress_main(args) == 0
     text = capsys.readouterr().out
     for word in ("dense", "one-shot", "recovered", "saved samoyeds model"):
@@ -129,6 +129,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     from samoyeds_jax.converted_io import load_converted
     loaded, config = load_converted(out)
     assert config.moe.expert_format == "samoyeds"
+    assert config.linear.format == "nm" and meta["conversion"]["prune_linears"]["n"] == 2
+    assert type(loaded.layers[1].self_attn.o_proj.kernel.get_value()).__name__ == "NMSparse"
     assert config.moe.pregate == "speculative" and loaded.layers[0].mlp.pregate is not None
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     # a second run refuses to overwrite
@@ -145,3 +147,15 @@ def test_cli_checks_before_loading(tmp_path, capsys):
     assert compress_main(["--checkpoint", str(tmp_path / "nope"), "--corpus", root,
                           "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--linear-sparsity", "0.6"], "--linear-sparsity is for --linears unstructured"),
+    (["--linears", "2:4", "--linear-sparsity", "0.6"],
+     "--linear-sparsity is for --linears unstructured"),
+])
+def test_cli_refuses_linear_options_without_effect(tmp_path, capsys, extra, match):
+    ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
+    assert compress_main(["--checkpoint", ckpt, "--corpus", root,
+                          "--out", str(tmp_path / "o")] + extra) == 2
+    assert match in capsys.readouterr().err

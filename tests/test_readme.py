@@ -18,6 +18,21 @@ def test_readme_moe_example_runs(capsys):
     assert "recall" in capsys.readouterr().out
 
 
+def test_readme_sparse_linears_example_runs(capsys):
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(b for b in blocks if "linear=dict(" in b)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    w = scope["model"].layers[0].self_attn.q_proj.kernel.get_value()
+    assert type(w).__name__ == "NMSparse"
+    from pallas_kernels import linear_op
+
+    name = capsys.readouterr().out.split()[0]
+    assert name in linear_op.implementation_names()
+    assert name == "xla" or jax.default_backend() == "gpu"
+
+
 def test_readme_generate_examples_pass_the_cli_checks():
     """Each `scripts/bootstrap.sh generate ...` example of the README is accepted by
     samoyeds-generate's checks (those that need a downloaded checkpoint are left out)."""
