@@ -42,10 +42,14 @@ def refuse_unless(condition: bool, given: set[str], options: dict[str, str], why
 def describe_experts(model) -> str:
     """``format=..., implementation=..., pregate=...`` of a ``MoETransformer``: the expert
     implementation that runs (``MoE.implementation``), saying when it expands a sparse format
-    or runs without a GPU."""
+    or runs without a GPU; and ``linears=...`` with theirs when they are sparse."""
     moe = model.config.moe
-    return (f"format={moe.expert_format}, implementation={model.layers[0].mlp.implementation()}, "
-            f"pregate={moe.pregate}")
+    out = (f"format={moe.expert_format}, implementation={model.layers[0].mlp.implementation()}, "
+           f"pregate={moe.pregate}")
+    if model.config.linear.is_sparse:
+        out += (f", linears={model.config.linear.format} "
+                f"({model.layers[0].self_attn.q_proj.implementation()})")
+    return out
 
 
 def gpu_check_main(argv: list[str] | None = None) -> int:

@@ -398,7 +398,25 @@ class MoETransformer(nnx.Module):
         described = [block.mlp.prepare(implementation) for block in self.layers]
         self.config = self.config.replace(
             moe=dict(implementation=self.layers[0].mlp.config.implementation))
+        if self.config.linear.is_sparse:
+            self.prepare_linears()
         return described[0]
+
+    def prepare_linears(self, implementation: Any = None) -> str:
+        """``Linear.prepare`` for every attention projection and the shared experts
+        (``implementation``, default ``config.linear.implementation``: None picks the fastest
+        that applies); ``config.linear.implementation`` becomes the chosen name. Returns the
+        first projection's ``Linear.implementation()``."""
+        if implementation is None:
+            implementation = self.config.linear.implementation
+        for block in self.layers:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(block.self_attn, proj).prepare(implementation)
+            if block.mlp.shared is not None:
+                block.mlp.shared.prepare(implementation)
+        first = self.layers[0].self_attn.q_proj
+        self.config = self.config.replace(linear=dict(implementation=first.config.implementation))
+        return first.implementation()
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: ``[..., d]`` -> float32 logits ``[..., v]``."""

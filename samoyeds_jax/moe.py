@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import expert_op
+from pallas_kernels import expert_op, linear_op
 from pallas_kernels.checks import are_arrays, expect_kind
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
@@ -174,6 +174,19 @@ class SharedExperts(nnx.Module):
                                         _linear_init))
         self.gate_kernel = (nnx.Param(_linear_init(rngs.params(), (d_model, 1), param_dtype))
                             if gate == "sigmoid" else None)
+
+    def prepare(self, implementation: Any = None) -> None:
+        """``Linear.prepare`` for w1/w3/w2: the linear implementation (default
+        ``linear.implementation``) chosen and the weights put in its layout once, in place."""
+        if implementation is None:
+            implementation = self.linear.implementation
+        chosen = None
+        for name in ("w1", "w3", "w2"):
+            w = getattr(self, name).get_value()
+            op = linear_op.resolve(implementation, w, prepared=False)
+            getattr(self, name).set_value(op.prepare(w))
+            chosen = chosen or op.name
+        self.linear = self.linear.replace(implementation=chosen)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [t, d] -> [t, d] in the compute dtype."""

@@ -148,3 +148,28 @@ def test_converted_model_stores_the_linear_format_not_the_implementation(tmp_pat
     loaded, _ = load_converted(str(tmp_path / "m"))
     w = loaded.layers[1].self_attn.v_proj.kernel.get_value()
     chex.assert_trees_all_equal(w, model.layers[1].self_attn.v_proj.kernel.get_value())
+
+
+def test_prepare_picks_the_linear_implementation_and_keeps_the_output():
+    cfg = _config("nm", shared=1).replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = MoETransformer(cfg, rngs=nnx.Rngs(0))
+    windows = _windows(n=2)
+    before = _logits(model, windows)
+    model.prepare()
+    assert model.config.linear.implementation == "xla"   # no GPU: the automatic choice
+    assert model.layers[1].mlp.shared.linear.implementation == "xla"
+    chex.assert_trees_all_close(_logits(model, windows), before, rtol=0, atol=0)
+    from samoyeds_jax.cli import describe_experts
+    assert "linears=nm (xla (nm weight expanded to dense))" in describe_experts(model)
+
+
+def test_triton_linear_matches_xla_in_interpret_mode():
+    lin = Linear(128, 64, config=LinearConfig(format="nm"), param_dtype=jnp.bfloat16,
+                 dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3, 128), jnp.bfloat16)
+    want = lin(x)
+    described = lin.prepare("triton")
+    assert lin.config.implementation == "triton" and described.startswith("triton")
+    assert ("interpret mode" in described) == (jax.default_backend() != "gpu")
+    chex.assert_trees_all_close(lin(x).astype(jnp.float32), want.astype(jnp.float32),
+                                rtol=2e-2, atol=2e-2)
