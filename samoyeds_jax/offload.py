@@ -61,11 +61,11 @@ import numpy as np
 
 from samoyeds_jax.expert_cache import EVICTIONS, Eviction, ExpertCache
 from samoyeds_jax.expert_store import ExpertStore, PyTree, device_sharding
+from samoyeds_jax.fetch_policy import POLICIES, get_policy
 from samoyeds_jax.routing import Routing
 
 FetchPolicy = Literal["gpu_only", "on_demand", "prefetch_all", "pregated", "speculative"]
-FETCH_POLICIES: tuple[str, ...] = (
-    "gpu_only", "on_demand", "prefetch_all", "pregated", "speculative")
+FETCH_POLICIES: tuple[str, ...] = tuple(POLICIES)
 RoutingSource = Literal["pregate", "router"]
 ROUTING_SOURCES: tuple[str, ...] = ("pregate", "router")
 
@@ -75,13 +75,10 @@ def check_routing_source(policy: str, routing_source: str) -> None:
     if routing_source not in ROUTING_SOURCES:
         raise ValueError(f"routing_source must be one of {ROUTING_SOURCES}, "
                          f"got {routing_source!r}")
-    if policy == "pregated" and routing_source != "pregate":
-        raise ValueError("policy='pregated' fetches the pre-gate's experts, so it needs "
-                         f"routing_source='pregate', got {routing_source!r}")
-    if policy == "speculative" and routing_source != "router":
-        raise ValueError("policy='speculative' treats the pre-gate as a prediction of each "
-                         f"block's own router, so it needs routing_source='router', got "
-                         f"{routing_source!r}")
+    p = get_policy(policy)
+    if p.routing_source not in (None, routing_source):
+        raise ValueError(f"policy={policy!r} {p.why}, so it needs routing_source="
+                         f"{p.routing_source!r}, got {routing_source!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,8 +125,7 @@ class OffloadConfig:
     poison_evicted: bool = False
 
     def __post_init__(self):
-        if self.policy not in FETCH_POLICIES:
-            raise ValueError(f"policy must be one of {FETCH_POLICIES}, got {self.policy!r}")
+        get_policy(self.policy)
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         check_routing_source(self.policy, self.routing_source)
@@ -173,10 +169,6 @@ def _back_with_table(back, params, h, x, routing: Routing, table, layer, buffers
     return back(params, h, x, routing, slot_idx, buffers)
 
 
-def _unique(ids: np.ndarray) -> list[int]:
-    return [int(e) for e in np.unique(ids)]
-
-
 def resolve_slots(config: OffloadConfig, *, num_layers: int, num_experts: int, top_k: int,
                   max_tokens: int) -> int:
     """Slot count of the pool for ``config`` (its ``slots``, or the default rule), validated.
@@ -186,20 +178,12 @@ def resolve_slots(config: OffloadConfig, *, num_layers: int, num_experts: int, t
     ``2 * experts`` for ``prefetch_all`` and ``2 * min(experts, top_k * max_tokens)`` for
     the others, capped at ``layers * experts``. ``max_tokens``: the largest t one forward routes.
     """
-    L, E = num_layers, num_experts
+    policy = get_policy(config.policy)
     slots = config.slots
     if slots is None:
-        if config.policy == "gpu_only":
-            slots = L * E
-        else:
-            per_block = E if config.policy == "prefetch_all" else min(E, top_k * max_tokens)
-            slots = min(L * E, 2 * per_block)
-    if config.policy == "gpu_only" and slots < L * E:
-        raise ValueError(f"policy='gpu_only' keeps all {L}*{E} experts resident: needs "
-                         f"slots >= {L * E}, got {slots=}")
-    if config.policy == "prefetch_all" and slots < E:
-        raise ValueError(f"policy='prefetch_all' fetches all {E} experts of the next block: "
-                         f"needs slots >= {E}, got {slots=}")
+        slots = policy.default_slots(num_layers, num_experts,
+                                     min(num_experts, top_k * max_tokens))
+    policy.check_slots(slots, num_layers, num_experts)
     return slots
 
 
@@ -210,7 +194,7 @@ def make_cache(store: ExpertStore, config: OffloadConfig, *, top_k: int,
                           top_k=top_k, max_tokens=max_tokens)
     cache = ExpertCache(store, slots=slots, top_k=top_k, eviction=config.eviction,
                         poison_evicted=config.poison_evicted)
-    if config.policy == "gpu_only":
+    if get_policy(config.policy).preload:
         cache.preload_all()
     return cache
 
@@ -319,6 +303,7 @@ class BlockScheduler:
         (None for the last block).
         """
         cfg, cache = self.config, self.cache
+        policy = get_policy(cfg.policy)
         L, E = cache.store.num_layers, cache.store.num_experts
         use_pregate = cfg.routing_source == "pregate" and l > 0
         if use_pregate and self._carried is None:
@@ -328,35 +313,28 @@ class BlockScheduler:
         has_next = l + 1 < L and pregate is not None
 
         # host reads: this block's experts and/or the pre-gate's (one sync)
+        read_own = policy.reads_own(use_pregate)
+        read_next = has_next and (policy.reads_next() or cfg.read_routing_each_layer)
         want = []
-        if cfg.policy in ("on_demand", "speculative") or (
-                cfg.policy == "pregated" and not use_pregate):
+        if read_own:
             want.append(routing.topk_idx)
-        if has_next and (cfg.policy in ("pregated", "speculative")
-                         or cfg.read_routing_each_layer):
+        if read_next:
             want.append(pregate.topk_idx)
         read = self._read(want) if want else []
+        own_ids = read[0] if read_own else None
+        next_ids = read[-1] if read_next and policy.reads_next() else None
 
         # block l's experts: resident already, or fetched now (on the critical path)
-        all_experts = list(range(E))
-        if cfg.policy in ("gpu_only", "prefetch_all"):
-            experts = all_experts
-        elif cfg.policy == "pregated" and use_pregate:
-            experts = self._known      # read at block l-1, fetched during its compute
-        else:
-            experts = _unique(read[0])
-        if cfg.policy != "gpu_only":
+        experts = policy.needed(own_ids, self._known, use_pregate, E)
+        if not policy.preload:
             self._demand(l, experts)   # all hits when the prefetch covered them
 
         # block l+1's experts (block 0 of the next step for prefetch_all)
-        nxt, nxt_experts = None, None
-        if cfg.policy == "prefetch_all":
-            nxt, nxt_experts = (l + 1) % L, all_experts
-        elif cfg.policy in ("pregated", "speculative") and has_next:
-            nxt, nxt_experts = l + 1, _unique(read[-1])
-            self._known = nxt_experts
+        ahead = policy.prefetch(l, L, E, next_ids)
         self._late = None
-        if nxt is not None:
+        if ahead is not None:
+            nxt, nxt_experts = ahead
+            self._known = nxt_experts
             current = {(l, e) for e in experts}
             if len(current | {(nxt, e) for e in nxt_experts}) <= cache.slots:
                 cache.fetch(nxt, nxt_experts, demand=False, protect=current)
