@@ -12,7 +12,7 @@ expert transfers can be issued between the blocks' computations (``samoyeds_jax.
         finish:  block l+1's transfers that did not fit before               (device_put, async)
     -> norm -> lm_head -> sample
 
-The fetch logic of every policy is ``offload.BlockScheduler`` (shared with ``OffloadDecoder``):
+The fetch logic of every policy is ``offload.BlockScheduler``:
 a host->device copy starts only after the computations queued before it, so block l+1's
 prefetch is issued before block l's expert compute is queued and runs under it.
 The non-expert parameters stay on the device; the expert weights (dense or any sparse format)
