@@ -1,6 +1,6 @@
 """Decode step time, peak GPU memory and transfer accounting of host-offloaded experts.
 
-Runs ``samoyeds_jax.offload.OffloadDecoder`` over ``SimpleMoEBlock`` stacks with random
+Runs ``offload_engines.OffloadDecoder`` over ``SimpleMoEBlock`` stacks with random
 weights, for every fetch policy, and measures in the same process:
 
 * compute-only: the same jitted blocks with all experts of every block already resident
@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import glob
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -93,7 +94,7 @@ def _nm24_class():
     import jax
     import jax.numpy as jnp
     try:
-        from pallas_kernels.formats import NMSparse  # noqa: F401
+        importlib.import_module("pallas_kernels.formats")
         have_formats = True
     except Exception:
         have_formats = False
@@ -208,13 +209,13 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
     per-block host sync of the pregated policy).
     """
     import numpy as np_
-    from samoyeds_jax import offload as off
+    from offload_engines import decoder as engine
     from samoyeds_jax.expert_cache import ExpertCache
     cache = ExpertCache(store, slots=store.num_experts, top_k=top_k)
     cache.fetch(0, range(store.num_experts), demand=True)
     cache.commit(0)
     table, layer0 = cache.device_table, cache.layer_index(0)
-    front = off._jit(block.front)
+    front = engine._jit(block.front)
 
     def step(h):
         carried = None
@@ -223,8 +224,8 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
             routing = carried if (routing_source == "pregate" and l > 0) else own
             if sync and l + 1 < store.num_layers:   # where the pregated policy reads its ids
                 np_.asarray(pregate.topk_idx)
-            h = off._back_with_table(block.back, params[l], h, x, routing, table, layer0,
-                                     cache.buffers)
+            h = engine._back_with_table(block.back, params[l], h, x, routing, table, layer0,
+                                        cache.buffers)
             carried = pregate
         return h
 
@@ -239,12 +240,13 @@ def compute_only(block, params, store, hs, *, top_k, routing_source, sync: bool,
 
 def run_policy(block, params, store, hs, *, top_k, policy, routing_source, slots, eviction,
                steps, device, trace_dir: str | None = None):
-    from samoyeds_jax import offload as off
-    cfg = off.OffloadConfig(policy=policy, routing_source=routing_source, slots=slots,
-                            eviction=eviction)
+    from offload_engines import OffloadDecoder
+    from samoyeds_jax.offload import OffloadConfig
+    cfg = OffloadConfig(policy=policy, routing_source=routing_source, slots=slots,
+                        eviction=eviction)
     mem0 = _mem(device)
-    dec = off.OffloadDecoder(block.fns(), params, store, top_k=top_k, config=cfg,
-                             max_tokens=hs[0].shape[0])
+    dec = OffloadDecoder(block.fns(), params, store, top_k=top_k, config=cfg,
+                         max_tokens=hs[0].shape[0])
     warm = 2
     walls, syncs, sync_s, nbytes = [], [], [], []
     for i in range(warm + steps):
@@ -360,9 +362,8 @@ def _dump(out_dir: str, case: Case, result: dict) -> None:
 def run_case(case: Case, out_dir: str, *, smoke: bool) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
-    from samoyeds_jax import offload as off
+    from offload_engines import SimpleMoEBlock, overlap_fraction
     from samoyeds_jax.expert_store import ExpertStore, tree_nbytes
-    from samoyeds_jax.simple_moe_block import SimpleMoEBlock
     device = jax.devices()[0]
     dtype = jnp.bfloat16
     t0 = time.perf_counter()
@@ -452,7 +453,7 @@ def run_case(case: Case, out_dir: str, *, smoke: bool) -> dict[str, Any]:
             xfer = r["bytes_per_step"] / expert_rate
             r["compute_only_s"] = comp
             r["transfer_only_s"] = xfer
-            r["overlap_fraction"] = off.overlap_fraction(r["step_s"], comp, xfer)
+            r["overlap_fraction"] = overlap_fraction(r["step_s"], comp, xfer)
             r["vs_max_compute_transfer"] = r["step_s"] / max(comp, xfer)
             r["achieved_copy_GBps"] = r["bytes_per_step"] / r["step_s"] / 1e9
         by = {(r["policy"], r.get("slots")): r for r in runs if "error" not in r}

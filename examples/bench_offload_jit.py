@@ -1,4 +1,5 @@
-"""Decode step time of experts fetched from pinned host inside one jitted step (offload_jit).
+"""Decode step time of experts fetched from pinned host inside one jitted step
+(``offload_engines.in_jit``).
 
 For each token count, in one process, all as single jitted programs:
 
@@ -10,7 +11,7 @@ For each token count, in one process, all as single jitted programs:
   ``pregated``: median wall time of ``InJitDecoder.step`` until its output is ready,
   peak device memory, and the overlap ``(compute + transfer - step) / min(compute, transfer)``;
   the compiled HLO of on_demand/pregated is written next to the JSON, with counts of its
-  host-transfer ops (``offload_jit.host_transfer_ops``).
+  host-transfer ops (``in_jit.host_transfer_ops``).
 
 Cases: ``switch`` (12 MoE blocks, d 768, f 3072, 8 experts, top-1, ReLU experts, bf16) and
 ``mixtral`` (32 blocks, d 4096, f 14336, 8 experts, top-2, SwiGLU, bf16: 90 GB of experts,
@@ -27,6 +28,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 
 # pinned host memory beyond the default cap (the dense Mixtral-shaped experts are 90 GB)
@@ -37,11 +39,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from samoyeds_jax import offload as off  # noqa: E402
-from samoyeds_jax import offload_jit as oj  # noqa: E402
 from samoyeds_jax.expert_store import (device_memory_stats, pinned_host_sharding,  # noqa: E402
                                        tree_nbytes)
-from samoyeds_jax.simple_moe_block import SimpleMoEBlock  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from offload_engines import SimpleMoEBlock, overlap_fraction  # noqa: E402
+from offload_engines import in_jit as oj  # noqa: E402
 
 SHAPES = {  # layers, d, f, experts, top_k, attn_width, gated
     "switch": (12, 768, 3072, 8, 1, 2304, False),
@@ -139,8 +142,8 @@ def main() -> None:
                  "tie_prefetch": dec.config.tie_prefetch,
                  "bytes_per_step": dec.bytes_per_step(t, k), "traces": dec.traces,
                  "peak_bytes_in_use_so_far": _peak(device)}
-            r["overlap_fraction"] = off.overlap_fraction(step_s, row["compute_only_s"],
-                                                         row["transfer_only_s"])
+            r["overlap_fraction"] = overlap_fraction(step_s, row["compute_only_s"],
+                                                     row["transfer_only_s"])
             r["vs_max_compute_transfer"] = step_s / max(row["compute_only_s"],
                                                         row["transfer_only_s"])
             if policy != "gpu_only":   # the GPU-compiled program: are the copies async?

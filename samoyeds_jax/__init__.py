@@ -19,8 +19,7 @@ from samoyeds_jax.generate_offload import OffloadGenerationResult, OffloadGenera
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer, RouterLogits
 from samoyeds_jax.moe import MoE, PreGatedRouter, Router, SharedExperts, moe_linen
-from samoyeds_jax.offload import BlockScheduler, OffloadConfig, OffloadDecoder
-from samoyeds_jax.offload_jit import InJitConfig, InJitDecoder
+from samoyeds_jax.offload import BlockScheduler, OffloadConfig
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 from samoyeds_jax.pregate import PregateTrainConfig, train_pregates
 from samoyeds_jax.pregate_eval import PregateRecall, pregate_recall
@@ -49,8 +48,7 @@ __all__ = [
     "calibrate_and_prune", "recover", "to_compressed",
     "Generator", "GenerationResult", "SamplingConfig", "sample",
     "OffloadGenerator", "OffloadGenerationResult",
-    "ExpertStore", "ExpertCache", "OffloadConfig", "BlockScheduler", "OffloadDecoder",
-    "InJitConfig", "InJitDecoder",
+    "ExpertStore", "ExpertCache", "OffloadConfig", "BlockScheduler",
     "ExpertParallel", "make_expert_mesh", "use_expert_parallel",
     "load_hf_checkpoint", "load_converted", "save_converted", "load_or_convert", "load_model",
     "load_tokenizer", "save_hf_checkpoint", "config_to_hf",

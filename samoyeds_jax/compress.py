@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from samoyeds_jax import prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
-from samoyeds_jax.model import DecoderBlock, MoETransformer
+from samoyeds_jax.model import DecoderBlock, MoETransformer, expert_half
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +65,12 @@ class CompressReport:
 @nnx.jit
 def _moe_input(block: DecoderBlock, x, positions, attn_mask):
     """(h after attention [b, t, d], the MoE layer's input [b*t, d])."""
-    b, t, d = x.shape
+    b, t, _ = x.shape
     c = block.self_attn.config
     empty = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)  # a fresh cache of t slots
-    a, _, _ = block.self_attn(block.input_layernorm(x), positions=positions, mask=attn_mask,
-                              cache_k=empty, cache_v=empty, index=jnp.zeros((), jnp.int32))
-    h = x + a
-    return h, block.post_attention_layernorm(h).reshape(b * t, d)
+    h, x_moe, _, _ = block.attention_half(x, positions=positions, mask=attn_mask, cache_k=empty,
+                                          cache_v=empty, index=jnp.zeros((), jnp.int32))
+    return h, x_moe
 
 
 @nnx.jit
@@ -132,8 +131,7 @@ def _prune_shared(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_al
 def _moe_output(block: DecoderBlock, h, x_moe):
     """The block output ``h + moe(x_moe)`` routed by the block's own gate."""
     mlp = block.mlp
-    m = mlp.apply_experts(x_moe, mlp.route(x_moe))
-    return h + m.reshape(h.shape).astype(h.dtype)
+    return expert_half(h, mlp.apply_experts(x_moe, mlp.route(x_moe)))
 
 
 @nnx.jit

@@ -4,14 +4,15 @@
 expert transfers can be issued between the blocks' computations (``samoyeds_jax.offload``):
 
     embed -> for each block l:
-        front_l: norm -> attention (KV cache) -> norm -> own routing + pre-gate routing   (jitted)
+        front_l: model.attention_half -> own routing + pre-gate routing               (jitted)
         prepare: block l's experts resident; block l+1's transfers started when the
                  pool holds both blocks                                    (device_put, async)
-        back_l:  routed experts on the slot-stacked cache weights (+ shared) + residual   (jitted)
+        back_l:  routed experts on the slot-stacked cache weights (+ shared),
+                 model.expert_half                                                    (jitted)
         finish:  block l+1's transfers that did not fit before               (device_put, async)
     -> norm -> lm_head -> sample
 
-The fetch logic of every policy is ``offload.BlockScheduler`` (shared with ``OffloadDecoder``):
+The fetch logic of every policy is ``offload.BlockScheduler``:
 a host->device copy starts only after the computations queued before it, so block l+1's
 prefetch is issued before block l's expert compute is queued and runs under it.
 The non-expert parameters stay on the device; the expert weights (dense or any sparse format)
@@ -42,7 +43,8 @@ from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
                                    pad_prompts, sample)
-from samoyeds_jax.model import KVCache, MoETransformer, step_positions
+from samoyeds_jax.model import (KVCache, MoETransformer, attention_half, expert_half,
+                                step_positions)
 from samoyeds_jax.moe import ExpertWeights, expert_ffn
 from samoyeds_jax.offload import BlockScheduler, OffloadConfig, make_cache, resolve_slots
 from samoyeds_jax.routing import Routing
@@ -55,10 +57,9 @@ def _front(parts, h, positions, mask, cache_k, cache_v, index):
     Returns ``(h [b, t, d], x [b*t, d], own Routing, pre-gate Routing or None, cache_k, cache_v)``.
     """
     in_norm, attn, post_norm, gate, pregate = parts
-    a, cache_k, cache_v = attn(in_norm(h), positions=positions, mask=mask, cache_k=cache_k,
-                               cache_v=cache_v, index=index)
-    h = h + a
-    x = post_norm(h).reshape(-1, h.shape[-1])
+    h, x, cache_k, cache_v = attention_half(in_norm, attn, post_norm, h, positions=positions,
+                                            mask=mask, cache_k=cache_k, cache_v=cache_v,
+                                            index=index)
     return h, x, gate(x), (pregate(x) if pregate is not None else None), cache_k, cache_v
 
 
@@ -70,7 +71,7 @@ def _back(shared, h, x, routing: Routing, table, layer, buffers, *, implementati
     y = expert_ffn(x, slots, experts, implementation=implementation, dtype=dtype)
     if shared is not None:
         y = y + shared(x).astype(dtype)
-    return h + y.reshape(h.shape).astype(h.dtype)
+    return expert_half(h, y)
 
 
 @jax.jit

@@ -280,8 +280,30 @@ MlpFactory = Callable[..., nnx.Module]
 ``module(x [n, d], *, routing) -> (y, next_routing)``; the default is ``default_mlp``."""
 
 
+def attention_half(input_layernorm: RMSNorm, self_attn: Attention,
+                   post_attention_layernorm: RMSNorm, x: jax.Array, *, positions, mask,
+                   cache_k, cache_v, index):
+    """A block up to its MoE layer: ``h = x + attn(norm(x))`` and the MoE layer's input
+    ``norm(h)`` as a flat token list. The one place this is written: ``DecoderBlock``, the
+    offloaded generator (which keeps the experts apart) and calibration call it.
+
+    Returns ``(h [b, t, d], x_moe [b*t, d], cache_k, cache_v)``.
+    """
+    b, t, d = x.shape
+    a, cache_k, cache_v = self_attn(input_layernorm(x), positions=positions, mask=mask,
+                                    cache_k=cache_k, cache_v=cache_v, index=index)
+    h = x + a
+    return h, post_attention_layernorm(h).reshape(b * t, d), cache_k, cache_v
+
+
+def expert_half(h: jax.Array, moe_out: jax.Array) -> jax.Array:
+    """The block output ``h + moe(x_moe)`` from the MoE layer's output ``[b*t, d]``."""
+    return h + moe_out.reshape(h.shape).astype(h.dtype)
+
+
 class DecoderBlock(nnx.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); y = h + moe(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x)); y = h + moe(norm(h))`` (``attention_half``, the
+    MoE layer, ``expert_half``)."""
 
     def __init__(self, config: ModelConfig, *, block_index: int = 0,
                  mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
@@ -291,22 +313,24 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
         self.mlp = mlp_factory(config, block_index=block_index, rngs=rngs)
 
+    def attention_half(self, x, *, positions, mask, cache_k, cache_v, index):
+        """``attention_half`` of this block: ``(h, x_moe [b*t, d], cache_k, cache_v)``."""
+        return attention_half(self.input_layernorm, self.self_attn,
+                              self.post_attention_layernorm, x, positions=positions, mask=mask,
+                              cache_k=cache_k, cache_v=cache_v, index=index)
+
     def __call__(self, x, *, positions, mask, cache_k, cache_v, index, routing=None,
                  return_gate_logits: bool = False):
         """x ``[b, t, d]`` -> ``(y [b, t, d], cache_k, cache_v, next_routing)``, plus the MoE
         layer's own gate logits ``[b*t, e]`` last with ``return_gate_logits``."""
-        b, t, d = x.shape
-        a, cache_k, cache_v = self.self_attn(self.input_layernorm(x), positions=positions, mask=mask,
-                                             cache_k=cache_k, cache_v=cache_v, index=index)
-        h = x + a
-        # The MoE layer routes a flat token list: [b*t, d].
-        x_moe = self.post_attention_layernorm(h).reshape(b * t, d)
+        h, x_moe, cache_k, cache_v = self.attention_half(
+            x, positions=positions, mask=mask, cache_k=cache_k, cache_v=cache_v, index=index)
         if return_gate_logits:
             m, next_routing, gate_logits = self.mlp(x_moe, routing=routing,
                                                     return_gate_logits=True)
         else:
             (m, next_routing), gate_logits = self.mlp(x_moe, routing=routing), None
-        y = h + m.reshape(b, t, d).astype(h.dtype)
+        y = expert_half(h, m)
         if return_gate_logits:
             return y, cache_k, cache_v, next_routing, gate_logits
         return y, cache_k, cache_v, next_routing

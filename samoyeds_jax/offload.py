@@ -1,13 +1,14 @@
-"""Host-offloaded experts: fetch policies, the block-by-block decoder and its scheduler.
+"""Host-offloaded experts: the offload config, slot sizing and the per-block fetch scheduler.
 
 Expert weights of every layer live in pinned host memory (``samoyeds_jax.expert_store``);
 the GPU holds a pool of expert slots shared by all layers (``samoyeds_jax.expert_cache``).
 An MoE layer computes with the slot-stacked weights and its routing indices remapped to
-slots (``table[topk_idx]``). ``samoyeds_jax.simple_moe_block`` has a self-contained block to
-drive the decoder with; ``moe_stack`` offloads a stack of ``samoyeds_jax.moe.MoE`` layers.
+slots (``table[topk_idx]``). ``samoyeds_jax.generate_offload.OffloadGenerator`` drives the
+model block by block with ``BlockScheduler``; ``examples/offload_engines`` has benchmark
+engines built on the same scheduler.
 
-Data path of one decode step, block by block (``OffloadDecoder.step``, whose per-block
-fetch logic is ``BlockScheduler``)::
+Data path of one decode step, block by block (the driver's loop, whose per-block fetch
+logic is ``BlockScheduler``)::
 
     front_l(h)  -> h, x, own routing, pre-gate routing of block l+1  (jitted, device)
     [read ids]  -> expert ids on the host, when the policy needs them (one device_get)
@@ -50,22 +51,19 @@ it). ``StepStats.sync_s`` reports the wall time spent blocked in reads.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from samoyeds_jax.expert_cache import EVICTIONS, Eviction, ExpertCache
-from samoyeds_jax.expert_store import ExpertStore, PyTree, device_sharding
+from samoyeds_jax.expert_store import ExpertStore
+from samoyeds_jax.fetch_policy import POLICIES, get_policy
 from samoyeds_jax.routing import Routing
 
 FetchPolicy = Literal["gpu_only", "on_demand", "prefetch_all", "pregated", "speculative"]
-FETCH_POLICIES: tuple[str, ...] = (
-    "gpu_only", "on_demand", "prefetch_all", "pregated", "speculative")
+FETCH_POLICIES: tuple[str, ...] = tuple(POLICIES)
 RoutingSource = Literal["pregate", "router"]
 ROUTING_SOURCES: tuple[str, ...] = ("pregate", "router")
 
@@ -75,35 +73,10 @@ def check_routing_source(policy: str, routing_source: str) -> None:
     if routing_source not in ROUTING_SOURCES:
         raise ValueError(f"routing_source must be one of {ROUTING_SOURCES}, "
                          f"got {routing_source!r}")
-    if policy == "pregated" and routing_source != "pregate":
-        raise ValueError("policy='pregated' fetches the pre-gate's experts, so it needs "
-                         f"routing_source='pregate', got {routing_source!r}")
-    if policy == "speculative" and routing_source != "router":
-        raise ValueError("policy='speculative' treats the pre-gate as a prediction of each "
-                         f"block's own router, so it needs routing_source='router', got "
-                         f"{routing_source!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# Block functions and the decode driver
-# ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class BlockFns:
-    """The two halves of an MoE block, pure functions of (layer params, activations).
-
-    ``front(params, h) -> (h, x, own, pregate)``: everything before the experts (attention,
-    residual, norm) giving the residual stream h and the expert input x [t, d], the block's
-    own routing ``own`` and its pre-gate's routing ``pregate`` of the next block (``Routing``;
-    None for the last block).
-    ``back(params, h, x, routing, slot_idx, buffers) -> h``: expert FFN plus residual, with
-    ``slot_idx`` [t, k] int32 the slots of ``routing.topk_idx`` and ``buffers`` the cache's
-    slot-stacked weights [slots, ...]. To be exact across policies, ``back`` must not let the
-    slot numbering change the arithmetic (e.g. order work by expert id, not slot id).
-    """
-
-    front: Callable[..., tuple[jax.Array, jax.Array, Routing, Routing | None]]
-    back: Callable[..., jax.Array]
+    p = get_policy(policy)
+    if p.routing_source not in (None, routing_source):
+        raise ValueError(f"policy={policy!r} {p.why}, so it needs routing_source="
+                         f"{p.routing_source!r}, got {routing_source!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,8 +101,7 @@ class OffloadConfig:
     poison_evicted: bool = False
 
     def __post_init__(self):
-        if self.policy not in FETCH_POLICIES:
-            raise ValueError(f"policy must be one of {FETCH_POLICIES}, got {self.policy!r}")
+        get_policy(self.policy)
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         check_routing_source(self.policy, self.routing_source)
@@ -137,7 +109,7 @@ class OffloadConfig:
 
 @dataclasses.dataclass
 class StepStats:
-    """What one ``OffloadDecoder.step`` did (host side)."""
+    """What one decode step did (host side), as ``BlockScheduler.stats`` counts it."""
 
     tokens: int = 0
     bytes_fetched: int = 0
@@ -150,33 +122,6 @@ class StepStats:
         return self.bytes_fetched / self.tokens if self.tokens else 0.0
 
 
-def overlap_fraction(step_s: float, compute_s: float, transfer_s: float) -> float:
-    """Share of the shorter of compute and transfer hidden under the other, in [0, 1].
-
-    1 when ``step_s == max(compute_s, transfer_s)``, 0 when ``step_s >= compute_s + transfer_s``.
-    """
-    shorter = min(compute_s, transfer_s)
-    if shorter <= 0:
-        return 1.0
-    return float(np.clip((compute_s + transfer_s - step_s) / shorter, 0.0, 1.0))
-
-
-@functools.cache
-def _jit(fn: Callable) -> Callable:
-    """One jitted wrapper per function, so decoders sharing block functions share compilations."""
-    return jax.jit(fn)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _back_with_table(back, params, h, x, routing: Routing, table, layer, buffers):
-    slot_idx = table[layer][routing.topk_idx]   # [t, k] expert id -> cache slot
-    return back(params, h, x, routing, slot_idx, buffers)
-
-
-def _unique(ids: np.ndarray) -> list[int]:
-    return [int(e) for e in np.unique(ids)]
-
-
 def resolve_slots(config: OffloadConfig, *, num_layers: int, num_experts: int, top_k: int,
                   max_tokens: int) -> int:
     """Slot count of the pool for ``config`` (its ``slots``, or the default rule), validated.
@@ -186,20 +131,12 @@ def resolve_slots(config: OffloadConfig, *, num_layers: int, num_experts: int, t
     ``2 * experts`` for ``prefetch_all`` and ``2 * min(experts, top_k * max_tokens)`` for
     the others, capped at ``layers * experts``. ``max_tokens``: the largest t one forward routes.
     """
-    L, E = num_layers, num_experts
+    policy = get_policy(config.policy)
     slots = config.slots
     if slots is None:
-        if config.policy == "gpu_only":
-            slots = L * E
-        else:
-            per_block = E if config.policy == "prefetch_all" else min(E, top_k * max_tokens)
-            slots = min(L * E, 2 * per_block)
-    if config.policy == "gpu_only" and slots < L * E:
-        raise ValueError(f"policy='gpu_only' keeps all {L}*{E} experts resident: needs "
-                         f"slots >= {L * E}, got {slots=}")
-    if config.policy == "prefetch_all" and slots < E:
-        raise ValueError(f"policy='prefetch_all' fetches all {E} experts of the next block: "
-                         f"needs slots >= {E}, got {slots=}")
+        slots = policy.default_slots(num_layers, num_experts,
+                                     min(num_experts, top_k * max_tokens))
+    policy.check_slots(slots, num_layers, num_experts)
     return slots
 
 
@@ -210,57 +147,9 @@ def make_cache(store: ExpertStore, config: OffloadConfig, *, top_k: int,
                           top_k=top_k, max_tokens=max_tokens)
     cache = ExpertCache(store, slots=slots, top_k=top_k, eviction=config.eviction,
                         poison_evicted=config.poison_evicted)
-    if config.policy == "gpu_only":
+    if get_policy(config.policy).preload:
         cache.preload_all()
     return cache
-
-
-class OffloadDecoder:
-    """Runs a stack of MoE blocks block by block, fetching experts per ``OffloadConfig``.
-
-    ``layer_params[l]``: the device-resident (non-expert) parameters of block l.
-    ``store``: the expert weights of every block in pinned host memory.
-    ``max_tokens``: the largest t one step sees (sizes the default slot count).
-    """
-
-    def __init__(self, fns: BlockFns, layer_params: Sequence[PyTree], store: ExpertStore, *,
-                 top_k: int, config: OffloadConfig = OffloadConfig(), max_tokens: int = 1):
-        if len(layer_params) != store.num_layers:
-            raise ValueError(f"{len(layer_params)} layer params for a store of "
-                             f"{store.num_layers} layers")
-        self.fns = fns
-        self.layer_params = list(layer_params)
-        self.store = store
-        self.config = config
-        self.top_k = top_k
-        self.cache = make_cache(store, config, top_k=top_k, max_tokens=max_tokens)
-        self._front = _jit(fns.front)
-        self._back = functools.partial(_back_with_table, fns.back)
-        self.last_stats = StepStats()
-
-    def step(self, h: jax.Array, *, block: bool = False) -> jax.Array:
-        """Run every block once on ``h`` [t, d]; returns the final activations [t, d].
-
-        ``block``: wait for the result before returning (makes ``last_stats.wall_s`` the
-        device time of the step).
-        """
-        cache = self.cache
-        sched = BlockScheduler(cache, self.config)
-        stats = sched.stats
-        stats.tokens = int(np.prod(h.shape[:-1]))
-        t_start = time.perf_counter()
-        for l in range(self.store.num_layers):
-            params = self.layer_params[l]
-            h, x, own, pregate = self._front(params, h)
-            routing = sched.prepare(l, own, pregate)
-            h = self._back(params, h, x, routing, cache.device_table, cache.layer_index(l),
-                           cache.buffers)
-            sched.finish(l)
-        if block:
-            h.block_until_ready()
-        stats.wall_s = time.perf_counter() - t_start
-        self.last_stats = stats
-        return h
 
 
 class BlockScheduler:
@@ -319,6 +208,7 @@ class BlockScheduler:
         (None for the last block).
         """
         cfg, cache = self.config, self.cache
+        policy = get_policy(cfg.policy)
         L, E = cache.store.num_layers, cache.store.num_experts
         use_pregate = cfg.routing_source == "pregate" and l > 0
         if use_pregate and self._carried is None:
@@ -328,35 +218,28 @@ class BlockScheduler:
         has_next = l + 1 < L and pregate is not None
 
         # host reads: this block's experts and/or the pre-gate's (one sync)
+        read_own = policy.reads_own(use_pregate)
+        read_next = has_next and (policy.reads_next() or cfg.read_routing_each_layer)
         want = []
-        if cfg.policy in ("on_demand", "speculative") or (
-                cfg.policy == "pregated" and not use_pregate):
+        if read_own:
             want.append(routing.topk_idx)
-        if has_next and (cfg.policy in ("pregated", "speculative")
-                         or cfg.read_routing_each_layer):
+        if read_next:
             want.append(pregate.topk_idx)
         read = self._read(want) if want else []
+        own_ids = read[0] if read_own else None
+        next_ids = read[-1] if read_next and policy.reads_next() else None
 
         # block l's experts: resident already, or fetched now (on the critical path)
-        all_experts = list(range(E))
-        if cfg.policy in ("gpu_only", "prefetch_all"):
-            experts = all_experts
-        elif cfg.policy == "pregated" and use_pregate:
-            experts = self._known      # read at block l-1, fetched during its compute
-        else:
-            experts = _unique(read[0])
-        if cfg.policy != "gpu_only":
+        experts = policy.needed(own_ids, self._known, use_pregate, E)
+        if not policy.preload:
             self._demand(l, experts)   # all hits when the prefetch covered them
 
         # block l+1's experts (block 0 of the next step for prefetch_all)
-        nxt, nxt_experts = None, None
-        if cfg.policy == "prefetch_all":
-            nxt, nxt_experts = (l + 1) % L, all_experts
-        elif cfg.policy in ("pregated", "speculative") and has_next:
-            nxt, nxt_experts = l + 1, _unique(read[-1])
-            self._known = nxt_experts
+        ahead = policy.prefetch(l, L, E, next_ids)
         self._late = None
-        if nxt is not None:
+        if ahead is not None:
+            nxt, nxt_experts = ahead
+            self._known = nxt_experts
             current = {(l, e) for e in experts}
             if len(current | {(nxt, e) for e in nxt_experts}) <= cache.slots:
                 cache.fetch(nxt, nxt_experts, demand=False, protect=current)
@@ -375,70 +258,3 @@ class BlockScheduler:
             self.cache.fetch(*self._late, demand=False)
             self._late = None
         self.stats.bytes_fetched = self.cache.stats.bytes_fetched - self._bytes0
-
-
-# ---------------------------------------------------------------------------------------
-# Stacks of samoyeds_jax.moe.MoE layers
-# ---------------------------------------------------------------------------------------
-
-_EXPERT_PARAMS = ("w1", "w3", "w2")
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("rest",),
-                   meta_fields=("graphdef", "placeholder"))
-@dataclasses.dataclass(frozen=True)
-class MoELayerParams:
-    """An ``MoE`` module without its routed-expert weights: graph (static) + remaining state."""
-
-    graphdef: Any
-    placeholder: Any     # expert params as 0-size arrays (static, hashable treedef + dtypes)
-    rest: Any
-
-    def module(self):
-        from flax import nnx
-        ph = jax.tree_util.tree_unflatten(
-            self.placeholder[0], [jnp.zeros((0,), dt) for dt in self.placeholder[1]])
-        return nnx.merge(self.graphdef, ph, self.rest)
-
-
-def _moe_front(p: MoELayerParams, h: jax.Array):
-    moe = p.module()
-    return h, h, moe.route(h), moe.predict_next(h)
-
-
-def _moe_back(p: MoELayerParams, h, x, routing: Routing, slot_idx, buffers):
-    from samoyeds_jax.moe import ExpertWeights
-    moe = p.module()
-    slots = Routing(slot_idx.astype(jnp.int32), routing.topk_weights, None)
-    y = moe.apply_experts(x, slots, experts=ExpertWeights(*(buffers[n] for n in _EXPERT_PARAMS)))
-    return h + y.astype(h.dtype)
-
-
-MOE_BLOCK_FNS = BlockFns(front=_moe_front, back=_moe_back)
-
-
-def moe_stack(moes: Sequence[Any], *, device: jax.Device | None = None
-              ) -> tuple[BlockFns, list[MoELayerParams], ExpertStore]:
-    """Offload the routed experts of a stack of ``samoyeds_jax.moe.MoE`` layers.
-
-    Block l computes ``h + moe_l.apply_experts(h, routing)`` (residual MoE layers, no
-    attention): with ``routing_source="pregate"`` and ``MoEConfig.pregate="pregated"`` this
-    is ``moe_l(h, routing=prev)`` chained over the stack. The modules' expert weights
-    ``w1/w3/w2`` (dense or sparse-format pytrees with leading e) move to an ``ExpertStore``;
-    every other parameter (gates, pre-gates, shared experts) stays on the device.
-    Returns ``(block_fns, layer_params, store)`` for ``OffloadDecoder``.
-    """
-    from flax import nnx
-
-    def is_expert(path, _value):
-        return len(path) == 1 and path[0] in _EXPERT_PARAMS
-
-    params, stacks = [], []
-    for moe in moes:
-        graphdef, experts, rest = nnx.split(moe, is_expert, ...)
-        leaves, treedef = jax.tree_util.tree_flatten(experts)
-        params.append(MoELayerParams(graphdef, (treedef, tuple(a.dtype for a in leaves)),
-                                     jax.device_put(rest, device_sharding(device))))
-        w = moe.expert_weights()
-        stacks.append({"w1": w.w1, "w3": w.w3, "w2": w.w2})
-    return MOE_BLOCK_FNS, params, ExpertStore.from_stacked(stacks, device=device)

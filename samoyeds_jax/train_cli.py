@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the load-balancing loss")
     p.add_argument("--pregate-coef", type=float, default=0.1,
                    help="weight of the pre-gate loss (not with --pregate standard)")
+    p.add_argument("--gate-agreement-coef", type=float, default=0.0,
+                   help="weight of the loss fitting each gate to the previous block's pre-gate "
+                        "(raises pre-gate recall; not with --pregate standard)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     p.add_argument("--expert-compute", default=d.expert_compute,
@@ -172,7 +175,9 @@ def _check(args, given: set[str]) -> None:
 
     refuse_unless(args.tokenizer is None, given, {"vocab_size": "--vocab-size"},
                   f"--tokenizer {args.tokenizer} brings its own vocabulary")
-    refuse_unless(args.pregate != "standard", given, {"pregate_coef": "--pregate-coef"},
+    refuse_unless(args.pregate != "standard", given,
+                  {"pregate_coef": "--pregate-coef",
+                   "gate_agreement_coef": "--gate-agreement-coef"},
                   "--pregate standard trains no pre-gates")
     if not os.path.isdir(args.corpus):
         raise FileNotFoundError(f"--corpus {args.corpus}: no such directory (fetch it with "
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, aux_loss_coef=args.aux_loss_coef,
         pregate_coef=args.pregate_coef if args.pregate != "standard" else 0.0,
+        gate_agreement_coef=args.gate_agreement_coef,
         dtype=args.dtype, expert_compute=args.expert_compute, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)

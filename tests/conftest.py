@@ -5,6 +5,12 @@ Pallas kernels run in interpret mode whenever the default backend is CPU
 """
 
 import os
+import sys
+
+# The offload engines for benchmarks (examples/offload_engines: OffloadDecoder, InJitDecoder,
+# SimpleMoEBlock) are not part of the library; their tests import them as ``offload_engines``.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "examples"))
 
 # Fake host devices for the expert-parallel tests; must be set before JAX starts.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -204,6 +204,8 @@ def test_train_refusals(tmp_path, monkeypatch, capsys):
          "--vocab-size has no effect here: --tokenizer"),
         (["--pregate", "standard", "--pregate-coef", "0.5"],
          "--pregate-coef has no effect here: --pregate standard"),
+        (["--pregate", "standard", "--gate-agreement-coef", "5"],
+         "--gate-agreement-coef has no effect here: --pregate standard"),
         (["--tokenizer", str(tmp_path / "t.json")], "found no such file"),
         (["--resume"], "--resume: expected a checkpoint to continue from"),
     ]

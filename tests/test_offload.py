@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samoyeds_jax import offload as off
+from offload_engines.decoder import BlockFns, OffloadDecoder, moe_stack, overlap_fraction
+from offload_engines.simple_block import SimpleMoEBlock, expert_mlp
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore, device_sharding, pinned_host_sharding
+from samoyeds_jax.offload import BlockScheduler, OffloadConfig
 from samoyeds_jax.routing import Routing
-from samoyeds_jax.simple_moe_block import SimpleMoEBlock, expert_mlp
 
 L, E, D, F = 2, 3, 16, 32
 
@@ -46,11 +47,11 @@ def _model(rng, *, top_k, layers=L, experts=E, gated=True):
 
 
 def _decode(block, params, store, *, top_k, steps, h0, **config):
-    fns = block if isinstance(block, off.BlockFns) else block.fns()
+    fns = block if isinstance(block, BlockFns) else block.fns()
     config.setdefault("poison_evicted", True)
-    dec = off.OffloadDecoder(fns, params, store, top_k=top_k,
-                             config=off.OffloadConfig(**config),
-                             max_tokens=h0.shape[0])
+    dec = OffloadDecoder(fns, params, store, top_k=top_k,
+                         config=OffloadConfig(**config),
+                         max_tokens=h0.shape[0])
     h, outs = h0, []
     for _ in range(steps):
         h = dec.step(h)
@@ -272,58 +273,58 @@ def test_accounting(rng):
     h0 = _inputs(rng, 1)
     nb = store.expert_nbytes
     # on_demand with room for everything: first step fetches one expert per block, then all hits
-    dec = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
-                             config=off.OffloadConfig(policy="on_demand", slots=L * E))
+    dec = OffloadDecoder(block.fns(), params, store, top_k=top_k,
+                         config=OffloadConfig(policy="on_demand", slots=L * E))
     dec.step(h0)
     assert dec.last_stats.bytes_fetched == L * nb and dec.last_stats.host_syncs == L
     assert dec.last_stats.bytes_per_token == L * nb
     dec.step(h0)
     assert dec.last_stats.bytes_fetched == 0 and dec.cache.stats.hit_rate == 0.5
     # prefetch_all moves whole blocks, without reading routing on the host
-    dec = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
-                             config=off.OffloadConfig(policy="prefetch_all", slots=E))
+    dec = OffloadDecoder(block.fns(), params, store, top_k=top_k,
+                         config=OffloadConfig(policy="prefetch_all", slots=E))
     dec.step(h0)
     assert dec.last_stats.host_syncs == 0
     assert dec.last_stats.bytes_fetched == (L + 1) * E * nb   # incl. block 0 of the next step
     # pregated: block 0 on demand, later blocks prefetched exactly
-    dec = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
-                             config=off.OffloadConfig(policy="pregated", slots=2))
+    dec = OffloadDecoder(block.fns(), params, store, top_k=top_k,
+                         config=OffloadConfig(policy="pregated", slots=2))
     dec.step(h0)
     s = dec.cache.stats
     assert (s.misses, s.prefetched, s.prefetch_used) == (1, L - 1, L - 1)
     assert s.prefetch_accuracy == 1.0 and dec.last_stats.host_syncs == L - 1
-    gpu = off.OffloadDecoder(block.fns(), params, store, top_k=top_k,
-                             config=off.OffloadConfig(policy="gpu_only",
-                                                      read_routing_each_layer=True))
+    gpu = OffloadDecoder(block.fns(), params, store, top_k=top_k,
+                         config=OffloadConfig(policy="gpu_only",
+                                              read_routing_each_layer=True))
     gpu.step(h0)
     assert gpu.cache.nbytes == L * E * nb and gpu.last_stats.host_syncs == L - 1
     assert gpu.last_stats.bytes_fetched == 0
-    assert off.overlap_fraction(10.0, 10.0, 4.0) == 1.0
-    assert off.overlap_fraction(14.0, 10.0, 4.0) == 0.0
-    assert off.overlap_fraction(12.0, 10.0, 4.0) == 0.5
+    assert overlap_fraction(10.0, 10.0, 4.0) == 1.0
+    assert overlap_fraction(14.0, 10.0, 4.0) == 0.0
+    assert overlap_fraction(12.0, 10.0, 4.0) == 0.5
 
 
 def test_config_errors(rng):
     block, params, store = _model(rng, top_k=1)
     with pytest.raises(ValueError, match="routing_source='pregate'"):
-        off.OffloadConfig(policy="pregated", routing_source="router")
+        OffloadConfig(policy="pregated", routing_source="router")
     with pytest.raises(ValueError, match="routing_source='router'"):
-        off.OffloadConfig(policy="speculative")
+        OffloadConfig(policy="speculative")
     with pytest.raises(ValueError, match="policy must be one of"):
-        off.OffloadConfig(policy="lazy")
+        OffloadConfig(policy="lazy")
     with pytest.raises(ValueError, match="slots >= 6"):
-        off.OffloadDecoder(block.fns(), params, store, top_k=1,
-                           config=off.OffloadConfig(policy="gpu_only", slots=5))
+        OffloadDecoder(block.fns(), params, store, top_k=1,
+                       config=OffloadConfig(policy="gpu_only", slots=5))
     with pytest.raises(ValueError, match="slots >= 3"):
-        off.OffloadDecoder(block.fns(), params, store, top_k=1,
-                           config=off.OffloadConfig(policy="prefetch_all", slots=2))
+        OffloadDecoder(block.fns(), params, store, top_k=1,
+                       config=OffloadConfig(policy="prefetch_all", slots=2))
     with pytest.raises(ValueError, match="at least one slot"):
-        off.OffloadDecoder(block.fns(), params, store, top_k=1,
-                           config=off.OffloadConfig(policy="on_demand", slots=0))
+        OffloadDecoder(block.fns(), params, store, top_k=1,
+                       config=OffloadConfig(policy="on_demand", slots=0))
     with pytest.raises(ValueError, match="layer params"):
-        off.OffloadDecoder(block.fns(), params[:1], store, top_k=1)
-    sched = off.BlockScheduler(ExpertCache(store, slots=2, top_k=1),
-                               off.OffloadConfig(policy="on_demand"))
+        OffloadDecoder(block.fns(), params[:1], store, top_k=1)
+    sched = BlockScheduler(ExpertCache(store, slots=2, top_k=1),
+                           OffloadConfig(policy="on_demand"))
     r = Routing(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32))
     with pytest.raises(ValueError, match="pre-gate routing of block 0"):
         sched.prepare(1, r, r)
@@ -353,7 +354,7 @@ def test_moe_stack_offloaded_matches_module_chain(rng, mode, source, policies):
     seed = int(rng.integers(2**31))
     moes = [MoE(cfg, block_index=i, num_blocks=2, track_recall=False, rngs=nnx.Rngs(seed + i))
             for i in range(2)]
-    fns, params, store = off.moe_stack(moes)
+    fns, params, store = moe_stack(moes)
     assert store.expert(1, 3)["w2"].sharding.memory_kind == "pinned_host"
     h0 = _inputs(rng, 3)
     h, routing = h0, None

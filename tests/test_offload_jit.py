@@ -1,4 +1,4 @@
-"""Experts fetched from pinned host inside one jitted decode step (``offload_jit``).
+"""Experts fetched from pinned host inside one jitted decode step (``offload_engines.in_jit``).
 
 Every policy must give the outputs of ``gpu_only`` with the same block functions (bit for
 bit on CPU, within ``assert_matches_gpu_only``'s bound on a GPU), compile once per token count, and lower (for CUDA) to one
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samoyeds_jax import offload as off
+from offload_engines import in_jit as oj
+from offload_engines.decoder import OffloadDecoder, moe_stack
+from offload_engines.simple_block import SimpleMoEBlock
 from samoyeds_jax.expert_store import ExpertStore
-from samoyeds_jax.simple_moe_block import SimpleMoEBlock
-from samoyeds_jax import offload_jit as oj
+from samoyeds_jax.offload import OffloadConfig
 
 L, E, D, F = 3, 4, 16, 32
 
@@ -230,13 +231,13 @@ def test_on_demand_holds_each_block_until_its_experts_arrive(rng):
 
 
 def test_pregated_matches_host_driven_decoder(rng):
-    """Same model through offload.OffloadDecoder (host-driven, per-block programs)."""
+    """Same model through decoder.OffloadDecoder (host-driven, per-block programs)."""
     block, params, stacks = _model(rng, top_k=2)
     layers = [jax.device_get(s) for s in stacks]
     h0 = _inputs(rng, 3)
     got, _ = _run(block.fns(), params, stacks, h0, steps=1, policy="pregated")
-    dec = off.OffloadDecoder(block.fns(), params, ExpertStore.from_stacked(layers), top_k=2,
-                             config=off.OffloadConfig(policy="pregated"), max_tokens=3)
+    dec = OffloadDecoder(block.fns(), params, ExpertStore.from_stacked(layers), top_k=2,
+                         config=OffloadConfig(policy="pregated"), max_tokens=3)
     ref = np.asarray(dec.step(h0))
     np.testing.assert_allclose(got[0], ref, rtol=1e-6, atol=1e-6)
 
@@ -294,7 +295,7 @@ def test_cuda_lowering_moves_each_slot_to_device(rng, policy, moves):
 
 
 def test_moe_layers_pregated_match_module_chain(rng):
-    """samoyeds_jax.moe.MoE stacks through offload.moe_stack: in-jit pregated == the module
+    """samoyeds_jax.moe.MoE stacks through decoder.moe_stack: in-jit pregated == the module
     chain (to f32 rounding: the layer's ragged_dot orders rows by slot)."""
     from flax import nnx
 
@@ -304,7 +305,7 @@ def test_moe_layers_pregated_match_module_chain(rng):
     seed = int(rng.integers(2**31))
     moes = [MoE(cfg, block_index=i, num_blocks=2, track_recall=False, rngs=nnx.Rngs(seed + i))
             for i in range(2)]
-    fns, params, store = off.moe_stack(moes)
+    fns, params, store = moe_stack(moes)
     stacks = oj.stacks_from_store(store)
     h0 = _inputs(rng, 3)
     h, routing = h0, None

@@ -1,7 +1,6 @@
 """A self-contained pre-gated MoE decoder block for the offload engines: ``SimpleMoEBlock``
 (random parameters, ``BlockFns`` halves) and its pieces ``expert_mlp`` and ``topk_routing``.
-Benchmarks, tests and examples drive ``OffloadDecoder`` and ``InJitDecoder``
-with it.
+Benchmarks and tests drive ``decoder.OffloadDecoder`` and ``in_jit.InJitDecoder`` with it.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.format_registry import as_dense
 from samoyeds_jax.expert_store import device_sharding
-from samoyeds_jax.offload import BlockFns
 from samoyeds_jax.routing import Routing
+
+from .decoder import BlockFns
 
 
 def expert_mlp(w: dict[str, Any], x: jax.Array, *, dtype: Any) -> jax.Array:

@@ -1,9 +1,9 @@
 """Host-offloaded experts fetched inside one jitted decode step (no host read of expert ids).
 
-``samoyeds_jax.offload`` drives fetches from the host: it reads each block's expert ids
-with a ``device_get`` and issues ``device_put`` calls, and that read empties the device
-queue once per block. Here the whole decode step over all MoE blocks is one jitted program
-and the expert ids never leave the device:
+``decoder.OffloadDecoder`` (``samoyeds_jax.offload.BlockScheduler``) drives fetches from
+the host: it reads each block's expert ids with a ``device_get`` and issues ``device_put``
+calls, and that read empties the device queue once per block. Here the whole decode step
+over all MoE blocks is one jitted program and the expert ids never leave the device:
 
 * every layer's experts are stacked ``[e, ...]`` per weight leaf (dense arrays or
   sparse-format pytrees whose leaves lead with e) in ``pinned_host`` memory
@@ -16,8 +16,8 @@ and the expert ids never leave the device:
   ``device``), the pattern XLA's host offloader turns into a host->device copy that its
   scheduler can make asynchronous. A traced gather (``host_stack[ids]``) with device-side
   ids is refused by jax ("memory_space of all inputs passed to `gather` must be the same").
-* ``decode_step`` runs every block with ``BlockFns`` (``simple_moe_block.SimpleMoEBlock.fns()``
-  or ``offload.MOE_BLOCK_FNS`` for ``samoyeds_jax.moe.MoE`` stacks): for ``pregated``,
+* ``decode_step`` runs every block with ``BlockFns`` (``simple_block.SimpleMoEBlock.fns()``
+  or ``decoder.MOE_BLOCK_FNS`` for ``samoyeds_jax.moe.MoE`` stacks): for ``pregated``,
   the copy of block l+1's pre-gated experts is issued right after block l's
   router/pre-gate and before block l's expert compute; it depends only on the pre-gate
   ids, so XLA may run it under block l's matmuls.
@@ -48,7 +48,7 @@ differs), so with a ``back`` whose arithmetic ignores slot numbering
 (``SimpleMoEBlock``) the outputs equal ``gpu_only`` bit for bit on CPU. On a GPU each policy
 is a separate XLA program and the compiler may choose another kernel for the same float32
 product: outputs then agree with ``gpu_only`` to about 1e-4 relative (measured 7.6e-5 on an
-H100; tests bound it at 3e-4). The host-driven ``offload.OffloadDecoder`` runs the same
+H100; tests bound it at 3e-4). The host-driven ``decoder.OffloadDecoder`` runs the same
 per-block programs for every policy and stays bit-exact on the GPU too.
 """
 
@@ -64,8 +64,10 @@ import numpy as np
 
 from samoyeds_jax.expert_store import (ExpertStore, device_sharding, pinned_host_sharding,
                                        tree_nbytes)
-from samoyeds_jax.offload import BlockFns, RoutingSource, check_routing_source
+from samoyeds_jax.offload import RoutingSource, check_routing_source
 from samoyeds_jax.routing import Routing
+
+from .decoder import BlockFns
 
 PyTree = Any
 InJitPolicy = Literal["gpu_only", "on_demand", "pregated"]
