@@ -38,35 +38,15 @@ import numpy as np
 from pallas_kernels.checks import expect_kind
 from pallas_kernels import op_registry
 from pallas_kernels.format_registry import as_dense, format_name as _format_name
-from pallas_kernels.op_registry import OpRegistry
+from pallas_kernels.op_registry import Op, OpRegistry
 from pallas_kernels.routing_plan import RoutingPlan
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertOp:
-    """The XLA implementation (see the module doc) and the interface of every other."""
-
-    name: ClassVar[str] = "xla"
-    # Platforms it runs on (``jax.default_backend()`` names); None: every platform.
-    platforms: ClassVar[tuple[str, ...] | None] = None
-    # Stored formats it runs as they are, without expanding to dense; None: it expands any.
-    formats: ClassVar[tuple[str, ...] | None] = None
-    # What runs instead of the compiled kernels in interpret mode (no GPU), for ``describe``.
-    off_gpu: ClassVar[str] = ""
-
-    def supported_on(self, platform: str) -> bool:
-        """Whether this implementation runs (compiled) on ``platform``."""
-        return self.platforms is None or platform in self.platforms
-
-    def supports(self, w1: Any, w3: Any, w2: Any) -> bool:
-        """Whether it runs these stored weights as they are."""
-        if self.formats is None:
-            return all(_format_name(w) is not None for w in (w1, w3, w2))
-        return all(_format_name(w) in self.formats for w in (w1, w3, w2))
-
-    def prepares(self, w1: Any, w3: Any, w2: Any) -> bool:
-        """Whether ``prepare`` can bring these weights into a layout it runs."""
-        return self.supports(w1, w3, w2)
+class ExpertOp(Op):
+    """The XLA implementation (see the module doc) and the interface of every other
+    (``op_registry.Op``: ``supported_on``, ``supports``, ``prepares``, ``accepts``,
+    ``expands`` of the three stacks)."""
 
     def prepare(self, w1: Any, w3: Any, w2: Any) -> tuple[Any, Any, Any]:
         """The weights in the layout it runs (once, at load). Here: unchanged."""
@@ -74,15 +54,6 @@ class ExpertOp:
             raise ValueError(f"expert implementation {self.name!r} does not run "
                              f"{describe_weights(w1, w3, w2)}")
         return w1, w3, w2
-
-    def accepts(self) -> str:
-        """What weights it runs, in words (for refusals)."""
-        return f"runs {', '.join(self.formats or ('every format',))}"
-
-    def expands(self, w1: Any, w3: Any, w2: Any) -> bool:
-        """Whether it computes sparse weights as dense (reported by ``describe``)."""
-        return self.formats is None and any(_format_name(w) not in (None, "dense")
-                                            for w in (w1, w3, w2))
 
     def block_t(self, num_tokens: int, top_k: int, num_experts: int) -> int:
         """Rows per plan tile it wants (1: no padding)."""
@@ -192,26 +163,15 @@ REGISTRY = OpRegistry("expert implementation", DEFAULT_ORDER,
 IMPLEMENTATIONS: dict[str, ExpertOp] = REGISTRY.ops
 Implementation = op_registry.Implementation
 
-
-def register(op: ExpertOp) -> ExpertOp:
-    """Add an implementation (its name in ``DEFAULT_ORDER`` makes it an automatic choice)."""
-    return REGISTRY.register(op)
-
-
-def get_op(name: Any) -> ExpertOp:
-    """The implementation registered under ``name``."""
-    return REGISTRY.get_op(name)
-
-
-def check_implementation(implementation: Any) -> tuple[str, ...] | None:
-    """The names of ``implementation`` (a name, a non-empty sequence of names, or None), each
-    checked; ValueError names the bad one."""
-    return REGISTRY.check_implementation(implementation)
-
-
-def candidates(implementation: Implementation, platform: str | None = None) -> list[ExpertOp]:
-    """The ops ``implementation`` allows on ``platform`` (default: this process's), in order."""
-    return REGISTRY.candidates(implementation, platform)
+# The registry's lookups (``op_registry.OpRegistry`` documents them): ``register(op)`` (its name
+# in ``DEFAULT_ORDER`` makes it an automatic choice), ``get_op(name)``,
+# ``check_implementation(implementation)``, ``candidates(implementation, platform)``,
+# ``implementation_names()``.
+register = REGISTRY.register
+get_op = REGISTRY.get_op
+check_implementation = REGISTRY.check_implementation
+candidates = REGISTRY.candidates
+implementation_names = REGISTRY.implementation_names
 
 
 def resolve(implementation: Implementation, w1: Any, w3: Any, w2: Any, *,
@@ -229,11 +189,6 @@ def describe(op: ExpertOp, w1: Any, w3: Any, w2: Any) -> str:
     """``op.name``, and what it does with these weights when it expands them or runs without a
     GPU."""
     return REGISTRY.describe(op, w1, w3, w2)
-
-
-def implementation_names() -> tuple[str, ...]:
-    """The registered implementation names."""
-    return REGISTRY.implementation_names()
 
 
 def plan_for(op: ExpertOp, topk_idx: jax.Array, topk_weights: jax.Array, *,

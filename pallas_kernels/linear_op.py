@@ -28,7 +28,7 @@ name                   computes                                         runs
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,34 +37,14 @@ import numpy as np
 from pallas_kernels import op_registry
 from pallas_kernels.checks import expect_kind
 from pallas_kernels.format_registry import as_dense, format_name
-from pallas_kernels.op_registry import OpRegistry
+from pallas_kernels.op_registry import Op, OpRegistry
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearOp:
-    """The XLA implementation (see the module doc) and the interface of every other."""
-
-    name: ClassVar[str] = "xla"
-    # Platforms it runs on (``jax.default_backend()`` names); None: every platform.
-    platforms: ClassVar[tuple[str, ...] | None] = None
-    # Stored formats it runs as they are, without expanding to dense; None: it expands any.
-    formats: ClassVar[tuple[str, ...] | None] = None
-    # What runs instead of the compiled kernels in interpret mode (no GPU), for ``describe``.
-    off_gpu: ClassVar[str] = ""
-
-    def supported_on(self, platform: str) -> bool:
-        """Whether this implementation runs (compiled) on ``platform``."""
-        return self.platforms is None or platform in self.platforms
-
-    def supports(self, w: Any) -> bool:
-        """Whether it runs this stored weight as it is."""
-        if self.formats is None:
-            return format_name(w) is not None
-        return format_name(w) in self.formats
-
-    def prepares(self, w: Any) -> bool:
-        """Whether ``prepare`` can bring this weight into a layout it runs."""
-        return self.supports(w)
+class LinearOp(Op):
+    """The XLA implementation (see the module doc) and the interface of every other
+    (``op_registry.Op``: ``supported_on``, ``supports``, ``prepares``, ``accepts``,
+    ``expands`` of one weight)."""
 
     def prepare(self, w: Any) -> Any:
         """The weight in the layout it runs (once, at load). Here: unchanged."""
@@ -73,14 +53,6 @@ class LinearOp:
                              f"{describe_weight(w)} in {jnp.dtype(w.dtype).name} "
                              f"({self.accepts()})")
         return w
-
-    def accepts(self) -> str:
-        """What weights it runs, in words (for refusals)."""
-        return f"runs {', '.join(self.formats or ('every format',))}"
-
-    def expands(self, w: Any) -> bool:
-        """Whether it computes a sparse weight as dense (reported by ``describe``)."""
-        return self.formats is None and format_name(w) not in (None, "dense")
 
     def __call__(self, x: jax.Array, w: Any, *, out_dtype: Any = None) -> jax.Array:
         """x [..., K] -> [..., N] in ``out_dtype`` (default x.dtype): ``check_inputs``, then
@@ -132,21 +104,15 @@ REGISTRY = OpRegistry("linear implementation", DEFAULT_ORDER,
 IMPLEMENTATIONS: dict[str, LinearOp] = REGISTRY.ops
 Implementation = op_registry.Implementation
 
-
-def register(op: LinearOp) -> LinearOp:
-    """Add an implementation (its name in ``DEFAULT_ORDER`` makes it an automatic choice)."""
-    return REGISTRY.register(op)
-
-
-def get_op(name: Any) -> LinearOp:
-    """The implementation registered under ``name``."""
-    return REGISTRY.get_op(name)
-
-
-def check_implementation(implementation: Any) -> tuple[str, ...] | None:
-    """The names of ``implementation`` (a name, a non-empty sequence of names, or None), each
-    checked; ValueError names the bad one."""
-    return REGISTRY.check_implementation(implementation)
+# The registry's lookups (``op_registry.OpRegistry`` documents them): ``register(op)`` (its name
+# in ``DEFAULT_ORDER`` makes it an automatic choice), ``get_op(name)``,
+# ``check_implementation(implementation)``, ``candidates(implementation, platform)``,
+# ``implementation_names()``.
+register = REGISTRY.register
+get_op = REGISTRY.get_op
+check_implementation = REGISTRY.check_implementation
+candidates = REGISTRY.candidates
+implementation_names = REGISTRY.implementation_names
 
 
 def resolve(implementation: Implementation, w: Any, *, platform: str | None = None,
@@ -165,11 +131,6 @@ def resolve(implementation: Implementation, w: Any, *, platform: str | None = No
 def describe(op: LinearOp, w: Any) -> str:
     """``op.name``, and what it does with ``w`` when it expands it or runs without a GPU."""
     return REGISTRY.describe(op, w)
-
-
-def implementation_names() -> tuple[str, ...]:
-    """The registered implementation names."""
-    return REGISTRY.implementation_names()
 
 
 def linear(x: jax.Array, w: Any, *, implementation: Implementation = None,

@@ -16,14 +16,54 @@ mode (no GPU). The built-in implementations live in modules imported on first us
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax.numpy as jnp
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels.format_registry import format_name
 
 Implementation = str | Sequence[str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """What every implementation says about itself, for the weights of its op (one matrix for
+    the linear op, the three expert stacks for the expert op). This base: runs everywhere and
+    every format (expanding sparse ones to dense)."""
+
+    name: ClassVar[str] = "xla"
+    # Platforms it runs on (``jax.default_backend()`` names); None: every platform.
+    platforms: ClassVar[tuple[str, ...] | None] = None
+    # Stored formats it runs as they are, without expanding to dense; None: it expands any.
+    formats: ClassVar[tuple[str, ...] | None] = None
+    # What runs instead of the compiled kernels in interpret mode (no GPU), for ``describe``.
+    off_gpu: ClassVar[str] = ""
+
+    def supported_on(self, platform: str) -> bool:
+        """Whether this implementation runs (compiled) on ``platform``."""
+        return self.platforms is None or platform in self.platforms
+
+    def supports(self, *weights: Any) -> bool:
+        """Whether it runs these stored weights as they are."""
+        if self.formats is None:
+            return all(format_name(w) is not None for w in weights)
+        return all(format_name(w) in self.formats for w in weights)
+
+    def prepares(self, *weights: Any) -> bool:
+        """Whether ``prepare`` can bring these weights into a layout it runs."""
+        return self.supports(*weights)
+
+    def accepts(self) -> str:
+        """What weights it runs, in words (for refusals)."""
+        return f"runs {', '.join(self.formats or ('every format',))}"
+
+    def expands(self, *weights: Any) -> bool:
+        """Whether it computes sparse weights as dense (reported by ``describe``)."""
+        return self.formats is None and any(format_name(w) not in (None, "dense")
+                                            for w in weights)
 
 
 class OpRegistry:
