@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 5.0, 25.0, 100.0])
     p.add_argument("--agreement", type=float, nargs="+", default=[0.0],
                    help="gate-agreement weights (TrainConfig.gate_agreement_coef)")
+    p.add_argument("--control", action="store_true",
+                   help="also fine-tune the dense model the same way without pre-gate terms "
+                        "(the dense control) and compare every run with it")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
 
     from samoyeds_jax import bpe_tokenizer, corpus
     from samoyeds_jax.checkpoints import load_tokenizer
-    from samoyeds_jax.evaluate import EvalConfig, evaluate_streams, text_streams
+    from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
+                                       text_streams)
     from samoyeds_jax.hf_import import load_hf_checkpoint
 
     tokenizer = load_tokenizer(args.model)
@@ -56,9 +60,16 @@ def main(argv=None) -> int:
     base = evaluate_streams(dense, streams, config=ecfg)
     results = {"dense_bits_per_byte": base.bits_per_byte, "steps": args.steps,
                "batch": args.batch, "lr": args.lr, "runs": []}
+    control = None
+    if args.control:
+        control = _control(args, dense, train_ids, streams, ecfg, base)
+        results["dense_control"] = {"bits_per_byte": control.bits_per_byte,
+                                    "vs_dense": paired_difference(control, base)}
+        print(f"dense control: {control.bits_per_byte:.4f} bits/byte", flush=True)
     for weight in args.weights:
         for agreement in args.agreement:
-            run = _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base)
+            run = _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base,
+                       control)
             results["runs"].append(run)
             tmp = args.out + ".tmp"
             with open(tmp, "w") as f:
@@ -67,20 +78,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base):
+def _train_config(args, **terms):
+    from samoyeds_jax import train as train_lib
+
+    return train_lib.TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=256,
+                                 learning_rate=args.lr, warmup_steps=max(args.steps // 10, 1),
+                                 distill_weight=1.0, seed=1, **terms)
+
+
+def _control(args, dense, train_ids, streams, ecfg, base):
+    """The dense model fine-tuned by the same recipe without pre-gate terms, evaluated."""
+    from samoyeds_jax import compress
+    from samoyeds_jax.evaluate import evaluate_streams
+
+    tuned = compress.recover(compress.copy_model(dense), train_ids, _train_config(args),
+                             teacher=dense, progress=False).model
+    return evaluate_streams(tuned, streams, config=ecfg)
+
+
+def _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base, control):
     from flax import nnx
 
     from samoyeds_jax import compress
-    from samoyeds_jax import train as train_lib
     from samoyeds_jax.evaluate import evaluate_streams, paired_difference
     from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.pregate_eval import pregate_recall
 
     model, _ = load_hf_checkpoint(args.model, dtype="float32", pregate="speculative")
-    cfg = train_lib.TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=256,
-                                learning_rate=args.lr, warmup_steps=max(args.steps // 10, 1),
-                                distill_weight=1.0, pregate_coef=weight,
-                                gate_agreement_coef=agreement, seed=1)
+    cfg = _train_config(args, pregate_coef=weight, gate_agreement_coef=agreement)
     start = time.perf_counter()
     tuned = compress.recover(model, train_ids, cfg, teacher=dense, progress=False).model
     r = evaluate_streams(tuned, streams, config=ecfg)
@@ -91,6 +116,8 @@ def _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base)
     run = {"weight": weight, "gate_agreement": agreement, "bits_per_byte": r.bits_per_byte,
            "vs_dense": paired_difference(r, base), "pregated_bits_per_byte": rp.bits_per_byte,
            "pregated_vs_speculative": paired_difference(rp, r),
+           "vs_control": None if control is None else paired_difference(r, control),
+           "pregated_vs_control": None if control is None else paired_difference(rp, control),
            "exact_match": rec.exact_match, "pair_recall": rec.pair_recall,
            "seconds": time.perf_counter() - start}
     print(f"weight {weight:g}, agreement {agreement:g}: {r.bits_per_byte:.4f} bits/byte "
