@@ -56,12 +56,15 @@ class LinearOp(Op):
 
     def __call__(self, x: jax.Array, w: Any, *, out_dtype: Any = None) -> jax.Array:
         """x [..., K] -> [..., N] in ``out_dtype`` (default x.dtype): ``check_inputs``, then
-        ``compute``."""
+        ``compute`` on x's leading dims flattened into tokens."""
         out_dtype = check_inputs(x, w, out_dtype)
-        return self.compute(x, w, out_dtype)
+        lead = x.shape[:-1]
+        y = self.compute(x.reshape(-1, x.shape[-1]), w, out_dtype)
+        return y.reshape(lead + y.shape[-1:])
 
     def compute(self, x: jax.Array, w: Any, out_dtype: jnp.dtype) -> jax.Array:
-        """The computation on checked inputs (W cast to x.dtype, f32 accumulation)."""
+        """The computation on checked inputs, x [t, K] -> [t, N] (W cast to x.dtype, f32
+        accumulation)."""
         # Straight to out_dtype: XLA's GEMMs accumulate bf16/f16 in f32 and round once.
         return jnp.dot(x, as_dense(w, x.dtype), preferred_element_type=out_dtype)
 

@@ -7,7 +7,7 @@ kernel expands), ``samoyeds_matmul`` (V a power of two >= 64) and ``unstructured
 token count, and expands to dense for XLA's GEMM where that is faster (many tokens). The N:M
 kernels take bfloat16 or float16 weights, the unstructured ones float32 too. Dense
 weights are not its work: XLA's GEMM is the dense path (``xla``). The weight is cast to x's
-dtype; x's leading dims are flattened into tokens.
+dtype.
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ class TritonLinear(LinearOp):
     def compute(self, x, w, out_dtype):
         if w.dtype != x.dtype:
             w = format_of(w).astype(w, x.dtype)
-        lead = x.shape[:-1]
-        y = KERNELS[format_name(w)].matmul(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype)
-        return y.reshape(lead + y.shape[-1:])
+        return KERNELS[format_name(w)].matmul(x, w, out_dtype=out_dtype)
 
 
 register(TritonLinear())

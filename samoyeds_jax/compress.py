@@ -62,31 +62,36 @@ class CompressReport:
                 for e, n in enumerate(toks) if n == 0]
 
 
+def _fresh_cache(block: DecoderBlock, x):
+    """An empty KV cache of t slots for x [b, t, d] (full windows from position 0)."""
+    b, t, _ = x.shape
+    c = block.self_attn.config
+    return jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)
+
+
 @nnx.jit
 def _moe_input(block: DecoderBlock, x, positions, attn_mask):
     """(h after attention [b, t, d], the MoE layer's input [b*t, d])."""
-    b, t, _ = x.shape
-    c = block.self_attn.config
-    empty = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)  # a fresh cache of t slots
+    empty = _fresh_cache(block, x)
     h, x_moe, _, _ = block.attention_half(x, positions=positions, mask=attn_mask, cache_k=empty,
                                           cache_v=empty, index=jnp.zeros((), jnp.int32))
     return h, x_moe
 
 
 @nnx.jit
+def _attention_input(block: DecoderBlock, x):
+    """The q/k/v input [b*t, d] of one block."""
+    return block.input_layernorm(x).reshape(-1, x.shape[-1])
+
+
+@nnx.jit
 def _attention_context(block: DecoderBlock, x, positions, attn_mask):
-    """(the q/k/v input [b*t, d], the o_proj input [b*t, h*hd]) of one block."""
-    b, t, d = x.shape
-    attn = block.self_attn
-    c = attn.config
-    empty = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), x.dtype)
-    xn = block.input_layernorm(x)
-    ctx, _, _ = attn.context(xn, positions=positions, mask=attn_mask, cache_k=empty,
-                             cache_v=empty, index=jnp.zeros((), jnp.int32))
-    return xn.reshape(b * t, d), ctx.reshape(b * t, -1)
-
-
-_QKV = ("q_proj", "k_proj", "v_proj")
+    """The o_proj input [b*t, h*hd] of one block."""
+    empty = _fresh_cache(block, x)
+    ctx, _, _ = block.self_attn.context(block.input_layernorm(x), positions=positions,
+                                        mask=attn_mask, cache_k=empty, cache_v=empty,
+                                        index=jnp.zeros((), jnp.int32))
+    return ctx.reshape(-1, ctx.shape[-1])
 
 
 def _prune_params(holders: dict[str, Any], config: pruning.PruneConfig,
@@ -105,15 +110,15 @@ def _prune_linears(block: DecoderBlock, i: int, config: pruning.PruneConfig, xs,
                    ) -> prune_report.PruneReport:
     """Prune block i's attention projections in place, in order: q/k/v on their input, then
     o_proj on the heads' outputs of the pruned q/k/v (as SparseGPT prunes sequentially)."""
-    attn = block.self_attn
-    xn = jnp.concatenate([_attention_context(block, x, p, m)[0] for x, (p, m) in
-                          zip(xs, pos_masks)])
-    qkv = {f"layers/{i}/self_attn/{n}": getattr(attn, n).kernel for n in _QKV}
+    projections = block.self_attn.projections()
+    o_proj = projections.pop("o_proj")
+    xn = jnp.concatenate([_attention_input(block, x) for x in xs])
+    qkv = {f"layers/{i}/self_attn/{n}": lin.kernel for n, lin in projections.items()}
     reports = [_prune_params(qkv, config, {path: xn for path in qkv})]
-    ctx = jnp.concatenate([_attention_context(block, x, p, m)[1] for x, (p, m) in
+    ctx = jnp.concatenate([_attention_context(block, x, p, m) for x, (p, m) in
                            zip(xs, pos_masks)])
     o = f"layers/{i}/self_attn/o_proj"
-    reports.append(_prune_params({o: attn.o_proj.kernel}, config, {o: ctx}))
+    reports.append(_prune_params({o: o_proj.kernel}, config, {o: ctx}))
     return prune_report.PruneReport(config=config, layers={**reports[0].layers,
                                                            **reports[1].layers})
 
@@ -272,8 +277,10 @@ def to_compressed(model: MoETransformer, config: pruning.PruneConfig | None, *,
 
 def _linears_to_compressed(model: MoETransformer, config: pruning.PruneConfig) -> None:
     stored = dataclasses.replace(config, output="compressed")
+    linear = model.config.linear.replace(format=config.format, sparsity=sparsity_config(config))
     for block in model.layers:
-        holders = [getattr(block.self_attn, n).kernel for n in _QKV + ("o_proj",)]
+        projections = list(block.self_attn.projections().values())
+        holders = [lin.kernel for lin in projections]
         if block.mlp.shared is not None:
             holders += [getattr(block.mlp.shared, n) for n in ("w1", "w3", "w2")]
         for holder in holders:
@@ -281,9 +288,7 @@ def _linears_to_compressed(model: MoETransformer, config: pruning.PruneConfig) -
             if hasattr(w, "to_dense"):
                 raise ValueError(f"linears are already stored as {type(w).__name__}")
             holder.set_value(pruning.convert(w, stored))
-    linear = model.config.linear.replace(format=config.format, sparsity=sparsity_config(config))
-    for block in model.layers:
-        for lin in (getattr(block.self_attn, n) for n in _QKV + ("o_proj",)):
+        for lin in projections:
             lin.config = linear
         if block.mlp.shared is not None:
             block.mlp.shared.linear = linear

@@ -176,6 +176,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, eps=c.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype)
 
+    def projections(self) -> dict[str, Linear]:
+        """The four projections by name: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+        return {name: getattr(self, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
                  cache_k: jax.Array, cache_v: jax.Array, index: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -42,6 +42,16 @@ def apply_kernel(x: jax.Array, w: Any, *, dtype: Any, implementation: LinearImpl
                             out_dtype=out_dtype or dtype)
 
 
+def prepare_kernel(param: nnx.Param, implementation: LinearImplementation) -> str:
+    """Put the kernel held by ``param`` in the layout of the linear implementation
+    ``implementation`` resolves to for it (once, in place); returns that implementation's
+    name."""
+    w = param.get_value()
+    op = linear_op.resolve(implementation, w, prepared=False)
+    param.set_value(op.prepare(w))
+    return op.name
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)``; params ``kernel [in, out]`` (dense or sparse) and ``bias
     [out]`` when ``use_bias``.
@@ -79,10 +89,8 @@ class Linear(nnx.Module):
         ``implementation()``."""
         if implementation is None:
             implementation = self.config.implementation
-        w = self.kernel.get_value()
-        op = linear_op.resolve(implementation, w, prepared=False)
-        self.kernel.set_value(op.prepare(w))
-        self.config = self.config.replace(implementation=op.name)
+        chosen = prepare_kernel(self.kernel, implementation)
+        self.config = self.config.replace(implementation=chosen)
         return self.implementation()
 
     def __call__(self, x: jax.Array) -> jax.Array:

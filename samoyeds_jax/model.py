@@ -434,8 +434,8 @@ class MoETransformer(nnx.Module):
         if implementation is None:
             implementation = self.config.linear.implementation
         for block in self.layers:
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(block.self_attn, proj).prepare(implementation)
+            for proj in block.self_attn.projections().values():
+                proj.prepare(implementation)
             if block.mlp.shared is not None:
                 block.mlp.shared.prepare(implementation)
         first = self.layers[0].self_attn.q_proj

@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import expert_op, linear_op
+from pallas_kernels import expert_op
 from pallas_kernels.checks import are_arrays, expect_kind
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
                                  SparsityConfig)
-from samoyeds_jax.linear import apply_kernel, init_kernel
+from samoyeds_jax.linear import apply_kernel, init_kernel, prepare_kernel
 from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
 
 Dtype = Any
@@ -180,13 +180,9 @@ class SharedExperts(nnx.Module):
         ``linear.implementation``) chosen and the weights put in its layout once, in place."""
         if implementation is None:
             implementation = self.linear.implementation
-        chosen = None
-        for name in ("w1", "w3", "w2"):
-            w = getattr(self, name).get_value()
-            op = linear_op.resolve(implementation, w, prepared=False)
-            getattr(self, name).set_value(op.prepare(w))
-            chosen = chosen or op.name
-        self.linear = self.linear.replace(implementation=chosen)
+        chosen = [prepare_kernel(getattr(self, name), implementation)
+                  for name in ("w1", "w3", "w2")]
+        self.linear = self.linear.replace(implementation=chosen[0])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [t, d] -> [t, d] in the compute dtype."""
