@@ -30,6 +30,7 @@ class _MosaicExperts(ExpertOp):
     layout: ClassVar[hopper_layouts.HopperLayout]
     requires: ClassVar[str] = "a Hopper GPU"
     off_gpu: ClassVar[str] = "no GPU: the Mosaic GPU kernels' jnp reference runs"
+    differentiable: ClassVar[bool] = False
 
     def supported_on(self, platform):
         return platform == "gpu" and backend_lib.is_hopper()

@@ -23,6 +23,7 @@ class TritonExperts(ExpertOp):
     platforms: ClassVar[tuple[str, ...] | None] = ("gpu",)
     formats: ClassVar[tuple[str, ...] | None] = ("dense", "nm", "samoyeds")
     off_gpu: ClassVar[str] = "Pallas interpret mode: no GPU"
+    differentiable: ClassVar[bool] = False
 
     def block_t(self, num_tokens, top_k, num_experts):
         return default_block_t(num_tokens, top_k, num_experts)

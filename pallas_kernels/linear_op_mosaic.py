@@ -31,6 +31,7 @@ class _MosaicLinear(LinearOp):
     reference: ClassVar[Callable[..., Any]]
     requires: ClassVar[str] = "a Hopper GPU"
     off_gpu: ClassVar[str] = "no GPU: the Mosaic GPU kernel's jnp reference runs"
+    differentiable: ClassVar[bool] = False
 
     def supported_on(self, platform):
         return platform == "gpu" and backend_lib.is_hopper()

@@ -59,6 +59,7 @@ class TritonLinear(LinearOp):
     platforms: ClassVar[tuple[str, ...] | None] = ("gpu",)
     formats: ClassVar[tuple[str, ...] | None] = tuple(KERNELS)
     off_gpu: ClassVar[str] = "Pallas interpret mode: no GPU"
+    differentiable: ClassVar[bool] = False
 
     def supports(self, w):
         kernel = KERNELS.get(format_name(w))

@@ -12,6 +12,10 @@ takes (``accepts()``). The registry holds them by name and picks one for given w
 A name asked for explicitly also runs off its platform where the kernels have an interpret
 mode (no GPU). The built-in implementations live in modules imported on first use
 (``builtin_modules``), each registering its ops.
+
+Gradients: an op whose ``compute`` jax cannot differentiate (a Pallas kernel has no autodiff
+rule) says so (``differentiable = False``) and is called through ``with_reference_gradient``:
+its own forward, the gradient of the op's reference (the XLA implementation, the same function).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, ClassVar, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend as backend_lib
@@ -41,6 +46,8 @@ class Op:
     formats: ClassVar[tuple[str, ...] | None] = None
     # What runs instead of the compiled kernels in interpret mode (no GPU), for ``describe``.
     off_gpu: ClassVar[str] = ""
+    # Whether jax differentiates ``compute``; False: the gradient is the reference's.
+    differentiable: ClassVar[bool] = True
 
     def supported_on(self, platform: str) -> bool:
         """Whether this implementation runs (compiled) on ``platform``."""
@@ -64,6 +71,25 @@ class Op:
         """Whether it computes sparse weights as dense (reported by ``describe``)."""
         return self.formats is None and any(format_name(w) not in (None, "dense")
                                             for w in weights)
+
+
+def with_reference_gradient(compute: Callable, reference: Callable) -> Callable:
+    """``compute`` in the forward pass and ``reference``'s vector-Jacobian product at the same
+    inputs in the backward pass: for kernels without an autodiff rule whose reference computes
+    the same function. Integer inputs (ids, metadata) get zero (float0) cotangents."""
+
+    @jax.custom_vjp
+    def op(*args):
+        return compute(*args)
+
+    def forward(*args):
+        return compute(*args), args
+
+    def backward(args, cotangent):
+        return jax.vjp(reference, *args)[1](cotangent)
+
+    op.defvjp(forward, backward)
+    return op
 
 
 class OpRegistry:

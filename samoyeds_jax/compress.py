@@ -160,11 +160,13 @@ def _check_windows(model: MoETransformer, windows: Any) -> np.ndarray:
 
 def routed_inputs(x_moe: np.ndarray, topk_idx: np.ndarray, num_experts: int
                   ) -> tuple[np.ndarray, list[int]]:
-    """Each expert's routed rows of ``x_moe`` [n, d] as ``[e, cap, d]`` (zero-padded to the
-    largest count, at least 1 row) and the counts."""
+    """Each expert's routed rows of ``x_moe`` [n, d] as ``[e, cap, d]`` and the counts; ``cap``
+    is the largest count rounded up to a power of two, so that the blocks of a model share a
+    few shapes and the pruning programs compile once, not once per block (the padding rows are
+    zero: they change no norm, Hessian or error sum)."""
     rows = [np.nonzero((topk_idx == e).any(axis=1))[0] for e in range(num_experts)]
     counts = [len(r) for r in rows]
-    cap = max(max(counts), 1)
+    cap = 1 << (max(max(counts), 1) - 1).bit_length()
     out = np.zeros((num_experts, cap, x_moe.shape[1]), np.float32)
     for e, r in enumerate(rows):
         out[e, :len(r)] = x_moe[r]

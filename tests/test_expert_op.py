@@ -79,6 +79,36 @@ def test_matches_xla_reference(rng, name, fmt, routing):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_gradients_are_the_references(rng, name):
+    """Every implementation differentiates: the gradients of x and of the routing weights are
+    the xla reference's (a kernel's backward pass is its reference's; only its forward output,
+    the cotangent of this loss, differs), and so are those of dense expert weights."""
+    if not _available(name):
+        pytest.skip(f"{name} needs another GPU")
+    fmt = "dense" if "dense" in RUNS[name] else "nm"
+    dtype = jnp.bfloat16 if name.startswith("mosaic") else jnp.float32
+    ws = _weights(fmt, dtype, seed=int(rng.integers(1 << 30)))
+    topk_idx, topk_w = _routing(rng, 5, 2, None)
+    x = jnp.asarray(rng.standard_normal((5, D)), dtype)
+    xla, op = expert_op.get_op("xla"), expert_op.get_op(name)
+    prepared = op.prepare(*ws)
+
+    def grads(op, weights):
+        def loss(x, p, w1):
+            plan = expert_op.plan_for(op, topk_idx, p, num_experts=E)
+            return jnp.sum(op(x, plan, w1, *weights[1:]).astype(jnp.float32) ** 2)
+        argnums = (0, 1, 2) if fmt == "dense" else (0, 1)
+        return jax.jit(jax.grad(loss, argnums=argnums))(x, topk_w, weights[0])
+
+    got, want = grads(op, prepared), grads(xla, ws)
+    tol = 5e-2 if dtype == jnp.bfloat16 else 1e-4
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g)) and np.abs(w).max() > 0
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
 def test_refusals():
     ws = {fmt: _weights(fmt, jnp.bfloat16, seed=0) for fmt in FORMATS}
     for name in IMPLEMENTATIONS:

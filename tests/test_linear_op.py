@@ -73,6 +73,26 @@ def test_matches_xla_reference(rng, name, weight, x_shape):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_gradient_of_x_is_the_references(rng, name):
+    """Every implementation differentiates: x's gradient is the xla reference's (a kernel's
+    backward pass is its reference's)."""
+    if not _available(name):
+        pytest.skip(f"{name} needs another GPU")
+    dtype = jnp.float32 if name == "xla" else jnp.bfloat16
+    w = _weight("nm_2of4", dtype, seed=int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((3, K)), dtype)
+
+    def grad(op, w):
+        loss = lambda x: jnp.sum(op(x, w, out_dtype=jnp.float32) ** 2)
+        return np.asarray(jax.jit(jax.grad(loss))(x), np.float32)
+
+    op = linear_op.get_op(name)
+    got, want = grad(op, op.prepare(w)), grad(linear_op.get_op("xla"), w)
+    assert np.all(np.isfinite(got)) and np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
+
+
 def test_out_dtype():
     w = _weight("nm_2of4", jnp.bfloat16)
     x = jnp.ones((3, K), jnp.bfloat16)

@@ -75,8 +75,9 @@ def test_grad_accumulation_matches_one_batch():
     tokens = _tokens()
     windows = sample_windows(tokens, batch=4, length=17, seed=1, step=0)
     out = []
-    for accum in (1, 2):
-        model = MoETransformer(_config(), rngs=nnx.Rngs(3))
+    for accum in (1, 2):  # the experts computed as train() computes them
+        model = MoETransformer(_config(implementation=T.expert_implementation("auto")),
+                               rngs=nnx.Rngs(3))
         trainer = Trainer(model, _small(grad_accum=accum))
         losses = trainer.step(windows)
         out.append((losses, nnx.state(trainer.model, nnx.Param)))
