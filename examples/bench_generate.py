@@ -1,8 +1,9 @@
-"""End-to-end generation speed of a Mixtral-8x7B-shaped model: dense vs 2:4 vs Samoyeds experts.
+"""End-to-end generation speed of a full-size MoE model: dense vs 2:4 vs Samoyeds experts.
 
-For each expert format and implementation it builds the model (random weights of the Mixtral-8x7B
-shapes, ``--layers`` decoder blocks; sparse formats are magnitude-pruned from the same dense
-initialization) and measures with ``samoyeds_jax.generate.Generator``:
+For each expert format and implementation it builds the model (random weights of the
+``--model`` shapes, Mixtral-8x7B or Qwen3-30B-A3B, ``--layers`` decoder blocks, default all of
+them; sparse experts drawn directly in their format) and measures with
+``samoyeds_jax.generate.Generator``:
 
 * decode tokens/s at each batch size: the whole decode loop is one jitted ``lax.while_loop``
   (``--new-tokens`` tokens, EOS ignored), timed from dispatch to ``block_until_ready``,
@@ -10,12 +11,21 @@ initialization) and measures with ``samoyeds_jax.generate.Generator``:
 * prefill tokens/s: ``--prefill-batch`` prompts of ``--prefill-len`` tokens;
 * correctness in the same run: for every format, the logits of one forward with each expert
   implementation against ``xla`` (same weights), and whether their greedy tokens agree;
-* peak device memory after each format.
+* peak device memory after each format, build and compile seconds; a format that does not fit
+  the device is recorded as such (dense Mixtral-8x7B needs a 141 GB H200);
+* decode as a fraction of its bytes-per-step roofline: the bytes one decode step must read
+  (every non-expert weight but the embedding table, the experts a uniform routing of the batch
+  touches in expectation, the whole KV cache) over the copy rate measured at the start of the
+  run (a jitted ``x + 1`` over 1 GiB), against the measured step time.
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
 ~28% (Samoyeds 1:2:128 + 2:4) of dense, attention and embedding bytes stay.
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_generate.py --out benchmarks/generate.json
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_generate.py --out benchmarks/generate.json \
+        --layers 2
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 examples/bench_generate.py --model qwen3-30b-a3b \
+        --batches 1,8,32 --prefill-batch 1 --prefill-len 2048 --no-check \
+        --variants dense/triton,samoyeds/mosaic_sparse_mma --out benchmarks/generate_qwen3.json
     PYTHONPATH=. python3 examples/bench_generate.py --tiny --out /tmp/generate.json   # CPU smoke
 """
 
@@ -32,15 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model_shapes import MODELS
 from samoyeds_jax.generate import Generator, SamplingConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
-MIXTRAL_8X7B = {
-    "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6, "torch_dtype": "bfloat16", "eos_token_id": 2,
-}
 
 # format/implementation pairs timed by default (``pallas_kernels.expert_op``); the dense XLA
 # grouped matmul is the baseline. ``mosaic_sparse_mma`` / ``mosaic_expand`` put the experts in a
@@ -51,7 +56,8 @@ DEFAULT_VARIANTS = "dense/xla,dense/triton,nm/triton,samoyeds/triton"
 def _config(args, fmt: str) -> ModelConfig:
     if args.tiny:
         return ModelConfig.tiny(expert_format=fmt)
-    hf = dict(MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    hf = MODELS[args.model]
+    hf = dict(hf, num_hidden_layers=args.layers or hf["num_hidden_layers"])
     return ModelConfig.from_hf(hf, expert_format=fmt)
 
 
@@ -72,6 +78,40 @@ def _expert_bytes(model: MoETransformer) -> int:
     return total
 
 
+def _param_bytes(model: MoETransformer) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def bytes_per_decode_step(model: MoETransformer, batch: int, slots: int) -> float:
+    """Bytes one decode step of ``batch`` rows reads from device memory, at least: every
+    non-expert weight but the embedding table (only ``batch`` rows of it are read), the experts
+    a uniform top-k routing of ``batch`` tokens touches in expectation in every block, and a
+    KV cache of ``slots`` slots."""
+    cfg = model.config
+    e, k = cfg.moe.num_experts, cfg.moe.top_k
+    experts = _expert_bytes(model)
+    embed = 0 if cfg.tie_word_embeddings else model.embed_tokens.embedding.get_value().nbytes
+    touched = 1.0 - (1.0 - k / e) ** batch  # the expected fraction of a block's experts
+    a = cfg.attention
+    kv = (batch * slots * cfg.num_layers * 2 * a.num_kv_heads * a.head_dim
+          * jnp.dtype(cfg.dtype).itemsize)
+    return _param_bytes(model) - experts - embed + experts * touched + kv
+
+
+def copy_rate(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device memory bytes/s of a jitted ``x + 1`` (reads and writes ``nbytes`` each)."""
+    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    del x
+    return 2 * nbytes / statistics.median(times)
+
+
 def _peak_mib() -> float | None:
     stats = jax.devices()[0].memory_stats()
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
@@ -86,8 +126,11 @@ def _write(path: str, report: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--layers", type=int, default=4,
-                   help="decoder blocks (Mixtral-8x7B has 32; decode tokens/s scale ~1/layers)")
+    p.add_argument("--model", choices=sorted(MODELS), default="mixtral-8x7b",
+                   help="the shapes (random weights)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="decoder blocks; 0: the model's own depth (Mixtral-8x7B 32, "
+                        "Qwen3-30B-A3B 48)")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -97,6 +140,9 @@ def main() -> None:
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="comma-separated format/implementation pairs (formats: dense, nm, "
                         "samoyeds, unstructured; implementations: pallas_kernels.expert_op)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the logits check against the xla implementation (at full depth "
+                        "it compiles a second program)")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     args = p.parse_args()
     if args.tiny:
@@ -106,23 +152,37 @@ def main() -> None:
     variants = [tuple(v.split("/")) for v in args.variants.split(",")]
     formats = list(dict.fromkeys(f for f, _ in variants))
     results, checks = [], []
+    rate = copy_rate(1 << 24 if args.tiny else 1 << 30)
+    print(f"copy rate {rate / 1e9:.0f} GB/s", flush=True)
     report = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-                  jax=jax.__version__, model="tiny" if args.tiny else "mixtral-8x7b-shaped",
+                  jax=jax.__version__, model="tiny" if args.tiny else f"{args.model}-shaped",
                   layers=_config(args, "dense").num_layers, args=vars(args),
+                  copy_rate_bytes_per_s=rate,
                   timing="AOT-compiled; decode = one jitted while_loop per run, dispatch to "
                          "block_until_ready; median of repeats; compile excluded",
                   results=results, checks=checks)
 
     for fmt in formats:
         t0 = time.perf_counter()
-        base = MoETransformer(_config(args, fmt), rngs=nnx.Rngs(0))
-        jax.block_until_ready(nnx.state(base))
+        try:
+            base = MoETransformer(_config(args, fmt), rngs=nnx.Rngs(0))
+            jax.block_until_ready(nnx.state(base))
+        except jax.errors.JaxRuntimeError as err:  # does not fit this device: say so, go on
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            base = None
+            gc.collect()
+            report.setdefault("does_not_fit", {})[fmt] = str(err).splitlines()[0][:300]
+            print(f"{fmt}: does not fit the device: {str(err).splitlines()[0][:200]}", flush=True)
+            _write(args.out, report)
+            continue
         build_s = time.perf_counter() - t0
         vocab = base.config.vocab_size
         probe = jnp.asarray(np.random.default_rng(7).integers(3, vocab, (2, 16)), jnp.int32)
         logits_by_impl, greedy_by_impl = {}, {}
         impls = [b for f, b in variants if f == fmt]
-        for impl in ["xla"] + [b for b in impls if b != "xla"]:
+        checked = [] if args.no_check else ["xla"]
+        for impl in checked + [b for b in impls if b not in checked]:
             try:
                 model = _with_implementation(base, impl)
                 logits, _ = jax.jit(lambda m, t: m(t))(model, probe)
@@ -144,16 +204,18 @@ def main() -> None:
                 rates = [r.decode_tokens_per_second for r in timed]
                 if b == batches[0]:
                     greedy_by_impl[impl] = runs[-1].tokens
+                step_s = b / statistics.median(rates)
+                need = bytes_per_decode_step(model, b, args.prompt_len + args.new_tokens)
                 results.append(dict(
                     kind="decode", format=fmt, implementation=impl, batch=b,
                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                     decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
-                    step_ms=1e3 / statistics.median(rates) * b,
-                    compile_s=runs[0].compile_seconds))
+                    step_ms=1e3 * step_s, compile_s=runs[0].compile_seconds,
+                    bytes_per_step=need, roofline_fraction=need / rate / step_s))
                 _write(args.out, report)
                 print(f"{fmt:9s} {impl:6s} batch {b:3d}: decode {statistics.median(rates):10.1f} tok/s "
-                      f"({results[-1]['step_ms']:.2f} ms/step), compile {runs[0].compile_seconds:.1f} s",
-                      flush=True)
+                      f"({1e3 * step_s:.2f} ms/step, {100 * need / rate / step_s:.0f}% of the "
+                      f"bytes roofline), compile {runs[0].compile_seconds:.1f} s", flush=True)
             prng = np.random.default_rng(1000)
             prompts = [prng.integers(3, vocab, args.prefill_len).tolist()
                        for _ in range(args.prefill_batch)]
@@ -161,7 +223,8 @@ def main() -> None:
             rates = [r.prefill_tokens_per_second for r in runs[1:] or runs]
             results.append(dict(kind="prefill", format=fmt, implementation=impl,
                                 batch=args.prefill_batch, prompt_len=args.prefill_len,
-                                prefill_tok_s=statistics.median(rates), prefill_tok_s_runs=rates))
+                                prefill_tok_s=statistics.median(rates), prefill_tok_s_runs=rates,
+                                compile_s=runs[0].compile_seconds))
             print(f"{fmt:9s} {impl:6s} prefill {args.prefill_batch}x{args.prefill_len}: "
                   f"{statistics.median(rates):10.1f} tok/s", flush=True)
             del gen, model
@@ -179,6 +242,7 @@ def main() -> None:
                 print(f"{fmt:9s} {impl}: logits rel err vs xla {rel:.2e}, greedy equal {same}",
                       flush=True)
         report.setdefault("expert_mib", {})[fmt] = _expert_bytes(base) / 2**20
+        report.setdefault("param_mib", {})[fmt] = _param_bytes(base) / 2**20
         report.setdefault("peak_mib_after", {})[fmt] = _peak_mib()
         report.setdefault("build_s", {})[fmt] = build_s
         del base

@@ -26,15 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_shapes import MIXTRAL_8X7B
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
 from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 
-MIXTRAL_8X7B = {
-    "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
-    "max_position_embeddings": 32768, "torch_dtype": "bfloat16",
-}
 
 
 def build(config: ModelConfig, ep: ExpertParallel, seed: int = 0):

@@ -20,12 +20,8 @@ import os
 import sys
 import time
 
-MIXTRAL_8X7B = {
-    "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6, "torch_dtype": "bfloat16", "eos_token_id": 2,
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_shapes import MIXTRAL_8X7B  # noqa: E402
 
 
 def _time(fn):

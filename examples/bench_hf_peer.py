@@ -1,0 +1,133 @@
+"""The peer of ``bench_generate.py``: Hugging Face ``transformers`` (PyTorch) on the same shapes.
+
+Builds ``MixtralForCausalLM`` or ``Qwen3MoeForCausalLM`` from a config of the shapes
+``bench_generate.py`` uses (random weights, bf16, on the GPU; ``--layers`` blocks), and times
+``model.generate`` (greedy, EOS off, every row runs ``--new-tokens`` tokens) with a static KV
+cache (``cache_implementation="static"``; transformers compiles the decoding forward with
+``torch.compile`` for a static cache unless ``--no-compile``):
+
+* decode tokens/s at each batch: ``b * n / (t(1 + n) - t(1))``, where ``t(m)`` is the median
+  wall time of a generate of ``m`` new tokens (so the prefill and the first token cancel out);
+* prefill tokens/s: ``--prefill-batch`` x ``--prefill-len`` prompt tokens over ``t(1)`` of
+  those prompts;
+* peak GPU memory (``torch.cuda.max_memory_allocated``).
+
+Every shape is run twice before timing (compilation and autotuning excluded). Needs torch with
+CUDA and transformers (the GPU machine has them; this project does not depend on them).
+
+    python3 examples/bench_hf_peer.py --model mixtral-8x7b --out benchmarks/hf_peer_mixtral.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_shapes import MODELS  # noqa: E402  (bench_generate's shapes)
+
+ARCH = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+
+
+def build(args):
+    import torch
+    import transformers
+
+    hf = dict(MODELS[args.model])
+    hf["num_hidden_layers"] = args.layers or hf["num_hidden_layers"]
+    config_cls, model_cls = (getattr(transformers, n) for n in ARCH[hf.pop("model_type")])
+    hf.pop("torch_dtype", None)
+    config = config_cls(**hf)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = model_cls(config).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model, config
+
+
+def timed_generate(model, ids, new_tokens, repeats, compile_):
+    import torch
+
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              cache_implementation="static", disable_compile=not compile_)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):  # two warm-up runs: compilation, autotuning
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", choices=sorted(MODELS), default="mixtral-8x7b")
+    p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="eager PyTorch (no torch.compile)")
+    args = p.parse_args()
+
+    import torch
+    import transformers
+
+    t0 = time.perf_counter()
+    model, config = build(args)
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    vocab = config.vocab_size
+    results = []
+    report = dict(peer="transformers", device=torch.cuda.get_device_name(),
+                  torch=torch.__version__, transformers=transformers.__version__,
+                  model=f"{args.model}-shaped", layers=config.num_hidden_layers, args=vars(args),
+                  how=("model_cls(config).to(bfloat16) on cuda, random weights; model.generate "
+                       "greedy, cache_implementation='static', "
+                       + ("disable_compile=True (eager)" if args.no_compile else
+                          "transformers' automatic torch.compile of the static-cache forward")),
+                  build_s=build_s, results=results)
+
+    def write():
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    for b in (int(x) for x in args.batches.split(",")):
+        ids = torch.randint(3, vocab, (b, args.prompt_len), generator=gen).cuda()
+        t1 = timed_generate(model, ids, 1, args.repeats, not args.no_compile)
+        tn = timed_generate(model, ids, 1 + args.new_tokens, args.repeats, not args.no_compile)
+        rate = b * args.new_tokens / (tn - t1)
+        results.append(dict(kind="decode", batch=b, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, decode_tok_s=rate,
+                            step_ms=1e3 * (tn - t1) / args.new_tokens))
+        print(f"transformers batch {b:3d}: decode {rate:10.1f} tok/s "
+              f"({results[-1]['step_ms']:.2f} ms/step)", flush=True)
+        write()
+    ids = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), generator=gen).cuda()
+    t1 = timed_generate(model, ids, 1, args.repeats, not args.no_compile)
+    rate = args.prefill_batch * args.prefill_len / t1
+    results.append(dict(kind="prefill", batch=args.prefill_batch, prompt_len=args.prefill_len,
+                        prefill_tok_s=rate))
+    print(f"transformers prefill {args.prefill_batch}x{args.prefill_len}: {rate:10.1f} tok/s",
+          flush=True)
+    report["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    write()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
