@@ -322,10 +322,7 @@ def nm_matmul_reference(
     """
     del config
     _check_nm(w)
-    dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
-    y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
-                precision=jax.lax.Precision.HIGHEST)
-    return y.astype(dt)
+    return _reference_product(x, w, out_dtype)
 
 
 def samoyeds_matmul_reference(
@@ -341,6 +338,11 @@ def samoyeds_matmul_reference(
     """
     del config
     _check_samoyeds(w)
+    return _reference_product(x, w, out_dtype)
+
+
+def _reference_product(x: jax.Array, w: Any, out_dtype: Any) -> jax.Array:
+    """``x @ w.to_dense()`` in float32 at full precision, in ``out_dtype`` (default x.dtype)."""
     dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)
