@@ -43,8 +43,11 @@ import numpy as np
 from flax import nnx
 
 from model_shapes import MODELS
+from samoyeds_jax.expert_store import host_experts
 from samoyeds_jax.generate import Generator, SamplingConfig
-from samoyeds_jax.model import ModelConfig, MoETransformer
+from samoyeds_jax.generate_offload import OffloadGenerator
+from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
+from samoyeds_jax.offload import OffloadConfig
 
 
 # format/implementation pairs timed by default (``pallas_kernels.expert_op``); the dense XLA
@@ -123,6 +126,53 @@ def _write(path: str, report: dict) -> None:
         json.dump(report, f, indent=1)
 
 
+def _offloaded(args, variant: str, batches: list[int], report: dict) -> None:
+    """``format/implementation@policy``: the experts in pinned host memory from the start
+    (``host_experts``: never all on the device), generation by ``OffloadGenerator`` with the
+    fetch ``policy`` (a pre-gated model: block l+1's experts are fetched while block l runs)."""
+    fmt, rest = variant.split("/")
+    impl, policy = rest.split("@")
+    config = _config(args, fmt).replace(moe=dict(pregate="pregated", implementation=impl))
+    t0 = time.perf_counter()
+    model = MoETransformer(config, rngs=nnx.Rngs(0), mlp_factory=host_experts(default_mlp))
+    jax.block_until_ready(nnx.state(model))
+    gen = OffloadGenerator(model, offload=OffloadConfig(policy=policy), eos_id=None, bucket=16)
+    del model  # its experts now live in the generator's store
+    build_s = time.perf_counter() - t0
+    vocab = config.vocab_size
+    for b in batches:
+        prng = np.random.default_rng(b)
+        prompts = [prng.integers(3, vocab, args.prompt_len).tolist() for _ in range(b)]
+        runs = [gen.generate(prompts, max_new_tokens=args.new_tokens)
+                for _ in range(args.repeats)]  # each compiles or warms up first, untimed
+        rates = [r.decode_tokens_per_second for r in runs]
+        report["results"].append(dict(
+            kind="decode", format=fmt, implementation=f"{impl}@{policy}", batch=b,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+            decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
+            step_ms=1e3 * b / statistics.median(rates), compile_s=runs[0].compile_seconds,
+            cache=runs[-1].cache_stats, cache_mib=runs[-1].cache_nbytes / 2**20,
+            host_syncs=runs[-1].host_syncs))
+        print(f"{fmt:9s} {impl}@{policy} batch {b:3d}: decode {statistics.median(rates):10.1f} "
+              f"tok/s, hit rate {runs[-1].cache_stats['hit_rate']:.2f}", flush=True)
+        _write(args.out, report)
+    prng = np.random.default_rng(1000)
+    prompts = [prng.integers(3, vocab, args.prefill_len).tolist()
+               for _ in range(args.prefill_batch)]
+    runs = [gen.generate(prompts, max_new_tokens=1) for _ in range(args.repeats)]
+    rates = [r.prefill_tokens_per_second for r in runs]
+    report["results"].append(dict(kind="prefill", format=fmt, implementation=f"{impl}@{policy}",
+                                  batch=args.prefill_batch, prompt_len=args.prefill_len,
+                                  prefill_tok_s=statistics.median(rates),
+                                  prefill_tok_s_runs=rates))
+    print(f"{fmt:9s} {impl}@{policy} prefill {args.prefill_batch}x{args.prefill_len}: "
+          f"{statistics.median(rates):10.1f} tok/s", flush=True)
+    report.setdefault("offload", {})[variant] = dict(
+        build_s=build_s, store_mib=gen.store.nbytes / 2**20, peak_mib_after=_peak_mib())
+    del gen
+    gc.collect()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -139,7 +189,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="comma-separated format/implementation pairs (formats: dense, nm, "
-                        "samoyeds, unstructured; implementations: pallas_kernels.expert_op)")
+                        "samoyeds, unstructured; implementations: pallas_kernels.expert_op); "
+                        "format/implementation@policy: experts offloaded to pinned host memory, "
+                        "OffloadGenerator with that fetch policy (e.g. dense/triton@pregated)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the logits check against the xla implementation (at full depth "
                         "it compiles a second program)")
@@ -149,7 +201,8 @@ def main() -> None:
         args.batches, args.prompt_len, args.new_tokens = "1,2", 8, 4
         args.prefill_batch, args.prefill_len, args.repeats = 2, 16, 1
     batches = [int(b) for b in args.batches.split(",")]
-    variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+    offloaded = [v for v in args.variants.split(",") if "@" in v]
+    variants = [tuple(v.split("/")) for v in args.variants.split(",") if "@" not in v]
     formats = list(dict.fromkeys(f for f, _ in variants))
     results, checks = [], []
     rate = copy_rate(1 << 24 if args.tiny else 1 << 30)
@@ -247,6 +300,10 @@ def main() -> None:
         report.setdefault("build_s", {})[fmt] = build_s
         del base
         gc.collect()
+
+    for variant in offloaded:
+        _offloaded(args, variant, batches, report)
+        _write(args.out, report)
 
     speedups = {}
     for r in results:

@@ -1,5 +1,6 @@
-"""Expert weights in pinned host memory: ``ExpertStore`` (one pytree per (layer, expert)) and
-the memory-kind helpers (``pinned_host_sharding``, ``device_sharding``, ``tree_nbytes``,
+"""Expert weights in pinned host memory: ``ExpertStore`` (one pytree per (layer, expert)),
+``host_experts`` (a model built with its experts in host memory) and the memory-kind helpers
+(``pinned_host_sharding``, ``device_sharding``, ``on_host``, ``tree_nbytes``,
 ``device_memory_stats``).
 
 Pinned (page-locked) host memory lets the host->device copy of an expert run at PCIe speed;
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -38,6 +40,30 @@ def pinned_host_sharding(device: jax.Device | None = None) -> jax.sharding.Singl
 def device_sharding(device: jax.Device | None = None) -> jax.sharding.SingleDeviceSharding:
     """Sharding placing an array in ``device``'s own memory (HBM on a GPU)."""
     return jax.sharding.SingleDeviceSharding(_device(device), memory_kind="device")
+
+
+def on_host(a: Any) -> bool:
+    """Whether ``a`` is a jax array in host memory (pinned or not)."""
+    kind = getattr(getattr(a, "sharding", None), "memory_kind", None)
+    return kind in ("pinned_host", "unpinned_host")
+
+
+def host_experts(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``MoETransformer`` ``mlp_factory`` (``factory``, e.g. ``model.default_mlp``) whose MoE
+    layers keep their routed experts in pinned host memory: each block's expert stacks are
+    made on the device and moved out before the next block is made, so a model whose experts
+    do not fit the device can be built for ``OffloadGenerator`` (which moves them into its
+    ``ExpertStore``). The model itself then runs only through ``OffloadGenerator``."""
+
+    def make(config: Any, *, block_index: int, rngs: Any) -> Any:
+        mlp = factory(config, block_index=block_index, rngs=rngs)
+        host = pinned_host_sharding()
+        for name in ("w1", "w3", "w2"):
+            param = getattr(mlp, name)
+            param.set_value(jax.block_until_ready(jax.device_put(param.get_value(), host)))
+        return mlp
+
+    return make
 
 
 def tree_nbytes(tree: PyTree) -> int:
@@ -97,11 +123,14 @@ class ExpertStore:
         self.expert_nbytes = tree_nbytes(self._experts[0][0])
 
     @classmethod
-    def from_stacked(cls, layers: Sequence[PyTree], *,
-                     device: jax.Device | None = None) -> ExpertStore:
+    def from_stacked(cls, layers: Sequence[PyTree], *, device: jax.Device | None = None,
+                     move_host: bool = False) -> ExpertStore:
         """Store ``layers[l]``: a pytree whose leaves have a leading expert axis [e, ...].
 
-        Leaves may be numpy or jax arrays; each expert slice is copied into pinned host memory.
+        Leaves may be numpy or jax arrays; each expert slice is copied into pinned host memory
+        (stacks already in host memory are sliced on the host, never through the device).
+        ``move_host``: delete each host-resident jax stack once its layer is stored, so host
+        memory holds the experts once (a model built with ``host_experts`` gives them up).
         """
         host = pinned_host_sharding(device)
         experts = []
@@ -113,9 +142,16 @@ class ExpertStore:
             if any(a.ndim < 1 or a.shape[0] != e for a in leaves):
                 raise ValueError(f"layer {l}: every leaf needs the same leading expert axis, got "
                                  f"{[a.shape for a in leaves]}")
+            sliced = jax.tree_util.tree_map(lambda a: np.asarray(a) if on_host(a) else a, tree)
             experts.append([
-                jax.device_put(jax.tree_util.tree_map(lambda a, i=i: a[i], tree), host)
+                jax.device_put(jax.tree_util.tree_map(lambda a, i=i: a[i], sliced), host)
                 for i in range(e)])
+            jax.block_until_ready(experts[-1])
+            del sliced
+            if move_host:
+                for a in leaves:
+                    if isinstance(a, jax.Array) and on_host(a):
+                        a.delete()
         return cls(experts, device=device)
 
     @classmethod

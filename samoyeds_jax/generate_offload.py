@@ -100,7 +100,10 @@ class OffloadGenerator:
 
     Args:
       model: the transformer; its expert arrays are copied to pinned host memory (drop the model
-        afterwards to free their device copies).
+        afterwards to free their device copies). Experts the model keeps in host memory
+        (built with ``expert_store.host_experts``, for models whose experts do not fit the
+        device) are moved instead: the model's expert arrays are deleted, so host memory holds
+        them once.
       offload: fetch policy, slots, eviction, routing source. Without ``offload.slots`` the
         slot count is ``offload.resolve_slots`` for the first generation's prefill (batch x
         prompt width tokens), kept for later generations.
@@ -139,7 +142,7 @@ class OffloadGenerator:
             w = moe.expert_weights()
             layers.append({"w1": w.w1, "w3": w.w3, "w2": w.w2})
         self.dtype = jnp.dtype(cfg.dtype)
-        self.store = ExpertStore.from_stacked(layers)
+        self.store = ExpertStore.from_stacked(layers, move_host=True)
         self._head_fn = _make_head(model)
         self.cache: ExpertCache | None = None
         self._slots: int | None = offload.slots

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from samoyeds_jax import generate_offload
 from samoyeds_jax.expert_cache import ExpertCache
+from samoyeds_jax.expert_store import host_experts, on_host
 from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_offload import OffloadGenerator
-from samoyeds_jax.model import ModelConfig, MoETransformer
+from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
 from samoyeds_jax.offload import OffloadConfig
 
 PROMPTS = [[5, 9, 13], [7, 1, 3, 200, 11]]
@@ -83,3 +85,26 @@ def test_offload_rejects_mismatched_routing_source():
     model = nnx.eval_shape(lambda: MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="pregate='pregated'"):
         OffloadGenerator(model, offload=OffloadConfig(policy="on_demand", routing_source="pregate"))
+
+
+def test_a_model_built_with_host_experts_offloads_them_once(models):
+    """``host_experts``: the experts never stay on the device; the generator moves them into its
+    store (the model's copies are deleted) and generates what the resident model generates."""
+    model, ref = models["pregated"]
+    host_model = MoETransformer(ModelConfig.tiny(pregate="pregated"), rngs=nnx.Rngs(5),
+                                mlp_factory=host_experts(default_mlp))
+    stacks = [getattr(b.mlp, n).get_value() for b in host_model.layers for n in ("w1", "w3", "w2")]
+    assert all(on_host(a) for a in stacks)
+    np.testing.assert_array_equal(np.asarray(stacks[0]),
+                                  np.asarray(model.layers[0].mlp.w1.get_value()))
+    gen = OffloadGenerator(host_model, offload=OffloadConfig(policy="pregated"))
+    assert all(a.is_deleted() for a in stacks)  # moved, not copied
+    res = gen.generate(PROMPTS, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.tokens, ref)
+    for l in range(2):
+        ref_layer = model.layers[l].mlp
+        for e in range(4):
+            stored = gen.store.expert(l, e)
+            assert all(on_host(a) for a in jax.tree.leaves(stored))
+            np.testing.assert_array_equal(np.asarray(stored["w2"]),
+                                          np.asarray(ref_layer.w2.get_value()[e]))
