@@ -26,7 +26,7 @@ __all__ = ["load_model", "load_or_convert", "load_tokenizer"]
 def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFormat | None = None,
                     prune: pruning.PruneConfig | None = None, dtype: Any = None,
                     implementation: ExpertImplementation = None,
-                    progress: bool | None = None
+                    progress: bool | None = None, experts_memory: str = "device"
                     ) -> tuple[MoETransformer, ModelConfig]:
     """Load ``converted`` if it holds a complete conversion, else import ``checkpoint`` and save
     it there.
@@ -36,7 +36,8 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
     ``converted`` directory that ``load_converted`` refuses (an interrupted save, a corrupt or
     truncated file, another format version) is converted again, with a warning saying why.
     Only an absent or empty ``converted`` or a (partial) converted model is written to: any
-    other directory is refused with ValueError before converting.
+    other directory is refused with ValueError before converting. ``experts_memory``: as in
+    ``load_model``.
     """
     check_implementation(implementation)
     settings = {"expert_format": expert_format or (prune.format if prune else "dense"),
@@ -53,7 +54,8 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
                 raise ValueError(f"{converted} holds a conversion with other settings "
                                  f"(stored, requested): {differs}; pick another directory")
             try:
-                return converted_io.load_converted(converted, implementation=implementation)
+                return converted_io.load_converted(converted, implementation=implementation,
+                                                   experts_memory=experts_memory)
             except (FileNotFoundError, ValueError) as err:
                 reason = err
         warnings.warn(f"{converted} holds no usable converted model ({reason}); converting "
@@ -63,20 +65,21 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
     model, config = hf_import.load_hf_checkpoint(checkpoint, dtype=dtype,
                                                  expert_format=expert_format, prune=prune,
                                                  implementation=implementation,
-                                                 progress=progress)
+                                                 progress=progress, experts_memory=experts_memory)
     converted_io.save_converted(model, converted, source=checkpoint, conversion=settings)
     return model, config
 
 
 def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
                implementation: ExpertImplementation = None, dtype: Any = None,
-               prune: pruning.PruneConfig | None = None, progress: bool | None = None
-               ) -> MoETransformer:
+               prune: pruning.PruneConfig | None = None, progress: bool | None = None,
+               experts_memory: str = "device") -> MoETransformer:
     """The model in ``directory``: a converted model (``is_converted``) or a Hugging Face
     checkpoint. For a converted one, ``expert_format``/``dtype`` must match what is stored (or
-    be None)."""
+    be None). ``experts_memory``: "device", or "pinned_host" for ``OffloadGenerator``."""
     if converted_io.is_converted(directory):
-        model, config = converted_io.load_converted(directory, implementation=implementation)
+        model, config = converted_io.load_converted(directory, implementation=implementation,
+                                                    experts_memory=experts_memory)
         fmt = config.moe.expert_format
         if expert_format is not None and expert_format != fmt:
             raise ValueError(f"{directory} stores {fmt!r} experts; requested {expert_format!r} "
@@ -88,7 +91,7 @@ def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
         return model
     model, _ = hf_import.load_hf_checkpoint(directory, dtype=dtype, expert_format=expert_format,
                                             prune=prune, implementation=implementation,
-                                            progress=progress)
+                                            progress=progress, experts_memory=experts_memory)
     return model
 
 

@@ -50,6 +50,7 @@ from safetensors.numpy import save_file
 from pallas_kernels.format_registry import FORMATS
 from samoyeds_jax import atomic
 from samoyeds_jax.config import ExpertImplementation, LinearConfig, MoEConfig, SparsityConfig
+from samoyeds_jax.expert_store import check_experts_memory, is_routed_expert, place_experts
 from samoyeds_jax.hf_import import ShardReader
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -308,17 +309,20 @@ def _read_tensor(reader: ShardReader, key: str, entry: Mapping[str, Any], path: 
     return jnp.asarray(array)
 
 
-def load_converted(directory: str, *, implementation: ExpertImplementation = None
-                   ) -> tuple[MoETransformer, ModelConfig]:
+def load_converted(directory: str, *, implementation: ExpertImplementation = None,
+                   experts_memory: str = "device") -> tuple[MoETransformer, ModelConfig]:
     """Load a model written by ``save_converted``: ``(model, config)``.
 
-    ``implementation``: the expert implementation (``MoEConfig.implementation``; not stored). Every file is checked against the manifest
+    ``implementation``: the expert implementation (``MoEConfig.implementation``; not stored).
+    ``experts_memory``: "device", or "pinned_host" (the routed experts, block by block, for
+    ``OffloadGenerator``: ``expert_store.place_experts``). Every file is checked against the manifest
     (size; crc32 of each tensor and of the small files), and every stored array, sparse-format
     fields included, against the layout the stored config implies (shape, dtype, format and its
     static fields). Raises FileNotFoundError for a missing directory or file and ValueError for
     anything else that does not match, naming the file and tensor, what was expected and what
     was found.
     """
+    check_experts_memory(experts_memory)  # before any work
     meta, manifest = _read_converted(directory)
     meta_path = os.path.join(directory, CONVERTED_CONFIG)
     try:
@@ -356,7 +360,8 @@ def load_converted(directory: str, *, implementation: ExpertImplementation = Non
                                        **_static_fields(expected))
             else:
                 value = _read_tensor(reader, name, entries[name], weights)
-            var.set_value(value)
+            var.set_value(place_experts(value, experts_memory) if is_routed_expert(path)
+                          else value)
         if stored:
             raise ValueError(f"{weights} holds tensors the model has no parameter for: "
                              f"{sorted(stored)[:3]}")

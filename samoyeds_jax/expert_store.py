@@ -48,6 +48,32 @@ def on_host(a: Any) -> bool:
     return kind in ("pinned_host", "unpinned_host")
 
 
+EXPERTS_MEMORY = ("device", "pinned_host")
+
+
+def is_routed_expert(path: tuple) -> bool:
+    """Whether a model parameter path (``("layers", i, "mlp", "w1")``) is a routed-expert stack."""
+    return len(path) >= 2 and path[-2] == "mlp" and path[-1] in ("w1", "w3", "w2")
+
+
+def place_experts(tree: PyTree, memory: str) -> PyTree:
+    """A routed-expert stack in ``memory`` (``EXPERTS_MEMORY``): unchanged for "device"; for
+    "pinned_host" moved there (waiting for the copy, so the device copy can be freed before
+    the next one is made)."""
+    if check_experts_memory(memory) == "device":
+        return tree
+    return jax.block_until_ready(jax.device_put(tree, pinned_host_sharding()))
+
+
+def check_experts_memory(memory: str) -> str:
+    """``memory`` if it names an ``EXPERTS_MEMORY`` this device has, else ValueError."""
+    if memory not in EXPERTS_MEMORY:
+        raise ValueError(f"experts_memory must be one of {EXPERTS_MEMORY}, got {memory!r}")
+    if memory == "pinned_host":
+        pinned_host_sharding()  # ValueError naming the device's memories when it has none
+    return memory
+
+
 def host_experts(factory: Callable[..., Any]) -> Callable[..., Any]:
     """An ``MoETransformer`` ``mlp_factory`` (``factory``, e.g. ``model.default_mlp``) whose MoE
     layers keep their routed experts in pinned host memory: each block's expert stacks are
@@ -57,10 +83,9 @@ def host_experts(factory: Callable[..., Any]) -> Callable[..., Any]:
 
     def make(config: Any, *, block_index: int, rngs: Any) -> Any:
         mlp = factory(config, block_index=block_index, rngs=rngs)
-        host = pinned_host_sharding()
         for name in ("w1", "w3", "w2"):
             param = getattr(mlp, name)
-            param.set_value(jax.block_until_ready(jax.device_put(param.get_value(), host)))
+            param.set_value(place_experts(param.get_value(), "pinned_host"))
         return mlp
 
     return make

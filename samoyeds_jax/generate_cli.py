@@ -260,14 +260,20 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
     """(model, description): the weights read, imported or converted."""
     from flax import nnx
 
-    from samoyeds_jax.model import ModelConfig, MoETransformer
+    from samoyeds_jax.expert_store import host_experts
+    from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}[args.dtype]
+    # With --offload the routed experts go to host memory block by block as they are read, so
+    # a model whose experts do not fit the device loads.
+    memory = "pinned_host" if args.offload else "device"
     if args.random_tiny:
         cfg = ModelConfig.tiny(expert_format=plan.expert_format,
                                pregate=args.pregate,
                                dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
-        model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
+        model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed),
+                               mlp_factory=host_experts(default_mlp) if args.offload
+                               else default_mlp)
         desc = "tiny Mixtral-like model, random weights built in-process (nothing downloaded)"
         return model, desc
     from samoyeds_jax import checkpoints, converted_io, hf_import
@@ -275,7 +281,7 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
     if args.checkpoint is None:
         model, _ = hf_import.load_hf_checkpoint(
             REFERENCE_MODEL, dtype=args.dtype or "float32", expert_format=plan.expert_format,
-            pregate=args.pregate)
+            pregate=args.pregate, experts_memory=memory)
         desc = ("reference MoE trained on Shakespeare (shipped with the library; sparse formats "
                 "pruned by magnitude at load: samoyeds-compress prunes with calibration and "
                 "recovery)")
@@ -284,14 +290,14 @@ def _load_model(args, plan: _Plan) -> tuple[Any, str]:
     if args.converted is not None:
         model, _ = checkpoints.load_or_convert(path, args.converted,
                                                expert_format=args.expert_format,
-                                               dtype=args.dtype)
+                                               dtype=args.dtype, experts_memory=memory)
     elif converted_io.is_converted(path):
         model = checkpoints.load_model(path, expert_format=args.expert_format,
-                                       dtype=dtype)
+                                       dtype=dtype, experts_memory=memory)
     else:
         model, _ = hf_import.load_hf_checkpoint(path, dtype=dtype,
                                                 expert_format=args.expert_format,
-                                                pregate=args.pregate)
+                                                pregate=args.pregate, experts_memory=memory)
     return model, f"{model.config.architecture} from {path}"
 
 
@@ -398,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gen = OffloadGenerator(model, offload=plan.offload, sampling=sampling, eos_id=eos,
                                pad_id=0)
-        del model  # the experts now live in host memory; drop their device copies
+        del model  # the generator holds what it needs; the experts are in its store
         oc = gen.offload
         where = ("pinned host memory" if device.platform == "gpu" else
                  f"host memory (memory kind 'pinned_host'; on {device.platform} an ordinary "

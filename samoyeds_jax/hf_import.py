@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax import families, pruning
 from samoyeds_jax.config import ExpertFormat, ExpertImplementation, PregateMode, SparsityConfig
+from samoyeds_jax.expert_store import check_experts_memory, place_experts
 from samoyeds_jax.families import Family
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _dotted,
@@ -354,6 +355,7 @@ def load_hf_checkpoint(
     implementation: ExpertImplementation = None,
     pregate: PregateMode = "standard",
     progress: bool | None = None,
+    experts_memory: str = "device",
 ) -> tuple[MoETransformer, ModelConfig]:
     """Import a Hugging Face MoE checkpoint directory and convert its experts.
 
@@ -368,6 +370,9 @@ def load_hf_checkpoint(
       pregate: pre-gating mode; pre-gates are read from the checkpoint's ``...pregate.weight``
         tensors when present, else start as copies of the next block's gate.
       progress: tqdm bar over the layers; None shows it on a terminal.
+      experts_memory: where the routed experts end up: "device", or "pinned_host" (each
+        block's experts leave the device before the next block is read: for
+        ``OffloadGenerator`` when the experts do not fit the device).
     Returns:
       ``(model, config)``.
     Raises:
@@ -376,6 +381,7 @@ def load_hf_checkpoint(
         mis-shaped tensor (named, with expected vs found shape), a tensor with NaN or Inf
         values (named, with its file).
     """
+    check_experts_memory(experts_memory)  # before any work
     hf = read_hf_config(directory)
     if expert_format is None:
         expert_format = prune.format if prune is not None else "dense"
@@ -428,6 +434,8 @@ def load_hf_checkpoint(
             del tensors
             for name, w in _convert_experts(experts, i, prune).items():
                 put(("layers", i, "mlp", name), w)
+                loaded[("layers", i, "mlp", name)] = place_experts(
+                    loaded[("layers", i, "mlp", name)], experts_memory)
             key = _pregate_key(reader, family, config, i)
             if key is not None:
                 path = ("layers", i, "mlp", "pregate", "kernel")

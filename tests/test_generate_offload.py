@@ -9,9 +9,12 @@ from flax import nnx
 
 from samoyeds_jax import generate_offload
 from samoyeds_jax.expert_cache import ExpertCache
-from samoyeds_jax.expert_store import host_experts, on_host
+from samoyeds_jax.converted_io import load_converted, save_converted
+from samoyeds_jax.expert_store import host_experts, is_routed_expert, on_host
 from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_offload import OffloadGenerator
+from samoyeds_jax.hf_export import save_hf_checkpoint
+from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
 from samoyeds_jax.offload import OffloadConfig
 
@@ -108,3 +111,26 @@ def test_a_model_built_with_host_experts_offloads_them_once(models):
             assert all(on_host(a) for a in jax.tree.leaves(stored))
             np.testing.assert_array_equal(np.asarray(stored["w2"]),
                                           np.asarray(ref_layer.w2.get_value()[e]))
+
+
+@pytest.mark.parametrize("stored", ["hf", "converted"])
+def test_loading_with_experts_in_host_memory(models, tmp_path, stored):
+    """``experts_memory="pinned_host"``: the loaders leave the routed experts (only them) in host
+    memory, and offloaded generation gives the resident model's tokens."""
+    model, ref = models["pregated"]
+    if stored == "hf":
+        save_hf_checkpoint(model, str(tmp_path))
+        load = lambda memory: load_hf_checkpoint(str(tmp_path), pregate="pregated",
+                                                 experts_memory=memory)[0]
+    else:
+        save_converted(model, str(tmp_path))
+        load = lambda memory: load_converted(str(tmp_path), experts_memory=memory)[0]
+    with pytest.raises(ValueError, match="experts_memory must be one of"):
+        load("host")
+    loaded = load("pinned_host")
+    for path, value in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
+        leaves = jax.tree.leaves(value.get_value())
+        assert all(on_host(a) == is_routed_expert(path) for a in leaves), path
+    res = OffloadGenerator(loaded, offload=OffloadConfig(policy="pregated")).generate(
+        PROMPTS, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.tokens, ref)

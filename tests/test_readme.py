@@ -65,3 +65,14 @@ def test_readme_generate_examples_pass_the_cli_checks():
         assert plan.ids, argv
         checked += 1
     assert checked + too_few_devices >= 4 and checked >= 3
+
+
+def test_readme_offload_example_runs(capsys):
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(b for b in blocks if "host_experts(" in b)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["out"].tokens.shape == (1, 8)
+    assert scope["gen"].store.num_layers == scope["config"].num_layers
+    assert "[[" in capsys.readouterr().out
