@@ -16,4 +16,12 @@ QWEN3_30B_A3B = {
     "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "eos_token_id": 151645,
 }
-MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+OLMOE_1B_7B = {
+    "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 16,
+    "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "vocab_size": 50304,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 50279,
+}
+MODELS = {"mixtral-8x7b": MIXTRAL_8X7B, "qwen3-30b-a3b": QWEN3_30B_A3B,
+          "olmoe-1b-7b": OLMOE_1B_7B}

@@ -1,0 +1,137 @@
+"""Conversion at scale: a synthetic Hugging Face checkpoint on disk, converted to a sparse
+expert format by the streaming importer, saved, loaded, and generating.
+
+Two steps, each its own process so that its peak host memory is its own:
+
+* ``--step write``: a model of the ``--model`` shapes (``--layers`` blocks, random weights) is
+  built with its routed experts in host memory (``expert_store.host_experts``: one block's
+  experts on the device at a time) and written with ``save_hf_checkpoint`` (bf16, one
+  safetensors file) to ``WORKDIR/hf``.
+* ``--step convert``: ``load_hf_checkpoint(WORKDIR/hf, expert_format=FORMAT,
+  prune=PruneConfig(method="magnitude"))`` reads it block by block and prunes each block's
+  experts on the device (seconds per block = total / blocks, reading included); then
+  ``save_converted`` to ``WORKDIR/converted``, ``load_converted`` back, ``prepare`` (the
+  fastest expert implementation here, in its layout), and a greedy generation of
+  ``--new-tokens`` tokens (compile and decode timed apart).
+
+Each step records its seconds, its peak host memory (``ru_maxrss``) and peak device memory
+(``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes: OLMoE-1B-7B is 13.8
+GB in bf16; Mixtral-8x7B is 3 GB per block.
+
+    python3 examples/bench_convert.py --step write --model olmoe-1b-7b --workdir /tmp/conv --out conv.json
+    python3 examples/bench_convert.py --step convert --format samoyeds --workdir /tmp/conv --out conv.json
+    python3 examples/bench_convert.py --step write --tiny --workdir /tmp/conv --out /tmp/c.json  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_shapes import MODELS  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from samoyeds_jax import pruning  # noqa: E402
+from samoyeds_jax.converted_io import load_converted, save_converted  # noqa: E402
+from samoyeds_jax.expert_store import host_experts  # noqa: E402
+from samoyeds_jax.generate import Generator  # noqa: E402
+from samoyeds_jax.hf_export import save_hf_checkpoint  # noqa: E402
+from samoyeds_jax.hf_import import load_hf_checkpoint  # noqa: E402
+from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp  # noqa: E402
+
+
+def _peaks() -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
+    device = stats.get("peak_bytes_in_use")
+    return {"peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_device_mib": None if device is None else device / 2**20}
+
+
+def _dir_mib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+               for f in files) / 2**20
+
+
+def write(args) -> dict:
+    if args.tiny:
+        config = ModelConfig.tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    else:
+        hf = dict(MODELS[args.model])
+        hf["num_hidden_layers"] = args.layers or hf["num_hidden_layers"]
+        config = ModelConfig.from_hf(hf)
+    t0 = time.perf_counter()
+    model = MoETransformer(config, rngs=nnx.Rngs(0), mlp_factory=host_experts(default_mlp))
+    jax.block_until_ready(nnx.state(model))
+    build_s = time.perf_counter() - t0
+    out = os.path.join(args.workdir, "hf")
+    t0 = time.perf_counter()
+    save_hf_checkpoint(model, out, dtype="bfloat16")
+    return dict(model="tiny" if args.tiny else args.model, layers=config.num_layers,
+                build_s=build_s, write_s=time.perf_counter() - t0, checkpoint_mib=_dir_mib(out),
+                **_peaks())
+
+
+def convert(args) -> dict:
+    src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "converted")
+    t0 = time.perf_counter()
+    model, config = load_hf_checkpoint(
+        src, expert_format=args.format,
+        prune=pruning.PruneConfig(format=args.format, method="magnitude", output="compressed"))
+    jax.block_until_ready(nnx.state(model))
+    convert_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    save_converted(model, dst, source=src)
+    save_s = time.perf_counter() - t0
+    del model
+    t0 = time.perf_counter()
+    model, _ = load_converted(dst)
+    jax.block_until_ready(nnx.state(model))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    implementation = model.prepare()  # the fastest implementation here, in its layout
+    prepare_s = time.perf_counter() - t0
+    prompt = np.random.default_rng(0).integers(3, config.vocab_size, 16).tolist()
+    gen = Generator(model, eos_id=None)
+    first = gen.generate([prompt], max_new_tokens=args.new_tokens)
+    again = gen.generate([prompt], max_new_tokens=args.new_tokens)
+    assert np.array_equal(first.tokens, again.tokens)
+    return dict(format=args.format, layers=config.num_layers, convert_s=convert_s,
+                convert_s_per_layer=convert_s / config.num_layers, save_converted_s=save_s,
+                converted_mib=_dir_mib(dst), load_converted_s=load_s, prepare_s=prepare_s,
+                implementation=implementation, generate_compile_s=first.compile_seconds,
+                decode_tok_s=again.decode_tokens_per_second, **_peaks())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step", choices=["write", "convert"], required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="JSON; each step adds its entry")
+    p.add_argument("--model", choices=sorted(MODELS), default="olmoe-1b-7b")
+    p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
+    p.add_argument("--format", default="samoyeds", help="expert format of the conversion")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    args = p.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    entry = write(args) if args.step == "write" else convert(args)
+    entry.update(device=str(jax.devices()[0].device_kind))
+    report = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    report[args.step] = entry
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(json.dumps(entry, indent=1))
+
+
+if __name__ == "__main__":
+    main()
