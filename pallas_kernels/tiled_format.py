@@ -107,9 +107,44 @@ def _tiles(k: int, n: int, tile_k: int | None, tile_n: int | None,
     return tile_k, tile_n
 
 
+class _StoredValues:
+    """What both layouts derive from their stored arrays (``_arrays``) and nonzero ``values``."""
+
+    _arrays: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape [..., K, N]."""
+        return self.batch_shape + (self.k, self.n)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of every array, padding included."""
+        return int(sum(getattr(self, name).nbytes for name in self._arrays))
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same weight stored dense in its dtype."""
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros (needs concrete values, not a tracer)."""
+        return int(np.count_nonzero(np.asarray(self.values)))
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense entries that are nonzero (needs concrete values)."""
+        return self.nnz / math.prod(self.shape)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TiledSparse:
+class TiledSparse(_StoredValues):
     """Unstructured sparse W [..., K, N] in per-tile column-ELL (see the module docstring).
 
     Attributes:
@@ -142,19 +177,12 @@ class TiledSparse:
                            _rows_dtype(self.tile_k)),
                      offsets=(self.offsets, (n // self.tile_n, k // self.tile_k + 1), jnp.int32))
 
+    _arrays = ("values", "rows", "offsets")
+
     # ---------------------------------------------------------------- properties
     @property
     def batch_shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape[:-2])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The dense shape [..., K, N]."""
-        return self.batch_shape + (self.k, self.n)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.values.dtype
 
     @property
     def num_slots(self) -> int:
@@ -165,26 +193,6 @@ class TiledSparse:
     def grid(self) -> tuple[int, int]:
         """(K // tile_k, N // tile_n): tiles along K and along N."""
         return self.k // self.tile_k, self.n // self.tile_n
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes: values + rows + offsets, padding slots included."""
-        return int(self.values.nbytes + self.rows.nbytes + self.offsets.nbytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same weight stored dense in its dtype."""
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
-
-    @property
-    def nnz(self) -> int:
-        """Stored nonzeros (needs concrete values, not a tracer)."""
-        return int(np.count_nonzero(np.asarray(self.values)))
-
-    @property
-    def density(self) -> float:
-        """Fraction of the dense entries that are nonzero (needs concrete values)."""
-        return self.nnz / math.prod(self.shape)
 
     @property
     def slot_fill(self) -> float:
@@ -350,7 +358,7 @@ def _to_dense_one(values: jax.Array, rows: jax.Array, offsets: jax.Array,
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TiledBitmap:
+class TiledBitmap(_StoredValues):
     """Unstructured sparse W [..., K, N] as a bitmap plus packed values (tensor-core path).
 
     Layout:
@@ -384,34 +392,11 @@ class TiledBitmap:
                      woff=(self.woff, (self.k, n // 32), jnp.int32),
                      values=(self.values, (None,), "floating"))
 
+    _arrays = ("words", "woff", "values")
+
     @property
     def batch_shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape[:-1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.batch_shape + (self.k, self.n)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.values.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.words.nbytes + self.woff.nbytes + self.values.nbytes)
-
-    @property
-    def dense_nbytes(self) -> int:
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
-
-    @property
-    def nnz(self) -> int:
-        """Stored nonzeros (needs concrete values)."""
-        return int(np.count_nonzero(np.asarray(self.values)))
-
-    @property
-    def density(self) -> float:
-        return self.nnz / math.prod(self.shape)
 
     @classmethod
     def from_dense(cls, w: Any, *, tile_n: int | None = None) -> TiledBitmap:
