@@ -206,6 +206,20 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
         raise ValueError(f"the model's experts are already {model.config.moe.expert_format!r}; "
                          "calibrate_and_prune prunes dense experts")
     windows = _check_windows(model, windows)
+    from samoyeds_jax.train import set_expert_implementation
+
+    # The calibration forwards run the reference expert implementation: statistics need no
+    # kernel, and Pallas kernels would compile again for every block and token count.
+    previous = set_expert_implementation(model, "xla")
+    try:
+        return _walk(model, windows, config, linears, batch_size, progress)
+    finally:
+        set_expert_implementation(model, previous)
+
+
+def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
+          progress: bool | None) -> CompressReport:
+    """``calibrate_and_prune`` on checked arguments."""
     batches = [jnp.asarray(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
     xs, pos_masks = [], []
     for tokens in batches:  # full windows from an empty cache: positions 0..t-1, causal mask

@@ -159,3 +159,24 @@ def test_cli_refuses_linear_options_without_effect(tmp_path, capsys, extra, matc
     assert compress_main(["--checkpoint", ckpt, "--corpus", root,
                           "--out", str(tmp_path / "o")] + extra) == 2
     assert match in capsys.readouterr().err
+
+
+def test_calibration_computes_the_experts_with_the_reference(monkeypatch):
+    """The calibration forwards run the ``xla`` implementation, whatever the model's, and the
+    model's implementation is back afterwards."""
+    from samoyeds_jax import moe as moe_lib
+
+    model = MoETransformer(ModelConfig.tiny(implementation=("triton", "xla")), rngs=nnx.Rngs(0))
+    seen = []
+    real = moe_lib.expert_ffn
+
+    def spy(*args, implementation=None, **kw):
+        seen.append(implementation)
+        return real(*args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(moe_lib, "expert_ffn", spy)
+    cfg = pruning.PruneConfig(format="nm", method="wanda", output="dense")
+    compress.calibrate_and_prune(model, _windows(), cfg, progress=False)
+    assert seen and set(seen) == {"xla"}
+    assert model.config.moe.implementation == ("triton", "xla")
+    assert all(b.mlp.config.implementation == ("triton", "xla") for b in model.layers)
