@@ -48,6 +48,7 @@ from samoyeds_jax.generate import Generator, SamplingConfig
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
 from samoyeds_jax.offload import OffloadConfig
+from samoyeds_jax.scan import scan_blocks
 
 
 # format/implementation pairs timed by default (``pallas_kernels.expert_op``); the dense XLA
@@ -58,7 +59,7 @@ DEFAULT_VARIANTS = "dense/xla,dense/triton,nm/triton,samoyeds/triton"
 
 def _config(args, fmt: str) -> ModelConfig:
     if args.tiny:
-        return ModelConfig.tiny(expert_format=fmt)
+        return ModelConfig.tiny(expert_format=fmt).replace(num_layers=args.layers or 2)
     hf = MODELS[args.model]
     hf = dict(hf, num_hidden_layers=args.layers or hf["num_hidden_layers"])
     return ModelConfig.from_hf(hf, expert_format=fmt)
@@ -192,6 +193,9 @@ def main() -> None:
                         "samoyeds, unstructured; implementations: pallas_kernels.expert_op); "
                         "format/implementation@policy: experts offloaded to pinned host memory, "
                         "OffloadGenerator with that fetch policy (e.g. dense/triton@pregated)")
+    p.add_argument("--scan", action="store_true",
+                   help="the resident variants with their middle blocks under lax.scan "
+                        "(samoyeds_jax.scan.scan_blocks)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the logits check against the xla implementation (at full depth "
                         "it compiles a second program)")
@@ -246,7 +250,8 @@ def main() -> None:
                 continue
             if impl not in impls:
                 continue  # the XLA forward only as the reference of the check
-            gen = Generator(model, sampling=SamplingConfig(), eos_id=None, bucket=16)
+            gen = Generator(scan_blocks(model) if args.scan else model,
+                            sampling=SamplingConfig(), eos_id=None, bucket=16)
             for b in batches:
                 # The same prompts for every format and implementation (greedy tokens are compared).
                 prng = np.random.default_rng(b)

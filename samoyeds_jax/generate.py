@@ -250,6 +250,7 @@ class Generator:
                  eos_id: int | Sequence[int] | None = None, pad_id: int = 0, bucket: int = 16):
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
+        self.init_cache = model.init_cache  # a ScannedTransformer stacks its middle blocks' cache
         self.sampling = sampling
         self.eos_id = eos_id
         self.pad_id = pad_id
@@ -294,7 +295,7 @@ class Generator:
         tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket,
                                    vocab_size=self.config.vocab_size)
         b, width = tokens.shape
-        cache = KVCache.init(self.config, b, width + max_new_tokens)
+        cache = self.init_cache(b, width + max_new_tokens)
         key, k0 = jax.random.split(key)
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +249,16 @@ class KVCache:
                        index=self.index + mask.shape[1])
 
 
+class Step(NamedTuple):
+    """What every block of one forward shares: rotary ``positions [b, t]``, ``attn_mask
+    [b, t, s]``, the cache's ``valid [b, s]`` after the write and the tokens' ``mask [b, t]``."""
+
+    positions: jax.Array
+    attn_mask: jax.Array
+    valid: jax.Array
+    mask: jax.Array
+
+
 def step_positions(cache: KVCache, mask: jax.Array, *, sliding_window: int | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rotary positions and attention mask of ``t`` new tokens written at ``cache.index``.
@@ -376,6 +386,29 @@ class MoETransformer(nnx.Module):
         Returns:
           ``(logits float32, updated cache)``, or ``(logits, cache, RouterLogits)``.
         """
+        x, step, cache = self.embed(tokens, mask, cache)
+        routing = None
+        keys, values, gates, pregates = [], [], [], []
+        for i, block in enumerate(self.layers):
+            out = block(x, positions=step.positions, mask=step.attn_mask, cache_k=cache.keys[i],
+                        cache_v=cache.values[i], index=cache.index, routing=routing,
+                        return_gate_logits=return_router_logits)
+            x, k, v, routing = out[:4]
+            keys.append(k)
+            values.append(v)
+            if return_router_logits:
+                gates.append(out[4])
+                pregates.append(None if routing is None else routing.logits)
+        logits, cache = self.head(x, logits_for), cache.advance(keys, values, step.valid,
+                                                                step.mask)
+        if return_router_logits:
+            return logits, cache, RouterLogits(gate=tuple(gates), pregate=tuple(pregates))
+        return logits, cache
+
+    def embed(self, tokens: jax.Array, mask: jax.Array | None, cache: KVCache | None
+              ) -> tuple[jax.Array, Step, KVCache]:
+        """The blocks' input: ``(x [b, t, d], Step, cache)`` after checking ``tokens``, ``mask``
+        and ``cache`` (a fresh one of t slots when None) as ``__call__`` documents."""
         expect_kind("tokens", tokens, (jax.Array, np.ndarray), "a [b, t] integer array")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [b, t] token ids, got shape {tokens.shape}")
@@ -387,33 +420,23 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"mask must be [b, t] = {(b, t)} like tokens, got "
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
         if cache is None:
-            cache = KVCache.init(self.config, b, t)
+            cache = self.init_cache(b, t)
         if cache.valid.shape[0] != b:
             raise ValueError(f"cache batch {cache.valid.shape[0]} != tokens batch {b}")
         if t > cache.slots:
             raise ValueError(f"{t} tokens do not fit a cache of {cache.slots} slots")
         positions, valid, attn_mask = step_positions(
             cache, mask, sliding_window=self.config.attention.sliding_window)
+        return self.embed_tokens(tokens), Step(positions, attn_mask, valid, mask), cache
 
-        x = self.embed_tokens(tokens)
-        routing = None
-        keys, values, gates, pregates = [], [], [], []
-        for i, block in enumerate(self.layers):
-            out = block(x, positions=positions, mask=attn_mask, cache_k=cache.keys[i],
-                        cache_v=cache.values[i], index=cache.index, routing=routing,
-                        return_gate_logits=return_router_logits)
-            x, k, v, routing = out[:4]
-            keys.append(k)
-            values.append(v)
-            if return_router_logits:
-                gates.append(out[4])
-                pregates.append(None if routing is None else routing.logits)
-        if logits_for == "last":
-            x = x[:, -1]
-        logits, cache = self.logits(x), cache.advance(keys, values, valid, mask)
-        if return_router_logits:
-            return logits, cache, RouterLogits(gate=tuple(gates), pregate=tuple(pregates))
-        return logits, cache
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty KV cache for this model (``KVCache.init``)."""
+        return KVCache.init(self.config, batch, slots)
+
+    def head(self, x: jax.Array, logits_for: LogitsFor = "all") -> jax.Array:
+        """The last block's output ``[b, t, d]`` -> float32 logits of every position, or of
+        the last one (``logits_for="last"``)."""
+        return self.logits(x[:, -1] if logits_for == "last" else x)
 
     def prepare(self, implementation: ExpertImplementation = None) -> str:
         """``MoE.prepare`` for every block: the expert implementation chosen and the weights put

@@ -1,0 +1,122 @@
+"""The model's blocks under ``lax.scan``: one compiled block body however deep the model.
+
+``scan_blocks(model)`` returns a ``ScannedTransformer``: the model's first and last blocks as
+they are (under pre-gating block 0 routes itself; the last block has no pre-gate) and the
+blocks between them stacked into one ``DecoderBlock`` whose parameters lead with a block axis
+``[L - 2, ...]``, run by ``jax.lax.scan``. Its KV cache (``init_cache``) keeps the middle
+blocks' keys and values stacked the same way. It is called like the model
+(``scanned(tokens, mask=..., cache=..., logits_for=...)``, the model's own embedding, block
+forward and head) and ``Generator`` runs it like the model, with the same tokens; the compiled
+program holds three copies of the block body instead of L (compile times:
+benchmarks/compile_time.md).
+
+Stacking copies the middle blocks' parameters (drop the model afterwards, or build it
+abstract). The middle blocks must be alike: the same parameter structure, shapes and dtypes
+(formats and layouts) and the same MoE settings. Inference only: no router logits, and MoE
+recall counters are not updated inside the scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from samoyeds_jax.model import KVCache, LogitsFor, MoETransformer
+
+
+def _stack(*leaves):
+    """One leaf of the stacked state: arrays stacked on a new leading axis; abstract leaves
+    (``jax.ShapeDtypeStruct``, an abstract model) get the stacked shape."""
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+    return jnp.stack(leaves)
+
+
+def _signature(state: nnx.State):
+    return jax.tree.structure(state), [(tuple(a.shape), str(a.dtype))
+                                       for a in jax.tree.leaves(state)]
+
+
+class ScannedTransformer(nnx.Module):
+    """``MoETransformer``'s forward with the middle blocks under one ``lax.scan`` (see the
+    module doc). Build it with ``scan_blocks``."""
+
+    # The model's own embedding (with its input checks), output head and logits.
+    embed = MoETransformer.embed
+    head = MoETransformer.head
+    logits = MoETransformer.logits
+
+    def __init__(self, model: MoETransformer):
+        blocks = list(model.layers)
+        if len(blocks) < 3:
+            raise ValueError(f"scan_blocks needs a model of at least 3 blocks (the first and the "
+                             f"last stay apart); this one has {len(blocks)}")
+        self.config = model.config
+        self.embed_tokens = model.embed_tokens
+        self.norm = model.norm
+        if not model.config.tie_word_embeddings:
+            self.lm_head = model.lm_head
+        self.first, self.last = blocks[0], blocks[-1]
+        graphdef, state = nnx.split(blocks[1])
+        states, want = [state], _signature(state)
+        for i, block in enumerate(blocks[2:-1], start=2):
+            if block.mlp.config != blocks[1].mlp.config:
+                raise ValueError(f"block {i}'s MoE settings differ from block 1's "
+                                 f"({block.mlp.config} vs {blocks[1].mlp.config}): the middle "
+                                 "blocks must be alike to be scanned")
+            _, state = nnx.split(block)
+            if _signature(state) != want:
+                raise ValueError(f"block {i}'s parameters differ in structure, shape or dtype "
+                                 "from block 1's: the middle blocks must be alike to be scanned")
+            states.append(state)
+        # Block 1's graph for all of them: the blocks differ only in their index, which matters
+        # to block 0 alone (it routes itself under pre-gating).
+        self.middle = nnx.merge(graphdef, jax.tree.map(_stack, *states))
+        self.num_middle = len(states)
+
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty KV cache: ``keys``/``values`` = (first block, middle blocks stacked
+        ``[L - 2, b, s, h, d]``, last block)."""
+        a, dtype = self.config.attention, self.config.dtype
+        shape = (batch, slots, a.num_kv_heads, a.head_dim)
+
+        def zeros():
+            return (jnp.zeros(shape, dtype), jnp.zeros((self.num_middle,) + shape, dtype),
+                    jnp.zeros(shape, dtype))
+
+        return KVCache(keys=zeros(), values=zeros(), valid=jnp.zeros((batch, slots), bool),
+                       lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None,
+                 cache: KVCache | None = None, logits_for: LogitsFor = "all"):
+        """``MoETransformer.__call__`` without router logits: ``(logits float32, cache)``."""
+        x, step, cache = self.embed(tokens, mask, cache)
+        if len(cache.keys) != 3 or cache.keys[1].ndim != 5:
+            raise ValueError("the cache must come from ScannedTransformer.init_cache (middle "
+                             "blocks stacked), not KVCache.init")
+        kw = dict(positions=step.positions, mask=step.attn_mask, index=cache.index)
+        x, k0, v0, routing = self.first(x, cache_k=cache.keys[0], cache_v=cache.values[0],
+                                        routing=None, **kw)
+        graphdef, params = nnx.split(self.middle)
+
+        def body(carry, layer):
+            x, routing = carry
+            state, cache_k, cache_v = layer
+            block = nnx.merge(graphdef, state)
+            x, cache_k, cache_v, routing = block(x, cache_k=cache_k, cache_v=cache_v,
+                                                 routing=routing, **kw)
+            return (x, routing), (cache_k, cache_v)
+
+        (x, routing), (km, vm) = jax.lax.scan(body, (x, routing),
+                                              (params, cache.keys[1], cache.values[1]))
+        x, kl, vl, _ = self.last(x, cache_k=cache.keys[2], cache_v=cache.values[2],
+                                 routing=routing, **kw)
+        return self.head(x, logits_for), cache.advance((k0, km, kl), (v0, vm, vl), step.valid,
+                                                       step.mask)
+
+
+def scan_blocks(model: MoETransformer) -> ScannedTransformer:
+    """The model with its middle blocks stacked under ``lax.scan`` (see the module doc)."""
+    return ScannedTransformer(model)
