@@ -44,8 +44,9 @@ def build(args):
     hf.pop("torch_dtype", None)
     config = config_cls(**hf)
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an f32 build would not fit
     with torch.device("cuda"):
-        model = model_cls(config).to(torch.bfloat16).eval()
+        model = model_cls(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model, config
@@ -95,7 +96,7 @@ def main() -> None:
     report = dict(peer="transformers", device=torch.cuda.get_device_name(),
                   torch=torch.__version__, transformers=transformers.__version__,
                   model=f"{args.model}-shaped", layers=config.num_hidden_layers, args=vars(args),
-                  how=("model_cls(config).to(bfloat16) on cuda, random weights; model.generate "
+                  how=("model_cls(config) built in bfloat16 on cuda, random weights; model.generate "
                        "greedy, cache_implementation='static', "
                        + ("disable_compile=True (eager)" if args.no_compile else
                           "transformers' automatic torch.compile of the static-cache forward")),
