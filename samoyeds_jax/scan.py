@@ -10,6 +10,11 @@ forward and head) and ``Generator`` runs it like the model, with the same tokens
 program holds three copies of the block body instead of L (compile times:
 benchmarks/compile_time.md).
 
+Speed: not measured on a GPU yet. Inside the scan each block's weights are a dynamic slice of
+the stacked arrays; XLA's own matmuls read the slice in place, but a Pallas kernel (a custom
+call) may get a copy of it, one more pass over the weights per block and step: measure decode
+against the unrolled model (``examples/bench_generate.py --scan``) before relying on it.
+
 Stacking copies the middle blocks' parameters (drop the model afterwards, or build it
 abstract). The middle blocks must be alike: the same parameter structure, shapes and dtypes
 (formats and layouts) and the same MoE settings. Inference only: no router logits, and MoE
