@@ -23,6 +23,8 @@ The whole pipeline (``samoyeds-compress``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +37,7 @@ from samoyeds_jax import prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
 from samoyeds_jax.model import DecoderBlock, MoETransformer, expert_half
+from samoyeds_jax.scan import alike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +109,18 @@ def _prune_params(holders: dict[str, Any], config: pruning.PruneConfig,
     return report
 
 
-def _prune_linears(block: DecoderBlock, i: int, config: pruning.PruneConfig, xs, pos_masks
-                   ) -> prune_report.PruneReport:
+def _prune_linears(block: DecoderBlock, view: Callable[[], DecoderBlock], i: int,
+                   config: pruning.PruneConfig, xs, pos_masks) -> prune_report.PruneReport:
     """Prune block i's attention projections in place, in order: q/k/v on their input, then
-    o_proj on the heads' outputs of the pruned q/k/v (as SparseGPT prunes sequentially)."""
+    o_proj on the heads' outputs of the pruned q/k/v (as SparseGPT prunes sequentially).
+    ``view()``: the block as the jitted functions see it (``_views``)."""
     projections = block.self_attn.projections()
     o_proj = projections.pop("o_proj")
-    xn = jnp.concatenate([_attention_input(block, x) for x in xs])
+    xn = jnp.concatenate([_attention_input(view(), x) for x in xs])
     qkv = {f"layers/{i}/self_attn/{n}": lin.kernel for n, lin in projections.items()}
     reports = [_prune_params(qkv, config, {path: xn for path in qkv})]
-    ctx = jnp.concatenate([_attention_context(block, x, p, m) for x, (p, m) in
+    seen = view()  # after the q/k/v pruning
+    ctx = jnp.concatenate([_attention_context(seen, x, p, m) for x, (p, m) in
                            zip(xs, pos_masks)])
     o = f"layers/{i}/self_attn/o_proj"
     reports.append(_prune_params({o: o_proj.kernel}, config, {o: ctx}))
@@ -217,6 +222,23 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
         set_expert_implementation(model, previous)
 
 
+def _views(model: MoETransformer) -> Callable[[int], DecoderBlock]:
+    """``view(i)``: block i as the jitted calibration functions see it. A middle block alike to
+    block 1 (``scan.alike``: they differ only in their index) comes through block 1's graph,
+    so those functions compile once for all the middle blocks instead of once per block. The
+    view shares block i's arrays as they are when it is made: make it after any pruning."""
+    blocks = list(model.layers)
+    if len(blocks) < 3:
+        return lambda i: blocks[i]
+    graphdef = nnx.graphdef(blocks[1])
+    shared = {i for i in range(1, len(blocks) - 1) if alike(blocks[i], blocks[1])}
+
+    def view(i: int) -> DecoderBlock:
+        return nnx.merge(graphdef, nnx.state(blocks[i])) if i in shared else blocks[i]
+
+    return view
+
+
 def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
           progress: bool | None) -> CompressReport:
     """``calibrate_and_prune`` on checked arguments."""
@@ -234,27 +256,32 @@ def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_siz
     named = config or linears
     bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({named.format}, {named.method})",
                unit="block", disable=None if progress is None else not progress)
+    views = _views(model)
     for i, block in bar:
+        view = functools.partial(views, i)
         if linears is not None:
-            linear_reports.append(_prune_linears(block, i, linears, xs, pos_masks))
-        hs, x_moes = zip(*[_moe_input(block, x, p, m) for x, (p, m) in zip(xs, pos_masks)])
+            linear_reports.append(_prune_linears(block, view, i, linears, xs, pos_masks))
+        seen = view()
+        hs, x_moes = zip(*[_moe_input(seen, x, p, m) for x, (p, m) in zip(xs, pos_masks)])
         x_all = jnp.concatenate(x_moes)  # [n*t, d]
         if linears is not None and block.mlp.shared is not None:
             shared = _prune_shared(block, i, linears, x_all)
             linear_reports[-1] = prune_report.PruneReport(
                 config=linears, layers={**linear_reports[-1].layers, **shared.layers})
         if config is not None:
-            reports.append(_prune_experts(block, i, config, x_all, e, token_counts))
-        xs = [_moe_output(block, h, xm) for h, xm in zip(hs, x_moes)]
+            reports.append(_prune_experts(block, i, config, x_all, e, token_counts, view()))
+        seen = view()  # after the pruning
+        xs = [_moe_output(seen, h, xm) for h, xm in zip(hs, x_moes)]
     return CompressReport(config=config, blocks=tuple(reports), expert_tokens=tuple(token_counts),
                           linears=linears, linear_blocks=tuple(linear_reports))
 
 
 def _prune_experts(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_all, e: int,
-                   token_counts: list) -> prune_report.PruneReport:
+                   token_counts: list, seen: DecoderBlock) -> prune_report.PruneReport:
     """Prune block i's routed experts in place, each on the tokens its own gate routes to it
-    (appends the counts to ``token_counts``)."""
-    idx = np.asarray(_topk(block, x_all))
+    (appends the counts to ``token_counts``; ``seen``: the block as the jitted functions see
+    it)."""
+    idx = np.asarray(_topk(seen, x_all))
     x_e, counts = routed_inputs(np.asarray(x_all, np.float32), idx, e)
     mlp = block.mlp
     holders = {f"layers/{i}/{name}": getattr(mlp, name) for name in ("w1", "w3", "w2")}

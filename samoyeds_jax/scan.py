@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from samoyeds_jax.model import KVCache, LogitsFor, MoETransformer
+from samoyeds_jax.model import DecoderBlock, KVCache, LogitsFor, MoETransformer
 
 
 def _stack(*leaves):
@@ -42,6 +42,23 @@ def _stack(*leaves):
 def _signature(state: nnx.State):
     return jax.tree.structure(state), [(tuple(a.shape), str(a.dtype))
                                        for a in jax.tree.leaves(state)]
+
+
+def alike(a: DecoderBlock, b: DecoderBlock) -> bool:
+    """Whether two blocks differ at most in their index: the same graph (every setting and
+    static attribute but the MoE layer's ``block_index``) and the same parameter structure,
+    shapes and dtypes (formats and layouts). One block's graph then runs the other's state
+    (``nnx.merge``), so a program compiled for one serves both."""
+    if _signature(nnx.state(a)) != _signature(nnx.state(b)):
+        return False
+    index = getattr(b.mlp, "block_index", None)
+    if index is None:
+        return nnx.graphdef(a) == nnx.graphdef(b)
+    b.mlp.block_index = getattr(a.mlp, "block_index", None)
+    try:  # compared with b's index set to a's, then restored
+        return nnx.graphdef(a) == nnx.graphdef(b)
+    finally:
+        b.mlp.block_index = index
 
 
 class ScannedTransformer(nnx.Module):
@@ -65,17 +82,13 @@ class ScannedTransformer(nnx.Module):
             self.lm_head = model.lm_head
         self.first, self.last = blocks[0], blocks[-1]
         graphdef, state = nnx.split(blocks[1])
-        states, want = [state], _signature(state)
+        states = [state]
         for i, block in enumerate(blocks[2:-1], start=2):
-            if block.mlp.config != blocks[1].mlp.config:
-                raise ValueError(f"block {i}'s MoE settings differ from block 1's "
-                                 f"({block.mlp.config} vs {blocks[1].mlp.config}): the middle "
-                                 "blocks must be alike to be scanned")
-            _, state = nnx.split(block)
-            if _signature(state) != want:
-                raise ValueError(f"block {i}'s parameters differ in structure, shape or dtype "
-                                 "from block 1's: the middle blocks must be alike to be scanned")
-            states.append(state)
+            if not alike(block, blocks[1]):
+                raise ValueError(f"block {i} differs from block 1 in its settings or in its "
+                                 "parameters' structure, shapes or dtypes: the middle blocks "
+                                 "must be alike to be scanned")
+            states.append(nnx.state(block))
         # Block 1's graph for all of them: the blocks differ only in their index, which matters
         # to block 0 alone (it routes itself under pre-gating).
         self.middle = nnx.merge(graphdef, jax.tree.map(_stack, *states))

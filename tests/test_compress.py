@@ -182,3 +182,26 @@ def test_calibration_computes_the_experts_with_the_reference(monkeypatch):
     assert seen and set(seen) == {"xla"}
     assert model.config.moe.implementation == ("triton", "xla")
     assert all(b.mlp.config.implementation == ("triton", "xla") for b in model.layers)
+
+
+def test_the_middle_blocks_share_their_compiled_calibration_forwards(monkeypatch):
+    """Blocks alike to block 1 run through its graph: a 5-block model compiles each block
+    forward of the walk 3 times (first, middle, last), not 5, and prunes as before."""
+    cfg = ModelConfig.tiny().replace(num_layers=5)
+    windows = _windows()
+    prune = pruning.PruneConfig(format="nm", method="wanda", output="dense")
+    jax.clear_caches()
+    model = MoETransformer(cfg, rngs=nnx.Rngs(2))
+    report = compress.calibrate_and_prune(model, windows, prune, progress=False)
+    for fn in (compress._moe_input, compress._moe_output, compress._topk):
+        assert fn.jitted_fn._cache_size() == 3
+    # The same walk, every block through its own graph, prunes identically.
+    reference = MoETransformer(cfg, rngs=nnx.Rngs(2))
+    monkeypatch.setattr(compress, "_views", lambda m: (lambda i: m.layers[i]))
+    jax.clear_caches()
+    expected = compress.calibrate_and_prune(reference, windows, prune, progress=False)
+    assert compress._moe_input.jitted_fn._cache_size() == 5  # one per block without sharing
+    assert report.expert_tokens == expected.expert_tokens
+    for got, want in zip(model.layers, reference.layers):
+        np.testing.assert_array_equal(np.asarray(got.mlp.w1.get_value()),
+                                      np.asarray(want.mlp.w1.get_value()))

@@ -51,7 +51,7 @@ def test_refusals():
         scan_blocks(_model(layers=2))
     model = _model()
     model.layers[2].mlp.config = model.layers[2].mlp.config.replace(implementation="all_experts")
-    with pytest.raises(ValueError, match="block 2's MoE settings differ"):
+    with pytest.raises(ValueError, match="block 2 differs from block 1"):
         scan_blocks(model)
     scanned = scan_blocks(_model())
     from samoyeds_jax.model import KVCache
