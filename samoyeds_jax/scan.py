@@ -16,9 +16,9 @@ call) may get a copy of it, one more pass over the weights per block and step: m
 against the unrolled model (``examples/bench_generate.py --scan``) before relying on it.
 
 Stacking copies the middle blocks' parameters (drop the model afterwards, or build it
-abstract). The middle blocks must be alike: the same parameter structure, shapes and dtypes
-(formats and layouts) and the same MoE settings. Inference only: no router logits, and MoE
-recall counters are not updated inside the scan.
+abstract). The middle blocks must be alike (``alike``: the same graph but for the MoE
+layer's index, the same parameter structure, shapes and dtypes). Inference only: no router
+logits, and MoE recall counters are not updated inside the scan.
 """
 
 from __future__ import annotations
