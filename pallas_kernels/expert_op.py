@@ -38,7 +38,7 @@ import numpy as np
 from pallas_kernels.checks import expect_kind
 from pallas_kernels import op_registry
 from pallas_kernels.format_registry import as_dense, format_name as _format_name
-from pallas_kernels.op_registry import Op, OpRegistry, with_reference_gradient
+from pallas_kernels.op_registry import Op, OpRegistry
 from pallas_kernels.routing_plan import RoutingPlan
 
 
@@ -64,9 +64,7 @@ class ExpertOp(Op):
         """x [t, d] -> [t, d] in x.dtype: ``check_inputs``, then ``compute`` (differentiable:
         a kernel's gradient is the reference's, ``op_registry.with_reference_gradient``)."""
         check_inputs(x, plan, w1, w3, w2)
-        compute = (self.compute if self.differentiable
-                   else with_reference_gradient(self.compute, ragged_dot_experts))
-        return compute(x, plan, w1, w3, w2)
+        return self.with_gradient(self.compute, ragged_dot_experts)(x, plan, w1, w3, w2)
 
     def compute(self, x: jax.Array, plan: RoutingPlan, w1: Any, w3: Any, w2: Any) -> jax.Array:
         """The computation on checked inputs (weights cast to x.dtype, f32 accumulation)."""

@@ -38,7 +38,7 @@ import numpy as np
 from pallas_kernels import op_registry
 from pallas_kernels.checks import expect_kind
 from pallas_kernels.format_registry import as_dense, format_name
-from pallas_kernels.op_registry import Op, OpRegistry, with_reference_gradient
+from pallas_kernels.op_registry import Op, OpRegistry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,9 @@ class LinearOp(Op):
         ``compute`` on x's leading dims flattened into tokens."""
         out_dtype = check_inputs(x, w, out_dtype)
         lead = x.shape[:-1]
-        compute = functools.partial(self.compute, out_dtype=out_dtype)
-        if not self.differentiable:  # a kernel: the gradient is the reference's
-            compute = with_reference_gradient(
-                compute, functools.partial(LinearOp.compute, self, out_dtype=out_dtype))
+        compute = self.with_gradient(
+            functools.partial(self.compute, out_dtype=out_dtype),
+            functools.partial(LinearOp.compute, self, out_dtype=out_dtype))
         y = compute(x.reshape(-1, x.shape[-1]), w)
         return y.reshape(lead + y.shape[-1:])
 

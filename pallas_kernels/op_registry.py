@@ -14,7 +14,7 @@ mode (no GPU). The built-in implementations live in modules imported on first us
 (``builtin_modules``), each registering its ops.
 
 Gradients: an op whose ``compute`` jax cannot differentiate (a Pallas kernel has no autodiff
-rule) says so (``differentiable = False``) and is called through ``with_reference_gradient``:
+rule) says so (``differentiable = False``) and runs through ``Op.with_gradient``:
 its own forward, the gradient of the op's reference (the XLA implementation, the same function).
 """
 
@@ -48,6 +48,11 @@ class Op:
     off_gpu: ClassVar[str] = ""
     # Whether jax differentiates ``compute``; False: the gradient is the reference's.
     differentiable: ClassVar[bool] = True
+
+    def with_gradient(self, compute: Callable, reference: Callable) -> Callable:
+        """``compute``, or, when jax cannot differentiate it (``differentiable`` False),
+        ``compute`` with ``reference``'s gradient (``with_reference_gradient``)."""
+        return compute if self.differentiable else with_reference_gradient(compute, reference)
 
     def supported_on(self, platform: str) -> bool:
         """Whether this implementation runs (compiled) on ``platform``."""

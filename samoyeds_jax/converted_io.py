@@ -48,9 +48,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from pallas_kernels.format_registry import FORMATS
-from samoyeds_jax import atomic
+from samoyeds_jax import atomic, families
 from samoyeds_jax.config import ExpertImplementation, LinearConfig, MoEConfig, SparsityConfig
-from samoyeds_jax.expert_store import check_experts_memory, is_routed_expert, place_experts
+from samoyeds_jax.expert_store import check_experts_memory, place_experts
 from samoyeds_jax.hf_import import ShardReader
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -360,7 +360,7 @@ def load_converted(directory: str, *, implementation: ExpertImplementation = Non
                                        **_static_fields(expected))
             else:
                 value = _read_tensor(reader, name, entries[name], weights)
-            var.set_value(place_experts(value, experts_memory) if is_routed_expert(path)
+            var.set_value(place_experts(value, experts_memory) if families.routed(path)
                           else value)
         if stored:
             raise ValueError(f"{weights} holds tensors the model has no parameter for: "

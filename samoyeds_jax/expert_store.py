@@ -51,11 +51,6 @@ def on_host(a: Any) -> bool:
 EXPERTS_MEMORY = ("device", "pinned_host")
 
 
-def is_routed_expert(path: tuple) -> bool:
-    """Whether a model parameter path (``("layers", i, "mlp", "w1")``) is a routed-expert stack."""
-    return len(path) >= 2 and path[-2] == "mlp" and path[-1] in ("w1", "w3", "w2")
-
-
 def place_experts(tree: PyTree, memory: str) -> PyTree:
     """A routed-expert stack in ``memory`` (``EXPERTS_MEMORY``): unchanged for "device"; for
     "pinned_host" moved there (waiting for the copy, so the device copy can be freed before

@@ -433,9 +433,9 @@ def load_hf_checkpoint(
                     put(path, array)
             del tensors
             for name, w in _convert_experts(experts, i, prune).items():
-                put(("layers", i, "mlp", name), w)
-                loaded[("layers", i, "mlp", name)] = place_experts(
-                    loaded[("layers", i, "mlp", name)], experts_memory)
+                path = ("layers", i, "mlp", name)
+                put(path, w)
+                loaded[path] = place_experts(loaded[path], experts_memory)
             key = _pregate_key(reader, family, config, i)
             if key is not None:
                 path = ("layers", i, "mlp", "pregate", "kernel")

@@ -23,6 +23,8 @@ logits, and MoE recall counters are not updated inside the scan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -97,15 +99,12 @@ class ScannedTransformer(nnx.Module):
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty KV cache: ``keys``/``values`` = (first block, middle blocks stacked
         ``[L - 2, b, s, h, d]``, last block)."""
-        a, dtype = self.config.attention, self.config.dtype
-        shape = (batch, slots, a.num_kv_heads, a.head_dim)
+        ends = KVCache.init(self.config.replace(num_layers=2), batch, slots)  # first, last
+        def middle():  # keys and values apart: the generator donates each
+            return jnp.zeros((self.num_middle,) + ends.keys[0].shape, ends.keys[0].dtype)
 
-        def zeros():
-            return (jnp.zeros(shape, dtype), jnp.zeros((self.num_middle,) + shape, dtype),
-                    jnp.zeros(shape, dtype))
-
-        return KVCache(keys=zeros(), values=zeros(), valid=jnp.zeros((batch, slots), bool),
-                       lengths=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+        return dataclasses.replace(ends, keys=(ends.keys[0], middle(), ends.keys[1]),
+                                   values=(ends.values[0], middle(), ends.values[1]))
 
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None,
                  cache: KVCache | None = None, logits_for: LogitsFor = "all"):

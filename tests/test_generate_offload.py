@@ -10,7 +10,8 @@ from flax import nnx
 from samoyeds_jax import generate_offload
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.converted_io import load_converted, save_converted
-from samoyeds_jax.expert_store import host_experts, is_routed_expert, on_host
+from samoyeds_jax import families
+from samoyeds_jax.expert_store import host_experts, on_host
 from samoyeds_jax.generate import Generator
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.hf_export import save_hf_checkpoint
@@ -130,7 +131,7 @@ def test_loading_with_experts_in_host_memory(models, tmp_path, stored):
     loaded = load("pinned_host")
     for path, value in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
         leaves = jax.tree.leaves(value.get_value())
-        assert all(on_host(a) == is_routed_expert(path) for a in leaves), path
+        assert all(on_host(a) == families.routed(path) for a in leaves), path
     res = OffloadGenerator(loaded, offload=OffloadConfig(policy="pregated")).generate(
         PROMPTS, max_new_tokens=NEW)
     np.testing.assert_array_equal(res.tokens, ref)

@@ -6,12 +6,18 @@ import re
 import jax
 
 
-def test_readme_moe_example_runs(capsys):
+def _run_example(marker: str) -> dict:
+    """Run the README's python block that contains ``marker``; its global names."""
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    example = next(b for b in blocks if "MoEConfig(" in b)
+    example = next(b for b in blocks if marker in b)
     scope: dict = {}
     exec(compile(example, "README.md", "exec"), scope)
+    return scope
+
+
+def test_readme_moe_example_runs(capsys):
+    scope = _run_example("MoEConfig(")
     assert scope["y"].shape == (4, 16, 512)
     recall = scope["block1"].recall()
     assert 0.0 <= recall["recall"] <= 1.0 and recall["set_recall"] == 1.0
@@ -19,11 +25,7 @@ def test_readme_moe_example_runs(capsys):
 
 
 def test_readme_sparse_linears_example_runs(capsys):
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    example = next(b for b in blocks if "linear=dict(" in b)
-    scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)
+    scope = _run_example("linear=dict(")
     w = scope["model"].layers[0].self_attn.q_proj.kernel.get_value()
     assert type(w).__name__ == "NMSparse"
     from pallas_kernels import linear_op
@@ -68,11 +70,7 @@ def test_readme_generate_examples_pass_the_cli_checks():
 
 
 def test_readme_offload_example_runs(capsys):
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    example = next(b for b in blocks if "host_experts(" in b)
-    scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)
+    scope = _run_example("host_experts(")
     assert scope["out"].tokens.shape == (1, 8)
     assert scope["gen"].store.num_layers == scope["config"].num_layers
     assert "[[" in capsys.readouterr().out
