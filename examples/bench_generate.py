@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -116,15 +117,40 @@ def copy_rate(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def _fits(args, fmt: str) -> tuple[bool, str]:
+    """Whether the model of ``fmt`` fits the device's memory, from its parameter bytes
+    extrapolated from 1- and 2-block builds (XLA's allocator retries each allocation of a
+    model that does not fit for seconds: a full-depth build would spend minutes failing)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit is None:  # a device that does not report it (CPU): just try
+        return True, ""
+    config = _config(args, fmt)
+    sizes = []
+    for depth in (1, 2):
+        small = MoETransformer(config.replace(num_layers=depth), rngs=nnx.Rngs(0))
+        sizes.append(_param_bytes(small))
+        del small
+    gc.collect()
+    need = sizes[0] + (config.num_layers - 1) * (sizes[1] - sizes[0])
+    free = limit - stats.get("bytes_in_use", 0)
+    why = (f"{config.num_layers} blocks of {fmt} need {need / 2**30:.1f} GiB of parameters; "
+           f"{free / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB free")
+    return need < 0.97 * free, why
+
+
 def _peak_mib() -> float | None:
     stats = jax.devices()[0].memory_stats()
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
 def _write(path: str, report: dict) -> None:
-    """Write the report so far (a run cut by its time limit still leaves its results)."""
-    with open(path, "w") as f:
+    """Write the report so far (a run cut by its time limit still leaves its results), whole:
+    a temporary file renamed over the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _offloaded(args, variant: str, batches: list[int], report: dict) -> None:
@@ -220,6 +246,12 @@ def main() -> None:
                   results=results, checks=checks)
 
     for fmt in formats:
+        fits, why = _fits(args, fmt)
+        if not fits:
+            report.setdefault("does_not_fit", {})[fmt] = why
+            print(f"{fmt}: does not fit the device: {why}", flush=True)
+            _write(args.out, report)
+            continue
         t0 = time.perf_counter()
         try:
             base = MoETransformer(_config(args, fmt), rngs=nnx.Rngs(0))
