@@ -9,8 +9,11 @@ on a file system without the exchange) the old directory is first renamed aside 
 ``.{name}.old-*``, then the new one is renamed into place (an error in between renames the old
 one back). A crash between those two renames leaves both complete copies under their sibling
 names and ``directory`` itself absent. The old copy is deleted last. A crash while writing can
-leave a ``.{name}.tmp-*`` sibling behind; it is never read and can be deleted. When the block
-raises, the sibling is deleted and ``directory`` is untouched.
+leave a ``.{name}.tmp-*`` sibling behind; it is never read, and the next replacement of the same
+directory deletes it before it writes (so two writers of one directory at the same time are not
+supported: the later one deletes the earlier one's staging directory, which then fails). Old
+copies left by a crash (``.{name}.old-*``) are deleted once a new version is in place. When the
+block raises, the sibling is deleted and ``directory`` is untouched.
 
 Only an absent or empty ``directory``, or one holding one of the ``markers`` files (a previous
 version of the same kind), is replaced: anything else raises ValueError before a byte is
@@ -89,6 +92,23 @@ def _sibling(target: str, kind: str) -> str:
     return os.path.join(parent, f".{name}.{kind}-{secrets.token_hex(6)}")
 
 
+def _leftovers(target: str, kind: str) -> list[str]:
+    """The ``_sibling(target, kind)`` paths that exist (left by a crashed replacement)."""
+    parent, name = os.path.split(target)
+    prefix = f".{name}.{kind}-"
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(parent, e) for e in entries if e.startswith(prefix)
+            and len(e) == len(prefix) + 12 and all(c in "0123456789abcdef" for c in e[-12:])]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def check_target(directory: str, markers: tuple[str, ...], what: str) -> str:
     """The absolute path ``replace_directory`` would write, after refusing anything but an
     absent or empty directory or one holding one of the ``markers`` files (a ``what``)."""
@@ -140,12 +160,15 @@ def replace_directory(directory: str, *, markers: tuple[str, ...], what: str) ->
     (created with its parents if missing). See the module doc."""
     target = check_target(directory, markers, what)
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    _remove(_leftovers(target, "tmp"))  # partial writes of crashed runs: never read
     staged = _sibling(target, "tmp")
     os.mkdir(staged)
     try:
         yield staged
         fsync_dir(staged)
+        stale = _leftovers(target, "old")  # complete old copies a crash left aside
         _swap_in(staged, target)
+        _remove(stale)
     finally:
         # After a failure: the partial new version; after an exchange: already deleted.
         shutil.rmtree(staged, ignore_errors=True)

@@ -177,6 +177,21 @@ def test_an_interrupted_save_leaves_the_old_or_the_new_model(tmp_path, models, s
     assert _which(saved, models) == "new"
 
 
+def test_a_save_deletes_what_crashed_saves_left_beside_it(models, saved):
+    parent = os.path.dirname(saved)
+    crashed = [os.path.join(parent, ".model.tmp-0123456789ab"),  # a partial write
+               os.path.join(parent, ".model.old-ba9876543210")]  # an old copy set aside
+    unrelated = [os.path.join(parent, ".model.tmp-notours"),
+                 os.path.join(parent, ".other.tmp-0123456789ab")]
+    for path in crashed + unrelated:
+        os.mkdir(path)
+        atomic.write_file(os.path.join(path, "x"), b"x")
+    save_converted(models["new"][0], saved, source=FIXTURE)
+    assert _which(saved, models) == "new"
+    assert not any(os.path.exists(p) for p in crashed)
+    assert all(os.path.isfile(os.path.join(p, "x")) for p in unrelated)
+
+
 def test_new_weights_never_load_under_old_metadata(tmp_path, models, saved):
     newer = str(tmp_path / "newer")
     save_converted(models["new"][0], newer)
