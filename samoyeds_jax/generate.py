@@ -84,15 +84,21 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def eos_array(eos_id: int | Sequence[int] | None) -> np.ndarray:
-    """Stop token ids as int32 ``[n]`` (n >= 1; ``[-1]``, which matches no token, when None)."""
+def eos_array(eos_id: int | Sequence[int] | None, vocab_size: int | None = None) -> np.ndarray:
+    """Stop token ids as int32 ``[n]`` (n >= 1; ``[-1]``, which matches no token, when None).
+
+    Raises ValueError for ids that are not integers (or bools), or (given ``vocab_size``) lie
+    outside ``[0, vocab_size)``: such a stop token could never be emitted."""
     if eos_id is None:
-        ids = []
-    elif isinstance(eos_id, (int, np.integer)):
-        ids = [int(eos_id)]
-    else:
-        ids = [int(i) for i in eos_id]
-    return np.asarray(ids or [-1], np.int32)
+        return np.asarray([-1], np.int32)
+    ids = np.asarray(eos_id)
+    if ids.ndim > 1 or ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"eos_id must be an integer token id or a flat sequence of them, got "
+                         f"{eos_id!r}")
+    ids = ids.reshape(-1)
+    if vocab_size is not None and ids.size:
+        check_ids(ids, vocab_size, "eos_id")
+    return ids.astype(np.int32) if ids.size else np.asarray([-1], np.int32)
 
 
 def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -252,6 +258,8 @@ class Generator:
         self.config = model.config
         self.init_cache = model.init_cache  # a ScannedTransformer stacks its middle blocks' cache
         self.sampling = sampling
+        eos_array(eos_id, model.config.vocab_size)  # checked here, not at the first generate
+        check_ids(np.asarray(pad_id), model.config.vocab_size, "pad_id")
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.bucket = bucket

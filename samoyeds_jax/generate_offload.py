@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import expect_positive_ints
+from pallas_kernels.checks import check_ids, expect_positive_ints
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
@@ -124,6 +124,8 @@ class OffloadGenerator:
         if offload.policy in ("pregated", "speculative") and mode == "standard":
             raise ValueError(f"policy={offload.policy!r} needs pre-gates: build the model with "
                              "pregate='pregated' or 'speculative'")
+        eos_array(eos_id, cfg.vocab_size)  # checked here, not at the first generate
+        check_ids(np.asarray(pad_id), cfg.vocab_size, "pad_id")
         self.config = cfg
         self.offload = offload
         self.sampling = sampling
