@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import time
 
@@ -44,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from model_shapes import MODELS
+from samoyeds_jax.atomic import write_json
 from samoyeds_jax.expert_store import host_experts
 from samoyeds_jax.generate import Generator, SamplingConfig
 from samoyeds_jax.generate_offload import OffloadGenerator
@@ -147,10 +146,7 @@ def _peak_mib() -> float | None:
 def _write(path: str, report: dict) -> None:
     """Write the report so far (a run cut by its time limit still leaves its results), whole:
     a temporary file renamed over the old one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, report)
 
 
 def _offloaded(args, variant: str, batches: list[int], report: dict) -> None:

@@ -21,8 +21,6 @@ Prints a table; ``--out`` writes every number as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samoyeds_jax import pruning
+from samoyeds_jax.atomic import write_json
 from samoyeds_jax import sparsegpt as sg
 
 FORMATS = {
@@ -115,13 +114,10 @@ def main() -> None:
     def write():  # after every row: a cut-off run keeps what it measured
         if not args.out:
             return
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(dict(args=vars(args), device=device.device_kind,
-                           backend=jax.default_backend(), jax=jax.__version__,
-                           shapes=dict(experts=args.experts, d=d, f=f), tokens_per_expert=counts,
-                           layer=rows, per_matrix=per_matrix), fh, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, dict(args=vars(args), device=device.device_kind,
+                                  backend=jax.default_backend(), jax=jax.__version__,
+                                  shapes=dict(experts=args.experts, d=d, f=f),
+                                  tokens_per_expert=counts, layer=rows, per_matrix=per_matrix))
 
     for fmt in args.formats.split(","):
         for method in args.methods.split(","):

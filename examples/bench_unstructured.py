@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import unstructured as U

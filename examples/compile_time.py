@@ -17,7 +17,6 @@ copies of the block body whatever the depth).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -82,6 +81,8 @@ def main(argv=None) -> int:
 
     import jax
 
+    from samoyeds_jax.atomic import write_json
+
     results = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
                "jax": jax.__version__, "model": "mixtral-8x7b-shaped", "batch": args.batch,
                "slots": args.slots, "prefill_tokens": args.prefill, "rows": []}
@@ -96,10 +97,7 @@ def main(argv=None) -> int:
                   f"compile {row['decode_compile_s']:.1f} s; prefill lower "
                   f"{row['prefill_lower_s']:.1f} s + compile {row['prefill_compile_s']:.1f} s",
                   flush=True)
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(tmp, args.out)
+            write_json(args.out, results)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -49,6 +48,7 @@ def main(argv=None) -> int:
     import optax
 
     from samoyeds_jax import bpe_tokenizer, corpus, train_data
+    from samoyeds_jax.atomic import write_json
     from samoyeds_jax.checkpoints import load_tokenizer
     from samoyeds_jax.hf_import import load_hf_checkpoint
     from samoyeds_jax.pregate import collect_moe_inputs, moe_blocks
@@ -132,10 +132,7 @@ def main(argv=None) -> int:
             row[f"mlp{h}_train"] = scores(mlp(p, xt[:len(xv)]), tt[:len(xv)])
         results["blocks"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, results)
     return 0
 
 

@@ -20,8 +20,6 @@ pre-gates.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -45,6 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from samoyeds_jax import bpe_tokenizer, corpus
+    from samoyeds_jax.atomic import write_json
     from samoyeds_jax.checkpoints import load_tokenizer
     from samoyeds_jax.evaluate import (EvalConfig, evaluate_streams, paired_difference,
                                        text_streams)
@@ -71,10 +70,7 @@ def main(argv=None) -> int:
             run = _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base,
                        control)
             results["runs"].append(run)
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(tmp, args.out)
+            write_json(args.out, results)
     return 0
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 
@@ -67,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from samoyeds_jax import bpe_tokenizer, compress, corpus, pruning
+    from samoyeds_jax.atomic import write_json
     from samoyeds_jax import train as train_lib
     from samoyeds_jax import train_data
     from samoyeds_jax.checkpoints import load_tokenizer
@@ -97,10 +96,7 @@ def main(argv=None) -> int:
                "calibration_tokens": int(calib.size), "runs": []}
 
     def write(obj):  # after every run: a cut-off sweep keeps what it measured
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, obj)
 
     def evaluate(model):
         return evaluate_streams(model, streams, config=ecfg)

@@ -25,14 +25,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 
 __all__ = ["check_target", "exchange", "fsync_dir", "fsync_file", "replace_directory",
+           "replace_file", "write_json",
            "write_file"]
 
 _AT_FDCWD = -100
@@ -62,6 +65,31 @@ def write_file(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def replace_file(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` whole: into a temporary sibling (fsync'd), then renamed over
+    ``path``, which holds the old content or the new at every instant. The parent directory is
+    created if missing; a failure removes the temporary file and leaves ``path`` as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj, *, allow_nan: bool = True) -> None:
+    """``obj`` as indented JSON at ``path``, written whole (``replace_file``)."""
+    replace_file(path, json.dumps(obj, indent=1, allow_nan=allow_nan) + "\n")
 
 
 def exchange(a: str, b: str) -> bool:

@@ -46,6 +46,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from samoyeds_jax.atomic import replace_file
 from samoyeds_jax.bpe_tokenizer import encode_documents, train_tokenizer
 
 __all__ = [
@@ -285,28 +286,12 @@ def split_texts(texts: Mapping[str, str], validation: Sequence[str] = VALIDATION
 # ----------------------------------------------------------------------------- CLI
 
 
-def _write_atomic(path: str, data: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _tokenizer_command(args: argparse.Namespace) -> None:
     texts = read_texts(args.dir)
     train, valid = split_texts(texts, args.validation)
     tokenizer = train_tokenizer(train.values(), vocab_size=args.vocab_size,
                                 min_frequency=args.min_frequency)
-    _write_atomic(args.out, tokenizer.to_str(pretty=True))
+    replace_file(args.out, tokenizer.to_str(pretty=True))
     print(f"wrote {args.out}: vocab size {tokenizer.get_vocab_size(with_added_tokens=True)} "
           f"(byte-level BPE trained on the train split)")
     for split, docs in (("train", train), ("validation", valid)):

@@ -15,11 +15,9 @@ directory of ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 
 from pallas_kernels.expert_op import implementation_names
 from pallas_kernels.format_registry import format_names
+from samoyeds_jax.atomic import write_json
 from samoyeds_jax.cli import HelpFormatter, describe_experts
 
 _PREGATES = ("standard", "pregated", "speculative")
@@ -212,23 +211,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory and a
-    rename, so ``path`` never holds a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".samoyeds-eval-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _recall_lines(recall) -> list[str]:
     lines = []
     for p in recall.pairs:
@@ -295,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  time        load {t_load:.1f} s, evaluation {t_eval:.1f} s (incl. compilation)")
 
     if args.json is not None:
-        write_json_atomic(args.json, {
+        write_json(args.json, _finite({
             "checkpoint": args.checkpoint, "architecture": cfg.architecture,
             "format": m.expert_format, "pregate": m.pregate,
             "implementation": model.layers[0].mlp.implementation(),
@@ -306,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "result": result.as_dict(),
             "pregate_recall": None if recall is None else recall.as_dict(),
             "seconds": {"load": t_load, "evaluate": t_eval},
-        })
+        }), allow_nan=False)
         print(f"  json        {args.json}")
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from samoyeds_jax.atomic import replace_file
 from samoyeds_jax.cli import HelpFormatter, given_options, refuse_unless
 from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.layers import AttentionConfig
@@ -127,9 +128,7 @@ def load_tokens(corpus: str, tokenizer_path: str | None, vocab_size: int, out: s
     if tokenizer_path is None:
         tokenizer = bpe_tokenizer.train_tokenizer(train_texts.values(), vocab_size=vocab_size)
         tokenizer_path = os.path.join(out, "tokenizer.json")
-        tmp = tokenizer_path + ".tmp"
-        tokenizer.save(tmp)
-        os.replace(tmp, tokenizer_path)
+        replace_file(tokenizer_path, tokenizer.to_str(pretty=True))
     else:
         from tokenizers import Tokenizer
 
