@@ -16,7 +16,9 @@ them; sparse experts drawn directly in their format) and measures with
 * decode as a fraction of its bytes-per-step roofline: the bytes one decode step must read
   (every non-expert weight but the embedding table, the experts a uniform routing of the batch
   touches in expectation, the whole KV cache) over the copy rate measured at the start of the
-  run (a jitted ``x + 1`` over 1 GiB), against the measured step time.
+  run (a jitted ``x + 1`` over 1 GiB), against the measured step time;
+* with ``--long-context``: batch-1 decode with a KV cache of that many slots allocated and
+  filled (the memory a long context needs, and the step time of attending over it).
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
 ~28% (Samoyeds 1:2:128 + 2:4) of dense, attention and embedding bytes stay.
@@ -32,6 +34,7 @@ Decode is weight-bandwidth bound at small batch: expert bytes per token fall to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import time
@@ -44,7 +47,7 @@ from flax import nnx
 from model_shapes import MODELS
 from samoyeds_jax.atomic import write_json
 from samoyeds_jax.expert_store import host_experts
-from samoyeds_jax.generate import Generator, SamplingConfig
+from samoyeds_jax.generate import Generator, SamplingConfig, decode_loop, eos_array
 from samoyeds_jax.generate_offload import OffloadGenerator
 from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp
 from samoyeds_jax.offload import OffloadConfig
@@ -138,6 +141,38 @@ def _fits(args, fmt: str) -> tuple[bool, str]:
     return need < 0.97 * free, why
 
 
+def long_context_decode(gen: Generator, slots: int, steps: int, repeats: int
+                        ) -> tuple[list[float], float]:
+    """Batch-1 decode with a KV cache of ``slots`` slots allocated, all but the last ``steps``
+    already holding tokens (zeros: the time does not depend on their values), so every step
+    attends over ~``slots`` positions. Returns (decode tokens/s of each timed run, compile
+    seconds); the cache is donated to the jitted loop, as in generation."""
+    filled = slots - steps
+
+    @jax.jit
+    def full_cache():
+        cache = gen.init_cache(1, slots)
+        return dataclasses.replace(cache, valid=cache.valid.at[:, :filled].set(True),
+                                   lengths=jnp.full((1,), filled, jnp.int32),
+                                   index=jnp.asarray(filled, jnp.int32))
+
+    loop = jax.jit(decode_loop, static_argnums=0, donate_argnames="cache",
+                   static_argnames=("sampling", "max_new_tokens"))
+    first, key = jnp.full((1,), 3, jnp.int32), jax.random.key(0)
+    eos, pad = jnp.asarray(eos_array(None)), jnp.asarray(0, jnp.int32)
+    t0 = time.perf_counter()
+    exe = loop.lower(gen.graphdef, gen.state, first, full_cache(), key, eos, pad,
+                     sampling=gen.sampling, max_new_tokens=steps).compile()
+    compile_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats + 1):  # the first run warms up
+        cache = jax.block_until_ready(full_cache())
+        t0 = time.perf_counter()
+        jax.block_until_ready(exe(gen.state, first, cache, key, eos, pad))
+        rates.append((steps - 1) / (time.perf_counter() - t0))  # steps - 1 decode steps
+    return rates[1:], compile_s
+
+
 def _peak_mib() -> float | None:
     stats = jax.devices()[0].memory_stats()
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
@@ -221,6 +256,9 @@ def main() -> None:
     p.add_argument("--no-check", action="store_true",
                    help="skip the logits check against the xla implementation (at full depth "
                         "it compiles a second program)")
+    p.add_argument("--long-context", default="",
+                   help="comma-separated KV cache sizes: batch-1 decode with that many slots "
+                        "allocated and filled (e.g. 32768,131072), after the other runs")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     args = p.parse_args()
     if args.tiny:
@@ -313,6 +351,23 @@ def main() -> None:
                                 compile_s=runs[0].compile_seconds))
             print(f"{fmt:9s} {impl:6s} prefill {args.prefill_batch}x{args.prefill_len}: "
                   f"{statistics.median(rates):10.1f} tok/s", flush=True)
+            for slots in (int(n) for n in args.long_context.split(",") if n):
+                steps = 17  # 16 decode steps after the first token
+                rates, compile_s = long_context_decode(gen, slots, steps, args.repeats)
+                step_s = 1 / statistics.median(rates)
+                need = bytes_per_decode_step(model, 1, slots)
+                results.append(dict(
+                    kind="decode_long_context", format=fmt, implementation=impl, batch=1,
+                    kv_slots=slots, decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
+                    step_ms=1e3 * step_s, compile_s=compile_s, bytes_per_step=need,
+                    roofline_fraction=need / rate / step_s, peak_mib_so_far=_peak_mib()))
+                _write(args.out, report)
+                peak = _peak_mib()
+                print(f"{fmt:9s} {impl:6s} batch 1 with {slots} KV slots: decode "
+                      f"{statistics.median(rates):8.1f} tok/s ({1e3 * step_s:.2f} ms/step, "
+                      f"{100 * need / rate / step_s:.0f}% of the bytes roofline)"
+                      + ("" if peak is None else f", device peak so far {peak:.0f} MiB"),
+                      flush=True)
             del gen, model
             gc.collect()
         if "xla" in logits_by_impl:
