@@ -178,10 +178,11 @@ def _peak_mib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
-def _write(path: str, report: dict) -> None:
-    """Write the report so far (a run cut by its time limit still leaves its results), whole:
-    a temporary file renamed over the old one."""
-    write_json(path, report)
+def _does_not_fit(args, report: dict, fmt: str, why: str) -> None:
+    """Record and say that the ``fmt`` model does not fit the device."""
+    report.setdefault("does_not_fit", {})[fmt] = why
+    print(f"{fmt}: does not fit the device: {why}", flush=True)
+    write_json(args.out, report)
 
 
 def _offloaded(args, variant: str, batches: list[int], report: dict) -> None:
@@ -213,7 +214,7 @@ def _offloaded(args, variant: str, batches: list[int], report: dict) -> None:
             host_syncs=runs[-1].host_syncs))
         print(f"{fmt:9s} {impl}@{policy} batch {b:3d}: decode {statistics.median(rates):10.1f} "
               f"tok/s, hit rate {runs[-1].cache_stats['hit_rate']:.2f}", flush=True)
-        _write(args.out, report)
+        write_json(args.out, report)
     prng = np.random.default_rng(1000)
     prompts = [prng.integers(3, vocab, args.prefill_len).tolist()
                for _ in range(args.prefill_batch)]
@@ -282,9 +283,7 @@ def main() -> None:
     for fmt in formats:
         fits, why = _fits(args, fmt)
         if not fits:
-            report.setdefault("does_not_fit", {})[fmt] = why
-            print(f"{fmt}: does not fit the device: {why}", flush=True)
-            _write(args.out, report)
+            _does_not_fit(args, report, fmt, why)
             continue
         t0 = time.perf_counter()
         try:
@@ -295,9 +294,7 @@ def main() -> None:
                 raise
             base = None
             gc.collect()
-            report.setdefault("does_not_fit", {})[fmt] = str(err).splitlines()[0][:300]
-            print(f"{fmt}: does not fit the device: {str(err).splitlines()[0][:200]}", flush=True)
-            _write(args.out, report)
+            _does_not_fit(args, report, fmt, str(err).splitlines()[0][:300])
             continue
         build_s = time.perf_counter() - t0
         vocab = base.config.vocab_size
@@ -336,7 +333,7 @@ def main() -> None:
                     decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
                     step_ms=1e3 * step_s, compile_s=runs[0].compile_seconds,
                     bytes_per_step=need, roofline_fraction=need / rate / step_s))
-                _write(args.out, report)
+                write_json(args.out, report)
                 print(f"{fmt:9s} {impl:6s} batch {b:3d}: decode {statistics.median(rates):10.1f} tok/s "
                       f"({1e3 * step_s:.2f} ms/step, {100 * need / rate / step_s:.0f}% of the "
                       f"bytes roofline), compile {runs[0].compile_seconds:.1f} s", flush=True)
@@ -356,13 +353,13 @@ def main() -> None:
                 rates, compile_s = long_context_decode(gen, slots, steps, args.repeats)
                 step_s = 1 / statistics.median(rates)
                 need = bytes_per_decode_step(model, 1, slots)
+                peak = _peak_mib()
                 results.append(dict(
                     kind="decode_long_context", format=fmt, implementation=impl, batch=1,
                     kv_slots=slots, decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
                     step_ms=1e3 * step_s, compile_s=compile_s, bytes_per_step=need,
-                    roofline_fraction=need / rate / step_s, peak_mib_so_far=_peak_mib()))
-                _write(args.out, report)
-                peak = _peak_mib()
+                    roofline_fraction=need / rate / step_s, peak_mib_so_far=peak))
+                write_json(args.out, report)
                 print(f"{fmt:9s} {impl:6s} batch 1 with {slots} KV slots: decode "
                       f"{statistics.median(rates):8.1f} tok/s ({1e3 * step_s:.2f} ms/step, "
                       f"{100 * need / rate / step_s:.0f}% of the bytes roofline)"
@@ -391,7 +388,7 @@ def main() -> None:
 
     for variant in offloaded:
         _offloaded(args, variant, batches, report)
-        _write(args.out, report)
+        write_json(args.out, report)
 
     speedups = {}
     for r in results:
@@ -406,7 +403,7 @@ def main() -> None:
     report["decode_speedup"] = speedups
     for k, v in speedups.items():
         print(f"speedup {k}: {v:.2f}x")
-    _write(args.out, report)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -101,6 +101,13 @@ def eos_array(eos_id: int | Sequence[int] | None, vocab_size: int | None = None)
     return ids.astype(np.int32) if ids.size else np.asarray([-1], np.int32)
 
 
+def check_special_ids(eos_id: int | Sequence[int] | None, pad_id: int, vocab_size: int) -> None:
+    """ValueError unless the stop ids (``eos_array``) and ``pad_id`` are token ids in
+    ``[0, vocab_size)``; the generators call it when built, before any work."""
+    eos_array(eos_id, vocab_size)
+    check_ids(np.asarray(pad_id), vocab_size, "pad_id")
+
+
 def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     """``[b]`` bool: the token is one of ``eos_ids [n]``."""
     return jnp.any(tokens[:, None] == eos_ids[None, :], axis=1)
@@ -258,8 +265,7 @@ class Generator:
         self.config = model.config
         self.init_cache = model.init_cache  # a ScannedTransformer stacks its middle blocks' cache
         self.sampling = sampling
-        eos_array(eos_id, model.config.vocab_size)  # checked here, not at the first generate
-        check_ids(np.asarray(pad_id), model.config.vocab_size, "pad_id")
+        check_special_ids(eos_id, pad_id, model.config.vocab_size)
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.bucket = bucket

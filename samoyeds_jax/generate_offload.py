@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import check_ids, expect_positive_ints
+from pallas_kernels.checks import expect_positive_ints
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
-from samoyeds_jax.generate import (GenerationResult, SamplingConfig, eos_array, output_lengths,
-                                   pad_prompts, sample)
+from samoyeds_jax.generate import (GenerationResult, SamplingConfig, check_special_ids,
+                                   eos_array, output_lengths, pad_prompts, sample)
 from samoyeds_jax.model import (KVCache, MoETransformer, attention_half, expert_half,
                                 step_positions)
 from samoyeds_jax.moe import ExpertWeights, expert_ffn
@@ -124,8 +124,7 @@ class OffloadGenerator:
         if offload.policy in ("pregated", "speculative") and mode == "standard":
             raise ValueError(f"policy={offload.policy!r} needs pre-gates: build the model with "
                              "pregate='pregated' or 'speculative'")
-        eos_array(eos_id, cfg.vocab_size)  # checked here, not at the first generate
-        check_ids(np.asarray(pad_id), cfg.vocab_size, "pad_id")
+        check_special_ids(eos_id, pad_id, cfg.vocab_size)
         self.config = cfg
         self.offload = offload
         self.sampling = sampling
