@@ -18,7 +18,10 @@ them; sparse experts drawn directly in their format) and measures with
   touches in expectation, the whole KV cache) over the copy rate measured at the start of the
   run (a jitted ``x + 1`` over 1 GiB), against the measured step time;
 * with ``--long-context``: batch-1 decode with a KV cache of that many slots allocated and
-  filled (the memory a long context needs, and the step time of attending over it).
+  filled (the memory a long context needs, and the step time of attending over it);
+* with ``--trace``: one more batch-1 generation under ``jax.profiler``, summarized per decode
+  step (``trace_summary``): device span, time some kernel runs (the rest is launch gaps), and
+  the kernels by total time.
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
 ~28% (Samoyeds 1:2:128 + 2:4) of dense, attention and embedding bytes stay.
@@ -37,6 +40,7 @@ import argparse
 import dataclasses
 import gc
 import statistics
+import tempfile
 import time
 
 import jax
@@ -44,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import trace_summary
 from model_shapes import MODELS
 from samoyeds_jax.atomic import write_json
 from samoyeds_jax.expert_store import host_experts
@@ -139,6 +144,24 @@ def _fits(args, fmt: str) -> tuple[bool, str]:
     why = (f"{config.num_layers} blocks of {fmt} need {need / 2**30:.1f} GiB of parameters; "
            f"{free / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB free")
     return need < 0.97 * free, why
+
+
+def _trace(gen: Generator, prompts, new_tokens: int) -> dict:
+    """One generation under ``jax.profiler``: span, kernel-busy time and the top kernels, per
+    decode step (the prompt's prefill is in the trace too; at a short prompt it is small)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            gen.generate(prompts, max_new_tokens=new_tokens)
+        s = trace_summary.summarize(tmp, top=12)
+    steps = new_tokens - 1
+    out = dict(steps=steps, per_step_span_us=s["span_us"] / steps,
+               per_step_kernel_busy_us=s["kernel_busy_us"] / steps,
+               top=[[name, count / steps, dur / steps] for name, count, dur in s["top"]])
+    print(f"  trace: {out['per_step_span_us']:.0f} us/step span, "
+          f"{out['per_step_kernel_busy_us']:.0f} us/step some kernel running", flush=True)
+    for name, count, dur in out["top"]:
+        print(f"    {dur:8.1f} us/step {count:6.1f}x  {name}", flush=True)
+    return out
 
 
 def long_context_decode(gen: Generator, slots: int, steps: int, repeats: int
@@ -260,6 +283,9 @@ def main() -> None:
     p.add_argument("--long-context", default="",
                    help="comma-separated KV cache sizes: batch-1 decode with that many slots "
                         "allocated and filled (e.g. 32768,131072), after the other runs")
+    p.add_argument("--trace", action="store_true",
+                   help="profile one more batch-1 generation of each variant: kernel-busy time "
+                        "and launch gaps per decode step, the top kernels")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     args = p.parse_args()
     if args.tiny:
@@ -333,6 +359,8 @@ def main() -> None:
                     decode_tok_s=statistics.median(rates), decode_tok_s_runs=rates,
                     step_ms=1e3 * step_s, compile_s=runs[0].compile_seconds,
                     bytes_per_step=need, roofline_fraction=need / rate / step_s))
+                if args.trace and b == 1:
+                    results[-1]["trace"] = _trace(gen, prompts, args.new_tokens)
                 write_json(args.out, report)
                 print(f"{fmt:9s} {impl:6s} batch {b:3d}: decode {statistics.median(rates):10.1f} tok/s "
                       f"({1e3 * step_s:.2f} ms/step, {100 * need / rate / step_s:.0f}% of the "
