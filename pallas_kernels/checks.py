@@ -15,6 +15,7 @@ Two kinds of check:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -116,9 +117,46 @@ def expect_floating(owner: str, name: str, x: Any) -> None:
 
 def expect_positive_ints(owner: str, **values: Any) -> None:
     """ValueError unless every value is an int >= 1 (bools excluded)."""
+    expect_ints(owner, 1, **values)
+
+
+def expect_ints(owner: str, minimum: int, **values: Any) -> None:
+    """ValueError unless every value is an int >= ``minimum`` (bools excluded)."""
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+            raise ValueError(f"{owner}: {name} must be {what}, got {v!r}")
+
+
+def expect_number(owner: str, name: str, value: Any, *, above: float | None = None) -> None:
+    """ValueError unless ``value`` is a finite real number (an int or a float, bools and
+    strings excluded), greater than ``above`` when given."""
+    ok = (not isinstance(value, bool)
+          and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+          and (above is None or value > above))
+    if not ok:
+        bound = "" if above is None else f" > {above}"
+        raise ValueError(f"{owner}: {name} must be a finite number{bound}, got {value!r}")
+
+
+def expect_float_dtype(owner: str, **values: Any) -> None:
+    """ValueError unless every value is a floating dtype (a dtype, a scalar type or its name)."""
+    for name, v in values.items():
+        try:
+            ok = jnp.issubdtype(jnp.dtype(v), jnp.floating)
+        except TypeError:  # not a dtype at all ("float33")
+            ok = False
+        if not ok:
+            raise ValueError(f"{owner}: {name} must be a floating dtype (float32, bfloat16 or "
+                             f"float16), got {v!r}")
+
+
+def matrix_shape(owner: str, shape: Any) -> tuple[tuple[int, ...], int, int]:
+    """``(lead, K, N)`` of a dense weight ``shape`` [..., K, N]; ValueError for fewer dims."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"{owner}: shape must be [..., K, N] (at least 2 dims), got {shape}")
+    return shape[:-2], shape[-2], shape[-1]
 
 
 def dim(x: Any, axis: int) -> int | None:

@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import check_layout, dim, expect_multiple, expect_positive_ints
+from pallas_kernels.checks import (check_layout, dim, expect_multiple, expect_positive_ints,
+                                   matrix_shape)
 from pallas_kernels.nm_select import gather_slots, nm_compress, select_positions
 
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
@@ -254,7 +255,7 @@ class NMSparse:
         """The ``from_dense`` result for a W of ``shape`` [..., K, N] and ``dtype``, its arrays
         ``jax.ShapeDtypeStruct`` (no data): the layout a stored weight must have."""
         _check_nm(n, m)
-        *lead, k, cols = shape
+        lead, k, cols = matrix_shape("NMSparse.abstract", shape)
         if k % nm_k_multiple(n, m):
             raise ValueError(f"K={k} must be a multiple of {nm_k_multiple(n, m)} for {n}:{m}")
         kept = k * n // m
@@ -416,7 +417,7 @@ class SamoyedsSparse:
         """The ``from_dense`` result for a W of ``shape`` [..., K, N] and ``dtype``, its arrays
         ``jax.ShapeDtypeStruct`` (no data): the layout a stored weight must have."""
         _check_samoyeds(n_sel, m_sel, v)
-        *lead, k, n_out = shape
+        lead, k, n_out = matrix_shape("SamoyedsSparse.abstract", shape)
         if k % v or n_out % m_sel:
             raise ValueError(f"K={k} must be a multiple of v={v} and N={n_out} one of "
                              f"m_sel={m_sel}")

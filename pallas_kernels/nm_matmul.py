@@ -318,10 +318,11 @@ def nm_matmul_reference(
 ) -> jax.Array:
     """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype).
 
-    ``config`` is accepted for signature parity and ignored.
+    The kernel's checks, except that x may have any floating dtype; ``config`` is accepted for
+    signature parity and ignored.
     """
     del config
-    _check_nm(w)
+    _check_x(x, w, _check_nm(w)[2], "nm_matmul_reference", kernel=False)
     return _reference_product(x, w, out_dtype)
 
 
@@ -334,16 +335,17 @@ def samoyeds_matmul_reference(
 ) -> jax.Array:
     """Pure-jnp ``x @ w.to_dense()`` in float32 -> [t, N] in ``out_dtype`` (default x.dtype).
 
-    ``config`` is accepted for signature parity and ignored.
+    The kernel's checks, except that x may have any floating dtype; ``config`` is accepted for
+    signature parity and ignored.
     """
     del config
-    _check_samoyeds(w)
+    _check_x(x, w, _check_samoyeds(w)[3], "samoyeds_matmul_reference", kernel=False)
     return _reference_product(x, w, out_dtype)
 
 
 def _reference_product(x: jax.Array, w: Any, out_dtype: Any) -> jax.Array:
     """``x @ w.to_dense()`` in float32 at full precision, in ``out_dtype`` (default x.dtype)."""
-    dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    dt = _out_dtype(x, out_dtype)
     y = jnp.dot(x.astype(jnp.float32), w.to_dense().astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)
     return y.astype(dt)

@@ -7,24 +7,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import decompress
-from pallas_kernels.checks import expect_kind
+from pallas_kernels.checks import expect_floating, expect_kind
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _check_x(x: jax.Array, w: Any, k: int, name: str) -> None:
+def _check_x(x: jax.Array, w: Any, k: int, name: str, *, kernel: bool = True) -> None:
+    """x [t, K] against one matrix w; the kernel takes bfloat16/float16 x of w's dtype, its
+    reference (``kernel=False``) any floating x."""
+    expect_kind(f"{name}: x", x, (jax.Array, np.ndarray), "an array [t, K]")
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be [t, K], got shape {x.shape}")
     if w.values.ndim != 2:
         raise ValueError(
             f"{name}: w must be one matrix (values [K', N']), got values of shape "
             f"{w.values.shape}; expert stacks go through pallas_kernels.moe_matmul")
-    if jnp.dtype(x.dtype) not in _DTYPES:
+    if not kernel:
+        expect_floating(name, "x", x)
+    elif jnp.dtype(x.dtype) not in _DTYPES:
         raise ValueError(f"{name}: x.dtype must be bfloat16 or float16, got {x.dtype}")
-    if jnp.dtype(w.values.dtype) != jnp.dtype(x.dtype):
+    elif jnp.dtype(w.values.dtype) != jnp.dtype(x.dtype):
         raise ValueError(
             f"{name}: w dtype {w.values.dtype} must equal x dtype {x.dtype}")
     if x.shape[1] != k:

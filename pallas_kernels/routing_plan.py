@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.checks import (are_arrays, check_finite, check_ids, expect_dtype,
-                                   expect_positive_ints, expect_shape)
+                                   expect_ints, expect_positive_ints, expect_shape)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -75,11 +75,7 @@ class RoutingPlan:
     block_t: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        expect_positive_ints("RoutingPlan", top_k=self.top_k, num_experts=self.num_experts,
-                             block_t=self.block_t)
-        if not isinstance(self.num_tokens, (int, np.integer)) or self.num_tokens < 0:
-            raise ValueError(
-                f"RoutingPlan: num_tokens must be an int >= 0, got {self.num_tokens!r}")
+        _check_sizes("RoutingPlan", self.num_tokens, self.top_k, self.num_experts, self.block_t)
         if self.block_t & (self.block_t - 1):
             raise ValueError(f"RoutingPlan: block_t must be a power of two, got {self.block_t}")
         fields = (("sorted_ids", (self.capacity,), jnp.int32),
@@ -99,7 +95,9 @@ class RoutingPlan:
 
     @staticmethod
     def capacity_for(num_tokens: int, top_k: int, num_experts: int, block_t: int) -> int:
-        """P = round_up(t*k + e*(block_t-1), block_t): rows of a plan, worst case included."""
+        """P = round_up(t*k + e*(block_t-1), block_t): rows of a plan, worst case included
+        (ValueError unless t >= 0 and k, e, block_t >= 1 are ints)."""
+        _check_sizes("RoutingPlan.capacity_for", num_tokens, top_k, num_experts, block_t)
         return _round_up(num_tokens * top_k + num_experts * (block_t - 1), block_t)
 
     @property
@@ -186,6 +184,12 @@ class RoutingPlan:
         return _build(jnp.asarray(topk_idx).astype(jnp.int32),
                       jnp.asarray(topk_weights).astype(jnp.float32),
                       num_experts=num_experts, block_t=block_t)
+
+
+def _check_sizes(owner: str, num_tokens: int, top_k: int, num_experts: int,
+                 block_t: int) -> None:
+    expect_ints(owner, 0, num_tokens=num_tokens)
+    expect_positive_ints(owner, top_k=top_k, num_experts=num_experts, block_t=block_t)
 
 
 def _round_up_array(x: jax.Array, multiple: int) -> jax.Array:

@@ -64,7 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.checks import check_layout, dim, expect_multiple, expect_positive_ints
+from pallas_kernels.checks import (check_layout, dim, expect_multiple, expect_positive_ints,
+                                   matrix_shape)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MAX_TILE_K = 65536
@@ -266,7 +267,7 @@ class TiledSparse(_StoredValues):
                  slot_align: int = 1) -> TiledSparse:
         """The layout ``from_dense`` gives a W of ``shape`` [..., K, N] and ``dtype`` with
         ``num_slots`` slot rows (S depends on the data), its arrays ``jax.ShapeDtypeStruct``."""
-        *batch, k, n = shape
+        batch, k, n = matrix_shape("TiledSparse.abstract", shape)
         tile_k, tile_n = _tiles(k, n, tile_k, tile_n, slot_align)
         slots = (*batch, num_slots, tile_n)
         return cls(values=jax.ShapeDtypeStruct(slots, jnp.dtype(dtype)),

@@ -72,7 +72,7 @@ def replace_file(path: str, data: bytes | str) -> None:
     ``path``, which holds the old content or the new at every instant. The parent directory is
     created if missing; a failure removes the temporary file and leaves ``path`` as it was."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    _make_parents(directory, path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -85,6 +85,21 @@ def replace_file(path: str, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _make_parents(directory: str, path: str) -> None:
+    """``os.makedirs(directory)``; NotADirectoryError naming the file that stands in the way of
+    writing ``path`` (``directory`` or one of its parents)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = directory
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        if os.path.isdir(blocker):
+            raise
+        raise NotADirectoryError(f"cannot write {path}: {blocker} is a file, not a "
+                                 "directory") from None
 
 
 def write_json(path: str, obj, *, allow_nan: bool = True) -> None:
@@ -187,7 +202,7 @@ def replace_directory(directory: str, *, markers: tuple[str, ...], what: str) ->
     """Yield a fresh staging directory; on a clean exit it atomically replaces ``directory``
     (created with its parents if missing). See the module doc."""
     target = check_target(directory, markers, what)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    _make_parents(os.path.dirname(target), directory)
     _remove(_leftovers(target, "tmp"))  # partial writes of crashed runs: never read
     staged = _sibling(target, "tmp")
     os.mkdir(staged)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pallas_kernels.checks import expect_kind
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -54,6 +56,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
       min_frequency: minimum count of a pair to be merged.
 
     Raises:
+      TypeError: ``texts`` is a single str.
       ValueError: ``vocab_size < 259``, ``min_frequency < 0``, or no non-empty text.
     """
     tk = _tokenizers()
@@ -63,7 +66,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
                          f"and {len(SPECIAL_TOKENS)} special tokens need at least {smallest}")
     if min_frequency < 0:
         raise ValueError(f"{min_frequency=} must be >= 0")
-    docs = list(texts)
+    docs = _documents(texts)
     for i, doc in enumerate(docs):
         if not isinstance(doc, str):
             raise ValueError(f"texts[{i}] should be a str, got {type(doc).__name__}")
@@ -84,6 +87,14 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
     return tokenizer
 
 
+def _documents(texts: Iterable[str]) -> list[str]:
+    """``texts`` as a list; a single str is refused (it would be read as one-character docs)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts must be a sequence of str (one per document), got "
+                        f"{type(texts).__name__}; wrap a single document as [text]")
+    return list(texts)
+
+
 def encode_documents(tokenizer: tokenizers.Tokenizer, texts: Iterable[str], *,
                      eos_id: int = 2) -> np.ndarray:
     """Encodes each document and appends ``eos_id`` after it.
@@ -93,12 +104,13 @@ def encode_documents(tokenizer: tokenizers.Tokenizer, texts: Iterable[str], *,
       tokenizer's defaults, so a tokenizer that adds a BOS adds it to every document).
 
     Raises:
+      TypeError: ``texts`` is a single str.
       ValueError: ``eos_id`` outside the vocabulary.
     """
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if not 0 <= eos_id < vocab:
         raise ValueError(f"{eos_id=} is outside the tokenizer's vocabulary of {vocab}")
-    docs = list(texts)
+    docs = _documents(texts)
     if not docs:
         return np.zeros((0,), np.int32)
     encodings = tokenizer.encode_batch(docs)
@@ -132,6 +144,7 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, text: str) -> tuple[np.ndarray,
     Raises:
       ValueError: ``text`` is not empty but yields no token that spans text.
     """
+    expect_kind("text", text, str, "a str")
     encoding = tokenizer.encode(text)
     ids = np.asarray(encoding.ids, np.int32).reshape(-1)
     raw = text.encode("utf-8")

@@ -40,6 +40,7 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
     ``load_model``.
     """
     check_implementation(implementation)
+    pruning.expect_config("prune", prune, optional=True)
     settings = {"expert_format": expert_format or (prune.format if prune else "dense"),
                 "prune": None if prune is None else dataclasses.asdict(prune),
                 "dtype": None if dtype is None else jnp.dtype(hf_import._as_dtype(dtype)).name}
@@ -99,18 +100,30 @@ def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
 
 
 def load_tokenizer(directory: str):
-    """``tokenizers.Tokenizer`` from ``directory/tokenizer.json``, or None.
+    """``tokenizers.Tokenizer`` from ``directory/tokenizer.json`` (or from ``directory`` itself
+    when it is a tokenizer file), or None.
 
-    None when there is no tokenizer.json, or (with a warning) when the ``tokenizers`` package
-    is not installed: callers then work with token ids.
+    None when the directory has no tokenizer.json, or (with a warning) when the ``tokenizers``
+    package is not installed: callers then work with token ids. A missing ``directory`` raises
+    FileNotFoundError; a tokenizer file that does not parse raises ValueError naming it.
     """
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.isfile(path):
-        return None
+    if os.path.isfile(directory):
+        path = directory
+    elif not os.path.isdir(directory):
+        raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist (expected a "
+                                "model directory holding tokenizer.json, or the file itself)")
+    else:
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            return None
     try:
         from tokenizers import Tokenizer  # optional dependency, imported only when needed
     except ImportError:
         warnings.warn(f"{path} found but the 'tokenizers' package is not installed "
                       "(pip install tokenizers); using token ids", stacklevel=2)
         return None
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception for any parse error
+        raise ValueError(f"{path} is not a valid tokenizer.json (tokenizers could not parse it: "
+                         f"{err})") from None

@@ -198,6 +198,7 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
       ``CompressReport`` (per-block pruning reports, routed tokens per expert).
     """
     for what, c in (("config", config), ("linears", linears)):
+        pruning.expect_config(what, c, optional=True)
         if c is not None and c.output != "dense":
             raise ValueError(f"calibrate_and_prune keeps the weights dense with zeros; pass "
                              f"{what}=PruneConfig(output='dense', ...) and convert with "
@@ -301,6 +302,8 @@ def to_compressed(model: MoETransformer, config: pruning.PruneConfig | None, *,
     and, with ``linears``, the pruned attention projections and shared experts in
     ``linears.format``, in place (exact: no re-pruning; the format checks that each weight
     satisfies the pattern)."""
+    pruning.expect_config("config", config, optional=True)
+    pruning.expect_config("linears", linears, optional=True)
     if linears is not None:
         _linears_to_compressed(model, linears)
     if config is None:
@@ -342,8 +345,8 @@ def recover(model: MoETransformer, tokens: np.ndarray, train_config, *,
             teacher: MoETransformer | None = None, val_tokens: np.ndarray | None = None,
             progress: bool | None = None):
     """Fine-tune a pruned model with its sparsity fixed (pruned weights stay exactly zero),
-    distilling from ``teacher`` when ``train_config.distill_weight > 0``; returns the
-    ``train.TrainResult`` (its ``model`` is the recovered one)."""
+    distilling from ``teacher`` when ``train_config.distill_weight > 0``, in place; returns the
+    ``train.TrainResult`` (its ``model`` is ``model``, recovered)."""
     from samoyeds_jax import train as train_lib
     from samoyeds_jax.train_optim import sparsity_masks
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from pallas_kernels.checks import expect_kind, expect_positive_ints
+from pallas_kernels.checks import expect_ints, expect_kind, expect_number, expect_positive_ints
 from pallas_kernels import linear_op
 from pallas_kernels.expert_op import check_implementation
 from pallas_kernels.format_registry import format_names, get_format
@@ -53,7 +53,8 @@ SharedGate = Literal["none", "sigmoid"]
 _NM_SUPPORTED = ((2, 4), (1, 4), (2, 8), (4, 8))
 
 
-def _check_literal(name: str, value: object, literal: object) -> None:
+def check_literal(name: str, value: object, literal: object) -> None:
+    """ValueError unless ``value`` is one of the values of the ``Literal`` type ``literal``."""
     allowed = get_args(literal)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -80,6 +81,8 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         if (self.n, self.m) not in _NM_SUPPORTED:
             raise ValueError(f"(n, m) must be one of {_NM_SUPPORTED}, got {(self.n, self.m)}")
+        expect_positive_ints("SparsityConfig", n_sel=self.n_sel, m_sel=self.m_sel, v=self.v)
+        expect_number("SparsityConfig", "density", self.density)
         if not 0 < self.n_sel < self.m_sel:
             raise ValueError(f"need 0 < n_sel < m_sel, got {self.n_sel=}, {self.m_sel=}")
         if self.v <= 0 or self.v % 32:
@@ -193,18 +196,16 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
-        _check_literal("router_norm", self.router_norm, RouterNorm)
-        _check_literal("shared_gate", self.shared_gate, SharedGate)
+        check_literal("router_norm", self.router_norm, RouterNorm)
+        check_literal("shared_gate", self.shared_gate, SharedGate)
         if self.expert_format not in format_names():
             raise ValueError(f"expert_format must be one of {format_names()}, got "
                              f"{self.expert_format!r}")
         if isinstance(self.implementation, list):
             object.__setattr__(self, "implementation", tuple(self.implementation))
         check_implementation(self.implementation)
-        _check_literal("pregate", self.pregate, PregateMode)
-        shared = self.num_shared_experts
-        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {shared!r}")
+        check_literal("pregate", self.pregate, PregateMode)
+        expect_ints("MoEConfig", 0, num_shared_experts=self.num_shared_experts)
         if self.shared_d_ff is not None:
             expect_positive_ints("MoEConfig", shared_d_ff=self.shared_d_ff)
         if self.num_shared_experts == 0 and self.shared_gate != "none":

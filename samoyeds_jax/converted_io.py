@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.format_registry import FORMATS
 from samoyeds_jax import atomic, families
 from samoyeds_jax.config import ExpertImplementation, LinearConfig, MoEConfig, SparsityConfig
@@ -136,8 +137,10 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
 
     Raises ValueError for a parameter whose layout is not the one its config implies (shape,
     dtype, sparse format and fields; e.g. experts in a Hopper layout), or a ``directory`` that
-    is a file or a non-empty directory of another kind.
+    is a file or a non-empty directory of another kind; TypeError for a ``model`` that is not a
+    ``MoETransformer``.
     """
+    expect_kind("model", model, MoETransformer, "a MoETransformer")
     config = model.config
     specs = {p: v.get_value() for p, v in _variables(_abstract_model(config)).items()
              if isinstance(v, nnx.Param)}

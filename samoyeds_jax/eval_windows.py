@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pallas_kernels.checks import expect_kind
+
 if TYPE_CHECKING:
     from samoyeds_jax.evaluate import EvalConfig
 
@@ -92,9 +94,19 @@ def _check_stream(name: str, ids: Any, nbytes: Any, vocab_size: int
 
 
 def _make_windows(streams: Mapping[str, Stream], config: EvalConfig, vocab_size: int) -> _Windows:
-    """Cut every stream into windows (see the module doc); ValueError for bad streams."""
+    """Cut every stream into windows (see the module doc); TypeError / ValueError for bad
+    streams or config."""
+    from samoyeds_jax.evaluate import EvalConfig  # a cycle at import time
+
+    expect_kind("config", config, EvalConfig, "an EvalConfig (e.g. EvalConfig(seq_len=256))")
+    expect_kind("streams", streams, Mapping, "a mapping name -> (ids, nbytes)")
     if not streams:
         raise ValueError("no token streams to evaluate (got an empty mapping)")
+    for name, stream in streams.items():
+        if not (isinstance(stream, (tuple, list)) and len(stream) == 2):
+            size = f" of {len(stream)} items" if isinstance(stream, (tuple, list)) else ""
+            raise TypeError(f"stream {name!r} must be a pair (ids [n], nbytes [n]), got "
+                            f"{type(stream).__name__}{size}")
     checked = {name: _check_stream(name, ids, nb, vocab_size)
                for name, (ids, nb) in streams.items()}
     # Short streams only: one window of the longest stream's length instead of seq_len.

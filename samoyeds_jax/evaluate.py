@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.checks import expect_kind, expect_positive_ints
 from samoyeds_jax.eval_windows import Stream, _make_windows
 
 __all__ = [
@@ -74,15 +76,10 @@ class EvalConfig:
     max_windows: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.max_windows is not None and (not isinstance(self.max_windows, int)
-                                             or self.max_windows < 1):
-            raise ValueError(
-                f"max_windows must be None or a positive int, got {self.max_windows!r}")
-
+        expect_positive_ints("EvalConfig", seq_len=self.seq_len, batch_size=self.batch_size)
+        w = self.max_windows
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"EvalConfig: max_windows must be None or a positive int, got {w!r}")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -169,7 +166,15 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalResult:
-        """Inverse of ``as_dict`` (e.g. to compare two saved runs with ``paired_difference``)."""
+        """Inverse of ``as_dict`` (e.g. to compare two saved runs with ``paired_difference``).
+        ValueError naming the missing keys when ``d`` lacks the per-window arrays."""
+        expect_kind("EvalResult.from_dict's argument", d, Mapping, "a mapping (as_dict()'s output)")
+        missing = [k for k in ("seq_len", "digest", "window_nats", "window_tokens",
+                               "window_bytes") if k not in d]
+        if missing:
+            raise ValueError(f"EvalResult.from_dict: missing keys {missing} (given keys "
+                             f"{sorted(d)}); it expects the output of EvalResult.as_dict(), with "
+                             "the per-window arrays")
         return cls(seq_len=int(d["seq_len"]), digest=str(d["digest"]),
                    window_nats=np.asarray(d["window_nats"], np.float64),
                    window_tokens=np.asarray(d["window_tokens"], np.int64),
@@ -188,11 +193,22 @@ def evaluate_streams(model: nnx.Module, streams: Mapping[str, Stream], *,
     Returns:
       ``EvalResult`` over all windows (in stream order, cut at ``config.max_windows``).
     Raises:
+      TypeError: ``streams`` not a mapping of ``(ids, nbytes)`` pairs, ``config`` not an
+        ``EvalConfig``.
       ValueError: a stream with fewer than 2 tokens, ids outside [0, vocab_size), mismatched
-        shapes, or a non-finite loss (naming the window, its stream and token range).
+        shapes, predicted tokens holding 0 bytes, or a non-finite loss (naming the window, its
+        stream and token range).
     """
     vocab = int(model.config.vocab_size)
     windows = _make_windows(streams, config, vocab)
+    stream_bytes: dict[str, int] = {}  # checked before any compute: bits per byte needs bytes
+    for name, b in zip(windows.names, windows.nbytes.tolist()):
+        stream_bytes[name] = stream_bytes.get(name, 0) + b
+    for name, b in stream_bytes.items():
+        if not b:
+            raise ValueError(f"stream {name!r}: its predicted tokens hold 0 bytes (nbytes after "
+                             "the first token sums to 0), so bits per byte is undefined; nbytes "
+                             "must give the UTF-8 bytes each token stands for")
     graphdef, state = nnx.split(model)
     # Dispatch every batch before reading any result back, so the device never waits on the
     # host (outputs are [batch_size] floats each).
@@ -221,6 +237,12 @@ def evaluate_tokens(model: nnx.Module, ids: Any, nbytes: Any, *,
 
 
 def _check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    if not hasattr(tokenizer, "get_vocab_size"):
+        hint = (f" ({tokenizer!r} looks like a path)" if isinstance(tokenizer, (str, os.PathLike))
+                else "")
+        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
+                        f"{hint}; load one with samoyeds_jax.load_tokenizer(model_directory) or "
+                        "tokenizers.Tokenizer.from_file(path)")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
         raise ValueError(f"the tokenizer's vocabulary has {size} tokens but the model's "
@@ -233,6 +255,7 @@ def text_streams(tokenizer: Any, texts: Mapping[str, str], *, vocab_size: int
     (``samoyeds_jax.bpe_tokenizer.token_bytes``), after checking that the tokenizer (a
     ``tokenizers.Tokenizer``) fits a model of ``vocab_size``. Raises ValueError naming both
     sizes when it does not, and naming the text when one has fewer than 2 tokens."""
+    expect_kind("texts", texts, Mapping, "a mapping name -> text (e.g. {'doc': text})")
     _check_tokenizer(tokenizer, vocab_size)
     from samoyeds_jax.bpe_tokenizer import token_bytes
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.checks import expect_positive_ints
 from samoyeds_jax.expert_store import ExpertStore, PyTree, device_sharding
 
 Eviction = Literal["lru", "lfu"]
@@ -109,10 +110,7 @@ class ExpertCache:
         """``poison_evicted`` fills an evicted slot with NaN/-1 before it is refilled (tests)."""
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k=}")
-        if slots < 1:
-            raise ValueError(f"cache needs at least one slot, got {slots=}")
+        expect_positive_ints("ExpertCache", slots=slots, top_k=top_k)
         if slots < top_k:
             raise ValueError(f"cache of {slots=} slots cannot hold the {top_k=} experts one token "
                              "needs; use slots >= top_k")
@@ -210,16 +208,21 @@ class ExpertCache:
 
     def _check_ids(self, layer: int, experts: Sequence[int]) -> list[int]:
         """``experts`` as ints, after checking them and ``layer`` against the store's sizes."""
-        store = self.store
-        if (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
-                or not 0 <= layer < store.num_layers):
-            raise ValueError(f"layer must be an int in [0, {store.num_layers}), got {layer!r}")
+        store = self._check_layer(layer).store
         ids = np.asarray(list(experts))
         if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
                          or ids.min() < 0 or ids.max() >= store.num_experts):
             raise ValueError(f"experts of layer {layer} must be ints in [0, {store.num_experts}), "
                              f"got {ids.tolist()}")
         return [int(e) for e in ids]
+
+    def _check_layer(self, layer: int) -> ExpertCache:
+        """``self``, after checking ``layer`` is an int in ``[0, store.num_layers)``."""
+        n = self.store.num_layers
+        if (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+                or not 0 <= layer < n):
+            raise ValueError(f"layer must be an int in [0, {n}), got {layer!r}")
+        return self
 
     def commit(self, layer: int | None = None) -> None:
         """Write fetched experts (of ``layer``, or all) into their slots (queued on the device)."""
@@ -256,14 +259,16 @@ class ExpertCache:
 
     def count_hits(self, layer: int, experts: Sequence[int]) -> None:
         """Count the resident ``experts`` of ``layer`` as hits (call before a demand fetch)."""
+        self._check_layer(layer)
         self.stats.hits += sum((layer, int(e)) in self.slot_of for e in experts)
 
     def layer_index(self, layer: int) -> jax.Array:
         """``layer`` as a device-resident int32 scalar."""
-        return self._ints[layer]
+        return self._check_layer(layer)._ints[layer]
 
     def table(self, layer: int) -> np.ndarray:
         """[e] int32: slot of each expert of ``layer``, -1 where not resident."""
+        self._check_layer(layer)
         out = np.full((self.store.num_experts,), -1, np.int32)
         for (l, e), s in self.slot_of.items():
             if l == layer:

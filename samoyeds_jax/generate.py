@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.checks import check_ids, expect_positive_ints
+from pallas_kernels.checks import check_ids, expect_kind, expect_number, expect_positive_ints
 from samoyeds_jax.model import KVCache, MoETransformer
 
 
@@ -45,6 +45,10 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
+        expect_number("SamplingConfig", "temperature", self.temperature)
+        expect_number("SamplingConfig", "top_p", self.top_p)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise ValueError(f"SamplingConfig: top_k must be an int (0 = off), got {self.top_k!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -63,6 +67,10 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
     Returns:
       ``[b]`` int32 token ids.
     """
+    expect_kind("sample: config", config, SamplingConfig, "a SamplingConfig")
+    expect_kind("sample: logits", logits, (jax.Array, np.ndarray), "an array [b, vocab]")
+    if logits.ndim != 2:
+        raise ValueError(f"sample: logits must be [b, vocab], got shape {logits.shape}")
     logits = logits.astype(jnp.float32)
     if config.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -261,6 +269,7 @@ class Generator:
 
     def __init__(self, model: MoETransformer, *, sampling: SamplingConfig = SamplingConfig(),
                  eos_id: int | Sequence[int] | None = None, pad_id: int = 0, bucket: int = 16):
+        expect_kind("Generator: sampling", sampling, SamplingConfig, "a SamplingConfig")
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.init_cache = model.init_cache  # a ScannedTransformer stacks its middle blocks' cache
@@ -305,6 +314,9 @@ class Generator:
           a ``GenerationResult``.
         """
         expect_positive_ints("generate", max_new_tokens=max_new_tokens)
+        if stream is not None and not callable(stream):
+            raise TypeError(f"generate: stream must be None or a callable stream(position, "
+                            f"tokens), got {type(stream).__name__}")
         key = jax.random.key(0) if key is None else key
         tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket,
                                    vocab_size=self.config.vocab_size)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import expect_positive_ints
+from pallas_kernels.checks import expect_kind, expect_positive_ints
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate import (GenerationResult, SamplingConfig, check_special_ids,
@@ -104,15 +104,19 @@ class OffloadGenerator:
         (built with ``expert_store.host_experts``, for models whose experts do not fit the
         device) are moved instead: the model's expert arrays are deleted, so host memory holds
         them once.
-      offload: fetch policy, slots, eviction, routing source. Without ``offload.slots`` the
-        slot count is ``offload.resolve_slots`` for the first generation's prefill (batch x
-        prompt width tokens), kept for later generations.
+      offload: an ``OffloadConfig`` (fetch policy, slots, eviction, routing source; a policy
+        name alone raises TypeError: pass ``OffloadConfig(policy=...)``). Without
+        ``offload.slots`` the slot count is ``offload.resolve_slots`` for the first
+        generation's prefill (batch x prompt width tokens), kept for later generations.
     """
 
     def __init__(self, model: MoETransformer, *, offload: OffloadConfig = OffloadConfig(),
                  sampling: SamplingConfig = SamplingConfig(),
                  eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0, bucket: int = 16):
+        expect_kind("offload", offload, OffloadConfig,
+                    "an OffloadConfig (e.g. OffloadConfig(policy='pregated'))")
+        expect_kind("sampling", sampling, SamplingConfig, "a SamplingConfig")
         cfg = model.config
         mode = cfg.moe.pregate
         if offload.routing_source == "pregate" and mode != "pregated":

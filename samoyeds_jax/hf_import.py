@@ -76,6 +76,8 @@ __all__ = ["ShardReader", "load_hf_checkpoint", "read_hf_config"]
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "qkv_bias", "norm_topk_prob",
+                "use_sliding_window")  # config.json flags (ModelConfig.from_hf, the families)
 
 
 # ----------------------------------------------------------------------------- shard reading
@@ -88,12 +90,14 @@ class ShardReader:
     when the index exists, else ``model.safetensors``, else every ``*.safetensors`` in the
     directory. Missing shards raise FileNotFoundError on construction; unreadable ones
     ValueError. With ``finite`` (the default), ``get`` refuses floating-point tensors holding
-    NaN or Inf. Use as a context manager.
+    NaN or Inf; with ``floating``, any tensor of a non-floating dtype. Use as a context manager.
     """
 
-    def __init__(self, directory: str, files: list[str] | None = None, *, finite: bool = True):
+    def __init__(self, directory: str, files: list[str] | None = None, *, finite: bool = True,
+                 floating: bool = False):
         self.directory = directory
         self.finite = finite
+        self.floating = floating
         index = os.path.join(directory, _INDEX)
         self._where: dict[str, str] = {}
         if files is not None:
@@ -105,9 +109,13 @@ class ShardReader:
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as err:
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({err})"
                                      ) from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: expected 'weight_map' to be an object mapping tensor "
+                                 f"names to shard file names, found {type(weight_map).__name__}")
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not os.path.isfile(os.path.join(directory, name)):
@@ -196,6 +204,9 @@ class ShardReader:
             array = self._handles[self._where[key]].get_tensor(key)
         except SafetensorError as err:
             raise ValueError(f"cannot read tensor {key!r} from {path} ({err})") from None
+        if self.floating and not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"tensor {key!r} in {path}: expected a floating dtype, found "
+                             f"{array.dtype}")
         if self.finite and jnp.issubdtype(array.dtype, jnp.floating):
             bad = ~np.isfinite(array)
             if bad.any():
@@ -220,9 +231,16 @@ def read_hf_config(directory: str) -> dict[str, Any]:
                                 "config.json next to its *.safetensors")
     with open(path) as f:
         try:
-            return json.load(f)
+            hf = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    for key in _BOOL_FIELDS:  # bool("false") is True: a string would flip the option silently
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise ValueError(f"{path}: {key} must be a JSON boolean (true/false), found "
+                             f"{hf[key]!r}")
+    return hf
 
 
 def _as_dtype(dtype: Any) -> Any:
@@ -232,7 +250,20 @@ def _as_dtype(dtype: Any) -> Any:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         return _DTYPES[dtype]
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype ({', '.join(sorted(_DTYPES))}), got "
+                         f"{jnp.dtype(dtype).name}")
     return dtype
+
+
+def _config_dtype(hf: Mapping[str, Any], directory: str) -> Any:
+    """config.json's ``torch_dtype`` (transformers < 5) or ``dtype``; float32 when absent."""
+    key = "torch_dtype" if "torch_dtype" in hf else "dtype"
+    name = str(hf.get(key) or "float32")
+    if name not in _DTYPES:
+        raise ValueError(f"{os.path.join(directory, 'config.json')}: {key} must be one of "
+                         f"{sorted(_DTYPES)}, found {name!r}; pass dtype= to load it anyway")
+    return _DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- import
@@ -361,8 +392,9 @@ def load_hf_checkpoint(
 
     Args:
       directory: holds ``config.json`` and the ``*.safetensors`` weights (see the module doc).
-      dtype: compute and parameter dtype ("float32", "bfloat16", "float16" or a jnp dtype);
-        None: the config's ``torch_dtype``/``dtype`` (float32 if absent).
+      dtype: compute and parameter dtype ("float32", "bfloat16", "float16" or a jnp floating
+        dtype); None: the config's ``torch_dtype``/``dtype`` (float32 if absent; another value
+        raises ValueError). When given, the config's dtype is ignored.
       expert_format: storage of the routed experts; None: ``prune.format``, else "dense".
       prune: the ``pruning.PruneConfig`` (method, pattern) used for a sparse format; None:
         magnitude pruning with the pattern of ``MoEConfig.sparsity``'s defaults.
@@ -377,20 +409,20 @@ def load_hf_checkpoint(
       ``(model, config)``.
     Raises:
       FileNotFoundError: missing directory, config.json or shard.
-      ValueError: unsupported architecture/option, unreadable shard, missing, unexpected or
-        mis-shaped tensor (named, with expected vs found shape), a tensor with NaN or Inf
-        values (named, with its file).
+      ValueError: unsupported architecture/option, config.json not an object or with a
+        non-boolean flag, unreadable shard, missing, unexpected or mis-shaped tensor (named,
+        with expected vs found shape), or one with NaN/Inf or a non-floating dtype.
     """
     check_experts_memory(experts_memory)  # before any work
+    pruning.expect_config("prune", prune, optional=True)
     hf = read_hf_config(directory)
     if expert_format is None:
         expert_format = prune.format if prune is not None else "dense"
     dtype = _as_dtype(dtype)
-    if dtype is None:
-        dtype = _DTYPES.get(str(hf.get("torch_dtype", hf.get("dtype", "float32"))), jnp.float32)
+    if dtype is None:  # the config's dtype matters only then: with dtype= it is ignored
+        dtype = _config_dtype(hf, directory)
     config = ModelConfig.from_hf(hf, expert_format="dense", implementation=implementation,
-                                 pregate=pregate,
-                                 dtype=dtype, param_dtype=dtype)
+                                 pregate=pregate, dtype=dtype, param_dtype=dtype)
     prune = _prune_config(config, expert_format, prune)
     if prune is not None:
         sparsity = SparsityConfig(n=prune.n, m=prune.m, n_sel=prune.n_sel, m_sel=prune.m_sel,
@@ -413,7 +445,7 @@ def load_hf_checkpoint(
             raise AssertionError(f"{_dotted(path)}: mapped shape {array.shape} != {shapes[path]}")
         loaded[path] = jnp.asarray(array, dtype=param_dtype)
 
-    with ShardReader(directory) as reader:
+    with ShardReader(directory, floating=True) as reader:
         v, d = config.vocab_size, config.d_model
         family = families.family(config.architecture)
         hf_name = family.tensor_name

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.checks import expect_positive_ints
+from pallas_kernels.checks import expect_number, expect_positive_ints
 from samoyeds_jax.config import LinearConfig
 from samoyeds_jax.linear import Linear
 
@@ -61,6 +61,7 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
     """Inverse frequencies ``theta ** (-2i / head_dim)``, i in [0, head_dim/2): float32 ``[head_dim//2]``."""
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim=}")
+    expect_number("rotary embedding", "theta", theta, above=0)
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
@@ -75,6 +76,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array
       ``[b, t, h, hd]`` in x's dtype: ``x * cos + rotate_half(x) * sin`` with the angle
       ``position * inv_freq`` repeated over both halves; computed in float32.
     """
+    if x.ndim != 4 or tuple(jnp.shape(positions)) != x.shape[:2]:
+        raise ValueError(f"apply_rope: x must be [b, t, h, hd] and positions [b, t] = "
+                         f"{x.shape[:2]}, got x {x.shape} and positions {jnp.shape(positions)}")
     hd = x.shape[-1]
     inv_freq = rope_frequencies(hd, theta)  # [hd/2]
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [b, t, hd/2]
@@ -133,6 +137,8 @@ class AttentionConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (rotary embedding)")
+        expect_number("AttentionConfig", "rope_theta", self.rope_theta)
+        expect_number("AttentionConfig", "norm_eps", self.norm_eps)
         if not self.rope_theta > 0 or not self.norm_eps > 0:
             raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta=}, "
                              f"{self.norm_eps=}")

@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.checks import are_arrays, check_ids, expect_kind, expect_positive_ints
+from pallas_kernels.checks import (are_arrays, check_ids, expect_float_dtype, expect_ints,
+                                   expect_kind, expect_number, expect_positive_ints, is_concrete)
 from samoyeds_jax import families
 from samoyeds_jax.config import (ExpertFormat, ExpertImplementation, LinearConfig, MoEConfig,
-                                 PregateMode)
+                                 PregateMode, check_literal)
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
 from samoyeds_jax.moe import MoE
 
@@ -83,7 +84,16 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        expect_positive_ints("ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers)
+        expect_positive_ints("ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers,
+                             max_position_embeddings=self.max_position_embeddings)
+        expect_number("ModelConfig", "norm_eps", self.norm_eps, above=0)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, np.integer)) or not 0 <= value < self.vocab_size):
+                raise ValueError(f"ModelConfig: {name} must be None or a token id in "
+                                 f"[0, vocab_size={self.vocab_size}), got {value!r}")
+        expect_float_dtype("ModelConfig", dtype=self.dtype, param_dtype=self.param_dtype)
         expect_kind("attention", self.attention, AttentionConfig, "an AttentionConfig")
         expect_kind("moe", self.moe, MoEConfig, "a MoEConfig")
         if self.attention.d_model != self.moe.d_model:
@@ -143,6 +153,8 @@ class ModelConfig:
         ``dtype``/``param_dtype`` default to the config's ``torch_dtype`` (float32 if absent).
         Raises ValueError naming the field for unsupported architectures or options.
         """
+        expect_kind("ModelConfig.from_hf: hf", hf, Mapping, "the config.json contents as a dict "
+                    "(samoyeds_jax.hf_import.read_hf_config(directory) reads it)")
         family = families.family(hf.get("model_type"))  # ValueError naming the supported ones
 
         def need(key: str):
@@ -157,6 +169,7 @@ class ModelConfig:
                              f"hidden_size={d} (no head_dim given)")
         head_dim = hf.get("head_dim") or d // heads
         eps = hf.get("rms_norm_eps", 1e-6)
+        expect_number("config.json", "rms_norm_eps", eps, above=0)
         # Older configs: rope_theta + rope_scaling; newer ones: rope_parameters holding both.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -231,6 +244,7 @@ class KVCache:
     @classmethod
     def init(cls, config: ModelConfig, batch: int, slots: int) -> KVCache:
         """An empty cache of ``slots`` slots for ``batch`` rows in ``config.dtype``."""
+        expect_ints("KVCache.init", 0, batch=batch, slots=slots)
         a = config.attention
         shape = (batch, slots, a.num_kv_heads, a.head_dim)
         zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
@@ -355,6 +369,8 @@ class MoETransformer(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
+        expect_kind("MoETransformer: config", config, ModelConfig,
+                    "a ModelConfig (e.g. ModelConfig.tiny())")
         self.config = config
         self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                                       param_dtype=config.param_dtype,
@@ -378,8 +394,9 @@ class MoETransformer(nnx.Module):
           tokens: ``[b, t]`` int token ids in ``[0, vocab_size)``: checked when concrete; under
             ``jit`` only inside ``pallas_kernels.checks.checked`` (an id past the vocabulary
             embeds as NaN, a negative one wraps around).
-          mask: ``[b, t]`` bool, False for padding (left padding); default all True.
-          cache: the KV cache to extend; its slots ``index .. index + t - 1`` are written.
+          mask: ``[b, t]`` bool, False for (left) padding, a True in every row; default all True.
+          cache: the KV cache to extend; its slots ``index .. index + t - 1`` are written (they
+            must exist: checked when ``cache.index`` is concrete).
           logits_for: "all" -> logits ``[b, t, v]``; "last" -> only the last position ``[b, v]``.
           return_router_logits: also return every block's ``RouterLogits`` (training losses,
             pre-gate metrics).
@@ -425,6 +442,14 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"cache batch {cache.valid.shape[0]} != tokens batch {b}")
         if t > cache.slots:
             raise ValueError(f"{t} tokens do not fit a cache of {cache.slots} slots")
+        free = cache.slots - int(cache.index) if is_concrete(cache.index) else t
+        if t > free:
+            raise ValueError(f"{t} new tokens do not fit the cache: {free} of its {cache.slots} "
+                             f"slots are free (cache.index={cache.slots - free})")
+        real = np.asarray(mask, bool).any(axis=1) if t and is_concrete(mask) else ()
+        if not np.all(real):
+            raise ValueError(f"mask row {int(np.argmin(real))} has no True entry: every row "
+                             "needs at least one real token (False marks padding)")
         positions, valid, attn_mask = step_positions(
             cache, mask, sliding_window=self.config.attention.sliding_window)
         return self.embed_tokens(tokens), Step(positions, attn_mask, valid, mask), cache
@@ -436,6 +461,7 @@ class MoETransformer(nnx.Module):
     def head(self, x: jax.Array, logits_for: LogitsFor = "all") -> jax.Array:
         """The last block's output ``[b, t, d]`` -> float32 logits of every position, or of
         the last one (``logits_for="last"``)."""
+        check_literal("logits_for", logits_for, LogitsFor)
         return self.logits(x[:, -1] if logits_for == "last" else x)
 
     def prepare(self, implementation: ExpertImplementation = None) -> str:

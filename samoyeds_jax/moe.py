@@ -37,12 +37,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import expert_op
-from pallas_kernels.checks import are_arrays, expect_kind
+from pallas_kernels.checks import are_arrays, expect_kind, expect_positive_ints
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
-                                 SparsityConfig)
+                                 SharedGate, SparsityConfig, check_literal)
 from samoyeds_jax.linear import apply_kernel, init_kernel, prepare_kernel
-from samoyeds_jax.routing import RecallCounts, Routing, recall_counts, route_logits
+from samoyeds_jax.routing import (RecallCounts, Routing, check_top_k, recall_counts,
+                                  route_logits)
 
 Dtype = Any
 
@@ -116,8 +117,7 @@ class Router(nnx.Module):
     def __init__(self, d_model: int, num_experts: int, *, top_k: int,
                  norm: RouterNorm = "topk_softmax", dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        if not 0 < top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        check_top_k(top_k, num_experts)
         self.num_experts = num_experts
         self.top_k = top_k
         self.norm = norm
@@ -133,9 +133,11 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array, *, top_k: int | None = None) -> Routing:
         """x [t, d] -> ``Routing`` with ``topk_idx [t, k]``, ``topk_weights [t, k]``, ``logits [t, e]``.
 
-        ``top_k`` overrides k (e.g. a wider prefetch set from a pre-gate).
+        ``top_k`` overrides k (e.g. a wider prefetch set from a pre-gate): an int in
+        ``[1, num_experts]``; None keeps the router's k.
         """
-        return route_logits(self.logits(x), top_k=top_k or self.top_k, norm=self.norm)
+        k = self.top_k if top_k is None else top_k
+        return route_logits(self.logits(x), top_k=k, norm=self.norm)
 
 
 class PreGatedRouter(Router):
@@ -164,6 +166,8 @@ class SharedExperts(nnx.Module):
     def __init__(self, d_model: int, width: int, *, gate: str = "none",
                  linear: LinearConfig = LinearConfig(), dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        expect_positive_ints("SharedExperts", d_model=d_model, width=width)
+        check_literal("gate", gate, SharedGate)
         self.dtype = dtype
         self.linear = linear
         self.w1 = nnx.Param(init_kernel(linear, rngs.params(), (d_model, width), param_dtype,

@@ -57,6 +57,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from pallas_kernels.checks import expect_positive_ints
 from samoyeds_jax.expert_cache import EVICTIONS, Eviction, ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.fetch_policy import POLICIES, get_policy
@@ -83,7 +84,8 @@ def check_routing_source(policy: str, routing_source: str) -> None:
 class OffloadConfig:
     """How experts are cached and fetched.
 
-    slots: expert slots in the device pool shared by all layers. None: layers * experts for
+    slots: expert slots in the device pool shared by all layers (a positive int; anything else
+        raises ValueError here). None: layers * experts for
         ``gpu_only``; otherwise a double buffer, twice the experts one block may need
         (2 * experts for ``prefetch_all``, else 2 * min(experts, top_k * max_tokens)),
         capped at layers * experts.
@@ -102,6 +104,8 @@ class OffloadConfig:
 
     def __post_init__(self):
         get_policy(self.policy)
+        if self.slots is not None:  # None: the default size (resolve_slots)
+            expect_positive_ints("OffloadConfig", slots=self.slots)
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         check_routing_source(self.policy, self.routing_source)

@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.checks import expect_kind
 from samoyeds_jax.config import ExpertImplementation
 from samoyeds_jax.moe import ExpertWeights, MoE, expert_ffn
 from samoyeds_jax.routing import Routing
@@ -60,6 +61,8 @@ class ExpertParallel:
     tokens: TokenLayout = "sharded"
 
     def __post_init__(self) -> None:
+        expect_kind("ExpertParallel: mesh", self.mesh, jax.sharding.Mesh,
+                    "a jax.sharding.Mesh (make_expert_mesh builds one)")
         if self.axis not in self.mesh.axis_names:
             raise ValueError(f"axis {self.axis!r} is not in the mesh axes {self.mesh.axis_names}")
         if self.tokens not in ("sharded", "replicated"):

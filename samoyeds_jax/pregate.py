@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pallas_kernels.checks import expect_ints, expect_number, expect_positive_ints
 from samoyeds_jax.moe import MoE
 from samoyeds_jax.routing import recall_counts, route_logits
 
@@ -72,17 +73,21 @@ class PregateTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size <= 0:
-            raise ValueError(f"need steps >= 0 and batch_size > 0, got {self.steps=}, {self.batch_size=}")
+        expect_ints("PregateTrainConfig", 0, steps=self.steps)
+        expect_positive_ints("PregateTrainConfig", batch_size=self.batch_size)
+        for name in ("learning_rate", "temperature"):
+            expect_number("PregateTrainConfig", name, getattr(self, name), above=0)
+        expect_number("PregateTrainConfig", "weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"PregateTrainConfig: weight_decay must be >= 0, got "
+                             f"{self.weight_decay!r}")
         if self.loss not in ("kl", "topk"):
             raise ValueError(f"loss must be 'kl' or 'topk', got {self.loss!r}")
         if self.init not in ("keep", "next_gate", "random"):
             raise ValueError(f"init must be 'keep', 'next_gate' or 'random', got {self.init!r}")
+        expect_number("PregateTrainConfig", "eval_fraction", self.eval_fraction)
         if not 0.0 < self.eval_fraction < 0.5:
             raise ValueError(f"eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
-        if self.temperature <= 0 or self.learning_rate <= 0:
-            raise ValueError(f"temperature and learning_rate must be > 0, got "
-                             f"{self.temperature=}, {self.learning_rate=}")
 
 
 # ----------------------------------------------------------------------------- model plumbing

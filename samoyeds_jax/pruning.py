@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pallas_kernels import format_registry
+from pallas_kernels.checks import expect_kind
 from pallas_kernels.prune_masks import check_ints as _check_ints
 from samoyeds_jax import sparsegpt
 from samoyeds_jax.prune_report import LayerReport, PruneReport
@@ -176,6 +177,12 @@ class PruneConfig:
         return _prune(w, score, pattern=self.pattern(*w.shape[-2:]))
 
 
+def expect_config(name: str, config: Any, *, optional: bool = False) -> None:
+    """TypeError unless ``config`` is a ``PruneConfig`` (or None, with ``optional``)."""
+    expect_kind(name, config, (PruneConfig, type(None)) if optional else PruneConfig,
+                "a PruneConfig (e.g. PruneConfig(format='nm'))" + (" or None" if optional else ""))
+
+
 def convert(w: jax.Array, config: PruneConfig) -> Any:
     """Pruned dense weight [..., K, N] -> the compressed format of ``config.format``.
 
@@ -184,6 +191,7 @@ def convert(w: jax.Array, config: PruneConfig) -> Any:
     "dense" returns ``w`` as an array. Exact: ``convert(w, c).to_dense() == w``. Raises
     ValueError (from the format) if ``w`` does not satisfy the pattern.
     """
+    expect_config("config", config)
     return config.weight_format.from_dense(w, **config.format_params())
 
 _EXPERT_NAMES = frozenset({"w1", "w2", "w3"})
@@ -427,6 +435,7 @@ def prune_experts(
       (converted, report): ``params`` with every selected leaf replaced by its compressed
       format (or pruned dense array, ``config.output == "dense"``), and a ``PruneReport``.
     """
+    expect_config("config", config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [_path_str(p) for p, _ in flat]
     leaves = dict(zip(paths, (leaf for _, leaf in flat)))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.checks import are_arrays, check_finite, check_ids
-from samoyeds_jax.config import RouterNorm
+from samoyeds_jax.config import RouterNorm, check_literal
 
 
 @jax.tree_util.register_dataclass
@@ -103,6 +103,13 @@ def topk_mask(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     return jnp.any(topk_idx[..., None] == jnp.arange(num_experts)[None, None, :], axis=-2)
 
 
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """ValueError unless ``top_k`` is an int in ``[1, num_experts]`` (bools excluded)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or \
+            not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+
+
 def normalize_topk(logits: jax.Array, top_k: int, norm: RouterNorm
                    ) -> tuple[jax.Array, jax.Array]:
     """Router logits [t, e] -> (weights [t, k] float32, indices [t, k] int32), best first.
@@ -111,11 +118,8 @@ def normalize_topk(logits: jax.Array, top_k: int, norm: RouterNorm
     ``"topk_softmax"``: top k logits, softmax over those k (sum == 1); equal to
     softmax-then-top-k followed by renormalization (Mixtral, Qwen3 ``norm_topk_prob``).
     """
-    if norm not in get_args(RouterNorm):
-        raise ValueError(f"norm must be one of {get_args(RouterNorm)}, got {norm!r}")
-    e = logits.shape[-1]
-    if not 0 < top_k <= e:
-        raise ValueError(f"top_k={top_k} must be in [1, num_experts={e}]")
+    check_literal("norm", norm, RouterNorm)
+    check_top_k(top_k, logits.shape[-1])
     logits = logits.astype(jnp.float32)
     if norm == "softmax_topk":
         probs = jax.nn.softmax(logits, axis=-1)
@@ -127,7 +131,11 @@ def normalize_topk(logits: jax.Array, top_k: int, norm: RouterNorm
 
 
 def route_logits(logits: jax.Array, *, top_k: int, norm: RouterNorm) -> Routing:
-    """Router logits [t, e] -> ``Routing`` (keeps the logits for distillation and metrics)."""
+    """Router logits [t, e] -> ``Routing`` (keeps the logits for distillation and metrics).
+
+    Logits must be finite: checked when concrete; under ``jit`` only inside
+    ``pallas_kernels.checks.checked`` (a NaN logit gives NaN weights)."""
+    check_finite(logits, "route_logits: logits", ("token", "expert"))
     weights, idx = normalize_topk(logits, top_k, norm)
     return Routing(idx, weights, logits.astype(jnp.float32))
 

@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pallas_kernels.checks import expect_ints, expect_kind, expect_number, expect_positive_ints
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.train_data import check_tokens, eval_windows, sample_windows
 from samoyeds_jax.trainer import Trainer
@@ -101,15 +102,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        fields = dataclasses.asdict(self)
+        expect_positive_ints("TrainConfig", **{name: fields[name] for name in (
+            "steps", "batch_size", "seq_len", "grad_accum", "eval_windows")})
+        expect_ints("TrainConfig", 0, **{name: fields[name] for name in (
+            "warmup_steps", "eval_every", "checkpoint_every")})
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
                              f"grad_accum={self.grad_accum}")
+        for name in ("learning_rate", "distill_temperature"):
+            expect_number("TrainConfig", name, fields[name], above=0)
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "pregate_coef",
+                     "gate_agreement_coef", "min_lr_ratio", "distill_weight"):
+            expect_number("TrainConfig", name, fields[name])
+            if fields[name] < 0:
+                raise ValueError(f"TrainConfig: {name} must be >= 0, got {fields[name]!r}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.dtype not in _DTYPES:
@@ -117,13 +124,6 @@ class TrainConfig:
         if self.expert_compute not in ("auto", "xla", "all_experts"):
             raise ValueError("expert_compute must be 'auto', 'xla' or 'all_experts', got "
                              f"{self.expert_compute!r}")
-        for name in ("learning_rate", "distill_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "pregate_coef",
-                     "gate_agreement_coef", "min_lr_ratio"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def expert_implementation(expert_compute: ExpertCompute, platform: str | None = None) -> str:
@@ -165,7 +165,8 @@ def training_config(config: ModelConfig, train: TrainConfig) -> ModelConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    """What ``train`` returns: the trained model and its history (one entry per logged step)."""
+    """What ``train`` returns: the trained model (the one passed in, trained in place) and its
+    history (one entry per logged step)."""
 
     model: MoETransformer
     history: list[dict[str, float]]
@@ -215,21 +216,41 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train ``model`` (built with ``training_config``) on the token stream ``tokens`` [n].
 
+    ``model`` is trained in place (the Flax NNX convention): its parameters are updated to the
+    trained ones after every step, and ``TrainResult.model`` is ``model`` itself. Each step
+    donates the previous parameters to the update, so the run holds one copy of them; do not
+    keep arrays read from ``model`` before the call (they are deleted). If the run stops with an
+    error, ``model`` holds the parameters of the last step run.
+
     Args:
       val_tokens: validation stream; its mean cross-entropy is logged every ``eval_every``
         steps and at the end (``val_ce``, nats/token).
       out_dir: checkpoints go to ``out_dir/last`` (every ``checkpoint_every`` steps and at the
-        end); None: nothing written.
-      resume: continue from ``out_dir/last`` when it exists (same ``TrainConfig`` required).
+        end); None: nothing written. Must be a directory (or not exist yet).
+      resume: continue from ``out_dir/last`` when it exists (same ``TrainConfig`` required;
+        needs ``out_dir``).
       teacher, masks: distillation teacher and fixed sparsity masks (``sparsity_masks``).
       tokenizer: path of a ``tokenizer.json`` copied into every checkpoint.
       on_step: called with ``(step, losses)`` after every step.
     Returns:
-      ``TrainResult`` with the trained model and the history.
+      ``TrainResult`` with the trained model (``model``) and the history.
     Raises:
+      TypeError: ``model``/``teacher`` not a ``MoETransformer``, ``train_config`` not a
+        ``TrainConfig``.
       ValueError: bad tokens, a non-finite loss (names the step; no checkpoint is written after
-        it, so ``out_dir/last`` keeps the last good one), a resumed run with another config.
+        it, so ``out_dir/last`` keeps the last good one), a resumed run with another config,
+        ``resume`` without ``out_dir``, an ``out_dir`` that is not a directory.
     """
+    expect_kind("model", model, MoETransformer, "a MoETransformer")
+    expect_kind("train_config", train_config, TrainConfig, "a TrainConfig")
+    if teacher is not None:
+        expect_kind("teacher", teacher, MoETransformer, "a MoETransformer (or None)")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the run continues from out_dir/last); got "
+                         "out_dir=None")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} exists and is not a directory (checkpoints go to "
+                         f"out_dir/{LAST})")
     cfg = model.config
     tokens = check_tokens(tokens, cfg.vocab_size, "training tokens")
     if val_tokens is not None:
@@ -264,6 +285,7 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
                 raise ValueError(f"{last} was written by another TrainConfig; resume with the same "
                                  f"one or another out_dir (stored: {state['train_config']})")
             start, history = int(state["step"]), list(state["history"])
+        nnx.update(model, trainer.params)  # the model holds the trainer's arrays: one copy
         val = None if val_tokens is None else eval_windows(
             val_tokens, count=train_config.eval_windows, length=train_config.seq_len + 1)
 
@@ -277,6 +299,7 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
             windows = sample_windows(tokens, batch=train_config.batch_size,
                                      length=train_config.seq_len + 1, seed=train_config.seed, step=step)
             losses = trainer.step(windows)
+            nnx.update(model, trainer.params)  # the step donated (deleted) the previous ones
             if not _is_finite(losses):
                 bar.close()
                 raise ValueError(f"non-finite loss at step {step + 1}: {losses}; the last good "
@@ -300,10 +323,7 @@ def train(model: MoETransformer, tokens: np.ndarray, train_config: TrainConfig, 
         if teacher is not None:
             set_expert_implementation(teacher, teacher_implementation)
             _set_track_recall(teacher, teacher_tracking)
-    trained = trainer.model
-    set_expert_implementation(trained, implementation)
-    _set_track_recall(trained, tracking)
-    return TrainResult(model=trained, history=history, step=train_config.steps)
+    return TrainResult(model=model, history=history, step=train_config.steps)
 
 
 def new_model(config: ModelConfig, train_config: TrainConfig) -> MoETransformer:

@@ -355,7 +355,7 @@ EVAL_TRAIN_CASES = [
     case("train_distill", lambda: train.TrainConfig(steps=1, distill_weight=2.0), VE,
          "distill_weight must be in [0, 1], got 2.0"),
     case("train_lr", lambda: train.TrainConfig(steps=1, learning_rate=0.0), VE,
-         "learning_rate must be > 0, got 0.0"),
+         "learning_rate must be a finite number > 0, got 0.0"),
     case("train_check_tokens",
          lambda: train_data.check_tokens(np.array([0, V]), V, "train stream"), VE,
          "train stream holds token ids in [0, 50]; the model's vocabulary is [0, 50)"),

@@ -45,7 +45,8 @@ OLMOE = {
 def _shrink(hf: dict) -> dict:
     """The same family at the tiny preset's sizes (every option kept), so compiled ops are shared."""
     small = dict(hf, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=2, vocab_size=512, torch_dtype="float32", num_experts_per_tok=2)
+                 num_hidden_layers=2, vocab_size=512, torch_dtype="float32", num_experts_per_tok=2,
+                 eos_token_id=2)  # inside the smaller vocabulary
     for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if key in small:
             small[key] = 256
