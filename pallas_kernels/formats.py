@@ -119,6 +119,9 @@ def unpack_meta(meta: jax.Array, n: int, m: int) -> jax.Array:
 def pack_meta(positions: jax.Array, n: int, m: int) -> jax.Array:
     """Inverse of :func:`unpack_meta` (jnp only): [..., R, N] positions -> [..., R // per_word, N] int32."""
     _check_nm(n, m)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"pack_meta: positions must have an integer dtype (row positions in "
+                        f"[0, {m})), got {positions.dtype}")
     bits, per_word = meta_bits(m), values_per_word(m)
     r, cols = positions.shape[-2:]
     if r % per_word:

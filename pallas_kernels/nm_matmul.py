@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import decompress
 from pallas_kernels import tuning
+from pallas_kernels.checks import expect_positive_ints
 from pallas_kernels.launch import launch
 from pallas_kernels.nm_kernels import _expand_nm_kernel, _nm_matmul_kernel, _samoyeds_matmul_kernel
 from pallas_kernels.nm_matmul_checks import _check_nm, _check_samoyeds, _check_x, _out_dtype
@@ -79,6 +80,17 @@ class SparseMatmulConfig:
     num_stages: int = 3
     load: TileLoad = "gather"
     order: Order = "xw"
+
+    def __post_init__(self) -> None:
+        expect_positive_ints("SparseMatmulConfig", block_t=self.block_t, block_n=self.block_n,
+                             block_k=self.block_k, split_k=self.split_k,
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+        for name, literal in (("method", Method), ("load", TileLoad), ("order", Order)):
+            allowed = get_args(literal)
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SparseMatmulConfig: {name} must be "
+                                 + " or ".join(map(repr, allowed))
+                                 + f", got {getattr(self, name)!r}")
 
     def replace(self, **kw: Any) -> SparseMatmulConfig:
         return dataclasses.replace(self, **kw)

@@ -93,6 +93,10 @@ def _rows_dtype(tile_k: int) -> np.dtype:
 def _tiles(k: int, n: int, tile_k: int | None, tile_n: int | None,
            slot_align: int) -> tuple[int, int]:
     """The tile sizes for a [K, N] weight (defaults filled in), after checking they fit."""
+    for name, value in (("tile_k", tile_k), ("tile_n", tile_n)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"TiledSparse: {name} must be an int or None, got {value!r}")
     tile_k = _default_tile_k(k) if tile_k is None else int(tile_k)
     tile_n = _default_tile_n(n) if tile_n is None else int(tile_n)
     if not 1 <= tile_k <= MAX_TILE_K:
@@ -268,6 +272,7 @@ class TiledSparse(_StoredValues):
         """The layout ``from_dense`` gives a W of ``shape`` [..., K, N] and ``dtype`` with
         ``num_slots`` slot rows (S depends on the data), its arrays ``jax.ShapeDtypeStruct``."""
         batch, k, n = matrix_shape("TiledSparse.abstract", shape)
+        expect_positive_ints("TiledSparse.abstract", num_slots=num_slots)
         tile_k, tile_n = _tiles(k, n, tile_k, tile_n, slot_align)
         slots = (*batch, num_slots, tile_n)
         return cls(values=jax.ShapeDtypeStruct(slots, jnp.dtype(dtype)),

@@ -38,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.checks import check_layout, expect_multiple
+from pallas_kernels.checks import check_layout, expect_kind, expect_multiple
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, unpack_meta
 
 TILE_KS: tuple[int, ...] = (128, 256, 512)  # C = 8, 16 or 32 groups per chunk
@@ -95,6 +95,8 @@ class TransposedSparse:
 
         ``tk``: dense K rows per tile; None: 256 when it divides K, else 128.
         """
+        expect_kind("TransposedSparse.from_nm: w", w, NMSparse,
+                    "an NMSparse (formats.NMSparse.from_dense(w, n=2, m=4) converts a dense one)")
         if (w.n, w.m) != (2, 4):
             raise ValueError(f"TransposedSparse needs 2:4 weights, got {w.n}:{w.m}")
         tk = _check_tk(tk, w.k)

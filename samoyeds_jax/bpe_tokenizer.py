@@ -95,6 +95,13 @@ def _documents(texts: Iterable[str]) -> list[str]:
     return list(texts)
 
 
+def _expect_tokenizer(tokenizer: object) -> None:
+    """TypeError unless ``tokenizer`` looks like a ``tokenizers.Tokenizer`` (duck-typed)."""
+    if not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab_size")):
+        raise TypeError("tokenizer must be a tokenizers.Tokenizer (e.g. from train_tokenizer or "
+                        f"load_tokenizer), got {type(tokenizer).__name__}")
+
+
 def encode_documents(tokenizer: tokenizers.Tokenizer, texts: Iterable[str], *,
                      eos_id: int = 2) -> np.ndarray:
     """Encodes each document and appends ``eos_id`` after it.
@@ -107,6 +114,7 @@ def encode_documents(tokenizer: tokenizers.Tokenizer, texts: Iterable[str], *,
       TypeError: ``texts`` is a single str.
       ValueError: ``eos_id`` outside the vocabulary.
     """
+    _expect_tokenizer(tokenizer)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if not 0 <= eos_id < vocab:
         raise ValueError(f"{eos_id=} is outside the tokenizer's vocabulary of {vocab}")
@@ -144,6 +152,7 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, text: str) -> tuple[np.ndarray,
     Raises:
       ValueError: ``text`` is not empty but yields no token that spans text.
     """
+    _expect_tokenizer(tokenizer)
     expect_kind("text", text, str, "a str")
     encoding = tokenizer.encode(text)
     ids = np.asarray(encoding.ids, np.int32).reshape(-1)

@@ -114,6 +114,8 @@ def load_tokenizer(directory: str):
                                 "model directory holding tokenizer.json, or the file itself)")
     else:
         path = os.path.join(directory, "tokenizer.json")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; expected the tokenizer.json file")
         if not os.path.isfile(path):
             return None
     try:

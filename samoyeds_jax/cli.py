@@ -73,7 +73,7 @@ def _run(name: str, main, argv: list[str] | None) -> int:
     """Run a console entry; bad options or inputs print one error line and exit with 2."""
     try:
         return main(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
 
@@ -111,3 +111,11 @@ def corpus_main(argv: list[str] | None = None) -> int:
     from samoyeds_jax.corpus import main
 
     return _run("samoyeds-corpus", main, argv)
+
+
+if __name__ == "__main__":
+    print("samoyeds_jax.cli holds the console entries: samoyeds-generate, samoyeds-eval, "
+          "samoyeds-train, samoyeds-compress, samoyeds-corpus, samoyeds-gpu-check (in .venv/bin), "
+          "or python -m samoyeds_jax.generate_cli / eval_cli / train_cli / compress_cli / corpus",
+          file=sys.stderr)
+    sys.exit(2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+import numpy as np
+
 from pallas_kernels.checks import expect_ints, expect_kind, expect_number, expect_positive_ints
 from pallas_kernels import linear_op
 from pallas_kernels.expert_op import check_implementation
@@ -79,6 +81,7 @@ class SparsityConfig:
     density: float = 0.3
 
     def __post_init__(self) -> None:
+        expect_positive_ints("SparsityConfig", n=self.n, m=self.m)
         if (self.n, self.m) not in _NM_SUPPORTED:
             raise ValueError(f"(n, m) must be one of {_NM_SUPPORTED}, got {(self.n, self.m)}")
         expect_positive_ints("SparsityConfig", n_sel=self.n_sel, m_sel=self.m_sel, v=self.v)
@@ -211,6 +214,9 @@ class MoEConfig:
         if self.num_shared_experts == 0 and self.shared_gate != "none":
             raise ValueError(
                 f"shared_gate={self.shared_gate!r} needs num_shared_experts > 0, got 0")
+        if self.num_shared_experts == 0 and self.shared_d_ff is not None:
+            raise ValueError(f"MoEConfig: shared_d_ff={self.shared_d_ff!r} has no effect without "
+                             "shared experts (num_shared_experts=0); leave it None")
         expect_kind("sparsity", self.sparsity, SparsityConfig, "a SparsityConfig")
         d, f = self.d_model, self.d_ff
         self.sparsity.check_weight(self.expert_format, d, f, "w1/w3 [e, d_model, d_ff]")
@@ -224,3 +230,12 @@ class MoEConfig:
     def replace(self, **changes) -> MoEConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_token_ids(owner: str, vocab_size: int, **ids: object) -> None:
+    """ValueError unless every value is None or a token id in [0, vocab_size)."""
+    for name, value in ids.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(
+                value, (int, np.integer)) or not 0 <= value < vocab_size):
+            raise ValueError(f"{owner}: {name} must be None or a token id in "
+                             f"[0, vocab_size={vocab_size}), got {value!r}")

@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
+            RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

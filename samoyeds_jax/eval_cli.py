@@ -293,5 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: the console entry (one error line, exit 2)
+    from samoyeds_jax.cli import eval_main
+
+    sys.exit(eval_main())

@@ -199,6 +199,7 @@ def evaluate_streams(model: nnx.Module, streams: Mapping[str, Stream], *,
         shapes, predicted tokens holding 0 bytes, or a non-finite loss (naming the window, its
         stream and token range).
     """
+    _expect_model(model)
     vocab = int(model.config.vocab_size)
     windows = _make_windows(streams, config, vocab)
     stream_bytes: dict[str, int] = {}  # checked before any compute: bits per byte needs bytes
@@ -276,6 +277,13 @@ def evaluate_texts(model: nnx.Module, tokenizer: Any, texts: Mapping[str, str], 
     return evaluate_streams(model, streams, config=config)
 
 
+def _expect_model(model: Any) -> None:
+    """TypeError unless ``model`` is an ``nnx.Module`` with a model ``config`` (a
+    ``MoETransformer`` or a compressed one)."""
+    if not (isinstance(model, nnx.Module) and hasattr(model, "config")):
+        raise TypeError(f"model must be a MoETransformer, got {type(model).__name__}")
+
+
 def paired_difference(a: EvalResult, b: EvalResult) -> dict[str, float]:
     """Bits/byte of ``a`` minus bits/byte of ``b`` on the same windows, with a standard error.
 
@@ -296,6 +304,8 @@ def paired_difference(a: EvalResult, b: EvalResult) -> dict[str, float]:
     Raises:
       ValueError: the results are not on the same windows.
     """
+    expect_kind("a", a, EvalResult, "an EvalResult")
+    expect_kind("b", b, EvalResult, "an EvalResult")
     if (a.digest != b.digest or a.windows != b.windows
             or not np.array_equal(a.window_bytes, b.window_bytes)
             or not np.array_equal(a.window_tokens, b.window_tokens)):

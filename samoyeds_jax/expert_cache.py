@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import expect_positive_ints
+from pallas_kernels.checks import expect_kind, expect_positive_ints
 from samoyeds_jax.expert_store import ExpertStore, PyTree, device_sharding
 
 Eviction = Literal["lru", "lfu"]
@@ -110,7 +110,11 @@ class ExpertCache:
         """``poison_evicted`` fills an evicted slot with NaN/-1 before it is refilled (tests)."""
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        expect_kind("store", store, ExpertStore, "an ExpertStore (e.g. ExpertStore.from_stacked)")
         expect_positive_ints("ExpertCache", slots=slots, top_k=top_k)
+        if top_k > store.num_experts:
+            raise ValueError(f"ExpertCache: top_k must be <= the store's {store.num_experts} "
+                             f"experts, got {top_k=}")
         if slots < top_k:
             raise ValueError(f"cache of {slots=} slots cannot hold the {top_k=} experts one token "
                              "needs; use slots >= top_k")
@@ -145,7 +149,14 @@ class ExpertCache:
         self.stats = CacheStats()
 
     def resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.slot_of
+        if (layer, expert) in self.slot_of:
+            return True
+        self._check_layer(layer)
+        n = self.store.num_experts
+        if (isinstance(expert, bool) or not isinstance(expert, (int, np.integer))
+                or not 0 <= expert < n):
+            raise ValueError(f"expert must be an int in [0, {n}), got {expert!r}")
+        return False
 
     def _victim(self, protect: set[tuple[int, int]]) -> int:
         free = [s for s, o in enumerate(self.owner) if o is None]
@@ -226,6 +237,8 @@ class ExpertCache:
 
     def commit(self, layer: int | None = None) -> None:
         """Write fetched experts (of ``layer``, or all) into their slots (queued on the device)."""
+        if layer is not None:
+            self._check_layer(layer)
         slots = [s for s in sorted(self._pending)
                  if layer is None or self.owner[s][0] == layer]
         if not slots:

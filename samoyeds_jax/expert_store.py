@@ -152,12 +152,19 @@ class ExpertStore:
         ``move_host``: delete each host-resident jax stack once its layer is stored, so host
         memory holds the experts once (a model built with ``host_experts`` gives them up).
         """
+        if not isinstance(layers, (list, tuple)):
+            raise TypeError("layers must be a list of per-layer pytrees (e.g. dicts of [e, ...] "
+                            f"arrays), got {type(layers).__name__}")
         host = pinned_host_sharding(device)
         experts = []
         for l, tree in enumerate(layers):
             leaves = jax.tree_util.tree_leaves(tree)
             if not leaves:
                 raise ValueError(f"layer {l} has no array leaves")
+            if not all(hasattr(a, "shape") and hasattr(a, "ndim") for a in leaves):
+                raise TypeError(f"layers[{l}] must be a pytree (e.g. a dict) of [e, ...] arrays, "
+                                f"got {type(tree).__name__} with leaves of type "
+                                f"{sorted({type(a).__name__ for a in leaves})}")
             e = leaves[0].shape[0]
             if any(a.ndim < 1 or a.shape[0] != e for a in leaves):
                 raise ValueError(f"layer {l}: every leaf needs the same leading expert axis, got "
@@ -195,10 +202,20 @@ class ExpertStore:
 
     def expert(self, layer: int, expert: int) -> PyTree:
         """Pinned-host pytree of one expert (no leading e)."""
+        self._check_index("layer", layer, self.num_layers)
+        self._check_index("expert", expert, self.num_experts)
         return self._experts[layer][expert]
+
+    @staticmethod
+    def _check_index(name: str, value: Any, size: int) -> None:
+        """ValueError unless ``value`` is an int in ``[0, size)`` (no negative indexing)."""
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                or not 0 <= value < size):
+            raise ValueError(f"{name} must be an int in [0, {size}), got {value!r}")
 
     def stacked(self, layer: int) -> PyTree:
         """All experts of ``layer`` stacked [e, ...] on the device (for references and tests)."""
+        self._check_index("layer", layer, self.num_layers)
         dev = device_sharding(self.device)
         moved = [jax.device_put(t, dev) for t in self._experts[layer]]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *moved)

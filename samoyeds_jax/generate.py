@@ -71,6 +71,8 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
     expect_kind("sample: logits", logits, (jax.Array, np.ndarray), "an array [b, vocab]")
     if logits.ndim != 2:
         raise ValueError(f"sample: logits must be [b, vocab], got shape {logits.shape}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"sample: logits must have a floating dtype, got {logits.dtype}")
     logits = logits.astype(jnp.float32)
     if config.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -269,7 +271,11 @@ class Generator:
 
     def __init__(self, model: MoETransformer, *, sampling: SamplingConfig = SamplingConfig(),
                  eos_id: int | Sequence[int] | None = None, pad_id: int = 0, bucket: int = 16):
+        if not isinstance(model, nnx.Module) or not hasattr(model, "init_cache"):
+            raise TypeError(f"Generator: model must be a MoETransformer (or ScannedTransformer), "
+                            f"got {type(model).__name__}")
         expect_kind("Generator: sampling", sampling, SamplingConfig, "a SamplingConfig")
+        expect_positive_ints("Generator", bucket=bucket)
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.init_cache = model.init_cache  # a ScannedTransformer stacks its middle blocks' cache
@@ -321,6 +327,11 @@ class Generator:
         tokens, mask = pad_prompts(prompts, pad_id=self.pad_id, bucket=self.bucket,
                                    vocab_size=self.config.vocab_size)
         b, width = tokens.shape
+        longest, limit = int(mask.sum(axis=1).max()), self.config.max_position_embeddings
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens="
+                             f"{max_new_tokens} exceeds the model's max_position_embeddings="
+                             f"{limit}")
         cache = self.init_cache(b, width + max_new_tokens)
         key, k0 = jax.random.split(key)
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)

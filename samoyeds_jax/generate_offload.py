@@ -114,6 +114,7 @@ class OffloadGenerator:
                  sampling: SamplingConfig = SamplingConfig(),
                  eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0, bucket: int = 16):
+        expect_kind("model", model, MoETransformer, "a MoETransformer")
         expect_kind("offload", offload, OffloadConfig,
                     "an OffloadConfig (e.g. OffloadConfig(policy='pregated'))")
         expect_kind("sampling", sampling, SamplingConfig, "a SamplingConfig")

@@ -111,7 +111,10 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
     Raises:
       ValueError: an unknown architecture, a config no family can express (every mismatch is
         named), or an unsupported dtype.
+      TypeError: ``config`` not a ``ModelConfig``.
     """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     family = families.family_of(config.architecture)
     problems = family.inexpressible(config)
     if problems:
@@ -265,6 +268,11 @@ def _tokenizer_files(tokenizer: str | None) -> dict[str, bytes]:
         _check_name(name, f"tokenizer file {path}")
         with open(path, "rb") as f:
             out[name] = f.read()
+        if not out[name]:
+            raise ValueError(f"tokenizer file {path} is empty")
+        if name == "tokenizer.json" or name not in _TOKENIZER_FILES:
+            from samoyeds_jax.checkpoints import load_tokenizer  # ValueError naming the file
+            load_tokenizer(path)
     return out
 
 
@@ -318,7 +326,9 @@ def save_hf_checkpoint(
       dtype: "float32", "bfloat16", "float16" (or the jnp dtype); None: the model's
         ``param_dtype``.
       tokenizer: a tokenizer file (copied under its own name; ``load_tokenizer`` reads
-        ``tokenizer.json``) or a directory whose tokenizer files are copied.
+        ``tokenizer.json``) or a directory whose tokenizer files are copied. Empty files, and
+        a ``tokenizer.json`` or a file of another name that ``load_tokenizer`` cannot parse,
+        raise ValueError before anything is written.
       generation_config: entries written into ``generation_config.json`` over the config's
         ``bos_token_id``/``eos_token_id`` (JSON-serializable; a ``pad_token_id`` there also
         goes into ``config.json``).

@@ -109,7 +109,7 @@ class ShardReader:
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
                     raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({err})"
                                      ) from None
             if not isinstance(weight_map, dict) or not all(
@@ -151,7 +151,7 @@ class ShardReader:
         try:
             handle = safe_open(path, framework="numpy")
             handle.__enter__()
-        except SafetensorError as err:
+        except (SafetensorError, OSError) as err:  # OSError: e.g. a directory of that name
             raise ValueError(f"cannot read safetensors shard {path} ({err}); the file may be "
                              "truncated or not a safetensors file") from None
         self._handles[name] = handle
@@ -232,8 +232,8 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     with open(path) as f:
         try:
             hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid UTF-8 JSON ({err})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(hf).__name__}")
     for key in _BOOL_FIELDS:  # bool("false") is True: a string would flip the option silently

@@ -44,6 +44,8 @@ class RMSNorm(nnx.Module):
     def __init__(self, num_features: int, *, eps: float = 1e-6, dtype: jnp.dtype | None = None,
                  param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs  # the scale starts at one; kept for the usual module signature
+        expect_positive_ints("RMSNorm", num_features=num_features)
+        expect_number("RMSNorm", "eps", eps, above=0)
         self.eps = eps
         self.dtype = dtype
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
@@ -79,6 +81,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array
     if x.ndim != 4 or tuple(jnp.shape(positions)) != x.shape[:2]:
         raise ValueError(f"apply_rope: x must be [b, t, h, hd] and positions [b, t] = "
                          f"{x.shape[:2]}, got x {x.shape} and positions {jnp.shape(positions)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"apply_rope: x must have a floating dtype, got {x.dtype}")
     hd = x.shape[-1]
     inv_freq = rope_frequencies(hd, theta)  # [hd/2]
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [b, t, hd/2]

@@ -39,7 +39,7 @@ from pallas_kernels.checks import (are_arrays, check_ids, expect_float_dtype, ex
                                    expect_kind, expect_number, expect_positive_ints, is_concrete)
 from samoyeds_jax import families
 from samoyeds_jax.config import (ExpertFormat, ExpertImplementation, LinearConfig, MoEConfig,
-                                 PregateMode, check_literal)
+                                 PregateMode, check_literal, check_token_ids)
 from samoyeds_jax.layers import Attention, AttentionConfig, RMSNorm, attention_mask
 from samoyeds_jax.moe import MoE
 
@@ -87,12 +87,9 @@ class ModelConfig:
         expect_positive_ints("ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers,
                              max_position_embeddings=self.max_position_embeddings)
         expect_number("ModelConfig", "norm_eps", self.norm_eps, above=0)
-        for name in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(
-                    value, (int, np.integer)) or not 0 <= value < self.vocab_size):
-                raise ValueError(f"ModelConfig: {name} must be None or a token id in "
-                                 f"[0, vocab_size={self.vocab_size}), got {value!r}")
+        check_token_ids("ModelConfig", self.vocab_size, bos_token_id=self.bos_token_id,
+                        eos_token_id=self.eos_token_id)
+        families.check_model_fields(self.architecture, self.tie_word_embeddings)
         expect_float_dtype("ModelConfig", dtype=self.dtype, param_dtype=self.param_dtype)
         expect_kind("attention", self.attention, AttentionConfig, "an AttentionConfig")
         expect_kind("moe", self.moe, MoEConfig, "a MoEConfig")
@@ -156,6 +153,9 @@ class ModelConfig:
         expect_kind("ModelConfig.from_hf: hf", hf, Mapping, "the config.json contents as a dict "
                     "(samoyeds_jax.hf_import.read_hf_config(directory) reads it)")
         family = families.family(hf.get("model_type"))  # ValueError naming the supported ones
+        # The family's fields: q/k norm, q/k/v bias, window, expert width and count, routing,
+        # shared expert.
+        pieces = family.config_from_hf(hf)
 
         def need(key: str):
             return families.need(hf, key)
@@ -177,9 +177,6 @@ class ModelConfig:
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
         if hf.get("clip_qkv") is not None:
             raise ValueError(f"clip_qkv={hf['clip_qkv']!r} is not supported (only None)")
-        # The family's fields: q/k norm, q/k/v bias, window, expert width and count, routing,
-        # shared expert.
-        pieces = family.config_from_hf(hf)
         if dtype is None or param_dtype is None:
             # transformers < 5 writes "torch_dtype", later versions "dtype".
             name = str(hf.get("torch_dtype", hf.get("dtype", "float32")))
@@ -371,6 +368,7 @@ class MoETransformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, mlp_factory: MlpFactory = default_mlp, rngs: nnx.Rngs):
         expect_kind("MoETransformer: config", config, ModelConfig,
                     "a ModelConfig (e.g. ModelConfig.tiny())")
+        expect_kind("MoETransformer: rngs", rngs, nnx.Rngs, "an nnx.Rngs (e.g. nnx.Rngs(0))")
         self.config = config
         self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                                       param_dtype=config.param_dtype,
@@ -438,6 +436,7 @@ class MoETransformer(nnx.Module):
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
         if cache is None:
             cache = self.init_cache(b, t)
+        expect_kind("cache", cache, KVCache, "a KVCache (model.init_cache) or None")
         if cache.valid.shape[0] != b:
             raise ValueError(f"cache batch {cache.valid.shape[0]} != tokens batch {b}")
         if t > cache.slots:

@@ -118,6 +118,7 @@ class Router(nnx.Module):
                  norm: RouterNorm = "topk_softmax", dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         check_top_k(top_k, num_experts)
+        expect_positive_ints("Router", d_model=d_model, num_experts=num_experts)
         self.num_experts = num_experts
         self.top_k = top_k
         self.norm = norm

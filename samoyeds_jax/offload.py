@@ -109,6 +109,10 @@ class OffloadConfig:
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         check_routing_source(self.policy, self.routing_source)
+        for name in ("read_routing_each_layer", "poison_evicted"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"OffloadConfig: {name} must be a bool, got "
+                                f"{getattr(self, name)!r}")
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from samoyeds_jax.eval_windows import _make_windows
-from samoyeds_jax.evaluate import EvalConfig
+from samoyeds_jax.evaluate import EvalConfig, _expect_model
 from samoyeds_jax.moe import MoE
 from samoyeds_jax.routing import topk_mask
 
@@ -156,6 +156,7 @@ def pregate_recall(model: nnx.Module, tokens: Any, *, config: EvalConfig = EvalC
     Raises:
       ValueError: the model has no pre-gates, or bad token input (as ``evaluate_streams``).
     """
+    _expect_model(model)
     if not has_pregates(model):
         raise ValueError("pregate_recall needs a model with pre-gates (MoEConfig.pregate "
                          f"'pregated' or 'speculative'); this one has pregate="

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import are_arrays, check_finite, check_ids
+from pallas_kernels.checks import are_arrays, check_finite, check_ids, expect_positive_ints
 from samoyeds_jax.config import RouterNorm, check_literal
 
 
@@ -135,6 +135,11 @@ def route_logits(logits: jax.Array, *, top_k: int, norm: RouterNorm) -> Routing:
 
     Logits must be finite: checked when concrete; under ``jit`` only inside
     ``pallas_kernels.checks.checked`` (a NaN logit gives NaN weights)."""
+    if not are_arrays(logits) or logits.ndim != 2:
+        raise ValueError(f"route_logits: logits must be a [t, e] array, got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"route_logits: logits must have a floating dtype, got {logits.dtype}")
     check_finite(logits, "route_logits: logits", ("token", "expert"))
     weights, idx = normalize_topk(logits, top_k, norm)
     return Routing(idx, weights, logits.astype(jnp.float32))
@@ -190,6 +195,7 @@ class RecallCounts:
 @functools.partial(jax.jit, static_argnames="num_experts")
 def recall_counts(predicted: Routing, actual: Routing, num_experts: int) -> RecallCounts:
     """Compare ``predicted`` with ``actual`` routing of the same t tokens (k may differ)."""
+    expect_positive_ints("recall_counts", num_experts=num_experts)
     if predicted.num_tokens != actual.num_tokens:
         raise ValueError(
             f"predicted routing has {predicted.num_tokens} tokens, actual has {actual.num_tokens}")

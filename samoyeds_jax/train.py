@@ -117,8 +117,9 @@ class TrainConfig:
             expect_number("TrainConfig", name, fields[name])
             if fields[name] < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {fields[name]!r}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        for name in ("distill_weight", "min_lr_ratio"):
+            if not 0.0 <= fields[name] <= 1.0:
+                raise ValueError(f"TrainConfig: {name} must be in [0, 1], got {fields[name]!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.expert_compute not in ("auto", "xla", "all_experts"):

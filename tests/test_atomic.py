@@ -33,3 +33,21 @@ def test_a_failed_write_keeps_the_old_content(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"old": True}
     assert os.listdir(tmp_path) == ["r.json"]  # the temporary file is gone
+
+
+def test_a_directory_in_the_way_is_named(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"out: it is a directory"):
+        atomic.write_json(str(tmp_path / "out"), {"x": 1})
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("path,error,match", [
+    (None, TypeError, "must be a path .* got NoneType"), (123, TypeError, "got int"),
+    ("", ValueError, "must be a path, got ''")])
+def test_a_path_that_is_not_one_is_named(path, error, match):
+    with pytest.raises(error, match=match):
+        atomic.write_json(path, {})
+    with pytest.raises(error, match=match):
+        with atomic.replace_directory(path, markers=("x.json",), what="model"):
+            pass

@@ -285,7 +285,7 @@ GENERATE_CASES = [
         model(), offload=OffloadConfig(policy="on_demand", routing_source="router"),
         eos_id=V + 1), VE, "eos_id must lie in [0, 50); got 51"),
     case("generate_bucket", lambda: gen(bucket=0).generate([[1]], max_new_tokens=2), VE,
-         "pad_prompts: bucket must be a positive int, got 0"),
+         "Generator: bucket must be a positive int, got 0"),
     case("generate_function", lambda: generate(model(), [[V]], max_new_tokens=1), VE,
          "prompts[0] token ids must lie in [0, 50); got 50"),
     case("pad_prompts_vocab", lambda: pad_prompts([[3, 9]], vocab_size=5), VE,

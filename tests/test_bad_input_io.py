@@ -25,7 +25,8 @@ from samoyeds_jax.evaluate import EvalConfig, EvalResult
 from samoyeds_jax.expert_cache import ExpertCache
 from samoyeds_jax.expert_store import ExpertStore
 from samoyeds_jax.generate_offload import OffloadGenerator
-from samoyeds_jax.hf_export import save_hf_checkpoint
+from samoyeds_jax.pregate_eval import pregate_recall
+from samoyeds_jax.hf_export import config_to_hf, save_hf_checkpoint
 from samoyeds_jax.hf_import import load_hf_checkpoint
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
@@ -150,6 +151,34 @@ def test_bad_hf_arguments(hf_dir, kwargs, kind, words):
     _raises(kind, words, lambda: load_hf_checkpoint(hf_dir, progress=False, **kwargs))
 
 
+def test_bad_hf_files(hf_dir, tmp_path):
+    d = _copy(hf_dir, tmp_path)
+    os.remove(os.path.join(d, "model.safetensors"))
+    os.mkdir(os.path.join(d, "model.safetensors"))
+    _raises(VE, f"cannot read safetensors shard {d}/model.safetensors",
+            lambda: load_hf_checkpoint(d, progress=False))
+    d = _copy(hf_dir, tmp_path / "b")
+    with open(os.path.join(d, "config.json"), "wb") as f:
+        f.write(b"\xff\xfe{}")
+    _raises(VE, f"{d}/config.json is not valid UTF-8 JSON",
+            lambda: load_hf_checkpoint(d, progress=False))
+    _raises(TE, "config must be a ModelConfig, got str", lambda: config_to_hf("not a config"))
+    _raises(TE, "config must be a ModelConfig, got dict", lambda: config_to_hf({}))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "is empty"),
+    ('{"a": 1}', "is not a valid tokenizer.json"),
+], ids=["empty", "not_a_tokenizer"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "f"])
+def test_bad_tokenizer_to_save(tmp_path, text, words, name):
+    path = str(tmp_path / name)
+    _write(path, text)
+    out = tmp_path / "out"
+    _raises(VE, words, lambda: save_hf_checkpoint(_shared_model(), str(out), tokenizer=path))
+    assert not out.exists()  # refused before writing anything
+
+
 def test_config_dtype_is_ignored_when_dtype_given(hf_dir, tmp_path):
     d = _copy(hf_dir, tmp_path)
     _edit_config(d, torch_dtype="float8_e4m3")
@@ -182,6 +211,12 @@ def test_bad_tokenizer_file(tmp_path, text, words):
     _raises(VE, words, lambda: checkpoints.load_tokenizer(d))
 
 
+def test_tokenizer_json_directory(tmp_path):
+    (tmp_path / "tokenizer.json").mkdir()
+    _raises(IsADirectoryError, f"{tmp_path}/tokenizer.json is a directory",
+            lambda: checkpoints.load_tokenizer(str(tmp_path)))
+
+
 def test_load_tokenizer_paths(tmp_path):
     _raises(FNF, "tokenizer directory '/nonexistent/dir' does not exist",
             lambda: checkpoints.load_tokenizer("/nonexistent/dir"))
@@ -197,7 +232,10 @@ def test_load_tokenizer_paths(tmp_path):
     (lambda: encode_documents(_tokenizer(), "hello world"),
      "texts must be a sequence of str (one per document), got str"),
     (lambda: token_bytes(_tokenizer(), 123), "text must be a str, got int"),
-], ids=["train_str", "encode_str", "token_bytes_int"])
+    (lambda: encode_documents(None, ["a"]), "tokenizer must be a tokenizers.Tokenizer"),
+    (lambda: token_bytes(None, "a"), "tokenizer must be a tokenizers.Tokenizer (e.g. from "
+                                     "train_tokenizer or load_tokenizer), got NoneType"),
+], ids=["train_str", "encode_str", "token_bytes_int", "encode_none", "token_bytes_none"])
 def test_bad_tokenizer_input(fn, words):
     _raises(TE, words, fn)
 
@@ -230,8 +268,15 @@ def _stream():
     (lambda: evaluate.evaluate_texts(_shared_model(), "/path/tokenizer.json", {"a": "text"}), TE,
      "tokenizer must be a tokenizers.Tokenizer, got str ('/path/tokenizer.json' looks like a "
      "path); load one with samoyeds_jax.load_tokenizer"),
+    (lambda: evaluate.evaluate_tokens(None, *_stream()), TE,
+     "model must be a MoETransformer, got NoneType"),
+    (lambda: evaluate.paired_difference(
+        evaluate.evaluate_tokens(_shared_model(), *_stream(), config=EvalConfig(seq_len=8)),
+        None), TE, "b must be an EvalResult, got NoneType"),
+    (lambda: pregate_recall(None, _ids(20)), TE, "model must be a MoETransformer, got NoneType"),
 ], ids=["batch_bool", "zero_bytes", "streams_list", "stream_not_pair", "config_dict",
-        "from_dict_summary", "texts_str", "tokenizer_path"])
+        "from_dict_summary", "texts_str", "tokenizer_path", "tokens_none", "paired_none",
+        "pregate_recall_none"])
 def test_bad_evaluation_input(fn, kind, words):
     _raises(kind, words, fn)
 
@@ -258,8 +303,10 @@ def _small(**kw):
      "PregateTrainConfig: steps must be an int >= 0, got 2.5"),
     (lambda: PregateTrainConfig(batch_size=1.5),
      "PregateTrainConfig: batch_size must be a positive int, got 1.5"),
+    (lambda: train.TrainConfig(steps=10, min_lr_ratio=2.0),
+     "TrainConfig: min_lr_ratio must be in [0, 1], got 2.0"),
 ], ids=["steps_bool", "lr_str", "decay_nan", "pregate_lr_nan", "pregate_temperature_nan",
-        "pregate_steps_float", "pregate_batch_float"])
+        "pregate_steps_float", "pregate_batch_float", "min_lr_ratio"])
 def test_bad_train_config(fn, words):
     _raises(VE, words, fn)
 
@@ -327,8 +374,29 @@ def _cache():
     (lambda: _cache().count_hits(99, [0]), VE, "layer must be an int in [0, 2), got 99"),
     (lambda: _cache().table(99), VE, "layer must be an int in [0, 2), got 99"),
     (lambda: _cache().layer_index(99), VE, "layer must be an int in [0, 2), got 99"),
+    (lambda: ExpertStore.from_stacked([1.0, 2.0]), TE,
+     "layers[0] must be a pytree (e.g. a dict) of [e, ...] arrays, got float"),
+    (lambda: ExpertStore.from_stacked({"w1": jnp.ones((4, 8, 8))}), TE,
+     "layers must be a list of per-layer pytrees (e.g. dicts of [e, ...] arrays), got dict"),
+    (lambda: _store().expert(5, 0), VE, "layer must be an int in [0, 2), got 5"),
+    (lambda: _store().expert(0, 9), VE, "expert must be an int in [0, 4), got 9"),
+    (lambda: _store().expert(-1, 0), VE, "layer must be an int in [0, 2), got -1"),
+    (lambda: _store().stacked(7), VE, "layer must be an int in [0, 2), got 7"),
+    (lambda: ExpertCache(None, slots=4, top_k=2), TE,
+     "store must be an ExpertStore (e.g. ExpertStore.from_stacked), got NoneType"),
+    (lambda: ExpertCache(_store(), slots=4, top_k=9), VE,
+     "ExpertCache: top_k must be <= the store's 4 experts, got top_k=9"),
+    (lambda: _cache().resident(0, 99), VE, "expert must be an int in [0, 4), got 99"),
+    (lambda: _cache().resident(9, 0), VE, "layer must be an int in [0, 2), got 9"),
+    (lambda: _cache().commit(layer=7), VE, "layer must be an int in [0, 2), got 7"),
+    (lambda: OffloadGenerator(None), TE, "model must be a MoETransformer, got NoneType"),
+    (lambda: OffloadConfig(read_routing_each_layer="yes"), TE,
+     "OffloadConfig: read_routing_each_layer must be a bool, got 'yes'"),
 ], ids=["config_slots", "resolve_slots", "generator_str", "cache_float_slots",
-        "cache_str_slots", "count_hits", "table", "layer_index"])
+        "cache_str_slots", "count_hits", "table", "layer_index", "store_list_of_floats",
+        "store_dict", "store_layer", "store_expert", "store_negative", "store_stacked",
+        "cache_none", "cache_top_k", "resident_expert", "resident_layer", "commit_layer",
+        "generator_none", "config_bool"])
 def test_bad_offload_input(fn, kind, words):
     _raises(kind, words, fn)
 

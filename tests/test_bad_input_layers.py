@@ -19,12 +19,15 @@ from flax import nnx
 from pallas_kernels import NMSparse, RoutingPlan, SamoyedsSparse
 from pallas_kernels.checks import checked
 from pallas_kernels.nm_matmul import nm_matmul_reference, samoyeds_matmul_reference
+from pallas_kernels.formats import pack_meta
+from pallas_kernels.nm_matmul import SparseMatmulConfig
 from pallas_kernels.tiled_format import TiledSparse
+from pallas_kernels.transposed_format import TransposedSparse
 from samoyeds_jax.config import MoEConfig, SparsityConfig
 from samoyeds_jax.generate import Generator, SamplingConfig, generate, sample
-from samoyeds_jax.layers import AttentionConfig, apply_rope
+from samoyeds_jax.layers import AttentionConfig, RMSNorm, apply_rope
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.moe import SharedExperts
+from samoyeds_jax.moe import Router, SharedExperts
 from samoyeds_jax.parallel import ExpertParallel
 from samoyeds_jax.routing import route_logits
 
@@ -253,3 +256,91 @@ def test_traced_checks_are_left_out_of_jit_and_run_inside_checked():
     with pytest.raises(ValueError, match=re.escape("route_logits: logits must be finite")):
         checked(jax.jit(route))(jnp.full((2, 4), jnp.nan))
     assert route(jnp.zeros((2, 4))).topk_idx.shape == (2, 2)
+
+
+def _hf(**changes) -> dict:
+    return {**HF, **changes}
+
+
+CAMPAIGN2_CASES = [
+    case("hf_hidden_act", lambda: ModelConfig.from_hf(_hf(hidden_act="gelu")), VE,
+         "hidden_act must be one of ('silu', 'swish') (the experts compute SiLU only), got 'gelu'"),
+    case("hf_rope_theta", lambda: ModelConfig.from_hf(_hf(rope_theta="big")), VE,
+         "config.json: rope_theta must be a finite number > 0, got 'big'"),
+    case("hf_rope_theta_params", lambda: ModelConfig.from_hf(
+        _hf(rope_parameters={"rope_type": "default", "rope_theta": "big"})), VE,
+         "config.json: rope_theta must be a finite number > 0, got 'big'"),
+    case("hf_tie", lambda: ModelConfig.from_hf(_hf(tie_word_embeddings=1)), VE,
+         "config.json: tie_word_embeddings must be a bool, got 1"),
+    case("tie_str", lambda: config(tie_word_embeddings="yes"), VE,
+         "ModelConfig: tie_word_embeddings must be a bool, got 'yes'"),
+    case("architecture", lambda: config(architecture=3), VE,
+         "ModelConfig: architecture must be a non-empty str (a model_type), got 3"),
+    case("rngs_none", lambda: MoETransformer(config(), rngs=None), TE,
+         "MoETransformer: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got NoneType"),
+    case("rngs_int", lambda: MoETransformer(config(), rngs=0), TE,
+         "MoETransformer: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got int"),
+    case("cache_str", lambda: model()(tokens(), cache="kv"), TE,
+         "cache must be a KVCache (model.init_cache) or None, got str"),
+    case("generator_none", lambda: Generator(None), TE,
+         "Generator: model must be a MoETransformer (or ScannedTransformer), got NoneType"),
+    case("generator_str", lambda: Generator("model"), TE,
+         "Generator: model must be a MoETransformer (or ScannedTransformer), got str"),
+    case("bucket_neg", lambda: Generator(model(), bucket=-8), VE,
+         "Generator: bucket must be a positive int, got -8"),
+    case("bucket_str", lambda: Generator(model(), bucket="16"), VE,
+         "Generator: bucket must be a positive int, got '16'"),
+    case("max_positions", lambda: Generator(model()).generate([[1, 2, 3]], max_new_tokens=4094),
+         VE, "generate: the longest prompt (3 tokens) + max_new_tokens=4094 exceeds the model's "
+         "max_position_embeddings=4096"),
+    case("smc_block_t", lambda: SparseMatmulConfig(block_t=-16), VE,
+         "SparseMatmulConfig: block_t must be a positive int, got -16"),
+    case("smc_block_n", lambda: SparseMatmulConfig(block_n="64"), VE,
+         "SparseMatmulConfig: block_n must be a positive int, got '64'"),
+    case("smc_load", lambda: SparseMatmulConfig(load="scatter"), VE,
+         "SparseMatmulConfig: load must be 'gather' or 'split' or 'expand', got 'scatter'"),
+    case("sparsity_n_float", lambda: SparsityConfig(n=2.0), VE,
+         "SparsityConfig: n must be a positive int, got 2.0"),
+    case("tiled_tile_n_float", lambda: TiledSparse.from_dense(np.ones((8, 8), "float32"),
+                                                              tile_n=8.0), VE,
+         "TiledSparse: tile_n must be an int or None, got 8.0"),
+    case("tiled_num_slots", lambda: TiledSparse.abstract((8, 8), jnp.float32, num_slots=-1), VE,
+         "TiledSparse.abstract: num_slots must be a positive int, got -1"),
+    case("pack_meta_float", lambda: pack_meta(jnp.zeros((16, 8), jnp.float32), 2, 4), TE,
+         "pack_meta: positions must have an integer dtype (row positions in [0, 4)), got float32"),
+    case("from_nm_dense", lambda: TransposedSparse.from_nm(jnp.ones((32, 8))), TE,
+         "TransposedSparse.from_nm: w must be an NMSparse"),
+    case("shared_d_ff_alone", lambda: MoEConfig(d_model=D, d_ff=32, num_experts=4, top_k=2,
+                                                shared_d_ff=64), VE,
+         "MoEConfig: shared_d_ff=64 has no effect without shared experts"),
+    case("route_logits_1d", lambda: route_logits(jnp.zeros(4), top_k=2, norm="topk_softmax"), VE,
+         "route_logits: logits must be a [t, e] array, got (4,)"),
+    case("route_logits_int", lambda: route_logits(jnp.ones((2, 4), jnp.int32), top_k=2,
+                                                  norm="topk_softmax"), VE,
+         "route_logits: logits must have a floating dtype, got int32"),
+    case("rope_int", lambda: apply_rope(jnp.ones((1, 4, 2, 8), jnp.int32),
+                                        jnp.zeros((1, 4), jnp.int32), theta=1e4), VE,
+         "apply_rope: x must have a floating dtype, got int32"),
+    case("rmsnorm_zero", lambda: RMSNorm(0), VE,
+         "RMSNorm: num_features must be a positive int, got 0"),
+    case("rmsnorm_eps", lambda: RMSNorm(8, eps=-1.0), VE,
+         "RMSNorm: eps must be a finite number > 0, got -1.0"),
+    case("router_d_model", lambda: Router(0, 4, top_k=2, rngs=nnx.Rngs(0)), VE,
+         "Router: d_model must be a positive int, got 0"),
+    case("sample_int", lambda: sample(jnp.ones((1, 8), jnp.int32), jax.random.key(0),
+                                      SamplingConfig()), VE,
+         "sample: logits must have a floating dtype, got int32"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,match", CAMPAIGN2_CASES)
+def test_campaign2_bad_input_raises(fn, exc, match):
+    _raises(fn, exc, match)
+
+
+def test_campaign2_valid_neighbours():
+    """SiLU's other name and a bool tie are read; a top_k above the vocabulary is clamped."""
+    hf = _hf(hidden_act="swish", tie_word_embeddings=True)
+    assert ModelConfig.from_hf(hf).tie_word_embeddings
+    sampling = SamplingConfig(temperature=1.0, top_k=10)
+    assert sample(jnp.array([[0.0, 1.0]]), jax.random.key(0), sampling).shape == (1,)

@@ -307,3 +307,17 @@ def test_eval_says_pallas_is_interpreted_without_gpu(tmp_path, capsys):
                      "--text", str(text), "--implementation", "triton", "--seq-len", "16",
                      "--batch-size", "1", "--max-windows", "1"]) == 0
     assert "implementation=triton (Pallas interpret mode: no GPU)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("generate_cli", ["--random-tiny", "--batch", "0"], "samoyeds-generate: error: --batch must be >= 1, got 0"),
+    ("train_cli", ["--corpus", "/nonexistent/corpus", "--out", "/tmp/never-written"],
+     "samoyeds-train: error: --corpus /nonexistent/corpus: no such directory"),
+])
+def test_python_dash_m_prints_one_error_line(module, argv, message):
+    """``python -m samoyeds_jax.<cli>`` behaves as the console script: one line, exit 2."""
+    res = subprocess.run([sys.executable, "-m", f"samoyeds_jax.{module}", *argv],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr

@@ -51,3 +51,15 @@ def family_of(architecture: str) -> Family:
                          f"expected one of {tuple(FAMILIES)} or "
                          + ", ".join(repr(n) for n in names if n not in FAMILIES))
     return found
+
+
+def check_model_fields(architecture: object, tie_word_embeddings: object) -> None:
+    """``ModelConfig`` checks of fields the families read: ``architecture`` a string (any:
+    a config may name a family not registered here; exporting it is refused), and
+    ``tie_word_embeddings`` a bool."""
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"ModelConfig: architecture must be a non-empty str (a model_type), "
+                         f"got {architecture!r}")
+    if not isinstance(tie_word_embeddings, bool):
+        raise ValueError(f"ModelConfig: tie_word_embeddings must be a bool, got "
+                         f"{tie_word_embeddings!r}")

@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from pallas_kernels.checks import expect_number
+
 if TYPE_CHECKING:
     from samoyeds_jax.model import ModelConfig
 
@@ -95,6 +99,7 @@ class Family:
         """The family's part of ``ModelConfig.from_hf``: ``{"attention": ..., "moe": ...}``,
         keyword arguments of ``AttentionConfig`` and ``MoEConfig`` (the fields every family
         reads alike come from ``from_hf`` itself)."""
+        check_common_hf(hf)
         d_ff, key = need(hf, self.d_ff_key), self.num_experts_key
         # transformers >= 5 writes some families' expert count as num_local_experts.
         experts = hf[key] if key in hf else need(hf, "num_local_experts")
@@ -226,3 +231,24 @@ class Family:
         some exports save): ``gate_up_proj`` [e, 2f, d] and ``down_proj`` [e, d, f]; read only."""
         prefix = f"model.layers.{i}.{moe or self.moe_names[0]}.experts"
         return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+
+
+SILU_NAMES = ("silu", "swish")
+"""The ``hidden_act`` values (Hugging Face names) of SiLU, the only activation the experts use."""
+
+
+def check_common_hf(hf: Mapping[str, Any]) -> None:
+    """ValueError for ``config.json`` fields every family reads alike but this model cannot
+    honour: an activation other than SiLU, a non-numeric ``rope_theta``, a non-bool
+    ``tie_word_embeddings``."""
+    act = hf.get("hidden_act", "silu")
+    if act not in SILU_NAMES:
+        raise ValueError(f"config.json: hidden_act must be one of {SILU_NAMES} (the experts "
+                         f"compute SiLU only), got {act!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    for where in (hf, rope if isinstance(rope, Mapping) else {}):
+        if "rope_theta" in where:
+            expect_number("config.json", "rope_theta", where["rope_theta"], above=0)
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, (bool, np.bool_)):
+        raise ValueError(f"config.json: tie_word_embeddings must be a bool, got {tie!r}")
