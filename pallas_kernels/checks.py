@@ -143,16 +143,20 @@ def expect_float_dtype(owner: str, **values: Any) -> None:
     """ValueError unless every value is a floating dtype (a dtype, a scalar type or its name)."""
     for name, v in values.items():
         try:
-            ok = jnp.issubdtype(jnp.dtype(v), jnp.floating)
-        except TypeError:  # not a dtype at all ("float33")
-            ok = False
+            given = jnp.dtype(v)
+            ok, given = jnp.issubdtype(given, jnp.floating), given.name
+        except TypeError:  # not a dtype at all ("float33", 123)
+            ok, given = False, repr(v)
         if not ok:
             raise ValueError(f"{owner}: {name} must be a floating dtype (float32, bfloat16 or "
-                             f"float16), got {v!r}")
+                             f"float16), got {given}")
 
 
 def matrix_shape(owner: str, shape: Any) -> tuple[tuple[int, ...], int, int]:
     """``(lead, K, N)`` of a dense weight ``shape`` [..., K, N]; ValueError for fewer dims."""
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, (int, np.integer))
+                                                        for d in shape):
+        raise TypeError(f"{owner}: shape must be a tuple of ints [..., K, N], got {shape!r}")
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"{owner}: shape must be [..., K, N] (at least 2 dims), got {shape}")

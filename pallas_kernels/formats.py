@@ -167,8 +167,9 @@ def _host_matrix_stack(w: Any, name: str = "w") -> tuple[np.ndarray, np.ndarray,
             f"from_dense checks the pattern on concrete values; {name} is a traced value "
             "(call it outside jit)")
     arr = np.asarray(w)
-    if arr.ndim < 2:
-        raise ValueError(f"{name} must be [..., K, N] with at least 2 dims, got shape {arr.shape}")
+    if arr.ndim < 2 or 0 in arr.shape[-2:]:
+        raise ValueError(f"{name} must be [..., K, N] with at least 2 dims and K, N > 0, got shape "
+                         f"{arr.shape}")
     dtype_name = jnp.dtype(arr.dtype).name
     if dtype_name not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {arr.dtype}")

@@ -164,6 +164,9 @@ class RoutingPlan:
         num_experts, block_t = int(num_experts), int(block_t)
         if block_t & (block_t - 1):
             raise ValueError(f"block_t must be a power of two, got {block_t=}")
+        for name, a in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if not hasattr(a, "dtype"):
+                raise TypeError(f"{name} must be an array (jnp.asarray), got {type(a).__name__}")
         idx_shape, w_shape = np.shape(topk_idx), np.shape(topk_weights)
         if len(idx_shape) != 2:
             raise ValueError(f"topk_idx must be [t, k], got shape {idx_shape}")

@@ -107,8 +107,8 @@ def _tiles(k: int, n: int, tile_k: int | None, tile_n: int | None,
         raise ValueError(f"{tile_n=} must be a power of two")
     if n % tile_n:
         raise ValueError(f"N={n} must be a multiple of {tile_n=}")
-    if slot_align < 1:
-        raise ValueError(f"{slot_align=} must be >= 1")
+    if isinstance(slot_align, bool) or not isinstance(slot_align, int) or slot_align < 1:
+        raise ValueError(f"{slot_align=} must be an int >= 1")
     return tile_k, tile_n
 
 

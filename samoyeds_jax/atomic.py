@@ -67,7 +67,7 @@ def write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _check_path(path, what: str) -> str:
+def check_path(path, what: str) -> str:
     """``path`` as a str; TypeError/ValueError naming ``what`` for None, a number, ''."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
@@ -81,7 +81,7 @@ def replace_file(path: str, data: bytes | str) -> None:
     """Write ``data`` to ``path`` whole: into a temporary sibling (fsync'd), then renamed over
     ``path``, which holds the old content or the new at every instant. The parent directory is
     created if missing; a failure removes the temporary file and leaves ``path`` as it was."""
-    path = _check_path(path, "the file to write")
+    path = check_path(path, "the file to write")
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write the file {path}: it is a directory (expected a "
                                 "file path)")
@@ -169,7 +169,7 @@ def _remove(paths: list[str]) -> None:
 def check_target(directory: str, markers: tuple[str, ...], what: str) -> str:
     """The absolute path ``replace_directory`` would write, after refusing anything but an
     absent or empty directory or one holding one of the ``markers`` files (a ``what``)."""
-    directory = _check_path(directory, f"the {what} directory")
+    directory = check_path(directory, f"the {what} directory")
     target = os.path.realpath(directory)  # a symlink keeps pointing at the new version
     if os.path.exists(target):
         if not os.path.isdir(target):

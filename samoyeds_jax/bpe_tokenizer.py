@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pallas_kernels.checks import expect_kind
+from pallas_kernels.checks import expect_ints, expect_kind
 
 if TYPE_CHECKING:
     import tokenizers
@@ -61,6 +61,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
     """
     tk = _tokenizers()
     smallest = 256 + len(SPECIAL_TOKENS)
+    expect_ints("train_tokenizer", 0, vocab_size=vocab_size, min_frequency=min_frequency)
     if vocab_size < smallest:
         raise ValueError(f"{vocab_size=} is too small for byte-level BPE: the 256 byte symbols "
                          f"and {len(SPECIAL_TOKENS)} special tokens need at least {smallest}")

@@ -41,6 +41,8 @@ def load_or_convert(checkpoint: str, converted: str, *, expert_format: ExpertFor
     """
     check_implementation(implementation)
     pruning.expect_config("prune", prune, optional=True)
+    checkpoint = atomic.check_path(checkpoint, "checkpoint")
+    converted = atomic.check_path(converted, "converted")
     settings = {"expert_format": expert_format or (prune.format if prune else "dense"),
                 "prune": None if prune is None else dataclasses.asdict(prune),
                 "dtype": None if dtype is None else jnp.dtype(hf_import._as_dtype(dtype)).name}
@@ -78,6 +80,7 @@ def load_model(directory: str, *, expert_format: ExpertFormat | None = None,
     """The model in ``directory``: a converted model (``is_converted``) or a Hugging Face
     checkpoint. For a converted one, ``expert_format``/``dtype`` must match what is stored (or
     be None). ``experts_memory``: "device", or "pinned_host" for ``OffloadGenerator``."""
+    directory = atomic.check_path(directory, "directory")
     if converted_io.is_converted(directory):
         model, config = converted_io.load_converted(directory, implementation=implementation,
                                                     experts_memory=experts_memory)

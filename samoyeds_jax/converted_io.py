@@ -141,6 +141,9 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
     ``MoETransformer``.
     """
     expect_kind("model", model, MoETransformer, "a MoETransformer")
+    directory = atomic.check_path(directory, "directory")
+    if source is not None:
+        source = atomic.check_path(source, "source")
     config = model.config
     specs = {p: v.get_value() for p, v in _variables(_abstract_model(config)).items()
              if isinstance(v, nnx.Param)}

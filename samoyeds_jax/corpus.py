@@ -236,6 +236,8 @@ def read_texts(root: str) -> dict[str, str]:
       FileNotFoundError: no ``*_gut.txt`` file in ``root/texts`` (says how to fetch).
       ValueError: a file is not UTF-8 (names the file).
     """
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be the corpus directory (a path), got {type(root).__name__}")
     texts_dir = os.path.join(root, TEXTS_DIR)
     paths = glob.glob(os.path.join(glob.escape(texts_dir), "*" + TEXT_SUFFIX))
     if not paths:

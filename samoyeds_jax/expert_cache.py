@@ -220,6 +220,9 @@ class ExpertCache:
     def _check_ids(self, layer: int, experts: Sequence[int]) -> list[int]:
         """``experts`` as ints, after checking them and ``layer`` against the store's sizes."""
         store = self._check_layer(layer).store
+        if not hasattr(experts, "__iter__"):
+            raise TypeError(f"experts of layer {layer} must be a sequence of expert ids, got "
+                            f"{type(experts).__name__}")
         ids = np.asarray(list(experts))
         if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
                          or ids.min() < 0 or ids.max() >= store.num_experts):

@@ -115,6 +115,8 @@ def check_special_ids(eos_id: int | Sequence[int] | None, pad_id: int, vocab_siz
     """ValueError unless the stop ids (``eos_array``) and ``pad_id`` are token ids in
     ``[0, vocab_size)``; the generators call it when built, before any work."""
     eos_array(eos_id, vocab_size)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r}")
     check_ids(np.asarray(pad_id), vocab_size, "pad_id")
 
 
@@ -151,6 +153,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, bucket: in
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a sequence of token-id sequences, got text; encode it "
                         "with the tokenizer first")
+    if not hasattr(prompts, "__len__"):
+        raise TypeError(f"prompts must be a sequence of token-id sequences, got "
+                        f"{type(prompts).__name__}")
     if vocab_size is not None:
         check_ids(np.asarray(pad_id), vocab_size, "pad_id")
     rows = []

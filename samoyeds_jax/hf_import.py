@@ -62,6 +62,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from pallas_kernels.checks import expect_float_dtype
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax import families, pruning
 from samoyeds_jax.config import ExpertFormat, ExpertImplementation, PregateMode, SparsityConfig
@@ -250,9 +251,7 @@ def _as_dtype(dtype: Any) -> Any:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         return _DTYPES[dtype]
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype ({', '.join(sorted(_DTYPES))}), got "
-                         f"{jnp.dtype(dtype).name}")
+    expect_float_dtype("load_hf_checkpoint", dtype=dtype)
     return dtype
 
 

@@ -431,9 +431,9 @@ class MoETransformer(nnx.Module):
         b, t = tokens.shape
         if mask is None:
             mask = jnp.ones((b, t), bool)
-        elif not are_arrays(mask) or tuple(mask.shape) != (b, t):
-            raise ValueError(f"mask must be [b, t] = {(b, t)} like tokens, got "
-                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        elif not are_arrays(mask) or tuple(mask.shape) != (b, t) or mask.dtype != bool:
+            got = getattr(mask, "shape", type(mask).__name__), getattr(mask, "dtype", "")
+            raise ValueError(f"mask must be a bool [b, t] = {(b, t)} like tokens, got {got}")
         if cache is None:
             cache = self.init_cache(b, t)
         expect_kind("cache", cache, KVCache, "a KVCache (model.init_cache) or None")

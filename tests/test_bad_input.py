@@ -236,7 +236,7 @@ MODEL_CASES = [
     case("tokens_list", lambda: model()([[1, 2, 3]]), TE,
          "tokens must be a [b, t] integer array, got list"),
     case("tokens_mask_shape", lambda: model()(tokens([1, 2, 3]), mask=jnp.ones((1, 2), bool)), VE,
-         "mask must be [b, t] = (1, 3) like tokens, got (1, 2)"),
+         "mask must be a bool [b, t] = (1, 3) like tokens, got ((1, 2), dtype('bool'))"),
     case("tokens_cache_batch", lambda: model()(tokens([1, 2], [3, 4]),
                                                cache=KVCache.init(model().config, 1, 4)), VE,
          "cache batch 1 != tokens batch 2"),

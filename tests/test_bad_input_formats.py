@@ -111,7 +111,7 @@ FORMAT_CASES = [
     case("nm_from_dense_pattern", lambda: NMSparse.from_dense(zeros((32, 8)), n=3, m=4), VE,
          "(n, m) must be one of"),
     case("nm_from_dense_1d", lambda: NMSparse.from_dense(zeros(32, np.float32)), VE,
-         "w must be [..., K, N] with at least 2 dims, got shape (32,)"),
+         "w must be [..., K, N] with at least 2 dims and K, N > 0, got shape (32,)"),
     case("nm_from_dense_int", lambda: NMSparse.from_dense(zeros((32, 8), np.int32)), VE,
          "w dtype must be one of"),
     case("nm_from_dense_nan", lambda: NMSparse.from_dense(nan32), VE, "w must be finite; got nan"),

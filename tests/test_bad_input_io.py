@@ -142,11 +142,12 @@ def test_bad_hf_checkpoint(hf_dir, tmp_path, edit):
 
 
 @pytest.mark.parametrize("kwargs, kind, words", [
-    (dict(dtype=jnp.int32), VE, "dtype must be a floating dtype (bfloat16, float16, float32), "
-                                "got int32"),
+    (dict(dtype=jnp.int32), VE, "load_hf_checkpoint: dtype must be a floating dtype (float32, "
+                                "bfloat16 or float16), got int32"),
+    (dict(dtype=123), VE, "dtype must be a floating dtype (float32, bfloat16 or float16), got 123"),
     (dict(prune={"format": "nm"}), TE, "prune must be a PruneConfig (e.g. PruneConfig("
                                        "format='nm')) or None, got dict"),
-], ids=["int_dtype", "prune_dict"])
+], ids=["int_dtype", "number_dtype", "prune_dict"])
 def test_bad_hf_arguments(hf_dir, kwargs, kind, words):
     _raises(kind, words, lambda: load_hf_checkpoint(hf_dir, progress=False, **kwargs))
 
@@ -392,11 +393,13 @@ def _cache():
     (lambda: OffloadGenerator(None), TE, "model must be a MoETransformer, got NoneType"),
     (lambda: OffloadConfig(read_routing_each_layer="yes"), TE,
      "OffloadConfig: read_routing_each_layer must be a bool, got 'yes'"),
+    (lambda: _cache().fetch(0, 1, demand=True), TE,
+     "experts of layer 0 must be a sequence of expert ids, got int"),
 ], ids=["config_slots", "resolve_slots", "generator_str", "cache_float_slots",
         "cache_str_slots", "count_hits", "table", "layer_index", "store_list_of_floats",
         "store_dict", "store_layer", "store_expert", "store_negative", "store_stacked",
         "cache_none", "cache_top_k", "resident_expert", "resident_layer", "commit_layer",
-        "generator_none", "config_bool"])
+        "generator_none", "config_bool", "fetch_int"])
 def test_bad_offload_input(fn, kind, words):
     _raises(kind, words, fn)
 
@@ -424,3 +427,17 @@ _NOT_CONFIG = "must be a PruneConfig (e.g. PruneConfig(format='nm'))"
         "save_converted"])
 def test_bad_pruning_and_saving_input(fn, kind, words):
     _raises(kind, words, fn)
+
+
+def test_paths_that_are_not_paths_are_named(tmp_path):
+    from samoyeds_jax import bpe_tokenizer, checkpoints, corpus
+
+    with pytest.raises(TypeError, match="directory must be a path .* got NoneType"):
+        checkpoints.load_model(None)
+    with pytest.raises(TypeError, match="converted must be a path .* got NoneType"):
+        checkpoints.load_or_convert(str(tmp_path), None)
+    with pytest.raises(TypeError, match="root must be the corpus directory .* got NoneType"):
+        corpus.read_texts(None)
+    with pytest.raises(ValueError, match="train_tokenizer: vocab_size must be an int >= 0, got '300'"):
+        bpe_tokenizer.train_tokenizer(["abc"], vocab_size="300")
+

@@ -333,6 +333,25 @@ CAMPAIGN2_CASES = [
 ]
 
 
+CAMPAIGN2_CASES += [
+    case("nm_from_dense_empty_k", lambda: NMSparse.from_dense(np.zeros((0, 8), np.float32)), VE,
+         "w must be [..., K, N] with at least 2 dims and K, N > 0, got shape (0, 8)"),
+    case("abstract_string_shape", lambda: NMSparse.abstract("16x8", jnp.float32), TE,
+         "NMSparse.abstract: shape must be a tuple of ints [..., K, N], got '16x8'"),
+    case("tiled_slot_align_str", lambda: TiledSparse.from_dense(jnp.ones((8, 8)), slot_align="4"),
+         VE, "slot_align='4' must be an int >= 1"),
+    case("plan_python_lists", lambda: RoutingPlan.build([[0, 1]], [[0.5, 0.5]], num_experts=4,
+                                                        block_t=8), TE,
+         "topk_idx must be an array (jnp.asarray), got list"),
+    case("generator_pad_none", lambda: Generator(model(), pad_id=None), TE,
+         "pad_id must be an int token id, got None"),
+    case("generate_prompts_none", lambda: Generator(model()).generate(None, max_new_tokens=2), TE,
+         "prompts must be a sequence of token-id sequences, got NoneType"),
+    case("mask_float", lambda: model()(tokens(), mask=jnp.ones((1, 4))), VE,
+         "mask must be a bool [b, t] = (1, 4) like tokens"),
+]
+
+
 @pytest.mark.parametrize("fn,exc,match", CAMPAIGN2_CASES)
 def test_campaign2_bad_input_raises(fn, exc, match):
     _raises(fn, exc, match)

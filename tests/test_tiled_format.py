@@ -144,7 +144,7 @@ def test_rejects_non_finite(rng, bad, where, dtype):
     (dict(tile_n=64), (64, 32), r"N=32 must be a multiple of tile_n=64"),
     (dict(tile_k=0), (64, 32), r"tile_k=0 must be in"),
     (dict(tile_k=2**17), (2**17, 1), r"must be in \[1, 65536\]"),
-    (dict(slot_align=0), (64, 32), r"slot_align=0 must be >= 1"),
+    (dict(slot_align=0), (64, 32), r"slot_align=0 must be an int >= 1"),
     ({}, (64,), r"rank >= 2"),
 ])
 def test_rejects_bad_shapes(kwargs, shape, match):
