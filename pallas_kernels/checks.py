@@ -128,6 +128,14 @@ def expect_ints(owner: str, minimum: int, **values: Any) -> None:
             raise ValueError(f"{owner}: {name} must be {what}, got {v!r}")
 
 
+def expect_index(name: str, value: Any, size: int) -> None:
+    """ValueError unless ``value`` is an int in ``[0, size)`` (bools excluded, no negative
+    indexing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            not 0 <= value < size:
+        raise ValueError(f"{name} must be an int in [0, {size}), got {value!r}")
+
+
 def expect_number(owner: str, name: str, value: Any, *, above: float | None = None) -> None:
     """ValueError unless ``value`` is a finite real number (an int or a float, bools and
     strings excluded), greater than ``above`` when given."""

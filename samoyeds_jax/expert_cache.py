@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.checks import expect_kind, expect_positive_ints
+from pallas_kernels.checks import expect_index, expect_kind, expect_positive_ints
 from samoyeds_jax.expert_store import ExpertStore, PyTree, device_sharding
 
 Eviction = Literal["lru", "lfu"]
@@ -152,10 +152,7 @@ class ExpertCache:
         if (layer, expert) in self.slot_of:
             return True
         self._check_layer(layer)
-        n = self.store.num_experts
-        if (isinstance(expert, bool) or not isinstance(expert, (int, np.integer))
-                or not 0 <= expert < n):
-            raise ValueError(f"expert must be an int in [0, {n}), got {expert!r}")
+        expect_index("expert", expert, self.store.num_experts)
         return False
 
     def _victim(self, protect: set[tuple[int, int]]) -> int:
@@ -232,10 +229,7 @@ class ExpertCache:
 
     def _check_layer(self, layer: int) -> ExpertCache:
         """``self``, after checking ``layer`` is an int in ``[0, store.num_layers)``."""
-        n = self.store.num_layers
-        if (isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
-                or not 0 <= layer < n):
-            raise ValueError(f"layer must be an int in [0, {n}), got {layer!r}")
+        expect_index("layer", layer, self.store.num_layers)
         return self
 
     def commit(self, layer: int | None = None) -> None:

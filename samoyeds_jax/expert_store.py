@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.checks import expect_index
+
 PyTree = Any
 
 
@@ -202,20 +204,13 @@ class ExpertStore:
 
     def expert(self, layer: int, expert: int) -> PyTree:
         """Pinned-host pytree of one expert (no leading e)."""
-        self._check_index("layer", layer, self.num_layers)
-        self._check_index("expert", expert, self.num_experts)
+        expect_index("layer", layer, self.num_layers)
+        expect_index("expert", expert, self.num_experts)
         return self._experts[layer][expert]
-
-    @staticmethod
-    def _check_index(name: str, value: Any, size: int) -> None:
-        """ValueError unless ``value`` is an int in ``[0, size)`` (no negative indexing)."""
-        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                or not 0 <= value < size):
-            raise ValueError(f"{name} must be an int in [0, {size}), got {value!r}")
 
     def stacked(self, layer: int) -> PyTree:
         """All experts of ``layer`` stacked [e, ...] on the device (for references and tests)."""
-        self._check_index("layer", layer, self.num_layers)
+        expect_index("layer", layer, self.num_layers)
         dev = device_sharding(self.device)
         moved = [jax.device_put(t, dev) for t in self._experts[layer]]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *moved)
