@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus directory (samoyeds_jax.corpus)")
     p.add_argument("--out", required=True, help="JSON results")
     p.add_argument("--formats", default=",".join(f for f in FORMATS if FORMATS[f]),
-                   help=f"expert patterns, of {sorted(FORMATS)}")
+                   help=f"expert patterns, of {sorted(FORMATS)} ('' for none: the pre-gate "
+                        "section alone)")
     p.add_argument("--linears", default=None, choices=sorted(f for f in FORMATS if FORMATS[f]),
                    help="also prune the attention projections and shared experts to this "
                         "pattern, same method (default: they stay dense)")
@@ -124,7 +125,11 @@ def main(argv=None) -> int:
                                     "vs_dense": diff(control, base)}
         log(f"dense control: {control.bits_per_byte:.4f}")
 
-    for fname in args.formats.split(","):
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"unknown --formats {unknown}; expected some of {sorted(FORMATS)}")
+    for fname in formats:
         for method in args.methods.split(","):
             cfg = (None if FORMATS[fname] is None else
                    pruning.PruneConfig(method=method, output="dense", **FORMATS[fname]))
