@@ -231,7 +231,8 @@ def test_on_demand_holds_each_block_until_its_experts_arrive(rng):
 
 
 def test_pregated_matches_host_driven_decoder(rng):
-    """Same model through decoder.OffloadDecoder (host-driven, per-block programs)."""
+    """Same model through decoder.OffloadDecoder (host-driven, per-block programs): bit for
+    bit on CPU, within the bound of two XLA programs on a GPU."""
     block, params, stacks = _model(rng, top_k=2)
     layers = [jax.device_get(s) for s in stacks]
     h0 = _inputs(rng, 3)
@@ -239,7 +240,7 @@ def test_pregated_matches_host_driven_decoder(rng):
     dec = OffloadDecoder(block.fns(), params, ExpertStore.from_stacked(layers), top_k=2,
                          config=OffloadConfig(policy="pregated"), max_tokens=3)
     ref = np.asarray(dec.step(h0))
-    np.testing.assert_allclose(got[0], ref, rtol=1e-6, atol=1e-6)
+    assert_matches_gpu_only(got[0], ref)
 
 
 def test_decode_step_traces_once_under_chex(rng):
