@@ -48,7 +48,7 @@ def describe_experts(model) -> str:
            f"pregate={moe.pregate}")
     if model.config.linear.is_sparse:
         out += (f", linears={model.config.linear.format} "
-                f"({model.layers[0].self_attn.q_proj.implementation()})")
+                f"({model.layers[0].self_attn.o_proj.implementation()})")
     return out
 
 

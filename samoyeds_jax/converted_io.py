@@ -57,7 +57,7 @@ from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.param_layout import (_abstract_model, _array_fields, _check_layout, _describe,
                                        _dotted, _fill_non_params, _is_sparse, _static_fields,
-                                       _variables)
+                                       _variables, check_unfused)
 
 __all__ = [
     "CONVERTED_CONFIG",
@@ -136,11 +136,13 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
     JSON-serializable).
 
     Raises ValueError for a parameter whose layout is not the one its config implies (shape,
-    dtype, sparse format and fields; e.g. experts in a Hopper layout), or a ``directory`` that
+    dtype, sparse format and fields; e.g. experts in a Hopper layout, q/k/v joined by
+    ``prepare``), or a ``directory`` that
     is a file or a non-empty directory of another kind; TypeError for a ``model`` that is not a
     ``MoETransformer``.
     """
     expect_kind("model", model, MoETransformer, "a MoETransformer")
+    check_unfused(model, "save_converted")
     directory = atomic.check_path(directory, "directory")
     if source is not None:
         source = atomic.check_path(source, "source")

@@ -59,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from samoyeds_jax import atomic, families
-from samoyeds_jax.param_layout import _abstract_model, _dotted
+from samoyeds_jax.param_layout import _abstract_model, _dotted, check_unfused
 from samoyeds_jax.families import Family
 from samoyeds_jax.model import ModelConfig, MoETransformer
 
@@ -335,7 +335,7 @@ def save_hf_checkpoint(
       extra_files: more files, plain name -> bytes or str (UTF-8), e.g. a README.md.
     Raises:
       ValueError: a config no family expresses, an unsupported dtype, a model whose parameters
-        do not match its config, a bad file name or content, or a ``directory`` that is a file
+        do not match its config or whose q/k/v ``prepare`` joined, a bad file name or content, or a ``directory`` that is a file
         or a non-empty directory without ``config.json``.
       FileNotFoundError: ``tokenizer`` missing.
     """
@@ -343,6 +343,7 @@ def save_hf_checkpoint(
     if not isinstance(config, ModelConfig):
         raise ValueError(f"model must be a MoETransformer (with a ModelConfig), got "
                          f"{type(model).__name__}")
+    check_unfused(model, "save_hf_checkpoint")
     dtype_name = _dtype_name(config.param_dtype if dtype is None else dtype)
     hf = config_to_hf(config, dtype=dtype_name)
     tensors = _plan(model, families.family(hf["model_type"]))

@@ -470,23 +470,24 @@ class MoETransformer(nnx.Module):
         described = [block.mlp.prepare(implementation) for block in self.layers]
         self.config = self.config.replace(
             moe=dict(implementation=self.layers[0].mlp.config.implementation))
-        if self.config.linear.is_sparse:
-            self.prepare_linears()
+        self.prepare_linears()
         return described[0]
 
     def prepare_linears(self, implementation: Any = None) -> str:
-        """``Linear.prepare`` for every attention projection and the shared experts
-        (``implementation``, default ``config.linear.implementation``: None picks the fastest
-        that applies); ``config.linear.implementation`` becomes the chosen name. Returns the
-        first projection's ``Linear.implementation()``."""
+        """``Attention.fuse_qkv`` (dense q/k/v become one product) and ``Linear.prepare`` for
+        every attention projection and the shared experts (``implementation``, default
+        ``config.linear.implementation``: None picks the fastest that applies);
+        ``config.linear.implementation`` becomes the chosen name. Returns the first block's
+        ``o_proj.implementation()``."""
         if implementation is None:
             implementation = self.config.linear.implementation
         for block in self.layers:
+            block.self_attn.fuse_qkv()
             for proj in block.self_attn.projections().values():
                 proj.prepare(implementation)
             if block.mlp.shared is not None:
                 block.mlp.shared.prepare(implementation)
-        first = self.layers[0].self_attn.q_proj
+        first = self.layers[0].self_attn.o_proj
         self.config = self.config.replace(linear=dict(implementation=first.config.implementation))
         return first.implementation()
 

@@ -37,6 +37,15 @@ def abstract_model(config: ModelConfig) -> MoETransformer:
     return model
 
 
+def check_unfused(model: Any, what: str) -> None:
+    """ValueError when ``prepare`` joined a block's q/k/v projections (``Attention.fuse_qkv``):
+    a layout for inference, which ``what`` (a save, an export, pruning) does not take."""
+    if any(block.self_attn.fused for block in model.layers):
+        raise ValueError(f"{what}: the model's q/k/v projections are joined for inference "
+                         "(MoETransformer.prepare fused them); pass the model before prepare(), "
+                         "as loaded or converted")
+
+
 def _variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
 

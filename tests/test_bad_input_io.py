@@ -441,3 +441,16 @@ def test_paths_that_are_not_paths_are_named(tmp_path):
     with pytest.raises(ValueError, match="train_tokenizer: vocab_size must be an int >= 0, got '300'"):
         bpe_tokenizer.train_tokenizer(["abc"], vocab_size="300")
 
+
+
+@pytest.mark.parametrize("save", [save_converted, save_hf_checkpoint],
+                         ids=["save_converted", "save_hf_checkpoint"])
+def test_a_prepared_model_with_joined_qkv_is_not_saved(tmp_path, save):
+    model = _model()
+    model.prepare()
+    assert model.layers[0].self_attn.fused
+    target = tmp_path / "out"
+    _raises(ValueError, f"{save.__name__}: the model's q/k/v projections are joined for "
+            "inference (MoETransformer.prepare fused them); pass the model before prepare()",
+            lambda: save(model, str(target)))
+    assert not target.exists()

@@ -123,3 +123,42 @@ def test_qk_norm_parameter_shapes(qk_norm):
 def test_attention_config_rejects_bad_heads():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         AttentionConfig(d_model=32, num_heads=4, num_kv_heads=3, head_dim=8)
+
+
+def _attend(attn, x):
+    b, t, _ = x.shape
+    c = attn.config
+    cache = jnp.zeros((b, t, c.num_kv_heads, c.head_dim), jnp.float32)
+    zero = jnp.zeros((), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+    return attn(jnp.asarray(x), positions=pos, mask=attention_mask(jnp.ones((b, t), bool), zero, t),
+                cache_k=cache, cache_v=cache, index=zero)
+
+
+@pytest.mark.parametrize("qk_norm,bias", [("none", True), ("per_head", False), ("full", False)])
+@pytest.mark.parametrize("t", [1, 3])
+def test_fuse_qkv_joins_the_projections_and_keeps_the_output(rng, qk_norm, bias, t):
+    c = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=bias,
+                        qk_norm=qk_norm)
+    attn = Attention(c, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    if bias:
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.bias[...] = jnp.asarray(rng.standard_normal(lin.bias.shape), jnp.float32)
+    kernels = [np.asarray(p.kernel[...]) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    x = rng.standard_normal((2, t, 32)).astype(np.float32)
+    before = _attend(attn, x)
+    assert attn.fuse_qkv() and attn.fused and attn.fuse_qkv()  # a second call keeps it
+    assert set(attn.projections()) == {"qkv_proj", "o_proj"}
+    assert attn.q_proj is None and attn.k_proj is None and attn.v_proj is None
+    np.testing.assert_array_equal(np.asarray(attn.qkv_proj.kernel[...]),
+                                  np.concatenate(kernels, axis=1))
+    assert (attn.qkv_proj.bias is not None) == bias
+    chex.assert_trees_all_close(_attend(attn, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_qkv_leaves_sparse_kernels_apart():
+    from samoyeds_jax.config import LinearConfig
+    c = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8)
+    attn = Attention(c, linear=LinearConfig(format="nm"), rngs=nnx.Rngs(0))
+    assert not attn.fuse_qkv() and not attn.fused
+    assert set(attn.projections()) == {"q_proj", "k_proj", "v_proj", "o_proj"}
