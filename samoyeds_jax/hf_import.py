@@ -68,6 +68,7 @@ from samoyeds_jax import families, pruning
 from samoyeds_jax.config import ExpertFormat, ExpertImplementation, PregateMode, SparsityConfig
 from samoyeds_jax.expert_store import check_experts_memory, place_experts
 from samoyeds_jax.families import Family
+from samoyeds_jax.families.base import check_flags
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _dotted,
                                        _fill_non_params, _is_sparse, _variables)
@@ -77,8 +78,6 @@ __all__ = ["ShardReader", "load_hf_checkpoint", "read_hf_config"]
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "qkv_bias", "norm_topk_prob",
-                "use_sliding_window")  # config.json flags (ModelConfig.from_hf, the families)
 
 
 # ----------------------------------------------------------------------------- shard reading
@@ -237,10 +236,7 @@ def read_hf_config(directory: str) -> dict[str, Any]:
             raise ValueError(f"{path} is not valid UTF-8 JSON ({err})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(hf).__name__}")
-    for key in _BOOL_FIELDS:  # bool("false") is True: a string would flip the option silently
-        if hf.get(key) is not None and not isinstance(hf[key], bool):
-            raise ValueError(f"{path}: {key} must be a JSON boolean (true/false), found "
-                             f"{hf[key]!r}")
+    check_flags(hf, path)
     return hf
 
 

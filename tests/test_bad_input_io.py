@@ -131,7 +131,7 @@ def _bool_norm(d):
 
 def _tie_string(d):
     _edit_config(d, tie_word_embeddings="false")
-    return "config.json: tie_word_embeddings must be a JSON boolean (true/false), found 'false'"
+    return "config.json: tie_word_embeddings must be a JSON boolean (true/false), got 'false'"
 
 
 @pytest.mark.parametrize("edit", [_config_list, _weight_map_list, _torch_dtype, _int_embedding,

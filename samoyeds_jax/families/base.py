@@ -239,8 +239,8 @@ SILU_NAMES = ("silu", "swish")
 
 def check_common_hf(hf: Mapping[str, Any]) -> None:
     """ValueError for ``config.json`` fields every family reads alike but this model cannot
-    honour: an activation other than SiLU, a non-numeric ``rope_theta``, a non-bool
-    ``tie_word_embeddings``."""
+    honour: an activation other than SiLU, a non-numeric ``rope_theta``, a ``FLAGS`` field
+    that is not a boolean."""
     act = hf.get("hidden_act", "silu")
     if act not in SILU_NAMES:
         raise ValueError(f"config.json: hidden_act must be one of {SILU_NAMES} (the experts "
@@ -249,6 +249,18 @@ def check_common_hf(hf: Mapping[str, Any]) -> None:
     for where in (hf, rope if isinstance(rope, Mapping) else {}):
         if "rope_theta" in where:
             expect_number("config.json", "rope_theta", where["rope_theta"], above=0)
-    tie = hf.get("tie_word_embeddings", False)
-    if not isinstance(tie, (bool, np.bool_)):
-        raise ValueError(f"config.json: tie_word_embeddings must be a bool, got {tie!r}")
+    check_flags(hf)
+
+
+FLAGS = ("tie_word_embeddings", "attention_bias", "qkv_bias", "norm_topk_prob",
+         "use_sliding_window")
+"""The boolean ``config.json`` fields the families read."""
+
+
+def check_flags(hf: Mapping[str, Any], where: str = "config.json") -> None:
+    """ValueError naming ``where`` for a ``FLAGS`` field that is present and not a boolean
+    (``bool("false")`` is True: a string would flip the option silently)."""
+    for key in FLAGS:
+        value = hf.get(key)
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{where}: {key} must be a JSON boolean (true/false), got {value!r}")
