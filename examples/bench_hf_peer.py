@@ -16,6 +16,8 @@ Every shape is run twice before timing (compilation and autotuning excluded). Ne
 CUDA and transformers (the GPU machine has them; this project does not depend on them).
 
     python3 examples/bench_hf_peer.py --model mixtral-8x7b --out benchmarks/hf_peer_mixtral.json
+    python3 examples/bench_hf_peer.py --device cpu --layers 1 --batches 1 --new-tokens 2 \
+        --prefill-len 16 --repeats 1 --no-compile --out /tmp/peer.json   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -45,25 +47,33 @@ def build(args):
     config = config_cls(**hf)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: an f32 build would not fit
-    with torch.device("cuda"):
+    with torch.device(args.device):
         model = model_cls(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model, config
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed_generate(model, ids, new_tokens, repeats, compile_):
     import torch
 
+    device = ids.device.type
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               cache_implementation="static", disable_compile=not compile_)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 2):  # two warm-up runs: compilation, autotuning
-            torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, **kw)
-            torch.cuda.synchronize()
+            _sync(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
     assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
@@ -82,6 +92,8 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="eager PyTorch (no torch.compile)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: a smoke test of this script (use --layers 1 and small sizes)")
     args = p.parse_args()
 
     import torch
@@ -93,10 +105,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = config.vocab_size
     results = []
-    report = dict(peer="transformers", device=torch.cuda.get_device_name(),
+    cuda = args.device == "cuda"
+    report = dict(peer="transformers",
+                  device=torch.cuda.get_device_name() if cuda else "cpu",
                   torch=torch.__version__, transformers=transformers.__version__,
                   model=f"{args.model}-shaped", layers=config.num_hidden_layers, args=vars(args),
-                  how=("model_cls(config) built in bfloat16 on cuda, random weights; model.generate "
+                  how=(f"model_cls(config) built in bfloat16 on {args.device}, random weights; model.generate "
                        "greedy, cache_implementation='static', "
                        + ("disable_compile=True (eager)" if args.no_compile else
                           "transformers' automatic torch.compile of the static-cache forward")),
@@ -108,7 +122,7 @@ def main() -> None:
         os.replace(args.out + ".tmp", args.out)
 
     for b in (int(x) for x in args.batches.split(",")):
-        ids = torch.randint(3, vocab, (b, args.prompt_len), generator=gen).cuda()
+        ids = torch.randint(3, vocab, (b, args.prompt_len), generator=gen).to(args.device)
         t1 = timed_generate(model, ids, 1, args.repeats, not args.no_compile)
         tn = timed_generate(model, ids, 1 + args.new_tokens, args.repeats, not args.no_compile)
         rate = b * args.new_tokens / (tn - t1)
@@ -118,14 +132,14 @@ def main() -> None:
         print(f"transformers batch {b:3d}: decode {rate:10.1f} tok/s "
               f"({results[-1]['step_ms']:.2f} ms/step)", flush=True)
         write()
-    ids = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), generator=gen).cuda()
+    ids = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), generator=gen).to(args.device)
     t1 = timed_generate(model, ids, 1, args.repeats, not args.no_compile)
     rate = args.prefill_batch * args.prefill_len / t1
     results.append(dict(kind="prefill", batch=args.prefill_batch, prompt_len=args.prefill_len,
                         prefill_tok_s=rate))
     print(f"transformers prefill {args.prefill_batch}x{args.prefill_len}: {rate:10.1f} tok/s",
           flush=True)
-    report["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    report["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     write()
     print(f"wrote {args.out}")
 
