@@ -7,6 +7,8 @@ program: ``--steps`` greedy decode steps in a ``lax.fori_loop`` (batch ``b``), o
 ``t`` tokens; medians over ``--repeats``. Compile time is excluded.
 
     PYTHONPATH=. python examples/bench_parallel.py --devices 1 2 --out benchmarks/parallel.json
+    PYTHONPATH=. python examples/bench_parallel.py --devices 1 2 4 --dispatch all_gather all_to_all \
+        --decode-batch 1 16 64 --out benchmarks/parallel_dispatch.json
     PYTHONPATH=. python examples/bench_parallel.py --tiny --devices 1 2   # CPU smoke run (fake devices)
 """
 
@@ -28,7 +30,7 @@ from flax import nnx
 
 from model_shapes import MIXTRAL_8X7B
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
-from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
+from samoyeds_jax.parallel import PLACEMENTS, ExpertParallel, make_expert_mesh, use_expert_parallel
 
 
 
@@ -69,8 +71,8 @@ def timed(fn, *args, repeats: int):
     return statistics.median(times)
 
 
-def run(config: ModelConfig, devices: int, args) -> list[dict]:
-    ep = ExpertParallel(mesh=make_expert_mesh(devices), tokens="replicated")
+def run(config: ModelConfig, devices: int, dispatch: str, args) -> list[dict]:
+    ep = ExpertParallel(mesh=make_expert_mesh(devices), **PLACEMENTS[dispatch])
     graphdef, state = build(config, ep)
     rows = []
 
@@ -89,7 +91,8 @@ def run(config: ModelConfig, devices: int, args) -> list[dict]:
         tok = jnp.ones((b, 1), jnp.int32)
         cache = KVCache.init(config, b, args.steps + 1)
         sec = timed(decode, state, tok, cache, repeats=args.repeats)
-        rows.append({"devices": devices, "phase": "decode", "batch": b, "tokens": b * args.steps,
+        rows.append({"devices": devices, "dispatch": dispatch, "phase": "decode", "batch": b,
+                     "tokens": b * args.steps,
                      "seconds": sec, "tokens_per_s": b * args.steps / sec,
                      "ms_per_step": 1e3 * sec / args.steps})
         print(rows[-1], flush=True)
@@ -103,7 +106,8 @@ def run(config: ModelConfig, devices: int, args) -> list[dict]:
 
         tokens = jnp.ones((1, t), jnp.int32)
         sec = timed(prefill, state, tokens, repeats=args.repeats)
-        rows.append({"devices": devices, "phase": "prefill", "batch": 1, "tokens": t,
+        rows.append({"devices": devices, "dispatch": dispatch, "phase": "prefill", "batch": 1,
+                     "tokens": t,
                      "seconds": sec, "tokens_per_s": t / sec})
         print(rows[-1], flush=True)
     del state
@@ -118,6 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dispatch", nargs="+", default=["replicated"], choices=sorted(PLACEMENTS),
+                   help="token placement and dispatch of the routed experts: replicated "
+                        "(all-reduce), all_gather (tokens sharded, all-gather + reduce-scatter), "
+                        "all_to_all (tokens sharded, ragged all-to-all); each runs on every "
+                        "device count, 1 included")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -143,17 +152,20 @@ def main(argv=None) -> int:
         if n > jax.device_count():
             print(f"skip {n} devices: only {jax.device_count()} present")
             continue
-        rows += run(config, n, args)
-        save()
+        for dispatch in args.dispatch:
+            rows += run(config, n, dispatch, args)
+            save()
 
-    base = {(r["phase"], r["batch"], r["tokens"]): r["tokens_per_s"] for r in rows if r["devices"] == 1}
-    print(f"\n{'phase':8} {'batch':>5} {'tokens':>6} {'GPUs':>4} {'tok/s':>10} {'vs 1 GPU':>8}")
+    key = lambda r: (r["dispatch"], r["phase"], r["batch"], r["tokens"])  # noqa: E731
+    base = {key(r): r["tokens_per_s"] for r in rows if r["devices"] == 1}
+    print(f"\n{'dispatch':10} {'phase':8} {'batch':>5} {'tokens':>6} {'GPUs':>4} {'tok/s':>10} "
+          f"{'vs 1 GPU':>8}")
     for r in rows:
-        one = base.get((r["phase"], r["batch"], r["tokens"]))
+        one = base.get(key(r))
         r["speedup_vs_1"] = r["tokens_per_s"] / one if one else None
         sp = f"{r['speedup_vs_1']:.2f}x" if one else "-"
-        print(f"{r['phase']:8} {r['batch']:>5} {r['tokens']:>6} {r['devices']:>4} "
-              f"{r['tokens_per_s']:>10.1f} {sp:>8}")
+        print(f"{r['dispatch']:10} {r['phase']:8} {r['batch']:>5} {r['tokens']:>6} "
+              f"{r['devices']:>4} {r['tokens_per_s']:>10.1f} {sp:>8}")
     save()
     return 0
 

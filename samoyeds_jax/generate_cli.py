@@ -36,6 +36,7 @@ from pallas_kernels import backend as backend_lib
 from pallas_kernels.format_registry import format_names
 from pallas_kernels.expert_op import implementation_names
 from samoyeds_jax.cli import HelpFormatter, describe_experts, given_options, refuse_unless
+from samoyeds_jax.parallel import PLACEMENTS
 
 DEFAULT_TINY_PROMPT = "1 17 42 99 7 256 3 64"
 DEFAULT_TEXT_PROMPT = "The capital of France is"
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the routed experts over this many devices (expert parallelism; "
                         "on a CPU, fake devices come from XLA_FLAGS="
                         "--xla_force_host_platform_device_count=N)")
+    p.add_argument("--dispatch", default="replicated", choices=sorted(PLACEMENTS),
+                   help="with --devices: how the tokens reach their experts: replicated (every "
+                        "device routes every token, outputs all-reduced), all_gather (tokens "
+                        "split, gathered, outputs reduce-scattered), all_to_all (tokens split, "
+                        "each assignment's row to its expert's device and back)")
     p.add_argument("--prompt", default=None,
                    help="text when the model has a tokenizer.json, else token ids "
                         "separated by spaces or commas (default: "
@@ -194,6 +200,8 @@ def _check(args, given: set[str]) -> _Plan:
     refuse_unless(args.offload, given, {"offload_policy": "--offload-policy", "slots": "--slots"},
                   "it sets up --offload, which is not given")
     refuse_unless(not args.no_eos, given, {"eos_id": "--eos-id"}, "--no-eos ignores EOS")
+    refuse_unless(args.devices > 1, given, {"dispatch": "--dispatch"},
+                  "it places the tokens for --devices > 1, which is not given")
     greedy = args.temperature == 0
     refuse_unless(not greedy, given, {"top_k": "--top-k", "top_p": "--top-p"},
                   "--temperature 0 (the default) picks the likeliest token; give --temperature "
@@ -396,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         from samoyeds_jax.parallel import ExpertParallel, make_expert_mesh, use_expert_parallel
 
         use_expert_parallel(model, ExpertParallel(mesh=make_expert_mesh(args.devices),
-                                                  tokens="replicated"))
+                                                  **PLACEMENTS[args.dispatch]))
         print(f"  parallel routed experts split over {args.devices} devices "
-              f"({m.num_experts // args.devices} each)")
+              f"({m.num_experts // args.devices} each), tokens {args.dispatch}")
     if args.offload:
         from samoyeds_jax.generate_offload import OffloadGenerator
 

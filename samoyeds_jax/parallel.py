@@ -15,12 +15,12 @@ device p holds experts ``[p * e/P, (p + 1) * e/P)``. Inside ``jax.shard_map``:
    token shards (``tokens="sharded"``: data parallelism for attention composes with it), or
    an all-reduce (``tokens="replicated"``: e.g. single-sequence decode).
 
-Why all-gather + reduce-scatter rather than all-to-all: on one host with NVLink, moving
-``t * d`` per device costs the same order as the ``t * k * d / P`` of an ideal ragged
-all-to-all for the small token counts of decode, works with every backend of XLA (XLA:CPU
-has no ``ragged-all-to-all``, so the tests run it) and never drops a token. Pre-gating
-composes unchanged: a block's ``next_routing`` is a normal ``Routing`` and is all-gathered
-with the tokens of the next block.
+That is ``dispatch="all_gather"``, the default: it works with every backend of XLA and
+never drops a token. ``dispatch="all_to_all"`` (tokens sharded) sends each assignment's token
+row to the device of its expert alone and the result back, by ``ragged_all_to_all``
+(``samoyeds_jax.dispatch``): ``t * k`` rows each way per device instead of ``(P - 1) * t``,
+also without dropping a token. Pre-gating composes unchanged: a block's ``next_routing`` is a
+normal ``Routing`` and travels with the tokens of the next block.
 
 Outputs equal the single-device layer up to f32 rounding: the local grouped matmuls see other
 row counts, and the partial outputs are summed over devices in f32.
@@ -39,10 +39,19 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.checks import expect_kind
 from samoyeds_jax.config import ExpertImplementation
+from samoyeds_jax.dispatch import all_to_all_experts
 from samoyeds_jax.moe import ExpertWeights, MoE, expert_ffn
 from samoyeds_jax.routing import Routing
 
 TokenLayout = Literal["sharded", "replicated"]
+Dispatch = Literal["all_gather", "all_to_all"]
+PLACEMENTS: dict[str, dict[str, str]] = {
+    "replicated": dict(tokens="replicated"),  # every device routes every token; all-reduce
+    "all_gather": dict(tokens="sharded", dispatch="all_gather"),
+    "all_to_all": dict(tokens="sharded", dispatch="all_to_all"),
+}
+"""The token placements and dispatches by the names the command lines use:
+``ExpertParallel(mesh=..., **PLACEMENTS[name])``."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,11 +63,15 @@ class ExpertParallel:
       axis: the mesh axis the experts are split over (its size must divide e).
       tokens: how activations arrive: ``"sharded"`` over ``axis`` along the token dim
         (data-parallel attention), or ``"replicated"`` on every device.
+      dispatch: how sharded tokens reach their experts: ``"all_gather"`` (every device sees
+        every token; partial outputs reduce-scattered) or ``"all_to_all"`` (each assignment's
+        row to its expert's device and back, ``samoyeds_jax.dispatch``; tokens sharded only).
     """
 
     mesh: jax.sharding.Mesh
     axis: str = "expert"
     tokens: TokenLayout = "sharded"
+    dispatch: Dispatch = "all_gather"
 
     def __post_init__(self) -> None:
         expect_kind("ExpertParallel: mesh", self.mesh, jax.sharding.Mesh,
@@ -67,6 +80,12 @@ class ExpertParallel:
             raise ValueError(f"axis {self.axis!r} is not in the mesh axes {self.mesh.axis_names}")
         if self.tokens not in ("sharded", "replicated"):
             raise ValueError(f"tokens must be 'sharded' or 'replicated', got {self.tokens!r}")
+        if self.dispatch not in ("all_gather", "all_to_all"):
+            raise ValueError(f"dispatch must be 'all_gather' or 'all_to_all', got "
+                             f"{self.dispatch!r}")
+        if self.dispatch == "all_to_all" and self.tokens != "sharded":
+            raise ValueError("dispatch='all_to_all' sends each device's own tokens to the "
+                             "experts; it needs tokens='sharded', got tokens='replicated'")
 
     def ffn(self, x, routing, experts, *, implementation: ExpertImplementation = None,
             dtype: Any = None):
@@ -125,23 +144,30 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, 
     """Routed experts with e split over ``ep.axis``. x [t, d] -> [t, d] ``dtype``.
 
     ``experts`` should already be placed by ``shard_experts`` (otherwise they are resharded
-    on every call). With ``tokens="sharded"``, t must be a multiple of the axis size.
+    on every call). With ``tokens="sharded"``, t is padded up to a multiple of the axis size
+    with rows routed to no expert (a batch-1 decode step splits too), cut off again after.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be [t, d], got shape {x.shape}")
     routing.check_num_tokens(x.shape[0])
     e = experts.num_experts
     _check_divisible(e, ep)
-    if ep.tokens == "sharded" and x.shape[0] % ep.size:
-        raise ValueError(
-            f"tokens='sharded' needs t={x.shape[0]} to be a multiple of the '{ep.axis}' axis "
-            f"size {ep.size}; pad the batch or use tokens='replicated'")
+    t = x.shape[0]
+    idx, w = routing.topk_idx, routing.topk_weights
+    pad = -t % ep.size if ep.tokens == "sharded" else 0
+    if pad:  # rows for no expert (id e): every dispatch leaves them out
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        idx = jnp.pad(idx, ((0, pad), (0, 0)), constant_values=e)
+        w = jnp.pad(w, ((0, pad), (0, 0)))
     dtype = dtype or x.dtype
     num_local = e // ep.size
     tok = P(ep.axis) if ep.tokens == "sharded" else P()
     axis = ep.axis
 
     def body(x, idx, w, local_experts):
+        if ep.dispatch == "all_to_all":
+            return all_to_all_experts(x, idx, w, local_experts, axis=axis, num_devices=ep.size,
+                                      implementation=implementation, dtype=dtype)
         if ep.tokens == "sharded":
             x, idx, w = (jax.lax.all_gather(a, axis, tiled=True) for a in (x, idx, w))
         first = jax.lax.axis_index(axis) * num_local
@@ -156,7 +182,7 @@ def expert_parallel_ffn(x: jax.Array, routing: Routing, experts: ExpertWeights, 
     expert_spec = jax.tree.map(lambda _: P(axis), experts)
     fn = jax.shard_map(body, mesh=ep.mesh, in_specs=(tok, tok, tok, expert_spec), out_specs=tok,
                        check_vma=False)
-    return fn(x, routing.topk_idx, routing.topk_weights, experts)
+    return fn(x, idx, w, experts)[:t]
 
 
 def use_expert_parallel(module: nnx.Module, ep: ExpertParallel | None, *,
