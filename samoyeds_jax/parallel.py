@@ -20,7 +20,10 @@ never drops a token. ``dispatch="all_to_all"`` (tokens sharded) sends each assig
 row to the device of its expert alone and the result back, by ``ragged_all_to_all``
 (``samoyeds_jax.dispatch``): ``t * k`` rows each way per device instead of ``(P - 1) * t``,
 also without dropping a token. Pre-gating composes unchanged: a block's ``next_routing`` is a
-normal ``Routing`` and travels with the tokens of the next block.
+normal ``Routing`` and travels with the tokens of the next block. With ``pregate="pregated"``
+the all-to-all's metadata for block i+1 (the sort by destination, the all-gather of chunk
+sizes, the all-to-all of expert ids) depends on block i's pre-gate alone, not on block i+1's
+attention output, so XLA is free to run it during that attention (one jitted program).
 
 Outputs equal the single-device layer up to f32 rounding: the local grouped matmuls see other
 row counts, and the partial outputs are summed over devices in f32.
