@@ -133,16 +133,18 @@ def main(argv=None) -> int:
                    help="pregated: block i's pre-gate routes block i+1, so block i+1's dispatch "
                         "metadata (sort, chunk sizes, expert ids) depends on nothing of block "
                         "i+1 and can overlap its attention")
+    p.add_argument("--format", default="dense", choices=("dense", "nm", "samoyeds"),
+                   help="expert storage (random values in the format's arrays: for speed only)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     hf = dict(MIXTRAL_8X7B, num_hidden_layers=args.layers)
     if args.tiny:
-        hf.update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        hf.update(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
         args.prefill_tokens = [min(t, 32) for t in args.prefill_tokens]
-    config = ModelConfig.from_hf(hf, pregate=args.pregate)
+    config = ModelConfig.from_hf(hf, pregate=args.pregate, expert_format=args.format)
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}; "
           f"{args.layers} layers of d={config.d_model}, f={config.moe.d_ff}, "
           f"e={config.moe.num_experts}, k={config.moe.top_k}", flush=True)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                           "layers": args.layers, "pregate": args.pregate, "hf_config": hf, "rows": rows}, f, indent=1)
+                           "layers": args.layers, "pregate": args.pregate, "format": args.format, "hf_config": hf, "rows": rows}, f, indent=1)
 
     for n in args.devices:
         if n > jax.device_count():
