@@ -10,7 +10,7 @@ from flax import nnx
 from samoyeds_jax.config import MoEConfig
 from samoyeds_jax.moe import MoE, ExpertWeights, expert_ffn
 from samoyeds_jax.model import ModelConfig, MoETransformer
-from samoyeds_jax.parallel import (ExpertParallel, expert_parallel_ffn, local_routing,
+from samoyeds_jax.parallel import (PLACEMENTS, ExpertParallel, expert_parallel_ffn, local_routing,
                                    make_expert_mesh, shard_experts, use_expert_parallel)
 from samoyeds_jax.routing import Routing, route_logits
 
@@ -88,9 +88,10 @@ def test_moe_module_expert_parallel(rng, pregate, dispatch):
         assert nxt is None and next_ref is None
 
 
-def test_expert_parallel_model_matches_single_device(rng):
+@pytest.mark.parametrize("placement", ["replicated", "all_to_all"])
+def test_expert_parallel_model_matches_single_device(rng, placement):
     cfg = ModelConfig.tiny()
-    ep = ExpertParallel(mesh=make_expert_mesh(2), tokens="replicated")
+    ep = ExpertParallel(mesh=make_expert_mesh(2), **PLACEMENTS[placement])
     ref = MoETransformer(cfg, rngs=nnx.Rngs(1))
     par = MoETransformer(cfg, rngs=nnx.Rngs(1))
     use_expert_parallel(par, ep)
@@ -98,17 +99,6 @@ def test_expert_parallel_model_matches_single_device(rng):
     forward = nnx.jit(lambda model, tokens: model(tokens)[0])
     want, got = forward(ref, tokens), forward(par, tokens)
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_all_to_all_model_matches_single_device(rng):
-    cfg = ModelConfig.tiny()
-    ep = ExpertParallel(mesh=make_expert_mesh(2), dispatch="all_to_all")
-    ref = MoETransformer(cfg, rngs=nnx.Rngs(1))
-    par = MoETransformer(cfg, rngs=nnx.Rngs(1))
-    use_expert_parallel(par, ep)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
-    forward = nnx.jit(lambda model, tokens: model(tokens)[0])
-    chex.assert_trees_all_close(forward(par, tokens), forward(ref, tokens), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["nm", "samoyeds"])
