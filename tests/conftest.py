@@ -1,11 +1,14 @@
-"""Test settings: strict JAX numerics, several fake CPU devices, a ``gpu`` marker.
+"""Test settings: strict JAX numerics, several fake CPU devices, a ``gpu`` marker, one
+compilation cache per test run.
 
 Pallas kernels run in interpret mode whenever the default backend is CPU
 (``pallas_kernels.backend.interpret_mode``), so every kernel body is exercised here.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 # The offload engines for benchmarks (examples/offload_engines: OffloadDecoder, InJitDecoder,
 # SimpleMoEBlock) are not part of the library; their tests import them as ``offload_engines``.
@@ -17,11 +20,26 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+# One JAX compilation cache per test run, shared by the pytest-xdist workers (they inherit
+# this environment): the tests build many identical small programs in new closures, and each
+# is compiled once (on a GPU compilation is most of the suite's time). Removed at the end.
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="samoyeds-jax-tests-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _CACHE is not None:  # the process that made it (the controller under xdist)
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
