@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import expert_op
+from pallas_kernels import expert_op, linear_op
 from pallas_kernels.checks import are_arrays, expect_kind, expect_positive_ints
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
@@ -129,7 +129,9 @@ class Router(nnx.Module):
         """x [t, d] -> logits [t, e] float32."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
-        return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        # linear_op's dense product (its one-token GPU path included), float32 accumulation.
+        return linear_op.linear(x.astype(dtype), kernel.astype(dtype), implementation="xla",
+                                out_dtype=jnp.float32)
 
     def __call__(self, x: jax.Array, *, top_k: int | None = None) -> Routing:
         """x [t, d] -> ``Routing`` with ``topk_idx [t, k]``, ``topk_weights [t, k]``, ``logits [t, e]``.
