@@ -21,7 +21,8 @@ them; sparse experts drawn directly in their format) and measures with
   filled (the memory a long context needs, and the step time of attending over it);
 * with ``--trace``: one more batch-1 generation under ``jax.profiler``, summarized per decode
   step (``trace_summary``): device span, time some kernel runs (the rest is launch gaps), and
-  the kernels by total time.
+  the kernels by total time, each with the source line of the HLO instruction it runs
+  (``trace_summary.sources``).
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
 ~28% (Samoyeds 1:2:128 + 2:4) of dense, attention and embedding bytes stay.
@@ -155,15 +156,17 @@ def _trace(gen: Generator, prompts, new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             gen.generate(prompts, max_new_tokens=new_tokens)
-        s = trace_summary.summarize(tmp, top=12)
+        s = trace_summary.summarize(tmp, top=20)
+    where = trace_summary.sources([exe.as_text() for exe in gen.executables()])
     steps = new_tokens - 1
     out = dict(steps=steps, per_step_span_us=s["span_us"] / steps,
                per_step_kernel_busy_us=s["kernel_busy_us"] / steps,
-               top=[[name, count / steps, dur / steps] for name, count, dur in s["top"]])
+               top=[[name, count / steps, dur / steps, where.get(name, "")]
+                    for name, count, dur in s["top"]])
     print(f"  trace: {out['per_step_span_us']:.0f} us/step span, "
           f"{out['per_step_kernel_busy_us']:.0f} us/step some kernel running", flush=True)
-    for name, count, dur in out["top"]:
-        print(f"    {dur:8.1f} us/step {count:6.1f}x  {name}", flush=True)
+    for name, count, dur, source in out["top"]:
+        print(f"    {dur:8.1f} us/step {count:6.1f}x  {name}  {source[:120]}", flush=True)
     return out
 
 

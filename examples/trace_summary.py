@@ -11,6 +11,8 @@ import collections
 import glob
 import gzip
 import json
+import os
+import re
 import sys
 
 
@@ -81,6 +83,67 @@ def summarize(path: str, top: int = 25) -> dict:
                 copy_under_kernel_us=length(intersect(ku, cu)),
                 streams=sorted({thread.get((e["pid"], e["tid"]), str(e["tid"])) for e in gpu}),
                 top=sorted(([n, c, d] for n, (c, d) in by_name.items()), key=lambda r: -r[2])[:top])
+
+
+_DEF = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+_FRAME_ID = re.compile(r'stack_frame_id=(\d+)')
+_TABLE_ROW = re.compile(r'^(\d+) (.*)$')
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+_PROJECT = ("samoyeds_jax", "pallas_kernels", "examples")
+
+
+def _tables(text: str) -> dict[str, dict[int, str]]:
+    """The stack-frame tables at the end of an HLO module's text: table -> id -> row."""
+    out: dict[str, dict[int, str]] = {t: {} for t in _TABLES}
+    table = None
+    for line in text.splitlines():
+        if line.strip() in _TABLES:
+            table = line.strip()
+        elif table and (m := _TABLE_ROW.match(line.strip())):
+            out[table][int(m.group(1))] = m.group(2)
+    return out
+
+
+def _where(frame: int, tables: dict[str, dict[int, str]]) -> str:
+    """``file:line function`` of the innermost frame of this project's code on the stack
+    ``frame`` starts (else of the innermost frame)."""
+    def field(row: str, key: str) -> int:
+        m = re.search(rf"{key}=(\d+)", row)
+        return int(m.group(1)) if m else 0
+
+    first, seen = None, set()
+    while frame and frame not in seen and frame in tables["StackFrames"]:
+        seen.add(frame)
+        row = tables["StackFrames"][frame]
+        loc = tables["FileLocations"].get(field(row, "file_location_id"), "")
+        path = tables["FileNames"].get(field(loc, "file_name_id"), '""').strip('"')
+        func = tables["FunctionNames"].get(field(loc, "function_name_id"), '""').strip('"')
+        here = f"{os.path.basename(path)}:{field(loc, 'line')} {func}"
+        first = first or here
+        if any(f"/{p}/" in path for p in _PROJECT):
+            return here
+        frame = field(row, "parent_frame_id")
+    return first or ""
+
+
+def sources(hlo_texts: list[str]) -> dict[str, str]:
+    """Where each instruction of optimized HLO modules (``compiled.as_text()``) comes from:
+    kernel name as the trace shows it (``.`` -> ``_``) -> ``op_name (file:line function)``
+    from the instruction's metadata (a fusion's is its root's)."""
+    out: dict[str, str] = {}
+    for text in hlo_texts:
+        tables = _tables(text)
+        for line in text.splitlines():
+            m = _DEF.match(line)
+            name = m and _OP_NAME.search(m.group(2))
+            if not name:
+                continue
+            frame = _FRAME_ID.search(m.group(2))
+            where = _where(int(frame.group(1)), tables) if frame else ""
+            out.setdefault(m.group(1).replace(".", "_"),
+                           name.group(1) + (f" ({where})" if where else ""))
+    return out
 
 
 def main() -> None:

@@ -309,6 +309,11 @@ class Generator:
         self._compiled[key] = exe
         return exe, time.perf_counter() - t0
 
+    def executables(self) -> list[Any]:
+        """The programs compiled so far (prefill, decode loop or step, per shape), e.g. for
+        their optimized HLO (``as_text()``)."""
+        return list(self._compiled.values())
+
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  key: jax.Array | None = None,
                  stream: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
