@@ -83,10 +83,11 @@ def qkv_fused(x, w):
     return _out(jnp.dot(q, w["o"]), k, v)
 
 
-def padded(pad_to: int):
+def padded(fn, pad_to: int):
+    """``fn`` on x padded with zero rows to ``pad_to`` tokens, the rows cut back."""
     def run(x, w):
         t = x.shape[0]
-        return separate(jnp.pad(x, ((0, max(pad_to - t, 0)), (0, 0))), w)[:t]
+        return fn(jnp.pad(x, ((0, max(pad_to - t, 0)), (0, 0))), w)[:t]
     return run
 
 
@@ -133,13 +134,6 @@ def gemv_variant(block_n, block_k, split):
     return run
 
 
-def qkv_fused_padded(pad_to: int):
-    def run(x, w):
-        t = x.shape[0]
-        return qkv_fused(jnp.pad(x, ((0, max(pad_to - t, 0)), (0, 0))), w)[:t]
-    return run
-
-
 def library(x, w):
     q, k, v = (linear_op.linear(x, w[n]) for n in ("q", "k", "v"))
     return _out(linear_op.linear(q, w["o"]), k, v)
@@ -161,8 +155,9 @@ def main() -> None:
     report = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                   xla_flags=os.environ.get("XLA_FLAGS", ""), args=vars(args),
                   copy_rate_bytes_per_s=rate, results=[])
-    variants = {"separate": separate, "qkv_fused": qkv_fused, "padded": padded(args.pad_to),
-                "qkv_fused_padded": qkv_fused_padded(args.pad_to), "linear_op": library}
+    variants = {"separate": separate, "qkv_fused": qkv_fused,
+                "padded": padded(separate, args.pad_to),
+                "qkv_fused_padded": padded(qkv_fused, args.pad_to), "linear_op": library}
     for bn, bk, split in GEMV_TILES:
         variants[f"gemv_{bn}x{bk}s{split}"] = gemv_variant(bn, bk, split)
     for model in args.models.split(","):

@@ -15,7 +15,6 @@ program: ``--steps`` greedy decode steps in a ``lax.fori_loop`` (batch ``b``), o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_shapes import MIXTRAL_8X7B
+from samoyeds_jax.atomic import write_json
 from samoyeds_jax.model import KVCache, ModelConfig, MoETransformer
 from samoyeds_jax.parallel import PLACEMENTS, ExpertParallel, make_expert_mesh, use_expert_parallel
 
@@ -152,9 +152,10 @@ def main(argv=None) -> int:
 
     def save():
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                           "layers": args.layers, "pregate": args.pregate, "format": args.format, "hf_config": hf, "rows": rows}, f, indent=1)
+            write_json(args.out, {"device_kind": jax.devices()[0].device_kind,
+                                  "jax": jax.__version__, "layers": args.layers,
+                                  "pregate": args.pregate, "format": args.format,
+                                  "hf_config": hf, "rows": rows})
 
     for n in args.devices:
         if n > jax.device_count():

@@ -69,16 +69,15 @@ class LinearOp(Op):
     def compute(self, x: jax.Array, w: Any, out_dtype: jnp.dtype) -> jax.Array:
         """The computation on checked inputs, x [t, K] -> [t, N] (W cast to x.dtype, f32
         accumulation)."""
-        # Straight to out_dtype: XLA's GEMMs accumulate bf16/f16 in f32 and round once.
-        if x.shape[0] == 1 and jax.default_backend() == "gpu":
+        rows = x.shape[0]
+        if rows == 1 and jax.default_backend() == "gpu":
             # One token: XLA's GPU backend emits the vector-matrix product as a reduction
             # fusion at 21-42% of the copy rate; two rows take its GEMM path (H100, one
             # block's attention projections, benchmarks/decode_linears_h100.json: Mixtral
             # 73 -> 50 us, Qwen3-30B-A3B 66 -> 41 us). The zero row is cut off again.
-            y = jnp.dot(jnp.pad(x, ((0, 1), (0, 0))), as_dense(w, x.dtype),
-                        preferred_element_type=out_dtype)
-            return y[:1]
-        return jnp.dot(x, as_dense(w, x.dtype), preferred_element_type=out_dtype)
+            x = jnp.pad(x, ((0, 1), (0, 0)))
+        # Straight to out_dtype: XLA's GEMMs accumulate bf16/f16 in f32 and round once.
+        return jnp.dot(x, as_dense(w, x.dtype), preferred_element_type=out_dtype)[:rows]
 
 
 def check_inputs(x: Any, w: Any, out_dtype: Any = None) -> jnp.dtype:

@@ -137,9 +137,8 @@ def save_converted(model: MoETransformer, directory: str, *, source: str | None 
 
     Raises ValueError for a parameter whose layout is not the one its config implies (shape,
     dtype, sparse format and fields; e.g. experts in a Hopper layout, q/k/v joined by
-    ``prepare``), or a ``directory`` that
-    is a file or a non-empty directory of another kind; TypeError for a ``model`` that is not a
-    ``MoETransformer``.
+    ``prepare``), or a ``directory`` that is a file or a non-empty directory of another kind;
+    TypeError for a ``model`` that is not a ``MoETransformer``.
     """
     expect_kind("model", model, MoETransformer, "a MoETransformer")
     check_unfused(model, "save_converted")

@@ -335,8 +335,9 @@ def save_hf_checkpoint(
       extra_files: more files, plain name -> bytes or str (UTF-8), e.g. a README.md.
     Raises:
       ValueError: a config no family expresses, an unsupported dtype, a model whose parameters
-        do not match its config or whose q/k/v ``prepare`` joined, a bad file name or content, or a ``directory`` that is a file
-        or a non-empty directory without ``config.json``.
+        do not match its config or whose q/k/v ``prepare`` joined, a bad file name or
+        content, or a ``directory`` that is a file or a non-empty directory without
+        ``config.json``.
       FileNotFoundError: ``tokenizer`` missing.
     """
     config = getattr(model, "config", None)

@@ -196,7 +196,7 @@ class Attention(nnx.Module):
     @property
     def fused(self) -> bool:
         """Whether ``fuse_qkv`` joined q, k and v into ``qkv_proj``."""
-        return getattr(self, "qkv_proj", None) is not None
+        return self.qkv_proj is not None
 
     def fuse_qkv(self) -> bool:
         """Join the q, k and v projections into one ``qkv_proj`` (kernel ``[d, (h + 2 kv) hd]``,

@@ -203,28 +203,9 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fn,exc,match", CONFIG_CASES)
-def test_bad_config_raises(fn, exc, match):
-    _raises(fn, exc, match)
-
-
-@pytest.mark.parametrize("fn,exc,match", MODEL_CASES)
-def test_bad_model_call_raises(fn, exc, match):
-    _raises(fn, exc, match)
-
-
-@pytest.mark.parametrize("fn,exc,match", LAYER_CASES)
-def test_bad_layer_input_raises(fn, exc, match):
-    _raises(fn, exc, match)
-
-
-@pytest.mark.parametrize("fn,exc,match", GENERATE_CASES)
-def test_bad_generation_input_raises(fn, exc, match):
-    _raises(fn, exc, match)
-
-
-@pytest.mark.parametrize("fn,exc,match", KERNEL_CASES)
-def test_bad_kernel_input_raises(fn, exc, match):
+@pytest.mark.parametrize("fn,exc,match", CONFIG_CASES + MODEL_CASES + LAYER_CASES
+                         + GENERATE_CASES + KERNEL_CASES)
+def test_bad_input_raises(fn, exc, match):
     _raises(fn, exc, match)
 
 

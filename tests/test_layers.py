@@ -102,12 +102,7 @@ def test_attention_matches_naive_gqa(rng, qk_norm, bias):
             lin.bias[...] = jnp.asarray(rng.standard_normal(lin.bias.shape) * 0.1, jnp.float32)
     b, t = 2, 7
     x = rng.standard_normal((b, t, 32)).astype(np.float32)
-    cache = jnp.zeros((b, t, 2, 8), jnp.float32)
-    valid = jnp.ones((b, t), bool)
-    zero = jnp.zeros((), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-    y, ck, cv = attn(jnp.asarray(x), positions=pos, mask=attention_mask(valid, zero, t),
-                     cache_k=cache, cache_v=cache, index=zero)
+    y, ck, cv = _attend(attn, x)
     np.testing.assert_allclose(np.asarray(y), _naive_attention(attn, x), rtol=1e-4, atol=1e-5)
     assert ck.shape == cv.shape == (b, t, 2, 8)
 
