@@ -130,8 +130,10 @@ def _where(frame: int, tables: dict[str, dict[int, str]]) -> str:
 def sources(hlo_texts: list[str]) -> dict[str, str]:
     """Where each instruction of optimized HLO modules (``compiled.as_text()``) comes from:
     kernel name as the trace shows it (``.`` -> ``_``) -> ``op_name (file:line function)``
-    from the instruction's metadata (a fusion's is its root's)."""
-    out: dict[str, str] = {}
+    from the instruction's metadata (a fusion's is its root's). A name that several modules
+    use for different instructions (XLA numbers each module's fusions alike) lists each source,
+    joined by `` | ``: the trace does not say which module a kernel ran from."""
+    out: dict[str, list[str]] = {}
     for text in hlo_texts:
         tables = _tables(text)
         for line in text.splitlines():
@@ -141,9 +143,11 @@ def sources(hlo_texts: list[str]) -> dict[str, str]:
                 continue
             frame = _FRAME_ID.search(m.group(2))
             where = _where(int(frame.group(1)), tables) if frame else ""
-            out.setdefault(m.group(1).replace(".", "_"),
-                           name.group(1) + (f" ({where})" if where else ""))
-    return out
+            source = name.group(1) + (f" ({where})" if where else "")
+            found = out.setdefault(m.group(1).replace(".", "_"), [])
+            if source not in found:
+                found.append(source)
+    return {kernel: " | ".join(found) for kernel, found in out.items()}
 
 
 def main() -> None:

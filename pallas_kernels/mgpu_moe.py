@@ -79,8 +79,7 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     h = jax.nn.silu(grouped(xg, w1)) * grouped(xg, w3)  # [rows, f] f32
     out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32
     # row of each assignment (rows for the ones no tile holds: a zero row, weight 0)
-    pos = jnp.full((t * k + 1,), rows, jnp.int32).at[ids].set(
-        jnp.arange(rows, dtype=jnp.int32))[:t * k]
+    pos = jnp.minimum(plan.rows, rows)
     out = jnp.concatenate([out, jnp.zeros((1, out.shape[1]), out.dtype)])
     wts = jnp.concatenate([plan.weights[:rows], jnp.zeros((1,), jnp.float32)])
     y = (out[pos] * wts[pos][:, None]).reshape(t, k, -1).sum(axis=1)

@@ -202,7 +202,7 @@ def combine(out_rows: jax.Array, plan: RoutingPlan) -> jax.Array:
     """
     t, k = plan.num_tokens, plan.top_k
     d = out_rows.shape[-1]
-    written = jnp.zeros((t * k + 1,), jnp.bool_).at[plan.sorted_ids].set(True)[:t * k]
+    written = plan.rows < plan.capacity
     rows = jnp.where(written[:, None], out_rows[:t * k].astype(jnp.float32), 0.0)
     return rows.reshape(t, k, d).sum(axis=1).astype(out_rows.dtype)
 

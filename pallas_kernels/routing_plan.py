@@ -16,11 +16,16 @@ Layout (``P`` rows, ``P // block_t`` row tiles)::
     block_expert[P//bt]  expert of each row tile; tiles after the last used one hold e.
     num_blocks  []       row tiles in use (tiles >= num_blocks are all padding; skip them).
     group_sizes [e]      assignments per expert (unpadded).
+    rows        [t*k]    row of each assignment (the inverse of sorted_ids), P if left out.
 
 Capacity rule: ``P = round_up(t*k + e*(block_t - 1), block_t)``. Each expert wastes at most
 ``block_t - 1`` padding rows, so P covers the worst case and no assignment is ever dropped;
 the shape depends only on (t, k, e, block_t), so the plan builds under ``jit`` without
 recompiling per routing decision.
+
+Building: a routing of at most ``SMALL_ASSIGNMENTS`` assignments (decode) is planned by
+comparing every pair of assignments and every row with every assignment, which XLA fuses into a
+few kernels; a larger one (prefill) by a stable sort and scatters. Both give the same plan.
 
 Out-of-range expert ids: :meth:`RoutingPlan.build` raises ``ValueError`` when ``topk_idx`` is
 concrete. Under ``jit`` the values cannot be inspected; ids outside ``[0, e)`` are then the
@@ -61,6 +66,8 @@ class RoutingPlan:
       num_blocks: [] int32, number of row tiles in use.
       group_sizes: [e] int32, assignments routed to each expert.
       weights: [P] float32, routing weight per row, 0 on padding rows.
+      rows: [t*k] int32, row of each assignment (``sorted_ids[rows[a]] == a``), P for an
+        assignment left out (out-of-range expert id).
       num_tokens, top_k, num_experts, block_t: static ints (t, k, e, rows per tile).
     """
 
@@ -69,6 +76,7 @@ class RoutingPlan:
     num_blocks: jax.Array
     group_sizes: jax.Array
     weights: jax.Array
+    rows: jax.Array
     num_tokens: int = dataclasses.field(metadata=dict(static=True))
     top_k: int = dataclasses.field(metadata=dict(static=True))
     num_experts: int = dataclasses.field(metadata=dict(static=True))
@@ -82,7 +90,8 @@ class RoutingPlan:
                   ("weights", (self.capacity,), jnp.float32),
                   ("block_expert", (self.num_tiles,), jnp.int32),
                   ("num_blocks", (), jnp.int32),
-                  ("group_sizes", (self.num_experts,), jnp.int32))
+                  ("group_sizes", (self.num_experts,), jnp.int32),
+                  ("rows", (self.num_tokens * self.top_k,), jnp.int32))
         if not are_arrays(*(getattr(self, name) for name, _, _ in fields)):
             return  # placeholder leaves (tree utilities)
         for name, shape, dtype in fields:
@@ -186,7 +195,8 @@ class RoutingPlan:
             check_finite(topk_weights, "topk_weights", ("token", "slot"))
         return _build(jnp.asarray(topk_idx).astype(jnp.int32),
                       jnp.asarray(topk_weights).astype(jnp.float32),
-                      num_experts=num_experts, block_t=block_t)
+                      num_experts=num_experts, block_t=block_t,
+                      by_comparison=t * k <= SMALL_ASSIGNMENTS)
 
 
 def _check_sizes(owner: str, num_tokens: int, top_k: int, num_experts: int,
@@ -199,9 +209,16 @@ def _round_up_array(x: jax.Array, multiple: int) -> jax.Array:
     return (x + (multiple - 1)) // multiple * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "block_t"))
-def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
-           block_t: int) -> RoutingPlan:
+# Routings of at most this many assignments are planned by comparisons (no sort, no scatter):
+# a few fused kernels on a GPU where the sort-and-scatter build launches about ten.
+SMALL_ASSIGNMENTS = 512
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "block_t", "by_comparison"))
+def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int, block_t: int,
+           by_comparison: bool) -> RoutingPlan:
+    """The plan; ``by_comparison``: ranks and rows by comparing every pair (small routings),
+    else by a stable sort and scatters. Both give the same plan."""
     t, k = topk_idx.shape
     e, n = num_experts, t * k
     cap = RoutingPlan.capacity_for(t, k, e, block_t)
@@ -210,23 +227,37 @@ def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
     valid = (expert >= 0) & (expert < e)
     # Invalid ids sort after every expert (key e) and get no row.
     key = jnp.where(valid, expert, e)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [t*k] assignment ids by expert
-    sorted_key = key[order]  # [t*k]
-
-    group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]  # [e]
+    weights_flat = topk_weights.reshape(n)
+    if by_comparison:
+        # Stable rank among same-expert assignments and expert sizes, by comparisons.
+        a = jnp.arange(n, dtype=jnp.int32)
+        same = key[:, None] == key[None, :]  # [n, n]
+        within = jnp.sum(same & (a[None, :] < a[:, None]), axis=1, dtype=jnp.int32)
+        group_sizes = jnp.sum(key[None, :] == jnp.arange(e, dtype=jnp.int32)[:, None], axis=1,
+                              dtype=jnp.int32)  # [e]
+    else:
+        order = jnp.argsort(key, stable=True).astype(jnp.int32)  # assignment ids by expert
+        group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
     padded = _round_up_array(group_sizes, block_t)  # [e]
     padded_end = jnp.cumsum(padded).astype(jnp.int32)  # [e]
     padded_start = padded_end - padded  # [e]
-    start = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)  # [e] unpadded starts
+    safe_key = jnp.minimum(key, e - 1)
 
-    # Row of the i-th sorted assignment: its expert's padded start + its rank within the expert.
-    safe_key = jnp.minimum(sorted_key, e - 1)
-    rank = jnp.arange(n, dtype=jnp.int32) - start[safe_key]
-    dest = jnp.where(sorted_key < e, padded_start[safe_key] + rank, cap)  # cap: dropped by scatter
-
-    sorted_ids = jnp.full((cap,), n, jnp.int32).at[dest].set(order, mode="drop")
-    weights = jnp.zeros((cap,), jnp.float32).at[dest].set(
-        topk_weights.reshape(n)[order], mode="drop")
+    if by_comparison:
+        rows = jnp.where(valid, padded_start[safe_key] + within, cap).astype(jnp.int32)  # [t*k]
+        hit = rows[None, :] == jnp.arange(cap, dtype=jnp.int32)[:, None]  # [P, t*k]
+        sorted_ids = jnp.min(jnp.where(hit, a[None, :], n), axis=1, initial=n).astype(jnp.int32)
+        weights = jnp.sum(jnp.where(hit, weights_flat[None, :], 0.0), axis=1)
+    else:
+        # Row of the i-th sorted assignment: its expert's padded start + its rank within it.
+        sorted_key = key[order]
+        start = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)  # unpadded starts
+        safe_sorted = jnp.minimum(sorted_key, e - 1)
+        rank = jnp.arange(n, dtype=jnp.int32) - start[safe_sorted]
+        dest = jnp.where(sorted_key < e, padded_start[safe_sorted] + rank, cap)  # cap: dropped
+        sorted_ids = jnp.full((cap,), n, jnp.int32).at[dest].set(order, mode="drop")
+        weights = jnp.zeros((cap,), jnp.float32).at[dest].set(weights_flat[order], mode="drop")
+        rows = jnp.zeros((n,), jnp.int32).at[order].set(dest.astype(jnp.int32))
 
     # Expert of tile j = number of experts whose padded run ends at or before the tile's first
     # row (empty experts end where they start, so they are skipped); e past the last used tile.
@@ -235,8 +266,8 @@ def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int,
     num_blocks = (padded_end[e - 1] // block_t).astype(jnp.int32)
 
     return RoutingPlan(sorted_ids=sorted_ids, block_expert=block_expert, num_blocks=num_blocks,
-                       group_sizes=group_sizes, weights=weights, num_tokens=t, top_k=k,
-                       num_experts=e, block_t=block_t)
+                       group_sizes=group_sizes, weights=weights, rows=rows, num_tokens=t,
+                       top_k=k, num_experts=e, block_t=block_t)
 
 
 def grouped_tiles_product(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,

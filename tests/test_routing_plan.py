@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import routing_plan
 from pallas_kernels.routing_plan import RoutingPlan
 
 
@@ -48,6 +49,10 @@ def _check_plan(plan: RoutingPlan, idx: np.ndarray, w: np.ndarray) -> None:
     np.testing.assert_array_equal(np.sort(ids[real]), np.arange(n))
     np.testing.assert_array_equal(weights[real], w.reshape(-1)[ids[real]])
     np.testing.assert_array_equal(weights[~real], 0.0)
+    # rows: the inverse of sorted_ids
+    rows = np.asarray(plan.rows)
+    chex.assert_type(plan.rows, jnp.int32)
+    np.testing.assert_array_equal(ids[rows], np.arange(n))
 
     sizes = np.bincount(idx.reshape(-1), minlength=e)
     np.testing.assert_array_equal(np.asarray(plan.group_sizes), sizes)
@@ -93,6 +98,8 @@ _LEVELS = dict(t=[1, 3, 33], k=[1, 2, 8], e=[1, 8, 64], block_t=[8, 16, 64])
 _L9 = ["0000", "0111", "0222", "1012", "1120", "1201", "2021", "2102", "2210"]
 _GRID = [tuple(_LEVELS[f][int(c)] for f, c in zip(_LEVELS, row)) for row in _L9]
 _GRID += [(33, 8, 64, 64), (33, 8, 1, 16)]
+# past SMALL_ASSIGNMENTS: planned by sort and scatters
+_GRID += [(65, 8, 64, 16)]
 
 
 @pytest.mark.parametrize("t,k,e,block_t", _GRID)
@@ -116,11 +123,29 @@ def test_build_under_jit_matches_eager(rng, block_t):
     chex.assert_equal(build._cache_size(), 1)  # one trace for every routing decision
 
 
+@pytest.mark.parametrize("t,k,e,block_t", [(1, 8, 128, 16), (3, 2, 8, 8), (33, 8, 64, 64),
+                                             (5, 4, 1, 16)])
+def test_comparison_and_sort_builds_give_the_same_plan(rng, t, k, e, block_t):
+    """Small routings are planned by comparisons, large ones by a sort: the same plan, out-of-
+    range ids (left out under jit) included."""
+    assert t * k <= routing_plan.SMALL_ASSIGNMENTS
+    for mode in ["random", "one_expert", "some_empty", "invalid"]:
+        idx = (rng.integers(-2, e + 2, size=(t, k)).astype(np.int32) if mode == "invalid"
+               else _draw(rng, t, k, e, mode))
+        w = jnp.asarray(rng.random((t, k)).astype(np.float32))
+        plans = [routing_plan._build(jnp.asarray(idx), w, num_experts=e, block_t=block_t,
+                                     by_comparison=c) for c in (True, False)]
+        for a, b in zip(jax.tree.leaves(plans[0]), jax.tree.leaves(plans[1])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if mode == "invalid":
+            assert int(plans[0].num_invalid()) == int(np.sum((idx < 0) | (idx >= e)))
+
+
 def test_plan_is_a_pytree_with_static_sizes(rng):
     idx = _draw(rng, 3, 2, 8, "random")
     plan = RoutingPlan.build(jnp.asarray(idx), jnp.ones((3, 2)), num_experts=8, block_t=8)
     leaves, treedef = jax.tree.flatten(plan)
-    assert len(leaves) == 5
+    assert len(leaves) == 6
     again = jax.tree.unflatten(treedef, leaves)
     assert (again.num_tokens, again.top_k, again.num_experts, again.block_t) == (3, 2, 8, 8)
     out = jax.jit(lambda p: p.token_ids())(plan)

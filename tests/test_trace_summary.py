@@ -44,3 +44,14 @@ def test_sources_name_the_project_line_of_each_instruction():
     where = trace_summary.sources([exe.as_text()])
     assert where and all("." not in name for name in where)  # as trace kernel names read
     assert any("layers.py:" in w and "RMSNorm.__call__" in w for w in where.values()), where
+
+
+def test_a_kernel_name_two_modules_use_lists_both_sources():
+    x = jnp.ones((4, 8), jnp.float32)
+    first = lambda x: jnp.sin(x) * 3.0  # noqa: E731 (two lines: two sources, same names)
+    second = lambda x: jnp.sin(x) * 4.0  # noqa: E731
+    texts = [jax.jit(f).lower(x).compile().as_text() for f in (first, second)]
+    where = trace_summary.sources(texts)
+    shared = [w for w in where.values() if " | " in w]
+    assert shared, where  # each module numbers its own fusions from the same names
+    assert all(len(set(w.split(" | "))) == len(w.split(" | ")) for w in shared)
