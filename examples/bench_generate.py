@@ -197,7 +197,7 @@ def long_context_decode(gen: Generator, slots: int, steps: int, repeats: int
     for _ in range(repeats + 1):  # the first run warms up
         cache = jax.block_until_ready(full_cache())
         t0 = time.perf_counter()
-        jax.block_until_ready(exe(gen.state, first, cache, key, eos, pad))
+        jax.block_until_ready(exe(gen.state, first, cache, key, eos, pad)[0])
         rates.append((steps - 1) / (time.perf_counter() - t0))  # steps - 1 decode steps
     return rates[1:], compile_s
 

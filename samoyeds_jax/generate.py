@@ -203,7 +203,8 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, cach
 
 def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cache: KVCache,
                 key: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
-                sampling: SamplingConfig, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+                sampling: SamplingConfig, max_new_tokens: int
+                ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Generate up to ``max_new_tokens`` tokens per row inside one ``lax.while_loop``.
 
     Args:
@@ -211,8 +212,10 @@ def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cach
       eos_ids: ``[n]`` int32 stop tokens (-1 entries never match); pad_id: ``[]`` int32. Both are
         traced, so changing them does not recompile.
     Returns:
-      ``(tokens [b, max_new_tokens] int32, steps [] int32)``: positions after a row's EOS hold
-      ``pad_id``; ``steps`` counts the positions written (decode steps run = steps - 1).
+      ``(tokens [b, max_new_tokens] int32, steps [] int32, cache)``: positions after a row's EOS
+      hold ``pad_id``; ``steps`` counts the positions written (decode steps run = steps - 1).
+      The cache is returned so that a caller donating it gets it updated in place (one copy of
+      the cache in device memory instead of two).
     """
     b = first.shape[0]
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -231,9 +234,9 @@ def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, first: jax.Array, cach
         done = done | is_eos(nxt, eos_ids)
         return i + 1, nxt, cache, done, key, out
 
-    steps, _, _, _, _, out = jax.lax.while_loop(
+    steps, _, cache, _, _, out = jax.lax.while_loop(
         cond, body, (jnp.ones((), jnp.int32), first, cache, done, key, out))
-    return out, steps
+    return out, steps, cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -294,7 +297,8 @@ class Generator:
         self._step = jax.jit(decode_step, static_argnums=0, static_argnames="sampling",
                              donate_argnames="cache")
         self._loop = jax.jit(decode_loop, static_argnums=0,
-                             static_argnames=("sampling", "max_new_tokens"))
+                             static_argnames=("sampling", "max_new_tokens"),
+                             donate_argnames="cache")
         self._compiled: dict[tuple, Any] = {}
 
     def _compile(self, name: str, fn, *args, **kwargs):
@@ -368,7 +372,8 @@ class Generator:
         t0 = time.perf_counter()
         if stream is None:
             eos = jnp.asarray(eos_array(self.eos_id))
-            out, steps = loop(self.state, first, cache, key, eos, jnp.asarray(self.pad_id, jnp.int32))
+            out, steps, _ = loop(self.state, first, cache, key, eos,
+                                 jnp.asarray(self.pad_id, jnp.int32))
             out = np.asarray(jax.block_until_ready(out))
             steps = int(steps)
         else:
