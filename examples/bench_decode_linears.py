@@ -11,6 +11,8 @@ o from q), inside one jitted loop over weight copies that do not fit L2 together
 * ``qkv_fused``: q|k|v concatenated into one [d, (h + 2 kv) hd] weight, one ``jnp.dot``, then o;
 * ``padded``: x padded with zero rows to ``--pad-to`` tokens, four ``jnp.dot``, the rows cut back;
 * ``qkv_fused_padded``: both;
+* ``qkv_fused_broadcast``: the fused weight with a one-token x repeated to ``--pad-to`` rows by a
+  broadcast (which XLA may fuse into the product; the pad is a kernel of its own);
 * ``linear_op``: the library's path, ``pallas_kernels.linear_op.linear`` for each projection;
 * ``gemv_<bn>x<bk>s<split>``: each projection by a split-K Pallas Triton kernel (x padded to 16
   rows, grid of column blocks x K splits, f32 partials summed by XLA), the best of four tilings
@@ -91,6 +93,15 @@ def padded(fn, pad_to: int):
     return run
 
 
+def broadcast(fn, rows: int):
+    """``fn`` on x's rows repeated to ``rows`` (a broadcast XLA may fuse into the product's
+    operand load, where a pad is a kernel of its own), the first rows kept."""
+    def run(x, w):
+        t = x.shape[0]
+        return fn(jnp.broadcast_to(x, (max(rows, t),) + x.shape[1:]) if t == 1 else x, w)[:t]
+    return run
+
+
 GEMV_TILES = ((128, 128, 8),)
 _ROWS = 16  # the smallest dot Triton takes
 
@@ -157,7 +168,8 @@ def main() -> None:
                   copy_rate_bytes_per_s=rate, results=[])
     variants = {"separate": separate, "qkv_fused": qkv_fused,
                 "padded": padded(separate, args.pad_to),
-                "qkv_fused_padded": padded(qkv_fused, args.pad_to), "linear_op": library}
+                "qkv_fused_padded": padded(qkv_fused, args.pad_to),
+                "qkv_fused_broadcast": broadcast(qkv_fused, args.pad_to), "linear_op": library}
     for bn, bk, split in GEMV_TILES:
         variants[f"gemv_{bn}x{bk}s{split}"] = gemv_variant(bn, bk, split)
     for model in args.models.split(","):
@@ -170,7 +182,7 @@ def main() -> None:
             x = jax.random.normal(jax.random.key(t), (t, d), dtype)
             ref = None
             for name, fn in variants.items():
-                if name.endswith("padded") and t >= args.pad_to:
+                if name.endswith(("padded", "broadcast")) and t >= args.pad_to:
                     continue
                 try:
                     s, y = time_loop(fn, x, ws, target_s=0.02 if args.tiny else 0.2)
