@@ -19,9 +19,10 @@ them; sparse experts drawn directly in their format) and measures with
   run (a jitted ``x + 1`` over 1 GiB), against the measured step time;
 * with ``--long-context``: batch-1 decode with a KV cache of that many slots allocated and
   filled (the memory a long context needs, and the step time of attending over it);
-* with ``--trace``: one more batch-1 generation under ``jax.profiler``, summarized per decode
-  step (``trace_summary``): device span, time some kernel runs (the rest is launch gaps), and
-  the kernels by total time, each with the source line of the HLO instruction it runs
+* with ``--trace``: batch-1 generations of ``--new-tokens`` and of 2 tokens under
+  ``jax.profiler``, their difference per decode step (``trace_summary``; the prefill cancels):
+  time some kernel runs (against the measured step: the rest is launch gaps), kernel launches,
+  and the kernels by total time, each with the source line of the HLO instruction it runs
   (``trace_summary.sources``).
 
 Decode is weight-bandwidth bound at small batch: expert bytes per token fall to ~56% (2:4) and
@@ -151,20 +152,35 @@ def _fits(args, fmt: str) -> tuple[bool, str]:
 
 
 def _trace(gen: Generator, prompts, new_tokens: int) -> dict:
-    """One generation under ``jax.profiler``: span, kernel-busy time and the top kernels, per
-    decode step (the prompt's prefill is in the trace too; at a short prompt it is small)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            gen.generate(prompts, max_new_tokens=new_tokens)
-        s = trace_summary.summarize(tmp, top=20)
+    """Decode steps under ``jax.profiler``: two generations traced, of ``new_tokens`` and of 2
+    tokens (the same prefill and one step), each compiled and run once before; their
+    difference over the extra steps is one decode step alone: the time some kernel runs, the
+    kernel launches, and the kernels by total time, each with its source line."""
+    def traced(n):
+        gen.generate(prompts, max_new_tokens=n)  # compiled outside the trace
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                steps = gen.generate(prompts, max_new_tokens=n).decode_steps
+            return trace_summary.summarize(tmp, top=None), steps
+
+    (full, steps_full), (one, steps_one) = traced(new_tokens), traced(2)
+    steps = steps_full - steps_one
+    if steps < 1:
+        raise ValueError(f"--trace needs --new-tokens >= 3, got {new_tokens}")
+    per_name: dict[str, list[float]] = {}
+    for sign, s in ((1, full), (-1, one)):
+        for name, count, dur in s["top"]:
+            row = per_name.setdefault(name, [0.0, 0.0])
+            row[0] += sign * count / steps
+            row[1] += sign * dur / steps
     where = trace_summary.sources([exe.as_text() for exe in gen.executables()])
-    steps = new_tokens - 1
-    out = dict(steps=steps, per_step_span_us=s["span_us"] / steps,
-               per_step_kernel_busy_us=s["kernel_busy_us"] / steps,
-               top=[[name, count / steps, dur / steps, where.get(name, "")]
-                    for name, count, dur in s["top"]])
-    print(f"  trace: {out['per_step_span_us']:.0f} us/step span, "
-          f"{out['per_step_kernel_busy_us']:.0f} us/step some kernel running", flush=True)
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:20]
+    out = dict(steps=steps,
+               per_step_kernel_busy_us=(full["kernel_busy_us"] - one["kernel_busy_us"]) / steps,
+               per_step_launches=(full["kernel_launches"] - one["kernel_launches"]) / steps,
+               top=[[name, count, dur, where.get(name, "")] for name, (count, dur) in top])
+    print(f"  trace: {out['per_step_kernel_busy_us']:.0f} us/step some kernel running, "
+          f"{out['per_step_launches']:.0f} kernel launches/step", flush=True)
     for name, count, dur, source in out["top"]:
         print(f"    {dur:8.1f} us/step {count:6.1f}x  {name}  {source[:120]}", flush=True)
     return out

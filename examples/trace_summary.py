@@ -56,9 +56,10 @@ def length(intervals: list[list[float]]) -> float:
     return sum(b - a for a, b in intervals)
 
 
-def summarize(path: str, top: int = 25) -> dict:
+def summarize(path: str, top: int | None = 25) -> dict:
     """GPU events of the trace: span, kernel-busy and copy-busy time (us, unions over all
-    streams), copy time under kernels, the streams, and the ``top`` names by total time."""
+    streams), copy time under kernels, kernel launches, the streams, and the ``top`` names by
+    total time (None: every name)."""
     events, file = load(path)
     meta = [e for e in events if e.get("ph") == "M"]
     process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
@@ -80,7 +81,7 @@ def summarize(path: str, top: int = 25) -> dict:
     cu = union([[e["ts"], e["ts"] + e["dur"]] for e in copies])
     span = max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu) if gpu else 0.0
     return dict(file=file, span_us=span, kernel_busy_us=length(ku), copy_busy_us=length(cu),
-                copy_under_kernel_us=length(intersect(ku, cu)),
+                copy_under_kernel_us=length(intersect(ku, cu)), kernel_launches=len(kernels),
                 streams=sorted({thread.get((e["pid"], e["tid"]), str(e["tid"])) for e in gpu}),
                 top=sorted(([n, c, d] for n, (c, d) in by_name.items()), key=lambda r: -r[2])[:top])
 

@@ -29,7 +29,7 @@ from flax import nnx
 
 from pallas_kernels.checks import expect_number, expect_positive_ints
 from samoyeds_jax.config import LinearConfig
-from samoyeds_jax.linear import Linear
+from samoyeds_jax.linear import Linear, replace_value
 
 QKNorm = Literal["none", "per_head", "full"]
 
@@ -212,10 +212,12 @@ class Attention(nnx.Module):
         if not all(isinstance(k, jax.Array) for k in kernels) or len(
                 {k.dtype for k in kernels}) != 1 or len({p.config for p in parts}) != 1:
             return False
+        # New variables, never a write into q_proj's (``replace_value``): a graph merged from
+        # this one's state (nnx.merge) shares them and keeps its unfused q/k/v.
         fused = self.q_proj
-        fused.kernel.set_value(jnp.concatenate(kernels, axis=1))
+        replace_value(fused, "kernel", jnp.concatenate(kernels, axis=1))
         if fused.bias is not None:
-            fused.bias.set_value(jnp.concatenate([p.bias.get_value() for p in parts]))
+            replace_value(fused, "bias", jnp.concatenate([p.bias.get_value() for p in parts]))
         self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
         return True
 

@@ -42,13 +42,22 @@ def apply_kernel(x: jax.Array, w: Any, *, dtype: Any, implementation: LinearImpl
                             out_dtype=out_dtype or dtype)
 
 
-def prepare_kernel(param: nnx.Param, implementation: LinearImplementation) -> str:
-    """Put the kernel held by ``param`` in the layout of the linear implementation
-    ``implementation`` resolves to for it (once, in place); returns that implementation's
-    name."""
-    w = param.get_value()
+def replace_value(module: nnx.Module, name: str, value: Any) -> None:
+    """Give ``module.name`` a new variable holding ``value`` (same type and metadata). The old
+    variable is left as it was: a graph merged from this one's state (``nnx.merge``) shares
+    it, and a layout change made here must not reach that graph."""
+    var = getattr(module, name)
+    if value is not var.get_value():
+        setattr(module, name, var.replace(value))
+
+
+def prepare_kernel(module: nnx.Module, name: str, implementation: LinearImplementation) -> str:
+    """Put the kernel ``module.name`` in the layout of the linear implementation
+    ``implementation`` resolves to for it (once, ``replace_value``); returns that
+    implementation's name."""
+    w = getattr(module, name).get_value()
     op = linear_op.resolve(implementation, w, prepared=False)
-    param.set_value(op.prepare(w))
+    replace_value(module, name, op.prepare(w))
     return op.name
 
 
@@ -89,7 +98,7 @@ class Linear(nnx.Module):
         ``implementation()``."""
         if implementation is None:
             implementation = self.config.implementation
-        chosen = prepare_kernel(self.kernel, implementation)
+        chosen = prepare_kernel(self, "kernel", implementation)
         self.config = self.config.replace(implementation=chosen)
         return self.implementation()
 

@@ -41,7 +41,7 @@ from pallas_kernels.checks import are_arrays, expect_kind, expect_positive_ints
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax.config import (ExpertImplementation, LinearConfig, MoEConfig, RouterNorm,
                                  SharedGate, SparsityConfig, check_literal)
-from samoyeds_jax.linear import apply_kernel, init_kernel, prepare_kernel
+from samoyeds_jax.linear import apply_kernel, init_kernel, prepare_kernel, replace_value
 from samoyeds_jax.routing import (RecallCounts, Routing, check_top_k, recall_counts,
                                   route_logits)
 
@@ -187,8 +187,7 @@ class SharedExperts(nnx.Module):
         ``linear.implementation``) chosen and the weights put in its layout once, in place."""
         if implementation is None:
             implementation = self.linear.implementation
-        chosen = [prepare_kernel(getattr(self, name), implementation)
-                  for name in ("w1", "w3", "w2")]
+        chosen = [prepare_kernel(self, name, implementation) for name in ("w1", "w3", "w2")]
         self.linear = self.linear.replace(implementation=chosen[0])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -319,7 +318,7 @@ class MoE(nnx.Module):
         w = self.expert_weights()
         op = expert_op.resolve(implementation, w.w1, w.w3, w.w2, prepared=False)
         for name, value in zip(("w1", "w3", "w2"), op.prepare(w.w1, w.w3, w.w2)):
-            getattr(self, name).set_value(value)
+            replace_value(self, name, value)  # a merged copy's variables stay as they were
         self.config = self.config.replace(implementation=op.name)
         return self.implementation()
 

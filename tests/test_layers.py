@@ -151,6 +151,20 @@ def test_fuse_qkv_joins_the_projections_and_keeps_the_output(rng, qk_norm, bias,
     chex.assert_trees_all_close(_attend(attn, x), before, rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_qkv_of_a_merged_copy_leaves_the_original_intact():
+    """A copy merged from the original's state shares its variables: fusing the copy must not
+    write into them (the original keeps its q/k/v and its output)."""
+    c = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    original = Attention(c, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32)).astype(np.float32)
+    before = _attend(original, x)
+    copy = nnx.merge(*nnx.split(original))
+    assert copy.fuse_qkv()
+    assert not original.fused and original.q_proj.kernel.shape == (32, 32)
+    chex.assert_trees_all_close(_attend(original, x), before, rtol=0, atol=0)
+    chex.assert_trees_all_close(_attend(copy, x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_qkv_leaves_sparse_kernels_apart():
     from samoyeds_jax.config import LinearConfig
     c = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8)

@@ -166,6 +166,12 @@ def test_moe_layer_hopper_layout_matches_xla(rng, kind, kernel, layout):
                       TransposedSparse)  # f16: expand
 
 
+SMALL_MIXTRAL = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                 "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 97,
+                 "rms_norm_eps": 1e-5, "rope_theta": 1e4, "torch_dtype": "bfloat16"}
+
+
 def test_model_with_hopper_layout_matches_xla():
     """A whole (small) Mixtral-style model: experts moved to the Hopper layout in place give the
     logits of the xla implementation on the same weights."""
@@ -173,12 +179,8 @@ def test_model_with_hopper_layout_matches_xla():
 
     from samoyeds_jax.model import ModelConfig, MoETransformer
 
-    hf = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-          "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 97,
-          "rms_norm_eps": 1e-5, "rope_theta": 1e4, "torch_dtype": "bfloat16"}
-    ref = MoETransformer(ModelConfig.from_hf(hf, expert_format="nm", implementation="xla"),
-                         rngs=nnx.Rngs(0))
+    ref = MoETransformer(ModelConfig.from_hf(SMALL_MIXTRAL, expert_format="nm",
+                                             implementation="xla"), rngs=nnx.Rngs(0))
     hop = nnx.clone(ref)
     for block in hop.layers:
         assert block.mlp.prepare("mosaic_sparse_mma").startswith("mosaic_sparse_mma")
@@ -189,3 +191,25 @@ def test_model_with_hopper_layout_matches_xla():
     got, _ = hop(tokens)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=5e-2, atol=5e-2 * float(jnp.abs(want).max()))
+
+
+def test_preparing_a_merged_copy_leaves_the_original_intact():
+    """``nnx.merge(*nnx.split(model))`` shares the model's variables: ``prepare`` on the copy
+    (Hopper layouts, q/k/v joined) gives it new variables and leaves the original's values,
+    structure and logits as they were."""
+    from flax import nnx
+
+    from samoyeds_jax.model import ModelConfig, MoETransformer
+
+    ref = MoETransformer(ModelConfig.from_hf(SMALL_MIXTRAL, expert_format="nm"),
+                         rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.arange(2 * 5).reshape(2, 5) % 97, jnp.int32)
+    want, _ = ref(tokens)
+    copy = nnx.merge(*nnx.split(ref))
+    copy.prepare("mosaic_sparse_mma")
+    assert isinstance(copy.layers[0].mlp.w1.get_value(), WgmmaSparseA)
+    assert copy.layers[0].self_attn.fused
+    assert not isinstance(ref.layers[0].mlp.w1.get_value(), WgmmaSparseA)
+    assert not ref.layers[0].self_attn.fused
+    got, _ = ref(tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
