@@ -15,7 +15,7 @@ import numpy as np
 from pallas_kernels.checks import expect_number
 
 if TYPE_CHECKING:
-    from samoyeds_jax.model import ModelConfig
+    from samoyeds_jax.model_config import ModelConfig
 
 Path = tuple[str | int, ...]
 
