@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from samoyeds_jax import prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
+from samoyeds_jax.linear import replace_value
 from samoyeds_jax.model import DecoderBlock, MoETransformer, expert_half
 from samoyeds_jax.scan import alike
 
@@ -316,7 +317,7 @@ def to_compressed(model: MoETransformer, config: pruning.PruneConfig | None, *,
             w = getattr(mlp, name).get_value()
             if hasattr(w, "to_dense"):
                 raise ValueError(f"experts are already stored as {type(w).__name__}")
-            getattr(mlp, name).set_value(pruning.convert(w, stored))
+            replace_value(mlp, name, pruning.convert(w, stored))
         mlp.config = mlp.config.replace(expert_format=config.format, sparsity=sparsity)
     model.config = model.config.replace(moe=dict(expert_format=config.format, sparsity=sparsity))
 
@@ -326,14 +327,14 @@ def _linears_to_compressed(model: MoETransformer, config: pruning.PruneConfig) -
     linear = model.config.linear.replace(format=config.format, sparsity=sparsity_config(config))
     for block in model.layers:
         projections = list(block.self_attn.projections().values())
-        holders = [lin.kernel for lin in projections]
+        holders = [(lin, "kernel") for lin in projections]
         if block.mlp.shared is not None:
-            holders += [getattr(block.mlp.shared, n) for n in ("w1", "w3", "w2")]
-        for holder in holders:
-            w = holder.get_value()
+            holders += [(block.mlp.shared, n) for n in ("w1", "w3", "w2")]
+        for module, name in holders:
+            w = getattr(module, name).get_value()
             if hasattr(w, "to_dense"):
                 raise ValueError(f"linears are already stored as {type(w).__name__}")
-            holder.set_value(pruning.convert(w, stored))
+            replace_value(module, name, pruning.convert(w, stored))
         for lin in projections:
             lin.config = linear
         if block.mlp.shared is not None:

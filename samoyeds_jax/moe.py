@@ -297,7 +297,7 @@ class MoE(nnx.Module):
         calib = None if calibration is None else {"experts": calibration}
         converted, report = pruning.prune_experts(params, prune_config, calib, progress=False)
         for name in ("w1", "w3", "w2"):
-            getattr(self, name).set_value(converted["experts"][name])
+            replace_value(self, name, converted["experts"][name])  # as in prepare
         return report
 
     def implementation(self) -> str:

@@ -335,3 +335,16 @@ def test_sparse_experts_are_drawn_in_the_format_without_pruning(monkeypatch, fmt
     abstract = nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0)))
     assert abstract.w1.get_value().shape == (2, 128, 128)
     assert isinstance(abstract.w1.get_value(), jax.ShapeDtypeStruct)
+
+
+def test_sparsifying_a_merged_copy_leaves_the_original_dense():
+    """``nnx.merge(*nnx.split(moe))`` shares the layer's variables: ``to_format`` on the copy gives
+    it new ones, and the original keeps its dense experts and its output."""
+    moe = MoE(_config(d_model=32, d_ff=64), rngs=nnx.Rngs(6))  # 2:4 needs K % 32 == 0
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((5, 32)), jnp.float32)
+    want, _ = moe(x)
+    copy = nnx.merge(*nnx.split(moe))
+    copy.to_format("nm")
+    assert hasattr(copy.w1.get_value(), "to_dense")
+    assert isinstance(moe.w1.get_value(), jax.Array)
+    np.testing.assert_array_equal(np.asarray(moe(x)[0]), np.asarray(want))
