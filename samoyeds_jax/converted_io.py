@@ -52,7 +52,7 @@ from pallas_kernels.format_registry import FORMATS
 from samoyeds_jax import atomic, families
 from samoyeds_jax.config import ExpertImplementation, LinearConfig, MoEConfig, SparsityConfig
 from samoyeds_jax.expert_store import check_experts_memory, place_experts
-from samoyeds_jax.hf_import import ShardReader
+from samoyeds_jax.hf_files import ShardReader
 from samoyeds_jax.layers import AttentionConfig
 from samoyeds_jax.model import ModelConfig, MoETransformer
 from samoyeds_jax.param_layout import (_abstract_model, _array_fields, _check_layout, _describe,
