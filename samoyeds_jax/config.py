@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.checks import expect_ints, expect_kind, expect_number, expect_positive_ints
 from pallas_kernels import linear_op
 from pallas_kernels.expert_op import check_implementation
 from pallas_kernels.format_registry import format_names, get_format
+
+FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""The floating dtypes a model's parameters and activations may have, by their names in a
+``config.json`` (``torch_dtype``) or a ``dtype=`` argument."""
 
 RouterNorm = Literal["softmax_topk", "topk_softmax"]
 """How router logits [t, e] become top-k weights [t, k].

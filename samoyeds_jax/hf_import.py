@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 from pallas_kernels.checks import expect_float_dtype
 from pallas_kernels.format_registry import get_format
 from samoyeds_jax import families, pruning
-from samoyeds_jax.config import ExpertFormat, ExpertImplementation, PregateMode, SparsityConfig
+from samoyeds_jax.config import (FLOAT_DTYPES, ExpertFormat, ExpertImplementation, PregateMode,
+                                 SparsityConfig)
 from samoyeds_jax.expert_store import check_experts_memory, place_experts
 from samoyeds_jax.families import Family
 from samoyeds_jax.hf_files import ShardReader, read_hf_config
@@ -71,7 +72,6 @@ from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _do
 
 __all__ = ["ShardReader", "load_hf_checkpoint", "read_hf_config"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 # ----------------------------------------------------------------------------- dtype
@@ -81,9 +81,9 @@ def _as_dtype(dtype: Any) -> Any:
     if dtype is None:
         return None
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        return _DTYPES[dtype]
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
+        return FLOAT_DTYPES[dtype]
     expect_float_dtype("load_hf_checkpoint", dtype=dtype)
     return dtype
 
@@ -92,10 +92,10 @@ def _config_dtype(hf: Mapping[str, Any], directory: str) -> Any:
     """config.json's ``torch_dtype`` (transformers < 5) or ``dtype``; float32 when absent."""
     key = "torch_dtype" if "torch_dtype" in hf else "dtype"
     name = str(hf.get(key) or "float32")
-    if name not in _DTYPES:
+    if name not in FLOAT_DTYPES:
         raise ValueError(f"{os.path.join(directory, 'config.json')}: {key} must be one of "
-                         f"{sorted(_DTYPES)}, found {name!r}; pass dtype= to load it anyway")
-    return _DTYPES[name]
+                         f"{sorted(FLOAT_DTYPES)}, found {name!r}; pass dtype= to load it anyway")
+    return FLOAT_DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- import

@@ -12,13 +12,12 @@ import jax.numpy as jnp
 from pallas_kernels.checks import (expect_float_dtype, expect_kind, expect_number,
                                    expect_positive_ints)
 from samoyeds_jax import families
-from samoyeds_jax.config import (ExpertFormat, ExpertImplementation, LinearConfig, MoEConfig,
-                                 PregateMode, check_token_ids)
+from samoyeds_jax.config import (FLOAT_DTYPES, ExpertFormat, ExpertImplementation, LinearConfig,
+                                 MoEConfig, PregateMode, check_token_ids)
 from samoyeds_jax.layers import AttentionConfig
 
 SUPPORTED_ARCHITECTURES = families.SUPPORTED_ARCHITECTURES
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,7 +150,7 @@ class ModelConfig:
         if dtype is None or param_dtype is None:
             # transformers < 5 writes "torch_dtype", later versions "dtype".
             name = str(hf.get("torch_dtype", hf.get("dtype", "float32")))
-            torch_dtype = _DTYPES.get(name, jnp.float32)
+            torch_dtype = FLOAT_DTYPES.get(name, jnp.float32)
             dtype = dtype or torch_dtype
             param_dtype = param_dtype or torch_dtype
         eos = hf.get("eos_token_id")
