@@ -98,7 +98,7 @@ _LEVELS = dict(t=[1, 3, 33], k=[1, 2, 8], e=[1, 8, 64], block_t=[8, 16, 64])
 _L9 = ["0000", "0111", "0222", "1012", "1120", "1201", "2021", "2102", "2210"]
 _GRID = [tuple(_LEVELS[f][int(c)] for f, c in zip(_LEVELS, row)) for row in _L9]
 _GRID += [(33, 8, 64, 64), (33, 8, 1, 16)]
-# past SMALL_ASSIGNMENTS: planned by sort and scatters
+# past SMALL_ASSIGNMENTS (planned by sort and scatters on a GPU too)
 _GRID += [(65, 8, 64, 16)]
 
 
@@ -126,8 +126,8 @@ def test_build_under_jit_matches_eager(rng, block_t):
 @pytest.mark.parametrize("t,k,e,block_t", [(1, 8, 128, 16), (3, 2, 8, 8), (33, 8, 64, 64),
                                              (5, 4, 1, 16)])
 def test_comparison_and_sort_builds_give_the_same_plan(rng, t, k, e, block_t):
-    """Small routings are planned by comparisons, large ones by a sort: the same plan, out-of-
-    range ids (left out under jit) included."""
+    """Small routings are planned by comparisons on a GPU, everything else by a sort: the same
+    plan, out-of-range ids (left out under jit) included."""
     assert t * k <= routing_plan.SMALL_ASSIGNMENTS
     for mode in ["random", "one_expert", "some_empty", "invalid"]:
         idx = (rng.integers(-2, e + 2, size=(t, k)).astype(np.int32) if mode == "invalid"
