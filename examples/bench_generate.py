@@ -400,7 +400,20 @@ def main() -> None:
                   f"{statistics.median(rates):10.1f} tok/s", flush=True)
             for slots in (int(n) for n in args.long_context.split(",") if n):
                 steps = 17  # 16 decode steps after the first token
-                rates, compile_s = long_context_decode(gen, slots, steps, args.repeats)
+                try:
+                    rates, compile_s = long_context_decode(gen, slots, steps, args.repeats)
+                except jax.errors.JaxRuntimeError as err:  # out of memory: record it, go on
+                    if "RESOURCE_EXHAUSTED" not in str(err):
+                        raise
+                    gc.collect()
+                    why = str(err).splitlines()[0][:300]
+                    results.append(dict(kind="decode_long_context", format=fmt,
+                                        implementation=impl, batch=1, kv_slots=slots,
+                                        does_not_fit=why, peak_mib_so_far=_peak_mib()))
+                    write_json(args.out, report)
+                    print(f"{fmt:9s} {impl:6s} batch 1 with {slots} KV slots: does not fit "
+                          f"the device: {why}", flush=True)
+                    continue
                 step_s = 1 / statistics.median(rates)
                 need = bytes_per_decode_step(model, 1, slots)
                 peak = _peak_mib()
