@@ -223,6 +223,15 @@ def _peak_mib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
+def _out_of_memory(err: jax.errors.JaxRuntimeError) -> str:
+    """The first line of a device out-of-memory error (memory collected again); any other
+    runtime error is raised on."""
+    if "RESOURCE_EXHAUSTED" not in str(err):
+        raise err
+    gc.collect()
+    return str(err).splitlines()[0][:300]
+
+
 def _does_not_fit(args, report: dict, fmt: str, why: str) -> None:
     """Record and say that the ``fmt`` model does not fit the device."""
     report.setdefault("does_not_fit", {})[fmt] = why
@@ -338,11 +347,8 @@ def main() -> None:
             base = MoETransformer(_config(args, fmt), rngs=nnx.Rngs(0))
             jax.block_until_ready(nnx.state(base))
         except jax.errors.JaxRuntimeError as err:  # does not fit this device: say so, go on
-            if "RESOURCE_EXHAUSTED" not in str(err):
-                raise
             base = None
-            gc.collect()
-            _does_not_fit(args, report, fmt, str(err).splitlines()[0][:300])
+            _does_not_fit(args, report, fmt, _out_of_memory(err))
             continue
         build_s = time.perf_counter() - t0
         vocab = base.config.vocab_size
@@ -403,10 +409,7 @@ def main() -> None:
                 try:
                     rates, compile_s = long_context_decode(gen, slots, steps, args.repeats)
                 except jax.errors.JaxRuntimeError as err:  # out of memory: record it, go on
-                    if "RESOURCE_EXHAUSTED" not in str(err):
-                        raise
-                    gc.collect()
-                    why = str(err).splitlines()[0][:300]
+                    why = _out_of_memory(err)
                     results.append(dict(kind="decode_long_context", format=fmt,
                                         implementation=impl, batch=1, kv_slots=slots,
                                         does_not_fit=why, peak_mib_so_far=_peak_mib()))
