@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         results["dense_control"] = {"bits_per_byte": control.bits_per_byte,
                                     "vs_dense": paired_difference(control, base)}
         print(f"dense control: {control.bits_per_byte:.4f} bits/byte", flush=True)
+        write_json(args.out, results)
     for weight in args.weights:
         for agreement in args.agreement:
             run = _run(args, weight, agreement, dense, train_ids, streams, tokens, ecfg, base,
