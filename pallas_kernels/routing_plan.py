@@ -244,10 +244,10 @@ def _build(topk_idx: jax.Array, topk_weights: jax.Array, *, num_experts: int, bl
     padded = _round_up_array(group_sizes, block_t)  # [e]
     padded_end = jnp.cumsum(padded).astype(jnp.int32)  # [e]
     padded_start = padded_end - padded  # [e]
-    safe_key = jnp.minimum(key, e - 1)
 
     if by_comparison:
-        rows = jnp.where(valid, padded_start[safe_key] + within, cap).astype(jnp.int32)  # [t*k]
+        start = padded_start[jnp.minimum(key, e - 1)]  # [t*k] its expert's first row
+        rows = jnp.where(valid, start + within, cap).astype(jnp.int32)  # [t*k]
         hit = rows[None, :] == jnp.arange(cap, dtype=jnp.int32)[:, None]  # [P, t*k]
         sorted_ids = jnp.min(jnp.where(hit, a[None, :], n), axis=1, initial=n).astype(jnp.int32)
         weights = jnp.sum(jnp.where(hit, weights_flat[None, :], 0.0), axis=1)

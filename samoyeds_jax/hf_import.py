@@ -73,7 +73,6 @@ from samoyeds_jax.param_layout import (Path, _abstract_model, _check_layout, _do
 __all__ = ["ShardReader", "load_hf_checkpoint", "read_hf_config"]
 
 
-
 # ----------------------------------------------------------------------------- dtype
 
 
