@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                 xp = mg._tiled_x(jnp.pad(x, ((0, t_pad - t), (0, 0))), 256)
 
                 def kernel_only(xp, w, cfg=cfg):
-                    return mg._call(xp, w.values, w.meta, **mg._static(cfg, w))
+                    return mg._call(xp, ((w.values, w.meta),), **mg._static(cfg, w))
 
                 timed(dict(shape=name, k=k, n=n_out, t=t, op=op, variant="mgpu_kernel_only",
                            bytes=w0.nbytes + io_bytes),

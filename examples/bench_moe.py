@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from pallas_kernels import moe_tiles as mt
 from pallas_kernels.formats import NMSparse, SamoyedsSparse, pack_meta
 from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.sparse_mma_layout import to_wgmma_sp
+from pallas_kernels.sparse_mma_matmul import wgmma_sp_grouped_matmul
 from pallas_kernels.transposed_format import TransposedSparse
 
 # name: (d_model, d_ff, experts, top_k, moe layers); from the models' config.json files.
@@ -66,10 +68,12 @@ MODEL_FACTS = {
     "qwen1.5-moe-a2.7b": dict(total_params=14.3e9, kv_bytes_per_token=24 * 2 * 16 * 128 * 2),
 }
 TOKENS = (1, 16, 64, 256, 1024, 4096)
-VARIANTS = ("rd", "fused", "nm24", "samoyeds", "nm24_h", "samoyeds_h", "nm24_sp", "samoyeds_sp")
+VARIANTS = ("rd", "fused", "nm24", "samoyeds", "nm24_h", "samoyeds_h", "nm24_sp", "samoyeds_sp",
+            "nm24_sp3", "samoyeds_sp3")
 # *_h / *_sp: the same 2:4 / Samoyeds weights in a Hopper layout, run by the expert-grouped
 # Mosaic GPU kernels (``mgpu_moe``): *_h TransposedSparse (expanded in registers, dense wgmma),
 # *_sp WgmmaSparseA (sparse tensor cores); the others run the Pallas Triton kernels.
+# *_sp3: the *_sp weights with gate and up in two launches instead of one (three a layer).
 HOPPER = {"nm24_h": TransposedSparse.from_nm, "samoyeds_h": TransposedSparse.from_samoyeds,
           "nm24_sp": to_wgmma_sp, "samoyeds_sp": to_wgmma_sp}
 ROTATE_BYTES = 200e6  # dense weight bytes touched per loop iteration, at least (> 4x L2)
@@ -134,6 +138,14 @@ def nbytes(w) -> int:
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+def one_launch_per_stack(x, tile_expert, num_tiles, a, **kw) -> jax.Array:
+    """``wgmma_sp_grouped_matmul`` with one launch per stack (gate and up apart): the same-run
+    baseline of the joined gate/up launch."""
+    stacks = a if isinstance(a, (tuple, list)) else (a,)
+    return jnp.concatenate([wgmma_sp_grouped_matmul(x, tile_expert, num_tiles, s, **kw)
+                            for s in stacks], axis=1)
 
 
 def make_loop(fn: Callable, config) -> Callable:
@@ -291,8 +303,13 @@ def main() -> int:
                     results.setdefault("skipped", []).append(dict(model=model, variant=v,
                                                                   error=str(exc)))
                     print(f"   {v} skipped: {exc}", flush=True)
+        for v in ("nm24_sp3", "samoyeds_sp3"):
+            if v in args.variants and v[:-1] in weights:
+                weights[v] = weights[v[:-1]]
         fns = {v: mm.moe_ffn for v in VARIANTS}
         fns.update({v: mgpu_moe.moe_ffn_mgpu for v in HOPPER})
+        fns.update({v: functools.partial(mgpu_moe.moe_ffn_mgpu, matmul=one_launch_per_stack)
+                    for v in ("nm24_sp3", "samoyeds_sp3")})
         fns["rd"] = lambda x, plan, w1, w3, w2, config: expert_op.ragged_dot_experts(
             x, plan, w1, w3, w2)
         for t in args.tokens:
@@ -314,7 +331,7 @@ def main() -> int:
             row = dict(model=model, tokens=t, block_t=bt, layers=n_layers)
             outs = {}
             for v in args.variants:
-                if v == "rd" or v in HOPPER:
+                if v == "rd" or v in HOPPER or v.endswith("_sp3"):
                     config = None
                 else:
                     kw = overrides.get(v, {}).get(str(t))
@@ -387,14 +404,15 @@ def main() -> int:
     save()
 
     print("\nmodel               tokens   rd_us  fused_us   nm24_us   sam_us  nm24_h  sam_h"
-          " nm24_sp sam_sp  sam_sp/rd sam_sp/fused")
+          " nm24_sp sam_sp  sam_sp/rd sam_sp/fused  sp3/sp")
     for row in results["rows"]:
         def us(v):
             return row.get(v, {}).get("us", float("nan"))
         print(f"{row['model']:18s} {row['tokens']:6d} {us('rd'):8.1f} {us('fused'):9.1f} "
               f"{us('nm24'):9.1f} {us('samoyeds'):8.1f} {us('nm24_h'):7.1f} "
               f"{us('samoyeds_h'):6.1f} {us('nm24_sp'):7.1f} {us('samoyeds_sp'):6.1f} "
-              f"{us('rd') / us('samoyeds_sp'):10.2f} {us('fused') / us('samoyeds_sp'):12.2f}")
+              f"{us('rd') / us('samoyeds_sp'):10.2f} {us('fused') / us('samoyeds_sp'):12.2f} "
+              f"{us('samoyeds_sp3') / us('samoyeds_sp'):7.2f}")
     for mb in results["max_batch"]:
         print(f"max batch {mb['model']:18s} " + "  ".join(
             f"seq{s}: dense={mb[f'seq{s}']['dense']} samoyeds={mb[f'seq{s}']['samoyeds']}"

@@ -89,6 +89,34 @@ def expect_kind(name: str, obj: Any, kinds: type | tuple[type, ...], expected: s
         raise TypeError(f"{name} must be {expected}, got {_describe(obj)}")
 
 
+def expect_stacks(name: str, stacks: Any, kinds: type | tuple[type, ...],
+                  expected: str) -> tuple:
+    """One weight stack, or a non-empty tuple or list of stacks of one kind, layout, shape and
+    dtype (several products of one input in one launch), as a tuple. TypeError for the wrong
+    kind, ValueError for an empty sequence or stacks that are not alike."""
+    seq = tuple(stacks) if isinstance(stacks, (tuple, list)) else (stacks,)
+    if not seq:
+        raise ValueError(f"{name} must be {expected} or a sequence of them, got an empty "
+                         f"{type(stacks).__name__}")
+    for i, s in enumerate(seq):
+        expect_kind(name if len(seq) == 1 else f"{name}[{i}]", s, kinds, expected)
+    first, first_leaves = seq[0], jax.tree.leaves(seq[0])
+    for i, s in enumerate(seq[1:], 1):
+        leaves = jax.tree.leaves(s)
+        if (type(s) is not type(first) or jax.tree.structure(s) != jax.tree.structure(first)
+                or any((a.shape, a.dtype) != (b.shape, b.dtype)
+                       for a, b in zip(leaves, first_leaves))):
+            raise ValueError(f"{name}[{i}] must be like {name}[0] (one kind, layout, shape and "
+                             f"dtype): {name}[0] is {_describe(first)} {_leaf_shapes(first)}, "
+                             f"{name}[{i}] is {_describe(s)} {_leaf_shapes(s)}")
+    return seq
+
+
+def _leaf_shapes(obj: Any) -> str:
+    return "[" + ", ".join(f"{jnp.dtype(a.dtype).name}{list(a.shape)}"
+                           for a in jax.tree.leaves(obj)) + "]"
+
+
 def _describe(obj: Any) -> str:
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         return f"{type(obj).__name__} of shape {tuple(obj.shape)} and dtype {obj.dtype}"

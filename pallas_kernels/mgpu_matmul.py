@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.checks import expect_kind
+from pallas_kernels.checks import expect_kind, expect_stacks
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
 
@@ -103,25 +104,26 @@ def mgpu_matmul(x: jax.Array, w: TransposedSparse, *, config: MgpuMatmulConfig |
     cfg = resolve_config(config, t=t, w=w)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
-    parts = _call(_tiled_x(x, w.tk), w.values, w.meta, **_static(cfg, w))
+    parts = _call(_tiled_x(x, w.tk), ((w.values, w.meta),), **_static(cfg, w))
     return split_sum(parts, paired=w.paired)[:t].astype(out_dt)
 
 
 def mgpu_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
-                                  w: TransposedSparse, *, block_t: int,
+                                  w: TransposedSparse | Sequence, *, block_t: int,
                                   config: MgpuMatmulConfig | None = None) -> jax.Array:
     """Per token tile i: ``x[tile i] @ W[tile_expert[i]]``, zeros for tiles >= num_tiles (jnp).
 
-    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; w: stack [e, K, N].
-    Returns [n*block_t, N] float32.
+    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; w: stack [e, K, N], or a
+    sequence of such stacks (their products side by side). Returns [n*block_t, N or s*N] float32.
     """
     del config
-    _check_grouped(x, tile_expert, w, block_t)
-    return grouped_tiles_product(x, tile_expert, num_tiles, w.to_dense(), block_t)
+    stacks = _check_grouped(x, tile_expert, w, block_t)
+    return jnp.concatenate([grouped_tiles_product(x, tile_expert, num_tiles, s.to_dense(), block_t)
+                            for s in stacks], axis=1)
 
 
 def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
-                        w: TransposedSparse, *, block_t: int,
+                        w: TransposedSparse | Sequence, *, block_t: int,
                         config: MgpuMatmulConfig | None = None) -> jax.Array:
     """Expert-grouped ``mgpu_matmul``: token tile i of x times expert ``tile_expert[i]``.
 
@@ -133,21 +135,28 @@ def mgpu_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Arr
       x: [n*block_t, K] bf16/f16, token rows grouped by expert (``RoutingPlan`` row tiles).
       tile_expert: [n] int32, expert of each tile (only tiles < num_tiles are read).
       num_tiles: [] int32, tiles in use.
-      w: ``TransposedSparse`` expert stack, dense [e, K, N].
+      w: ``TransposedSparse`` expert stack, dense [e, K, N]; or a sequence of s such stacks of
+        one shape and format (e.g. a MoE layer's gate and up), multiplied in the same launch.
       block_t: rows per tile: a multiple of 8 in [8, 128].
       config: ``splits`` and ``stages`` (``block_t`` comes from the argument).
 
     Returns:
-      [n*block_t, N] float32.
+      [n*block_t, N] float32; [n*block_t, s*N] for s stacks, stack j's product in columns
+      [j*N, (j+1)*N).
     """
-    n = _check_grouped(x, tile_expert, w, block_t)
+    stacks = _check_grouped(x, tile_expert, w, block_t)
+    n = x.shape[0] // block_t
     cfg = dataclasses.replace(config or MgpuMatmulConfig(), block_t=block_t)
-    one = jax.tree.map(lambda a: a[0], w)
+    first = stacks[0]
+    one = jax.tree.map(lambda a: a[0], first)
     # every live tile is one program column: size the K split for min(n, e) of them
-    cfg = resolve_config(cfg, t=min(n, w.values.shape[0]) * block_t, w=one)
-    parts = _call(_tiled_x(x, w.tk), w.values.reshape(-1, w.rows, w.tk // 2),
-                  w.meta.reshape(-1, w.rows, w.tk // 16), tile_expert.astype(jnp.int32),
-                  jnp.reshape(num_tiles, (1,)).astype(jnp.int32), **_static(cfg, one))
+    cfg = resolve_config(cfg, t=min(n, first.values.shape[0]) * block_t, w=one,
+                         stacks=len(stacks))
+    parts = _call(_tiled_x(x, first.tk),
+                  tuple((s.values.reshape(-1, s.rows, s.tk // 2),
+                         s.meta.reshape(-1, s.rows, s.tk // 16)) for s in stacks),
+                  tile_expert.astype(jnp.int32), jnp.reshape(num_tiles, (1,)).astype(jnp.int32),
+                  **_static(cfg, one))
     return split_sum(parts, paired=one.paired)
 
 
@@ -173,9 +182,10 @@ def split_sum(parts: jax.Array, *, paired: bool) -> jax.Array:
     return yt.T
 
 
-def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
-                   block_t: int) -> int:
-    expect_kind("w", w, TransposedSparse, "a TransposedSparse expert stack [e, K, N]")
+def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: Any, block_t: int) -> tuple:
+    """The stacks of ``w`` (one, or a sequence of alike ones) once x and the tiles fit them."""
+    stacks = expect_stacks("w", w, TransposedSparse, "a TransposedSparse expert stack [e, K, N]")
+    w = stacks[0]
     if w.values.ndim != 4:
         raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got dense "
                          f"shape {w.shape}")
@@ -187,18 +197,19 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: TransposedSparse,
     if tile_expert.shape != (n,):
         raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
     _check_dtype_rows(x, w)
-    return n
+    return stacks
 
 
-def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSparse
-                   ) -> MgpuMatmulConfig:
-    """Fill ``block_t`` and ``splits`` and check the config against this problem."""
+def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSparse,
+                   stacks: int = 1) -> MgpuMatmulConfig:
+    """Fill ``block_t`` and ``splits`` and check the config against this problem (``stacks``
+    weights of ``w``'s shape in one launch)."""
     cfg = config or MgpuMatmulConfig()
     kt = w.k // w.tk
     block_t = cfg.block_t if cfg.block_t is not None else min(64, -(-t // 8) * 8)
     if block_t % 8 or not 8 <= block_t <= 128:
         raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
-    programs = w.rows // BLOCK_M * -(-t // block_t)
+    programs = stacks * w.rows // BLOCK_M * -(-t // block_t)
     splits = cfg.splits
     if splits is None:
         per_sm = next(v for bt, v in sorted(PROGRAMS_PER_SM.items()) if block_t <= bt)
@@ -273,9 +284,12 @@ def _expand_and_mma(accs, x_smem, v_smem, m_smem, *, paired: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("paired", "block_t", "splits", "stages"))
-def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, block_t: int,
+def _call(xp, stacks, tile_expert=None, num_tiles=None, *, paired: bool, block_t: int,
           splits: int, stages: int):
-    """xp [kt*4, t_pad, tk/4], values [kt, R, tk/2], meta [kt, R, C] -> [S, P, R, t_pad] f32.
+    """xp [kt*4, t_pad, tk/4]; stacks: one or more weights of one shape, each (values
+    [kt, R, tk/2], meta [kt, R, C]) -> [S, P, len(stacks)*R, t_pad] f32, the stacks' rows one
+    after the other. A program's 64 rows lie in one stack: each stack has its own pipeline, in a
+    branch taken by the programs of its rows.
 
     Grouped (expert stacks, merged with the K tiles): values [e*kt, R, tk/2], meta
     [e*kt, R, C], ``tile_expert`` [t_pad // block_t] int32 (the expert of each token tile) and
@@ -286,41 +300,50 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
 
     grouped = tile_expert is not None
     kt = xp.shape[0] // 4
-    c = meta.shape[-1]
+    c = stacks[0][1].shape[-1]
     t_pad = xp.shape[1]
-    rows = values.shape[-2]
+    rows = stacks[0][0].shape[-2]
+    m_tiles = rows // BLOCK_M  # per stack
     steps = kt // splits
     n_acc = 2 if paired else 1
     size = xp.dtype.itemsize
 
     def body(*refs, o_smem):
         if grouped:
-            te_gmem, nt_gmem, x_gmem, v_gmem, m_gmem, o_gmem = refs
-        else:
-            x_gmem, v_gmem, m_gmem, o_gmem = refs
+            te_gmem, nt_gmem, *refs = refs
+        x_gmem, *w_refs, o_gmem = refs
         mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
 
         def run(*accs):
             def step(_, x_smem, v_smem, m_smem):
                 _expand_and_mma(accs, x_smem, v_smem.at[0], m_smem.at[0], paired=paired)
 
-            def pipeline(e=0):
+            def pipeline(stack, e=0):
+                v_gmem, m_gmem = w_refs[2 * stack:2 * stack + 2]
                 k0 = si * steps
                 w0 = e * kt + k0  # first weight K tile (expert stacks merged with K tiles)
+                mloc = mi - stack * m_tiles  # the 64-row block inside this stack
                 plgpu.emit_pipeline(
                     step, grid=(steps,), max_concurrent_steps=stages,
                     in_specs=[
                         plgpu.BlockSpec((4, block_t, 4 * c), lambda k: (k0 + k, ti, 0),
                                         transforms=_transforms(4 * c * size, size)),
-                        plgpu.BlockSpec((1, BLOCK_M, 8 * c), lambda k: (w0 + k, mi, 0),
+                        plgpu.BlockSpec((1, BLOCK_M, 8 * c), lambda k: (w0 + k, mloc, 0),
                                         transforms=_transforms(8 * c * size, size)),
-                        plgpu.BlockSpec((1, BLOCK_M, c), lambda k: (w0 + k, mi, 0)),
+                        plgpu.BlockSpec((1, BLOCK_M, c), lambda k: (w0 + k, mloc, 0)),
                     ])(x_gmem, v_gmem, m_gmem)
 
-            if grouped:  # the accumulators start at zero: skipped tiles store zeros
-                pl.when(ti < nt_gmem[0])(lambda: pipeline(te_gmem[ti]))
-            else:
-                pipeline()
+            # the accumulators start at zero: skipped tiles store zeros
+            live = ti < nt_gmem[0] if grouped else None
+            for stack in range(len(stacks)):
+                go = functools.partial(lambda st: pipeline(st, te_gmem[ti]) if grouped
+                                       else pipeline(st), stack)
+                here = mi // m_tiles == stack if len(stacks) > 1 else None
+                cond = [p for p in (live, here) if p is not None]
+                if cond:
+                    pl.when(functools.reduce(jnp.logical_and, cond))(go)
+                else:
+                    go()
             for o in range(n_acc):
                 o_smem[o] = accs[o][...]
             plgpu.commit_smem()
@@ -333,14 +356,15 @@ def _call(xp, values, meta, tile_expert=None, num_tiles=None, *, paired: bool, b
 
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
-        grid=(rows // BLOCK_M, splits, t_pad // block_t),
+        out_type=jax.ShapeDtypeStruct((splits, n_acc, len(stacks) * rows, t_pad), jnp.float32),
+        grid=(len(stacks) * m_tiles, splits, t_pad // block_t),
         grid_names=("m", "s", "t"),
         scratch_types=dict(o_smem=plgpu.SMEM((n_acc, BLOCK_M, block_t), jnp.float32)),
     )
+    operands = (xp,) + tuple(a for stack in stacks for a in stack)
     if grouped:
-        return kernel(tile_expert, num_tiles, xp, values, meta)
-    return kernel(xp, values, meta)
+        return kernel(tile_expert, num_tiles, *operands)
+    return kernel(*operands)
 
 
 def lowers_for_cuda(x: jax.Array, w: TransposedSparse,

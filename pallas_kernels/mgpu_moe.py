@@ -1,8 +1,9 @@
 """One MoE layer's experts on Hopper, from expert stacks in a Hopper kernel layout.
 
-``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): three expert-grouped
-Mosaic GPU launches (gate, up, down), each covering every expert of the layer; a program reads only
-its tile's expert, so an expert with no tokens costs nothing but an early exit. The stacks are
+``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): two expert-grouped
+Mosaic GPU launches, gate and up together (the two stacks side by side in one launch) and down,
+each covering every expert of the layer; a program reads only its tile's expert, so an expert with
+no tokens costs nothing but an early exit. The stacks are
 ``WgmmaSparseA`` (sparse tensor cores: ``wgmma_sp_grouped_matmul``, bf16) or ``TransposedSparse``
 (expanded in registers, dense wgmma: ``mgpu_grouped_matmul``, bf16 or f16).
 
@@ -76,7 +77,9 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     def grouped(a, w):
         return matmul(a, tiles, live, w, block_t=bt, config=config)
 
-    h = jax.nn.silu(grouped(xg, w1)) * grouped(xg, w3)  # [rows, f] f32
+    gate_up = grouped(xg, (w1, w3))  # [rows, 2f] f32: gate and up in one launch
+    f = gate_up.shape[1] // 2
+    h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]  # [rows, f] f32
     out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32
     # row of each assignment (rows for the ones no tile holds: a zero row, weight 0)
     pos = jnp.minimum(plan.rows, rows)

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.checks import expect_kind
+from pallas_kernels.checks import expect_stacks
 from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
@@ -138,26 +139,27 @@ def wgmma_sp_matmul(x: jax.Array, a: WgmmaSparseA, *, config: WgmmaSpConfig | No
     cfg = resolve_config(config, t=t, a=a)
     t_pad = -(-t // cfg.block_t) * cfg.block_t
     x = jnp.pad(x, ((0, t_pad - t), (0, 0)))
-    sel = () if not a.paired else (a.sel,)
-    parts = _call(x, a.values, a.meta, *sel, v=a.v, **_static(cfg))
+    parts = _call(x, ((a.values, a.meta, a.sel),), v=a.v, **_static(cfg))
     return split_sum(parts, paired=a.paired)[:t].astype(out_dtype or x.dtype)
 
 
 def wgmma_sp_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Array,
-                                      num_tiles: jax.Array, a: WgmmaSparseA, *, block_t: int,
-                                      config: WgmmaSpConfig | None = None) -> jax.Array:
+                                      num_tiles: jax.Array, a: WgmmaSparseA | Sequence, *,
+                                      block_t: int, config: WgmmaSpConfig | None = None
+                                      ) -> jax.Array:
     """Per token tile i: ``x[tile i] @ W[tile_expert[i]]``, zeros for tiles >= num_tiles (jnp).
 
-    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; a: stack [e, K, N].
-    Returns [n*block_t, N] float32.
+    x: [n*block_t, K]; tile_expert: [n] int32; num_tiles: [] int32; a: stack [e, K, N], or a
+    sequence of such stacks (their products side by side). Returns [n*block_t, N or s*N] float32.
     """
     del config
-    _check_grouped(x, tile_expert, a, block_t)
-    return grouped_tiles_product(x, tile_expert, num_tiles, a.to_dense(), block_t)
+    stacks = _check_grouped(x, tile_expert, a, block_t)
+    return jnp.concatenate([grouped_tiles_product(x, tile_expert, num_tiles, w.to_dense(), block_t)
+                            for w in stacks], axis=1)
 
 
 def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax.Array,
-                            a: WgmmaSparseA, *, block_t: int,
+                            a: WgmmaSparseA | Sequence, *, block_t: int,
                             config: WgmmaSpConfig | None = None) -> jax.Array:
     """Expert-grouped ``wgmma_sp_matmul``: token tile i of x times expert ``tile_expert[i]``.
 
@@ -165,22 +167,27 @@ def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax
       x: [n*block_t, K] bf16, token rows grouped by expert (``RoutingPlan`` row tiles).
       tile_expert: [n] int32, expert of each tile (only tiles < num_tiles are read).
       num_tiles: [] int32, tiles in use.
-      a: ``WgmmaSparseA`` expert stack, dense [e, K, N].
+      a: ``WgmmaSparseA`` expert stack, dense [e, K, N]; or a sequence of s such stacks of one
+        shape and format (e.g. a MoE layer's gate and up), multiplied in the same launch.
       block_t: rows per tile: a multiple of 8 in [8, 256].
       config: ``block_k``, ``splits``, ``stages`` (``block_t`` comes from the argument).
 
     Returns:
-      [n*block_t, N] float32.
+      [n*block_t, N] float32; [n*block_t, s*N] for s stacks, stack j's product in columns
+      [j*N, (j+1)*N).
     """
-    n = _check_grouped(x, tile_expert, a, block_t)
-    e = a.values.shape[0]
-    one = jax.tree.map(lambda v: v[0], a)
+    stacks = _check_grouped(x, tile_expert, a, block_t)
+    n = x.shape[0] // block_t
+    first = stacks[0]
+    e = first.values.shape[0]
+    one = jax.tree.map(lambda v: v[0], first)
     cfg = dataclasses.replace(config or WgmmaSpConfig(), block_t=block_t)
-    cfg = resolve_config(cfg, t=min(n, e) * block_t, a=one)
-    sel = () if not a.paired else (a.sel.reshape(-1, a.rows),)
-    parts = _call(x, a.values.reshape(-1, a.k // 2), a.meta.reshape(-1, *a.meta.shape[-2:]),
-                  *sel, tile_expert=tile_expert.astype(jnp.int32),
-                  num_tiles=jnp.reshape(num_tiles, (1,)).astype(jnp.int32), experts=e, v=a.v,
+    cfg = resolve_config(cfg, t=min(n, e) * block_t, a=one, stacks=len(stacks))
+    parts = _call(x, tuple((w.values.reshape(-1, w.k // 2), w.meta.reshape(-1, *w.meta.shape[-2:]),
+                            None if not w.paired else w.sel.reshape(-1, w.rows))
+                           for w in stacks),
+                  tile_expert=tile_expert.astype(jnp.int32),
+                  num_tiles=jnp.reshape(num_tiles, (1,)).astype(jnp.int32), experts=e, v=first.v,
                   **_static(cfg))
     return split_sum(parts, paired=one.paired)
 
@@ -209,8 +216,10 @@ def prefill_config(t: int, a: WgmmaSparseA, config: WgmmaSpConfig | None = None,
     return cfg
 
 
-def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> WgmmaSpConfig:
-    """Fill ``block_t``, ``block_k`` and ``splits`` and check the config against this problem."""
+def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA,
+                   stacks: int = 1) -> WgmmaSpConfig:
+    """Fill ``block_t``, ``block_k`` and ``splits`` and check the config against this problem
+    (``stacks`` weights of ``a``'s shape in one launch)."""
     cfg = config or WgmmaSpConfig()
     k = a.k
     v = a.v if a.paired else 0
@@ -244,7 +253,7 @@ def resolve_config(config: WgmmaSpConfig | None, *, t: int, a: WgmmaSparseA) -> 
     if splits is None and prefill:  # split partial sums would cost more than idle SMs
         splits = 1
     elif splits is None:
-        programs = a.rows // WGMMA_M * -(-t // block_t)
+        programs = stacks * a.rows // WGMMA_M * -(-t // block_t)
         per_sm = cfg.programs_per_sm or (4 if block_t <= 8 else 2)
         splits = fewest_splits(kt, programs, per_sm)
     if splits < 1 or kt % splits:
@@ -278,8 +287,10 @@ def _static(cfg: WgmmaSpConfig) -> dict:
                 inflight=cfg.inflight)
 
 
-def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_t: int) -> int:
-    expect_kind("a", a, WgmmaSparseA, "a WgmmaSparseA expert stack [e, K, N]")
+def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: Any, block_t: int) -> tuple:
+    """The stacks of ``a`` (one, or a sequence of alike ones) once x and the tiles fit them."""
+    stacks = expect_stacks("a", a, WgmmaSparseA, "a WgmmaSparseA expert stack [e, K, N]")
+    a = stacks[0]
     if a.values.ndim != 3:
         raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got dense shape "
                          f"{a.shape}")
@@ -291,7 +302,7 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: WgmmaSparseA, block_
     if tile_expert.shape != (n,):
         raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
     check_common(x, a)
-    return n
+    return stacks
 
 
 def _mma_tile(ctx, accs, a_ref, x_ref, m_ref, *sel_ref, block_t: int, block_k: int, v: int,
@@ -369,11 +380,14 @@ def _store_accs(ctx, accs, o_ref):
 
 @functools.partial(jax.jit, static_argnames=("block_t", "block_k", "splits", "stages",
                                              "inflight", "experts", "v"))
-def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, experts: int = 1,
-          v: int, block_t: int, block_k: int, splits: int, stages: int, inflight: int):
-    """x [t_pad, K], values [e*R, K/2], meta [e*R/64, K/32, 64] (+ sel [e*K/v, R] int16)
-    -> [S, P, R, t_pad] f32 partial sums (P = 2 with sel, else 1).
+def _call(x, stacks, *, tile_expert=None, num_tiles=None, experts: int = 1, v: int,
+          block_t: int, block_k: int, splits: int, stages: int, inflight: int):
+    """x [t_pad, K]; stacks: one or more weights of one shape, each (values [e*R, K/2], meta
+    [e*R/64, K/32, 64], sel [e*K/v, R] int16 or None) -> [S, P, len(stacks)*R, t_pad] f32
+    partial sums (P = 2 with sel, else 1), the stacks' rows one after the other.
 
+    A program's 64 rows lie in one stack: each stack has its own pipeline, in a branch taken by
+    the programs of its rows (the branches reuse one shared-memory ring).
     Grouped (``tile_expert`` [t_pad / block_t] int32, ``num_tiles`` [1] int32): token tile i
     multiplies expert ``tile_expert[i]``; tiles >= num_tiles load nothing and write zeros.
     """
@@ -382,9 +396,10 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
     from jax.experimental.mosaic import gpu as mgpu
 
     grouped = tile_expert is not None
-    paired = sel is not None
+    paired = stacks[0][2] is not None
     t_pad, k = x.shape
-    rows = values.shape[0] // experts
+    rows = stacks[0][0].shape[0] // experts
+    m_tiles = rows // WGMMA_M  # per stack
     kt = k // block_k
     steps = kt // splits
     n_acc = 2 if paired else 1
@@ -394,6 +409,7 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
     # block_k / v rows
     sel_rows = max(1, block_k // v) if paired else 0
     slabs = k // v if paired else 0
+    per_stack = 3 if paired else 2
 
     acc_type = plgpu.ShapeDtypeStruct((WGMMA_M, block_t), jnp.float32, layout=plgpu.Layout.WGMMA)
     sel_types = (plgpu.RefType(),) if paired else ()
@@ -409,16 +425,16 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
     def body(*refs, o_smem):
         if grouped:
             te_gmem, nt_gmem, *refs = refs
-        x_gmem, a_gmem, m_gmem, *rest = refs
-        s_gmem = rest[0] if paired else None
-        o_gmem = rest[-1]
+        x_gmem, *w_refs, o_gmem = refs
         mi, si, ti = lax.axis_index("m"), lax.axis_index("s"), lax.axis_index("t")
         acc0 = tuple(plgpu.layout_cast(jnp.zeros((WGMMA_M, block_t), jnp.float32),
                                        plgpu.Layout.WGMMA) for _ in range(n_acc))
 
-        def pipeline(e=0):
+        def pipeline(stack, e=0):
+            a_gmem, m_gmem, *s_gmem = w_refs[stack * per_stack:(stack + 1) * per_stack]
             k0 = si * steps
-            mrow = e * (rows // WGMMA_M) + mi
+            mloc = mi - stack * m_tiles  # the 64-row block inside this stack
+            mrow = e * m_tiles + mloc
 
             def step(_, *refs):
                 x_smem, a_smem, m_smem, *s_smem, carry = refs
@@ -437,8 +453,8 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
                 per_slab = max(1, v // block_k)  # K tiles per sel row block
                 specs.append(plgpu.BlockSpec(
                     (sel_rows, WGMMA_M),
-                    lambda kk: ((e * slabs) // sel_rows + (k0 + kk) // per_slab, mi)))
-                operands.append(s_gmem)
+                    lambda kk: ((e * slabs) // sel_rows + (k0 + kk) // per_slab, mloc)))
+                operands.append(s_gmem[0])
             return plgpu.emit_pipeline(step, grid=(steps,), max_concurrent_steps=stages,
                                        init_carry=acc0, in_specs=specs)(*operands)
 
@@ -450,22 +466,28 @@ def _call(x, values, meta, sel=None, *, tile_expert=None, num_tiles=None, expert
                     si, o, pl.ds(mi * WGMMA_M, WGMMA_M), pl.ds(ti * block_t, block_t)])
             plgpu.wait_smem_to_gmem(0)
 
+        live = ti < nt_gmem[0] if grouped else None
+        for stack in range(len(stacks)):
+            run = functools.partial(lambda st: finish(
+                pipeline(st, te_gmem[ti]) if grouped else pipeline(st)), stack)
+            here = mi // m_tiles == stack if len(stacks) > 1 else None
+            cond = [p for p in (live, here) if p is not None]
+            if cond:
+                pl.when(functools.reduce(jnp.logical_and, cond))(run)
+            else:
+                run()
         if grouped:  # tiles past num_tiles load nothing and store zeros
-            live = ti < nt_gmem[0]
-            pl.when(live)(lambda: finish(pipeline(te_gmem[ti])))
             pl.when(jnp.logical_not(live))(lambda: finish(acc0))
-        else:
-            finish(pipeline())
 
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((splits, n_acc, rows, t_pad), jnp.float32),
-        grid=(rows // WGMMA_M, splits, t_pad // block_t),
+        out_type=jax.ShapeDtypeStruct((splits, n_acc, len(stacks) * rows, t_pad), jnp.float32),
+        grid=(len(stacks) * m_tiles, splits, t_pad // block_t),
         grid_names=("m", "s", "t"),
         scratch_types=dict(o_smem=plgpu.SMEM((n_acc, WGMMA_M, block_t), jnp.float32)),
         compiler_params=plgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Lane),
     )
-    operands = (x, values, meta) + ((sel,) if paired else ())
+    operands = (x,) + tuple(a for stack in stacks for a in stack if a is not None)
     if grouped:
         return kernel(tile_expert, num_tiles, *operands)
     return kernel(*operands)

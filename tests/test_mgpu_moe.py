@@ -14,6 +14,7 @@ import pytest
 from pallas_kernels import expert_op
 from pallas_kernels import mgpu_matmul as mg
 from pallas_kernels import mgpu_moe
+from pallas_kernels import sparse_mma_matmul as sm
 from pallas_kernels.formats import NMSparse, SamoyedsSparse
 from pallas_kernels.moe_matmul import moe_ffn, moe_ffn_reference
 from pallas_kernels.routing_plan import RoutingPlan
@@ -107,13 +108,29 @@ def test_bad_input(rng):
         mgpu_moe.moe_ffn_mgpu(x, plan, ws[0], ws[1], sp[2])
 
 
-def test_grouped_lowers_for_cuda(rng):
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_grouped_lowers_for_cuda(rng, stacks):
+    """One stack, and gate and up in one launch (a branch per stack)."""
     ws = _layer(rng, 8, "samoyeds")
     x = jnp.zeros((24, D), jnp.bfloat16)
     fn = lambda x, te, nt, w: mg.mgpu_grouped_matmul(x, te, nt, w, block_t=8)
-    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(
-        x, jnp.zeros((3,), jnp.int32), jnp.int32(2), ws[0]).mlir_module()
-    assert "nvvm.cp.async.bulk.tensor" in text
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(
+        x, jnp.zeros((3,), jnp.int32), jnp.int32(2), ws[0] if stacks == 1 else ws[:2])
+    assert "nvvm.cp.async.bulk.tensor" in exported.mlir_module()
+    assert exported.out_avals[0].shape == (24, stacks * ws[0].shape[-1])
+
+
+def test_grouped_reference_of_two_stacks_is_each_product_side_by_side(rng):
+    ws = _layer(rng, 8, "samoyeds")
+    x = jnp.asarray(rng.standard_normal((24, D)), jnp.bfloat16)
+    args = (x, jnp.asarray([4, 0, 7], jnp.int32), jnp.int32(2))
+    y = np.asarray(mg.mgpu_grouped_matmul_reference(*args, ws[:2], block_t=8))
+    f = ws[0].shape[-1]
+    for j in range(2):
+        np.testing.assert_array_equal(y[:, j * f:(j + 1) * f], mg.mgpu_grouped_matmul_reference(
+            *args, ws[j], block_t=8))
+    with pytest.raises(ValueError, match=r"w\[1\] must be like w\[0\]"):
+        mg.mgpu_grouped_matmul(*args, (ws[0], ws[2]), block_t=8)  # w2 is [e, f, d]
 
 
 @pytest.mark.gpu
@@ -124,6 +141,22 @@ def test_kernel_matches_reference_on_gpu(rng, kind, t, k, e):
     x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
     _check(x, _plan(idx, e), ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_stacks_in_one_launch_match_the_reference_on_gpu(rng, kind):
+    ws = _layer(rng, 8, kind)
+    grouped = (mg.mgpu_grouped_matmul if isinstance(ws[0], TransposedSparse)
+               else sm.wgmma_sp_grouped_matmul)
+    reference = (mg.mgpu_grouped_matmul_reference if isinstance(ws[0], TransposedSparse)
+                 else sm.wgmma_sp_grouped_matmul_reference)
+    x = jnp.asarray(rng.standard_normal((32, D)), jnp.bfloat16)
+    args = (x, jnp.asarray([5, 0, 0, 3], jnp.int32), jnp.int32(3), ws[:2])
+    y = np.asarray(grouped(*args, block_t=8))
+    ref = np.asarray(reference(*args, block_t=8))
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    np.testing.assert_array_equal(y[24:], 0.0)  # the tile past num_tiles
 
 
 @pytest.mark.parametrize("kind,kernel,layout", [

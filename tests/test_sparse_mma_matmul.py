@@ -50,6 +50,36 @@ def test_grouped_reference_is_the_per_tile_product(rng):
     np.testing.assert_array_equal(y[24:], 0.0)  # tile 3 >= num_tiles
 
 
+def test_grouped_reference_of_two_stacks_is_each_product_side_by_side(rng):
+    d1, a1 = _weights(rng, 128, 128, "samoyeds", lead=(3,))
+    d3, a3 = _weights(rng, 128, 128, "samoyeds", lead=(3,))
+    x = jnp.asarray(rng.standard_normal((4 * 8, 128)), jnp.bfloat16)
+    args = (x, jnp.asarray([2, 0, 1, 1], jnp.int32), jnp.int32(3))
+    y = np.asarray(sm.wgmma_sp_grouped_matmul_reference(*args, [a1, a3], block_t=8))
+    assert y.shape == (32, 256)
+    np.testing.assert_array_equal(y[:, :128], sm.wgmma_sp_grouped_matmul_reference(
+        *args, a1, block_t=8))
+    np.testing.assert_array_equal(y[:, 128:], sm.wgmma_sp_grouped_matmul_reference(
+        *args, a3, block_t=8))
+
+
+def test_grouped_stacks_must_be_alike(rng):
+    _, a = _weights(rng, 128, 128, "samoyeds", lead=(3,))
+    _, wide = _weights(rng, 128, 256, "samoyeds", lead=(3,))
+    _, nm = _weights(rng, 128, 128, "nm", lead=(3,))
+    args = (jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((1,), jnp.int32), jnp.int32(1))
+    for fn in (sm.wgmma_sp_grouped_matmul, sm.wgmma_sp_grouped_matmul_reference):
+        with pytest.raises(ValueError, match=r"a\[1\] must be like a\[0\].*a\[1\] is "
+                                             r"WgmmaSparseA of shape \(3, 128, 256\)"):
+            fn(*args, (a, wide), block_t=8)
+        with pytest.raises(ValueError, match=r"a\[1\] must be like a\[0\]"):
+            fn(*args, (a, nm), block_t=8)  # Samoyeds and 2:4
+        with pytest.raises(ValueError, match="empty tuple"):
+            fn(*args, (), block_t=8)
+        with pytest.raises(TypeError, match=r"a\[1\] must be a WgmmaSparseA expert stack"):
+            fn(*args, (a, np.zeros((3, 128, 128))), block_t=8)
+
+
 def test_resolve_config(rng):
     _, a = _weights(rng, 512, 256)
     decode = sm.resolve_config(None, t=3, a=a)
@@ -137,13 +167,17 @@ def test_lowers_for_cuda(rng, op, t, config):
 
 
 @pytest.mark.parametrize("op", ["nm", "samoyeds"])
-def test_grouped_lowers_for_cuda(rng, op):
-    _, a = _weights(rng, 256, 128, op, lead=(3,))
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_grouped_lowers_for_cuda(rng, op, stacks):
+    """One stack, and two in one launch (a MoE layer's gate and up: a branch per stack)."""
+    a = [_weights(rng, 256, 128, op, lead=(3,))[1] for _ in range(stacks)]
     fn = functools.partial(sm.wgmma_sp_grouped_matmul, block_t=16,
                            config=sm.WgmmaSpConfig(block_k=128))
-    args = (jnp.zeros((4 * 16, 256), jnp.bfloat16), jnp.zeros((4,), jnp.int32), jnp.int32(3), a)
-    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
-    assert "wgmma.mma_async.sp.sync.aligned" in text
+    args = (jnp.zeros((4 * 16, 256), jnp.bfloat16), jnp.zeros((4,), jnp.int32), jnp.int32(3),
+            a[0] if stacks == 1 else a)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "wgmma.mma_async.sp.sync.aligned" in exported.mlir_module()
+    assert exported.out_avals[0].shape == (64, 128 * stacks)
 
 
 def _close(y, ref):
@@ -177,3 +211,16 @@ def test_grouped_kernel_matches_reference_on_gpu(rng, op):
     y = sm.wgmma_sp_grouped_matmul(*args, block_t=16)
     _close(y, sm.wgmma_sp_grouped_matmul_reference(*args, block_t=16))
     np.testing.assert_array_equal(np.asarray(y[64:]), 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,t", [("nm", 8), ("samoyeds", 16), ("samoyeds", 64)])
+def test_two_stacks_in_one_launch_match_the_reference_on_gpu(rng, op, t):
+    """Gate and up of a MoE layer in one launch: each stack's product, and zeros past
+    num_tiles, as the reference gives them."""
+    a = [_weights(rng, 512, 256, op, lead=(4,))[1] for _ in range(2)]
+    x = jnp.asarray(rng.standard_normal((5 * t, 512)), jnp.bfloat16)
+    args = (x, jnp.asarray([3, 0, 0, 2, 1], jnp.int32), jnp.int32(4), a)
+    y = sm.wgmma_sp_grouped_matmul(*args, block_t=t)
+    _close(y, sm.wgmma_sp_grouped_matmul_reference(*args, block_t=t))
+    np.testing.assert_array_equal(np.asarray(y[4 * t:]), 0.0)
