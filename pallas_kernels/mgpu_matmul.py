@@ -15,6 +15,8 @@ A operand against the x chunk in SMEM (f32 accumulator); one ``wgmma_wait`` per 
 weights keep two accumulators and route each element by the order of its group's nibble
 (``sel``). The f32 result goes SMEM -> GMEM by TMA; with ``splits > 1`` the programs write
 partial sums that one XLA add combines (more programs in flight when W^T has few 64-row blocks).
+``mgpu_grouped_matmul`` (the MoE form) also multiplies several stacks of one shape (a layer's gate
+and up) in the same launch, a branch per stack.
 
 Measured alternatives that were slower on an H100 (benchmarks/mgpu_matmul.md): [8, 64, C] value
 tiles with 32-byte rows (-8%), one K=C wgmma per sub-column instead of the joined K=4C one, a

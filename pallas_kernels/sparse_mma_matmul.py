@@ -28,7 +28,9 @@ tokens: compute bound, where the sparse instruction does half the MMA work of th
   sum over splits and a transpose give y.
 
 ``wgmma_sp_grouped_matmul`` is the MoE form: one launch for every expert of a layer, a token
-tile's program reads its expert's weights only, tiles past ``num_tiles`` load nothing.
+tile's program reads its expert's weights only, tiles past ``num_tiles`` load nothing. It also
+takes several stacks of one shape (a layer's gate and up) and multiplies them in the same launch:
+each program's 64 rows lie in one stack, whose pipeline it runs in a branch of its own.
 ``wgmma_sp_matmul_reference`` / ``wgmma_sp_grouped_matmul_reference`` have the same signatures
 (pure jnp). The kernel lowers for CUDA on any host (``jax.export``); it runs only on Hopper.
 """
