@@ -1,9 +1,13 @@
 """One MoE layer's experts on Hopper, from expert stacks in a Hopper kernel layout.
 
-``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): two expert-grouped
-Mosaic GPU launches, gate and up together (the two stacks side by side in one launch) and down,
-each covering every expert of the layer; a program reads only its tile's expert, so an expert with
-no tokens costs nothing but an early exit. The stacks are
+``y[t] = sum_k p[t,k] W2_e(silu(x W1_e) * (x W3_e))`` for few tokens (decode): expert-grouped
+Mosaic GPU launches, each covering every expert of the layer; a program reads only its tile's
+expert, so an expert with no tokens costs nothing but an early exit. For one token, gate and up
+share one launch (the two stacks side by side), then down: two launches. For more tokens gate, up
+and down are three: on an H100 (benchmarks/moe.md, "Gate and up in one launch") the joined launch
+made a layer 4-24% faster at 1 token and up to 11% slower (Samoyeds) at 16 tokens, with the same
+K split there; why is not profiled yet (one guess: each stack's branch keeps its own shared-memory
+ring, which would halve the programs an SM holds). The stacks are
 ``WgmmaSparseA`` (sparse tensor cores: ``wgmma_sp_grouped_matmul``, bf16) or ``TransposedSparse``
 (expanded in registers, dense wgmma: ``mgpu_grouped_matmul``, bf16 or f16).
 
@@ -77,9 +81,12 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     def grouped(a, w):
         return matmul(a, tiles, live, w, block_t=bt, config=config)
 
-    gate_up = grouped(xg, (w1, w3))  # [rows, 2f] f32: gate and up in one launch
-    f = gate_up.shape[1] // 2
-    h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]  # [rows, f] f32
+    if t == 1:  # gate and up in one launch, [rows, 2f] f32 (the module docstring says why)
+        gate_up = grouped(xg, (w1, w3))
+        gate, up = jnp.split(gate_up, 2, axis=1)
+    else:
+        gate, up = grouped(xg, w1), grouped(xg, w3)
+    h = jax.nn.silu(gate) * up  # [rows, f] f32
     out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32
     # row of each assignment (rows for the ones no tile holds: a zero row, weight 0)
     pos = jnp.minimum(plan.rows, rows)
