@@ -14,8 +14,9 @@ Two steps, each its own process so that its peak host memory is its own:
   fastest expert implementation here, in its layout), and a greedy generation of
   ``--new-tokens`` tokens (compile and decode timed apart).
 
-Each step records its seconds, its peak host memory (``ru_maxrss``) and peak device memory
-(``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes: OLMoE-1B-7B is 13.8
+Each step records its seconds, its peak host memory (``ru_maxrss``, which counts the
+checkpoint's memory-mapped file pages too, and the anonymous memory alone, sampled) and peak
+device memory (``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes: OLMoE-1B-7B is 13.8
 GB in bf16; Mixtral-8x7B is 3 GB per block.
 
     python3 examples/bench_convert.py --step write --model olmoe-1b-7b --workdir /tmp/conv --out conv.json
@@ -30,6 +31,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +51,47 @@ from samoyeds_jax.hf_import import load_hf_checkpoint  # noqa: E402
 from samoyeds_jax.model import ModelConfig, MoETransformer, default_mlp  # noqa: E402
 
 
-def _peaks() -> dict:
+class AnonPeak:
+    """The peak of this process's anonymous resident memory (``RssAnon`` in /proc/self/status,
+    sampled every 20 ms by a thread): what the program itself holds, without the checkpoint's
+    file pages that safetensors maps and ``ru_maxrss`` counts. None where /proc is missing."""
+
+    def __init__(self):
+        self.peak_kib = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def _run(self):
+        while True:
+            now = self._read()
+            if now is not None:
+                self.peak_kib = max(self.peak_kib or 0, now)
+            if self._stop.wait(0.02):
+                return
+
+    def mib(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return None if self.peak_kib is None else self.peak_kib / 1024
+
+
+def _peaks(anon: AnonPeak) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     device = stats.get("peak_bytes_in_use")
     return {"peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_host_anon_mib": anon.mib(),
             "peak_device_mib": None if device is None else device / 2**20}
 
 
@@ -62,6 +101,7 @@ def _dir_mib(path: str) -> float:
 
 
 def write(args) -> dict:
+    anon = AnonPeak()
     if args.tiny:
         config = ModelConfig.tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     else:
@@ -77,10 +117,11 @@ def write(args) -> dict:
     save_hf_checkpoint(model, out, dtype="bfloat16")
     return dict(model="tiny" if args.tiny else args.model, layers=config.num_layers,
                 build_s=build_s, write_s=time.perf_counter() - t0, checkpoint_mib=_dir_mib(out),
-                **_peaks())
+                **_peaks(anon))
 
 
 def convert(args) -> dict:
+    anon = AnonPeak()
     src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "converted")
     t0 = time.perf_counter()
     model, config = load_hf_checkpoint(
@@ -108,7 +149,7 @@ def convert(args) -> dict:
                 convert_s_per_layer=convert_s / config.num_layers, save_converted_s=save_s,
                 converted_mib=_dir_mib(dst), load_converted_s=load_s, prepare_s=prepare_s,
                 implementation=implementation, generate_compile_s=first.compile_seconds,
-                decode_tok_s=again.decode_tokens_per_second, **_peaks())
+                decode_tok_s=again.decode_tokens_per_second, **_peaks(anon))
 
 
 def main() -> None:
