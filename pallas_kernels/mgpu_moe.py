@@ -6,7 +6,7 @@ expert, so an expert with no tokens costs nothing but an early exit. For one tok
 share one launch (the two stacks side by side), then down: two launches. For more tokens gate, up
 and down are three: on an H100 (benchmarks/moe.md, "Gate and up in one launch") the joined launch
 made a layer 4-24% faster at 1 token and up to 11% slower (Samoyeds) at 16 tokens, with the same
-K split and, by the Mosaic GPU lowering, the same shared memory there; why is not profiled yet. The stacks are
+K split there; why is not profiled yet. The stacks are
 ``WgmmaSparseA`` (sparse tensor cores: ``wgmma_sp_grouped_matmul``, bf16) or ``TransposedSparse``
 (expanded in registers, dense wgmma: ``mgpu_grouped_matmul``, bf16 or f16).
 
