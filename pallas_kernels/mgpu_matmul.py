@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -223,6 +223,18 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
     return dataclasses.replace(cfg, block_t=block_t, splits=splits)
 
 
+def when_all(fn: Callable[[], Any], *conditions: Any) -> None:
+    """In a Pallas kernel body: ``fn()`` under ``pl.when`` of the conditions that are not None
+    (all of them together), or directly when every one is None."""
+    import jax.experimental.pallas as pl
+
+    conditions = [c for c in conditions if c is not None]
+    if conditions:
+        pl.when(functools.reduce(jnp.logical_and, conditions))(fn)
+    else:
+        fn()
+
+
 def fewest_splits(kt: int, programs: int, per_sm: int) -> int:
     """The fewest K splits (divisors of ``kt`` K tiles) that give every SM ``per_sm`` of the
     ``programs * splits`` programs, or ``kt``."""
@@ -340,12 +352,7 @@ def _call(xp, stacks, tile_expert=None, num_tiles=None, *, paired: bool, block_t
             for stack in range(len(stacks)):
                 go = functools.partial(lambda st: pipeline(st, te_gmem[ti]) if grouped
                                        else pipeline(st), stack)
-                here = mi // m_tiles == stack if len(stacks) > 1 else None
-                cond = [p for p in (live, here) if p is not None]
-                if cond:
-                    pl.when(functools.reduce(jnp.logical_and, cond))(go)
-                else:
-                    go()
+                when_all(go, live, mi // m_tiles == stack if len(stacks) > 1 else None)
             for o in range(n_acc):
                 o_smem[o] = accs[o][...]
             plgpu.commit_smem()

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.checks import expect_stacks
-from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum
+from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum, when_all
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
                                       issue_wgmma_sp, meta_slot_index, smem_transforms,
@@ -472,12 +472,7 @@ def _call(x, stacks, *, tile_expert=None, num_tiles=None, experts: int = 1, v: i
         for stack in range(len(stacks)):
             run = functools.partial(lambda st: finish(
                 pipeline(st, te_gmem[ti]) if grouped else pipeline(st)), stack)
-            here = mi // m_tiles == stack if len(stacks) > 1 else None
-            cond = [p for p in (live, here) if p is not None]
-            if cond:
-                pl.when(functools.reduce(jnp.logical_and, cond))(run)
-            else:
-                run()
+            when_all(run, live, mi // m_tiles == stack if len(stacks) > 1 else None)
         if grouped:  # tiles past num_tiles load nothing and store zeros
             pl.when(jnp.logical_not(live))(lambda: finish(acc0))
 
