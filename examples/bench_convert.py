@@ -16,8 +16,8 @@ Two steps, each its own process so that its peak host memory is its own:
 
 Each step records its seconds, its peak host memory (``ru_maxrss``, which counts the
 checkpoint's memory-mapped file pages too, and the anonymous memory alone, sampled) and peak
-device memory (``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes: OLMoE-1B-7B is 13.8
-GB in bf16; Mixtral-8x7B is 3 GB per block.
+device memory (``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes:
+OLMoE-1B-7B is 13.8 GB in bf16; Mixtral-8x7B is 3 GB per block.
 
     python3 examples/bench_convert.py --step write --model olmoe-1b-7b --workdir /tmp/conv --out conv.json
     python3 examples/bench_convert.py --step convert --format samoyeds --workdir /tmp/conv --out conv.json

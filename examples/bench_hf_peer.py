@@ -105,8 +105,8 @@ def timed_generate(model, ids, new_tokens, repeats, compile_):
                 if len(new) > 1:
                     step.append((new[-1] - new[0]) / (len(new) - 1))
     if out.shape[1] != ids.shape[1] + new_tokens or len(stamps.times) != 1 + new_tokens:
-        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens and streamed "
-                           f"{len(stamps.times) - 1}; {new_tokens} were asked for")
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens and "
+                           f"streamed {len(stamps.times) - 1}; {new_tokens} were asked for")
     return statistics.median(first), (statistics.median(step) if step else None)
 
 

@@ -1,7 +1,7 @@
 """The Mosaic GPU expert ops (Hopper): 2:4 and Samoyeds experts in a Hopper kernel layout, made
-once at load by ``prepare``, computed by ``mgpu_moe.moe_ffn_mgpu`` (expert-grouped
-launches: two for one token, gate with up and down; else three). Built for decode (few tokens per expert); prefill through them is slower than dense
-(benchmarks/moe.md).
+once at load by ``prepare``, computed by ``mgpu_moe.moe_ffn_mgpu`` (expert-grouped launches: two
+for one token, gate with up and down; else three). Built for decode (few tokens per expert);
+prefill through them is slower than dense (benchmarks/moe.md).
 
 - ``mosaic_sparse_mma``: ``WgmmaSparseA``, the compressed tiles straight into the sparse tensor
   cores (``wgmma.mma_async.sp``); bfloat16 2:4 or Samoyeds 1:2 column selection.

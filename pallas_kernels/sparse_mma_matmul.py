@@ -389,7 +389,7 @@ def _call(x, stacks, *, tile_expert=None, num_tiles=None, experts: int = 1, v: i
     partial sums (P = 2 with sel, else 1), the stacks' rows one after the other.
 
     A program's 64 rows lie in one stack: each stack has its own pipeline, in a branch taken by
-    the programs of its rows (the branches reuse one shared-memory ring).
+    the programs of its rows.
     Grouped (``tile_expert`` [t_pad / block_t] int32, ``num_tiles`` [1] int32): token tile i
     multiplies expert ``tile_expert[i]``; tiles >= num_tiles load nothing and write zeros.
     """
