@@ -12,7 +12,9 @@ Two steps, each its own process so that its peak host memory is its own:
   experts on the device (seconds per block = total / blocks, reading included); then
   ``save_converted`` to ``WORKDIR/converted``, ``load_converted`` back, ``prepare`` (the
   fastest expert implementation here, in its layout), and a greedy generation of
-  ``--new-tokens`` tokens (compile and decode timed apart).
+  ``--new-tokens`` tokens (compile and decode timed apart). ``--warm`` converts a second time
+  in the same process, its programs compiled: the per-layer cost of a deep model, whose first
+  layer alone pays the compiles; ``--profile`` adds that run's cProfile top 30.
 
 Each step records its seconds, its peak host memory (``ru_maxrss``, which counts the
 checkpoint's memory-mapped file pages too, and the anonymous memory alone, sampled) and peak
@@ -27,8 +29,10 @@ OLMoE-1B-7B is 13.8 GB in bf16; Mixtral-8x7B is 3 GB per block.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
 import sys
 import threading
@@ -120,15 +124,39 @@ def write(args) -> dict:
                 **_peaks(anon))
 
 
+def _profile_top(profile: cProfile.Profile, rows: int = 30) -> list[dict]:
+    """The functions with the most cumulative seconds: name, calls, cumulative and own seconds."""
+    stats = pstats.Stats(profile).stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][3])[:rows]
+    return [dict(function=f"{os.path.basename(file)}:{line} {name}", calls=calls,
+                 cumulative_s=cum, own_s=own)
+            for (file, line, name), (_, calls, own, cum, _) in top]
+
+
 def convert(args) -> dict:
     anon = AnonPeak()
     src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "converted")
-    t0 = time.perf_counter()
-    model, config = load_hf_checkpoint(
-        src, expert_format=args.format,
-        prune=pruning.PruneConfig(format=args.format, method="magnitude", output="compressed"))
-    jax.block_until_ready(nnx.state(model))
-    convert_s = time.perf_counter() - t0
+
+    def load():
+        t0 = time.perf_counter()
+        model, config = load_hf_checkpoint(
+            src, expert_format=args.format,
+            prune=pruning.PruneConfig(format=args.format, method="magnitude", output="compressed"))
+        jax.block_until_ready(nnx.state(model))
+        return model, config, time.perf_counter() - t0
+
+    model, config, convert_s = load()
+    warm = {}
+    if args.warm:  # again, its programs compiled: the per-layer cost of a deep model
+        del model
+        profile = cProfile.Profile() if args.profile else None
+        if profile:
+            profile.enable()
+        model, config, warm_s = load()
+        if profile:
+            profile.disable()
+            warm["warm_profile"] = _profile_top(profile)
+        warm.update(convert_warm_s=warm_s, convert_warm_s_per_layer=warm_s / config.num_layers)
     t0 = time.perf_counter()
     save_converted(model, dst, source=src)
     save_s = time.perf_counter() - t0
@@ -146,7 +174,7 @@ def convert(args) -> dict:
     again = gen.generate([prompt], max_new_tokens=args.new_tokens)
     assert np.array_equal(first.tokens, again.tokens)
     return dict(format=args.format, layers=config.num_layers, convert_s=convert_s,
-                convert_s_per_layer=convert_s / config.num_layers, save_converted_s=save_s,
+                convert_s_per_layer=convert_s / config.num_layers, **warm, save_converted_s=save_s,
                 converted_mib=_dir_mib(dst), load_converted_s=load_s, prepare_s=prepare_s,
                 implementation=implementation, generate_compile_s=first.compile_seconds,
                 decode_tok_s=again.decode_tokens_per_second, **_peaks(anon))
@@ -161,6 +189,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
     p.add_argument("--format", default="samoyeds", help="expert format of the conversion")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--warm", action="store_true",
+                   help="convert a second time, its programs compiled (convert_warm_s)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --warm: cProfile the second conversion (warm_profile: top 30)")
     p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)

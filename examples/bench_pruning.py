@@ -9,8 +9,8 @@ around it), zero-padded to one length [e, t, d] in bfloat16, with log-normal cha
 and neighbouring channels correlated. ``--small`` divides every size by 16 (CPU smoke run).
 
 For every format (2:4, Samoyeds 1:2:128, unstructured 50%) and method, ``prune_experts``
-prunes the layer (dense output: the compression into the format, ``from_dense``, runs on
-the host and is not timed here), w1 and w3 first, then w2 on the hidden state of
+prunes the layer (dense output: the compression into the format, ``from_dense``, is not
+timed here), w1 and w3 first, then w2 on the hidden state of
 the pruned w1/w3, expert by expert. Each case runs twice: the first run compiles, the second
 is timed (``block_until_ready`` on every pruned weight). Also timed: ``sparsegpt_prune`` of
 one w1 and one w2 matrix alone, Hessian given (the per-matrix cost without the report).

@@ -126,8 +126,8 @@ def compress_samoyeds(w: jax.Array, *, n_sel: int = 1, m_sel: int = 2, v: int = 
 
 
 def make_weights(key, k: int, n_out: int, dtype) -> tuple[formats.NMSparse, formats.SamoyedsSparse]:
-    """Random W pruned and compressed on the device (``from_dense`` runs on the host and
-    checks the pattern; these compressors build the same layout from a dense W directly)."""
+    """Random W pruned by magnitude and compressed in one program (``from_dense`` compresses
+    a W that already has the pattern; these compressors build the same layout from a dense W)."""
     w = jax.random.normal(key, (k, n_out), jnp.float32).astype(dtype)
     vals, meta = compress_nm(w)
     nm = formats.NMSparse(values=vals, meta=meta, n=2, m=4, k=k)

@@ -5,8 +5,9 @@ carry leading dims, e.g. [e, K, N]. Both formats are frozen-dataclass pytrees: t
 leaves, the sizes static, so a format object passes through ``jit``, ``tree.map`` (slicing an
 expert off a stack keeps it a valid format) and ``device_put`` like an array.
 
-Common API: ``from_dense`` (host-side, checks that W already has the pattern and raises
-``ValueError`` naming the first offending group; it never prunes), ``abstract`` (the layout
+Common API: ``from_dense`` (one jitted program on W's device, ``nm_encode``; checks that W
+already has the pattern and raises ``ValueError`` naming the first offending group; it never
+prunes), ``abstract`` (the layout
 ``from_dense`` gives a dense shape and dtype, without data), ``to_dense()`` (jnp, traceable),
 ``shape`` (dense shape), ``dtype``, ``nbytes``, ``density``.
 
@@ -54,7 +55,6 @@ import numpy as np
 
 from pallas_kernels.checks import (check_layout, dim, expect_multiple, expect_positive_ints,
                                    matrix_shape)
-from pallas_kernels.nm_select import gather_slots, nm_compress, select_positions
 
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (1, 4), (2, 8), (4, 8))
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -135,53 +135,38 @@ def pack_meta(positions: jax.Array, n: int, m: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
-def _pack_meta_np(pos: np.ndarray, m: int) -> np.ndarray:
-    """Host version of pack_meta for one matrix: [R, N] -> [R // per_word, N] int32."""
-    bits, per_word = meta_bits(m), values_per_word(m)
-    r, cols = pos.shape
-    pos = pos.astype(np.uint32).reshape(r // per_word, per_word, cols)
-    words = np.zeros((r // per_word, cols), np.uint32)
-    for i in range(per_word):
-        words |= pos[:, i, :] << np.uint32(bits * i)
-    return words.view(np.int32)
+# --------------------------------------------------------------------------------- input checks
 
 
-# --------------------------------------------------------------------------------- host checks
-
-
-# Bit masks of the supported dtypes, applied to the weights' integer view: nonzero test
-# (all bits but the sign, so -0.0 counts as zero) and the exponent (all ones: Inf or NaN).
-# Integer views keep from_dense fast on full-size matrices (ml_dtypes' bf16 ufuncs are slow).
-_BIT_MASKS = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
-              "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
-              "float16": (np.uint16, 0x7FFF, 0x7C00)}
-
-
-def _host_matrix_stack(w: Any, name: str = "w") -> tuple[np.ndarray, np.ndarray, int]:
-    """W as host numpy [..., K, N] of a supported dtype, all finite; else ValueError.
-
-    Returns (array, its unsigned-integer bit view, the magnitude mask for nonzero tests).
-    """
+def _matrix_stack(w: Any, name: str = "w") -> tuple[jax.Array, list[int]]:
+    """W [..., K, N] of a supported dtype as a device stack [B, K, N] and its leading dims;
+    ValueError for a traced value, a bad shape or dtype (checked before any copy)."""
     if isinstance(w, jax.core.Tracer):
         raise ValueError(
             f"from_dense checks the pattern on concrete values; {name} is a traced value "
             "(call it outside jit)")
-    arr = np.asarray(w)
-    if arr.ndim < 2 or 0 in arr.shape[-2:]:
+    if not hasattr(w, "dtype"):
+        w = np.asarray(w)
+    shape = tuple(w.shape)
+    if len(shape) < 2 or 0 in shape[-2:]:
         raise ValueError(f"{name} must be [..., K, N] with at least 2 dims and K, N > 0, got shape "
-                         f"{arr.shape}")
-    dtype_name = jnp.dtype(arr.dtype).name
-    if dtype_name not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {arr.dtype}")
-    uint, abs_mask, exp_mask = _BIT_MASKS[dtype_name]
-    bits = arr.view(uint)
-    bad = (bits & uint(exp_mask)) == uint(exp_mask)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name} must be finite; got {arr[where]} at index {where} ({int(bad.sum())} "
-            "non-finite entries)")
-    return arr, bits, abs_mask
+                         f"{shape}")
+    if jnp.dtype(w.dtype).name not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {w.dtype}")
+    lead = list(shape[:-2])
+    return jnp.asarray(w).reshape(-1, *shape[-2:]), lead
+
+
+def _raise_non_finite(found: Any, arr: jax.Array, lead: list[int], name: str = "w") -> None:
+    """ValueError naming the first non-finite entry of a stack (``nm_encode.Finding``)."""
+    count, matrix, index = found
+    if count:
+        where = (*(np.unravel_index(matrix, lead) if lead else ()),
+                 *np.unravel_index(index, arr.shape[-2:]))
+        where = tuple(int(i) for i in where)
+        value = arr[(matrix, *where[len(lead):])]
+        raise ValueError(f"{name} must be finite; got {value} at index {where} ({count} "
+                         "non-finite entries in that matrix)")
 
 
 def _matrix_label(i: int, lead: list[int]) -> str:
@@ -190,9 +175,9 @@ def _matrix_label(i: int, lead: list[int]) -> str:
     return f"matrix w[{index}], " if lead else ""
 
 
-def _stacked(flat: np.ndarray, lead: list[int]) -> jax.Array:
-    """Host [B, ...] -> jnp [*lead, ...]."""
-    return jnp.asarray(flat.reshape(*lead, *flat.shape[1:]))
+def _unflat(x: jax.Array, lead: list[int]) -> jax.Array:
+    """[B, ...] -> [*lead, ...]."""
+    return x.reshape(*lead, *x.shape[1:])
 
 
 # --------------------------------------------------------------------------------- NMSparse
@@ -224,35 +209,34 @@ class NMSparse:
 
     @classmethod
     def from_dense(cls, w: Any, *, n: int = 2, m: int = 4) -> NMSparse:
-        """Compress W [..., K, N] that already is n:m along K (host numpy; not traceable).
+        """Compress W [..., K, N] that already is n:m along K: one jitted program on W's device
+        (host arrays go to the default device); not traceable (it checks the values).
 
         Raises:
           ValueError: unsupported (n, m) or dtype, non-finite entries, K not a multiple of
             ``nm_k_multiple(n, m)``, or a group with more than n nonzeros (the first one is
             named: matrix index, dense rows, column, count).
         """
+        from pallas_kernels.nm_encode import encode_nm
+
         _check_nm(n, m)
-        a, bits, abs_mask = _host_matrix_stack(w)
-        *lead, k, cols = a.shape
+        arr, lead = _matrix_stack(w)
+        k, cols = arr.shape[-2:]
         step = nm_k_multiple(n, m)
         if k % step:
             raise ValueError(
                 f"K={k} must be a multiple of {step} for {n}:{m} (K % {m} == 0 and K*{n}/{m} "
                 f"kept rows a multiple of {values_per_word(m)}, the values per meta word)")
-        flat = bits.reshape(-1, k, cols)
-        values = np.empty((flat.shape[0], k * n // m, cols), bits.dtype)
-        meta = np.empty((flat.shape[0], k * n // m // values_per_word(m), cols), np.int32)
-        for i, mat in enumerate(flat):
-            vals, pos, bad = nm_compress(mat, abs_mask, n, m)
-            if bad is not None:
-                g, c, found, total = bad
-                raise ValueError(
-                    f"w is not {n}:{m} along K: {_matrix_label(i, lead)}rows "
-                    f"{g * m}..{g * m + m - 1} (group {g}), column {c} has {found} nonzeros, "
-                    f"at most {n} allowed ({total} such groups in this matrix)")
-            values[i], meta[i] = vals, _pack_meta_np(pos, m)
-        return cls(values=_stacked(values.view(a.dtype), lead), meta=_stacked(meta, lead), n=n, m=m,
-                   k=k)
+        enc = encode_nm(arr, n=n, m=m)
+        _raise_non_finite(enc.non_finite, arr, lead)
+        over, found = enc.over, enc.over_found
+        if over.count:
+            g, c = divmod(over.index, cols)
+            raise ValueError(
+                f"w is not {n}:{m} along K: {_matrix_label(over.matrix, lead)}rows "
+                f"{g * m}..{g * m + m - 1} (group {g}), column {c} has {found} nonzeros, "
+                f"at most {n} allowed ({over.count} such groups in this matrix)")
+        return cls(values=_unflat(enc.values, lead), meta=_unflat(enc.meta, lead), n=n, m=m, k=k)
 
     @classmethod
     def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n: int = 2, m: int = 4) -> NMSparse:
@@ -360,7 +344,8 @@ class SamoyedsSparse:
 
     @classmethod
     def from_dense(cls, w: Any, *, n_sel: int = 1, m_sel: int = 2, v: int = 128) -> SamoyedsSparse:
-        """Compress W [..., K, N] that already has the pattern (host numpy; not traceable).
+        """Compress W [..., K, N] that already has the pattern: one jitted program on W's device
+        (host arrays go to the default device); not traceable (it checks the values).
 
         Where a group of a slab has fewer than n_sel nonzero columns, the lowest unused offsets
         are kept (their entries are zero).
@@ -370,50 +355,39 @@ class SamoyedsSparse:
             slab's column group with more than n_sel nonzero columns, or a kept column that is
             not 2:4 along K (the first offender is named: matrix, slab, rows, columns, count).
         """
+        from pallas_kernels.nm_encode import encode_samoyeds
+
         _check_samoyeds(n_sel, m_sel, v)
-        a, bits, abs_mask = _host_matrix_stack(w)
-        *lead, k, n_out = a.shape
+        arr, lead = _matrix_stack(w)
+        k, n_out = arr.shape[-2:]
         if k % v:
             raise ValueError(f"K={k} must be a multiple of v={v}")
         if n_out % m_sel:
             raise ValueError(f"N={n_out} must be a multiple of m_sel={m_sel}")
-        slabs, groups = k // v, n_out // m_sel
-        nc = groups * n_sel
-        flat = bits.reshape(-1, k, n_out)
-        values = np.empty((flat.shape[0], k // 2, nc), bits.dtype)
-        meta = np.empty((flat.shape[0], k // 32, nc), np.int32)
-        sel = np.empty((flat.shape[0], slabs, nc), np.int8)
-        for i, mat in enumerate(flat):
-            w4 = mat.reshape(slabs, v, groups, m_sel)
-            col_nz = ((w4 & bits.dtype.type(abs_mask)) != 0).any(axis=1)  # [slabs, groups, m_sel]
-            count = col_nz.sum(axis=-1, dtype=np.uint8)  # [slabs, groups]
-            bad = count > n_sel
-            if bad.any():
-                s, g = (int(j) for j in np.argwhere(bad)[0])
-                offs = np.flatnonzero(col_nz[s, g]).tolist()
-                raise ValueError(
-                    f"w is not {n_sel}:{m_sel}:{v} column-selected: {_matrix_label(i, lead)}"
-                    f"slab {s} (rows {s * v}..{s * v + v - 1}), column group {g} (columns "
-                    f"{g * m_sel}..{g * m_sel + m_sel - 1}) has {int(count[s, g])} nonzero "
-                    f"columns (offsets {offs}), at most {n_sel} allowed ({int(bad.sum())} such "
-                    "groups in this matrix)")
-            # n_sel x [slabs, groups]
-            chosen = select_positions([col_nz[..., j] for j in range(m_sel)], count, n_sel)
-            chosen = [c[:, None, :] for c in chosen]  # broadcast over the slab's rows
-            wc = gather_slots(w4, chosen, axis=-1)  # [slabs, v, groups, n_sel]
-            vals, pos, bad24 = nm_compress(wc.reshape(k, nc), abs_mask, 2, 4)
-            if bad24 is not None:
-                g4, c, found, total = bad24
-                s = g4 * 4 // v
-                col = (c // n_sel) * m_sel + int(chosen[c % n_sel][s, 0, c // n_sel])
-                raise ValueError(
-                    f"kept columns of w are not 2:4 along K: {_matrix_label(i, lead)}slab {s}, "
-                    f"rows {g4 * 4}..{g4 * 4 + 3}, column {col} (compressed column {c}) has "
-                    f"{found} nonzeros, at most 2 allowed ({total} such groups in this matrix)")
-            values[i], meta[i] = vals, _pack_meta_np(pos, 4)
-            sel[i] = np.stack([c[:, 0, :] for c in chosen], axis=-1).reshape(slabs, nc)
-        return cls(values=_stacked(values.view(a.dtype), lead), meta=_stacked(meta, lead),
-                   sel=_stacked(sel, lead), n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
+        groups = n_out // m_sel
+        enc = encode_samoyeds(arr, n_sel=n_sel, m_sel=m_sel, v=v)
+        _raise_non_finite(enc.non_finite, arr, lead)
+        over, columns, not_24, found = enc.over, enc.over_columns, enc.not_24, enc.not_24_found
+        if over.count:
+            s, g = divmod(over.index, groups)
+            raise ValueError(
+                f"w is not {n_sel}:{m_sel}:{v} column-selected: "
+                f"{_matrix_label(over.matrix, lead)}slab {s} (rows {s * v}..{s * v + v - 1}), "
+                f"column group {g} (columns {g * m_sel}..{g * m_sel + m_sel - 1}) has "
+                f"{int(columns.sum())} nonzero columns (offsets {np.flatnonzero(columns).tolist()}), "
+                f"at most {n_sel} allowed ({over.count} such groups in this matrix)")
+        if not_24.count:
+            nc = groups * n_sel
+            g4, c = divmod(not_24.index, nc)
+            s = g4 * 4 // v
+            offset = int(enc.sel[not_24.matrix, s, c])
+            raise ValueError(
+                f"kept columns of w are not 2:4 along K: "
+                f"{_matrix_label(not_24.matrix, lead)}slab {s}, rows {g4 * 4}..{g4 * 4 + 3}, "
+                f"column {(c // n_sel) * m_sel + offset} (compressed column {c}) has {found} "
+                f"nonzeros, at most 2 allowed ({not_24.count} such groups in this matrix)")
+        return cls(values=_unflat(enc.values, lead), meta=_unflat(enc.meta, lead),
+                   sel=_unflat(enc.sel, lead), n_sel=n_sel, m_sel=m_sel, v=v, k=k, n_out=n_out)
 
     @classmethod
     def abstract(cls, shape: tuple[int, ...], dtype: Any, *, n_sel: int = 1, m_sel: int = 2,

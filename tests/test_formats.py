@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from pallas_kernels import nm_encode
 from pallas_kernels.formats import (NM_PATTERNS, NMSparse, SamoyedsSparse, meta_bits, nm_k_multiple,
                                     pack_meta, unpack_meta, values_per_word)
 
@@ -227,6 +228,23 @@ _SAMOYEDS_CASES = [
     ((2, 4, 32), "bfloat16", (2, 64, 8)),
     ((3, 3, 32), "float16", (32, 9)),
 ]
+
+
+def test_bucket_pads_to_multiples_of_256():
+    assert [nm_encode.bucket(s, u) for s, u in [(6, 2), (256, 128), (1408, 128), (14336, 128),
+                                               (768, 32), (96, 3)]] == [256, 256, 1536, 14336,
+                                                                        768, 768]
+
+
+def test_shapes_in_one_bucket_share_one_program(rng):
+    """16-bit dtypes and K, N inside one bucket: one compiled encoder, each result exact."""
+    before = nm_encode._samoyeds_program._cache_size()
+    for shape, dtype in [((128, 6), jnp.bfloat16), ((256, 10), jnp.float16),
+                         ((2, 256, 130), jnp.bfloat16)]:
+        w = _samoyeds_pruned(rng, shape, 1, 2, 128, dtype)
+        s = SamoyedsSparse.from_dense(w)
+        np.testing.assert_array_equal(_as_f32(s.to_dense()), _as_f32(w))
+    assert nm_encode._samoyeds_program._cache_size() - before <= 1
 
 
 @pytest.mark.parametrize("pattern,dtype,shape", _SAMOYEDS_CASES)
