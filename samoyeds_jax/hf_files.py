@@ -127,9 +127,9 @@ class ShardReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
 
-    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(self, key: str, shape: tuple[int, ...], *, finite: bool | None = None) -> np.ndarray:
         """Tensor ``key`` as a numpy array, after checking it has ``shape`` (and, with
-        ``finite``, no NaN or Inf).
+        ``finite``, no NaN or Inf; None: the reader's ``finite``).
 
         Raises ValueError naming the tensor and its file when it is missing, mis-shaped,
         unreadable or not finite.
@@ -149,7 +149,8 @@ class ShardReader:
         if self.floating and not jnp.issubdtype(array.dtype, jnp.floating):
             raise ValueError(f"tensor {key!r} in {path}: expected a floating dtype, found "
                              f"{array.dtype}")
-        if self.finite and jnp.issubdtype(array.dtype, jnp.floating):
+        if (self.finite if finite is None else finite) and jnp.issubdtype(array.dtype,
+                                                                           jnp.floating):
             bad = ~np.isfinite(array)
             if bad.any():
                 index = tuple(int(i) for i in np.argwhere(bad)[0])

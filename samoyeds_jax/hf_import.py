@@ -105,19 +105,32 @@ def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.
     return reader.get(key, tuple(reversed(shape_in_out))).T
 
 
+def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...]) -> jax.Array:
+    """Tensors ``keys`` (each of ``shape``) stacked on the default device ([len(keys), *shape];
+    one key: that tensor). They are checked for NaN/Inf there, one reduction instead of a numpy
+    pass over a layer's weights on the host; on a failure the host pass runs for the error,
+    which names the tensor and its file."""
+    x = [jnp.asarray(reader.get(key, shape, finite=False)) for key in keys]
+    x = x[0] if len(x) == 1 else jnp.stack(x)
+    if reader.finite and not bool(jnp.isfinite(x).all()):
+        for key in keys:
+            reader.get(key, shape)  # raises ValueError naming the first non-finite tensor
+    return x
+
+
 def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,
-                  e: int, d: int, f: int) -> dict[str, np.ndarray]:
-    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of block i (per-expert or fused layout)."""
+                  e: int, d: int, f: int, dtype: Any) -> dict[str, jax.Array]:
+    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of block i (per-expert or fused layout), on the
+    default device in ``dtype``: read as stored (torch [out, in]), transposed there."""
     fused_gate_up, fused_down = family.fused_expert_names(i, moe)
     if fused_gate_up in reader:
-        gate_up = reader.get(fused_gate_up, (e, 2 * f, d)).transpose(0, 2, 1)  # [e, d, 2f]
-        down = reader.get(fused_down, (e, d, f)).transpose(0, 2, 1)  # [e, f, d]
-        return {"w1": gate_up[..., :f], "w3": gate_up[..., f:], "w2": down}
+        gate_up = _device_stack(reader, [fused_gate_up], (e, 2 * f, d)).mT.astype(dtype)
+        return {"w1": gate_up[..., :f], "w3": gate_up[..., f:],
+                "w2": _device_stack(reader, [fused_down], (e, d, f)).mT.astype(dtype)}
     out = {}
-    for w, shape in (("w1", (d, f)), ("w3", (d, f)), ("w2", (f, d))):
-        path = ("layers", i, "mlp", w)
-        out[w] = np.stack([_linear(reader, family.tensor_name(path, expert=j, moe=moe), shape)
-                           for j in range(e)])
+    for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
+        keys = [family.tensor_name(("layers", i, "mlp", w), expert=j, moe=moe) for j in range(e)]
+        out[w] = _device_stack(reader, keys, shape).mT.astype(dtype)
     return out
 
 
@@ -130,11 +143,12 @@ def _moe_name(reader: ShardReader, family: Family, i: int) -> str:
 
 
 def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: int,
-                   shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, np.ndarray]:
-    """Every parameter of block i except the pre-gate, under its module path."""
+                   shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, Any]:
+    """Every parameter of block i except the pre-gate, under its module path (numpy; the
+    experts on the device, ``_load_experts``)."""
     hf_name = family.tensor_name
     layer = ("layers", i)
-    out: dict[Path, np.ndarray] = {}
+    out: dict[Path, Any] = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         path = layer + (norm, "scale")
         out[path] = reader.get(hf_name(path), (config.d_model,))
@@ -154,7 +168,8 @@ def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: 
     m = config.moe
     out[mlp + ("gate", "kernel")] = _linear(reader, hf_name(mlp + ("gate", "kernel"), moe=moe),
                                             (m.d_model, m.num_experts))
-    experts = _load_experts(reader, family, i, moe, m.num_experts, m.d_model, m.d_ff)
+    experts = _load_experts(reader, family, i, moe, m.num_experts, m.d_model, m.d_ff,
+                            config.param_dtype)
     out.update({mlp + (k,): v for k, v in experts.items()})
     if mlp + ("shared", "w1") in shapes:
         s = m.shared_width
