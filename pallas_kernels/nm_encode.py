@@ -56,6 +56,13 @@ def _bit_view(w: jax.Array, k_unit: int, n_unit: int) -> tuple[jax.Array, jax.Ar
     return bits, jnp.array([magnitude, exponent], uint)
 
 
+def _matrices(stack: jax.Array) -> list[jax.Array]:
+    """The matrices of a stack; of an empty one, one zero matrix (its outputs are sliced off)."""
+    if not stack.shape[0]:
+        return [jnp.zeros(stack.shape[1:], stack.dtype)]
+    return [stack[i] for i in range(stack.shape[0])]
+
+
 class Finding(NamedTuple):
     """How many flagged entries the first flagged matrix has (0: none anywhere), that matrix's
     flat index in the stack, and the first flagged entry's flat index in it."""
@@ -144,13 +151,13 @@ def encode_nm(w: jax.Array, *, n: int, m: int) -> NMEncoded:
     """N:M along K of a pruned stack w [B, K, N] (K a multiple of the pattern's word rows)."""
     b, k, cols = w.shape
     padded, masks = _bit_view(w, nm_k_multiple(n, m), 1)
-    out = [_nm_program(padded[i], masks, n=n, m=m) for i in range(b)]
+    out = [_nm_program(x, masks, n=n, m=m) for x in _matrices(padded)]
     values, meta = (jnp.stack([o[j] for o in out]) for j in (0, 1))
     bad, over, found = jax.device_get([[o[j] for o in out] for j in (2, 3, 4)])
     over = _first(over, padded.shape[2], cols)
     kept = k * n // m
-    values = jax.lax.bitcast_convert_type(values[:, :kept, :cols], w.dtype)
-    return NMEncoded(values, meta[:, :kept // values_per_word(m), :cols],
+    values = jax.lax.bitcast_convert_type(values[:b, :kept, :cols], w.dtype)
+    return NMEncoded(values, meta[:b, :kept // values_per_word(m), :cols],
                      _first(bad, padded.shape[2], cols), over, int(found[over.matrix]))
 
 
@@ -193,7 +200,8 @@ def encode_samoyeds(w: jax.Array, *, n_sel: int, m_sel: int, v: int) -> Samoyeds
     """Samoyeds n_sel:m_sel:v column choice + 2:4 along K of a pruned stack w [B, K, N]."""
     b, k, n_out = w.shape
     padded, masks = _bit_view(w, v, m_sel)
-    out = [_samoyeds_program(padded[i], masks, n_sel=n_sel, m_sel=m_sel, v=v) for i in range(b)]
+    out = [_samoyeds_program(x, masks, n_sel=n_sel, m_sel=m_sel, v=v)
+           for x in _matrices(padded)]
     values, meta, sel = (jnp.stack([o[j] for o in out]) for j in (0, 1, 2))
     bad, over, columns, not_24, found = jax.device_get(
         [[o[j] for o in out] for j in (3, 4, 5, 6, 7)])
@@ -201,7 +209,7 @@ def encode_samoyeds(w: jax.Array, *, n_sel: int, m_sel: int, v: int) -> Samoyeds
     over = _first(over, padded_groups, groups)
     not_24 = _first(not_24, padded_groups * n_sel, groups * n_sel)
     nc = groups * n_sel
-    values = jax.lax.bitcast_convert_type(values[:, :k // 2, :nc], w.dtype)
-    return SamoyedsEncoded(values, meta[:, :k // 32, :nc], sel[:, :k // v, :nc],
+    values = jax.lax.bitcast_convert_type(values[:b, :k // 2, :nc], w.dtype)
+    return SamoyedsEncoded(values, meta[:b, :k // 32, :nc], sel[:b, :k // v, :nc],
                            _first(bad, padded.shape[2], n_out), over, columns[over.matrix],
                            not_24, int(found[not_24.matrix]))

@@ -236,6 +236,13 @@ def test_bucket_pads_to_multiples_of_256():
                                                                         768, 768]
 
 
+@pytest.mark.parametrize("cls", [NMSparse, SamoyedsSparse])
+def test_empty_stack_encodes_to_empty_arrays(cls):
+    s = cls.from_dense(jnp.zeros((0, 2, 128, 8), jnp.bfloat16))
+    assert s.shape == (0, 2, 128, 8) and s.values.shape[:2] == (0, 2)
+    chex.assert_shape(s.to_dense(), (0, 2, 128, 8))
+
+
 def test_shapes_in_one_bucket_share_one_program(rng):
     """16-bit dtypes and K, N inside one bucket: one compiled encoder, each result exact."""
     before = nm_encode._samoyeds_program._cache_size()
