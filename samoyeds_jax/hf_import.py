@@ -109,12 +109,16 @@ def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...]) 
     """Tensors ``keys`` (each of ``shape``) stacked on the default device ([len(keys), *shape];
     one key: that tensor). They are checked for NaN/Inf there, one reduction instead of a numpy
     pass over a layer's weights on the host; on a failure the host pass runs for the error,
-    which names the tensor and its file."""
-    x = [jnp.asarray(reader.get(key, shape, finite=False)) for key in keys]
-    x = x[0] if len(x) == 1 else jnp.stack(x)
+    which names the tensor and its file (or the tensor whose values, finite as stored, overflow
+    the dtype they load in, e.g. float64 in float32)."""
+    parts = [jnp.asarray(reader.get(key, shape, finite=False)) for key in keys]
+    x = parts[0] if len(parts) == 1 else jnp.stack(parts)
     if reader.finite and not bool(jnp.isfinite(x).all()):
         for key in keys:
             reader.get(key, shape)  # raises ValueError naming the first non-finite tensor
+        key = next(k for k, part in zip(keys, parts) if not bool(jnp.isfinite(part).all()))
+        raise ValueError(f"tensor {key!r}: finite as stored, but with values beyond the range of "
+                         f"{x.dtype}, the dtype it loads in")
     return x
 
 

@@ -498,6 +498,20 @@ def test_import_refuses_non_finite_weights(tmp_path, key, value):
         load_hf_checkpoint(d)
 
 
+def test_import_refuses_expert_values_beyond_the_load_dtype(tmp_path):
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(FIXTURE, d)
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    tensors[key] = tensors[key].astype(np.float64)
+    tensors[key][3, 5] = 1e300  # finite in float64, infinite in float32
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=rf"tensor '{key}': finite as stored, but with values "
+                                         r"beyond the range of float32"):
+        load_hf_checkpoint(d)
+
+
 def test_import_refuses_non_finite_bfloat16_weights(tmp_path):
     import ml_dtypes
     d = str(tmp_path / "ckpt")
