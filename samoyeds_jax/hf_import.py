@@ -105,13 +105,14 @@ def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.
     return reader.get(key, tuple(reversed(shape_in_out))).T
 
 
-def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...]) -> jax.Array:
-    """Tensors ``keys`` (each of ``shape``) stacked on the default device ([len(keys), *shape];
-    one key: that tensor). They are checked for NaN/Inf there, one reduction instead of a numpy
-    pass over a layer's weights on the host; on a failure the host pass runs for the error,
-    which names the tensor and its file (or the tensor whose values, finite as stored, overflow
-    the dtype they load in, e.g. float64 in float32)."""
-    parts = [jnp.asarray(reader.get(key, shape, finite=False)) for key in keys]
+def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...],
+                  dtype: Any) -> jax.Array:
+    """Tensors ``keys`` (each of ``shape``) in ``dtype``, stacked on the default device
+    ([len(keys), *shape]; one key: that tensor). They are checked for NaN/Inf there, one
+    reduction instead of a numpy pass over a layer's weights on the host; on a failure the host
+    pass runs for the error, which names the tensor and its file (or the tensor whose values,
+    finite as stored, overflow ``dtype``, e.g. float32 in float16)."""
+    parts = [jnp.asarray(reader.get(key, shape, finite=False), dtype) for key in keys]
     x = parts[0] if len(parts) == 1 else jnp.stack(parts)
     if reader.finite and not bool(jnp.isfinite(x).all()):
         for key in keys:
@@ -128,13 +129,13 @@ def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,
     default device in ``dtype``: read as stored (torch [out, in]), transposed there."""
     fused_gate_up, fused_down = family.fused_expert_names(i, moe)
     if fused_gate_up in reader:
-        gate_up = _device_stack(reader, [fused_gate_up], (e, 2 * f, d)).mT.astype(dtype)
+        gate_up = _device_stack(reader, [fused_gate_up], (e, 2 * f, d), dtype).mT
         return {"w1": gate_up[..., :f], "w3": gate_up[..., f:],
-                "w2": _device_stack(reader, [fused_down], (e, d, f)).mT.astype(dtype)}
+                "w2": _device_stack(reader, [fused_down], (e, d, f), dtype).mT}
     out = {}
     for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
         keys = [family.tensor_name(("layers", i, "mlp", w), expert=j, moe=moe) for j in range(e)]
-        out[w] = _device_stack(reader, keys, shape).mT.astype(dtype)
+        out[w] = _device_stack(reader, keys, shape, dtype).mT
     return out
 
 
@@ -293,7 +294,11 @@ def load_hf_checkpoint(
             return
         if tuple(array.shape) != shapes[path]:  # a mapping error here, never a user error
             raise AssertionError(f"{_dotted(path)}: mapped shape {array.shape} != {shapes[path]}")
-        loaded[path] = jnp.asarray(array, dtype=param_dtype)
+        value = jnp.asarray(array, dtype=param_dtype)
+        if isinstance(array, np.ndarray) and not bool(jnp.isfinite(value).all()):
+            raise ValueError(f"{_dotted(path)}: finite in the checkpoint ({array.dtype}), but with "
+                             f"values beyond the range of {value.dtype}, the model's dtype")
+        loaded[path] = value
 
     with ShardReader(directory, floating=True) as reader:
         v, d = config.vocab_size, config.d_model
