@@ -199,6 +199,8 @@ def main() -> None:
                    help="with --warm: cProfile the second conversion (warm_profile: top 30)")
     p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     args = p.parse_args()
+    if args.profile and not args.warm:
+        p.error("--profile profiles the second conversion: it needs --warm")
     os.makedirs(args.workdir, exist_ok=True)
     entry = write(args) if args.step == "write" else convert(args)
     entry.update(device=str(jax.devices()[0].device_kind))

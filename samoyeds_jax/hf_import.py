@@ -315,7 +315,7 @@ def load_hf_checkpoint(
             experts = {}
             for path, array in tensors.items():
                 if path in expert_paths:
-                    experts[expert_paths[path]] = jnp.asarray(array, dtype=param_dtype)
+                    experts[expert_paths[path]] = array  # on the device, in param_dtype
                 else:
                     put(path, array)
             del tensors
