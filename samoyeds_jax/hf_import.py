@@ -108,19 +108,19 @@ def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.
 def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...],
                   dtype: Any) -> jax.Array:
     """Tensors ``keys`` (each of ``shape``) in ``dtype``, stacked on the default device
-    ([len(keys), *shape]; one key: that tensor). They are checked for NaN/Inf there, one
-    reduction instead of a numpy pass over a layer's weights on the host; on a failure the host
-    pass runs for the error, which names the tensor and its file (or the tensor whose values,
-    finite as stored, overflow ``dtype``, e.g. float32 in float16)."""
-    parts = [jnp.asarray(reader.get(key, shape, finite=False), dtype) for key in keys]
-    x = parts[0] if len(parts) == 1 else jnp.stack(parts)
+    ([len(keys), *shape]; one key: that tensor): read on several threads into one host array,
+    uploaded in one transfer. They are checked for NaN/Inf there, one reduction instead of a
+    numpy pass over a layer's weights on the host; on a failure the host pass runs for the
+    error, which names the tensor and its file (or the tensor whose values, finite as stored,
+    overflow ``dtype``, e.g. float32 in float16)."""
+    x = jnp.asarray(reader.stack(keys, shape, finite=False), dtype)
     if reader.finite and not bool(jnp.isfinite(x).all()):
         for key in keys:
             reader.get(key, shape)  # raises ValueError naming the first non-finite tensor
-        key = next(k for k, part in zip(keys, parts) if not bool(jnp.isfinite(part).all()))
-        raise ValueError(f"tensor {key!r}: finite as stored, but with values beyond the range of "
-                         f"{x.dtype}, the dtype it loads in")
-    return x
+        j = next(j for j in range(len(keys)) if not bool(jnp.isfinite(x[j]).all()))
+        raise ValueError(f"tensor {keys[j]!r}: finite as stored, but with values beyond the range "
+                         f"of {x.dtype}, the dtype it loads in")
+    return x if len(keys) > 1 else x[0]
 
 
 def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,

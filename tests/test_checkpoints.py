@@ -303,6 +303,41 @@ def test_truncated_shard_is_named(tmp_path):
         load_hf_checkpoint(d)
 
 
+def test_reader_stack_reads_what_get_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(jnp.bfloat16),
+               "b": rng.standard_normal((3, 5)).astype(np.float32),
+               "c": rng.standard_normal((3, 5)).astype(jnp.bfloat16),
+               "fp8": rng.standard_normal(4).astype(jnp.float8_e4m3fn),
+               "ids": np.arange(7, dtype=np.int64), "empty": np.zeros((0, 2), np.float16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with hf_import.ShardReader(str(tmp_path)) as reader:
+        for key, value in tensors.items():
+            got = reader.get(key, value.shape)
+            assert got.dtype == value.dtype
+            np.testing.assert_array_equal(got.view(np.uint8), value.view(np.uint8))
+        same = reader.stack(["a", "c", "a"], (3, 5))
+        assert same.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(same.astype(np.float32), np.stack(
+            [tensors[k] for k in "aca"]).astype(np.float32))
+        mixed = reader.stack(["a", "b"], (3, 5))  # their common dtype
+        assert mixed.dtype == np.float32
+        np.testing.assert_array_equal(mixed, np.stack([tensors["a"].astype(np.float32),
+                                                       tensors["b"]]))
+        with pytest.raises(ValueError, match=r"'ids'.*expected shape \(3, 5\), found \(7,\)"):
+            reader.stack(["a", "ids"], (3, 5))
+
+
+def test_reader_names_a_nan_in_a_stack(tmp_path):
+    tensors = {f"w{j}": np.ones((4, 4), np.float32) for j in range(6)}
+    tensors["w4"][1, 2] = np.nan
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with hf_import.ShardReader(str(tmp_path)) as reader:
+        with pytest.raises(ValueError, match=r"'w4'.*1 NaN/Inf.*index \(1, 2\)"):
+            reader.stack(list(tensors), (4, 4))
+        assert reader.stack(list(tensors), (4, 4), finite=False).shape == (6, 4, 4)
+
+
 def test_missing_tensor_is_named(tmp_path):
     d = _copy_fixture("mixtral", tmp_path)
     path = os.path.join(d, "model.safetensors")
