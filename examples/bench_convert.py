@@ -8,15 +8,18 @@ Two steps, each its own process so that its peak host memory is its own:
   experts on the device at a time) and written with ``save_hf_checkpoint`` (bf16, one
   safetensors file) to ``WORKDIR/hf``.
 * ``--step convert``: ``load_hf_checkpoint(WORKDIR/hf, expert_format=FORMAT,
-  prune=PruneConfig(method="magnitude"))`` reads it block by block and prunes each block's
-  experts on the device (seconds per block = total / blocks, reading included); then
+  prune=PruneConfig(method=METHOD))`` reads it block by block and prunes each block's
+  experts on the device (seconds per block = total / blocks, reading included; "wanda" and
+  "sparsegpt" are calibrated on ``--calib-windows`` random token windows of ``--calib-len``,
+  walked through the pruned blocks, ``calibration=``; ``--refit-iters`` sets SparseGPT's
+  refit of the kept weights, 0: one pass); then
   ``save_converted`` to ``WORKDIR/converted``, ``load_converted`` back, ``prepare`` (the
   fastest expert implementation here, in its layout), and a greedy generation of
   ``--new-tokens`` tokens (compile and decode timed apart). ``--warm`` converts a second time
   in the same process, its programs compiled: the per-layer cost of a deep model, whose first
   layer alone pays the compiles; ``--profile`` adds that run's cProfile top 30.
 
-Each step records its seconds, its peak host memory (``ru_maxrss``, which counts the
+Each step records its seconds (the entry ``convert``, or ``convert_wanda`` / ``convert_sparsegpt``), its peak host memory (``ru_maxrss``, which counts the
 checkpoint's memory-mapped file pages too, and the anonymous memory alone, sampled) and peak
 device memory (``memory_stats``) into ``--out`` (JSON, both steps in one file). Sizes:
 OLMoE-1B-7B is 13.8 GB in bf16; Mixtral-8x7B is 3 GB per block.
@@ -140,12 +143,18 @@ def _profile_top(profile: cProfile.Profile, rows: int = 30) -> list[dict]:
 def convert(args) -> dict:
     anon = AnonPeak()
     src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "converted")
+    windows = None
+    if args.method != "magnitude":
+        with open(os.path.join(src, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        windows = np.random.default_rng(0).integers(0, vocab, (args.calib_windows, args.calib_len))
 
     def load():
         t0 = time.perf_counter()
         model, config = load_hf_checkpoint(
-            src, expert_format=args.format,
-            prune=pruning.PruneConfig(format=args.format, method="magnitude", output="compressed"))
+            src, expert_format=args.format, calibration=windows,
+            prune=pruning.PruneConfig(format=args.format, method=args.method,
+                                      refit_iters=args.refit_iters, output="compressed"))
         jax.block_until_ready(nnx.state(model))
         return model, config, time.perf_counter() - t0
 
@@ -177,7 +186,9 @@ def convert(args) -> dict:
     first = gen.generate([prompt], max_new_tokens=args.new_tokens)
     again = gen.generate([prompt], max_new_tokens=args.new_tokens)
     assert np.array_equal(first.tokens, again.tokens)
-    return dict(format=args.format, layers=config.num_layers, convert_s=convert_s,
+    return dict(format=args.format, method=args.method, refit_iters=args.refit_iters,
+                calibration_tokens=0 if windows is None else int(windows.size),
+                layers=config.num_layers, convert_s=convert_s,
                 convert_s_per_layer=convert_s / config.num_layers, **warm, save_converted_s=save_s,
                 converted_mib=_dir_mib(dst), load_converted_s=load_s, prepare_s=prepare_s,
                 implementation=implementation, generate_compile_s=first.compile_seconds,
@@ -192,6 +203,12 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="olmoe-1b-7b")
     p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
     p.add_argument("--format", default="samoyeds", help="expert format of the conversion")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="magnitude",
+                   help="pruning method; wanda and sparsegpt are calibrated")
+    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--refit-iters", type=int, default=pruning.PruneConfig.refit_iters,
+                   help="SparseGPT's refit of the kept weights (0: one pass)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--warm", action="store_true",
                    help="convert a second time, its programs compiled (convert_warm_s)")
@@ -205,7 +222,9 @@ def main() -> None:
     entry = write(args) if args.step == "write" else convert(args)
     entry.update(device=str(jax.devices()[0].device_kind))
     report = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    report[args.step] = entry
+    key = args.step if args.step == "write" or args.method == "magnitude" else \
+        f"{args.step}_{args.method}"
+    report[key] = entry
     with open(args.out + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

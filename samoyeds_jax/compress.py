@@ -37,7 +37,7 @@ from samoyeds_jax import prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
 from samoyeds_jax.linear import replace_value
-from samoyeds_jax.model import DecoderBlock, MoETransformer, expert_half
+from samoyeds_jax.model import DecoderBlock, ModelConfig, MoETransformer, expert_half
 from samoyeds_jax.scan import alike
 
 
@@ -150,14 +150,16 @@ def _topk(block: DecoderBlock, x_moe):
     return block.mlp.route(x_moe).topk_idx
 
 
-def _check_windows(model: MoETransformer, windows: Any) -> np.ndarray:
+def check_windows(config: ModelConfig, windows: Any) -> np.ndarray:
+    """``windows`` as int32 ``[n, t]`` calibration token windows of ``config``'s vocabulary
+    (ValueError saying what was expected and given)."""
     arr = np.asarray(windows)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] < 2:
         raise ValueError(f"calibration windows must be a non-empty [n, t] token array with t >= 2,"
                          f" got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"calibration windows must hold integer token ids, got {arr.dtype}")
-    v = model.config.vocab_size
+    v = config.vocab_size
     if arr.min() < 0 or arr.max() >= v:
         raise ValueError(f"calibration token ids span [{arr.min()}, {arr.max()}]; the model's "
                          f"vocabulary is [0, {v})")
@@ -212,7 +214,7 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
     if config is not None and model.config.moe.expert_format != "dense":
         raise ValueError(f"the model's experts are already {model.config.moe.expert_format!r}; "
                          "calibrate_and_prune prunes dense experts")
-    windows = _check_windows(model, windows)
+    windows = check_windows(model.config, windows)
     from samoyeds_jax.train import set_expert_implementation
 
     # The calibration forwards run the reference expert implementation: statistics need no
@@ -241,41 +243,72 @@ def _views(model: MoETransformer) -> Callable[[int], DecoderBlock]:
     return view
 
 
-def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
-          progress: bool | None) -> CompressReport:
-    """``calibrate_and_prune`` on checked arguments."""
-    batches = [jnp.asarray(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-    xs, pos_masks = [], []
-    for tokens in batches:  # full windows from an empty cache: positions 0..t-1, causal mask
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        attn_mask = attention_mask(jnp.ones((b, t), bool), jnp.zeros((), jnp.int32), t,
-                                   sliding_window=model.config.attention.sliding_window)
-        xs.append(model.embed_tokens(tokens))
-        pos_masks.append((positions, attn_mask))
-    e = model.config.moe.num_experts
-    reports, token_counts, linear_reports = [], [], []
-    named = config or linears
-    bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({named.format}, {named.method})",
-               unit="block", disable=None if progress is None else not progress)
-    views = _views(model)
-    for i, block in bar:
-        view = functools.partial(views, i)
+class Calibration:
+    """The calibration windows' hidden states, walked through the blocks in order: block l is
+    pruned on the outputs of the already-pruned blocks before it (``prune_block``). Holds one
+    block's activations at a time, so a walk that gets each block only when it comes (the
+    checkpoint importer's) keeps one block's weights on the device."""
+
+    def __init__(self, embed_tokens: nnx.Embed, config: ModelConfig, windows: np.ndarray,
+                 batch_size: int):
+        self.num_experts = config.moe.num_experts
+        self.xs, self.pos_masks = [], []
+        for start in range(0, len(windows), batch_size):
+            tokens = jnp.asarray(windows[start:start + batch_size])
+            b, t = tokens.shape  # full windows from an empty cache: positions 0..t-1, causal
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            attn_mask = attention_mask(jnp.ones((b, t), bool), jnp.zeros((), jnp.int32), t,
+                                       sliding_window=config.attention.sliding_window)
+            self.xs.append(embed_tokens(tokens))
+            self.pos_masks.append((positions, attn_mask))
+        self.expert_tokens: list[tuple[int, ...]] = []
+
+    def prune_block(self, block: DecoderBlock, view: Callable[[], DecoderBlock], i: int,
+                    config: pruning.PruneConfig | None, linears: pruning.PruneConfig | None
+                    ) -> tuple[prune_report.PruneReport | None, prune_report.PruneReport | None]:
+        """Prune block i in place (``linears``: attention projections, then shared experts;
+        ``config``: routed experts, appending their token counts to ``expert_tokens``) and
+        move the hidden states past it. ``view()``: the block as the jitted functions see it
+        (``_views``). Returns (experts' report, linears' report), None where not pruned."""
+        xs, pos_masks = self.xs, self.pos_masks
+        linear_report = None
         if linears is not None:
-            linear_reports.append(_prune_linears(block, view, i, linears, xs, pos_masks))
+            linear_report = _prune_linears(block, view, i, linears, xs, pos_masks)
         seen = view()
         hs, x_moes = zip(*[_moe_input(seen, x, p, m) for x, (p, m) in zip(xs, pos_masks)])
         x_all = jnp.concatenate(x_moes)  # [n*t, d]
         if linears is not None and block.mlp.shared is not None:
             shared = _prune_shared(block, i, linears, x_all)
-            linear_reports[-1] = prune_report.PruneReport(
-                config=linears, layers={**linear_reports[-1].layers, **shared.layers})
+            linear_report = prune_report.PruneReport(
+                config=linears, layers={**linear_report.layers, **shared.layers})
+        report = None
         if config is not None:
-            reports.append(_prune_experts(block, i, config, x_all, e, token_counts, view()))
+            report = _prune_experts(block, i, config, x_all, self.num_experts,
+                                    self.expert_tokens, view())
         seen = view()  # after the pruning
-        xs = [_moe_output(seen, h, xm) for h, xm in zip(hs, x_moes)]
-    return CompressReport(config=config, blocks=tuple(reports), expert_tokens=tuple(token_counts),
-                          linears=linears, linear_blocks=tuple(linear_reports))
+        self.xs = [_moe_output(seen, h, xm) for h, xm in zip(hs, x_moes)]
+        return report, linear_report
+
+
+def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
+          progress: bool | None) -> CompressReport:
+    """``calibrate_and_prune`` on checked arguments."""
+    walk = Calibration(model.embed_tokens, model.config, windows, batch_size)
+    reports, linear_reports = [], []
+    named = config or linears
+    bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({named.format}, {named.method})",
+               unit="block", disable=None if progress is None else not progress)
+    views = _views(model)
+    for i, block in bar:
+        report, linear_report = walk.prune_block(block, functools.partial(views, i), i, config,
+                                                 linears)
+        if report is not None:
+            reports.append(report)
+        if linear_report is not None:
+            linear_reports.append(linear_report)
+    return CompressReport(config=config, blocks=tuple(reports),
+                          expert_tokens=tuple(walk.expert_tokens), linears=linears,
+                          linear_blocks=tuple(linear_reports))
 
 
 def _prune_experts(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_all, e: int,

@@ -5,8 +5,9 @@ Import (``load_hf_checkpoint``) reads a Hugging Face model directory:
 
 - ``config.json`` -> ``ModelConfig.from_hf`` (Mixtral, Qwen2-MoE / Qwen1.5-MoE, Qwen3-MoE, OLMoE);
 - ``model.safetensors``, or the shards listed by ``model.safetensors.index.json``, or every
-  ``*.safetensors`` file of the directory; tensors are read lazily (memory-mapped), one layer at
-  a time, so host memory holds at most one layer's dense experts besides the result.
+  ``*.safetensors`` file of the directory; tensors are read one layer at a time (a layer's
+  experts on several threads), so host memory holds at most one layer's dense experts besides
+  the result.
 
 Tensor mapping (``model.`` prefix as in the checkpoints; see ``samoyeds_jax.model`` for the
 module names). Torch linear weights ``[out, in]`` are transposed to ``[in, out]`` (``y = x @ W``):
@@ -39,7 +40,10 @@ i is read from ``...{moe}.pregate.weight`` when the checkpoint has that tensor (
 A model built without pre-gates (``pregate="standard"``) skips those tensors.
 
 The routed experts are then pruned and stored in ``expert_format`` (``samoyeds_jax.pruning``),
-layer by layer under a progress bar.
+layer by layer under a progress bar. With ``calibration`` windows, each layer is pruned on the
+hidden states those windows reach after the layers before it, already pruned (as
+``compress.calibrate_and_prune``, Wanda and SparseGPT need it), still one layer at a time:
+a model that does not fit the device in dense form is pruned with calibration on one GPU.
 
 Errors: a missing directory, ``config.json``, shard or listed file raises FileNotFoundError
 naming it; an unreadable (e.g. truncated) shard, a missing, unexpected, mis-shaped or
@@ -48,6 +52,7 @@ non-finite tensor raises ValueError naming the tensor, its file and what was exp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -60,7 +65,7 @@ from tqdm.auto import tqdm
 
 from pallas_kernels.checks import expect_float_dtype
 from pallas_kernels.format_registry import get_format
-from samoyeds_jax import families, pruning
+from samoyeds_jax import compress, families, pruning
 from samoyeds_jax.config import (FLOAT_DTYPES, ExpertFormat, ExpertImplementation, PregateMode,
                                  SparsityConfig)
 from samoyeds_jax.expert_store import check_experts_memory, place_experts
@@ -228,6 +233,50 @@ def _convert_experts(experts: dict[str, jax.Array], i: int,
     return converted["layers"][str(i)]
 
 
+class _CalibratedPruning:
+    """Block by block, the experts pruned on calibration windows (``compress.Calibration``):
+    a dense twin of the model (nothing allocated; the reference expert implementation, no
+    pre-gates) gets block i's imported parameters, prunes its experts in place on the hidden
+    states the windows reach there, moves those past the pruned block and lets go of the
+    block's arrays again."""
+
+    def __init__(self, config: ModelConfig, windows: Any, embedding: jax.Array,
+                 prune: pruning.PruneConfig):
+        self.config = config.replace(moe=dict(expert_format="dense", implementation="xla",
+                                              pregate="standard"))
+        self.prune = prune
+        self.twin = _abstract_model(self.config)
+        self.variables = _variables(self.twin)
+        _fill_non_params(self.variables)
+        self.views = compress._views(self.twin)
+        self.twin.embed_tokens.embedding.set_value(embedding)
+        windows = compress.check_windows(self.config, windows)
+        self.walk = compress.Calibration(self.twin.embed_tokens, self.config, windows,
+                                         batch_size=8)
+        self.twin.embed_tokens.embedding.set_value(jax.ShapeDtypeStruct(embedding.shape,
+                                                                        embedding.dtype))
+
+    def __call__(self, i: int, params: Mapping[Path, Any], experts: dict[str, jax.Array]
+                 ) -> dict[str, Any]:
+        """Block i's experts pruned and stored in the format; ``params``: the block's other
+        parameters as imported (on the device), ``experts``: its dense w1/w3/w2."""
+        block = [(path, var) for path, var in self.variables.items()
+                 if path[:2] == ("layers", i) and isinstance(var, nnx.Param)]
+        abstract = {path: var.get_value() for path, var in block}
+        for path, var in block:
+            var.set_value(experts[path[3]] if path[2:3] == ("mlp",) and len(path) == 4
+                          and path[3] in experts else params[path])
+        try:
+            dense = dataclasses.replace(self.prune, output="dense")
+            self.walk.prune_block(self.twin.layers[i], lambda: self.views(i), i, dense, None)
+            mlp = self.twin.layers[i].mlp
+            return {name: pruning.convert(getattr(mlp, name).get_value(), self.prune)
+                    for name in ("w1", "w3", "w2")}
+        finally:  # the dense block leaves the device with this call
+            for path, var in block:
+                var.set_value(abstract[path])
+
+
 def load_hf_checkpoint(
     directory: str,
     *,
@@ -238,6 +287,7 @@ def load_hf_checkpoint(
     pregate: PregateMode = "standard",
     progress: bool | None = None,
     experts_memory: str = "device",
+    calibration: Any = None,
 ) -> tuple[MoETransformer, ModelConfig]:
     """Import a Hugging Face MoE checkpoint directory and convert its experts.
 
@@ -256,6 +306,11 @@ def load_hf_checkpoint(
       experts_memory: where the routed experts end up: "device", or "pinned_host" (each
         block's experts leave the device before the next block is read: for
         ``OffloadGenerator`` when the experts do not fit the device).
+      calibration: ``[n, t]`` int token windows (e.g. of a corpus' training split): each
+        block's experts are pruned on the tokens its gate routes to each expert, with the
+        hidden states of these windows after the blocks before it, already pruned (as
+        ``compress.calibrate_and_prune``; statistics in float32, the forwards in ``dtype``).
+        Needed for ``prune.method`` "wanda" and "sparsegpt"; None: each weight alone.
     Returns:
       ``(model, config)``.
     Raises:
@@ -275,6 +330,12 @@ def load_hf_checkpoint(
     config = ModelConfig.from_hf(hf, expert_format="dense", implementation=implementation,
                                  pregate=pregate, dtype=dtype, param_dtype=dtype)
     prune = _prune_config(config, expert_format, prune)
+    if prune is None and calibration is not None:
+        raise ValueError(f"calibration windows were given, but expert_format={expert_format!r} "
+                         "prunes nothing; pass a sparse expert_format or prune=PruneConfig(...)")
+    if prune is not None and prune.method != "magnitude" and calibration is None:
+        raise ValueError(f"prune.method={prune.method!r} needs calibration: pass "
+                         "calibration=[n, t] token windows")
     if prune is not None:
         sparsity = SparsityConfig(n=prune.n, m=prune.m, n_sel=prune.n_sel, m_sel=prune.m_sel,
                                   v=prune.v, density=1.0 - prune.sparsity)
@@ -306,6 +367,8 @@ def load_hf_checkpoint(
         hf_name = family.tensor_name
         put(("embed_tokens", "embedding"),
             reader.get(hf_name(("embed_tokens", "embedding")), (v, d)))
+        calibrated = None if calibration is None else _CalibratedPruning(
+            config, calibration, loaded[("embed_tokens", "embedding")], prune)
         bar = tqdm(range(config.num_layers), unit="layer",
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
@@ -319,7 +382,11 @@ def load_hf_checkpoint(
                 else:
                     put(path, array)
             del tensors
-            for name, w in _convert_experts(experts, i, prune).items():
+            if calibrated is not None:
+                experts = calibrated(i, loaded, experts)
+            else:
+                experts = _convert_experts(experts, i, prune)
+            for name, w in experts.items():
                 path = ("layers", i, "mlp", name)
                 put(path, w)
                 loaded[path] = place_experts(loaded[path], experts_memory)

@@ -6,6 +6,7 @@ examples/make_golden.py, with the logits and greedy generations transformers pro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pallas_kernels import formats
-from samoyeds_jax import converted_io, hf_import, prune_weights, pruning
+from samoyeds_jax import compress, converted_io, hf_import, prune_weights, pruning
 from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.converted_io import load_converted, save_converted
 from samoyeds_jax.hf_import import load_hf_checkpoint
@@ -215,6 +216,48 @@ def test_nm_import_prunes_experts(loaded, capsys):
     # Attention and router weights are untouched.
     np.testing.assert_array_equal(np.asarray(model.layers[0].mlp.gate.kernel[...]),
                                   np.asarray(dense.layers[0].mlp.gate.kernel[...]))
+
+
+@pytest.mark.parametrize("family,prune", [
+    ("mixtral", pruning.PruneConfig(format="nm", method="sparsegpt")),
+    ("qwen2_moe", pruning.PruneConfig(format="samoyeds", v=64, method="wanda")),
+    ("qwen3_moe", pruning.PruneConfig(format="unstructured", sparsity=0.5, method="sparsegpt")),
+])
+def test_calibrated_import_prunes_as_the_whole_model_walk(family, prune):
+    """Block by block from the checkpoint, calibrated on windows: the same experts as the
+    dense model loaded whole, pruned by ``calibrate_and_prune`` and compressed."""
+    windows = np.random.default_rng(3).integers(
+        0, load_hf_checkpoint(_fixture(family))[1].vocab_size, (3, 16))
+    streamed, config = load_hf_checkpoint(_fixture(family), prune=prune, calibration=windows)
+    assert config.moe.expert_format == prune.format
+    whole, _ = load_hf_checkpoint(_fixture(family))
+    compress.calibrate_and_prune(whole, windows, dataclasses.replace(prune, output="dense"),
+                                 progress=False)
+    magnitude, _ = load_hf_checkpoint(_fixture(family), prune=dataclasses.replace(
+        prune, method="magnitude"))
+    differs = 0
+    for i in range(config.num_layers):
+        for name in ("w1", "w3", "w2"):
+            got = np.asarray(getattr(streamed.layers[i].mlp, name).get_value().to_dense())
+            want = np.asarray(getattr(whole.layers[i].mlp, name).get_value())
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(got != 0, want != 0)  # the same mask
+            base = np.asarray(getattr(magnitude.layers[i].mlp, name).get_value().to_dense())
+            differs += int(((got != 0) != (base != 0)).any())
+    assert differs > 0  # the calibration chose: not the magnitude masks
+    np.testing.assert_array_equal(np.asarray(streamed.layers[0].self_attn.q_proj.kernel[...]),
+                                  np.asarray(whole.layers[0].self_attn.q_proj.kernel[...]))
+
+
+def test_calibrated_import_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="'wanda' needs calibration"):
+        load_hf_checkpoint(_fixture("mixtral"), prune=pruning.PruneConfig(format="nm",
+                                                                          method="wanda"))
+    with pytest.raises(ValueError, match="prunes nothing"):
+        load_hf_checkpoint(_fixture("mixtral"), calibration=np.zeros((2, 8), np.int32))
+    with pytest.raises(ValueError, match=r"token ids span \[0, 99999\]"):
+        load_hf_checkpoint(_fixture("mixtral"), prune=pruning.PruneConfig(format="nm"),
+                           calibration=np.array([[0, 99999]]))
 
 
 def test_samoyeds_needs_matching_slab_size():
