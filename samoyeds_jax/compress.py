@@ -166,19 +166,32 @@ def check_windows(config: ModelConfig, windows: Any) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def routed_inputs(x_moe: np.ndarray, topk_idx: np.ndarray, num_experts: int
-                  ) -> tuple[np.ndarray, list[int]]:
-    """Each expert's routed rows of ``x_moe`` [n, d] as ``[e, cap, d]`` and the counts; ``cap``
-    is the largest count rounded up to a power of two, so that the blocks of a model share a
-    few shapes and the pruning programs compile once, not once per block (the padding rows are
-    zero: they change no norm, Hessian or error sum)."""
-    rows = [np.nonzero((topk_idx == e).any(axis=1))[0] for e in range(num_experts)]
-    counts = [len(r) for r in rows]
+def routed_inputs(x_moe: jax.Array, topk_idx: jax.Array, num_experts: int
+                  ) -> tuple[jax.Array, list[int]]:
+    """Each expert's routed rows of ``x_moe`` [n, d], in row order, as float32 ``[e, cap, d]``
+    on the device, and the counts (host ints); ``cap`` is the largest count rounded up to a
+    power of two, so that the blocks of a model share a few shapes and the pruning programs
+    compile once, not once per block (the padding rows are zero: they change no norm, Hessian
+    or error sum)."""
+    member = _members(jnp.asarray(topk_idx), num_experts)
+    counts = [int(c) for c in np.asarray(member.sum(axis=1))]
     cap = 1 << (max(max(counts), 1) - 1).bit_length()
-    out = np.zeros((num_experts, cap, x_moe.shape[1]), np.float32)
-    for e, r in enumerate(rows):
-        out[e, :len(r)] = x_moe[r]
-    return out, counts
+    return _gather_routed(jnp.asarray(x_moe), member, cap), counts
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _members(topk_idx: jax.Array, num_experts: int) -> jax.Array:
+    """[e, n] bool: row r is routed to expert j."""
+    return (topk_idx[None] == jnp.arange(num_experts)[:, None, None]).any(axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gather_routed(x: jax.Array, member: jax.Array, cap: int) -> jax.Array:
+    n = x.shape[0]
+    rows = jnp.argsort(~member, axis=1, stable=True)[:, :min(cap, n)]  # members first, in order
+    keep = jnp.take_along_axis(member, rows, axis=1)
+    out = jnp.where(keep[..., None], x.astype(jnp.float32)[rows], 0.0)
+    return jnp.pad(out, ((0, 0), (0, cap - out.shape[1]), (0, 0)))
 
 
 def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.PruneConfig | None, *,
@@ -316,8 +329,7 @@ def _prune_experts(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_a
     """Prune block i's routed experts in place, each on the tokens its own gate routes to it
     (appends the counts to ``token_counts``; ``seen``: the block as the jitted functions see
     it)."""
-    idx = np.asarray(_topk(seen, x_all))
-    x_e, counts = routed_inputs(np.asarray(x_all, np.float32), idx, e)
+    x_e, counts = routed_inputs(x_all, _topk(seen, x_all), e)
     mlp = block.mlp
     holders = {f"layers/{i}/{name}": getattr(mlp, name) for name in ("w1", "w3", "w2")}
     token_counts.append(tuple(counts))

@@ -30,6 +30,22 @@ def test_routed_inputs_are_exactly_each_experts_tokens():
     assert not out[0, 3:].any() and not out[1, 5:].any() and not out[3].any()  # zero padding
 
 
+@pytest.mark.parametrize("n,e,k", [(1, 4, 2), (3, 3, 3), (33, 8, 2), (64, 16, 4)])
+def test_routed_inputs_match_a_loop_over_experts(n, e, k):
+    """Awkward sizes: one row, every row on every expert (cap 4 > n 3), empty experts."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 5)).astype(np.float32)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
+    out, counts = compress.routed_inputs(jnp.asarray(x, jnp.bfloat16), idx, e)
+    rows = [np.nonzero((idx == j).any(axis=1))[0] for j in range(e)]
+    assert counts == [len(r) for r in rows]
+    want = np.zeros((e, 1 << (max(counts) - 1).bit_length(), 5), np.float32)
+    for j, r in enumerate(rows):
+        want[j, :len(r)] = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)[r]
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
 def test_layer_l_is_calibrated_on_the_pruned_blocks_before_it(monkeypatch):
     model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
     windows = _windows()
