@@ -6,8 +6,8 @@ Import (``load_hf_checkpoint``) reads a Hugging Face model directory:
 - ``config.json`` -> ``ModelConfig.from_hf`` (Mixtral, Qwen2-MoE / Qwen1.5-MoE, Qwen3-MoE, OLMoE);
 - ``model.safetensors``, or the shards listed by ``model.safetensors.index.json``, or every
   ``*.safetensors`` file of the directory; tensors are read one layer at a time (a layer's
-  experts on several threads), so host memory holds at most one layer's dense experts besides
-  the result.
+  experts on several threads; layer i+1 while layer i is converted on the device), so host
+  memory holds at most two layers' dense weights besides the result.
 
 Tensor mapping (``model.`` prefix as in the checkpoints; see ``samoyeds_jax.model`` for the
 module names). Torch linear weights ``[out, in]`` are transposed to ``[in, out]`` (``y = x @ W``):
@@ -53,7 +53,9 @@ non-finite tensor raises ValueError naming the tensor, its file and what was exp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,37 +112,51 @@ def _linear(reader: ShardReader, key: str, shape_in_out: tuple[int, ...]) -> np.
     return reader.get(key, tuple(reversed(shape_in_out))).T
 
 
-def _device_stack(reader: ShardReader, keys: list[str], shape: tuple[int, ...],
-                  dtype: Any) -> jax.Array:
-    """Tensors ``keys`` (each of ``shape``) in ``dtype``, stacked on the default device
-    ([len(keys), *shape]; one key: that tensor): read on several threads into one host array,
-    uploaded in one transfer. They are checked for NaN/Inf there, one reduction instead of a
-    numpy pass over a layer's weights on the host; on a failure the host pass runs for the
-    error, which names the tensor and its file (or the tensor whose values, finite as stored,
-    overflow ``dtype``, e.g. float32 in float16)."""
-    x = jnp.asarray(reader.stack(keys, shape, finite=False), dtype)
+# A stack of tensors read on the host: their checkpoint names and the [len(keys), ...] array.
+_HostStack = tuple[list[str], np.ndarray]
+
+
+def _upload(reader: ShardReader, stack: _HostStack, dtype: Any) -> jax.Array:
+    """A host stack on the default device in ``dtype`` (one key: that tensor), checked for
+    NaN/Inf there, one reduction instead of a numpy pass over a layer's weights on the host;
+    on a failure the host pass runs for the error, which names the tensor and its file (or the
+    tensor whose values, finite as stored, overflow ``dtype``, e.g. float32 in float16)."""
+    keys, array = stack
+    x = jnp.asarray(array, dtype)
     if reader.finite and not bool(jnp.isfinite(x).all()):
         for key in keys:
-            reader.get(key, shape)  # raises ValueError naming the first non-finite tensor
+            reader.get(key, array.shape[1:])  # raises ValueError naming the first non-finite one
         j = next(j for j in range(len(keys)) if not bool(jnp.isfinite(x[j]).all()))
         raise ValueError(f"tensor {keys[j]!r}: finite as stored, but with values beyond the range "
                          f"of {x.dtype}, the dtype it loads in")
     return x if len(keys) > 1 else x[0]
 
 
-def _load_experts(reader: ShardReader, family: Family, i: int, moe: str,
-                  e: int, d: int, f: int, dtype: Any) -> dict[str, jax.Array]:
-    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] of block i (per-expert or fused layout), on the
-    default device in ``dtype``: read as stored (torch [out, in]), transposed there."""
+def _read_experts(reader: ShardReader, family: Family, i: int, moe: str,
+                  e: int, d: int, f: int) -> dict[str, _HostStack]:
+    """Block i's routed experts as stored (torch [out, in]), read on the host on several
+    threads: w1, w3 and w2 stacks, or the fused layout's gate_up [e, 2f, d] and w2 [e, d, f]."""
     fused_gate_up, fused_down = family.fused_expert_names(i, moe)
     if fused_gate_up in reader:
-        gate_up = _device_stack(reader, [fused_gate_up], (e, 2 * f, d), dtype).mT
-        return {"w1": gate_up[..., :f], "w3": gate_up[..., f:],
-                "w2": _device_stack(reader, [fused_down], (e, d, f), dtype).mT}
+        return {"gate_up": ([fused_gate_up], reader.stack([fused_gate_up], (e, 2 * f, d),
+                                                          finite=False)),
+                "w2": ([fused_down], reader.stack([fused_down], (e, d, f), finite=False))}
     out = {}
     for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
         keys = [family.tensor_name(("layers", i, "mlp", w), expert=j, moe=moe) for j in range(e)]
-        out[w] = _device_stack(reader, keys, shape, dtype).mT
+        out[w] = (keys, reader.stack(keys, shape, finite=False))
+    return out
+
+
+def _device_experts(reader: ShardReader, stacks: Mapping[str, _HostStack], dtype: Any
+                    ) -> dict[str, jax.Array]:
+    """Stacked w1/w3 [e, d, f] and w2 [e, f, d] on the default device in ``dtype``, from the
+    host stacks of ``_read_experts`` (uploaded, then transposed and split there)."""
+    out = {name: _upload(reader, stack, dtype).mT for name, stack in stacks.items()}
+    if "gate_up" in out:
+        gate_up = out.pop("gate_up")
+        f = gate_up.shape[-1] // 2
+        out.update(w1=gate_up[..., :f], w3=gate_up[..., f:])
     return out
 
 
@@ -152,10 +168,15 @@ def _moe_name(reader: ShardReader, family: Family, i: int) -> str:
                  if family.tensor_name(gate, moe=name) in reader), family.moe_names[0])
 
 
-def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: int,
-                   shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, Any]:
-    """Every parameter of block i except the pre-gate, under its module path (numpy; the
-    experts on the device, ``_load_experts``)."""
+# Where _read_layer puts block i's host stacks of routed experts.
+_EXPERTS = "routed experts"
+
+
+def _read_layer(reader: ShardReader, family: Family, config: ModelConfig, i: int,
+                shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, Any]:
+    """Every parameter of block i except the pre-gate, read on the host (numpy) under its
+    module path; the routed experts under ``("layers", i, "mlp", _EXPERTS)`` as host stacks
+    (``_read_experts``)."""
     hf_name = family.tensor_name
     layer = ("layers", i)
     out: dict[Path, Any] = {}
@@ -178,9 +199,8 @@ def _layer_tensors(reader: ShardReader, family: Family, config: ModelConfig, i: 
     m = config.moe
     out[mlp + ("gate", "kernel")] = _linear(reader, hf_name(mlp + ("gate", "kernel"), moe=moe),
                                             (m.d_model, m.num_experts))
-    experts = _load_experts(reader, family, i, moe, m.num_experts, m.d_model, m.d_ff,
-                            config.param_dtype)
-    out.update({mlp + (k,): v for k, v in experts.items()})
+    out[mlp + (_EXPERTS,)] = _read_experts(reader, family, i, moe, m.num_experts, m.d_model,
+                                           m.d_ff)
     if mlp + ("shared", "w1") in shapes:
         s = m.shared_width
         for w, shape in (("w1", (m.d_model, s)), ("w3", (m.d_model, s)), ("w2", (s, m.d_model))):
@@ -372,15 +392,13 @@ def load_hf_checkpoint(
         bar = tqdm(range(config.num_layers), unit="layer",
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
-        for i in bar:
-            tensors = _layer_tensors(reader, family, config, i, shapes)
-            expert_paths = {("layers", i, "mlp", k): k for k in ("w1", "w3", "w2")}
-            experts = {}
+
+        def import_block(i: int, tensors: dict[Path, Any]) -> None:
+            """Block i from its host arrays (``_read_layer``): uploaded, experts converted."""
+            experts = _device_experts(reader, tensors.pop(("layers", i, "mlp", _EXPERTS)),
+                                      param_dtype)
             for path, array in tensors.items():
-                if path in expert_paths:
-                    experts[expert_paths[path]] = array  # on the device, in param_dtype
-                else:
-                    put(path, array)
+                put(path, array)
             del tensors
             if calibrated is not None:
                 experts = calibrated(i, loaded, experts)
@@ -397,6 +415,21 @@ def load_hf_checkpoint(
                     put(path, _linear(reader, key, shapes[path]))
                 else:  # standard routing needs no pre-gate: skipped on purpose, not dropped
                     reader.mark_used(key)
+
+        # Block i+1 is read on the host (on its own thread) while block i is on the device:
+        # the host holds at most two blocks' dense weights besides the result.
+        prefetch = ThreadPoolExecutor(1)
+        read = functools.partial(_read_layer, reader, family, config, shapes=shapes)
+        ahead = prefetch.submit(read, 0) if config.num_layers else None
+        try:
+            for i in bar:
+                tensors = ahead.result()
+                ahead = prefetch.submit(read, i + 1) if i + 1 < config.num_layers else None
+                import_block(i, tensors)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+            prefetch.shutdown(wait=True)
         put(("norm", "scale"), reader.get(hf_name(("norm", "scale")), (d,)))
         if config.tie_word_embeddings:  # some exports keep the tied copy; unused here
             reader.mark_used(hf_name(("lm_head", "kernel")))

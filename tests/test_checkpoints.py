@@ -6,12 +6,14 @@ examples/make_golden.py, with the logits and greedy generations transformers pro
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import os
 import shutil
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -369,6 +371,28 @@ def test_reader_stack_reads_what_get_reads(tmp_path):
                                                        tensors["b"]]))
         with pytest.raises(ValueError, match=r"'ids'.*expected shape \(3, 5\), found \(7,\)"):
             reader.stack(["a", "ids"], (3, 5))
+
+
+def test_import_reads_the_next_block_while_this_one_converts(monkeypatch):
+    read_started = collections.defaultdict(threading.Event)
+    real_read, real_convert = hf_import._read_layer, hf_import._convert_experts
+
+    def read(reader, family, config, i, shapes):
+        read_started[i].set()
+        return real_read(reader, family, config, i, shapes=shapes)
+
+    def convert(experts, i, prune):  # block i converts only once block i+1 is being read
+        if i + 1 < layers:
+            assert read_started[i + 1].wait(timeout=60), f"block {i + 1} was not read ahead"
+        return real_convert(experts, i, prune)
+
+    layers = load_hf_checkpoint(_fixture("mixtral"))[1].num_layers
+    assert layers >= 2
+    monkeypatch.setattr(hf_import, "_read_layer", read)
+    monkeypatch.setattr(hf_import, "_convert_experts", convert)
+    model, _ = load_hf_checkpoint(_fixture("mixtral"), expert_format="nm")
+    assert sorted(read_started) == list(range(layers))
+    assert isinstance(model.layers[-1].mlp.w2.get_value(), formats.NMSparse)
 
 
 def test_reader_names_a_nan_in_a_stack(tmp_path):
