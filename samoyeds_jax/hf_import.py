@@ -6,8 +6,8 @@ Import (``load_hf_checkpoint``) reads a Hugging Face model directory:
 - ``config.json`` -> ``ModelConfig.from_hf`` (Mixtral, Qwen2-MoE / Qwen1.5-MoE, Qwen3-MoE, OLMoE);
 - ``model.safetensors``, or the shards listed by ``model.safetensors.index.json``, or every
   ``*.safetensors`` file of the directory; tensors are read one layer at a time (a layer's
-  experts on several threads; layer i+1 while layer i is converted on the device), so host
-  memory holds at most two layers' dense weights besides the result.
+  experts on several threads; layer i+1 while layer i, uploaded, is converted on the
+  device), so host memory holds about one layer's dense weights besides the result.
 
 Tensor mapping (``model.`` prefix as in the checkpoints; see ``samoyeds_jax.model`` for the
 module names). Torch linear weights ``[out, in]`` are transposed to ``[in, out]`` (``y = x @ W``):
@@ -393,13 +393,17 @@ def load_hf_checkpoint(
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
 
-        def import_block(i: int, tensors: dict[Path, Any]) -> None:
-            """Block i from its host arrays (``_read_layer``): uploaded, experts converted."""
+        def upload_block(i: int, tensors: dict[Path, Any]) -> dict[str, jax.Array]:
+            """Block i's host arrays (``_read_layer``) on the device; returns its dense
+            experts. The host arrays are let go when this returns."""
             experts = _device_experts(reader, tensors.pop(("layers", i, "mlp", _EXPERTS)),
                                       param_dtype)
             for path, array in tensors.items():
                 put(path, array)
-            del tensors
+            return experts
+
+        def convert_block(i: int, experts: dict[str, jax.Array]) -> None:
+            """Block i's experts pruned and stored in the format; its pre-gate."""
             if calibrated is not None:
                 experts = calibrated(i, loaded, experts)
             else:
@@ -416,16 +420,17 @@ def load_hf_checkpoint(
                 else:  # standard routing needs no pre-gate: skipped on purpose, not dropped
                     reader.mark_used(key)
 
-        # Block i+1 is read on the host (on its own thread) while block i is on the device:
-        # the host holds at most two blocks' dense weights besides the result.
+        # Block i+1 is read on the host (on its own thread) while block i, uploaded, is
+        # converted on the device: the host holds about one block's dense weights at a time.
         prefetch = ThreadPoolExecutor(1)
         read = functools.partial(_read_layer, reader, family, config, shapes=shapes)
         ahead = prefetch.submit(read, 0) if config.num_layers else None
         try:
             for i in bar:
-                tensors = ahead.result()
+                experts = upload_block(i, ahead.result())
                 ahead = prefetch.submit(read, i + 1) if i + 1 < config.num_layers else None
-                import_block(i, tensors)
+                convert_block(i, experts)
+                del experts
         finally:
             if ahead is not None:
                 ahead.cancel()
