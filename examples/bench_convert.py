@@ -11,7 +11,7 @@ Two steps, each its own process so that its peak host memory is its own:
   prune=PruneConfig(method=METHOD))`` reads it block by block and prunes each block's
   experts on the device (seconds per block = total / blocks, reading included; "wanda" and
   "sparsegpt" are calibrated on ``--calib-windows`` random token windows of ``--calib-len``,
-  walked through the pruned blocks, ``calibration=``; ``--refit-iters`` sets SparseGPT's
+  walked through the pruned blocks, ``compress.prune_checkpoint``; ``--refit-iters`` sets SparseGPT's
   refit of the kept weights, 0: one pass); then
   ``save_converted`` to ``WORKDIR/converted``, ``load_converted`` back, ``prepare`` (the
   fastest expert implementation here, in its layout), and a greedy generation of
@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from samoyeds_jax import pruning  # noqa: E402
+from samoyeds_jax.compress import prune_checkpoint  # noqa: E402
 from samoyeds_jax.converted_io import load_converted, save_converted  # noqa: E402
 from samoyeds_jax.expert_store import host_experts  # noqa: E402
 from samoyeds_jax.generate import Generator  # noqa: E402
@@ -151,10 +152,13 @@ def convert(args) -> dict:
 
     def load():
         t0 = time.perf_counter()
-        model, config = load_hf_checkpoint(
-            src, expert_format=args.format, calibration=windows,
-            prune=pruning.PruneConfig(format=args.format, method=args.method,
-                                      refit_iters=args.refit_iters, output="compressed"))
+        prune = pruning.PruneConfig(format=args.format, method=args.method,
+                                    refit_iters=args.refit_iters, output="compressed")
+        if windows is None:
+            model, config = load_hf_checkpoint(src, expert_format=args.format, prune=prune)
+        else:
+            out = prune_checkpoint(src, windows, prune)
+            model, config = out.model, out.config
         jax.block_until_ready(nnx.state(model))
         return model, config, time.perf_counter() - t0
 

@@ -22,9 +22,11 @@ The whole pipeline (``samoyeds-compress``)::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -33,7 +35,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from samoyeds_jax import prune_report, pruning
+from samoyeds_jax import evaluate, prune_report, pruning
 from samoyeds_jax.config import SparsityConfig
 from samoyeds_jax.layers import attention_mask
 from samoyeds_jax.linear import replace_value
@@ -302,6 +304,29 @@ class Calibration:
         self.xs = [_moe_output(seen, h, xm) for h, xm in zip(hs, x_moes)]
         return report, linear_report
 
+    def advance(self, view: Callable[[], DecoderBlock]) -> None:
+        """Move the hidden states past a block (``view()``), pruning nothing."""
+        seen = view()
+        self.xs = [_moe_output(seen, *_moe_input(seen, x, p, m))
+                   for x, (p, m) in zip(self.xs, self.pos_masks)]
+
+    def nats(self, norm: nnx.Module, head: nnx.Module, tied: bool, targets: np.ndarray,
+             valid: np.ndarray, batch_size: int) -> list[tuple[int, jax.Array]]:
+        """After the last block: ``(first window, summed NLL of each window)`` per batch
+        (``evaluate.scored`` takes them), the logits from the final ``norm`` and ``head`` (the
+        output projection, or the embedding when ``tied``)."""
+        return [(j * batch_size, _head_nats(norm, head, tied, x,
+                                            jnp.asarray(targets[j * batch_size:][:len(x)]),
+                                            jnp.asarray(valid[j * batch_size:][:len(x)])))
+                for j, x in enumerate(self.xs)]
+
+
+@functools.partial(nnx.jit, static_argnums=2)
+def _head_nats(norm, head, tied: bool, x, targets, valid):
+    h = norm(x)
+    logits = (head.attend(h) if tied else head(h)).astype(jnp.float32)
+    return evaluate.window_nats(logits, targets, valid)
+
 
 def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
           progress: bool | None) -> CompressReport:
@@ -334,6 +359,145 @@ def _prune_experts(block: DecoderBlock, i: int, config: pruning.PruneConfig, x_a
     holders = {f"layers/{i}/{name}": getattr(mlp, name) for name in ("w1", "w3", "w2")}
     token_counts.append(tuple(counts))
     return _prune_params(holders, config, {f"layers/{i}": x_e})
+
+
+class CheckpointPruning:
+    """Calibrated pruning while ``hf_import.load_hf_checkpoint(..., pruner=)`` streams a
+    checkpoint in, one block on the device at a time (``prune_checkpoint`` makes one).
+
+    A dense twin of the model (nothing allocated; the reference expert implementation, each
+    block routed by its own gate) gets block i's imported parameters; its experts are pruned
+    in place on the calibration windows' hidden states there (``Calibration.prune_block``),
+    stored in the format, and the twin lets go of the block again. With evaluation windows,
+    their hidden states walk the dense block before the pruning and the pruned block after
+    it, so the dense and the one-shot model are scored in the same pass."""
+
+    def __init__(self, windows: np.ndarray, config: pruning.PruneConfig, *,
+                 eval_windows: Any = None, eval_batch_size: int = 8, batch_size: int = 8):
+        self.windows, self.config = windows, config
+        self.eval_windows, self.eval_batch_size = eval_windows, eval_batch_size
+        self.batch_size = batch_size
+        self.reports: list[prune_report.PruneReport] = []
+        self.results: dict[str, Any] = {}
+
+    def start(self, model_config: ModelConfig, embedding: jax.Array) -> None:
+        """Before block 0: the twin of ``model_config`` and the windows' embeddings."""
+        from samoyeds_jax.param_layout import _abstract_model, _fill_non_params, _variables
+
+        self.model_config = model_config.replace(moe=dict(
+            expert_format="dense", implementation="xla", pregate="standard"))
+        self.twin = _abstract_model(self.model_config)
+        self.variables = _variables(self.twin)
+        _fill_non_params(self.variables)
+        self.views = _views(self.twin)
+        with self._filled({("embed_tokens", "embedding"): embedding}):
+            embed = self.twin.embed_tokens
+            self.calibration = Calibration(embed, self.model_config, self.windows,
+                                           self.batch_size)
+            self.walks = {}
+            if self.eval_windows is not None:
+                self.walks["dense"] = Calibration(embed, self.model_config,
+                                                  self.eval_windows.inputs, self.eval_batch_size)
+                self.walks["one-shot"] = copy.copy(self.walks["dense"])
+
+    def __call__(self, i: int, params: Mapping[tuple, Any], experts: dict[str, jax.Array]
+                 ) -> dict[str, Any]:
+        """Block i's experts pruned and stored in the format; ``params``: the block's other
+        parameters as imported (on the device), ``experts``: its dense w1/w3/w2."""
+        values = {path: (experts[path[3]] if len(path) == 4 and path[2] == "mlp"
+                         and path[3] in experts else params[path])
+                  for path, var in self.variables.items()
+                  if path[:2] == ("layers", i) and isinstance(var, nnx.Param)}
+        with self._filled(values):  # the dense block leaves the device with this call
+            view = functools.partial(self.views, i)
+            if "dense" in self.walks:
+                self.walks["dense"].advance(view)
+            dense = dataclasses.replace(self.config, output="dense")
+            report, _ = self.calibration.prune_block(self.twin.layers[i], view, i, dense, None)
+            self.reports.append(report)
+            if "one-shot" in self.walks:
+                self.walks["one-shot"].advance(view)
+            mlp = self.twin.layers[i].mlp
+            return {name: pruning.convert(getattr(mlp, name).get_value(), self.config)
+                    for name in ("w1", "w3", "w2")}
+
+    def finish(self, params: Mapping[tuple, Any]) -> None:
+        """After the last block: the evaluation walks scored (``results``)."""
+        if not self.walks:
+            return
+        tied = self.model_config.tie_word_embeddings
+        head = ("embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+        with self._filled({("norm", "scale"): params[("norm", "scale")], head: params[head]}):
+            w = self.eval_windows
+            module = self.twin.embed_tokens if tied else self.twin.lm_head
+            for name, walk in self.walks.items():
+                self.results[name] = evaluate.scored(w, walk.nats(
+                    self.twin.norm, module, tied, w.targets, w.valid, self.eval_batch_size))
+
+    @contextlib.contextmanager
+    def _filled(self, values: Mapping[tuple, Any]):
+        """The twin's parameters ``values`` set, and back to their abstract values after."""
+        abstract = {path: self.variables[path].get_value() for path in values}
+        try:
+            for path, value in values.items():
+                self.variables[path].set_value(value)
+            yield
+        finally:
+            for path, value in abstract.items():
+                self.variables[path].set_value(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedCheckpoint:
+    """``prune_checkpoint``'s result: the model with its experts in the format, its config,
+    the per-block pruning report, and with evaluation streams ``results["dense"]`` and
+    ``results["one-shot"]`` (``evaluate.EvalResult``, the same windows)."""
+
+    model: MoETransformer
+    config: ModelConfig
+    report: CompressReport
+    results: dict[str, Any]
+
+
+def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, *,
+                     eval_streams: Mapping[str, Any] | None = None,
+                     eval_config: Any = None, dtype: Any = None, pregate: str = "standard",
+                     implementation: Any = None, experts_memory: str = "device",
+                     batch_size: int = 8, progress: bool | None = None) -> PrunedCheckpoint:
+    """Import a Hugging Face checkpoint with its experts pruned by ``config`` (magnitude,
+    Wanda or SparseGPT; ``output="compressed"``) on calibration ``windows``, block by block as
+    the blocks stream in: the whole dense model is never on the device, so a model too large
+    for it in dense form is pruned with calibration on one GPU.
+
+    Each block is pruned on the hidden states ``windows`` reach after the blocks before it,
+    already pruned, each expert on the tokens its gate routes to it (as
+    ``calibrate_and_prune``). With ``eval_streams`` (as ``evaluate.evaluate_streams`` takes
+    them, cut by ``eval_config``), the dense and the pruned model are scored on the same
+    windows in the same pass (``results``: compare them with ``evaluate.paired_difference``).
+    ``dtype``, ``pregate``, ``implementation``, ``experts_memory``: as ``load_hf_checkpoint``;
+    the calibration and evaluation forwards run in ``dtype`` with the reference expert
+    implementation (statistics in float32), ``batch_size`` windows each.
+    """
+    from samoyeds_jax import hf_import
+
+    pruning.expect_config("config", config)
+    model_config = ModelConfig.from_hf(hf_import.read_hf_config(directory))
+    windows = check_windows(model_config, windows)
+    eval_windows = None
+    if eval_streams is not None:
+        eval_config = eval_config or evaluate.EvalConfig()
+        eval_windows = evaluate.checked_windows(eval_streams, eval_config,
+                                                model_config.vocab_size)
+    pruner = CheckpointPruning(windows, config, eval_windows=eval_windows,
+                               eval_batch_size=eval_config.batch_size if eval_streams else 8,
+                               batch_size=batch_size)
+    model, model_config = hf_import.load_hf_checkpoint(
+        directory, dtype=dtype, prune=config, implementation=implementation, pregate=pregate,
+        progress=progress, experts_memory=experts_memory, pruner=pruner)
+    report = CompressReport(config=config, blocks=tuple(pruner.reports),
+                            expert_tokens=tuple(pruner.calibration.expert_tokens))
+    return PrunedCheckpoint(model=model, config=model_config, report=report,
+                            results=dict(pruner.results))
 
 
 def sparsity_config(config: pruning.PruneConfig) -> SparsityConfig:

@@ -13,6 +13,11 @@
 5. stores the pruned weights in their compressed format and saves the converted model to ``--out``
    (``converted_io.save_converted``; load it with ``samoyeds-generate --checkpoint OUT``); its
    metadata holds the settings, the pruning report and the results.
+
+With ``--stream`` (models too large for the device in float32), steps 1, 2 and 4 run block by
+block as the checkpoint streams in, in its own dtype, one block's dense weights on the device
+(``compress.prune_checkpoint``): the dense and the one-shot model are scored in the same pass.
+There is no step 3, and the attention projections stay dense.
 """
 
 from __future__ import annotations
@@ -78,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None,
                    help="validation windows evaluated (default: all)")
     p.add_argument("--seed", type=int, default=0, help="calibration and recovery data order")
+    p.add_argument("--stream", action="store_true",
+                   help="prune block by block as the checkpoint streams in, in its own dtype "
+                        "(compress.prune_checkpoint): one block's dense weights on the device, "
+                        "for models too large for it in float32; the dense and one-shot models "
+                        "are scored in the same pass; one-shot only (no recovery, no --linears)")
     return p
 
 
@@ -93,6 +103,11 @@ def _presets_where(test) -> str:
 
 def _check_options(args, given: set[str]) -> None:
     """Refuse options that have no effect with the others given, and bad numbers."""
+    refuse_unless(not args.stream, given, {"recover_steps": "--recover-steps",
+                                          "linears": "--linears"},
+                  "--stream prunes the experts one-shot (no recovery, no --linears)")
+    if args.stream:
+        args.recover_steps = 0
     fmt = _weight_format(args.format)
     refuse_unless("sparsity" in fmt.params, given, {"sparsity": "--sparsity"},
                   f"--format {args.format} fixes its own density; --sparsity is for "
@@ -168,15 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows)
 
     start = time.perf_counter()
-    # Speculative mode computes exactly as standard and keeps the checkpoint's pre-gates (or
-    # copies of the next gates), so the converted model can run pregated offloading.
-    dense, _ = load_hf_checkpoint(args.checkpoint, dtype="float32", pregate="speculative")
-    base = evaluate_streams(dense, streams, config=ecfg)
-    print(f"dense          {base.bits_per_byte:.4f} bits/byte", flush=True)
-    model = compress.copy_model(dense)
     calib = train_data.sample_windows(train_ids, batch=args.calib_windows,
                                      length=args.seq_len + 1, seed=args.seed + 1, step=0)
-    report = compress.calibrate_and_prune(model, calib, prune_config, linears=linear_config)
+    # Speculative mode computes exactly as standard and keeps the checkpoint's pre-gates (or
+    # copies of the next gates), so the converted model can run pregated offloading.
+    if args.stream:
+        pruned = compress.prune_checkpoint(
+            args.checkpoint, calib, dataclasses.replace(prune_config, output="compressed"),
+            eval_streams=streams, eval_config=ecfg, pregate="speculative")
+        model, report = pruned.model, pruned.report
+        base, one_shot = pruned.results["dense"], pruned.results["one-shot"]
+    else:
+        dense, _ = load_hf_checkpoint(args.checkpoint, dtype="float32", pregate="speculative")
+        base = evaluate_streams(dense, streams, config=ecfg)
+        model = compress.copy_model(dense)
+        report = compress.calibrate_and_prune(model, calib, prune_config, linears=linear_config)
+    print(f"dense          {base.bits_per_byte:.4f} bits/byte", flush=True)
     if report.empty_experts():
         print(f"experts without calibration tokens (pruned by magnitude): "
               f"{report.empty_experts()}", flush=True)
@@ -189,16 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14} {result.bits_per_byte:.4f} bits/byte ({diff['difference']:+.4f} "
               f"+- {diff['standard_error']:.4f} vs dense)", flush=True)
 
-    record("one-shot", evaluate_streams(model, streams, config=ecfg))
+    record("one-shot", one_shot if args.stream else evaluate_streams(model, streams, config=ecfg))
     if recover_config is not None:
         model = compress.recover(model, train_ids, recover_config, teacher=dense).model
         record("recovered", evaluate_streams(model, streams, config=ecfg))
-    compress.to_compressed(model, prune_config, linears=linear_config)
+    if not args.stream:  # the streamed model is stored in its format already
+        compress.to_compressed(model, prune_config, linears=linear_config)
     settings = {"prune": dataclasses.asdict(prune_config),
                 "prune_linears": (None if linear_config is None
                                   else dataclasses.asdict(linear_config)),
                 "recover": None if recover_config is None else dataclasses.asdict(recover_config),
-                "calibration_windows": int(len(calib)), "results": results,
+                "calibration_windows": int(len(calib)), "stream": args.stream,
+                "results": results,
                 "report": report.as_dict(), "seconds": time.perf_counter() - start}
     save_converted(model, args.out, source=args.checkpoint, conversion=settings)
     print(f"saved {args.format} model to {args.out} ({settings['seconds']:.0f} s)")

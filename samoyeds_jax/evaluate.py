@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.checks import expect_kind, expect_positive_ints
-from samoyeds_jax.eval_windows import Stream, _make_windows
+from samoyeds_jax.eval_windows import Stream, _make_windows, _Windows
 
 __all__ = [
     "EvalConfig",
@@ -85,13 +85,18 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- scoring
 
 
-def _window_nll(graphdef, state, inputs, targets, valid):
-    """Summed NLL (nats) of each window: inputs/targets [b, L] int32, valid [b, L] -> [b] f32."""
-    model = nnx.merge(graphdef, state)
-    logits, _ = model(inputs)  # [b, L, v] float32
+def window_nats(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """Summed NLL (nats) of each window's valid predictions: logits [b, L, v] float32,
+    targets [b, L] int32, valid [b, L] bool -> [b] float32."""
     logz = jax.nn.logsumexp(logits, axis=-1)  # [b, L]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, L]
     return jnp.sum(jnp.where(valid, logz - picked, 0.0), axis=-1)
+
+
+def _window_nll(graphdef, state, inputs, targets, valid):
+    """Summed NLL (nats) of each window: inputs/targets [b, L] int32, valid [b, L] -> [b] f32."""
+    logits, _ = nnx.merge(graphdef, state)(inputs)  # [b, L, v] float32
+    return window_nats(logits, targets, valid)
 
 
 # The graph is static and the weights an argument: one executable per model structure and
@@ -200,8 +205,20 @@ def evaluate_streams(model: nnx.Module, streams: Mapping[str, Stream], *,
         stream and token range).
     """
     _expect_model(model)
-    vocab = int(model.config.vocab_size)
-    windows = _make_windows(streams, config, vocab)
+    windows = checked_windows(streams, config, int(model.config.vocab_size))
+    graphdef, state = nnx.split(model)
+    # Dispatch every batch before reading any result back, so the device never waits on the
+    # host (outputs are [batch_size] floats each).
+    pending = [(lo, _window_nll_jit(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets),
+                                    jnp.asarray(valid)))
+               for lo, inputs, targets, valid in windows.batches(config.batch_size)]
+    return scored(windows, pending)
+
+
+def checked_windows(streams: Mapping[str, Stream], config: EvalConfig, vocab_size: int
+                    ) -> _Windows:
+    """The windows ``evaluate_streams`` scores (same checks and errors, before any compute)."""
+    windows = _make_windows(streams, config, vocab_size)
     stream_bytes: dict[str, int] = {}  # checked before any compute: bits per byte needs bytes
     for name, b in zip(windows.names, windows.nbytes.tolist()):
         stream_bytes[name] = stream_bytes.get(name, 0) + b
@@ -210,22 +227,22 @@ def evaluate_streams(model: nnx.Module, streams: Mapping[str, Stream], *,
             raise ValueError(f"stream {name!r}: its predicted tokens hold 0 bytes (nbytes after "
                              "the first token sums to 0), so bits per byte is undefined; nbytes "
                              "must give the UTF-8 bytes each token stands for")
-    graphdef, state = nnx.split(model)
-    # Dispatch every batch before reading any result back, so the device never waits on the
-    # host (outputs are [batch_size] floats each).
-    pending = [(lo, _window_nll_jit(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets),
-                                    jnp.asarray(valid)))
-               for lo, inputs, targets, valid in windows.batches(config.batch_size)]
+    return windows
+
+
+def scored(windows: _Windows, pending: list[tuple[int, jax.Array]]) -> EvalResult:
+    """The ``EvalResult`` of ``windows`` from ``(first window, nats [>= batch windows])`` per
+    batch (``window_nats``), in order; ValueError naming the first window with a non-finite
+    loss."""
     nats = np.zeros(windows.count, np.float64)
-    for lo, out in pending:
+    for (lo, out), hi in zip(pending, [lo for lo, _ in pending[1:]] + [windows.count]):
         out = np.asarray(out, np.float64)
-        real = min(config.batch_size, windows.count - lo)
-        bad = np.flatnonzero(~np.isfinite(out[:real]))
+        bad = np.flatnonzero(~np.isfinite(out[:hi - lo]))
         if bad.size:
             w = lo + int(bad[0])
             raise ValueError(f"non-finite loss {out[bad[0]]} in {windows.describe(w)}: the model "
                              "produced NaN/Inf logits (overflow in its dtype or bad weights?)")
-        nats[lo:lo + real] = out[:real]
+        nats[lo:hi] = out[:hi - lo]
     return EvalResult(seq_len=windows.seq_len, window_nats=nats,
                       window_tokens=windows.valid.sum(axis=1).astype(np.int64),
                       window_bytes=windows.nbytes, digest=windows.digest())

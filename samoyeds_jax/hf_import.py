@@ -40,10 +40,10 @@ i is read from ``...{moe}.pregate.weight`` when the checkpoint has that tensor (
 A model built without pre-gates (``pregate="standard"``) skips those tensors.
 
 The routed experts are then pruned and stored in ``expert_format`` (``samoyeds_jax.pruning``),
-layer by layer under a progress bar. With ``calibration`` windows, each layer is pruned on the
-hidden states those windows reach after the layers before it, already pruned (as
-``compress.calibrate_and_prune``, Wanda and SparseGPT need it), still one layer at a time:
-a model that does not fit the device in dense form is pruned with calibration on one GPU.
+layer by layer under a progress bar. ``compress.prune_checkpoint`` prunes each layer with
+calibration instead (Wanda, SparseGPT), on the hidden states of token windows after the layers
+before it, already pruned, still one layer at a time: a model that does not fit the device in
+dense form is pruned with calibration, and evaluated, on one GPU.
 
 Errors: a missing directory, ``config.json``, shard or listed file raises FileNotFoundError
 naming it; an unreadable (e.g. truncated) shard, a missing, unexpected, mis-shaped or
@@ -52,7 +52,6 @@ non-finite tensor raises ValueError naming the tensor, its file and what was exp
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +66,7 @@ from tqdm.auto import tqdm
 
 from pallas_kernels.checks import expect_float_dtype
 from pallas_kernels.format_registry import get_format
-from samoyeds_jax import compress, families, pruning
+from samoyeds_jax import families, pruning
 from samoyeds_jax.config import (FLOAT_DTYPES, ExpertFormat, ExpertImplementation, PregateMode,
                                  SparsityConfig)
 from samoyeds_jax.expert_store import check_experts_memory, place_experts
@@ -253,50 +252,6 @@ def _convert_experts(experts: dict[str, jax.Array], i: int,
     return converted["layers"][str(i)]
 
 
-class _CalibratedPruning:
-    """Block by block, the experts pruned on calibration windows (``compress.Calibration``):
-    a dense twin of the model (nothing allocated; the reference expert implementation, no
-    pre-gates) gets block i's imported parameters, prunes its experts in place on the hidden
-    states the windows reach there, moves those past the pruned block and lets go of the
-    block's arrays again."""
-
-    def __init__(self, config: ModelConfig, windows: Any, embedding: jax.Array,
-                 prune: pruning.PruneConfig):
-        self.config = config.replace(moe=dict(expert_format="dense", implementation="xla",
-                                              pregate="standard"))
-        self.prune = prune
-        self.twin = _abstract_model(self.config)
-        self.variables = _variables(self.twin)
-        _fill_non_params(self.variables)
-        self.views = compress._views(self.twin)
-        self.twin.embed_tokens.embedding.set_value(embedding)
-        windows = compress.check_windows(self.config, windows)
-        self.walk = compress.Calibration(self.twin.embed_tokens, self.config, windows,
-                                         batch_size=8)
-        self.twin.embed_tokens.embedding.set_value(jax.ShapeDtypeStruct(embedding.shape,
-                                                                        embedding.dtype))
-
-    def __call__(self, i: int, params: Mapping[Path, Any], experts: dict[str, jax.Array]
-                 ) -> dict[str, Any]:
-        """Block i's experts pruned and stored in the format; ``params``: the block's other
-        parameters as imported (on the device), ``experts``: its dense w1/w3/w2."""
-        block = [(path, var) for path, var in self.variables.items()
-                 if path[:2] == ("layers", i) and isinstance(var, nnx.Param)]
-        abstract = {path: var.get_value() for path, var in block}
-        for path, var in block:
-            var.set_value(experts[path[3]] if path[2:3] == ("mlp",) and len(path) == 4
-                          and path[3] in experts else params[path])
-        try:
-            dense = dataclasses.replace(self.prune, output="dense")
-            self.walk.prune_block(self.twin.layers[i], lambda: self.views(i), i, dense, None)
-            mlp = self.twin.layers[i].mlp
-            return {name: pruning.convert(getattr(mlp, name).get_value(), self.prune)
-                    for name in ("w1", "w3", "w2")}
-        finally:  # the dense block leaves the device with this call
-            for path, var in block:
-                var.set_value(abstract[path])
-
-
 def load_hf_checkpoint(
     directory: str,
     *,
@@ -307,7 +262,7 @@ def load_hf_checkpoint(
     pregate: PregateMode = "standard",
     progress: bool | None = None,
     experts_memory: str = "device",
-    calibration: Any = None,
+    pruner: Any = None,
 ) -> tuple[MoETransformer, ModelConfig]:
     """Import a Hugging Face MoE checkpoint directory and convert its experts.
 
@@ -326,11 +281,9 @@ def load_hf_checkpoint(
       experts_memory: where the routed experts end up: "device", or "pinned_host" (each
         block's experts leave the device before the next block is read: for
         ``OffloadGenerator`` when the experts do not fit the device).
-      calibration: ``[n, t]`` int token windows (e.g. of a corpus' training split): each
-        block's experts are pruned on the tokens its gate routes to each expert, with the
-        hidden states of these windows after the blocks before it, already pruned (as
-        ``compress.calibrate_and_prune``; statistics in float32, the forwards in ``dtype``).
-        Needed for ``prune.method`` "wanda" and "sparsegpt"; None: each weight alone.
+      pruner: prunes each block's experts with calibration as the blocks stream in
+        (``compress.prune_checkpoint`` passes its ``CheckpointPruning``, which Wanda and
+        SparseGPT need); None: each weight alone, by ``prune``.
     Returns:
       ``(model, config)``.
     Raises:
@@ -350,12 +303,12 @@ def load_hf_checkpoint(
     config = ModelConfig.from_hf(hf, expert_format="dense", implementation=implementation,
                                  pregate=pregate, dtype=dtype, param_dtype=dtype)
     prune = _prune_config(config, expert_format, prune)
-    if prune is None and calibration is not None:
-        raise ValueError(f"calibration windows were given, but expert_format={expert_format!r} "
+    if prune is None and pruner is not None:
+        raise ValueError(f"a calibrated pruner was given, but expert_format={expert_format!r} "
                          "prunes nothing; pass a sparse expert_format or prune=PruneConfig(...)")
-    if prune is not None and prune.method != "magnitude" and calibration is None:
-        raise ValueError(f"prune.method={prune.method!r} needs calibration: pass "
-                         "calibration=[n, t] token windows")
+    if prune is not None and prune.method != "magnitude" and pruner is None:
+        raise ValueError(f"prune.method={prune.method!r} needs calibration: use "
+                         "compress.prune_checkpoint(directory, windows, prune)")
     if prune is not None:
         sparsity = SparsityConfig(n=prune.n, m=prune.m, n_sel=prune.n_sel, m_sel=prune.m_sel,
                                   v=prune.v, density=1.0 - prune.sparsity)
@@ -387,8 +340,8 @@ def load_hf_checkpoint(
         hf_name = family.tensor_name
         put(("embed_tokens", "embedding"),
             reader.get(hf_name(("embed_tokens", "embedding")), (v, d)))
-        calibrated = None if calibration is None else _CalibratedPruning(
-            config, calibration, loaded[("embed_tokens", "embedding")], prune)
+        if pruner is not None:
+            pruner.start(config, loaded[("embed_tokens", "embedding")])
         bar = tqdm(range(config.num_layers), unit="layer",
                    desc=f"importing {config.architecture} ({expert_format} experts)",
                    disable=None if progress is None else not progress)  # None: only on a tty
@@ -404,8 +357,8 @@ def load_hf_checkpoint(
 
         def convert_block(i: int, experts: dict[str, jax.Array]) -> None:
             """Block i's experts pruned and stored in the format; its pre-gate."""
-            if calibrated is not None:
-                experts = calibrated(i, loaded, experts)
+            if pruner is not None:
+                experts = pruner(i, loaded, experts)
             else:
                 experts = _convert_experts(experts, i, prune)
             for name, w in experts.items():
@@ -440,6 +393,8 @@ def load_hf_checkpoint(
             reader.mark_used(hf_name(("lm_head", "kernel")))
         else:
             put(("lm_head", "kernel"), _linear(reader, hf_name(("lm_head", "kernel")), (d, v)))
+        if pruner is not None:
+            pruner.finish(loaded)
         unused = [k for k in reader.unused() if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise ValueError(

@@ -27,6 +27,7 @@ from samoyeds_jax import compress, converted_io, hf_import, prune_weights, pruni
 from samoyeds_jax.checkpoints import load_model, load_or_convert, load_tokenizer
 from samoyeds_jax.converted_io import load_converted, save_converted
 from samoyeds_jax.hf_import import load_hf_checkpoint
+from samoyeds_jax.evaluate import EvalConfig, evaluate_streams
 from samoyeds_jax.generate_cli import main
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -225,41 +226,60 @@ def test_nm_import_prunes_experts(loaded, capsys):
     ("qwen2_moe", pruning.PruneConfig(format="samoyeds", v=64, method="wanda")),
     ("qwen3_moe", pruning.PruneConfig(format="unstructured", sparsity=0.5, method="sparsegpt")),
 ])
-def test_calibrated_import_prunes_as_the_whole_model_walk(family, prune):
+def test_prune_checkpoint_streams_what_the_whole_model_walk_prunes(family, prune):
     """Block by block from the checkpoint, calibrated on windows: the same experts as the
-    dense model loaded whole, pruned by ``calibrate_and_prune`` and compressed."""
-    windows = np.random.default_rng(3).integers(
-        0, load_hf_checkpoint(_fixture(family))[1].vocab_size, (3, 16))
-    streamed, config = load_hf_checkpoint(_fixture(family), prune=prune, calibration=windows)
-    assert config.moe.expert_format == prune.format
+    dense model loaded whole, pruned by ``calibrate_and_prune`` and compressed; the dense and
+    one-shot scores of the same pass are those of ``evaluate_streams`` on the two models."""
+    vocab = load_hf_checkpoint(_fixture(family))[1].vocab_size
+    rng = np.random.default_rng(3)
+    windows = rng.integers(0, vocab, (3, 16))
+    streams = {f"doc{j}": (rng.integers(0, vocab, n), rng.integers(1, 4, n))
+               for j, n in enumerate((40, 9, 23))}  # windows of 16, a short stream, a tail
+    eval_config = EvalConfig(seq_len=16, batch_size=4)
+    out = compress.prune_checkpoint(_fixture(family), windows, prune, eval_streams=streams,
+                                    eval_config=eval_config)
+    assert out.config.moe.expert_format == prune.format
     whole, _ = load_hf_checkpoint(_fixture(family))
-    compress.calibrate_and_prune(whole, windows, dataclasses.replace(prune, output="dense"),
-                                 progress=False)
+    dense_score = evaluate_streams(whole, streams, config=eval_config)
+    report = compress.calibrate_and_prune(whole, windows, dataclasses.replace(
+        prune, output="dense"), progress=False)
+    assert out.report.expert_tokens == report.expert_tokens
     magnitude, _ = load_hf_checkpoint(_fixture(family), prune=dataclasses.replace(
         prune, method="magnitude"))
     differs = 0
-    for i in range(config.num_layers):
+    for i in range(out.config.num_layers):
         for name in ("w1", "w3", "w2"):
-            got = np.asarray(getattr(streamed.layers[i].mlp, name).get_value().to_dense())
+            got = np.asarray(getattr(out.model.layers[i].mlp, name).get_value().to_dense())
             want = np.asarray(getattr(whole.layers[i].mlp, name).get_value())
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(got != 0, want != 0)  # the same mask
             base = np.asarray(getattr(magnitude.layers[i].mlp, name).get_value().to_dense())
             differs += int(((got != 0) != (base != 0)).any())
     assert differs > 0  # the calibration chose: not the magnitude masks
-    np.testing.assert_array_equal(np.asarray(streamed.layers[0].self_attn.q_proj.kernel[...]),
+    np.testing.assert_array_equal(np.asarray(out.model.layers[0].self_attn.q_proj.kernel[...]),
                                   np.asarray(whole.layers[0].self_attn.q_proj.kernel[...]))
+    pruned_score = evaluate_streams(out.model, streams, config=eval_config)
+    for name, want in (("dense", dense_score), ("one-shot", pruned_score)):
+        got = out.results[name]
+        assert got.digest == want.digest and got.windows == want.windows
+        assert (got.window_tokens < 16).any() and got.windows % 4  # short windows, a part batch
+        np.testing.assert_allclose(got.window_nats, want.window_nats, rtol=1e-4)
+    assert out.results["one-shot"].nats != pytest.approx(out.results["dense"].nats, rel=1e-4)
 
 
-def test_calibrated_import_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="'wanda' needs calibration"):
+def test_calibrated_pruning_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="'wanda' needs calibration.*prune_checkpoint"):
         load_hf_checkpoint(_fixture("mixtral"), prune=pruning.PruneConfig(format="nm",
                                                                           method="wanda"))
     with pytest.raises(ValueError, match="prunes nothing"):
-        load_hf_checkpoint(_fixture("mixtral"), calibration=np.zeros((2, 8), np.int32))
+        load_hf_checkpoint(_fixture("mixtral"), pruner=object())
     with pytest.raises(ValueError, match=r"token ids span \[0, 99999\]"):
-        load_hf_checkpoint(_fixture("mixtral"), prune=pruning.PruneConfig(format="nm"),
-                           calibration=np.array([[0, 99999]]))
+        compress.prune_checkpoint(_fixture("mixtral"), np.array([[0, 99999]]),
+                                  pruning.PruneConfig(format="nm"))
+    with pytest.raises(ValueError, match="hold 0 bytes"):
+        compress.prune_checkpoint(_fixture("mixtral"), np.zeros((1, 4), np.int32),
+                                  pruning.PruneConfig(format="nm"),
+                                  eval_streams={"empty": (np.arange(4), np.zeros(4, int))})
 
 
 def test_samoyeds_needs_matching_slab_size():

@@ -155,6 +155,36 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_cli_stream_scores_what_the_whole_model_scores(tmp_path, capsys):
+    """``--stream``: the same dense and one-shot bits/byte (same windows) and the same experts
+    as pruning the model loaded whole, in float32 like the checkpoint."""
+    ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
+    common = ["--checkpoint", ckpt, "--corpus", root, "--format", "2:4", "--method", "wanda",
+              "--calib-windows", "4", "--seq-len", "32", "--eval-windows", "5"]
+    assert compress_main(common + ["--out", str(tmp_path / "whole"), "--recover-steps", "0"]) == 0
+    assert compress_main(common + ["--out", str(tmp_path / "streamed"), "--stream"]) == 0
+    assert "saved 2:4 model" in capsys.readouterr().out
+    metas = [json.load(open(os.path.join(tmp_path, d, "samoyeds_config.json")))["conversion"]
+             for d in ("whole", "streamed")]
+    assert metas[1]["stream"] and not metas[0]["stream"]
+    for key in ("dense", "one-shot"):
+        want, got = metas[0]["results"][key], metas[1]["results"][key]
+        want = want if key == "dense" else want["bits_per_byte"]
+        got = got if key == "dense" else got["bits_per_byte"]
+        assert got == pytest.approx(want, rel=1e-5), key
+    assert metas[1]["results"]["one-shot"]["vs_dense"] > 0
+    from samoyeds_jax.converted_io import load_converted
+    (whole, _), (streamed, config) = (load_converted(str(tmp_path / d))
+                                      for d in ("whole", "streamed"))
+    assert config.moe.expert_format == "nm" and config.moe.pregate == "speculative"
+    for a, b in zip(whole.layers, streamed.layers):
+        np.testing.assert_allclose(np.asarray(b.mlp.w2.get_value().to_dense()),
+                                   np.asarray(a.mlp.w2.get_value().to_dense()), atol=1e-6)
+    assert compress_main(common + ["--out", str(tmp_path / "x"), "--stream", "--recover-steps",
+                                   "3"]) == 2
+    assert "--recover-steps has no effect here: --stream" in capsys.readouterr().err
+
+
 def test_cli_checks_before_loading(tmp_path, capsys):
     ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
     os.remove(os.path.join(ckpt, "tokenizer.json"))
