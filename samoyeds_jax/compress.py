@@ -18,6 +18,10 @@ The whole pipeline (``samoyeds-compress``)::
     recover(model, teacher, train_tokens, TrainConfig(steps=..., distill_weight=1.0))
     to_compressed(model, prune_config)          # NMSparse / SamoyedsSparse / TiledSparse
     save_converted(model, out_dir)
+
+A checkpoint too large for the device in dense form is pruned the same way block by block as
+it streams in (``prune_checkpoint``, ``samoyeds-compress --stream``): one block's dense
+weights on the device, the dense and one-shot models scored in the same pass; no recovery.
 """
 
 from __future__ import annotations
@@ -258,11 +262,12 @@ def _views(model: MoETransformer) -> Callable[[int], DecoderBlock]:
     return view
 
 
-class Calibration:
-    """The calibration windows' hidden states, walked through the blocks in order: block l is
-    pruned on the outputs of the already-pruned blocks before it (``prune_block``). Holds one
-    block's activations at a time, so a walk that gets each block only when it comes (the
-    checkpoint importer's) keeps one block's weights on the device."""
+class WindowWalk:
+    """Token windows' hidden states, walked through the blocks in order: calibration windows
+    prune each block on the outputs of the already-pruned blocks before it (``prune_block``);
+    evaluation windows only move past each block (``advance``) and are scored after the last
+    (``nats``). Holds one block's activations at a time, so a walk that gets each block only
+    when it comes (``prune_checkpoint``'s) keeps one block's weights on the device."""
 
     def __init__(self, embed_tokens: nnx.Embed, config: ModelConfig, windows: np.ndarray,
                  batch_size: int):
@@ -331,7 +336,7 @@ def _head_nats(norm, head, tied: bool, x, targets, valid):
 def _walk(model: MoETransformer, windows: np.ndarray, config, linears, batch_size: int,
           progress: bool | None) -> CompressReport:
     """``calibrate_and_prune`` on checked arguments."""
-    walk = Calibration(model.embed_tokens, model.config, windows, batch_size)
+    walk = WindowWalk(model.embed_tokens, model.config, windows, batch_size)
     reports, linear_reports = [], []
     named = config or linears
     bar = tqdm(list(enumerate(model.layers)), desc=f"pruning ({named.format}, {named.method})",
@@ -367,7 +372,7 @@ class CheckpointPruning:
 
     A dense twin of the model (nothing allocated; the reference expert implementation, each
     block routed by its own gate) gets block i's imported parameters; its experts are pruned
-    in place on the calibration windows' hidden states there (``Calibration.prune_block``),
+    in place on the calibration windows' hidden states there (``WindowWalk.prune_block``),
     stored in the format, and the twin lets go of the block again. With evaluation windows,
     their hidden states walk the dense block before the pruning and the pruned block after
     it, so the dense and the one-shot model are scored in the same pass."""
@@ -392,11 +397,11 @@ class CheckpointPruning:
         self.views = _views(self.twin)
         with self._filled({("embed_tokens", "embedding"): embedding}):
             embed = self.twin.embed_tokens
-            self.calibration = Calibration(embed, self.model_config, self.windows,
+            self.calibration = WindowWalk(embed, self.model_config, self.windows,
                                            self.batch_size)
             self.walks = {}
             if self.eval_windows is not None:
-                self.walks["dense"] = Calibration(embed, self.model_config,
+                self.walks["dense"] = WindowWalk(embed, self.model_config,
                                                   self.eval_windows.inputs, self.eval_batch_size)
                 self.walks["one-shot"] = copy.copy(self.walks["dense"])
 
@@ -489,7 +494,7 @@ def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, 
         eval_windows = evaluate.checked_windows(eval_streams, eval_config,
                                                 model_config.vocab_size)
     pruner = CheckpointPruning(windows, config, eval_windows=eval_windows,
-                               eval_batch_size=eval_config.batch_size if eval_streams else 8,
+                               eval_batch_size=eval_config.batch_size if eval_windows is not None else 8,
                                batch_size=batch_size)
     model, model_config = hf_import.load_hf_checkpoint(
         directory, dtype=dtype, prune=config, implementation=implementation, pregate=pregate,
