@@ -246,15 +246,15 @@ def calibrate_and_prune(model: MoETransformer, windows: Any, config: pruning.Pru
 
 
 def _views(model: MoETransformer) -> Callable[[int], DecoderBlock]:
-    """``view(i)``: block i as the jitted calibration functions see it. A middle block alike to
-    block 1 (``scan.alike``: they differ only in their index) comes through block 1's graph,
-    so those functions compile once for all the middle blocks instead of once per block. The
-    view shares block i's arrays as they are when it is made: make it after any pruning."""
+    """``view(i)``: block i as the jitted calibration functions see it. A block alike to
+    block 0 (``scan.alike``: they differ only in their index, which none of these functions
+    reads: each block is routed by its own gate) comes through block 0's graph, so those
+    functions compile once for all such blocks instead of once per block (a pre-gated model's
+    last block, which has no pre-gate, compiles on its own). The view shares block i's arrays
+    as they are when it is made: make it after any pruning."""
     blocks = list(model.layers)
-    if len(blocks) < 3:
-        return lambda i: blocks[i]
-    graphdef = nnx.graphdef(blocks[1])
-    shared = {i for i in range(1, len(blocks) - 1) if alike(blocks[i], blocks[1])}
+    graphdef = nnx.graphdef(blocks[0])
+    shared = {i for i in range(1, len(blocks)) if alike(blocks[i], blocks[0])}
 
     def view(i: int) -> DecoderBlock:
         return nnx.merge(graphdef, nnx.state(blocks[i])) if i in shared else blocks[i]

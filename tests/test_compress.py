@@ -230,17 +230,19 @@ def test_calibration_computes_the_experts_with_the_reference(monkeypatch):
     assert all(b.mlp.config.implementation == ("triton", "xla") for b in model.layers)
 
 
-def test_the_middle_blocks_share_their_compiled_calibration_forwards(monkeypatch):
-    """Blocks alike to block 1 run through its graph: a 5-block model compiles each block
-    forward of the walk 3 times (first, middle, last), not 5, and prunes as before."""
-    cfg = ModelConfig.tiny().replace(num_layers=5)
+@pytest.mark.parametrize("pregate,compiles", [("standard", 1), ("pregated", 2)])
+def test_alike_blocks_share_their_compiled_calibration_forwards(monkeypatch, pregate, compiles):
+    """Blocks alike to block 0 run through its graph: a 5-block model compiles each block
+    forward of the walk once, not 5 times (pre-gated: twice, the last block has no pre-gate),
+    and prunes as before."""
+    cfg = ModelConfig.tiny(pregate=pregate).replace(num_layers=5)
     windows = _windows()
     prune = pruning.PruneConfig(format="nm", method="wanda", output="dense")
     jax.clear_caches()
     model = MoETransformer(cfg, rngs=nnx.Rngs(2))
     report = compress.calibrate_and_prune(model, windows, prune, progress=False)
     for fn in (compress._moe_input, compress._moe_output, compress._topk):
-        assert fn.jitted_fn._cache_size() == 3
+        assert fn.jitted_fn._cache_size() == compiles
     # The same walk, every block through its own graph, prunes identically.
     reference = MoETransformer(cfg, rngs=nnx.Rngs(2))
     monkeypatch.setattr(compress, "_views", lambda m: (lambda i: m.layers[i]))
