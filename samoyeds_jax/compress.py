@@ -378,19 +378,29 @@ class CheckpointPruning:
     it, so the dense and the one-shot model are scored in the same pass."""
 
     def __init__(self, windows: np.ndarray, config: pruning.PruneConfig, *,
-                 eval_windows: Any = None, eval_batch_size: int = 8, batch_size: int = 8):
-        self.windows, self.config = windows, config
+                 linears: pruning.PruneConfig | None = None, eval_windows: Any = None,
+                 eval_batch_size: int = 8, batch_size: int = 8):
+        self.windows, self.config, self.linears = windows, config, linears
+        self.linear_reports: list[prune_report.PruneReport] = []
         self.eval_windows, self.eval_batch_size = eval_windows, eval_batch_size
         self.batch_size = batch_size
         self.reports: list[prune_report.PruneReport] = []
         self.results: dict[str, Any] = {}
 
+    def configure(self, model_config: ModelConfig) -> ModelConfig:
+        """The imported model's config: with ``linears``, its linears in their format."""
+        if self.linears is None:
+            return model_config
+        return model_config.replace(linear=dict(format=self.linears.format,
+                                                sparsity=sparsity_config(self.linears)))
+
     def start(self, model_config: ModelConfig, embedding: jax.Array) -> None:
         """Before block 0: the twin of ``model_config`` and the windows' embeddings."""
         from samoyeds_jax.param_layout import _abstract_model, _fill_non_params, _variables
 
-        self.model_config = model_config.replace(moe=dict(
-            expert_format="dense", implementation="xla", pregate="standard"))
+        self.model_config = model_config.replace(
+            moe=dict(expert_format="dense", implementation="xla", pregate="standard"),
+            linear=dict(format="dense", implementation=None))
         self.twin = _abstract_model(self.model_config)
         self.variables = _variables(self.twin)
         _fill_non_params(self.variables)
@@ -406,9 +416,11 @@ class CheckpointPruning:
                 self.walks["one-shot"] = copy.copy(self.walks["dense"])
 
     def __call__(self, i: int, params: Mapping[tuple, Any], experts: dict[str, jax.Array]
-                 ) -> dict[str, Any]:
-        """Block i's experts pruned and stored in the format; ``params``: the block's other
-        parameters as imported (on the device), ``experts``: its dense w1/w3/w2."""
+                 ) -> dict[tuple, Any]:
+        """Block i's pruned weights stored in their formats, by parameter path: the experts
+        (``("layers", i, "mlp", "w1")``...) and with ``linears`` the attention projections and
+        shared experts. ``params``: the block's other parameters as imported (on the device),
+        ``experts``: its dense w1/w3/w2."""
         values = {path: (experts[path[3]] if len(path) == 4 and path[2] == "mlp"
                          and path[3] in experts else params[path])
                   for path, var in self.variables.items()
@@ -417,14 +429,27 @@ class CheckpointPruning:
             view = functools.partial(self.views, i)
             if "dense" in self.walks:
                 self.walks["dense"].advance(view)
-            dense = dataclasses.replace(self.config, output="dense")
-            report, _ = self.calibration.prune_block(self.twin.layers[i], view, i, dense, None)
+            block = self.twin.layers[i]
+            linears = None if self.linears is None else dataclasses.replace(self.linears,
+                                                                             output="dense")
+            report, linear_report = self.calibration.prune_block(
+                block, view, i, dataclasses.replace(self.config, output="dense"), linears)
             self.reports.append(report)
             if "one-shot" in self.walks:
                 self.walks["one-shot"].advance(view)
-            mlp = self.twin.layers[i].mlp
-            return {name: pruning.convert(getattr(mlp, name).get_value(), self.config)
-                    for name in ("w1", "w3", "w2")}
+            out = {("layers", i, "mlp", name): pruning.convert(
+                getattr(block.mlp, name).get_value(), self.config) for name in ("w1", "w3", "w2")}
+            if linears is not None:
+                self.linear_reports.append(linear_report)
+                stored = dataclasses.replace(self.linears, output="compressed")
+                holders = {("layers", i, "self_attn", name, "kernel"): lin.kernel
+                           for name, lin in block.self_attn.projections().items()}
+                if block.mlp.shared is not None:
+                    holders.update({("layers", i, "mlp", "shared", name):
+                                    getattr(block.mlp.shared, name) for name in ("w1", "w3", "w2")})
+                out.update({path: pruning.convert(holder.get_value(), stored)
+                            for path, holder in holders.items()})
+            return out
 
     def finish(self, params: Mapping[tuple, Any]) -> None:
         """After the last block: the evaluation walks scored (``results``)."""
@@ -465,6 +490,7 @@ class PrunedCheckpoint:
 
 
 def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, *,
+                     linears: pruning.PruneConfig | None = None,
                      eval_streams: Mapping[str, Any] | None = None,
                      eval_config: Any = None, dtype: Any = None, pregate: str = "standard",
                      implementation: Any = None, experts_memory: str = "device",
@@ -476,7 +502,9 @@ def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, 
 
     Each block is pruned on the hidden states ``windows`` reach after the blocks before it,
     already pruned, each expert on the tokens its gate routes to it (as
-    ``calibrate_and_prune``). With ``eval_streams`` (as ``evaluate.evaluate_streams`` takes
+    ``calibrate_and_prune``); with ``linears`` the attention projections and shared experts
+    too, in the same walk (stored in ``linears.format``). With ``eval_streams`` (as
+    ``evaluate.evaluate_streams`` takes
     them, cut by ``eval_config``), the dense and the pruned model are scored on the same
     windows in the same pass (``results``: compare them with ``evaluate.paired_difference``).
     ``dtype``, ``pregate``, ``implementation``, ``experts_memory``: as ``load_hf_checkpoint``;
@@ -486,6 +514,7 @@ def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, 
     from samoyeds_jax import hf_import
 
     pruning.expect_config("config", config)
+    pruning.expect_config("linears", linears, optional=True)
     model_config = ModelConfig.from_hf(hf_import.read_hf_config(directory))
     windows = check_windows(model_config, windows)
     eval_windows = None
@@ -493,14 +522,15 @@ def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, 
         eval_config = eval_config or evaluate.EvalConfig()
         eval_windows = evaluate.checked_windows(eval_streams, eval_config,
                                                 model_config.vocab_size)
-    pruner = CheckpointPruning(windows, config, eval_windows=eval_windows,
+    pruner = CheckpointPruning(windows, config, linears=linears, eval_windows=eval_windows,
                                eval_batch_size=eval_config.batch_size if eval_windows is not None else 8,
                                batch_size=batch_size)
     model, model_config = hf_import.load_hf_checkpoint(
         directory, dtype=dtype, prune=config, implementation=implementation, pregate=pregate,
         progress=progress, experts_memory=experts_memory, pruner=pruner)
     report = CompressReport(config=config, blocks=tuple(pruner.reports),
-                            expert_tokens=tuple(pruner.calibration.expert_tokens))
+                            expert_tokens=tuple(pruner.calibration.expert_tokens),
+                            linears=linears, linear_blocks=tuple(pruner.linear_reports))
     return PrunedCheckpoint(model=model, config=model_config, report=report,
                             results=dict(pruner.results))
 

@@ -17,7 +17,7 @@
 With ``--stream`` (models too large for the device in float32), steps 1, 2 and 4 run block by
 block as the checkpoint streams in, in its own dtype, one block's dense weights on the device
 (``compress.prune_checkpoint``): the dense and the one-shot model are scored in the same pass.
-There is no step 3, and the attention projections stay dense.
+There is no step 3.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune block by block as the checkpoint streams in, in its own dtype "
                         "(compress.prune_checkpoint): one block's dense weights on the device, "
                         "for models too large for it in float32; the dense and one-shot models "
-                        "are scored in the same pass; one-shot only (no recovery, no --linears)")
+                        "are scored in the same pass; one-shot only (no recovery)")
     return p
 
 
@@ -103,9 +103,8 @@ def _presets_where(test) -> str:
 
 def _check_options(args, given: set[str]) -> None:
     """Refuse options that have no effect with the others given, and bad numbers."""
-    refuse_unless(not args.stream, given, {"recover_steps": "--recover-steps",
-                                          "linears": "--linears"},
-                  "--stream prunes the experts one-shot (no recovery, no --linears)")
+    refuse_unless(not args.stream, given, {"recover_steps": "--recover-steps"},
+                  "--stream prunes one-shot (no recovery)")
     if args.stream:
         args.recover_steps = 0
     fmt = _weight_format(args.format)
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream:
         pruned = compress.prune_checkpoint(
             args.checkpoint, calib, dataclasses.replace(prune_config, output="compressed"),
-            eval_streams=streams, eval_config=ecfg, pregate="speculative")
+            linears=linear_config, eval_streams=streams, eval_config=ecfg, pregate="speculative")
         model, report = pruned.model, pruned.report
         base, one_shot = pruned.results["dense"], pruned.results["one-shot"]
     else:

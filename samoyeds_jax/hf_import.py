@@ -314,6 +314,8 @@ def load_hf_checkpoint(
                                   v=prune.v, density=1.0 - prune.sparsity)
         config = config.replace(moe=dict(expert_format=expert_format, sparsity=sparsity))
 
+    if pruner is not None:
+        config = pruner.configure(config)
     model = _abstract_model(config)
     variables = _variables(model)
     shapes = {p: tuple(v.get_value().shape) for p, v in variables.items()
@@ -356,15 +358,17 @@ def load_hf_checkpoint(
             return experts
 
         def convert_block(i: int, experts: dict[str, jax.Array]) -> None:
-            """Block i's experts pruned and stored in the format; its pre-gate."""
+            """Block i's experts (and with the pruner's linears, those) pruned and stored in
+            their formats; its pre-gate."""
             if pruner is not None:
-                experts = pruner(i, loaded, experts)
+                pruned = pruner(i, loaded, experts)
             else:
-                experts = _convert_experts(experts, i, prune)
-            for name, w in experts.items():
-                path = ("layers", i, "mlp", name)
+                pruned = {("layers", i, "mlp", name): w
+                          for name, w in _convert_experts(experts, i, prune).items()}
+            for path, w in pruned.items():
                 put(path, w)
-                loaded[path] = place_experts(loaded[path], experts_memory)
+                if families.routed(path):
+                    loaded[path] = place_experts(loaded[path], experts_memory)
             key = _pregate_key(reader, family, config, i)
             if key is not None:
                 path = ("layers", i, "mlp", "pregate", "kernel")

@@ -221,12 +221,14 @@ def test_nm_import_prunes_experts(loaded, capsys):
                                   np.asarray(dense.layers[0].mlp.gate.kernel[...]))
 
 
-@pytest.mark.parametrize("family,prune", [
-    ("mixtral", pruning.PruneConfig(format="nm", method="sparsegpt")),
-    ("qwen2_moe", pruning.PruneConfig(format="samoyeds", v=64, method="wanda")),
-    ("qwen3_moe", pruning.PruneConfig(format="unstructured", sparsity=0.5, method="sparsegpt")),
+@pytest.mark.parametrize("family,prune,linears", [
+    ("mixtral", pruning.PruneConfig(format="nm", method="sparsegpt"), None),
+    ("qwen2_moe", pruning.PruneConfig(format="samoyeds", v=64, method="wanda"),
+     pruning.PruneConfig(format="nm", method="sparsegpt")),  # shared experts too
+    ("qwen3_moe", pruning.PruneConfig(format="unstructured", sparsity=0.5, method="sparsegpt"),
+     None),
 ])
-def test_prune_checkpoint_streams_what_the_whole_model_walk_prunes(family, prune):
+def test_prune_checkpoint_streams_what_the_whole_model_walk_prunes(family, prune, linears):
     """Block by block from the checkpoint, calibrated on windows: the same experts as the
     dense model loaded whole, pruned by ``calibrate_and_prune`` and compressed; the dense and
     one-shot scores of the same pass are those of ``evaluate_streams`` on the two models."""
@@ -236,14 +238,29 @@ def test_prune_checkpoint_streams_what_the_whole_model_walk_prunes(family, prune
     streams = {f"doc{j}": (rng.integers(0, vocab, n), rng.integers(1, 4, n))
                for j, n in enumerate((40, 9, 23))}  # windows of 16, a short stream, a tail
     eval_config = EvalConfig(seq_len=16, batch_size=4)
-    out = compress.prune_checkpoint(_fixture(family), windows, prune, eval_streams=streams,
-                                    eval_config=eval_config)
+    out = compress.prune_checkpoint(_fixture(family), windows, prune, linears=linears,
+                                    eval_streams=streams, eval_config=eval_config)
     assert out.config.moe.expert_format == prune.format
     whole, _ = load_hf_checkpoint(_fixture(family))
     dense_score = evaluate_streams(whole, streams, config=eval_config)
+    dense_linears = None if linears is None else dataclasses.replace(linears, output="dense")
     report = compress.calibrate_and_prune(whole, windows, dataclasses.replace(
-        prune, output="dense"), progress=False)
+        prune, output="dense"), linears=dense_linears, progress=False)
     assert out.report.expert_tokens == report.expert_tokens
+    if linears is not None:
+        assert out.config.linear.format == linears.format
+        assert len(out.report.linear_blocks) == out.config.num_layers
+        for i in range(out.config.num_layers):
+            for holder, module in (("self_attn", "o_proj"), ("self_attn", "q_proj")):
+                got = getattr(getattr(out.model.layers[i], holder), module).kernel.get_value()
+                want = getattr(getattr(whole.layers[i], holder), module).kernel.get_value()
+                assert type(got).__name__ == "NMSparse"
+                np.testing.assert_allclose(np.asarray(got.to_dense()), np.asarray(want),
+                                           rtol=1e-5, atol=1e-6)
+            got = out.model.layers[i].mlp.shared.w2.get_value()
+            np.testing.assert_allclose(np.asarray(got.to_dense()),
+                                       np.asarray(whole.layers[i].mlp.shared.w2.get_value()),
+                                       rtol=1e-5, atol=1e-6)
     magnitude, _ = load_hf_checkpoint(_fixture(family), prune=dataclasses.replace(
         prune, method="magnitude"))
     differs = 0
@@ -256,8 +273,10 @@ def test_prune_checkpoint_streams_what_the_whole_model_walk_prunes(family, prune
             base = np.asarray(getattr(magnitude.layers[i].mlp, name).get_value().to_dense())
             differs += int(((got != 0) != (base != 0)).any())
     assert differs > 0  # the calibration chose: not the magnitude masks
-    np.testing.assert_array_equal(np.asarray(out.model.layers[0].self_attn.q_proj.kernel[...]),
-                                  np.asarray(whole.layers[0].self_attn.q_proj.kernel[...]))
+    if linears is None:  # the attention projections as imported
+        np.testing.assert_array_equal(
+            np.asarray(out.model.layers[0].self_attn.q_proj.kernel[...]),
+            np.asarray(whole.layers[0].self_attn.q_proj.kernel[...]))
     pruned_score = evaluate_streams(out.model, streams, config=eval_config)
     for name, want in (("dense", dense_score), ("one-shot", pruned_score)):
         got = out.results[name]

@@ -157,10 +157,11 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_cli_stream_scores_what_the_whole_model_scores(tmp_path, capsys):
     """``--stream``: the same dense and one-shot bits/byte (same windows) and the same experts
-    as pruning the model loaded whole, in float32 like the checkpoint."""
+    and attention projections as pruning the model loaded whole, in float32 like the
+    checkpoint."""
     ckpt, root = _tiny_checkpoint_and_corpus(tmp_path)
     common = ["--checkpoint", ckpt, "--corpus", root, "--format", "2:4", "--method", "wanda",
-              "--calib-windows", "4", "--seq-len", "32", "--eval-windows", "5"]
+              "--linears", "2:4", "--calib-windows", "4", "--seq-len", "32", "--eval-windows", "5"]
     assert compress_main(common + ["--out", str(tmp_path / "whole"), "--recover-steps", "0"]) == 0
     assert compress_main(common + ["--out", str(tmp_path / "streamed"), "--stream"]) == 0
     assert "saved 2:4 model" in capsys.readouterr().out
@@ -177,9 +178,11 @@ def test_cli_stream_scores_what_the_whole_model_scores(tmp_path, capsys):
     (whole, _), (streamed, config) = (load_converted(str(tmp_path / d))
                                       for d in ("whole", "streamed"))
     assert config.moe.expert_format == "nm" and config.moe.pregate == "speculative"
+    assert config.linear.format == "nm"
     for a, b in zip(whole.layers, streamed.layers):
-        np.testing.assert_allclose(np.asarray(b.mlp.w2.get_value().to_dense()),
-                                   np.asarray(a.mlp.w2.get_value().to_dense()), atol=1e-6)
+        for get in (lambda blk: blk.mlp.w2, lambda blk: blk.self_attn.o_proj.kernel):
+            np.testing.assert_allclose(np.asarray(get(b).get_value().to_dense()),
+                                       np.asarray(get(a).get_value().to_dense()), atol=1e-6)
     assert compress_main(common + ["--out", str(tmp_path / "x"), "--stream", "--recover-steps",
                                    "3"]) == 2
     assert "--recover-steps has no effect here: --stream" in capsys.readouterr().err
