@@ -271,7 +271,7 @@ class WindowWalk:
 
     def __init__(self, embed_tokens: nnx.Embed, config: ModelConfig, windows: np.ndarray,
                  batch_size: int):
-        self.num_experts = config.moe.num_experts
+        self.num_experts, self.batch_size = config.moe.num_experts, batch_size
         self.xs, self.pos_masks = [], []
         for start in range(0, len(windows), batch_size):
             tokens = jnp.asarray(windows[start:start + batch_size])
@@ -316,14 +316,14 @@ class WindowWalk:
                    for x, (p, m) in zip(self.xs, self.pos_masks)]
 
     def nats(self, norm: nnx.Module, head: nnx.Module, tied: bool, targets: np.ndarray,
-             valid: np.ndarray, batch_size: int) -> list[tuple[int, jax.Array]]:
+             valid: np.ndarray) -> list[tuple[int, jax.Array]]:
         """After the last block: ``(first window, summed NLL of each window)`` per batch
         (``evaluate.scored`` takes them), the logits from the final ``norm`` and ``head`` (the
         output projection, or the embedding when ``tied``)."""
-        return [(j * batch_size, _head_nats(norm, head, tied, x,
-                                            jnp.asarray(targets[j * batch_size:][:len(x)]),
-                                            jnp.asarray(valid[j * batch_size:][:len(x)])))
-                for j, x in enumerate(self.xs)]
+        starts = range(0, len(targets), self.batch_size)
+        return [(lo, _head_nats(norm, head, tied, x, jnp.asarray(targets[lo:lo + len(x)]),
+                                jnp.asarray(valid[lo:lo + len(x)])))
+                for lo, x in zip(starts, self.xs)]
 
 
 @functools.partial(nnx.jit, static_argnums=2)
@@ -462,7 +462,7 @@ class CheckpointPruning:
             module = self.twin.embed_tokens if tied else self.twin.lm_head
             for name, walk in self.walks.items():
                 self.results[name] = evaluate.scored(w, walk.nats(
-                    self.twin.norm, module, tied, w.targets, w.valid, self.eval_batch_size))
+                    self.twin.norm, module, tied, w.targets, w.valid))
 
     @contextlib.contextmanager
     def _filled(self, values: Mapping[tuple, Any]):
@@ -517,14 +517,11 @@ def prune_checkpoint(directory: str, windows: Any, config: pruning.PruneConfig, 
     pruning.expect_config("linears", linears, optional=True)
     model_config = ModelConfig.from_hf(hf_import.read_hf_config(directory))
     windows = check_windows(model_config, windows)
-    eval_windows = None
-    if eval_streams is not None:
-        eval_config = eval_config or evaluate.EvalConfig()
-        eval_windows = evaluate.checked_windows(eval_streams, eval_config,
-                                                model_config.vocab_size)
+    eval_config = eval_config or evaluate.EvalConfig()
+    eval_windows = None if eval_streams is None else evaluate.checked_windows(
+        eval_streams, eval_config, model_config.vocab_size)
     pruner = CheckpointPruning(windows, config, linears=linears, eval_windows=eval_windows,
-                               eval_batch_size=eval_config.batch_size if eval_windows is not None else 8,
-                               batch_size=batch_size)
+                               eval_batch_size=eval_config.batch_size, batch_size=batch_size)
     model, model_config = hf_import.load_hf_checkpoint(
         directory, dtype=dtype, prune=config, implementation=implementation, pregate=pregate,
         progress=progress, experts_memory=experts_memory, pruner=pruner)
