@@ -66,8 +66,10 @@ WGMMA_SP = {
     "sp_k128i1": W(block_k=128, inflight=1),
     "sp_k512": W(block_k=512, stages=2),
 }
-# Warp-specialized prefill kernel (``wgmma_sp_prefill_matmul``, 2:4) configs timed with
-# --sp-prefill; the first also timed without the wrapper's pad and slice ("_kernel").
+# Warp-specialized prefill kernel (``wgmma_sp_prefill_matmul``) configs timed with
+# --sp-prefill, for each op whose weights they fit (Samoyeds: 128-token tiles at most, K
+# tiles dividing or multiples of v); the first also timed without the wrapper's pad and
+# slice ("_kernel", 2:4).
 P = spp.SpPrefillConfig
 SP_PREFILL = {
     "pf_default": P(),
@@ -79,7 +81,20 @@ SP_PREFILL = {
     "pf_k32s6": P(block_k=32, stages=6),
     "pf_t192s4": P(block_t=192, stages=4),
     "pf_c1": P(consumers=1),
+    "pf_t128k64": P(block_t=128, block_k=64),
+    "pf_t128k128s2": P(block_t=128, block_k=128, stages=2),
+    "pf_t64k128": P(block_t=64, block_k=128),
+    "pf_t64k256s2": P(block_t=64, block_k=256, stages=2),
 }
+
+
+def fits(cfg: spp.SpPrefillConfig, a) -> bool:
+    """Whether the prefill kernel takes ``a`` with tiling ``cfg`` (bf16 out)."""
+    try:
+        spp.check_config(cfg, a, jnp.bfloat16)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -96,7 +111,7 @@ def main(argv=None) -> int:
                    help="comma-separated WGMMA_SP configs of the sparse-wgmma kernel to time")
     p.add_argument("--sp-prefill", default="",
                    help="comma-separated SP_PREFILL configs of the warp-specialized prefill "
-                        "kernel to time (2:4 only)")
+                        "kernel to time")
     p.add_argument("--no-mgpu", action="store_true", help="skip the mgpu_matmul variants")
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--markdown")
@@ -162,9 +177,11 @@ def main(argv=None) -> int:
         for op, a in sp_a.items():
             if sp_names:
                 check(op, sm.wgmma_sp_matmul, a, "wgmma_sp", kernel="wgmma_sp")
-        for vname in pf_names if "nm" in sp_a else ():
-            check("nm", lambda x, a, c=SP_PREFILL[vname]: spp.wgmma_sp_prefill_matmul(
-                x, a, config=c), sp_a["nm"], vname, kernel=vname)
+        for op, a in sp_a.items():
+            for vname in pf_names:
+                if fits(SP_PREFILL[vname], a):
+                    check(op, lambda x, a, c=SP_PREFILL[vname]: spp.wgmma_sp_prefill_matmul(
+                        x, a, config=c), a, vname, kernel=vname)
         for (op, tk), w in natives.items():
             check(op, mg.mgpu_matmul, w, f"tk={tk}", tk=tk)
         save()
@@ -216,14 +233,16 @@ def main(argv=None) -> int:
                                config=dataclasses.asdict(cfg), bytes=a0.nbytes + io_bytes)
                     timed(row, lambda x, a, cfg=cfg: sm.wgmma_sp_matmul(x, a, config=cfg), x,
                           sp_ws[op], f"wgmma_{vname}", refs[op])
-                for vname in pf_names if op == "nm" else ():
+                for vname in pf_names:
                     cfg = SP_PREFILL[vname]
                     a0 = sp_a[op]
+                    if not fits(cfg, a0):
+                        continue
                     row = dict(shape=name, k=k, n=n_out, t=t, op=op, variant=vname,
                                config=dataclasses.asdict(cfg), bytes=a0.nbytes + io_bytes)
                     timed(row, lambda x, a, cfg=cfg: spp.wgmma_sp_prefill_matmul(
                         x, a, config=cfg), x, sp_ws[op], vname, refs[op])
-                    if vname != pf_names[0]:
+                    if vname != pf_names[0] or op != "nm":
                         continue
                     t_pad = -(-t // cfg.block_t) * cfg.block_t
                     xp = jnp.pad(x, ((0, t_pad - t), (0, 0)))

@@ -328,7 +328,11 @@ def main() -> int:
                     topk_idx, topk_w, num_experts=e, block_t=block_t)
 
             plan = build(bt)
-            row = dict(model=model, tokens=t, block_t=bt, layers=n_layers)
+            # the sparse-tensor-core layers' own row tile (128 at prefill: the warp-specialized
+            # grouped kernel)
+            bt_sp = mgpu_moe.block_t(t, k, e)
+            plan_sp = plan if bt_sp == bt else build(bt_sp)
+            row = dict(model=model, tokens=t, block_t=bt, layers=n_layers, block_t_sp=bt_sp)
             outs = {}
             for v in args.variants:
                 if v == "rd" or v in HOPPER or v.endswith("_sp3"):
@@ -341,14 +345,15 @@ def main() -> int:
                     config = with_expand(config, args.expand)
                 if v not in weights:
                     continue
+                plan_v = plan_sp if v in ("nm24_sp", "samoyeds_sp") else plan
                 try:
                     run = make_loop(fns[v], config)
-                    row[v] = time_loop(run, x, plan, weights[v], target_s=args.target_s,
+                    row[v] = time_loop(run, x, plan_v, weights[v], target_s=args.target_s,
                                        repeats=args.repeats)
                     if config is not None:
                         row[v]["config"] = repr(config)
                     if t == args.check_tokens:
-                        outs[v] = jax.jit(fns[v])(x, plan, *weights[v][0])
+                        outs[v] = jax.jit(fns[v])(x, plan_v, *weights[v][0])
                 except Exception as exc:  # noqa: BLE001 - a failing variant must not stop the run
                     row[v] = dict(error=f"{type(exc).__name__}: {str(exc)[:400]}")
                     print(f"   {v} t={t} FAILED {row[v]['error']}", flush=True)

@@ -55,8 +55,7 @@ class _MosaicExperts(ExpertOp):
         return self.layout.accepts("experts")
 
     def block_t(self, num_tokens, top_k, num_experts):
-        from pallas_kernels.moe_tiles import default_block_t
-        return default_block_t(num_tokens, top_k, num_experts)
+        return mgpu_moe.block_t(num_tokens, top_k, num_experts, self.layout.cls)
 
     def compute(self, x, plan, w1, w3, w2):
         if backend_lib.interpret_mode():

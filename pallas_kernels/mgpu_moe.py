@@ -6,7 +6,9 @@ expert, so an expert with no tokens costs nothing but an early exit. For one tok
 share one launch (the two stacks side by side), then down: two launches. For more tokens gate, up
 and down are three: on an H100 (benchmarks/moe.md, "Gate and up in one launch") the joined launch
 made a layer 4-24% faster at 1 token and up to 11% slower (Samoyeds) at 16 tokens, with the same
-K split there; why is not profiled yet. The stacks are
+K split there; why is not profiled yet. At prefill (row tiles of ``PREFILL_BLOCK_T``, which
+``block_t`` picks from about that many rows per expert) sparse-tensor-core stacks go through
+the warp-specialized grouped kernel (``sparse_mma_prefill``, bf16 products). The stacks are
 ``WgmmaSparseA`` (sparse tensor cores: ``wgmma_sp_grouped_matmul``, bf16) or ``TransposedSparse``
 (expanded in registers, dense wgmma: ``mgpu_grouped_matmul``, bf16 or f16).
 
@@ -28,16 +30,30 @@ import jax.numpy as jnp
 from pallas_kernels.checks import expect_kind
 from pallas_kernels.mgpu_matmul import (MgpuMatmulConfig, mgpu_grouped_matmul,
                                         mgpu_grouped_matmul_reference)
+from pallas_kernels.moe_tiles import default_block_t
 from pallas_kernels.routing_plan import RoutingPlan
 from pallas_kernels.sparse_mma_layout import WgmmaSparseA
 from pallas_kernels.sparse_mma_matmul import (WgmmaSpConfig, wgmma_sp_grouped_matmul,
                                               wgmma_sp_grouped_matmul_reference)
+from pallas_kernels.sparse_mma_prefill import (wgmma_sp_prefill_grouped_matmul,
+                                               wgmma_sp_prefill_grouped_matmul_reference)
 from pallas_kernels.transposed_format import TransposedSparse
 
 HopperExperts = TransposedSparse | WgmmaSparseA
 # Each layout's grouped product: (the Mosaic GPU kernel, its jnp reference).
 _GROUPED = {TransposedSparse: (mgpu_grouped_matmul, mgpu_grouped_matmul_reference),
             WgmmaSparseA: (wgmma_sp_grouped_matmul, wgmma_sp_grouped_matmul_reference)}
+# Prefill row tiles of WgmmaSparseA stacks: the warp-specialized grouped kernel, its reference.
+_PREFILL = (wgmma_sp_prefill_grouped_matmul, wgmma_sp_prefill_grouped_matmul_reference)
+PREFILL_BLOCK_T = 128
+
+
+def block_t(num_tokens: int, top_k: int, num_experts: int, kind: type = WgmmaSparseA) -> int:
+    """The plan's row tile: ``PREFILL_BLOCK_T`` for ``WgmmaSparseA`` stacks when the experts
+    average at least that many rows (prefill), else ``moe_tiles.default_block_t``."""
+    if kind is WgmmaSparseA and num_tokens * top_k >= PREFILL_BLOCK_T * num_experts:
+        return PREFILL_BLOCK_T
+    return default_block_t(num_tokens, top_k, num_experts)
 
 
 def used_tiles(plan: RoutingPlan) -> int:
@@ -49,13 +65,14 @@ def used_tiles(plan: RoutingPlan) -> int:
 
 def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperExperts,
                  w2: HopperExperts, *, config: MgpuMatmulConfig | WgmmaSpConfig | None = None,
-                 matmul: Callable | None = None) -> jax.Array:
+                 matmul: Callable | None = None, emulate: bool = False) -> jax.Array:
     """Experts of one MoE layer (see the module docstring). Returns [t, d] in x.dtype.
 
     x: [t, d]; plan: ``RoutingPlan`` with ``block_t`` a multiple of 8 (<= 128); w1, w3:
     [e, d, f]; w2: [e, f, d]; all three ``WgmmaSparseA`` or all three ``TransposedSparse``, in
-    x's dtype. ``matmul``: the grouped product (default the layout's Mosaic GPU kernel; its
-    ``*_reference`` runs the same gather/combine anywhere).
+    x's dtype. ``matmul``: the grouped product of every launch (default the layout's Mosaic GPU
+    kernels, the prefill one for ``PREFILL_BLOCK_T`` tiles); ``emulate``: their jnp references
+    instead (the same gather/combine anywhere).
     """
     kind = type(w1)
     for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
@@ -65,8 +82,16 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
                              f"stacks, got {name} {type(w).__name__} with w1 {kind.__name__}")
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must equal x dtype {x.dtype}")
-    if matmul is None:
-        matmul = _GROUPED[kind][0]
+    prefill = matmul is None and kind is WgmmaSparseA and x.shape[0] > 1 and \
+        plan.block_t == PREFILL_BLOCK_T
+    if prefill:
+        fn = _PREFILL[1 if emulate else 0]
+
+        def matmul(a, tiles, live, w, *, block_t, config):  # bf16 products, f32 for SiLU
+            del config
+            return fn(a, tiles, live, w, block_t=block_t).astype(jnp.float32)
+    elif matmul is None:
+        matmul = _GROUPED[kind][1 if emulate else 0]
     t, d = x.shape
     k, bt = plan.top_k, plan.block_t
     n = used_tiles(plan)
@@ -80,7 +105,7 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     def grouped(a, w):
         return matmul(a, tiles, live, w, block_t=bt, config=config)
 
-    if t == 1:  # gate and up in one launch, [rows, 2f] f32 (the module docstring says why)
+    if t == 1 and not prefill:  # gate and up in one launch, [rows, 2f] f32 (module docstring)
         gate_up = grouped(xg, (w1, w3))
         gate, up = jnp.split(gate_up, 2, axis=1)
     else:
@@ -96,6 +121,5 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
 
 
 def moe_ffn_mgpu_emulated(x, plan, w1, w3, w2, *, config=None) -> jax.Array:
-    """``moe_ffn_mgpu`` with the grouped kernel replaced by its jnp reference (any host)."""
-    ref = _GROUPED[type(w1)][1] if type(w1) in _GROUPED else None
-    return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config, matmul=ref)
+    """``moe_ffn_mgpu`` with the grouped kernels replaced by their jnp references (any host)."""
+    return moe_ffn_mgpu(x, plan, w1, w3, w2, config=config, emulate=True)

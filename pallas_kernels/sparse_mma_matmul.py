@@ -55,6 +55,7 @@ from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_ma
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
 from pallas_kernels.sparse_mma_prefill import (SMEM_BYTES, SpPrefillConfig,
                                                wgmma_sp_prefill_matmul)
+from pallas_kernels.sparse_mma_prefill import default_config as prefill_default_config
 from pallas_kernels.sparse_mma_prefill import smem_bytes as prefill_smem_bytes
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -197,17 +198,22 @@ def wgmma_sp_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_tiles: jax
 def prefill_config(t: int, a: WgmmaSparseA, config: WgmmaSpConfig | None = None,
                    out_dtype: Any = jnp.bfloat16) -> SpPrefillConfig | None:
     """The warp-specialized kernel's tiling for ``t`` tokens, or None where
-    ``wgmma_sp_matmul`` does not use it (Samoyeds weights, fewer than ``prefill_from``
-    tokens, W^T rows not a multiple of 128).
+    ``wgmma_sp_matmul`` does not use it (fewer than ``prefill_from`` tokens, W^T rows not a
+    multiple of 128, Samoyeds weights with a 4-byte ``out_dtype``).
 
-    256-token tiles (K tiles of 64, 3 stages) when they give at least half the SMs a
+    2:4: 256-token tiles (K tiles of 64, 3 stages) when they give at least half the SMs a
     program, else 128-token tiles with K tiles of 128 (H100: Qwen3 w1 at 2048 tokens 1.49x
     XLA dense at 128 tokens, 0.90x at 256; Mixtral w2 at 1024 1.32x at 256, 1.17x at 128);
-    2 stages where a 4-byte output tile leaves no room for 3.
+    2 stages where a 4-byte output tile leaves no room for 3. Samoyeds: 128-token tiles (two
+    accumulators), ``sparse_mma_prefill.default_config``.
     """
     start = (config or WgmmaSpConfig()).prefill_from
-    if a.paired or start is None or t < start or a.rows % (2 * WGMMA_M):
+    if start is None or t < start or a.rows % (2 * WGMMA_M):
         return None
+    if a.paired:
+        if jnp.dtype(out_dtype).itemsize != 2:
+            return None
+        return prefill_default_config(a, 128, out_dtype)
     tiles256 = a.rows // (2 * WGMMA_M) * -(-t // 256)
     if tiles256 >= sm_count() // 2:
         cfg = SpPrefillConfig()

@@ -82,6 +82,26 @@ def test_one_expert_takes_every_token_others_empty(rng, kind):
     _check(x, _plan(idx, e), ws)
 
 
+@pytest.mark.parametrize("kind", ["nm_sp", "samoyeds_sp"])
+@pytest.mark.parametrize("t,k,e", [(300, 2, 4), (129, 1, 1)])
+def test_prefill_tiles_match_reference(rng, kind, t, k, e):
+    """At about 128 rows per expert the op's plan takes 128-row tiles, and the layer runs the
+    warp-specialized grouped kernel (its reference on CPU), with an expert left empty."""
+    ws = _layer(rng, e, kind)
+    bt = _op(ws).block_t(t, k, e)
+    assert bt == mgpu_moe.PREFILL_BLOCK_T
+    x = jnp.asarray(rng.standard_normal((t, D)), jnp.bfloat16)
+    idx = np.stack([rng.choice(max(e - 1, 1), k, replace=False) for _ in range(t)])
+    _check(x, _plan(idx, e, bt), ws)
+
+
+def test_prefill_block_t_rule():
+    assert mgpu_moe.block_t(2048, 8, 128) == 128        # Qwen3-30B-A3B prefill: 128 rows each
+    assert mgpu_moe.block_t(2047, 8, 128) == 64         # fewer: the decode tiles
+    assert mgpu_moe.block_t(1, 2, 8) == 16
+    assert mgpu_moe.block_t(4096, 2, 8, TransposedSparse) == 64   # expand layout: never
+
+
 def test_used_tiles_bound_covers_the_plan(rng):
     for t, k, e, bt in [(1, 8, 128, 8), (64, 2, 8, 16), (5, 6, 64, 8)]:
         idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])

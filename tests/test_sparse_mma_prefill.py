@@ -4,6 +4,7 @@ dispatch to it and, on a GPU, the kernel against the reference."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ def _weights(rng, k, n, op="nm"):
     if op == "nm":
         dense = np.asarray(prune_weights.prune_nm(w))
         return dense, to_wgmma_sp(NMSparse.from_dense(dense))
-    dense = np.asarray(prune_weights.prune_samoyeds(w))
-    return dense, to_wgmma_sp(SamoyedsSparse.from_dense(dense))
+    v = int(op[8:] or 128)  # "samoyeds<v>"
+    dense = np.asarray(prune_weights.prune_samoyeds(w, v=v))
+    return dense, to_wgmma_sp(SamoyedsSparse.from_dense(dense, v=v))
 
 
 def _x(rng, t, k):
@@ -66,9 +68,65 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match=r"W\^T rows \(192\) must be a multiple of 128"):
         run(x, narrow)
     _, sam = _weights(rng, 256, 256, "samoyeds")
-    with pytest.raises(ValueError, match="takes 2:4 weights"):
-        run(x, sam)
+    with pytest.raises(ValueError, match="Samoyeds weights need a 2-byte out_dtype"):
+        run(x, sam, config=P(block_t=128, block_k=128), out_dtype=jnp.float32)
+    _, sam96 = _weights(rng, 192, 256, "samoyeds96")
+    with pytest.raises(ValueError, match="must divide or be a multiple of the Samoyeds slab v=96"):
+        run(x[:, :192], sam96, config=P(block_t=128, block_k=64))
     assert run(jnp.zeros((0, 256), jnp.bfloat16), a).shape == (0, 256)
+
+
+@pytest.mark.parametrize("v,block_k", [(128, 128), (128, 64), (128, 32), (64, 128), (32, 256)])
+def test_flips_leave_each_column_its_slabs(rng, v, block_k):
+    """The kernel's Samoyeds accumulation, replayed in numpy: per chunk of min(block_k, v) K
+    rows add the chunk's partial product into the first accumulator, then swap the two where
+    ``flips`` is set. The first must end as column 2r (the slabs with sel 0), the second as
+    2r + 1."""
+    slabs, rows = 5, 16
+    sel = jnp.asarray(rng.integers(0, 2, (slabs, rows)), jnp.int16)
+    f = np.asarray(sp.flips(sel, v, block_k))
+    chunk = min(block_k, v)
+    assert f.shape == (slabs * v // chunk, rows) and f.dtype == np.int16
+    part = rng.standard_normal((f.shape[0], rows))   # each chunk's partial product
+    acc, other = np.zeros(rows), np.zeros(rows)
+    for c in range(f.shape[0]):
+        acc = acc + part[c]
+        acc, other = np.where(f[c] != 0, other, acc), np.where(f[c] != 0, acc, other)
+    per_slab = part.reshape(slabs, v // chunk, rows).sum(axis=1)
+    s = np.asarray(sel)
+    np.testing.assert_allclose(acc, np.where(s == 0, per_slab, 0).sum(axis=0), atol=1e-12)
+    np.testing.assert_allclose(other, np.where(s == 1, per_slab, 0).sum(axis=0), atol=1e-12)
+
+
+def test_column_pairs_unpack_to_adjacent_columns(rng):
+    """What the kernel stores for Samoyeds (column 2r in the low 16 bits of a uint32, 2r + 1 in
+    the high, the same jnp ops) unpacks to y [t, 2R]."""
+    lo, hi = (jnp.asarray(rng.standard_normal((3, 4)), jnp.float32) for _ in range(2))
+    bits = [jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+            for a in (lo, hi)]
+    y = sp._unpack(bits[0] | (bits[1] << jnp.uint32(16)), True, jnp.bfloat16)
+    assert y.shape == (3, 8) and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y[:, 0::2]), np.asarray(lo.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(y[:, 1::2]), np.asarray(hi.astype(jnp.bfloat16)))
+
+
+def test_grouped_reference_is_each_tiles_expert(rng):
+    e, k, n, bt = 3, 256, 128, 16
+    stack = [_weights(rng, k, n, "samoyeds") for _ in range(e)]
+    a = jax.tree.map(lambda *v: jnp.stack(v), *[w for _, w in stack])
+    x = _x(rng, 4 * bt, k)
+    te = jnp.asarray([2, 0, 2, 1], jnp.int32)
+    y = sp.wgmma_sp_prefill_grouped_matmul_reference(x, te, jnp.int32(3), a,
+                                                     block_t=bt, out_dtype=jnp.float32)
+    for i in range(3):
+        want = np.asarray(x[i * bt:(i + 1) * bt], np.float32) @ stack[int(te[i])][0]
+        np.testing.assert_allclose(np.asarray(y[i * bt:(i + 1) * bt]), want, rtol=1e-5,
+                                   atol=1e-3)
+    assert not np.any(np.asarray(y[3 * bt:]))
+    with pytest.raises(ValueError, match=r"tile_expert must be \[4\]"):
+        sp.wgmma_sp_prefill_grouped_matmul(x, te[:3], jnp.int32(3), a, block_t=bt)
+    with pytest.raises(ValueError, match="expert stack"):
+        sp.wgmma_sp_prefill_grouped_matmul(x, te, jnp.int32(3), stack[0][1], block_t=bt)
 
 
 def test_smem_of_the_default_tilings_fits():
@@ -98,6 +156,22 @@ def test_lowers_for_cuda(rng, config):
     assert "wgmma.mma_async.sp.sync.aligned" in text
 
 
+@pytest.mark.parametrize("op,config", [("samoyeds", P(block_t=128, block_k=128)),
+                                       ("samoyeds", P(block_t=128, block_k=64, consumers=1)),
+                                       ("samoyeds64", P(block_t=64, block_k=128)),
+                                       ("nm", P(block_t=128, block_k=128))])
+def test_grouped_and_samoyeds_lower_for_cuda(rng, op, config):
+    """Samoyeds' two accumulators and flips, the packed column-pair store and the grouped
+    form (expert per token tile, dead tiles storing zeros) lower for CUDA here."""
+    _, a = _weights(rng, 512, 256, op)
+    text = sp.lowers_for_cuda(jnp.zeros((300, 512), jnp.bfloat16), a, config)
+    assert "wgmma.mma_async.sp.sync.aligned" in text
+    stack = jax.tree.map(lambda *v: jnp.stack(v), a, a)
+    text = sp.lowers_for_cuda(jnp.zeros((3 * config.block_t, 512), jnp.bfloat16), stack, config,
+                              tile_expert=jnp.zeros((3,), jnp.int32))
+    assert "wgmma.mma_async.sp.sync.aligned" in text
+
+
 def test_prefill_config_rule(rng):
     _, a = _weights(rng, 512, 256)   # 2 row tiles of 128
     assert sm.prefill_config(511, a) is None
@@ -109,8 +183,6 @@ def test_prefill_config_rule(rng):
     assert sm.prefill_config(256 * need, a) == P()
     wide = sm.prefill_config(256 * need, a, out_dtype=jnp.float32)   # f32 tile: 2 stages
     assert wide == P(stages=2) and sp.smem_bytes(wide, 4) <= sp.SMEM_BYTES < sp.smem_bytes(P(), 4)
-    _, sam = _weights(rng, 512, 256, "samoyeds")
-    assert sm.prefill_config(4096, sam) is None
     _, narrow = _weights(rng, 512, 192)
     assert sm.prefill_config(4096, narrow) is None
 
@@ -152,3 +224,42 @@ def test_kernel_matches_reference_on_gpu(rng, t, config, out_dtype):
     y = np.asarray(y, np.float32)
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,config,v", [
+    (1, P(block_t=128, block_k=128), 128), (33, P(block_t=128, block_k=64, consumers=1), 128),
+    (300, P(block_t=64, block_k=128, stages=2), 64), (600, P(block_t=128, block_k=128, group_m=2), 128),
+    (257, P(block_t=128, block_k=32, stages=4), 128),
+])
+def test_samoyeds_kernel_matches_reference_on_gpu(rng, t, config, v):
+    _, a = _weights(rng, 512, 1280, f"samoyeds{v}")   # 5 row tiles of 128 A rows
+    x = _x(rng, t, 512)
+    y = sp.wgmma_sp_prefill_matmul(x, a, config=config)
+    assert y.dtype == jnp.bfloat16 and y.shape == (t, 1280)
+    ref = np.asarray(sp.wgmma_sp_prefill_matmul_reference(x, a, out_dtype=jnp.float32))
+    y = np.asarray(y, np.float32)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,tile_expert,live", [
+    ("samoyeds", [3, 0, 0, 2, 1, 3], 5),    # expert 3 in two places, a dead tile last
+    ("samoyeds", [1, 1, 1, 1], 4),          # all tiles on one expert, others empty
+    ("nm", [2, 0, 1, 0, 0], 3),
+    ("samoyeds", [0, 0], 0),                # nothing live: zeros
+])
+def test_grouped_kernel_matches_reference_on_gpu(rng, op, tile_expert, live):
+    bt = 128
+    stack = [_weights(rng, 256, 256, op)[1] for _ in range(4)]
+    a = jax.tree.map(lambda *v: jnp.stack(v), *stack)
+    te = jnp.asarray(tile_expert, jnp.int32)
+    x = _x(rng, len(tile_expert) * bt, 256)
+    cfg = P(block_k=128)
+    y = sp.wgmma_sp_prefill_grouped_matmul(x, te, jnp.int32(live), a, block_t=bt, config=cfg)
+    ref = np.asarray(sp.wgmma_sp_prefill_grouped_matmul_reference(
+        x, te, jnp.int32(live), a, block_t=bt, out_dtype=jnp.float32))
+    y = np.asarray(y, np.float32)
+    assert np.all(np.isfinite(y)) and not np.any(y[live * bt:])
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * max(np.abs(ref).max(), 1))
