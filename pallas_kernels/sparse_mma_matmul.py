@@ -4,9 +4,9 @@ Load-as-Sparse, Compute-as-Sparse: the compressed 2:4 weights go from HBM to sha
 TMA and straight into the sparse tensor core, with no expansion in registers. Used for decode
 (few tokens: memory bound, so the win is the bytes); from ``prefill_from`` tokens (many
 tokens: compute bound, where the sparse instruction does half the MMA work of the dense one)
-``wgmma_sp_matmul`` hands 2:4 weights to the warp-specialized kernel of
-``pallas_kernels.sparse_mma_prefill`` (``prefill_config``), and Samoyeds weights go dense from
-``dense_from`` tokens.
+``wgmma_sp_matmul`` hands 2:4 and Samoyeds weights to the warp-specialized kernel of
+``pallas_kernels.sparse_mma_prefill`` (``prefill_config``); weights that kernel does not take
+go dense from ``dense_from`` tokens.
 
 * ``y^T [N, t] = W^T [N, K] @ x^T [K, t]``; W as a ``WgmmaSparseA`` (A = W^T compressed
   [R, K/2] + per-thread metadata registers [R/64, K/32, 64]; converted once at load, see
@@ -77,13 +77,13 @@ class WgmmaSpConfig:
       token 4 per SM won by 2-3%).
     inflight: wgmma groups left running when a K tile ends (0 or 1; 1 releases a ring slot one
       tile late, so the tensor cores never drain between tiles; 2:4 only, needs stages >= 2).
-    prefill_from: token count from which ``wgmma_sp_matmul`` sends 2:4 weights to the
+    prefill_from: token count from which ``wgmma_sp_matmul`` sends weights to the
       warp-specialized kernel (``sparse_mma_prefill``, tiling from ``prefill_config``; the
-      fields above then do not apply). None: never. H100: 1.14-1.90x XLA dense from 512
-      tokens on the Mixtral and Qwen3 shapes (benchmarks/mgpu_matmul.md, "Prefill on the
-      sparse tensor cores").
+      fields above then do not apply). None: never. H100: 2:4 1.14-1.90x XLA dense from 512
+      tokens on the Mixtral and Qwen3 shapes; Samoyeds 1.12-1.53x at 2048-4096 tokens
+      (benchmarks/mgpu_matmul.md).
     dense_from: token count from which ``wgmma_sp_matmul`` computes densely instead, for the
-      weights the prefill kernel does not take (Samoyeds, or ``prefill_from=None``): W^T
+      weights the prefill kernel does not take (``prefill_config`` None): W^T
       expanded by one XLA fusion (``WgmmaSparseA.to_dense_t``), then XLA's GEMM. None: never.
       H100, five expert shapes: from 2048 tokens the one-warpgroup kernel is 0.40-0.79x XLA
       dense, the expanded weight 0.84-1.05x (benchmarks/mgpu_matmul.md, "Prefill on the

@@ -187,25 +187,45 @@ def test_prefill_config_rule(rng):
     assert sm.prefill_config(4096, narrow) is None
 
 
-def test_wgmma_sp_matmul_dispatches_2_4_prefill(rng, monkeypatch):
-    """From ``prefill_from`` tokens 2:4 weights go to the warp-specialized kernel with
-    ``prefill_config``'s tiling; fewer tokens and Samoyeds weights do not."""
+def test_wgmma_sp_matmul_dispatches_prefill(rng, monkeypatch):
+    """From ``prefill_from`` tokens 2:4 and Samoyeds weights go to the warp-specialized kernel
+    with ``prefill_config``'s tiling (Samoyeds: 128-token tiles); fewer tokens, Samoyeds with a
+    4-byte output and W^T rows not a multiple of 128 do not."""
     calls = []
 
     def spy(x, a, *, config, out_dtype):
-        calls.append((x.shape[0], config))
+        calls.append((x.shape[0], a.paired, config))
         return jnp.zeros((x.shape[0], a.shape[-1]), out_dtype or x.dtype)
 
     monkeypatch.setattr(sm, "wgmma_sp_prefill_matmul", spy)
     _, a = _weights(rng, 256, 128)
-    _, sam = _weights(rng, 256, 128, "samoyeds")
+    _, sam = _weights(rng, 256, 256, "samoyeds")        # 128 rows of A
+    _, sam64 = _weights(rng, 256, 128, "samoyeds")      # 64 rows of A
     off_gpu = sm.WgmmaSpConfig(dense_from=16)   # the non-prefill paths compute densely here
     sm.wgmma_sp_matmul(_x(rng, 600, 256), a, config=off_gpu)
-    assert [c[0] for c in calls] == [600] and calls[0][1] == sm.prefill_config(600, a)
-    for x, w in ((_x(rng, 100, 256), a), (_x(rng, 600, 256), sam)):
-        y = sm.wgmma_sp_matmul(x, w, config=off_gpu)
-        assert y.shape == (x.shape[0], 128)
-    assert len(calls) == 1
+    sm.wgmma_sp_matmul(_x(rng, 600, 256), sam, config=off_gpu)
+    assert [c[:2] for c in calls] == [(600, False), (600, True)]
+    assert calls[0][2] == sm.prefill_config(600, a)
+    assert calls[1][2] == sp.default_config(sam, 128) == P(block_t=128, block_k=128)
+    for x, w, dt in ((_x(rng, 100, 256), a, None), (_x(rng, 600, 256), sam64, None),
+                     (_x(rng, 600, 256), sam, jnp.float32)):
+        y = sm.wgmma_sp_matmul(x, w, config=off_gpu, out_dtype=dt)
+        assert y.shape == (x.shape[0], w.shape[-1])
+    assert len(calls) == 2
+
+
+def test_default_config_fits_the_weights(rng):
+    """One consumer where the W^T rows are not a multiple of 128; K tiles that divide K and fit
+    Samoyeds' slab; every default fits shared memory."""
+    for k, n, op, want in [(512, 256, "nm", P(block_t=128, block_k=128)),
+                           (512, 256, "samoyeds", P(block_t=128, block_k=128)),
+                           (512, 128, "samoyeds", P(block_t=128, block_k=128, consumers=1)),
+                           (192, 256, "samoyeds96", P(block_t=128, block_k=32)),
+                           (384, 256, "samoyeds", P(block_t=128, block_k=128))]:
+        _, a = _weights(rng, k, n, op)
+        cfg = sp.default_config(a, 128)
+        assert cfg == want, (k, n, op)
+        sp.check_config(cfg, a, jnp.bfloat16)
 
 
 @pytest.mark.gpu
