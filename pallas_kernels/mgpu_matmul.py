@@ -41,6 +41,7 @@ from jax import lax
 
 from pallas_kernels.checks import expect_kind, expect_stacks
 from pallas_kernels.routing_plan import grouped_tiles_product
+from pallas_kernels.sparse_mma_prefill import SMEM_BYTES
 from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
 
 BLOCK_M = 64  # W^T rows per warpgroup: the wgmma M
@@ -220,7 +221,21 @@ def resolve_config(config: MgpuMatmulConfig | None, *, t: int, w: TransposedSpar
         raise ValueError(f"splits must divide K // tk = {kt}, got {splits}")
     if cfg.stages < 1:
         raise ValueError(f"stages must be >= 1, got {cfg.stages}")
+    need = smem_bytes(block_t, w, cfg.stages)
+    if need > SMEM_BYTES:
+        raise ValueError(f"block_t={block_t}, tk={w.tk}, stages={cfg.stages} need {need} bytes "
+                         f"of shared memory, more than the {SMEM_BYTES} a Hopper SM has: lower "
+                         "stages or block_t, or convert with a smaller tk")
     return dataclasses.replace(cfg, block_t=block_t, splits=splits)
+
+
+def smem_bytes(block_t: int, w: TransposedSparse, stages: int) -> int:
+    """Shared memory of one program, barriers aside: the ring (x tile [4, block_t, tk/4],
+    values [64, 8C], meta [64, C] int16) times ``stages`` and the f32 output tile(s)."""
+    size = jnp.dtype(w.dtype).itemsize
+    c = w.tk // 16
+    ring = block_t * w.tk * size + BLOCK_M * 8 * c * size + BLOCK_M * c * 2
+    return stages * ring + (2 if w.paired else 1) * BLOCK_M * block_t * 4
 
 
 def when_all(fn: Callable[[], Any], *conditions: Any) -> None:

@@ -49,11 +49,11 @@ from jax import lax
 from pallas_kernels.checks import expect_stacks
 from pallas_kernels.mgpu_matmul import fewest_splits, sm_count, split_sum, when_all
 from pallas_kernels.routing_plan import grouped_tiles_product
-from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
-                                      issue_wgmma_sp, meta_slot_index, smem_transforms,
-                                      swizzle_for, tile_descriptors)
+from pallas_kernels.sparse_mma import (accumulator_value, check_matrix, issue_wgmma_sp,
+                                      meta_slot_index, smem_transforms, swizzle_for,
+                                      tile_descriptors)
 from pallas_kernels.sparse_mma_layout import WGMMA_K, WGMMA_M, WgmmaSparseA
-from pallas_kernels.sparse_mma_prefill import (SMEM_BYTES, SpPrefillConfig,
+from pallas_kernels.sparse_mma_prefill import (SMEM_BYTES, SpPrefillConfig, check_grouped,
                                                wgmma_sp_prefill_matmul)
 from pallas_kernels.sparse_mma_prefill import default_config as prefill_default_config
 from pallas_kernels.sparse_mma_prefill import smem_bytes as prefill_smem_bytes
@@ -298,18 +298,7 @@ def _static(cfg: WgmmaSpConfig) -> dict:
 def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: Any, block_t: int) -> tuple:
     """The stacks of ``a`` (one, or a sequence of alike ones) once x and the tiles fit them."""
     stacks = expect_stacks("a", a, WgmmaSparseA, "a WgmmaSparseA expert stack [e, K, N]")
-    a = stacks[0]
-    if a.values.ndim != 3:
-        raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got dense shape "
-                         f"{a.shape}")
-    if block_t % 8 or not 8 <= block_t <= 256:
-        raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
-    if x.ndim != 2 or x.shape[1] != a.k or x.shape[0] % block_t:
-        raise ValueError(f"x must be [n*{block_t}, K={a.k}], got {x.shape}")
-    n = x.shape[0] // block_t
-    if tile_expert.shape != (n,):
-        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
-    check_common(x, a)
+    check_grouped(x, tile_expert, stacks[0], block_t)
     return stacks
 
 

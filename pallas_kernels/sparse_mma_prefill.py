@@ -187,7 +187,7 @@ def wgmma_sp_prefill_grouped_matmul_reference(x: jax.Array, tile_expert: jax.Arr
     """Per token tile i: ``x[tile i] @ W[tile_expert[i]]``, zeros for tiles >= num_tiles (jnp,
     f32 accumulation). x: [n*block_t, K]; a: stack [e, K, N]. Returns [n*block_t, N]."""
     del config
-    _check_grouped(x, tile_expert, a, block_t)
+    check_grouped(x, tile_expert, a, block_t)
     y = grouped_tiles_product(x, tile_expert, num_tiles, a.to_dense(), block_t)
     return y.astype(out_dtype or x.dtype)
 
@@ -211,7 +211,7 @@ def wgmma_sp_prefill_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_ti
     Returns:
       [n*block_t, N] in ``out_dtype``.
     """
-    _check_grouped(x, tile_expert, a, block_t)
+    check_grouped(x, tile_expert, a, block_t)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     one = jax.tree.map(lambda v: v[0], a)
     cfg = dataclasses.replace(config or default_config(one, block_t, out_dtype), block_t=block_t)
@@ -225,7 +225,9 @@ def wgmma_sp_prefill_grouped_matmul(x: jax.Array, tile_expert: jax.Array, num_ti
     return _unpack(y, a.paired, out_dtype)
 
 
-def _check_grouped(x: jax.Array, tile_expert: jax.Array, a: Any, block_t: int) -> None:
+def check_grouped(x: jax.Array, tile_expert: jax.Array, a: Any, block_t: int) -> None:
+    """ValueError (expected vs given) unless ``a`` is a ``WgmmaSparseA`` expert stack and x
+    [n*block_t, K] and ``tile_expert`` [n] fit it."""
     expect_kind("a", a, WgmmaSparseA, "a WgmmaSparseA expert stack [e, K, N]")
     if a.values.ndim != 3:
         raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got dense shape "

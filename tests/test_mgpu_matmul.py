@@ -52,6 +52,15 @@ def test_config_resolution():
         mg.resolve_config(mg.MgpuMatmulConfig(splits=3), t=1, w=w)
     with pytest.raises(ValueError, match="stages must be >= 1"):
         mg.resolve_config(mg.MgpuMatmulConfig(stages=0), t=1, w=w)
+    wide = jax.eval_shape(lambda: TransposedSparse(
+        values=jnp.zeros((8, 14336, 256), jnp.bfloat16), meta=jnp.zeros((8, 14336, 32), jnp.int16),
+        k=4096, n_out=14336, tk=512, paired=False))
+    # 3 x 77824-byte ring + a 10240-byte tile: the 243712 (+24 of barriers) Mosaic GPU refused
+    assert mg.smem_bytes(40, wide, 3) == 243712
+    with pytest.raises(ValueError, match="need 243712 bytes of shared memory, more than the "
+                                         "232448"):
+        mg.resolve_config(None, t=33, w=wide)
+    assert mg.resolve_config(mg.MgpuMatmulConfig(stages=2), t=33, w=wide).stages == 2
 
 
 def test_bad_input(rng):

@@ -229,34 +229,24 @@ def test_default_config_fits_the_weights(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,config,out_dtype", [
-    (1, P(), jnp.bfloat16), (33, P(consumers=1), jnp.float32),
-    (300, P(block_t=128, block_k=128), jnp.float32), (600, P(group_m=2), jnp.bfloat16),
-    (513, P(block_t=192, stages=4), jnp.bfloat16), (256, P(block_k=32, stages=6), jnp.bfloat16),
-    (600, P(stages=2), jnp.float32),
+@pytest.mark.parametrize("op,t,config,out_dtype", [
+    ("nm", 1, P(), jnp.bfloat16), ("nm", 33, P(consumers=1), jnp.float32),
+    ("nm", 300, P(block_t=128, block_k=128), jnp.float32),
+    ("nm", 600, P(group_m=2), jnp.bfloat16),
+    ("nm", 513, P(block_t=192, stages=4), jnp.bfloat16),
+    ("nm", 256, P(block_k=32, stages=6), jnp.bfloat16), ("nm", 600, P(stages=2), jnp.float32),
+    ("samoyeds", 1, P(block_t=128, block_k=128), jnp.bfloat16),
+    ("samoyeds", 33, P(block_t=128, block_k=64, consumers=1), jnp.bfloat16),
+    ("samoyeds64", 300, P(block_t=64, block_k=128, stages=2), jnp.bfloat16),
+    ("samoyeds", 600, P(block_t=128, block_k=128, group_m=2), jnp.bfloat16),
+    ("samoyeds", 257, P(block_t=128, block_k=32, stages=4), jnp.bfloat16),
 ])
-def test_kernel_matches_reference_on_gpu(rng, t, config, out_dtype):
-    _, a = _weights(rng, 512, 640)   # 5 row tiles of 128: group_m=2 leaves a narrow group
+def test_kernel_matches_reference_on_gpu(rng, op, t, config, out_dtype):
+    # 5 row tiles of 128 W^T rows (of A rows for Samoyeds): group_m=2 leaves a narrow group
+    _, a = _weights(rng, 512, 1280 if op.startswith("samoyeds") else 640, op)
     x = _x(rng, t, 512)
     y = sp.wgmma_sp_prefill_matmul(x, a, config=config, out_dtype=out_dtype)
-    assert y.dtype == out_dtype
-    ref = np.asarray(sp.wgmma_sp_prefill_matmul_reference(x, a, out_dtype=jnp.float32))
-    y = np.asarray(y, np.float32)
-    assert np.all(np.isfinite(y))
-    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("t,config,v", [
-    (1, P(block_t=128, block_k=128), 128), (33, P(block_t=128, block_k=64, consumers=1), 128),
-    (300, P(block_t=64, block_k=128, stages=2), 64), (600, P(block_t=128, block_k=128, group_m=2), 128),
-    (257, P(block_t=128, block_k=32, stages=4), 128),
-])
-def test_samoyeds_kernel_matches_reference_on_gpu(rng, t, config, v):
-    _, a = _weights(rng, 512, 1280, f"samoyeds{v}")   # 5 row tiles of 128 A rows
-    x = _x(rng, t, 512)
-    y = sp.wgmma_sp_prefill_matmul(x, a, config=config)
-    assert y.dtype == jnp.bfloat16 and y.shape == (t, 1280)
+    assert y.dtype == out_dtype and y.shape == (t, a.shape[-1])
     ref = np.asarray(sp.wgmma_sp_prefill_matmul_reference(x, a, out_dtype=jnp.float32))
     y = np.asarray(y, np.float32)
     assert np.all(np.isfinite(y))
