@@ -19,7 +19,9 @@ them; sparse experts drawn directly in their format) and measures with
   run (a jitted ``x + 1`` over 1 GiB), against the measured step time;
 * with ``--long-context``: batch-1 decode with a KV cache of that many slots allocated and
   filled (the memory a long context needs, and the step time of attending over it);
-* with ``--trace``: batch-1 generations of ``--new-tokens`` and of 2 tokens under
+* with ``--trace``: one more prefill under ``jax.profiler``, its kernel time summed by the
+  source line of the HLO instructions (where the prefill's time goes); and batch-1
+  generations of ``--new-tokens`` and of 2 tokens under
   ``jax.profiler``, their difference per decode step (``trace_summary``; the prefill cancels):
   time some kernel runs (against the measured step: the rest is launch gaps), kernel launches,
   and the kernels by total time, each with the source line of the HLO instruction it runs
@@ -39,6 +41,7 @@ Decode is weight-bandwidth bound at small batch: expert bytes per token fall to 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import statistics
@@ -186,6 +189,32 @@ def _trace(gen: Generator, prompts, new_tokens: int) -> dict:
     return out
 
 
+def _trace_prefill(gen: Generator, prompts) -> dict:
+    """One prefill (a 1-token generation of ``prompts``, compiled and run before) under
+    ``jax.profiler``: its span, the time some kernel runs, the launches, the kernels by total
+    time with their source lines, and kernel time summed by source line (which part of the
+    model the prefill's time goes to)."""
+    gen.generate(prompts, max_new_tokens=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            gen.generate(prompts, max_new_tokens=1)
+        s = trace_summary.summarize(tmp, top=None)
+    where = trace_summary.sources([exe.as_text() for exe in gen.executables()])
+    by_source: dict[str, float] = collections.defaultdict(float)
+    for name, _, dur in s["top"]:
+        by_source[where.get(name, "") or name] += dur
+    out = dict(span_us=s["span_us"], kernel_busy_us=s["kernel_busy_us"],
+               kernel_launches=s["kernel_launches"],
+               top=[[name, count, dur, where.get(name, "")] for name, count, dur in s["top"][:20]],
+               by_source=sorted(([src, dur] for src, dur in by_source.items()),
+                                key=lambda r: -r[1])[:20])
+    print(f"  prefill trace: {out['span_us']:.0f} us span, {out['kernel_busy_us']:.0f} us some "
+          f"kernel running, {out['kernel_launches']} kernel launches", flush=True)
+    for src, dur in out["by_source"]:
+        print(f"    {dur:9.1f} us  {src[:140]}", flush=True)
+    return out
+
+
 def long_context_decode(gen: Generator, slots: int, steps: int, repeats: int
                         ) -> tuple[list[float], float]:
     """Batch-1 decode with a KV cache of ``slots`` slots allocated, all but the last ``steps``
@@ -315,8 +344,9 @@ def main() -> None:
                    help="comma-separated KV cache sizes: batch-1 decode with that many slots "
                         "allocated and filled (e.g. 32768,131072), after the other runs")
     p.add_argument("--trace", action="store_true",
-                   help="profile one more batch-1 generation of each variant: kernel-busy time "
-                        "and launch gaps per decode step, the top kernels")
+                   help="profile one more prefill and batch-1 generation of each variant: "
+                        "kernel time by source line of the prefill; kernel-busy time and launch "
+                        "gaps per decode step, the top kernels")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU smoke test)")
     args = p.parse_args()
     if args.tiny:
@@ -379,6 +409,8 @@ def main() -> None:
                                 batch=args.prefill_batch, prompt_len=args.prefill_len,
                                 prefill_tok_s=statistics.median(rates), prefill_tok_s_runs=rates,
                                 compile_s=runs[0].compile_seconds))
+            if args.trace:
+                results[-1]["trace"] = _trace_prefill(gen, prompts)
             write_json(args.out, report)
             print(f"{fmt:9s} {impl:6s} prefill {args.prefill_batch}x{args.prefill_len}: "
                   f"{statistics.median(rates):10.1f} tok/s", flush=True)
