@@ -87,9 +87,9 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
     if prefill:
         fn = _PREFILL[1 if emulate else 0]
 
-        def matmul(a, tiles, live, w, *, block_t, config):  # bf16 products, f32 for SiLU
+        def matmul(a, tiles, live, w, *, block_t, config):  # bf16 products
             del config
-            return fn(a, tiles, live, w, block_t=block_t).astype(jnp.float32)
+            return fn(a, tiles, live, w, block_t=block_t)
     elif matmul is None:
         matmul = _GROUPED[kind][1 if emulate else 0]
     t, d = x.shape
@@ -110,13 +110,13 @@ def moe_ffn_mgpu(x: jax.Array, plan: RoutingPlan, w1: HopperExperts, w3: HopperE
         gate, up = jnp.split(gate_up, 2, axis=1)
     else:
         gate, up = grouped(xg, w1), grouped(xg, w3)
-    h = jax.nn.silu(gate) * up  # [rows, f] f32
-    out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32
-    # row of each assignment (rows for the ones no tile holds: a zero row, weight 0)
-    pos = jnp.minimum(plan.rows, rows)
-    out = jnp.concatenate([out, jnp.zeros((1, out.shape[1]), out.dtype)])
-    wts = jnp.concatenate([plan.weights[:rows], jnp.zeros((1,), jnp.float32)])
-    y = (out[pos] * wts[pos][:, None]).reshape(t, k, -1).sum(axis=1)
+    h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)  # [rows, f] f32
+    out = grouped(h.astype(x.dtype), w2)  # [rows, d] f32 (bf16 at prefill)
+    # row of each assignment; the ones no used tile holds add nothing (no padded copy of out)
+    held = plan.rows < rows
+    pos = jnp.minimum(plan.rows, rows - 1)
+    part = out[pos].astype(jnp.float32) * plan.weights[pos][:, None]
+    y = jnp.where(held[:, None], part, 0.0).reshape(t, k, -1).sum(axis=1)
     return y.astype(x.dtype)
 
 
