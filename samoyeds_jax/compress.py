@@ -273,14 +273,17 @@ class WindowWalk:
                  batch_size: int):
         self.num_experts, self.batch_size = config.moe.num_experts, batch_size
         self.xs, self.pos_masks = [], []
+        shared: dict[tuple[int, int], tuple[jax.Array, jax.Array]] = {}  # one per batch shape
         for start in range(0, len(windows), batch_size):
             tokens = jnp.asarray(windows[start:start + batch_size])
             b, t = tokens.shape  # full windows from an empty cache: positions 0..t-1, causal
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            attn_mask = attention_mask(jnp.ones((b, t), bool), jnp.zeros((), jnp.int32), t,
-                                       sliding_window=config.attention.sliding_window)
+            if (b, t) not in shared:
+                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+                shared[b, t] = (positions, attention_mask(
+                    jnp.ones((b, t), bool), jnp.zeros((), jnp.int32), t,
+                    sliding_window=config.attention.sliding_window))
             self.xs.append(embed_tokens(tokens))
-            self.pos_masks.append((positions, attn_mask))
+            self.pos_masks.append(shared[b, t])
         self.expert_tokens: list[tuple[int, ...]] = []
 
     def prune_block(self, block: DecoderBlock, view: Callable[[], DecoderBlock], i: int,

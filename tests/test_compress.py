@@ -19,6 +19,17 @@ def _windows(n=6, t=17, seed=None):
     return np.random.default_rng(seed).integers(0, 512, (n, t)).astype(np.int32)
 
 
+def test_window_walk_keeps_one_mask_per_batch_shape():
+    """The positions and causal mask of equal-shaped batches are one array (a [b, t, t] mask
+    per batch would grow with the windows), the last, partial batch gets its own."""
+    model = MoETransformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    walk = compress.WindowWalk(model.embed_tokens, model.config, _windows(n=7), batch_size=2)
+    masks = [m for _, m in walk.pos_masks]
+    assert len(masks) == 4 and masks[0] is masks[1] is masks[2] and masks[3] is not masks[0]
+    assert masks[0].shape == (2, 17, 17) and masks[3].shape == (1, 17, 17)
+    np.testing.assert_array_equal(np.asarray(masks[3][0]), np.tril(np.ones((17, 17), bool)))
+
+
 def test_routed_inputs_are_exactly_each_experts_tokens():
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     idx = np.array([[0, 1], [1, 2], [0, 2], [1, 0], [2, 1], [1, 2]])
