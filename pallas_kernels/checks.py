@@ -240,6 +240,20 @@ def expect_multiple(owner: str, name: str, value: Any, step: int) -> int:
     return int(value)
 
 
+def expect_token_tiles(x: Any, tile_expert: Any, k: int, block_t: int, max_block_t: int
+                       ) -> None:
+    """ValueError (expected vs given) unless ``block_t`` is a multiple of 8 in [8,
+    ``max_block_t``], x is [n*block_t, k] and ``tile_expert`` [n] (one expert per token tile):
+    the inputs of an expert-grouped kernel."""
+    if block_t % 8 or not 8 <= block_t <= max_block_t:
+        raise ValueError(f"block_t must be a multiple of 8 in [8, {max_block_t}], got {block_t}")
+    if x.ndim != 2 or x.shape[1] != k or x.shape[0] % block_t:
+        raise ValueError(f"x must be [n*{block_t}, K={k}], got {x.shape}")
+    n = x.shape[0] // block_t
+    if tile_expert.shape != (n,):
+        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
+
+
 def _first(bad: np.ndarray) -> tuple[int, ...]:
     """Index of the first True entry of ``bad`` (``()`` for a scalar)."""
     return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()

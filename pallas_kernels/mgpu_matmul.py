@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.checks import expect_kind, expect_stacks
+from pallas_kernels.checks import expect_kind, expect_stacks, expect_token_tiles
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma_prefill import SMEM_BYTES
 from pallas_kernels.transposed_format import TransposedSparse, expand_chunk, permute_x
@@ -192,13 +192,7 @@ def _check_grouped(x: jax.Array, tile_expert: jax.Array, w: Any, block_t: int) -
     if w.values.ndim != 4:
         raise ValueError(f"w must be a TransposedSparse expert stack [e, K, N], got dense "
                          f"shape {w.shape}")
-    if block_t % 8 or not 8 <= block_t <= 128:
-        raise ValueError(f"block_t must be a multiple of 8 in [8, 128], got {block_t}")
-    if x.ndim != 2 or x.shape[1] != w.k or x.shape[0] % block_t:
-        raise ValueError(f"x must be [n*{block_t}, K={w.k}], got {x.shape}")
-    n = x.shape[0] // block_t
-    if tile_expert.shape != (n,):
-        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
+    expect_token_tiles(x, tile_expert, w.k, block_t, 128)
     _check_dtype_rows(x, w)
     return stacks
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.checks import expect_kind
+from pallas_kernels.checks import expect_kind, expect_token_tiles
 from pallas_kernels.routing_plan import grouped_tiles_product
 from pallas_kernels.sparse_mma import (accumulator_value, check_common, check_matrix,
                                       issue_wgmma_sp, meta_slot_index, smem_transforms,
@@ -232,13 +232,7 @@ def check_grouped(x: jax.Array, tile_expert: jax.Array, a: Any, block_t: int) ->
     if a.values.ndim != 3:
         raise ValueError(f"a must be a WgmmaSparseA expert stack [e, K, N], got dense shape "
                          f"{a.shape}")
-    if block_t % 8 or not 8 <= block_t <= 256:
-        raise ValueError(f"block_t must be a multiple of 8 in [8, 256], got {block_t}")
-    if x.ndim != 2 or x.shape[1] != a.k or x.shape[0] % block_t:
-        raise ValueError(f"x must be [n*{block_t}, K={a.k}], got {x.shape}")
-    n = x.shape[0] // block_t
-    if tile_expert.shape != (n,):
-        raise ValueError(f"tile_expert must be [{n}] (one per tile), got {tile_expert.shape}")
+    expect_token_tiles(x, tile_expert, a.k, block_t, 256)
     check_common(x, a)
 
 
